@@ -1,0 +1,15 @@
+"""mpma-ds: MPMA medical vision-language pretraining at cluster scale.
+
+The stable Python API (SPEC §5a)::
+
+    import mpma_ds
+    mpma_ds.list_models()
+    model = mpma_ds.create_model("mpma_tiny")
+    tok = mpma_ds.load_tokenizer(folder)
+"""
+
+from mpma_ds.models import MPMA, MPMAConfig, create_model, list_models
+from mpma_ds.tokenizer import load_tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["MPMA", "MPMAConfig", "create_model", "list_models", "load_tokenizer", "__version__"]

