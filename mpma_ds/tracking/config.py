@@ -1,0 +1,68 @@
+"""Tracking settings (the recipe's ``tracking:`` section) and how a tracking URI is resolved."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DB_NAME = "mlflow.db"
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how a run's parameters, metrics and artifacts are recorded (MLflow, rank 0 only)."""
+
+    enabled: bool = True
+    """Log to MLflow. ``False`` keeps only the local ``metrics.jsonl`` in the run folder."""
+
+    uri: str | None = None
+    """MLflow tracking URI (``sqlite:///path.db``, ``http://127.0.0.1:5000``, ``file:///dir``). ``None``:
+    ``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlflow.db`` in the working folder."""
+
+    experiment: str = "mpma-pretrain"
+    """MLflow experiment name; created on first use."""
+
+    run_name: str | None = None
+    """MLflow run name; ``None`` lets MLflow pick one."""
+
+    system_metrics: bool = False
+    """Also log CPU/GPU/memory system metrics through MLflow's sampler (needs psutil; pynvml for GPUs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "system_metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"tracking.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("uri", "run_name"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"tracking.{name} must be a string or null, got {value!r}")
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ValueError(f"tracking.experiment must be a non-empty string, got {self.experiment!r}")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: ``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else the working folder's
+    ``sqlite:///mlflow.db`` (made absolute, so every process of a run writes the same database)."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str(Path.cwd().resolve() / DEFAULT_DB_NAME)
+
+
+def is_local_store(uri: str) -> bool:
+    """True for stores that MLflow writes directly (no server): sqlite databases and file folders."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a sqlite store, keep artifacts beside the database (``<db dir>/mlartifacts/<experiment>``) rather
+    than in MLflow's default ``./mlruns`` under whatever the current folder happens to be. Servers and
+    other stores choose their own location (``None``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(uri[len("sqlite:///") :])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (db_path.parent / "mlartifacts" / safe).resolve().as_uri()

@@ -1,0 +1,234 @@
+"""Metric loggers behind one interface: a no-op logger (ranks > 0), a local JSONL logger (always on rank 0),
+the MLflow logger (rank 0, see ``mlflow_logger.py``) and a group that fans out to several.
+
+A training loop only ever sees ``MetricLogger``::
+
+    logger = build_logger(recipe.tracking, rank=rank, run_dir=out, run_id=resumed_run_id)
+    logger.log_params(flat_recipe)
+    logger.log_metrics({"loss": 1.2, "lr": 3e-4}, step=10)
+    logger.log_artifact(out / "recipe.yaml")
+    logger.close("FINISHED")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mpma_ds.tracking.config import TrackingConfig
+from mpma_ds.tracking.params import flatten_params
+
+METRICS_FILE = "metrics.jsonl"
+PARAMS_FILE = "params.json"
+
+
+class TrackingWarning(RuntimeWarning):
+    """Tracking degraded (server unreachable, run missing); training goes on with local metrics."""
+
+
+def to_float(value: Any) -> float | None:
+    """A metric value as a Python float (tensors and numpy scalars included); ``None`` if not numeric."""
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Keep the numeric entries of ``metrics`` as floats (keys as strings)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = to_float(value)
+        if number is not None:
+            out[str(key)] = number
+    return out
+
+
+class MetricLogger:
+    """The logging interface; this base class logs nothing (what ranks other than 0 get).
+
+    Attributes:
+        run_id: the MLflow run id (rank 0 creates it and the trainer broadcasts it; ``None`` without MLflow).
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record settings; nested dicts are flattened to dotted keys."""
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Record scalar metrics at a global step."""
+
+    def log_artifact(self, path: str | Path) -> None:
+        """Attach a file to the run."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and end the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type is not None else "FINISHED")
+
+
+NoOpLogger = MetricLogger
+
+
+class JsonlMetricLogger(MetricLogger):
+    """Appends one JSON line per ``log_metrics`` call to ``run_dir/metrics.jsonl``: ``{"step", "time", ...}``.
+
+    On resume it continues the existing file and drops (metric, step) pairs it already holds, so an exact
+    resume that recomputes steps since the checkpoint leaves no duplicates. A fresh run that finds an old
+    file moves it aside (``metrics.jsonl.prev-N``) rather than overwrite it.
+    """
+
+    def __init__(self, run_dir: str | Path, *, run_id: str | None = None, resume: bool = False) -> None:
+        super().__init__(run_id)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self.last_step: dict[str, int] = {}
+        if self.path.exists() and self.path.stat().st_size > 0:
+            if resume:
+                self.last_step = self._scan(self.path)
+                self._end_with_newline()
+            else:
+                n = 1
+                while (self.run_dir / f"{METRICS_FILE}.prev-{n}").exists():
+                    n += 1
+                self.path.rename(self.run_dir / f"{METRICS_FILE}.prev-{n}")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    @staticmethod
+    def _scan(path: Path) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for record in read_metrics_jsonl(path):
+            step = int(record["step"])
+            for key in record:
+                if key not in ("step", "time"):
+                    last[key] = max(last.get(key, step), step)
+        return last
+
+    def _end_with_newline(self) -> None:
+        # A kill -9 can leave half a line; terminate it so the next record starts on its own line.
+        with open(self.path, "rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        path = self.run_dir / PARAMS_FILE
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(flatten_params(params))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self._file.closed:
+            return
+        step = int(step)
+        fresh = {k: v for k, v in clean_metrics(metrics).items() if step > self.last_step.get(k, -1)}
+        if not fresh:
+            return
+        for key in fresh:
+            self.last_step[key] = step
+        record = {"step": step, "time": round(time.time(), 3), **fresh}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self, status: str = "FINISHED") -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class LoggerGroup(MetricLogger):
+    """Sends every call to each member; ``run_id`` is the first member's that has one."""
+
+    def __init__(self, loggers: list[MetricLogger]) -> None:
+        super().__init__(next((lg.run_id for lg in loggers if lg.run_id), None))
+        self.loggers = loggers
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        for lg in self.loggers:
+            lg.log_artifact(path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for lg in self.loggers:
+            lg.close(status)
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def build_logger(
+    cfg: TrackingConfig,
+    *,
+    rank: int,
+    run_dir: str | Path,
+    run_id: str | None = None,
+    resume: bool | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> MetricLogger:
+    """The logger for this process.
+
+    Args:
+        cfg: the recipe's tracking section.
+        rank: global rank; only rank 0 logs (others get a no-op logger carrying ``run_id``).
+        run_dir: the run folder; rank 0 always writes ``run_dir/metrics.jsonl`` there.
+        run_id: an MLflow run to continue (from the checkpoint's client state); metrics at steps that run
+            already holds are dropped.
+        resume: continue ``metrics.jsonl`` instead of starting it afresh; default: ``run_id is not None``.
+        tags: extra MLflow tags for a new run (e.g. what an evaluation run evaluated).
+    """
+    if rank != 0:
+        return MetricLogger(run_id)
+    resume = run_id is not None if resume is None else resume
+    loggers: list[MetricLogger] = []
+    if cfg.enabled:
+        from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
+
+        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags)
+        if mlf.active:
+            loggers.append(mlf)
+    jsonl = JsonlMetricLogger(run_dir, resume=resume)
+    loggers.append(jsonl)
+    group = LoggerGroup(loggers)
+    if group.run_id is None and run_id is not None:
+        group.run_id = run_id  # keep the id so a later resume can still continue that run
+    return group
+
+
+def warn_once(message: str) -> None:
+    """Emit a ``TrackingWarning`` (the caller guarantees once per logger)."""
+    warnings.warn(message, TrackingWarning, stacklevel=3)
