@@ -1,0 +1,190 @@
+"""`DataConfig`: the recipe's ``data:`` section — where the shards are and how batches are made.
+
+Every field carries a docstring; `__post_init__` validates values and turns YAML lists into tuples, so a
+wrong value is a clear error naming the field before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("dali", "wds", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    """How shards become batches (SPEC §4.2 → the batch contract in docs/architecture.md)."""
+
+    backend: str = "wds"
+    """``dali`` (DALI reader + decode, GPU ``mixed`` decode when CUDA is there), ``wds`` (webdataset + PIL +
+    torch DataLoader workers; the path for machines without DALI) or ``synthetic`` (in-memory batches)."""
+
+    train_shards: str = ""
+    """Training shards: a folder holding ``shard-*.tar``, a glob (``data/train/shard-*.tar``) or a brace
+    pattern (``data/train/shard-{000000..000099}.tar``). Each tar needs its ``.idx`` beside it."""
+
+    val_shards: str = ""
+    """Validation shards, same forms as ``train_shards``; used by ``split="validate"`` (or ``"val"``)."""
+
+    tokenizer: str = ""
+    """Folder of a Hugging Face fast tokenizer (ours from ``data_tools.train_tokenizer`` or any HF folder)."""
+
+    image_size: int = 288
+    """Side of the square image tensor the model receives, in pixels."""
+
+    in_chans: int = 1
+    """Image channels: 1 (grayscale, as stored) or 3 (the gray value repeated)."""
+
+    max_text_len: int = 128
+    """Tokens per report including ``[CLS]``/``[SEP]``; longer reports are truncated, shorter padded to it."""
+
+    mlm_probability: float = 0.15
+    """Fraction of (non-special) tokens chosen for MLM, by whole words."""
+
+    mlm_mask_fraction: float = 0.8
+    """Of the chosen tokens: the fraction replaced by ``[MASK]`` (BERT's 80 %)."""
+
+    mlm_random_fraction: float = 0.1
+    """Of the chosen tokens: the fraction replaced by a random vocabulary token (BERT's 10 %); the rest are
+    left unchanged."""
+
+    whole_word_mask: bool = True
+    """Mask all pieces of a word together (using the fast tokenizer's ``word_ids()``); False masks pieces
+    independently."""
+
+    num_workers: int = 2
+    """``wds``: DataLoader worker processes per rank (0 = decode in the main process). ``dali``: CPU threads
+    of the pipeline."""
+
+    shuffle_buffer: int = 256
+    """Samples held in the shuffle buffer per worker (train only; 0 or 1 = no sample shuffle)."""
+
+    resampled: bool = False
+    """False: every sample once per epoch across ranks and workers. True: an endless stream where each
+    epoch is ``epoch_length`` samples drawn with shard resampling (no exact once-per-epoch guarantee)."""
+
+    epoch_length: int = 0
+    """Samples per epoch (all ranks together) when ``resampled`` is true; 0 = the split's size."""
+
+    augment: bool = True
+    """Train-time augmentation on/off (eval never augments)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    """Random resized crop: range of the crop's area as a fraction of the image (mild for X-rays)."""
+
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    """Random resized crop: range of the crop's aspect ratio (width / height)."""
+
+    rotation_degrees: float = 0.0
+    """Random rotation in [-d, d] degrees (0 = off)."""
+
+    brightness: float = 0.0
+    """Brightness jitter: a factor drawn from [1 - b, 1 + b] (0 = off)."""
+
+    contrast: float = 0.0
+    """Contrast jitter: a factor drawn from [1 - c, 1 + c] (0 = off)."""
+
+    hflip: bool = False
+    """Random horizontal flip. Off by default: left and right matter in chest X-ray reports."""
+
+    eval_crop_fraction: float = 1.0
+    """Eval transform: resize the shorter side to ``image_size / eval_crop_fraction``, then centre-crop."""
+
+    image_mean: tuple[float, ...] = (0.5,)
+    """Per-channel mean subtracted after scaling pixels to [0, 1]; one value is used for every channel."""
+
+    image_std: tuple[float, ...] = (0.5,)
+    """Per-channel standard deviation divided after subtracting the mean; one value serves every channel."""
+
+    prefetch_batches: int = 2
+    """Batches prepared ahead per worker (``wds``) or pipeline queue depth (``dali``)."""
+
+    dali_decode: str = "auto"
+    """``dali`` backend decode device: ``auto`` (``mixed`` when CUDA is available, else ``cpu``), ``cpu``,
+    ``mixed``."""
+
+    synthetic_samples: int = 512
+    """``synthetic`` backend: samples in the in-memory split."""
+
+    def __post_init__(self) -> None:
+        for name in ("crop_scale", "crop_ratio", "image_mean", "image_std"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"data.{name} must be a list of numbers, got {value!r}")
+            setattr(self, name, tuple(float(v) for v in value))
+        for name in ("backend", "train_shards", "val_shards", "tokenizer", "dali_decode"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.dali_decode not in ("auto", "cpu", "mixed"):
+            raise ValueError(f"data.dali_decode must be auto, cpu or mixed, got {self.dali_decode!r}")
+        ints = {
+            "image_size": 8,
+            "in_chans": 1,
+            "max_text_len": 4,
+            "num_workers": 0,
+            "shuffle_buffer": 0,
+            "epoch_length": 0,
+            "prefetch_batches": 1,
+            "synthetic_samples": 1,
+        }
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
+        for name in ("whole_word_mask", "resampled", "augment", "hflip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
+            self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
+        ):
+            raise ValueError(
+                "data.mlm_mask_fraction and data.mlm_random_fraction must be >= 0 and sum to <= 1, got "
+                f"{self.mlm_mask_fraction} and {self.mlm_random_fraction}"
+            )
+        for name in ("crop_scale", "crop_ratio"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] or (name == "crop_scale" and pair[1] > 1.0):
+                raise ValueError(
+                    f"data.{name} must be [low, high] with 0 < low <= high, got {getattr(self, name)}"
+                )
+        for name in ("rotation_degrees", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.brightness >= 1.0 or self.contrast >= 1.0:
+            raise ValueError("data.brightness and data.contrast must be < 1 (the factor range is [1-x, 1+x])")
+        if not 0.0 < self.eval_crop_fraction <= 1.0:
+            raise ValueError(f"data.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) not in (1, self.in_chans):
+                raise ValueError(
+                    f"data.{name} needs 1 or in_chans={self.in_chans} values, got {getattr(self, name)}"
+                )
+        if any(s <= 0 for s in self.image_std):
+            raise ValueError(f"data.image_std must be > 0, got {self.image_std}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        """Build from a mapping (a YAML ``data:`` section); an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) in data: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` expanded to ``in_chans`` values each."""
+        mean = self.image_mean * self.in_chans if len(self.image_mean) == 1 else self.image_mean
+        std = self.image_std * self.in_chans if len(self.image_std) == 1 else self.image_std
+        return tuple(mean), tuple(std)

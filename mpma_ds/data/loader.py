@@ -1,0 +1,118 @@
+"""`build_loader(cfg, rank, world_size, ...) -> LoaderInfo`: one interface over the DALI, webdataset and
+synthetic backends (docs/architecture.md, "Batches")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from transformers import PreTrainedTokenizerFast
+
+from mpma_ds.data.config import DataConfig
+
+
+class BatchStream(Protocol):
+    """What every backend returns: an iterable of batch dicts with an exact, resumable position."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoaderInfo:
+    """The loader and what the training loop needs to know about it.
+
+    Attributes:
+        loader: iterable of batches; ``train=True``: endless over epochs, ``train=False``: one pass.
+        num_samples: samples in the split (all ranks together; ``epoch_length`` when resampled).
+        steps_per_epoch: batches per rank per epoch — the same on every rank.
+    """
+
+    loader: BatchStream
+    num_samples: int
+    steps_per_epoch: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exact position (epoch, batches consumed in it, ...): small and JSON-able."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the next batches equal those an uninterrupted loader would give."""
+        self.loader.load_state_dict(state)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for logging, e.g. ``{"skipped_samples": 3, "epoch": 1}``."""
+        return self.loader.stats()
+
+    def close(self) -> None:
+        """Stop workers / pipelines."""
+        self.loader.close()
+
+
+def split_shards(cfg: DataConfig, split: str) -> str:
+    """The shard spec of ``split``: ``train`` → ``train_shards``; ``validate``/``val``/``test`` → ``val_shards``."""
+    if split == "train":
+        return cfg.train_shards
+    if split in ("validate", "val", "valid", "test"):
+        return cfg.val_shards
+    raise ValueError(f"unknown split {split!r}: use train, validate or test")
+
+
+def build_loader(
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    *,
+    split: str = "train",
+    batch_size: int,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    train: bool = True,
+) -> LoaderInfo:
+    """Build the batch stream of ``split`` for process ``rank`` of ``world_size``.
+
+    Args:
+        cfg: the recipe's ``data:`` section.
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel processes; every rank gets the same number of batches.
+        split: ``train`` (``cfg.train_shards``) or ``validate``/``test`` (``cfg.val_shards``).
+        batch_size: samples per batch on this rank (the micro-batch).
+        tokenizer: a fast tokenizer; ``None`` loads ``cfg.tokenizer``.
+        seed: makes shard order, sample shuffle, augmentation and masking reproducible (and rank-distinct).
+        train: True: endless over epochs, shuffled, augmented. False: one deterministic pass, no
+            augmentation, masking with a fixed seed (so validation MLM losses are comparable).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer is None:
+        if not cfg.tokenizer:
+            raise ValueError("data.tokenizer is empty: set it to a tokenizer folder (data_tools.train_tokenizer)")
+        from mpma_ds.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    common = dict(rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed)
+    if cfg.backend == "synthetic":
+        from mpma_ds.data.synthetic import SyntheticStream
+
+        stream: Any = SyntheticStream(cfg, train=train, split=split, **common)
+    elif cfg.backend == "wds":
+        from mpma_ds.data.wds_backend import WdsStream
+
+        stream = WdsStream(cfg, split_shards(cfg, split), train=train, **common)
+    elif cfg.backend == "dali":
+        from mpma_ds.data.dali_backend import DaliStream
+
+        stream = DaliStream(cfg, split_shards(cfg, split), train=train, **common)
+    else:  # DataConfig validates the name; this guards direct attribute edits
+        raise ValueError(f"unknown data.backend {cfg.backend!r}")
+    return LoaderInfo(loader=stream, num_samples=stream.num_samples, steps_per_epoch=stream.steps_per_epoch)
