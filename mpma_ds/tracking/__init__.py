@@ -10,6 +10,7 @@ from mpma_ds.tracking.loggers import (
     NoOpLogger,
     TrackingWarning,
     build_logger,
+    metric_name,
     read_metrics_jsonl,
 )
 from mpma_ds.tracking.params import flatten_params
@@ -24,6 +25,7 @@ __all__ = [
     "TrackingWarning",
     "build_logger",
     "flatten_params",
+    "metric_name",
     "read_metrics_jsonl",
     "resolve_tracking_uri",
 ]

@@ -13,6 +13,7 @@ A training loop only ever sees ``MetricLogger``::
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from mpma_ds.tracking.params import flatten_params
 
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "params.json"
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 
 class TrackingWarning(RuntimeWarning):
@@ -40,13 +42,21 @@ def to_float(value: Any) -> float | None:
         return None
 
 
+def metric_name(key: str) -> str:
+    """``key`` as a name MLflow accepts (alphanumerics and ``_-. :/``): ``i2t_R@1`` -> ``i2t_R_at_1``."""
+    return _BAD_METRIC_CHARS.sub("_", str(key).replace("@", "_at_")) or "metric"
+
+
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Keep the numeric entries of ``metrics`` as floats (keys as strings)."""
+    """Keep the numeric entries of ``metrics`` as floats, under names MLflow accepts (``metric_name``).
+
+    The local ``metrics.jsonl`` uses the same names, so both records of a run read alike.
+    """
     out: dict[str, float] = {}
     for key, value in metrics.items():
         number = to_float(value)
         if number is not None:
-            out[str(key)] = number
+            out[metric_name(key)] = number
     return out
 
 
