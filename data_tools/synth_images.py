@@ -1,0 +1,428 @@
+"""Render synthetic chest radiographs in which the CheXpert findings of a study are visible.
+
+The drawing is a cartoon of a real film, built from a few soft masks (PIL polygons and lines,
+Gaussian-blurred) composed in an "attenuation" space where 0 is air (black) and 1 is metal (white):
+body soft tissue, two air-filled lungs with branching vessel markings, mediastinum, spine, heart,
+clavicles and ribs, then the findings, then the devices. Each finding is drawn where its report says
+it is, so a model can learn which image regions go with which report phrases:
+
+- Cardiomegaly: a wider heart shadow (cardiothoracic ratio ~0.45 -> 0.55-0.65).
+- Enlarged Cardiomediastinum: a widened upper mediastinum.
+- Pleural Effusion: fluid density filling the lung base with a meniscus that rises laterally.
+- Pneumothorax: a black rim along the lateral/apical chest wall without vessel markings, edged by a
+  thin bright visceral pleural line.
+- Lung Lesion: a round opacity (nodule < 3 cm, mass >= 3 cm) in the named lobe.
+- Consolidation / Lung Opacity: dense / faint patchy blobs in the named zone.
+- Edema: bilateral perihilar haze.
+- Atelectasis: a thin band-like opacity above the hemidiaphragm.
+- Fracture: a rib drawn with a gap and a step.
+- Pleural Other: apical pleural thickening (a bright cap).
+- Support Devices: bright lines and tubes (ET tube, enteric tube, central lines, pacemaker).
+
+Uncertain findings (label -1) are drawn at about half strength. Rendering works at a small working
+resolution and is resized to the requested size, then exposure, rotation and noise are applied, so
+default-size corpora build quickly while the benchmark can ask for 2500 px films.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+#: Longest side of the canvas the anatomy is drawn on before resizing to the requested size.
+WORK_SIZE = 320
+
+Findings = dict[str, dict[str, Any]]
+
+_AIR, _SOFT, _FLUID, _BONE, _METAL = 0.03, 0.55, 0.62, 0.80, 0.97
+_ZONE_Y = {"upper": 0.27, "mid": 0.42, "lower": 0.58}
+
+
+def _strength(findings: Findings, name: str) -> float:
+    """1.0 for a positive finding, 0.5 for an uncertain one, 0.0 when absent or negated."""
+    entry = findings.get(name)
+    if not entry:
+        return 0.0
+    return {1: 1.0, -1: 0.5}.get(entry.get("state"), 0.0)
+
+
+class _Canvas:
+    """Normalised-coordinate drawing helpers over a (h, w) float canvas."""
+
+    def __init__(self, h: int, w: int):
+        self.h, self.w = h, w
+        self.yy, self.xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        self.yy /= h
+        self.xx /= w
+
+    def px(self, pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(x * self.w, y * self.h) for x, y in pts]
+
+    def _finish(self, img: Image.Image, blur: float) -> np.ndarray:
+        if blur > 0:
+            img = img.filter(ImageFilter.GaussianBlur(blur * self.h))
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+    def polygon(self, pts: list[tuple[float, float]], blur: float = 0.006) -> np.ndarray:
+        img = Image.new("L", (self.w, self.h), 0)
+        ImageDraw.Draw(img).polygon(self.px(pts), fill=255)
+        return self._finish(img, blur)
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, blur: float = 0.006) -> np.ndarray:
+        img = Image.new("L", (self.w, self.h), 0)
+        ImageDraw.Draw(img).ellipse(
+            [(cx - rx) * self.w, (cy - ry) * self.h, (cx + rx) * self.w, (cy + ry) * self.h], fill=255
+        )
+        return self._finish(img, blur)
+
+    def lines(self, polylines: list[list[tuple[float, float]]], width: float, blur: float = 0.003) -> np.ndarray:
+        img = Image.new("L", (self.w, self.h), 0)
+        draw = ImageDraw.Draw(img)
+        wpx = max(1, round(width * self.h))
+        for line in polylines:
+            draw.line(self.px(line), fill=255, width=wpx, joint="curve")
+        return self._finish(img, blur)
+
+
+def _blend(img: np.ndarray, mask: np.ndarray, value: float, alpha: float = 1.0) -> np.ndarray:
+    m = mask * alpha
+    return img * (1.0 - m) + value * m
+
+
+def _side_sign(side: str) -> float:
+    """Image x direction of the patient's side: radiographs show the patient's right on the image left."""
+    return -1.0 if side == "right" else 1.0
+
+
+def _sides(side: str) -> list[str]:
+    return ["right", "left"] if side == "bilateral" else [side]
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    low = rng.random((cells, cells), dtype=np.float32)
+    return np.asarray(Image.fromarray(low, mode="F").resize((w, h), Image.BICUBIC), dtype=np.float32)
+
+
+def _vessels(
+    c: _Canvas, rng: np.random.Generator, hila: list[tuple[float, float, float]], n: int = 14
+) -> np.ndarray:
+    """Branching vessel markings radiating from each hilum (x, y, outward direction sign)."""
+    polys: list[list[tuple[float, float]]] = []
+    for hx, hy, sgn in hila:
+        for _ in range(n):
+            ang = rng.uniform(-1.25, 1.35)  # 0 = lateral, negative = upward
+            length = rng.uniform(0.12, 0.30)
+            x, y, pts = hx, hy, [(hx, hy)]
+            for _step in range(6):
+                ang += rng.normal(0, 0.25)
+                x += sgn * math.cos(ang) * length / 6
+                y += math.sin(ang) * length / 6 * 1.2
+                pts.append((x, y))
+            polys.append(pts)
+    return c.lines(polys, width=0.006, blur=0.004)
+
+
+def _lung_points(xm: float, sgn: float, dome: float, scale: float) -> list[tuple[float, float]]:
+    """A lung outline (patient side given by sgn) in normalised image coordinates."""
+    outline_u = [
+        (0.12, 0.11), (0.19, 0.10), (0.26, 0.14), (0.32, 0.22), (0.36, 0.33), (0.39, 0.46),
+        (0.405, 0.58), (0.41, dome - 0.02), (0.415, dome + 0.05), (0.36, dome), (0.27, dome - 0.035),
+        (0.17, dome - 0.03), (0.09, dome + 0.005), (0.065, 0.52), (0.06, 0.32), (0.075, 0.16),
+    ]  # fmt: skip
+    return [(xm + sgn * u * scale, y) for u, y in outline_u]
+
+
+def _lateral_wall(xm: float, sgn: float, dome: float, scale: float, ymax: float, inset: float):
+    """The apical/lateral chest wall from the apex down to ``ymax``, moved ``inset`` inwards."""
+    wall = [(0.10, 0.12), (0.19, 0.10), (0.26, 0.14), (0.32, 0.22), (0.36, 0.33), (0.39, 0.46), (0.405, 0.58),
+            (0.41, dome - 0.02)]  # fmt: skip
+    pts = []
+    for u, y in wall:
+        if y > ymax:
+            break
+        pts.append((xm + sgn * (u - inset) * scale, y + inset * 0.8))
+    return pts
+
+
+def _frontal(c: _Canvas, f: Findings, rng: np.random.Generator, view: str) -> np.ndarray:
+    xm = 0.5 + rng.uniform(-0.015, 0.015)
+    scale = rng.uniform(0.93, 1.04)
+    inspir = rng.uniform(-0.03, 0.03) - (0.03 if view == "AP" else 0.0)
+    domes = {"right": 0.70 + inspir, "left": 0.73 + inspir}
+
+    body_u = [(0.07, 0.0), (0.30, 0.035), (0.47, 0.08), (0.49, 0.30), (0.48, 0.70), (0.46, 1.0)]
+    body_pts = [(xm - u, y) for u, y in body_u] + [(xm + u, y) for u, y in reversed(body_u)]
+    img = _blend(np.full((c.h, c.w), _AIR, np.float32), c.polygon(body_pts, 0.01), _SOFT)
+
+    lungs = {s: c.polygon(_lung_points(xm, _side_sign(s), domes[s], scale), 0.008) for s in ("right", "left")}
+    lung = np.clip(lungs["right"] + lungs["left"], 0, 1)
+    img = _blend(img, lung, 0.17)
+    # Gastric bubble below the left hemidiaphragm.
+    img = _blend(img, c.ellipse(xm + 0.2 * scale, domes["left"] + 0.06, 0.05, 0.025, 0.01), 0.25, 0.7)
+
+    # Pneumothorax rims: air without vessel markings along the chest wall.
+    ptx_rim = np.zeros_like(img)
+    ptx_edge_lines = []
+    s_ptx = _strength(f, "Pneumothorax")
+    if s_ptx:
+        e = f["Pneumothorax"]
+        for side in _sides(e.get("side", "right")):
+            sgn = _side_sign(side)
+            width = {"small": 0.035, "moderate": 0.065, "large": 0.10}[e.get("size", "small")] * (
+                0.4 + 0.6 * s_ptx
+            )
+            ymax = {"small": 0.40, "moderate": 0.56, "large": domes[side]}[e.get("size", "small")]
+            outer = _lateral_wall(xm, sgn, domes[side], scale, ymax, 0.0)
+            inner = _lateral_wall(xm, sgn, domes[side], scale, ymax, width)
+            ptx_rim = np.maximum(ptx_rim, c.polygon(outer + inner[::-1], 0.004) * lungs[side])
+            ptx_edge_lines.append(inner)
+
+    hila = [(xm - 0.12 * scale, 0.42, -1.0), (xm + 0.13 * scale, 0.44, 1.0)]
+    vessels = _vessels(c, rng, hila)
+    texture = _smooth_noise(rng, c.h, c.w, 24)
+    img += lung * (1 - ptx_rim) * (0.16 * vessels + 0.06 * (texture - 0.5))
+    img = _blend(img, ptx_rim, 0.05, 0.9)
+    if ptx_edge_lines:
+        img += 0.18 * c.lines(ptx_edge_lines, 0.004, 0.002) * s_ptx
+
+    img = _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung)
+
+    # Mediastinum, aortic knob, trachea and spine.
+    ec = 1.0 + 0.6 * _strength(f, "Enlarged Cardiomediastinum")
+    med = [(xm - 0.055 * ec, 0.0), (xm + 0.055 * ec, 0.0), (xm + 0.06 * ec, 0.26), (xm + 0.10 * ec, 0.30),
+           (xm + 0.085 * ec, 0.36), (xm + 0.07, 0.5), (xm - 0.07, 0.5), (xm - 0.065 * ec, 0.30)]  # fmt: skip
+    img = _blend(img, c.polygon(med, 0.008), 0.63)
+    img = _blend(img, c.lines([[(xm, 0.0), (xm + 0.005, 0.30)]], 0.028, 0.006), 0.35, 0.7)
+    img = _blend(img, c.lines([[(xm, 0.0), (xm, 1.0)]], 0.065, 0.006), 0.70, 0.5)
+
+    # Heart: left border at u_l, right border at u_r; cardiomegaly widens it mostly to the patient's left.
+    cm = _strength(f, "Cardiomegaly")
+    sev = {"mild": 1.28, "moderate": 1.42, "severe": 1.58}[f.get("Cardiomegaly", {}).get("severity", "mild")]
+    factor = (1.0 + (sev - 1.0) * cm) * (1.08 if view == "AP" else 1.0) * rng.uniform(0.96, 1.04)
+    u_l, u_r = 0.22 * factor * scale, 0.12 * factor * scale
+    cy = domes["right"] - 0.09
+    heart = c.ellipse(xm + (u_l - u_r) / 2, cy, (u_l + u_r) / 2, 0.13, 0.008)
+    img = _blend(img, heart, 0.63)
+
+    # Bones: clavicles and posterior ribs (one rib may be fractured: a gap with a step).
+    fx = _strength(f, "Fracture")
+    fx_side = f.get("Fracture", {}).get("side", "right")
+    fx_rib = f.get("Fracture", {}).get("rib", 6) - 1
+    ribs = []
+    for side in ("right", "left"):
+        sgn = _side_sign(side)
+        ribs.append([(xm + sgn * 0.04, 0.17), (xm + sgn * 0.17 * scale, 0.13), (xm + sgn * 0.32 * scale, 0.095)])
+        for k in range(9):
+            y0 = 0.13 + k * 0.062 * scale
+            ts = np.linspace(0.0, 1.0, 14)
+            pts = [
+                (xm + sgn * (0.045 + t * 0.39) * scale, y0 - 0.03 * math.sin(math.pi * t * 0.9) + 0.11 * t**2)
+                for t in ts
+            ]
+            if fx and side == fx_side and k == fx_rib:
+                gap = 9
+                step = 0.014 * fx
+                ribs.append(pts[:gap])
+                ribs.append([(x + sgn * 0.012, y + step) for x, y in pts[gap + 1 :]])
+            else:
+                ribs.append(pts)
+    thorax = np.clip(lung * 1.5 + 0.25, 0, 1) * (c.yy < max(domes.values()) + 0.03)
+    img += 0.08 * c.lines(ribs, 0.014, 0.004) * thorax
+
+    return _draw_devices(c, f, img, xm, scale, frontal=True)
+
+
+def _zone_point(xm: float, scale: float, side: str, zone: str, rng: np.random.Generator) -> tuple[float, float]:
+    u = {"upper": 0.22, "mid": 0.27, "lower": 0.27}[zone] + rng.uniform(-0.03, 0.03)
+    return xm + _side_sign(side) * u * scale, _ZONE_Y[zone] + rng.uniform(-0.03, 0.03)
+
+
+def _patches(c: _Canvas, rng: np.random.Generator, cx: float, cy: float, n: int, r: float) -> np.ndarray:
+    mask = np.zeros((c.h, c.w), np.float32)
+    for _ in range(n):
+        x, y = cx + rng.normal(0, r * 0.8), cy + rng.normal(0, r * 0.6)
+        rr = r * rng.uniform(0.5, 1.0)
+        mask = np.maximum(mask, c.ellipse(x, y, rr, rr * rng.uniform(0.6, 1.0), 0.02))
+    return np.clip(mask * 1.3, 0, 1)
+
+
+def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.ndarray:
+    s = _strength(f, "Pleural Effusion")
+    if s:
+        e = f["Pleural Effusion"]
+        for side in _sides(e.get("side", "right")):
+            sgn = _side_sign(side)
+            depth = {"small": 0.07, "moderate": 0.17, "large": 0.30}[e.get("size", "small")] * (0.5 + 0.5 * s)
+            level = domes[side] + 0.04 - depth
+            lateral = np.clip(sgn * (c.xx - xm) / (0.41 * scale), 0, 1.2)  # 0 at midline, 1 at the chest wall
+            meniscus = level - 0.08 * lateral**2
+            fluid = np.clip((c.yy - meniscus) / 0.03, 0, 1) * (sgn * (c.xx - xm) > 0.02)
+            img = _blend(img, fluid * np.clip(lungs[side] * 1.4, 0, 1), _FLUID, 0.95)
+    s = _strength(f, "Edema")
+    if s:
+        sev = {"mild": 0.45, "moderate": 0.6, "severe": 0.75}[f["Edema"].get("severity", "mild")] * s
+        haze = np.zeros_like(img)
+        for hx in (xm - 0.13 * scale, xm + 0.14 * scale):
+            haze += np.exp(-(((c.xx - hx) / 0.13) ** 2 + ((c.yy - 0.45) / 0.16) ** 2))
+        img = _blend(img, np.clip(haze, 0, 1) * lung, 0.5, sev)
+    for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.45, 4, 0.035)):
+        s = _strength(f, name)
+        if s:
+            e = f[name]
+            for side in _sides(e.get("side", "right")):
+                x, y = _zone_point(xm, scale, side, e.get("zone", "lower"), rng)
+                img = _blend(img, _patches(c, rng, x, y, n, r) * lungs[side], dense, 0.85 * s)
+    s = _strength(f, "Lung Lesion")
+    if s:
+        e = f["Lung Lesion"]
+        x, y = _zone_point(xm, scale, e.get("side", "right"), e.get("zone", "upper"), rng)
+        r = 0.008 + 0.016 * float(e.get("size_cm", 2.0))
+        img = _blend(img, c.ellipse(x, y, r * c.h / c.w, r, 0.006), 0.64, 0.95 * s)
+    s = _strength(f, "Atelectasis")
+    if s:
+        for side in _sides(f["Atelectasis"].get("side", "right")):
+            sgn = _side_sign(side)
+            y = domes[side] - 0.07
+            band = c.lines(
+                [[(xm + sgn * 0.12 * scale, y + 0.02), (xm + sgn * 0.33 * scale, y - 0.015)]], 0.022, 0.006
+            )
+            img = _blend(img, band * lungs[side], 0.6, 0.9 * s)
+    s = _strength(f, "Pleural Other")
+    if s:
+        for side in _sides(f["Pleural Other"].get("side", "right")):
+            sgn = _side_sign(side)
+            cap = _lateral_wall(xm, sgn, domes[side], scale, 0.30, 0.0)
+            img = _blend(img, c.lines([cap], 0.03, 0.006), 0.62, 0.9 * s)
+    return img
+
+
+def _draw_devices(c: _Canvas, f: Findings, img: np.ndarray, xm: float, scale: float, frontal: bool) -> np.ndarray:
+    s = _strength(f, "Support Devices")
+    if not s:
+        return img
+    devices = f["Support Devices"].get("devices", ["ett"])
+    tubes: list[list[tuple[float, float]]] = []
+    wires: list[list[tuple[float, float]]] = []
+    if frontal:
+        paths = {
+            "ett": [(xm, 0.0), (xm + 0.003, 0.21)],
+            "ngt": [(xm + 0.012, 0.0), (xm + 0.015, 0.5), (xm + 0.03, 0.72), (xm + 0.14, 0.83), (xm + 0.2, 0.8)],
+            "ij_line": [(xm - 0.11, 0.02), (xm - 0.075, 0.15), (xm - 0.04, 0.28), (xm - 0.03, 0.36)],
+            "picc": [(xm + 0.49, 0.27), (xm + 0.3, 0.13), (xm + 0.1, 0.17), (xm - 0.02, 0.29), (xm - 0.03, 0.36)],
+            "pacemaker": [(xm + 0.27, 0.17), (xm + 0.06, 0.28), (xm - 0.02, 0.45), (xm + 0.08, 0.6)],
+        }
+        box = (xm + 0.27, 0.17)
+    else:
+        paths = {
+            "ett": [(0.46, 0.0), (0.48, 0.22)],
+            "ngt": [(0.55, 0.0), (0.57, 0.5), (0.55, 0.8)],
+            "ij_line": [(0.5, 0.02), (0.45, 0.2), (0.42, 0.34)],
+            "picc": [(0.55, 0.05), (0.47, 0.2), (0.42, 0.34)],
+            "pacemaker": [(0.18, 0.16), (0.3, 0.3), (0.34, 0.5)],
+        }
+        box = (0.18, 0.16)
+    for dev in devices:
+        (tubes if dev in ("ett", "ngt") else wires).append(paths[dev])
+    if tubes:
+        img = np.maximum(img, _METAL * s * c.lines(tubes, 0.012, 0.002))
+    if wires:
+        img = np.maximum(img, _METAL * s * c.lines(wires, 0.006, 0.001))
+    if "pacemaker" in devices:
+        img = np.maximum(img, _METAL * s * c.ellipse(box[0], box[1], 0.045 * c.h / c.w, 0.03, 0.002))
+    return img
+
+
+def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator) -> np.ndarray:
+    """A left lateral view: patient facing the image left, spine on the right."""
+    img = np.full((c.h, c.w), _AIR, np.float32)
+    body = [(0.16, 0.0), (0.84, 0.0), (0.92, 0.3), (0.93, 1.0), (0.1, 1.0), (0.08, 0.45), (0.12, 0.15)]
+    img = _blend(img, c.polygon(body, 0.01), _SOFT)
+    dome = 0.72 + rng.uniform(-0.03, 0.03)
+    lung_pts = [(0.3, 0.1), (0.55, 0.08), (0.72, 0.16), (0.8, 0.35), (0.83, dome + 0.06), (0.65, dome - 0.02),
+                (0.45, dome - 0.04), (0.24, dome - 0.06), (0.17, 0.45), (0.2, 0.22)]  # fmt: skip
+    lung = c.polygon(lung_pts, 0.012)
+    img = _blend(img, lung, 0.2)
+    texture = _smooth_noise(rng, c.h, c.w, 20)
+    vessels = _vessels(c, rng, [(0.5, 0.42, 1.0), (0.5, 0.42, -1.0)], n=8)
+    img += lung * (0.12 * vessels + 0.06 * (texture - 0.5))
+
+    s = _strength(f, "Pleural Effusion")
+    if s:
+        depth = {"small": 0.08, "moderate": 0.17, "large": 0.28}[f["Pleural Effusion"].get("size", "small")]
+        depth *= 0.5 + 0.5 * s
+        meniscus = dome + 0.06 - depth - 0.1 * np.clip((c.xx - 0.45) / 0.4, 0, 1) ** 2
+        img = _blend(img, np.clip((c.yy - meniscus) / 0.03, 0, 1) * np.clip(lung * 1.4, 0, 1), _FLUID, 0.95)
+    s = _strength(f, "Edema")
+    if s:
+        haze = np.exp(-(((c.xx - 0.5) / 0.18) ** 2 + ((c.yy - 0.42) / 0.18) ** 2))
+        img = _blend(img, haze * lung, 0.5, 0.55 * s)
+    lat_x = {"upper": 0.52, "mid": 0.33, "lower": 0.66}
+    for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.45, 4, 0.035)):
+        s = _strength(f, name)
+        if s:
+            zone = f[name].get("zone", "lower")
+            patch = _patches(c, rng, lat_x[zone], _ZONE_Y[zone] + 0.04, n, r)
+            img = _blend(img, patch * lung, dense, 0.8 * s)
+    s = _strength(f, "Lung Lesion")
+    if s:
+        zone = f["Lung Lesion"].get("zone", "upper")
+        r = 0.008 + 0.016 * float(f["Lung Lesion"].get("size_cm", 2.0))
+        img = _blend(img, c.ellipse(lat_x[zone], _ZONE_Y[zone], r * c.h / c.w, r, 0.006), 0.64, 0.9 * s)
+    s = _strength(f, "Atelectasis")
+    if s:
+        band = c.lines([[(0.3, dome - 0.1), (0.6, dome - 0.06)]], 0.02, 0.006)
+        img = _blend(img, band * lung, 0.6, 0.85 * s)
+
+    # Heart anteriorly (image left), trachea, sternum, spine with vertebral bodies.
+    cm = _strength(f, "Cardiomegaly")
+    sev = {"mild": 1.2, "moderate": 1.3, "severe": 1.42}[f.get("Cardiomegaly", {}).get("severity", "mild")]
+    factor = 1.0 + (sev - 1.0) * cm
+    img = _blend(img, c.ellipse(0.33 + 0.03 * factor, dome - 0.13, 0.15 * factor, 0.14, 0.01), 0.66)
+    img = _blend(img, c.lines([[(0.5, 0.0), (0.53, 0.33)]], 0.035, 0.006), 0.3, 0.6)
+    img += 0.15 * c.lines([[(0.14, 0.14), (0.13, 0.5)]], 0.018, 0.003)
+    vertebrae = np.zeros_like(img)
+    for k in range(12):
+        y = 0.04 + k * 0.08
+        vertebrae = np.maximum(
+            vertebrae, c.polygon([(0.8, y), (0.9, y), (0.9, y + 0.065), (0.8, y + 0.065)], 0.004)
+        )
+    img = _blend(img, vertebrae, _BONE, 0.8)
+    return _draw_devices(c, f, img, 0.5, 1.0, frontal=False)
+
+
+def render_radiograph(
+    findings: Findings, view: str, height: int, width: int, seed: int, *, quality: int = 92
+) -> bytes:
+    """Render one film of a study as a grayscale baseline JPEG.
+
+    Args:
+        findings: CheXpert name -> {"state": 1 | 0 | -1 | None, ...attributes (side, size, zone, ...)}.
+        view: "PA", "AP" or "LATERAL".
+        height, width: the size of the JPEG in pixels.
+        seed: seeds every random choice; the same arguments give the same bytes.
+        quality: JPEG quality.
+    """
+    rng = np.random.default_rng(seed)
+    scale = WORK_SIZE / max(height, width)
+    wh, ww = max(32, round(height * scale)), max(32, round(width * scale))
+    c = _Canvas(wh, ww)
+    img = _lateral(c, findings, rng) if view == "LATERAL" else _frontal(c, findings, rng, view)
+
+    # Exposure, positioning and detector noise.
+    gamma = rng.uniform(0.8, 1.25)
+    contrast = rng.uniform(0.85, 1.1)
+    offset = rng.uniform(-0.04, 0.04)
+    img = np.clip(np.clip(img, 0, 1) ** gamma * contrast + offset, 0, 1)
+    pil = Image.fromarray(img.astype(np.float32), mode="F")
+    pil = pil.rotate(rng.uniform(-4, 4), resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
+    pil = pil.resize((width, height), Image.BICUBIC)
+    arr = np.asarray(pil, dtype=np.float32)
+    arr = arr + rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(0.008, 0.025)
+    out = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
