@@ -1,0 +1,177 @@
+"""The three corpus formats `build_shards` reads (SPEC §4.1), turned into one list of planned samples.
+
+Each reader walks its input once, in a sorted (deterministic) order, and returns a `SourceScan`:
+the `SourceItem`s that go to the image workers and the `Reject`s already known from the metadata
+(missing or empty reports, filtered views, reports without images, missing image files). Image-level
+problems (corrupt files, no codec, size) are found later by the workers.
+
+- `mimic-cxr`: see `data_tools.sources_mimic.scan_mimic_cxr`.
+- `iu-xray`: see `data_tools.sources_iu.scan_iu_xray`.
+- `manifest`: see `data_tools.sources_manifest.scan_manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+
+from data_tools.labels import CHEXPERT_LABELS
+from data_tools.reports import DEFAULT_SECTIONS, count_words
+
+SPLITS: tuple[str, ...] = ("train", "validate", "test")
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+class SourceError(Exception):
+    """The input cannot be read at all (wrong folder, missing column ...): a one-line message for the CLI."""
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Filters and split rules applied while scanning (all part of the build's identity)."""
+
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    """Report sections kept, in this order (standard names of `data_tools.reports`)."""
+    views: tuple[str, ...] | None = ("PA", "AP")
+    """View positions kept; `None` keeps all. Images whose view is unknown are kept."""
+    min_words: int = 3
+    """Reports with fewer words (after section extraction) are rejected."""
+    val_fraction: float = 0.05
+    """Share of patients hashed into `validate` when no official split exists."""
+    test_fraction: float = 0.05
+    """Share of patients hashed into `test` when no official split exists."""
+    image_dir: str | None = None
+    """iu-xray only: folder holding the images (default: `<input>/images`, else `<input>`)."""
+
+
+@dataclass
+class SourceItem:
+    """One input image planned for a shard."""
+
+    key: str
+    """Sample key, unique within the build, only `[A-Za-z0-9_-]`."""
+    image_path: str
+    """Absolute path of the source image file."""
+    input: str
+    """The image path relative to the input (for rejects and messages)."""
+    text: str
+    """Report text stored in `<key>.txt`."""
+    meta: dict
+    """`<key>.json` minus width/height: source, subject_id, study_id, image_id, view, split, labels."""
+
+    @property
+    def split(self) -> str:
+        return self.meta["split"]
+
+
+@dataclass
+class Reject:
+    """One line of `rejects.jsonl`."""
+
+    input: str
+    """Path of the rejected input relative to the input root."""
+    reason: str
+    """Stable reason code, e.g. `corrupt_image`, `empty_report`, `view_filtered`."""
+    detail: str
+    kind: str = "image"
+    """`image` (an input image that is not in any shard) or `report` (a report with no image)."""
+    key: str | None = None
+    split: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SourceScan:
+    items: list[SourceItem] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        """Input images seen: planned items plus image-kind rejects."""
+        return len(self.items) + sum(r.kind == "image" for r in self.rejects)
+
+
+def empty_labels() -> dict[str, int | None]:
+    return {name: None for name in CHEXPERT_LABELS}
+
+
+def parse_label(value) -> int | None:
+    """`"1.0"`, `1`, `"-1"`, `""`, `None` -> 1 / 0 / -1 / None (anything else is an error)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    text = str(value).strip()
+    if text == "" or text.lower() in ("nan", "none", "null"):
+        return None
+    number = float(text)
+    if number not in (1.0, 0.0, -1.0):
+        raise ValueError(f"label value {value!r} is not one of 1, 0, -1 or blank")
+    return int(number)
+
+
+def hash_split(patient_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the patient id alone, so that no patient spans two splits."""
+    u = int(hashlib.sha256(f"mpma-split:{patient_id}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validate"
+    return "train"
+
+
+def normalize_split(value: str) -> str:
+    """Map common split spellings to MIMIC's names (`val`, `valid`, `validation`, `dev` -> `validate`)."""
+    v = value.strip().lower()
+    if v in ("val", "valid", "validation", "dev", "validate"):
+        return "validate"
+    if v in ("train", "training"):
+        return "train"
+    if v in ("test", "testing"):
+        return "test"
+    if not v or not re.fullmatch(r"[a-z0-9_\-]+", v):
+        raise ValueError(f"split name {value!r} is not a plain word")
+    return v
+
+
+def make_key(*parts: str, max_len: int = 80) -> str:
+    """A sample key from parts: characters other than `[A-Za-z0-9_-]` become `_` (no dots for webdataset)."""
+    key = "_".join(_KEY_BAD.sub("_", p).strip("_") for p in parts if p)
+    if len(key) > max_len:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        key = f"{key[: max_len - 11]}_{digest}"
+    return key
+
+
+def check_report(text: str, min_words: int) -> tuple[str, str] | None:
+    """`(reason, detail)` if a report text cannot be used, else None."""
+    if not text:
+        return "empty_report", "the report has no text in the wanted sections"
+    words = count_words(text)
+    if words < min_words:
+        return "report_too_short", f"{words} words, below --min-words {min_words}"
+    return None
+
+
+def view_allowed(view: str | None, views: tuple[str, ...] | None) -> bool:
+    """Unknown views pass: the filter acts on what the source states."""
+    return views is None or view is None or view.upper() in views
+
+
+def dedupe_keys(items: list[SourceItem], rejects: list[Reject]) -> list[SourceItem]:
+    """Reject later items whose key repeats an earlier one (inputs are in sorted order)."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        if item.key in seen:
+            rejects.append(
+                Reject(item.input, "duplicate_key", f"sample key {item.key} already used", key=item.key)
+            )
+            continue
+        seen.add(item.key)
+        kept.append(item)
+    return kept

@@ -1,0 +1,164 @@
+"""`manifest` reader: a CSV or JSONL listing image paths and texts (ROCO / MedICaT-style corpora).
+
+Columns (found by name, first match wins):
+- image path (required): `image`, `image_path`, `path`, `file`, `filename`, `file_name`, `img`
+  — relative paths are taken from the manifest's folder;
+- text (required): `text`, `report`, `caption`, `findings`;
+- optional: `split`, `subject_id` / `patient_id`, `study_id`, `image_id`, `view`, and labels either as
+  a `labels` column holding a JSON object or as columns named like the 14 CheXpert labels.
+
+A text with MIMIC-style section headers goes through the section parser; a plain caption is kept whole.
+Without a split column the split is a hash of the patient id (or of the image path when there is none).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+
+from data_tools.labels import CHEXPERT_LABELS
+from data_tools.reports import extract_report_text, has_section_headers, normalize_whitespace
+from data_tools.sources import (
+    Reject,
+    ScanOptions,
+    SourceError,
+    SourceItem,
+    SourceScan,
+    check_report,
+    dedupe_keys,
+    empty_labels,
+    hash_split,
+    make_key,
+    normalize_split,
+    parse_label,
+    view_allowed,
+)
+
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "img")
+TEXT_COLUMNS = ("text", "report", "caption", "findings")
+SUBJECT_COLUMNS = ("subject_id", "patient_id", "subject", "patient")
+
+
+def read_manifest_rows(path: Path) -> list[dict]:
+    """Rows of a `.csv`, `.tsv`, `.jsonl` (or `.json` list), optionally gzipped."""
+    raw = path.read_bytes()
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+        name = name[:-3]
+    text = raw.decode("utf-8-sig")
+    if name.endswith(".jsonl"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise SourceError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+        return rows
+    if name.endswith(".json"):
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise SourceError(f"{path}: expected a JSON list of objects")
+        return rows
+    if name.endswith((".csv", ".tsv")):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ","))
+    raise SourceError(f"{path}: unknown manifest type (use .csv, .tsv, .jsonl or .json)")
+
+
+def _pick(columns: set[str], choices: tuple[str, ...]) -> str | None:
+    return next((c for c in choices if c in columns), None)
+
+
+def _labels(row: dict, path: Path, lineno: int) -> dict:
+    labels = empty_labels()
+    try:
+        if row.get("labels") not in (None, ""):
+            given = row["labels"] if isinstance(row["labels"], dict) else json.loads(row["labels"])
+            unknown = set(given) - set(CHEXPERT_LABELS)
+            if unknown:
+                raise ValueError(f"unknown label name(s) {sorted(unknown)}")
+            labels.update({k: parse_label(v) for k, v in given.items()})
+        for name in CHEXPERT_LABELS:
+            if name in row:
+                labels[name] = parse_label(row[name])
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: row {lineno}: labels: {exc}") from None
+    return labels
+
+
+def scan_manifest(path: str | Path, opts: ScanOptions) -> SourceScan:
+    """Plan one sample per manifest row."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"manifest {path} is not a file")
+    rows = read_manifest_rows(path)
+    if not rows:
+        raise SourceError(f"{path}: the manifest has no rows")
+    columns = set().union(*(r.keys() for r in rows))
+    image_col, text_col = _pick(columns, IMAGE_COLUMNS), _pick(columns, TEXT_COLUMNS)
+    if image_col is None or text_col is None:
+        need = "an image column (" + "/".join(IMAGE_COLUMNS) + ")" if image_col is None else ""
+        need += (" and " if need else "") + (
+            "a text column (" + "/".join(TEXT_COLUMNS) + ")" if text_col is None else ""
+        )
+        raise SourceError(f"{path}: needs {need}; found columns {sorted(columns)}")
+    subject_col = _pick(columns, SUBJECT_COLUMNS)
+    base = path.parent
+    scan = SourceScan()
+    for lineno, row in enumerate(rows, start=1):
+        image_value = str(row.get(image_col) or "").strip()
+        if not image_value:
+            raise SourceError(f"{path}: row {lineno} has an empty {image_col!r}")
+        image = Path(image_value) if Path(image_value).is_absolute() else base / image_value
+        subject = str(row.get(subject_col) or "").strip() if subject_col else ""
+        if row.get("split") not in (None, ""):
+            try:
+                split = normalize_split(str(row["split"]))
+            except ValueError as exc:
+                raise SourceError(f"{path}: row {lineno}: {exc}") from None
+        else:
+            split = hash_split(subject or image_value, opts.val_fraction, opts.test_fraction)
+        key = make_key(f"m{lineno:07d}", Path(image_value).stem)
+        raw_text = str(row.get(text_col) or "")
+        text = (
+            extract_report_text(raw_text, opts.sections)
+            if has_section_headers(raw_text)
+            else normalize_whitespace(raw_text)
+        )
+        view = str(row.get("view") or "").strip().upper() or None
+        if not image.is_file():
+            scan.rejects.append(
+                Reject(image_value, "missing_image", f"row {lineno}: {image} does not exist", key=key, split=split)
+            )
+            continue
+        if problem := check_report(text, opts.min_words):
+            scan.rejects.append(
+                Reject(image_value, problem[0], f"row {lineno}: {problem[1]}", key=key, split=split)
+            )
+            continue
+        if not view_allowed(view, opts.views):
+            detail = f"row {lineno}: view {view} not in --views {','.join(opts.views or ())}"
+            scan.rejects.append(Reject(image_value, "view_filtered", detail, key=key, split=split))
+            continue
+        meta = {
+            "source": "manifest",
+            "subject_id": subject or None,
+            "study_id": str(row.get("study_id") or "").strip() or None,
+            "image_id": str(row.get("image_id") or "").strip() or Path(image_value).stem,
+            "view": view,
+            "split": split,
+            "labels": _labels(row, path, lineno),
+        }
+        scan.items.append(
+            SourceItem(key=key, image_path=str(image.resolve()), input=image_value, text=text, meta=meta)
+        )
+    scan.items = dedupe_keys(scan.items, scan.rejects)
+    return scan

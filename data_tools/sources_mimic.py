@@ -1,0 +1,172 @@
+"""`mimic-cxr` reader: a MIMIC-CXR(-JPG) tree with JPG, PNG or DICOM images (SPEC §4.1).
+
+INPUT/files/pNN/pSUBJECT/sSTUDY/<dicom_id>.{jpg,dcm}
+INPUT/files/pNN/pSUBJECT/sSTUDY.txt
+INPUT/mimic-cxr-2.0.0-{split,metadata,chexpert}.csv[.gz]      (each optional)
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from pathlib import Path
+
+from data_tools.labels import CHEXPERT_LABELS
+from data_tools.reports import extract_report_text
+from data_tools.sources import (
+    IMAGE_SUFFIXES,
+    Reject,
+    ScanOptions,
+    SourceError,
+    SourceItem,
+    SourceScan,
+    check_report,
+    dedupe_keys,
+    empty_labels,
+    hash_split,
+    make_key,
+    normalize_split,
+    parse_label,
+    view_allowed,
+)
+
+
+def find_table(root: Path, stem: str) -> Path | None:
+    """`root/<stem>.csv.gz` or `root/<stem>.csv`, whichever exists."""
+    for suffix in (".csv.gz", ".csv"):
+        path = root / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a (gzipped) CSV as dicts; a missing required column is a `SourceError`."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise SourceError(f"{path}: not a readable gzip file ({exc}); re-download or gunzip it") from None
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
+    return list(reader)
+
+
+def _strip_prefix(name: str, prefix: str) -> str:
+    return name[1:] if name.startswith(prefix) and name[1:].isdigit() else name
+
+
+def scan_mimic_cxr(root: str | Path, opts: ScanOptions) -> SourceScan:
+    """Plan every image of a MIMIC-CXR tree, with its report, split, view and CheXpert labels."""
+    root = Path(root)
+    files = root / "files"
+    if not files.is_dir():
+        raise SourceError(
+            f"{root} has no files/ folder: not a MIMIC-CXR tree (expected files/pNN/pSUBJECT/sSTUDY/)"
+        )
+
+    split_by_dicom: dict[str, str] = {}
+    split_by_subject: dict[str, str] = {}
+    if path := find_table(root, "mimic-cxr-2.0.0-split"):
+        for row in read_table(path, ("dicom_id", "subject_id", "split")):
+            try:
+                split = normalize_split(row["split"])
+            except ValueError as exc:
+                raise SourceError(f"{path}: {exc}") from None
+            split_by_dicom[row["dicom_id"]] = split
+            split_by_subject.setdefault(row["subject_id"], split)
+    view_by_dicom: dict[str, str] = {}
+    if path := find_table(root, "mimic-cxr-2.0.0-metadata"):
+        for row in read_table(path, ("dicom_id", "ViewPosition")):
+            view_by_dicom[row["dicom_id"]] = row["ViewPosition"].strip().upper()
+    labels_by_study: dict[tuple[str, str], dict] = {}
+    if path := find_table(root, "mimic-cxr-2.0.0-chexpert"):
+        for row in read_table(path, ("subject_id", "study_id", *CHEXPERT_LABELS)):
+            try:
+                labels = {name: parse_label(row[name]) for name in CHEXPERT_LABELS}
+            except ValueError as exc:
+                raise SourceError(f"{path}: study {row['study_id']}: {exc}") from None
+            labels_by_study[(row["subject_id"], row["study_id"])] = labels
+
+    scan = SourceScan()
+    for group in sorted(os.listdir(files)):
+        group_dir = files / group
+        if not group_dir.is_dir():
+            continue
+        for subject_name in sorted(os.listdir(group_dir)):
+            subject_dir = group_dir / subject_name
+            if not subject_dir.is_dir():
+                continue
+            subject = _strip_prefix(subject_name, "p")
+            entries = sorted(os.listdir(subject_dir))
+            study_dirs = {e for e in entries if (subject_dir / e).is_dir()}
+            for entry in entries:  # reports whose study folder has no image
+                if entry.endswith(".txt") and entry[:-4] not in study_dirs:
+                    rel = str((subject_dir / entry).relative_to(root))
+                    scan.rejects.append(
+                        Reject(rel, "report_without_images", "no image folder for this report", "report")
+                    )
+            for study_name in sorted(study_dirs):
+                _scan_study(root, subject_dir / study_name, subject, study_name, opts, scan, split_by_dicom,
+                            split_by_subject, view_by_dicom, labels_by_study)  # fmt: skip
+    scan.items = dedupe_keys(scan.items, scan.rejects)
+    return scan
+
+
+def _scan_study(
+    root: Path,
+    study_dir: Path,
+    subject: str,
+    study_name: str,
+    opts: ScanOptions,
+    scan: SourceScan,
+    split_by_dicom: dict[str, str],
+    split_by_subject: dict[str, str],
+    view_by_dicom: dict[str, str],
+    labels_by_study: dict[tuple[str, str], dict],
+) -> None:
+    study = _strip_prefix(study_name, "s")
+    images = sorted(p for p in study_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    report_path = study_dir.with_name(study_name + ".txt")
+    if not images:
+        if report_path.is_file():
+            rel = str(report_path.relative_to(root))
+            scan.rejects.append(Reject(rel, "report_without_images", "the study folder holds no image", "report"))
+        return
+    problem = None
+    text = ""
+    if not report_path.is_file():
+        problem = ("missing_report", f"no report {report_path.relative_to(root)}")
+    else:
+        text = extract_report_text(report_path.read_text(encoding="utf-8", errors="replace"), opts.sections)
+        problem = check_report(text, opts.min_words)
+    labels = labels_by_study.get((subject, study)) or empty_labels()
+    for image in images:
+        dicom_id = image.stem
+        rel = str(image.relative_to(root))
+        key = make_key(f"p{subject}", f"s{study}", dicom_id)
+        split = split_by_dicom.get(dicom_id) or split_by_subject.get(subject)
+        split = split or hash_split(subject, opts.val_fraction, opts.test_fraction)
+        view = view_by_dicom.get(dicom_id) or None
+        if problem:
+            scan.rejects.append(Reject(rel, problem[0], problem[1], key=key, split=split))
+            continue
+        if not view_allowed(view, opts.views):
+            detail = f"view {view} not in --views {','.join(opts.views or ())}"
+            scan.rejects.append(Reject(rel, "view_filtered", detail, key=key, split=split))
+            continue
+        meta = {
+            "source": "mimic-cxr",
+            "subject_id": subject,
+            "study_id": study,
+            "image_id": dicom_id,
+            "view": view,
+            "split": split,
+            "labels": dict(labels),
+        }
+        scan.items.append(SourceItem(key=key, image_path=str(image.resolve()), input=rel, text=text, meta=meta))

@@ -1,0 +1,244 @@
+"""Check a shard build end to end: `python -m data_tools.verify_shards DIR`.
+
+Re-reads every shard listed in `DIR/manifest.json` and checks:
+- the tar's size and sha256 against the manifest, and that it reads as a tar to the end;
+- members: regular files named `<key>.<ext>`, each sample exactly `jpg` + `json` + `txt`, keys unique
+  across the build, the sample count against the manifest;
+- every JPEG decodes as 8-bit grayscale with its shorter side equal to the build's `image_size`;
+- every JSON has the SPEC §4.2 fields (14 CheXpert labels in 1 / 0 / -1 / null, the shard's split, the
+  original width/height) and every text is non-empty UTF-8;
+- every `.idx` equals the index computed from the tar's real member offsets (DALI `wds2idx` format);
+- per-split counts, totals and reject counts against the manifest and `rejects.jsonl`, and no stray
+  shard or temporary file in the folder.
+
+Prints a summary; exits 1 listing every problem found (2 when DIR is not a build at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_writer import sha256_file
+from data_tools.wds_index import format_index, split_name
+
+SAMPLE_EXTS = {"jpg", "json", "txt"}
+JSON_FIELDS = ("source", "subject_id", "study_id", "image_id", "view", "split", "labels", "width", "height")
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    shards: int = 0
+    samples: int = 0
+    rejects: int = 0
+    bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_sample(where: str, members: dict[str, bytes], split: str, image_size: int | None) -> list[str]:
+    problems = []
+    if set(members) != SAMPLE_EXTS:
+        return [f"{where}: members {sorted(members)}, expected {sorted(SAMPLE_EXTS)}"]
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            img.load()
+            if img.format != "JPEG" or img.mode != "L":
+                problems.append(f"{where}.jpg: {img.format} mode {img.mode}, expected an 8-bit grayscale JPEG")
+            if image_size is not None and min(img.size) != image_size:
+                problems.append(f"{where}.jpg: {img.size[0]}x{img.size[1]}, shorter side is not {image_size}")
+    except Exception as exc:
+        problems.append(f"{where}.jpg: does not decode ({exc})")
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+        missing = [k for k in JSON_FIELDS if k not in meta]
+        if missing:
+            problems.append(f"{where}.json: missing field(s) {missing}")
+        else:
+            labels = meta["labels"]
+            if not isinstance(labels, dict) or set(labels) != set(CHEXPERT_LABELS):
+                problems.append(f"{where}.json: labels must hold exactly the 14 CheXpert names")
+            elif any(v not in (1, 0, -1, None) or isinstance(v, bool) for v in labels.values()):
+                problems.append(f"{where}.json: label values must be 1, 0, -1 or null")
+            if meta["split"] != split:
+                problems.append(f"{where}.json: split {meta['split']!r} but the shard is in {split!r}")
+            if not all(isinstance(meta[k], int) and meta[k] > 0 for k in ("width", "height")):
+                problems.append(f"{where}.json: width/height must be positive integers")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{where}.json: not valid UTF-8 JSON ({exc})")
+    try:
+        if not members["txt"].decode("utf-8").strip():
+            problems.append(f"{where}.txt: empty report text")
+    except UnicodeDecodeError:
+        problems.append(f"{where}.txt: not valid UTF-8")
+    return problems
+
+
+def _check_shard(root: Path, info: dict, image_size: int | None, keys: set[str], report: VerifyReport) -> None:
+    name = info.get("name", "?")
+    tar_path, idx_path = root / name, root / info.get("index", "?")
+    problems = report.problems
+    if not tar_path.is_file():
+        problems.append(f"{name}: listed in manifest.json but missing")
+        return
+    size = tar_path.stat().st_size
+    report.bytes += size
+    if size != info.get("bytes"):
+        problems.append(f"{name}: {size} bytes, manifest says {info.get('bytes')}")
+    if sha256_file(tar_path) != info.get("sha256"):
+        problems.append(f"{name}: sha256 differs from manifest.json (the file changed or is damaged)")
+    split = info.get("split") or name.split("/")[0]
+    offsets: list[tuple[str, int, int]] = []
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    problems.append(f"{name}: member {member.name!r} is not a regular file")
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    problems.append(f"{name}: member {member.name} is truncated")
+                offsets.append((member.name, member.offset_data, member.size))
+                key, ext = split_name(member.name)
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                if ext in samples[-1][1]:
+                    problems.append(f"{name}: {member.name} appears twice")
+                samples[-1][1][ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        problems.append(f"{name}: unreadable tar ({exc})")
+        return
+    for key, members in samples:
+        if key in keys:
+            problems.append(f"{name}: sample key {key} also appears earlier in the build")
+        keys.add(key)
+        problems.extend(_check_sample(f"{name}:{key}", members, split, image_size))
+    report.samples += len(samples)
+    if len(samples) != info.get("samples"):
+        problems.append(f"{name}: {len(samples)} samples, manifest says {info.get('samples')}")
+    if not idx_path.is_file():
+        problems.append(f"{info.get('index')}: index file missing")
+    else:
+        try:
+            expected = format_index(offsets)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+        else:
+            if idx_path.read_text(encoding="utf-8", errors="replace") != expected:
+                problems.append(f"{info.get('index')}: does not match the tar's real member offsets")
+
+
+def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
+    """Verify the build in `root`; every problem found is one line in `report.problems`.
+
+    Raises:
+        FileNotFoundError: `root` holds no readable `manifest.json`.
+    """
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{root} has no manifest.json: not a finished build_shards output")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileNotFoundError(f"{manifest_path} is not valid JSON ({exc})") from None
+    report = VerifyReport()
+    problems = report.problems
+    image_size = (manifest.get("options") or {}).get("image_size")
+    shards = manifest.get("shards", [])
+    keys: set[str] = set()
+    split_counts: Counter = Counter()
+    for info in tqdm(shards, unit="shard", desc="verify", disable=not progress, file=sys.stderr):
+        before = report.samples
+        _check_shard(root, info, image_size, keys, report)
+        split_counts[info.get("split")] += report.samples - before
+        report.shards += 1
+
+    listed = {s.get("name") for s in shards} | {s.get("index") for s in shards}
+    for path in sorted(root.glob("*/*")):
+        rel = path.relative_to(root).as_posix()
+        if path.suffix in (".tar", ".idx") and rel not in listed:
+            problems.append(f"{rel}: on disk but not in manifest.json")
+        elif path.name.endswith(".tmp"):
+            problems.append(f"{rel}: leftover temporary file (an interrupted build? rerun build_shards)")
+    if (root / ".build").exists():
+        problems.append(".build/: the build did not finish (rerun build_shards with the same options)")
+
+    counts = manifest.get("counts", {})
+    for split in sorted(set(counts) | set(split_counts)):
+        if counts.get(split, 0) != split_counts.get(split, 0):
+            problems.append(
+                f"split {split}: {split_counts.get(split, 0)} samples in shards, manifest says {counts.get(split, 0)}"
+            )
+    if report.samples != manifest.get("written"):
+        problems.append(f"{report.samples} samples in shards, manifest says written={manifest.get('written')}")
+
+    rejects_path = root / "rejects.jsonl"
+    reasons: Counter = Counter()
+    image_rejects = 0
+    if not rejects_path.is_file():
+        problems.append("rejects.jsonl: missing")
+    else:
+        for lineno, line in enumerate(rejects_path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line)
+                reasons[row["reason"]] += 1
+                image_rejects += row.get("kind", "image") == "image"
+                if not row.get("input"):
+                    problems.append(f"rejects.jsonl line {lineno}: no input path")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                problems.append(f"rejects.jsonl line {lineno}: not a JSON object with a reason")
+    report.rejects = sum(reasons.values())
+    if dict(reasons) != manifest.get("rejects", {}):
+        problems.append(
+            f"rejects.jsonl reasons {dict(sorted(reasons.items()))} differ from manifest {manifest.get('rejects')}"
+        )
+    if image_rejects != manifest.get("rejected"):
+        problems.append(
+            f"rejects.jsonl has {image_rejects} image rejects, manifest says {manifest.get('rejected')}"
+        )
+    inputs = (manifest.get("inputs") or {}).get("images")
+    if inputs is not None and inputs != report.samples + image_rejects:
+        problems.append(f"written {report.samples} + rejected {image_rejects} != {inputs} input images")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.verify_shards",
+        description="Re-read and check every shard, index, JSON and count of a build_shards output folder.",
+    )
+    parser.add_argument("dir", help="the build_shards --output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        report = verify_shards(args.dir, progress=not args.no_progress)
+    except FileNotFoundError as exc:
+        print(f"verify_shards: error: {exc}", file=sys.stderr)
+        return 2
+    status = "OK" if report.ok else f"{len(report.problems)} PROBLEM(S)"
+    print(
+        f"{args.dir}: {report.shards} shards, {report.samples} samples, {report.rejects} rejects, "
+        f"{report.bytes / 1e6:.1f} MB: {status}"
+    )
+    for problem in report.problems:
+        print(f"  - {problem}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
