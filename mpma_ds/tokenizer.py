@@ -16,9 +16,13 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     """
     path = Path(folder)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist; build one with data_tools.train_tokenizer")
+        raise FileNotFoundError(
+            f"tokenizer folder {path} does not exist; build one with data_tools.train_tokenizer"
+        )
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{path} holds no tokenizer (no tokenizer.json, vocab.txt or tokenizer_config.json)")
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (no tokenizer.json, vocab.txt or tokenizer_config.json)"
+        )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise ValueError(f"{path}: a fast tokenizer is needed (word_ids() drives whole-word masking)")

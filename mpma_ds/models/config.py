@@ -1,0 +1,264 @@
+"""`MPMAConfig`: every architectural choice of MPMA as one typed, validated dataclass.
+
+SPEC §5 is "our reading" of the MPMA paper; each choice the paper may make differently is a field here,
+documented by the string under it (litgpt style). Named architectures (`mpma_base`, ...) are overrides of
+these defaults and live in `mpma_ds.models.factory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+TEXT_ARCHS = ("bert", "roberta")
+ATTN_IMPLS = ("sdpa", "eager")
+ALIGN_ON = ("masked", "full")
+MEMORY_KV = ("concat", "gated_sum")
+
+
+@dataclass
+class MPMAConfig:
+    """Architecture, loss and efficiency settings of one MPMA model (defaults = `mpma_base`)."""
+
+    # ---------------------------------------------------------------- image encoder (timm ViT)
+    image_size: int = 288
+    """Square input image side in pixels; must be divisible by `patch_size`. Other sizes still run
+    (position embeddings are interpolated), this is the size the position table is built for."""
+    patch_size: int = 16
+    """ViT patch side in pixels."""
+    in_chans: int = 1
+    """Image channels: 1 (grayscale shards, the default) or 3."""
+    vision_width: int = 768
+    """ViT embedding width."""
+    vision_layers: int = 12
+    """ViT depth (transformer blocks)."""
+    vision_heads: int = 12
+    """ViT attention heads; must divide `vision_width`."""
+    vision_mlp_ratio: float = 4.0
+    """ViT MLP hidden width / embedding width."""
+    image_mask_ratio: float = 0.75
+    """Fraction of image patches masked per sample (MAE); the keep count is exactly
+    `int(num_patches * (1 - ratio))`, at least 1."""
+    image_init_from: str | None = None
+    """Optional timm checkpoint to initialise the ViT from: a timm `local-dir` folder (config.json +
+    model.safetensors) or a `.safetensors` file. 3-channel weights loaded into a 1-channel model have
+    their patch-embedding weights summed over channels; position embeddings are resized."""
+
+    # ---------------------------------------------------------------- text encoder (transformers)
+    text_arch: Literal["bert", "roberta"] = "roberta"
+    """`transformers` encoder family: "bert" (`BertModel`) or "roberta" (`RobertaModel`)."""
+    vocab_size: int = 50265
+    """Text vocabulary size; must be >= the tokenizer's (`check_tokenizer_vocab`)."""
+    text_width: int = 768
+    """Text encoder hidden size."""
+    text_layers: int = 12
+    """Text encoder depth."""
+    text_heads: int = 12
+    """Text encoder attention heads; must divide `text_width`."""
+    text_mlp_ratio: float = 4.0
+    """Text encoder intermediate size / hidden size."""
+    max_text_len: int = 128
+    """Longest token sequence (including [CLS]/[SEP]) the position table holds."""
+    pad_token_id: int = 0
+    """The tokenizer's padding id (our WordPiece tokenizer and BERT-style ones use 0)."""
+    text_init_from: str | None = None
+    """Optional local Hugging Face model folder to initialise the text encoder from (e.g. a MiniLM or
+    RoBERTa folder). When set, the text fields above are taken from that folder's config.json."""
+
+    # ---------------------------------------------------------------- MA-CMF fusion
+    fusion_width: int = 768
+    """Width of the fusion layers; unimodal features are projected to it."""
+    fusion_layers: int = 6
+    """Number of MA-CMF co-attention layers."""
+    fusion_heads: int = 12
+    """Fusion attention heads; must divide `fusion_width`."""
+    fusion_mlp_ratio: float = 4.0
+    """Fusion FFN hidden width / fusion width."""
+    memory_slots: int = 256
+    """Learned memory vectors per fusion layer (our reading: one memory per layer). 0 turns the memory
+    off: plain co-attention, the M3AE ablation."""
+    memory_topk: int = 32
+    """Each visual query attends only to its `memory_topk` highest-scoring memory slots."""
+    memory_kv: Literal["concat", "gated_sum"] = "concat"
+    """How the text stream's cross-attention keys/values combine visual features V with their memory
+    responses R (our reading): "concat" = the sequence [V ; g*R] with a learned sigmoid gate
+    g = sigma(W[V;R]) (2N keys), "gated_sum" = g*V + (1-g)*R (N keys)."""
+
+    # ---------------------------------------------------------------- heads
+    decoder_width: int = 512
+    """MAE decoder width."""
+    decoder_layers: int = 4
+    """MAE decoder depth."""
+    decoder_heads: int = 16
+    """MAE decoder attention heads; must divide `decoder_width`."""
+    norm_pix_loss: bool = True
+    """MIM targets are per-patch normalised pixels (MAE `norm_pix_loss`)."""
+    tie_mlm_weights: bool = True
+    """The MLM output projection shares the text encoder's word-embedding matrix."""
+    embed_dim: int = 256
+    """Width of the normalised GLA embeddings (`encode_image` / `encode_text` output)."""
+
+    # ---------------------------------------------------------------- GLA alignment
+    align_on: Literal["masked", "full"] = "masked"
+    """Which unimodal features GLA aligns: "masked" = those of the masked pass (no extra cost),
+    "full" = an extra pass of both encoders on the unmasked image and report."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature of both InfoNCE losses (learnable, as a log-scale)."""
+    max_logit_scale: float = 100.0
+    """Upper clamp of the learnable logit scale 1/temperature (CLIP)."""
+    local_exclude_masked_tokens: bool = True
+    """Local alignment ignores [MASK]ed report tokens (they carry no word), besides [CLS]/[SEP]/padding."""
+
+    # ---------------------------------------------------------------- loss weights
+    w_mlm: float = 1.0
+    """Weight of the masked-token loss."""
+    w_mim: float = 1.0
+    """Weight of the masked-patch reconstruction loss."""
+    w_global: float = 1.0
+    """Weight of the global image-report InfoNCE (ITC)."""
+    w_local: float = 1.0
+    """Weight of the local token-patch InfoNCE."""
+    w_itm: float = 0.0
+    """Weight of the optional image-text matching loss (0 = off: no ITM head, no extra fusion pass).
+    Negatives: each image paired with the next sample's report in the batch."""
+
+    # ---------------------------------------------------------------- regularisation / init
+    dropout: float = 0.0
+    """Dropout in the text encoder and fusion layers (MAE-style ViT/decoder use none)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the ViT."""
+
+    # ---------------------------------------------------------------- efficiency switches
+    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel everywhere: "sdpa" (`torch.nn.functional.scaled_dot_product_attention`) or
+    "eager" (explicit softmax(QK^T)V, the benchmark baseline)."""
+    encoder_visible_only: bool = True
+    """The ViT runs on visible patches only (MAE). False: it runs on all patches and the visible ones
+    are picked afterwards (baseline; more compute, slightly different numbers)."""
+    mlm_masked_only: bool = True
+    """The MLM head (vocab projection) runs only at masked positions. False: on every position, the
+    loss then ignores unmasked ones (same value, the baseline)."""
+    mim_masked_only: bool = True
+    """The MAE prediction layer runs only on masked patches. False: on all patches (same loss)."""
+    grad_checkpointing: bool = True
+    """Activation checkpointing per transformer block (non-reentrant); `set_grad_checkpointing` flips it."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        errors = []
+        if self.image_size % self.patch_size:
+            errors.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        for width, heads in (
+            ("vision_width", "vision_heads"),
+            ("text_width", "text_heads"),
+            ("fusion_width", "fusion_heads"),
+            ("decoder_width", "decoder_heads"),
+        ):
+            w, h = getattr(self, width), getattr(self, heads)
+            if h <= 0 or w % h:
+                errors.append(f"{width} {w} is not divisible by {heads} {h}")
+        if self.in_chans not in (1, 3):
+            errors.append(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if not 0.0 <= self.image_mask_ratio < 1.0:
+            errors.append(f"image_mask_ratio must be in [0, 1), got {self.image_mask_ratio}")
+        for name in ("text_arch", "attn_impl", "align_on", "memory_kv"):
+            allowed = {"text_arch": TEXT_ARCHS, "attn_impl": ATTN_IMPLS, "align_on": ALIGN_ON}.get(name, MEMORY_KV)
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.decoder_width % 4:
+            errors.append(f"decoder_width {self.decoder_width} must be divisible by 4 (2-D sin-cos positions)")
+        if self.memory_slots < 0:
+            errors.append(f"memory_slots must be >= 0, got {self.memory_slots}")
+        if self.memory_slots > 0 and not 1 <= self.memory_topk <= self.memory_slots:
+            errors.append(f"memory_topk must be in [1, memory_slots={self.memory_slots}], got {self.memory_topk}")
+        positive = ("patch_size", "image_size", "vision_layers", "vocab_size", "text_layers", "max_text_len")
+        positive += ("fusion_layers", "decoder_layers", "embed_dim")
+        errors += [f"{n} must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        weights = ("w_mlm", "w_mim", "w_global", "w_local", "w_itm")
+        errors += [f"{n} must be >= 0, got {getattr(self, n)}" for n in weights if getattr(self, n) < 0]
+        if not 0.0 < self.init_temperature <= 1.0:
+            errors.append(f"init_temperature must be in (0, 1], got {self.init_temperature}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.drop_path < 1.0:
+            errors.append("dropout and drop_path must be in [0, 1)")
+        if errors:
+            raise ValueError("invalid MPMAConfig: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side at `image_size`."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def num_visible(self, num_patches: int | None = None) -> int:
+        """Exact number of patches kept per sample for `num_patches` patches (default: at `image_size`)."""
+        n = self.num_patches if num_patches is None else num_patches
+        return max(1, int(n * (1.0 - self.image_mask_ratio)))
+
+    @property
+    def init_logit_scale(self) -> float:
+        return math.log(1.0 / self.init_temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, context: str = "MPMAConfig") -> MPMAConfig:
+        """Build from a dict, rejecting unknown keys with an error that names them."""
+        check_known_fields(values, context=context)
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> MPMAConfig:
+        """A copy with `overrides` applied (unknown keys are an error naming the key)."""
+        check_known_fields(overrides, context="model override")
+        return dataclasses.replace(self, **overrides)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(MPMAConfig)]
+
+
+def check_known_fields(values: dict[str, Any], *, context: str = "MPMAConfig") -> None:
+    """Raise ValueError naming every key of `values` that is not an `MPMAConfig` field."""
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ValueError(
+            f"unknown {context} key(s) {unknown}; valid MPMAConfig fields are: {', '.join(field_names())}"
+        )
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    hint = typing.get_type_hints(MPMAConfig)[annotation] if isinstance(annotation, str) else annotation
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return (str,)
+    if origin in (typing.Union, types.UnionType):
+        out: tuple[type, ...] = ()
+        for arg in typing.get_args(hint):
+            out += _allowed_types(arg)
+        return out
+    if hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (float, int)
+    return (hint,)
+
+
+def _check_types(cfg: MPMAConfig) -> None:
+    hints = typing.get_type_hints(MPMAConfig)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = _allowed_types(hints[f.name])
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ValueError(f"invalid MPMAConfig: field {f.name} must be {names}, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
+            setattr(cfg, f.name, float(value))

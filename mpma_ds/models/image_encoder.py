@@ -1,0 +1,167 @@
+"""MAE-style image encoder: a timm `VisionTransformer` that runs on the visible patches + CLS.
+
+The class only adds a masked `forward` to timm's ViT, so its state dict is exactly a timm ViT's and the
+weights export to a timm `local-dir:` folder (`save_timm_local_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models import VisionTransformer
+from timm.models._manipulate import adapt_input_conv
+from torch.utils.checkpoint import checkpoint
+
+from mpma_ds.models.config import MPMAConfig
+
+# timm architecture name recorded in the exported config.json; `model_args` override its sizes.
+TIMM_ARCHITECTURE = "vit_base_patch16_224"
+
+
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    num_keep: int,
+    *,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random patch masking with an exact keep count (MAE).
+
+    Returns:
+        ids_keep (B, K) indices of visible patches, ids_masked (B, N-K) indices of masked patches (both in
+        shuffle order), mask (B, N) bool, True where a patch is masked.
+    """
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).to(device)  # (B, N)
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, N)
+    ids_keep, ids_masked = ids_shuffle[:, :num_keep], ids_shuffle[:, num_keep:]
+    mask = torch.ones(batch_size, num_patches, dtype=torch.bool, device=device)
+    mask.scatter_(1, ids_keep, False)
+    return ids_keep, ids_masked, mask
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C) in the ViT's row-major patch order."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = images.reshape(b, c, gh, patch_size, gw, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+class MaskedVisionTransformer(VisionTransformer):
+    """timm ViT whose `forward(images, ids_keep)` encodes only the visible patches (+ CLS).
+
+    Position embeddings are added before masking and resampled when the image size differs from the
+    configured one (timm `dynamic_img_size`). The masked forward is this module's own `forward`, so a
+    ZeRO-3 engine gathers `pos_embed` / `cls_token` through the usual module hooks.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.timm_model_args = dict(kwargs)
+        self.block_checkpointing = False
+
+    def set_attn_impl(self, impl: str) -> None:
+        for blk in self.blocks:
+            blk.attn.fused_attn = impl == "sdpa"
+
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode (B, C, H, W) images; with `ids_keep` (B, K) only those patches. Returns (B, 1+K, D)."""
+        x = self.patch_embed(images)  # (B, gh, gw, D)
+        x = self._pos_embed(x)  # (B, 1+N, D) with CLS, positions added
+        if ids_keep is not None:
+            idx = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, idx)], dim=1)  # (B, 1+K, D)
+        x = self.norm_pre(x)
+        for blk in self.blocks:
+            if self.block_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)  # (B, 1+K, D)
+
+
+def build_image_encoder(cfg: MPMAConfig) -> MaskedVisionTransformer:
+    model_args = dict(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.vision_width,
+        depth=cfg.vision_layers,
+        num_heads=cfg.vision_heads,
+        mlp_ratio=cfg.vision_mlp_ratio,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+        drop_path_rate=cfg.drop_path,
+    )
+    vit = MaskedVisionTransformer(**model_args)
+    vit.set_attn_impl(cfg.attn_impl)
+    if cfg.image_init_from:
+        load_timm_weights(vit, cfg.image_init_from)
+    return vit
+
+
+def load_timm_weights(vit: MaskedVisionTransformer, source: str | Path) -> None:
+    """Load a timm ViT checkpoint (local-dir folder or .safetensors file) into `vit`.
+
+    3-channel patch-embedding weights are adapted to `vit`'s channel count with timm's `adapt_input_conv`
+    (summed over channels for 1-channel input); position embeddings are resampled to `vit`'s grid.
+    """
+    path = Path(source)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"image_init_from={source}: no model.safetensors there; give a timm local-dir")
+    state = load_file(str(file))
+    key = "patch_embed.proj.weight"
+    if key in state and state[key].shape[1] != vit.patch_embed.proj.in_channels:
+        state[key] = adapt_input_conv(vit.patch_embed.proj.in_channels, state[key])
+    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+        old_tokens = state["pos_embed"].shape[1] - vit.num_prefix_tokens
+        old = int(round(old_tokens**0.5))
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=vit.patch_embed.grid_size, old_size=(old, old), num_prefix_tokens=1
+        )
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"image_init_from={source} does not fit this ViT: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def save_timm_local_dir(vit: MaskedVisionTransformer, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Write `folder/config.json` + `model.safetensors` so `timm.create_model("local-dir:folder")` rebuilds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = {k: v for k, v in vit.timm_model_args.items() if k != "drop_path_rate"}
+    in_chans, size = args["in_chans"], args["img_size"]
+    config = {
+        "architecture": TIMM_ARCHITECTURE,
+        "num_classes": 0,
+        "num_features": args["embed_dim"],
+        "global_pool": "token",
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [in_chans, size, size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": [0.5] * in_chans,
+            "std": [0.5] * in_chans,
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"))

@@ -1,0 +1,125 @@
+"""GLA and reconstruction losses as plain functions (+ two tiny modules that own a learnable temperature).
+
+`gather_with_grad` takes rank and world size explicitly (open_clip `loss.py`); with one process it returns
+its input and needs no process group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All-gather `x` (B, ...) from every rank into (world*B, ...); gradients flow back to each rank."""
+    if world_size <= 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn  # only needed (and only importable usefully) when distributed
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def symmetric_infonce(logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of row-wise and column-wise cross-entropy of a square (B, B) logit matrix (diagonal = positives)."""
+    targets = torch.arange(logits.shape[0], device=logits.device) if targets is None else targets
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+
+
+def global_infonce(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """CLIP loss between L2-normalised (B, E) embeddings, negatives gathered over all ranks.
+
+    Each rank scores its local rows against the gathered columns (open_clip `local_loss`), so the value at
+    initialisation is about ln(world_size * B).
+    """
+    all_image = gather_with_grad(image_emb, world_size)  # (W*B, E)
+    all_text = gather_with_grad(text_emb, world_size)  # (W*B, E)
+    b = image_emb.shape[0]
+    targets = torch.arange(b, device=image_emb.device) + rank * b
+    logits_i2t = logit_scale * image_emb @ all_text.t()  # (B, W*B)
+    logits_t2i = logit_scale * text_emb @ all_image.t()  # (B, W*B)
+    return 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
+
+
+def late_interaction_scores(
+    tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor
+) -> torch.Tensor:
+    """Token-patch late-interaction similarity of every (report i, image j) pair. PyTorch reference.
+
+    Args:
+        tokens: (Bt, L, E) L2-normalised token features.
+        token_valid: (Bt, L) bool, the tokens that count (non-special, non-padding).
+        patches: (Bi, K, E) L2-normalised patch features.
+
+    Returns:
+        (Bt, Bi): 0.5 * (mean over valid tokens of the max cosine over patches
+                        + mean over patches of the max cosine over valid tokens).
+    """
+    sim = torch.einsum("ild,jkd->ijlk", tokens, patches)  # (Bt, Bi, L, K)
+    valid = token_valid[:, None, :]  # (Bt, 1, L)
+    n_valid = valid.sum(-1).clamp(min=1)  # (Bt, 1)
+    t2p = (sim.amax(dim=-1) * valid).sum(-1) / n_valid  # (Bt, Bi)
+    neg = torch.finfo(sim.dtype).min
+    p2t_max = sim.masked_fill(~valid[..., None], neg).amax(dim=-2)  # (Bt, Bi, K)
+    has_valid = (valid.sum(-1) > 0)[..., None]  # (Bt, 1, 1): a report with no valid token scores 0
+    p2t = torch.where(has_valid, p2t_max, torch.zeros_like(p2t_max)).mean(-1)  # (Bt, Bi)
+    return 0.5 * (t2p + p2t)
+
+
+def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, *, norm_pix: bool = True) -> torch.Tensor:
+    """Mean squared error between predicted and (per-patch normalised) target pixels of masked patches.
+
+    Args:
+        pred: (B, M, P) predictions of the M masked patches.
+        target: (B, M, P) the pixels of those patches.
+    """
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    return (pred.float() - target).pow(2).mean()
+
+
+class LogitScale(nn.Module):
+    """A learnable log inverse temperature, clamped to [0, ln(max_scale)] when read."""
+
+    def __init__(self, init_temperature: float, max_scale: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log = math.log(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(0.0, self.max_log).exp()
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """Global ITC: symmetric InfoNCE of pooled image/report embeddings, gathered across ranks."""
+
+    def __init__(self, init_temperature: float, max_scale: float) -> None:
+        super().__init__()
+        self.logit_scale = LogitScale(init_temperature, max_scale)
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        return global_infonce(image_emb, text_emb, self.logit_scale(), rank=rank, world_size=world_size)
+
+
+class LocalAlignmentLoss(nn.Module):
+    """Local token-patch alignment: late-interaction scores -> symmetric InfoNCE over the local batch."""
+
+    def __init__(self, init_temperature: float, max_scale: float) -> None:
+        super().__init__()
+        self.logit_scale = LogitScale(init_temperature, max_scale)
+
+    def forward(self, tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        scores = late_interaction_scores(tokens, token_valid, patches)  # (B, B)
+        return symmetric_infonce(self.logit_scale() * scores)

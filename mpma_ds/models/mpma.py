@@ -1,0 +1,256 @@
+"""MPMA: paired masking, GLA alignment, MA-CMF fusion, MAE + MLM heads (SPEC §5 / §5a)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mpma_ds.models.config import MPMAConfig
+from mpma_ds.models.fusion import MACMFFusion
+from mpma_ds.models.heads import MAEDecoder, MLMHead
+from mpma_ds.models.image_encoder import build_image_encoder, patchify, random_masking, save_timm_local_dir
+from mpma_ds.models.losses import GlobalContrastiveLoss, LocalAlignmentLoss, masked_patch_mse
+from mpma_ds.models.text_encoder import build_text_encoder, resolve_text_init
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class MPMA(nn.Module):
+    """The MPMA model. `forward(batch)` returns the pretraining loss dict; see SPEC §5a for the API."""
+
+    def __init__(self, config: MPMAConfig) -> None:
+        super().__init__()
+        config = resolve_text_init(config)
+        self.config = config
+        self.rank, self.world_size = 0, 1
+        d = config.fusion_width
+
+        self.image_encoder = build_image_encoder(config)
+        self.text_encoder = build_text_encoder(config)
+        # Projections to the GLA embedding space (shared by the global and local terms) ...
+        self.image_proj = nn.Linear(config.vision_width, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
+        self.global_loss = GlobalContrastiveLoss(config.init_temperature, config.max_logit_scale)
+        self.local_loss = LocalAlignmentLoss(config.init_temperature, config.max_logit_scale)
+        # ... and to the fusion width, plus modality-type embeddings (0 = text, 1 = image).
+        self.text_to_fusion = nn.Linear(config.text_width, d)
+        self.image_to_fusion = nn.Linear(config.vision_width, d)
+        self.modality_embed = nn.Embedding(2, d)
+        self.fusion = MACMFFusion(config)
+        words = self.text_encoder.get_input_embeddings() if config.tie_mlm_weights else None
+        self.mlm_head = MLMHead(config, words)
+        self.mae_decoder = MAEDecoder(config)
+        self.itm_head = nn.Linear(2 * d, 2) if config.w_itm > 0 else None
+        for module in (
+            self.image_proj,
+            self.text_proj,
+            self.text_to_fusion,
+            self.image_to_fusion,
+            self.fusion,
+            self.mlm_head.dense,
+            self.itm_head,
+        ):
+            if module is not None:
+                module.apply(_init_linear)
+        nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
+        nn.init.zeros_(self.mlm_head.decoder.bias)
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    # ------------------------------------------------------------------------------------------ switches
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Set the data-parallel group the global InfoNCE gathers negatives over (default 1 process)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} / world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per transformer block (non-reentrant) in every stack."""
+        self.image_encoder.block_checkpointing = enable
+        self.fusion.block_checkpointing = enable
+        self.mae_decoder.block_checkpointing = enable
+        text = self.text_encoder
+        if hasattr(text, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            if enable:
+                text.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text.activation_checkpointing_disable()
+        elif enable:
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text.gradient_checkpointing_disable()
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay: norms, biases, embeddings, tokens, memory, temperatures."""
+        names = set()
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.ndim <= 1 or leaf in ("pos_embed", "cls_token", "mask_token", "memory", "log_scale"):
+                names.add(name)
+            elif "embeddings" in name or name.startswith("modality_embed"):
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------------------------------ encoders
+    def _unimodal(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        ids_keep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids_keep is not None and not self.config.encoder_visible_only:
+            full = self.image_encoder(images)  # (B, 1+N, Dv), baseline: encode all patches, keep the visible
+            idx = ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[-1])
+            img = torch.cat([full[:, :1], torch.gather(full[:, 1:], 1, idx)], dim=1)
+        else:
+            img = self.image_encoder(images, ids_keep)  # (B, 1+K, Dv)
+        txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
+        return img, txt
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images -> (B, embed_dim) L2-normalised embeddings (no masking)."""
+        img = self.image_encoder(images)  # (B, 1+N, Dv)
+        return F.normalize(self.image_proj(img[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids + mask -> (B, embed_dim) L2-normalised embeddings of the [CLS] token."""
+        txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_proj(txt[:, 0]), dim=-1)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Pretraining forward on a batch (SPEC §5a); image masking happens here, drawn from `generator`.
+
+        Returns the weighted "loss" and each term: "loss_mlm", "loss_mim", "loss_global", "loss_local"
+        (+ "loss_itm" when `w_itm > 0`). Extra batch keys are ignored.
+        """
+        cfg = self.config
+        images, input_ids = batch["image"], batch["input_ids"]
+        attention_mask, mlm_labels = batch["attention_mask"], batch["mlm_labels"]
+        b, _, h, w = images.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
+        grid = (h // p, w // p)
+        n = grid[0] * grid[1]
+        ids_keep, ids_masked, _ = random_masking(
+            b, n, cfg.num_visible(n), device=images.device, generator=generator
+        )
+        text_mask = attention_mask.bool()
+
+        img, txt = self._unimodal(images, input_ids, attention_mask, ids_keep)  # (B, 1+K, Dv), (B, L, Dt)
+
+        # GLA on the masked features of this pass, or on an extra unmasked pass.
+        if cfg.align_on == "full":
+            full_ids = torch.where(mlm_labels != -100, mlm_labels, input_ids)
+            img_a, txt_a = self._unimodal(images, full_ids, attention_mask, None)
+        else:
+            img_a, txt_a = img, txt
+        img_emb = F.normalize(self.image_proj(img_a[:, 0]), dim=-1)  # (B, E)
+        txt_emb = F.normalize(self.text_proj(txt_a[:, 0]), dim=-1)  # (B, E)
+        loss_global = self.global_loss(img_emb, txt_emb, self.rank, self.world_size)
+        patch_feats = F.normalize(self.image_proj(img_a[:, 1:]), dim=-1)  # (B, K|N, E)
+        token_feats = F.normalize(self.text_proj(txt_a), dim=-1)  # (B, L, E)
+        loss_local = self.local_loss(token_feats, self._alignment_tokens(attention_mask, mlm_labels), patch_feats)
+
+        # MA-CMF fusion of the masked image and the masked report.
+        t_type = torch.zeros_like(input_ids[:, :1])
+        t = self.text_to_fusion(txt) + self.modality_embed(t_type)  # (B, L, D)
+        v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)  # (B, 1+K, D)
+        t, v = self.fusion(t, text_mask, v)
+
+        loss_mlm = self.mlm_head(t, mlm_labels)
+        pred = self.mae_decoder(v, ids_keep, ids_masked, grid)  # (B, N-K, P) or (B, N, P)
+        target = patchify(images, p)  # (B, N, P)
+        if cfg.mim_masked_only:
+            target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        else:
+            masked = torch.ones(b, n, dtype=torch.bool, device=images.device).scatter(1, ids_keep, False)
+            pred, target = pred[masked], target[masked]
+        loss_mim = masked_patch_mse(pred, target, norm_pix=cfg.norm_pix_loss)
+
+        out = {"loss_mlm": loss_mlm, "loss_mim": loss_mim, "loss_global": loss_global, "loss_local": loss_local}
+        total = cfg.w_mlm * loss_mlm + cfg.w_mim * loss_mim + cfg.w_global * loss_global + cfg.w_local * loss_local
+        if self.itm_head is not None:
+            out["loss_itm"] = self._itm_loss(txt, text_mask, img, t, v)
+            total = total + cfg.w_itm * out["loss_itm"]
+        out["loss"] = total
+        return {"loss": out.pop("loss"), **out}
+
+    def _alignment_tokens(self, attention_mask: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: report tokens that take part in local alignment (not [CLS]/[SEP]/padding/[MASK])."""
+        valid = attention_mask.bool().clone()
+        valid[:, 0] = False  # [CLS]
+        last = attention_mask.long().cumsum(1).argmax(1)  # index of the last attended token = [SEP]
+        valid.scatter_(1, last[:, None], False)
+        if self.config.local_exclude_masked_tokens:
+            valid &= mlm_labels == -100
+        return valid
+
+    def _itm_loss(
+        self,
+        txt: torch.Tensor,
+        text_mask: torch.Tensor,
+        img: torch.Tensor,
+        t_pos: torch.Tensor,
+        v_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """Image-text matching: positives from the main pass, negatives = each image with the next report."""
+        t_type = torch.zeros(txt.shape[0], 1, dtype=torch.long, device=txt.device)
+        t = self.text_to_fusion(txt.roll(1, 0)) + self.modality_embed(t_type)
+        v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)
+        t_neg, v_neg = self.fusion(t, text_mask.roll(1, 0), v)
+        feats = torch.cat([torch.cat([t_pos[:, 0], v_pos[:, 0]], -1), torch.cat([t_neg[:, 0], v_neg[:, 0]], -1)])
+        labels = torch.cat([torch.ones(txt.shape[0]), torch.zeros(txt.shape[0])]).long().to(txt.device)
+        return F.cross_entropy(self.itm_head(feats).float(), labels)
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors, text_encoder/ (HF layout) and image_encoder/ (timm local-dir)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["text_init_from"] = None  # the weights below already hold it; loading must not need that folder
+        config["image_init_from"] = None
+        meta = {"model_type": "mpma", "format_version": FORMAT_VERSION, "config": config}
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_NAME))
+        self.text_encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+        save_timm_local_dir(self.image_encoder, folder / "image_encoder", self.image_encoder.state_dict())
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MPMA:
+        """Rebuild a model saved by `save_pretrained` (config + safetensors; no pickle)."""
+        folder = Path(folder)
+        cfg_file = folder / CONFIG_NAME
+        if not cfg_file.is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not an MPMA folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("model_type") != "mpma":
+            raise ValueError(f"{cfg_file}: model_type is {meta.get('model_type')!r}, not 'mpma'")
+        model = cls(MPMAConfig.from_dict(meta["config"], context=f"{cfg_file} config"))
+        missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False, device=str(map_location))
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} does not match its config: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return model
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Initialise MPMA's own linear layers (the encoders keep their libraries' init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
