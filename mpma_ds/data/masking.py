@@ -1,0 +1,138 @@
+"""Report text → ``input_ids``, ``attention_mask``, ``mlm_labels``: tokenise, truncate, pad, whole-word mask.
+
+Whole-word masking relies only on the fast tokenizer's ``word_ids()`` (special and padding tokens have
+no word), ``mask_token_id``, ``pad_token_id`` and ``all_special_ids``, so any Hugging Face fast
+tokenizer folder works.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+IGNORE_INDEX = -100
+
+
+def whole_word_mask(
+    input_ids: torch.Tensor,
+    word_ids: torch.Tensor,
+    *,
+    probability: float,
+    mask_token_id: int,
+    random_token_ids: torch.Tensor,
+    mask_fraction: float = 0.8,
+    random_fraction: float = 0.1,
+    whole_word: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose tokens for MLM by whole words and corrupt them BERT-style.
+
+    Each word is chosen with ``probability`` (so the expected fraction of maskable tokens chosen equals
+    ``probability``); a row with maskable tokens but no word chosen gets one random word, so every
+    sequence contributes to the MLM loss. Of the chosen tokens, ``mask_fraction`` become ``[MASK]``,
+    ``random_fraction`` a random token from ``random_token_ids``, the rest stay as they are.
+
+    Args:
+        input_ids: (B, L) token ids.
+        word_ids: (B, L) word index of each token, -1 for special and padding tokens (never chosen).
+        random_token_ids: (V',) ids random replacements are drawn from (the non-special vocabulary).
+
+    Returns:
+        ``(corrupted_ids, mlm_labels)``, both (B, L) int64; labels are -100 where a token was not chosen.
+    """
+    bsz, length = input_ids.shape
+    maskable = word_ids >= 0  # (B, L)
+    if whole_word:
+        # one uniform draw per (row, word); each token looks up its word's draw
+        word_draw = torch.rand(bsz, length, generator=generator)  # (B, L) indexed by word id (< L)
+        token_draw = word_draw.gather(1, word_ids.clamp(min=0))  # (B, L)
+    else:
+        token_draw = torch.rand(bsz, length, generator=generator)
+    chosen = (token_draw < probability) & maskable
+    empty = maskable.any(dim=1) & ~chosen.any(dim=1)  # (B,)
+    if empty.any():
+        rows = empty.nonzero().squeeze(1)
+        pick = torch.multinomial(maskable[rows].float(), 1, generator=generator).squeeze(1)  # (R,)
+        if whole_word:
+            word = word_ids[rows, pick].unsqueeze(1)  # (R, 1)
+            chosen[rows] = (word_ids[rows] == word) & maskable[rows]
+        else:
+            chosen[rows, pick] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    action = torch.rand(bsz, length, generator=generator)  # (B, L)
+    to_mask = chosen & (action < mask_fraction)
+    to_random = chosen & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
+    corrupted = input_ids.clone()
+    corrupted[to_mask] = mask_token_id
+    n_random = int(to_random.sum())
+    if n_random:
+        draw = torch.randint(len(random_token_ids), (n_random,), generator=generator)
+        corrupted[to_random] = random_token_ids[draw]
+    return corrupted, labels
+
+
+class ReportEncoder:
+    """Tokenise a batch of reports to fixed length ``max_len`` and apply whole-word MLM masking."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        max_len: int,
+        *,
+        probability: float = 0.15,
+        mask_fraction: float = 0.8,
+        random_fraction: float = 0.1,
+        whole_word: bool = True,
+    ) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("whole-word masking needs a fast tokenizer (word_ids()); load it with load_tokenizer")
+        if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no [MASK] or [PAD] token; MLM needs both")
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.probability = probability
+        self.mask_fraction = mask_fraction
+        self.random_fraction = random_fraction
+        self.whole_word = whole_word
+        special = set(tokenizer.all_special_ids)
+        self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
+        self.random_token_ids = torch.tensor(
+            [i for i in range(len(tokenizer)) if i not in special], dtype=torch.long
+        )
+
+    def __call__(self, texts: list[str], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Encode ``texts`` → ``input_ids``, ``attention_mask``, ``mlm_labels`` (each (B, L) int64)."""
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_len,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        input_ids = enc["input_ids"].long()  # (B, L)
+        attention_mask = enc["attention_mask"].long()  # (B, L)
+        word_ids = torch.tensor(
+            [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(texts))], dtype=torch.long
+        )  # (B, L)
+        # belt and braces: a special id never counts as a word, whatever the post-processor reports
+        word_ids[torch.isin(input_ids, self.special_ids) | (attention_mask == 0)] = -1
+        corrupted, labels = whole_word_mask(
+            input_ids,
+            word_ids,
+            probability=self.probability,
+            mask_token_id=self.tokenizer.mask_token_id,
+            random_token_ids=self.random_token_ids,
+            mask_fraction=self.mask_fraction,
+            random_fraction=self.random_fraction,
+            whole_word=self.whole_word,
+            generator=generator,
+        )
+        return {"input_ids": corrupted, "attention_mask": attention_mask, "mlm_labels": labels}
+
+
+def batch_generator(*seed_parts: int) -> torch.Generator:
+    """A torch generator seeded from several integers (seed, epoch, rank, batch ...), independent of workers."""
+    import numpy as np
+
+    value = int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in seed_parts]).generate_state(1)[0])
+    return torch.Generator().manual_seed(value)

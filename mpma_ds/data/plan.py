@@ -1,0 +1,202 @@
+"""The epoch plan: which sample goes into which batch on which rank — deterministic and worker-independent.
+
+Order (SPEC §6): shard list shuffled with ``seed + epoch`` → the concatenated sample stream split into
+``world_size`` contiguous ranges (sample-exact, the same rule as DALI's ``shard_id``/``num_shards``) →
+a shuffle buffer per rank → batches, handed to workers round-robin. Because the plan is computed on
+indices before anything is read, batch ``j`` of epoch ``e`` is the same whatever the number of workers,
+and resuming at batch ``k`` reads nothing before it.
+
+Remainder policy (equal batches on every rank, since ZeRO-3 ranks step in lockstep): every rank gets
+``steps_per_epoch = ceil(ceil(N / world_size) / batch_size)`` batches. A rank whose range runs out fills
+its last batch(es) with repeats of its own first samples, flagged ``valid = False`` in the batch, so
+counting only valid samples sees every sample of the split exactly once per epoch (``resampled: false``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+def seeded_rng(*parts: int) -> np.random.Generator:
+    """A numpy generator from several integers (seed, epoch, rank, ...)."""
+    return np.random.default_rng(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]))
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank per epoch (the same on every rank)."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def shard_order(counts: list[int], epoch: int, seed: int, *, shuffle: bool, resample_to: int = 0) -> list[int]:
+    """Shard numbers in this epoch's order: shuffled with ``seed + epoch`` (train) or as listed (eval).
+
+    With ``resample_to > 0`` shards are drawn with replacement until they hold ``resample_to`` samples.
+    """
+    if resample_to:
+        rng = seeded_rng(seed, epoch, 0x5EED)
+        nonempty = [i for i, c in enumerate(counts) if c]
+        order, total = [], 0
+        while total < resample_to:
+            pick = nonempty[int(rng.integers(len(nonempty)))]
+            order.append(pick)
+            total += counts[pick]
+        return order
+    order = list(range(len(counts)))
+    if shuffle:
+        seeded_rng(seed, epoch, 0x5EED).shuffle(order)
+    return order
+
+
+def buffer_shuffle(items: np.ndarray, bufsize: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of a webdataset-style shuffle buffer of ``bufsize`` over ``items`` (on indices)."""
+    if bufsize <= 1 or len(items) <= 1:
+        return items
+    buf: list[int] = []
+    out: list[int] = []
+    for item in items.tolist():
+        buf.append(item)
+        if len(buf) < bufsize:
+            continue
+        k = int(rng.integers(len(buf)))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out.append(buf.pop())
+    rng.shuffle(buf)
+    out.extend(buf)
+    return np.asarray(out, dtype=np.int64)
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, end)`` of ``rank`` in the epoch's sample stream (DALI's ``start_index`` rule)."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def epoch_batches(
+    counts: list[int],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    train: bool,
+    shuffle_buffer: int,
+    resample_to: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's batches of one epoch as sample ids into the flat sample list.
+
+    Args:
+        counts: samples per shard (the flat id of shard ``s``'s ``i``-th sample is ``sum(counts[:s]) + i``).
+        resample_to: endless mode: draw shards with replacement for an epoch of this many samples.
+
+    Returns:
+        ``ids`` (steps, B) int64 and ``valid`` (steps, B) bool (False on remainder padding).
+    """
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    order = shard_order(counts, epoch, seed, shuffle=train, resample_to=resample_to)
+    stream = np.concatenate([np.arange(starts[s], starts[s] + counts[s], dtype=np.int64) for s in order])
+    total = resample_to or len(stream)
+    stream = stream[:total]
+    lo, hi = rank_range(total, rank, world_size)
+    own = stream[lo:hi]
+    if len(own) == 0:
+        raise ValueError(f"{total} samples cannot feed {world_size} ranks: rank {rank} gets none")
+    if train:
+        own = buffer_shuffle(own, shuffle_buffer, seeded_rng(seed, epoch, rank, 0xB0F))
+    steps = steps_per_epoch(total, world_size, batch_size)
+    slots = np.arange(steps * batch_size)
+    ids = own[slots % len(own)].reshape(steps, batch_size)
+    valid = (slots < len(own)).reshape(steps, batch_size)
+    return ids, valid
+
+
+class EpochStream:
+    """Endless (train) or one-pass (eval) iteration over epochs with an exact, resumable position.
+
+    Subclasses implement ``_epoch_iter(epoch, start_batch)`` yielding batch dicts; a batch may carry
+    ``"_skipped"`` (a ``Counter`` of samples skipped while making it), which is popped and accumulated.
+    """
+
+    backend = "base"
+
+    def __init__(self, *, train: bool, seed: int, rank: int, world_size: int, steps: int, num_samples: int):
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = steps
+        self.num_samples = num_samples
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped: Counter = Counter()
+        self._generation = 0
+
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _base_skipped(self) -> Counter:
+        """Samples left out before iteration (bad index entries); counted once in ``stats()``."""
+        return Counter()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        generation = self._generation
+        while True:
+            epoch_iter = self._epoch_iter(self.epoch, self.batch_in_epoch)
+            try:
+                for batch in epoch_iter:
+                    if generation != self._generation:  # load_state_dict() was called: this iterator is stale
+                        return
+                    self.skipped.update(batch.pop("_skipped", None) or {})
+                    self.batch_in_epoch += 1
+                    yield batch
+            finally:
+                # a generator closes; a DataLoader iterator stops its workers
+                close = getattr(epoch_iter, "close", None) or getattr(epoch_iter, "_shutdown_workers", None)
+                if close is not None:
+                    close()
+            if generation != self._generation:
+                return
+            self.batch_in_epoch = 0
+            if not self.train:
+                return  # one pass; iterating again gives the same pass
+            self.epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("epoch", "batch_in_epoch", "world_size", "seed"):
+            if key not in state:
+                raise ValueError(f"loader state lacks {key!r}; it was not written by this loader")
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(
+                f"loader state is for world_size={state['world_size']}, seed={state['seed']}; this run has "
+                f"world_size={self.world_size}, seed={self.seed}: exact resume needs the same values"
+            )
+        if not 0 <= state["batch_in_epoch"] <= self.steps_per_epoch:
+            raise ValueError(f"loader state batch_in_epoch={state['batch_in_epoch']} is outside this epoch")
+        self._generation += 1
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def stats(self) -> dict[str, int]:
+        total = self.skipped + self._base_skipped()
+        out = {"skipped_samples": int(sum(total.values())), "epoch": self.epoch}
+        out.update({f"skipped_{reason}": int(n) for reason, n in sorted(total.items())})
+        return out
+
+    def close(self) -> None:
+        self._generation += 1

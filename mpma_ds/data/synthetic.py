@@ -1,0 +1,122 @@
+"""The ``synthetic`` backend: correlated image–report pairs made in memory, for tests and benchmarks.
+
+Each sample has a random set of findings (CheXpert names). Every finding draws a bright blob at its own
+place in the image and adds its phrase to the report, and sets its label to 1 — so images, reports and
+labels agree, and a model can learn retrieval and MLM from them. Samples depend only on the split and
+their index; epochs, ranks, resume and padding follow the same plan as the shard backends (`plan.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from data_tools.labels import CHEXPERT_LABELS
+from mpma_ds.data.config import DataConfig
+from mpma_ds.data.plan import EpochStream, epoch_batches, seeded_rng, steps_per_epoch
+from mpma_ds.data.samples import make_batch
+from mpma_ds.data.wds_backend import encoder_from_config, mask_generator
+
+# finding → (phrase, blob centre (y, x) as fractions of the image, blob radius fraction)
+FINDINGS: dict[str, tuple[str, tuple[float, float], float]] = {
+    "Atelectasis": ("bibasilar atelectasis", (0.78, 0.5), 0.10),
+    "Cardiomegaly": ("the heart is enlarged", (0.6, 0.55), 0.18),
+    "Consolidation": ("right upper lobe consolidation", (0.3, 0.3), 0.09),
+    "Edema": ("mild pulmonary edema", (0.45, 0.5), 0.14),
+    "Lung Opacity": ("patchy opacity in the left mid lung", (0.5, 0.72), 0.08),
+    "Pleural Effusion": ("small left pleural effusion", (0.85, 0.8), 0.09),
+    "Pneumothorax": ("small right apical pneumothorax", (0.15, 0.25), 0.07),
+    "Support Devices": ("an endotracheal tube is in place", (0.12, 0.5), 0.05),
+}
+SPLIT_SALT = {"train": 11, "validate": 12, "val": 12, "valid": 12, "test": 13}
+PSEUDO_SHARD = 64  # samples per pseudo-shard, so the shard-order shuffle has something to shuffle
+
+
+def synthetic_sample(index: int, split: str, size: int) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """Sample ``index`` of ``split``: (H, W) float32 image in [0, 1], report text, metadata JSON."""
+    rng = seeded_rng(SPLIT_SALT.get(split, 19), index)
+    names = [n for n in FINDINGS if rng.random() < 0.3]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (S, S)
+    # a dim 'chest': two lung fields and noise
+    image = 0.25 + 0.1 * np.exp(-(((xx - 0.3) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    image += 0.1 * np.exp(-(((xx - 0.7) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    image = image + rng.normal(0.0, 0.03, size=(size, size))
+    for name in names:
+        _, (cy, cx), radius = FINDINGS[name]
+        cy += rng.normal(0, 0.02)
+        cx += rng.normal(0, 0.02)
+        image += 0.45 * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2)))
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    if names:
+        text = "FINDINGS: " + ". ".join(FINDINGS[n][0] for n in names) + "."
+    else:
+        text = "FINDINGS: the lungs are clear. no acute cardiopulmonary process."
+    labels = {n: (1 if n in names else 0) for n in FINDINGS}
+    labels.update({n: None for n in CHEXPERT_LABELS if n not in FINDINGS})
+    labels["No Finding"] = 0 if names else 1
+    meta = {"source": "synthetic", "image_id": f"{split}-{index:07d}", "split": split, "labels": labels}
+    return image, text, meta
+
+
+class SyntheticStream(EpochStream):
+    """In-memory batches with the exact batch contract; see the module docstring."""
+
+    backend = "synthetic"
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        split: str,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        train: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.batch_size = batch_size
+        total = cfg.synthetic_samples
+        self.counts = [min(PSEUDO_SHARD, total - s) for s in range(0, total, PSEUDO_SHARD)]
+        super().__init__(
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(total, world_size, batch_size),
+            num_samples=total,
+        )
+        self.encoder = encoder_from_config(cfg, tokenizer)
+        mean, std = cfg.channel_stats()
+        self.mean = torch.tensor(mean).view(-1, 1, 1)  # (C, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)  # (C, 1, 1)
+
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        ids, valid = epoch_batches(
+            self.counts,
+            epoch=epoch if self.train else 0,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            train=self.train,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+        )
+        size = self.cfg.image_size
+        for number in range(start_batch, len(ids)):
+            images, texts, metas = [], [], []
+            for index in ids[number].tolist():
+                pixels, text, meta = synthetic_sample(index, self.split, size)
+                tensor = torch.from_numpy(pixels).unsqueeze(0).expand(self.cfg.in_chans, -1, -1)  # (C, S, S)
+                images.append((tensor - self.mean) / self.std)
+                texts.append(text)
+                metas.append(meta)
+            keys = [m["image_id"] for m in metas]
+            gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
+            yield make_batch(images, texts, metas, keys, valid[number].tolist(), self.encoder, gen)
