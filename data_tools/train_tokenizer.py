@@ -1,0 +1,222 @@
+"""Train a WordPiece tokenizer on the train split's reports and save it as a Hugging Face folder.
+
+    python -m data_tools.train_tokenizer --shards DIR --out DIR --vocab-size N [--min-frequency K]
+
+``--shards`` is a build_shards output folder (its ``train/shard-*.tar`` are read) or a split folder
+holding ``shard-*.tar`` itself. The ``.txt`` member of every sample is a report. The tokenizer:
+
+- lower-cases and cleans the text (BERT normaliser; accents are kept),
+- splits on whitespace and punctuation, except that the de-identification marks ``___`` (any run of
+  three or more underscores) and ``XXXX`` stay whole, as single tokens,
+- WordPiece with ``##`` continuation pieces and BERT special tokens ``[PAD] [UNK] [CLS] [SEP] [MASK]``
+  at ids 0..4, and a ``[CLS] A [SEP]`` (pair: ``[CLS] A [SEP] B [SEP]``) post-processor,
+- is saved with ``transformers.PreTrainedTokenizerFast.save_pretrained``, so
+  ``AutoTokenizer.from_pretrained(DIR)`` and ``mpma_ds.load_tokenizer(DIR)`` load it as a fast
+  tokenizer whose ``word_ids()`` drive whole-word masking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from tqdm import tqdm
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: De-identification marks kept as one token each (after lower-casing, ``XXXX`` reads ``xxxx``).
+DEID_TOKENS = ("___", "xxxx")
+#: Pre-tokenisation: a run of 3+ underscores, ``xxxx``, a run of letters/digits, or one other symbol.
+_PIECES = Regex(r"_{3,}|xxxx|[^\W_]+|[^\w\s]|_")
+
+
+class TokenizerDataError(ValueError):
+    """The shards given to the trainer cannot give a tokenizer (missing, empty, wrong layout)."""
+
+
+def find_train_shards(shards: str | Path) -> list[Path]:
+    """The ``shard-*.tar`` of the train split under ``shards`` (an output root or a split folder)."""
+    root = Path(shards)
+    if not root.is_dir():
+        raise TokenizerDataError(f"--shards {root} is not a folder; give a build_shards output folder")
+    direct = sorted(root.glob("shard-*.tar"))
+    if direct:
+        return direct
+    train = root / "train"
+    if not train.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise TokenizerDataError(
+            f"{root} has no train split (no {train} folder, no shard-*.tar; folders: {found or 'none'}); "
+            "build shards with data_tools.build_shards or point --shards at a split folder"
+        )
+    listed = sorted(train.glob("shard-*.tar"))
+    if not listed:
+        raise TokenizerDataError(f"{train} holds no shard-*.tar; the train split is empty, rebuild the shards")
+    return listed
+
+
+def iter_reports(shard_paths: list[Path], progress: bool = False) -> Iterator[str]:
+    """Yield the text of every ``.txt`` member of the given tar shards, in order."""
+    for path in tqdm(shard_paths, desc="reading shards", unit="shard", disable=not progress):
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".txt"):
+                        handle = tar.extractfile(member)
+                        text = handle.read().decode("utf-8", errors="replace") if handle else ""
+                        if text.strip():
+                            yield text
+        except tarfile.TarError as exc:
+            raise TokenizerDataError(
+                f"{path} is not a readable tar shard ({exc}); run data_tools.verify_shards"
+            ) from exc
+
+
+def build_untrained_tokenizer() -> Tokenizer:
+    """The WordPiece pipeline (normaliser, pre-tokeniser, decoder) before training."""
+    tok = Tokenizer(
+        models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100)
+    )
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(_PIECES, behavior="isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tok
+
+
+def _make_portable(out: Path) -> None:
+    """Name the class every transformers release knows, and write the special-token map 4.x reads.
+
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"``, which 4.x cannot resolve;
+    ``PreTrainedTokenizerFast`` loads the same ``tokenizer.json`` in both.
+    """
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    names = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    special = {name: config[name] for name in names if name in config}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+
+
+def train_tokenizer(
+    shards: str | Path,
+    out: str | Path,
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    max_length: int = 512,
+    progress: bool = False,
+) -> dict:
+    """Train on the train split's reports under ``shards``; save the HF tokenizer folder to ``out``.
+
+    Returns:
+        {"out", "shards", "reports", "vocab_size"}; the same dict is saved as ``out/training_info.json``.
+
+    Raises:
+        TokenizerDataError: no shards, no train split, or no report text.
+        ValueError: ``vocab_size`` too small for the special tokens and the corpus alphabet.
+    """
+    from transformers import PreTrainedTokenizerFast  # imported late: --help stays fast
+
+    minimum = len(SPECIAL_TOKENS) + len(DEID_TOKENS) + 1
+    if vocab_size < minimum:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: the special tokens alone need {minimum}")
+    shard_paths = find_train_shards(shards)
+    reports = list(iter_reports(shard_paths, progress=progress))
+    if not reports:
+        raise TokenizerDataError(
+            f"the {len(shard_paths)} train shard(s) under {shards} hold no report text (.txt members); rebuild the shards"
+        )
+
+    tok = build_untrained_tokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS) + list(DEID_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(reports, trainer=trainer, length=len(reports))
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(
+            f"--vocab-size {vocab_size} is too small: the special tokens and the corpus alphabet alone need "
+            f"{tok.get_vocab_size()} entries; ask for at least {tok.get_vocab_size()}"
+        )
+    # The de-identification marks are vocabulary entries (ids 5, 6), not special tokens: they are not
+    # dropped by decode(skip_special_tokens=True). As normalised added tokens they match before
+    # pre-tokenisation, so "___F" or "XXXX-year-old" still yield one "___" / "xxxx" token.
+    tok.add_tokens([AddedToken(t, normalized=True, special=False) for t in DEID_TOKENS])
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_path))
+    _make_portable(out_path)
+    info = {
+        "out": str(out_path),
+        "shards": len(shard_paths),
+        "reports": len(reports),
+        "vocab_size": tok.get_vocab_size(),
+    }
+    (out_path / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.train_tokenizer",
+        description="Train a WordPiece tokenizer on the train split's reports and save a Hugging Face folder.",
+    )
+    parser.add_argument("--shards", required=True, help="build_shards output folder (or a split folder)")
+    parser.add_argument("--out", required=True, help="folder to write the tokenizer to")
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    parser.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    parser.add_argument("--max-length", type=int, default=512, help="model_max_length saved with the tokenizer")
+    args = parser.parse_args(argv)
+    try:
+        info = train_tokenizer(
+            args.shards, args.out, args.vocab_size, min_frequency=args.min_frequency, max_length=args.max_length,
+            progress=True,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"train_tokenizer: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"tokenizer with {info['vocab_size']} entries trained on {info['reports']} reports "
+          f"from {info['shards']} shard(s) -> {info['out']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
