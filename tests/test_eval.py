@@ -149,7 +149,13 @@ def test_evaluate_alignment_end_to_end_hand_values():
     labels[:, 0] = torch.tensor([1.0, 0.0, 0.0, -1.0])  # cardiomegaly: sample 0 positive, 1-2 negative
     batches = [
         {"image": images[:3], "text": [reports[0], reports[1], reports[1]], "labels": labels[:3]},
-        {"image": images[3:], "text": [reports[2]], "labels": labels[3:]},
+        # the loader's remainder padding (valid=False) repeats a sample; it must not count twice
+        {
+            "image": images[[3, 0]],
+            "text": [reports[2], reports[0]],
+            "labels": labels[[3, 0]],
+            "valid": torch.tensor([True, False]),
+        },
     ]
     m = evaluate_alignment(
         model,

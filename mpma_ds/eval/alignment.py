@@ -55,7 +55,8 @@ def evaluate_alignment(
     Args:
         model: an MPMA (or a DeepSpeed engine wrapping one).
         batches: one pass of loader batches with ``image`` (B, C, H, W), ``text`` list[str] and optionally
-            ``labels`` (B, 14) float with NaN for blank.
+            ``labels`` (B, 14) float with NaN for blank and ``valid`` (B,) bool (False rows are padding and
+            are left out).
         tokenizer: the model's tokenizer; reports are re-tokenised unmasked from ``text``.
         device: where the model runs.
         max_text_len: token budget of the text encoder.
@@ -71,10 +72,13 @@ def evaluate_alignment(
         image_embs, texts, labels = [], [], []
         for batch in batches:
             images = batch["image"].to(device=device, dtype=dtype)
-            image_embs.append(net.encode_image(images).float().cpu())  # (B, D)
-            texts.extend(batch["text"])
+            emb = net.encode_image(images).float().cpu()  # (B, D)
+            # the loader pads a rank's last batch with repeats flagged valid=False: count each sample once
+            keep = torch.as_tensor(batch.get("valid", [True] * len(emb)), dtype=torch.bool).cpu()  # (B,)
+            image_embs.append(emb[keep])
+            texts.extend(t for t, ok in zip(batch["text"], keep.tolist()) if ok)
             if "labels" in batch:
-                labels.append(torch.as_tensor(batch["labels"], dtype=torch.float32).cpu())
+                labels.append(torch.as_tensor(batch["labels"], dtype=torch.float32).cpu()[keep])
         if not image_embs:
             raise ValueError("the evaluation split yielded no batches")
         image_emb = torch.cat(image_embs)  # (N, D)
