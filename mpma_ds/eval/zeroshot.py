@@ -11,25 +11,23 @@ from sklearn.metrics import roc_auc_score
 
 from data_tools.labels import CHEXPERT_LABELS
 
-# One (positive, negative) prompt pair per CheXpert observation, phrased as a radiologist would write it.
+# One (positive, negative) prompt pair per CheXpert observation, in the phrasing of MIMIC-CXR reports (which
+# the synthetic corpus imitates): the negative is how a report rules the finding out.
 CHEXPERT_PROMPTS: dict[str, tuple[str, str]] = {
-    "Atelectasis": ("There is atelectasis.", "There is no atelectasis."),
-    "Cardiomegaly": ("The heart is enlarged, consistent with cardiomegaly.", "The heart size is normal."),
-    "Consolidation": ("There is focal consolidation.", "There is no focal consolidation."),
-    "Edema": ("There is pulmonary edema.", "There is no pulmonary edema."),
-    "Enlarged Cardiomediastinum": (
-        "The cardiomediastinal silhouette is enlarged.",
-        "The cardiomediastinal silhouette is normal.",
-    ),
-    "Fracture": ("There is a rib fracture.", "There is no fracture."),
-    "Lung Lesion": ("There is a lung nodule.", "There is no lung nodule or mass."),
-    "Lung Opacity": ("There is an opacity in the lung.", "The lungs are clear."),
-    "No Finding": ("No acute cardiopulmonary process.", "There is an acute cardiopulmonary abnormality."),
-    "Pleural Effusion": ("There is a pleural effusion.", "There is no pleural effusion."),
-    "Pleural Other": ("There is pleural thickening.", "There is no pleural thickening."),
-    "Pneumonia": ("There is pneumonia.", "There is no evidence of pneumonia."),
-    "Pneumothorax": ("There is a pneumothorax.", "There is no pneumothorax."),
-    "Support Devices": ("A support device is in place.", "There are no support devices."),
+    "Atelectasis": ("Bibasilar atelectasis.", "No atelectasis."),
+    "Cardiomegaly": ("Moderate cardiomegaly.", "Heart size is normal."),
+    "Consolidation": ("Focal consolidation in the lower lobe.", "No focal consolidation."),
+    "Edema": ("Moderate pulmonary edema.", "No pulmonary edema."),
+    "Enlarged Cardiomediastinum": ("The superior mediastinum is widened.", "The mediastinal contours are normal."),
+    "Fracture": ("Fracture of the posterior rib.", "No displaced rib fracture."),
+    "Lung Lesion": ("A nodule is seen in the upper lobe.", "No suspicious nodule."),
+    "Lung Opacity": ("Patchy opacity in the lower lobe.", "No focal opacity."),
+    "No Finding": ("No acute cardiopulmonary process.", "Acute cardiopulmonary abnormality."),
+    "Pleural Effusion": ("Moderate pleural effusion.", "No pleural effusion."),
+    "Pleural Other": ("Apical pleural thickening.", "No pleural thickening."),
+    "Pneumonia": ("Findings are consistent with pneumonia.", "No evidence of pneumonia."),
+    "Pneumothorax": ("There is a pneumothorax.", "No pneumothorax."),
+    "Support Devices": ("Endotracheal tube terminates above the carina.", "No lines or tubes."),
 }
 
 
