@@ -95,11 +95,13 @@ class LogitScale(nn.Module):
 
     def __init__(self, init_temperature: float, max_scale: float) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # Shape (1,), not a 0-dim tensor: DeepSpeed's initial parameter broadcast views params as bytes,
+        # which a 0-dim tensor cannot do.
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_log = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(0.0, self.max_log).exp()
+        return self.log_scale.clamp(0.0, self.max_log).exp().squeeze(0)  # () scalar
 
 
 class GlobalContrastiveLoss(nn.Module):
