@@ -12,6 +12,7 @@ torch RNG and is the same whatever worker draws the sample.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,6 +53,41 @@ def random_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@dataclass(frozen=True)
+class AugParams:
+    """One sample's random augmentation: crop box in source pixels, rotation, jitter factors, flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    angle: float = 0.0
+    brightness: float = 1.0
+    contrast: float = 1.0
+    flip: bool = False
+
+
+def draw_aug_params(cfg: DataConfig, width: int, height: int, rng: np.random.Generator) -> AugParams:
+    """Draw a sample's augmentation; both backends use these so their train pipelines match too."""
+    top, left, h, w = random_crop_box(width, height, cfg.crop_scale, cfg.crop_ratio, rng)
+    angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees)) if cfg.rotation_degrees > 0 else 0.0
+    bright = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)) if cfg.brightness > 0 else 1.0
+    contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) if cfg.contrast > 0 else 1.0
+    flip = bool(rng.random() < 0.5) if cfg.hflip else False
+    return AugParams(top, left, h, w, angle, bright, contrast, flip)
+
+
+def eval_geometry(cfg: DataConfig, width: int, height: int) -> tuple[int, int, int, int]:
+    """Eval transform geometry: ``(resized_h, resized_w, crop_top, crop_left)`` (torchvision's rounding)."""
+    short = eval_resize_size(cfg)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_h, new_w = short, int(short * width / height)
+    size = cfg.image_size
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
 class XrayTransform:
     """PIL grayscale image → normalised float tensor (C, S, S)."""
 
@@ -63,31 +99,42 @@ class XrayTransform:
         self.std = torch.tensor(std).view(-1, 1, 1)  # (C, 1, 1)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        params = None
+        if self.augment:
+            if rng is None:
+                raise ValueError("the train transform needs a random generator")
+            params = draw_aug_params(self.cfg, image.width, image.height, rng)
+        return self.apply(image, params)
+
+    def apply(self, image: Image.Image, params: AugParams | None) -> torch.Tensor:
+        """Transform with given augmentation ``params`` (``None`` = the eval transform)."""
         cfg = self.cfg
         size = cfg.image_size
         if image.mode != "L":
             image = image.convert("L")
-        if self.augment:
-            if rng is None:
-                raise ValueError("the train transform needs a random generator")
-            top, left, h, w = random_crop_box(image.width, image.height, cfg.crop_scale, cfg.crop_ratio, rng)
+        if params is not None:
             image = TF.resized_crop(
-                image, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
+                image,
+                params.top,
+                params.left,
+                params.height,
+                params.width,
+                [size, size],
+                interpolation=TF.InterpolationMode.BILINEAR,
+                antialias=True,
             )
-            if cfg.rotation_degrees > 0:
-                angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
-                image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0)
-            if cfg.brightness > 0:
-                image = TF.adjust_brightness(image, float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)))
-            if cfg.contrast > 0:
-                image = TF.adjust_contrast(image, float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)))
-            if cfg.hflip and rng.random() < 0.5:
+            if params.angle:
+                image = TF.rotate(image, params.angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0)
+            if params.brightness != 1.0:
+                image = TF.adjust_brightness(image, params.brightness)
+            if params.contrast != 1.0:
+                image = TF.adjust_contrast(image, params.contrast)
+            if params.flip:
                 image = TF.hflip(image)
         else:
-            image = TF.resize(
-                image, eval_resize_size(cfg), interpolation=TF.InterpolationMode.BILINEAR, antialias=True
-            )
-            image = TF.center_crop(image, [size, size])
+            new_h, new_w, top, left = eval_geometry(cfg, image.width, image.height)
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+            image = image.crop((left, top, left + size, top + size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (S, S)
         tensor = pixels.to(torch.float32).div_(255.0).unsqueeze(0)  # (1, S, S)
         if cfg.in_chans == 3:

@@ -1,0 +1,348 @@
+"""The ``dali`` backend: ``fn.readers.webdataset`` → host checks and text → DALI decode + transforms.
+
+Two DALI pipelines per rank:
+
+- the **reader** pipeline: ``fn.readers.webdataset`` over this epoch's shard list (shuffled with
+  ``seed + epoch``), with the ``.idx`` files, ``shard_id = rank`` / ``num_shards = world_size`` (a
+  sample-exact split, the same rule as `plan.rank_range`), its shuffle buffer and ``pad_last_batch``.
+  It is built with ``enable_checkpointing=True``: the loader state carries ``pipe.checkpoint()``, and a
+  resumed reader continues exactly where the saved one stopped;
+- the **decode** pipeline: ``fn.decoders.image`` on ``device="mixed"`` when CUDA is available (``"cpu"``
+  otherwise), then resize / crop / rotate / brightness-contrast / flip / normalise, fed through
+  ``external_source``. Augmentation parameters are drawn on the host from the same per-sample generators
+  as the ``wds`` backend, so this pipeline holds no random state and both backends compute the same
+  numeric pipeline.
+
+Between the two the host checks each JPEG's header and end marker (a corrupt or truncated image is
+skipped and counted, its slot refilled with a good sample of the batch flagged ``valid = False``), and
+tokenises and masks the text. Should DALI's decoder still fail on a batch, that batch is decoded on the
+host with PIL (same parameters) instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from mpma_ds.data.config import DataConfig
+from mpma_ds.data.plan import EpochStream, rank_range, seeded_rng, shard_order, steps_per_epoch
+from mpma_ds.data.samples import SampleError, decode_meta, decode_text, make_batch
+from mpma_ds.data.shards import ShardIndex, index_path, load_shard_index
+from mpma_ds.data.transforms import AugParams, XrayTransform, draw_aug_params, eval_geometry
+from mpma_ds.data.wds_backend import encoder_from_config, mask_generator
+
+
+def _dali():
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise ImportError(
+            "data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or -cuda120), "
+            "or set data.backend=wds"
+        ) from err
+    return fn, types, pipeline_def
+
+
+def jpeg_header(data: bytes, key: str) -> tuple[int, int]:
+    """``(width, height)`` from a JPEG's header, checking it is a complete JPEG (no pixel decode)."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        raise SampleError("bad_jpg", f"{key}: not a JPEG")
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise SampleError("bad_jpg", f"{key}: truncated JPEG (no end marker)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as err:
+        raise SampleError("bad_jpg", f"{key}: {err}") from err
+
+
+def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
+    """``.idx`` files listing only the samples `load_shard_index` kept (so DALI never reads past a
+    truncated tar's end); the original index is used where nothing was dropped."""
+    out = []
+    for shard, (path, refs) in enumerate(zip(index.paths, index.samples)):
+        original = index_path(path)
+        lines = [line for line in original.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+        if len(lines) == len(refs):
+            out.append(str(original))
+            continue
+        clean = folder / f"{shard:06d}-{path.stem}.idx"
+        body = [" ".join(f"{ext} {off} {size} {ref.key}.{ext}" for ext, off, size in ref.members) for ref in refs]
+        clean.write_text(f"v1.2 {len(refs)}\n" + "".join(line + "\n" for line in body), encoding="utf-8")
+        out.append(str(clean))
+    return out
+
+
+class DaliStream(EpochStream):
+    """Batches from webdataset shards read and decoded by DALI pipelines."""
+
+    backend = "dali"
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: str,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        train: bool,
+    ) -> None:
+        self.fn, self.types, self.pipeline_def = _dali()
+        if cfg.resampled and train:
+            raise ValueError("data.resampled is not supported by the dali backend; use backend=wds for it")
+        self.cfg = cfg
+        self.index = load_shard_index(shards)
+        self.batch_size = batch_size
+        total = self.index.num_samples
+        super().__init__(
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(total, world_size, batch_size),
+            num_samples=total,
+        )
+        self.encoder = encoder_from_config(cfg, tokenizer)
+        self.transform = XrayTransform(cfg, train)
+        self.augment = self.transform.augment
+        self._tmp = tempfile.TemporaryDirectory(prefix="mpma-dali-idx-")
+        self.idx_files = write_clean_indexes(self.index, Path(self._tmp.name))
+        use_cuda = torch.cuda.is_available()
+        self.decode_device = {"auto": "mixed" if use_cuda else "cpu"}.get(cfg.dali_decode, cfg.dali_decode)
+        if self.decode_device == "mixed" and not use_cuda:
+            raise ValueError("data.dali_decode=mixed needs a CUDA device; use auto or cpu on this machine")
+        self.device_id = torch.cuda.current_device() if self.decode_device == "mixed" else None
+        self._reader: Any = None
+        self._reader_epoch = -1
+        self._resume_checkpoint: str | None = None
+        self._decoder = self._build_decoder()
+
+    def _base_skipped(self) -> Counter:
+        return Counter(self.index.skipped)
+
+    # -- pipelines -------------------------------------------------------------------------------------
+    def _build_reader(self, epoch: int, checkpoint: str | None) -> Any:
+        fn = self.fn
+        counts = self.index.counts()
+        order = [s for s in shard_order(counts, epoch, self.seed, shuffle=self.train) if counts[s]]
+        paths = [str(self.index.paths[s]) for s in order]
+        idx = [self.idx_files[s] for s in order]
+        shuffle = self.train and self.cfg.shuffle_buffer > 1
+
+        @self.pipeline_def(enable_checkpointing=True)
+        def reader():
+            jpg, txt, meta = fn.readers.webdataset(
+                paths=paths,
+                index_paths=idx,
+                ext=["jpg", "txt", "json"],
+                missing_component_behavior="empty",
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                random_shuffle=shuffle,
+                initial_fill=max(self.cfg.shuffle_buffer, 1),
+                pad_last_batch=True,
+                seed=int(seeded_rng(self.seed, epoch, self.rank, 0xDA11).integers(2**31)),
+                name="Reader",
+            )
+            return jpg, txt, meta
+
+        kwargs: dict[str, Any] = {}
+        if checkpoint is not None:
+            kwargs["checkpoint"] = base64.b64decode(checkpoint)
+        pipe = reader(
+            batch_size=self.batch_size,
+            num_threads=max(1, self.cfg.num_workers),
+            device_id=None,
+            prefetch_queue_depth=self.cfg.prefetch_batches,
+            **kwargs,
+        )
+        pipe.build()
+        return pipe
+
+    def _build_decoder(self) -> Any:
+        fn, types = self.fn, self.types
+        import nvidia.dali.math as dmath
+
+        cfg = self.cfg
+        size = cfg.image_size
+        mean, std = cfg.channel_stats()
+        out_type = types.GRAY if cfg.in_chans == 1 else types.RGB
+        augment = self.augment
+
+        @self.pipeline_def(exec_async=False, exec_pipelined=False)
+        def decoder():
+            jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
+            img = fn.decoders.image(jpg, device=self.decode_device, output_type=out_type)
+            if augment:
+                roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+                roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+                img = fn.resize(
+                    img,
+                    size=[size, size],
+                    roi_start=roi_start,
+                    roi_end=roi_end,
+                    roi_relative=False,
+                    antialias=True,
+                    interp_type=types.INTERP_LINEAR,
+                )
+                if cfg.rotation_degrees > 0:
+                    angle = fn.external_source(name="angle", dtype=types.FLOAT, ndim=0)
+                    img = fn.rotate(
+                        img, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR
+                    )
+                if cfg.brightness > 0 or cfg.contrast > 0:
+                    bright = fn.external_source(name="brightness", dtype=types.FLOAT, ndim=0)
+                    contrast = fn.external_source(name="contrast", dtype=types.FLOAT, ndim=0)
+                    # torchvision: brightness scales, contrast blends with the image's mean gray value
+                    img = fn.cast(img, dtype=types.FLOAT) * bright
+                    img = dmath.clamp(img, 0.0, 255.0)
+                    gray_mean = fn.reductions.mean(img)
+                    img = dmath.clamp(img * contrast + gray_mean * (1.0 - contrast), 0.0, 255.0)
+                if cfg.hflip:
+                    flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+                    img = fn.flip(img, horizontal=flip)
+            else:
+                resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)
+                anchor = fn.external_source(name="anchor", dtype=types.INT64, ndim=1)
+                img = fn.resize(img, size=resized, antialias=True, interp_type=types.INTERP_LINEAR)
+                img = fn.slice(img, anchor, np.array([size, size], dtype=np.int64), axes=[0, 1])
+            return fn.crop_mirror_normalize(
+                img,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[m * 255.0 for m in mean],
+                std=[s * 255.0 for s in std],
+            )
+
+        pipe = decoder(
+            batch_size=self.batch_size, num_threads=max(1, self.cfg.num_workers), device_id=self.device_id
+        )
+        pipe.build()
+        return pipe
+
+    # -- iteration -------------------------------------------------------------------------------------
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        checkpoint = self._resume_checkpoint if start_batch else None
+        self._resume_checkpoint = None
+        self._reader = self._build_reader(epoch, checkpoint)
+        self._reader_epoch = epoch
+        if start_batch and checkpoint is None:  # no checkpoint: replay the reader (bytes only, no decode)
+            for _ in range(start_batch):
+                self._reader.run()
+        counts = self.index.counts()
+        total = sum(counts)
+        lo, hi = rank_range(total, self.rank, self.world_size)
+        try:
+            for number in range(start_batch, self.steps_per_epoch):
+                jpgs, txts, metas = self._reader.run()
+                valid = [number * self.batch_size + s < hi - lo for s in range(self.batch_size)]
+                yield self._make_batch(epoch, number, jpgs, txts, metas, valid)
+        finally:
+            self._reader = None
+
+    def _make_batch(self, epoch: int, number: int, jpgs: Any, txts: Any, metas: Any, valid: list[bool]):
+        skipped: Counter = Counter()
+        rows: list[tuple[np.ndarray, str, dict, str, bool, tuple[int, int]]] = []
+        for slot in range(len(jpgs)):
+            jpg = np.array(jpgs.at(slot), dtype=np.uint8)
+            key = jpgs[slot].source_info() or f"{number}:{slot}"
+            try:
+                width, height = jpeg_header(jpg.tobytes(), key)
+                text = decode_text(np.array(txts.at(slot), dtype=np.uint8).tobytes())
+                meta = decode_meta(np.array(metas.at(slot), dtype=np.uint8).tobytes())
+            except SampleError as err:
+                if valid[slot]:
+                    skipped[err.reason] += 1
+                continue
+            rows.append((jpg, text, meta, sample_key(key), valid[slot], (width, height)))
+        if not rows:
+            raise RuntimeError(
+                f"every sample of batch {number} (epoch {epoch}, rank {self.rank}) is unreadable ({dict(skipped)})"
+            )
+        while len(rows) < self.batch_size:  # keep the batch size: repeats flagged invalid
+            jpg, text, meta, key, _, dims = rows[(len(rows)) % max(1, len(rows))]
+            rows.append((jpg, text, meta, key, False, dims))
+        params = [
+            draw_aug_params(self.cfg, w, h, seeded_rng(self.seed, epoch, self.rank, number, slot))
+            if self.augment
+            else None
+            for slot, (*_, (w, h)) in enumerate(rows)
+        ]
+        images = self._decode(rows, params)
+        gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
+        batch = make_batch(
+            list(images), [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            [r[4] for r in rows], self.encoder, gen,
+        )  # fmt: skip
+        batch["_skipped"] = skipped
+        return batch
+
+    def _decode(self, rows: list, params: list[AugParams | None]) -> torch.Tensor:
+        """(B, C, S, S) float32 images from the decode pipeline (PIL on the host if DALI fails)."""
+        pipe = self._decoder
+        pipe.feed_input("jpg", [r[0] for r in rows])
+        if self.augment:
+            pipe.feed_input("roi_start", [np.array([p.top, p.left], np.float32) for p in params])
+            pipe.feed_input(
+                "roi_end", [np.array([p.top + p.height, p.left + p.width], np.float32) for p in params]
+            )
+            if self.cfg.rotation_degrees > 0:
+                pipe.feed_input("angle", [np.array(p.angle, np.float32) for p in params])
+            if self.cfg.brightness > 0 or self.cfg.contrast > 0:
+                pipe.feed_input("brightness", [np.array(p.brightness, np.float32) for p in params])
+                pipe.feed_input("contrast", [np.array(p.contrast, np.float32) for p in params])
+            if self.cfg.hflip:
+                pipe.feed_input("flip", [np.array(int(p.flip), np.int32) for p in params])
+        else:
+            geometry = [eval_geometry(self.cfg, *r[5]) for r in rows]
+            pipe.feed_input("resized", [np.array(g[:2], np.float32) for g in geometry])
+            pipe.feed_input("anchor", [np.array(g[2:], np.int64) for g in geometry])
+        try:
+            (out,) = pipe.run()
+        except RuntimeError:
+            # a JPEG that passed the header checks but breaks the decoder: decode this batch on the host
+            self._decoder = self._build_decoder()
+            images = [Image.open(io.BytesIO(r[0].tobytes())) for r in rows]
+            return torch.stack([self.transform.apply(img, p) for img, p in zip(images, params)])
+        if self.decode_device == "mixed":
+            return torch.from_dlpack(out.as_tensor()).cpu()  # (B, C, S, S)
+        return torch.from_numpy(np.array(out.as_tensor()))  # (B, C, S, S)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._reader is not None and 0 < self.batch_in_epoch < self.steps_per_epoch:
+            state["dali_checkpoint"] = base64.b64encode(self._reader.checkpoint()).decode("ascii")
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._reader = None
+        self._resume_checkpoint = state.get("dali_checkpoint")
+
+    def close(self) -> None:
+        super().close()
+        self._reader = None
+        self._decoder = None
+        self._tmp.cleanup()
+
+
+def sample_key(source_info: str) -> str:
+    """The sample key from DALI's ``source_info`` (``path/shard.tar:key.jpg``-like) or a fallback."""
+    name = source_info.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return name.split(".", 1)[0] if "." in name else name
