@@ -24,12 +24,17 @@ from data_tools.sources_images import ImageRejected
 
 
 def _voi_window(arr: np.ndarray, ds) -> np.ndarray:  # (H, W) float64 -> (H, W) in [0, 1]
-    from pydicom.pixels import apply_voi_lut
-
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float64)
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+        # Looked up here rather than with pydicom's apply_voi_lut, whose index array takes the LUT's
+        # output dtype (uint8 for 8-bit LUTs) and wraps inputs above 255.
+        item = ds.VOILUTSequence[0]
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 65536
+        data = item.LUTData
+        lut = np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data)
+        lut = lut[:entries].astype(np.float64)
+        idx = np.clip(np.rint(arr) - first, 0, len(lut) - 1).astype(np.int64)
+        return np.clip(lut[idx] / float(2**bits - 1), 0.0, 1.0)
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
         # Multi-valued windows: the first one is the default presentation.

@@ -119,6 +119,12 @@ def _check_shard(root: Path, info: dict, image_size: int | None, keys: set[str],
                 if ext in samples[-1][1]:
                     problems.append(f"{name}: {member.name} appears twice")
                 samples[-1][1][ext] = data
+            end = tar.offset  # where the end-of-archive marker (two zero blocks) must be
+        with open(tar_path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
+        if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+            problems.append(f"{name}: truncated (no end-of-archive marker after the last member)")
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"{name}: unreadable tar ({exc})")
         return

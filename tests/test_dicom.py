@@ -1,0 +1,159 @@
+"""DICOM input: the real pydicom-data chest radiograph, compressed syntaxes, rescale and VOI handling."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from data_tools.build_shards import build_shards
+from data_tools.dicom_io import read_dicom
+from data_tools.sources_images import ImageRejected
+
+UNCR = get_testdata_file("RG1_UNCR.dcm")  # real PA chest CR, MONOCHROME1, 15 bits stored, window 15000/30000
+J2KR = get_testdata_file("RG1_J2KR.dcm")  # the same image, JPEG 2000 lossless
+JPEG_LS = get_testdata_file("emri_small_jpeg_ls_lossless.dcm")
+HAS_J2K = importlib.util.find_spec("openjpeg") is not None
+HAS_JLS = importlib.util.find_spec("jpeg_ls") is not None or importlib.util.find_spec("gdcm") is not None
+REPORT = "FINAL REPORT\n\nFINDINGS: Heart size is normal. Lungs are clear.\n\nIMPRESSION: No acute process.\n"
+
+
+def _mimic_tree(root: Path, images: dict[str, str]) -> Path:
+    """A MIMIC-style tree with one study per image; the DICOM files are linked, not copied."""
+    for n, (dicom_id, source) in enumerate(sorted(images.items())):
+        subject, study = 10000001 + n, 50000001 + n
+        study_dir = root / "files" / "p10" / f"p{subject}" / f"s{study}"
+        study_dir.mkdir(parents=True)
+        (study_dir / f"{dicom_id}.dcm").symlink_to(source)
+        (study_dir.parent / f"s{study}.txt").write_text(REPORT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dicom_build(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dicom")
+    images = {"uncr": UNCR, "j2kr": J2KR, "jpegls": JPEG_LS}
+    corpus = _mimic_tree(base / "corpus", images)
+    out = base / "shards"
+    summary = build_shards("mimic-cxr", corpus, out, image_size=128, shard_size=10, progress=False)
+    samples = {}
+    for tar_path in sorted(out.glob("*/*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key.rsplit("_", 1)[-1], {})[ext] = tar.extractfile(m).read()
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    return summary, samples, rejects
+
+
+def test_real_monochrome1_radiograph_is_displayed_correctly(dicom_build):
+    _, samples, _ = dicom_build
+    sample = samples["uncr"]
+    img = Image.open(io.BytesIO(sample["jpg"]))
+    assert img.format == "JPEG" and img.mode == "L" and min(img.size) == 128
+    px = np.asarray(img, dtype=np.float64)  # (H, W)
+    h, w = px.shape
+    centre = px[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3].mean()  # mediastinum and spine: bright
+    top_corners = [px[: h // 10, : w // 10].mean(), px[: h // 10, -w // 10 :].mean()]  # air: dark
+    assert centre > 150 and all(c < 110 for c in top_corners), (centre, top_corners)
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"]) == (1841, 1955)
+    assert meta["view"] == "PA"  # from the DICOM header: this tree has no metadata CSV
+
+
+def test_pixels_follow_the_dicom_window_and_inversion():
+    pixels, info = read_dicom(UNCR)
+    raw = pydicom.dcmread(UNCR).pixel_array.astype(np.float64)
+    # Linear VOI window (PS3.3 C.11.2.1.2), centre 15000 width 30000, then MONOCHROME1 inverted.
+    expected = 1.0 - np.clip((raw - 14999.5) / 29999.0 + 0.5, 0.0, 1.0)
+    assert np.array_equal(pixels, np.rint(expected * 255).astype(np.uint8))
+    assert info["transfer_syntax"] == "Explicit VR Little Endian"
+
+
+@pytest.mark.skipif(not HAS_J2K, reason="pylibjpeg-openjpeg is not installed")
+def test_jpeg2000_gives_the_same_pixels_and_shard_bytes(dicom_build):
+    _, samples, _ = dicom_build
+    uncr, _ = read_dicom(UNCR)
+    j2k, info = read_dicom(J2KR)
+    assert "JPEG 2000" in info["transfer_syntax"]
+    assert np.array_equal(uncr, j2k)
+    assert samples["j2kr"]["jpg"] == samples["uncr"]["jpg"]
+
+
+@pytest.mark.skipif(HAS_JLS, reason="a JPEG-LS codec is installed")
+def test_compressed_syntax_without_codec_is_rejected_with_reason(dicom_build):
+    summary, samples, rejects = dicom_build
+    assert "jpegls" not in samples
+    (row,) = [r for r in rejects if r["input"].endswith("jpegls.dcm")]
+    assert row["reason"] == "dicom_no_codec" and "JPEG-LS" in row["detail"]
+    assert summary["written"] == 2 and summary["rejected"] == 1 and summary["rejects"] == {"dicom_no_codec": 1}
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_rescale_slope_intercept_then_window(tmp_path):
+    stored = np.array([[0, 250, 500], [750, 1000, 4095]], dtype=np.uint16)  # (2, 3)
+    path = _write_dicom(
+        tmp_path / "ct.dcm", stored, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=1001
+    )
+    pixels, _ = read_dicom(path)
+    hu = stored.astype(np.float64) * 2 - 1000  # -1000, -500, 0, 500, 1000, 7190
+    expected = np.rint(np.clip((hu + 0.5) / 1000.0 + 0.5, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(pixels, expected)
+    assert pixels[0, 0] == 0 and pixels[0, 2] == 128 and pixels[1, 1] == 255
+
+
+def test_voi_lut_sequence_and_no_window_fallback(tmp_path):
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [4096, 0, 8])  # LUT Descriptor: 4096 entries, first input 0, 8-bit output
+    lut.add_new(0x00283006, "US", [min(255, v // 8) for v in range(4096)])  # LUT Data, saturates at 2040
+    stored = np.array([[0, 800, 1600], [2040, 3000, 4095]], dtype=np.uint16)
+    pixels, _ = read_dicom(_write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=[lut]))
+    assert pixels.tolist() == [[0, 100, 200], [255, 255, 255]]
+    # No window at all: a robust min/max window over the data, MONOCHROME2 kept (dark stays dark).
+    ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (4, 1))  # (4, 100)
+    plain, _ = read_dicom(_write_dicom(tmp_path / "plain.dcm", ramp))
+    assert plain[0, 0] == 0 and plain[0, -1] == 255 and np.all(np.diff(plain[0].astype(int)) >= 0)
+
+
+def test_unreadable_dicoms_raise_reasons(tmp_path):
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    whole = _write_dicom(tmp_path / "whole.dcm", np.full((64, 64), 100, dtype=np.uint16)).read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(whole[: len(whole) - 3000])  # pixel data cut short
+    no_pixels = tmp_path / "no_pixels.dcm"
+    ds = pydicom.dcmread(tmp_path / "whole.dcm")
+    del ds.PixelData
+    ds.save_as(no_pixels)
+    cases = ((empty, "empty_file"), (truncated, "corrupt_dicom"), (no_pixels, "not_an_image"))
+    for path, reason in cases:
+        with pytest.raises(ImageRejected) as err:
+            read_dicom(path)
+        assert err.value.reason == reason
