@@ -38,7 +38,7 @@ WORK_SIZE = 320
 
 Findings = dict[str, dict[str, Any]]
 
-_AIR, _SOFT, _FLUID, _BONE, _METAL = 0.03, 0.55, 0.62, 0.80, 0.97
+_AIR, _SOFT, _FLUID, _BONE, _METAL = 0.03, 0.55, 0.58, 0.80, 0.97
 _ZONE_Y = {"upper": 0.27, "mid": 0.42, "lower": 0.58}
 
 
@@ -104,7 +104,7 @@ def _sides(side: str) -> list[str]:
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     low = rng.random((cells, cells), dtype=np.float32)
-    return np.asarray(Image.fromarray(low, mode="F").resize((w, h), Image.BICUBIC), dtype=np.float32)
+    return np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
 
 
 def _vessels(
@@ -148,7 +148,10 @@ def _lateral_wall(xm: float, sgn: float, dome: float, scale: float, ymax: float,
     return pts
 
 
-def _frontal(c: _Canvas, f: Findings, rng: np.random.Generator, view: str) -> np.ndarray:
+def _frontal(
+    c: _Canvas, f: Findings, rng: np.random.Generator, frng: np.random.Generator, view: str
+) -> np.ndarray:
+    """A PA or AP film; ``rng`` draws the anatomy, ``frng`` the placement of findings."""
     xm = 0.5 + rng.uniform(-0.015, 0.015)
     scale = rng.uniform(0.93, 1.04)
     inspir = rng.uniform(-0.03, 0.03) - (0.03 if view == "AP" else 0.0)
@@ -184,12 +187,12 @@ def _frontal(c: _Canvas, f: Findings, rng: np.random.Generator, view: str) -> np
     hila = [(xm - 0.12 * scale, 0.42, -1.0), (xm + 0.13 * scale, 0.44, 1.0)]
     vessels = _vessels(c, rng, hila)
     texture = _smooth_noise(rng, c.h, c.w, 24)
-    img += lung * (1 - ptx_rim) * (0.16 * vessels + 0.06 * (texture - 0.5))
+    img += lung * (1 - ptx_rim) * (0.24 * vessels + 0.08 * (texture - 0.5))
     img = _blend(img, ptx_rim, 0.05, 0.9)
     if ptx_edge_lines:
         img += 0.18 * c.lines(ptx_edge_lines, 0.004, 0.002) * s_ptx
 
-    img = _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung)
+    img = _draw_frontal_findings(c, f, frng, img, xm, scale, domes, lungs, lung)
 
     # Mediastinum, aortic knob, trachea and spine.
     ec = 1.0 + 0.6 * _strength(f, "Enlarged Cardiomediastinum")
@@ -256,12 +259,12 @@ def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.
         e = f["Pleural Effusion"]
         for side in _sides(e.get("side", "right")):
             sgn = _side_sign(side)
-            depth = {"small": 0.07, "moderate": 0.17, "large": 0.30}[e.get("size", "small")] * (0.5 + 0.5 * s)
+            depth = {"small": 0.10, "moderate": 0.18, "large": 0.30}[e.get("size", "small")]
             level = domes[side] + 0.04 - depth
             lateral = np.clip(sgn * (c.xx - xm) / (0.41 * scale), 0, 1.2)  # 0 at midline, 1 at the chest wall
             meniscus = level - 0.08 * lateral**2
             fluid = np.clip((c.yy - meniscus) / 0.03, 0, 1) * (sgn * (c.xx - xm) > 0.02)
-            img = _blend(img, fluid * np.clip(lungs[side] * 1.4, 0, 1), _FLUID, 0.95)
+            img = _blend(img, fluid * np.clip(lungs[side] * 1.4, 0, 1), _FLUID, 0.95 * (0.4 + 0.6 * s))
     s = _strength(f, "Edema")
     if s:
         sev = {"mild": 0.45, "moderate": 0.6, "severe": 0.75}[f["Edema"].get("severity", "mild")] * s
@@ -336,7 +339,7 @@ def _draw_devices(c: _Canvas, f: Findings, img: np.ndarray, xm: float, scale: fl
     return img
 
 
-def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator) -> np.ndarray:
+def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator, frng: np.random.Generator) -> np.ndarray:
     """A left lateral view: patient facing the image left, spine on the right."""
     img = np.full((c.h, c.w), _AIR, np.float32)
     body = [(0.16, 0.0), (0.84, 0.0), (0.92, 0.3), (0.93, 1.0), (0.1, 1.0), (0.08, 0.45), (0.12, 0.15)]
@@ -365,7 +368,7 @@ def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator) -> np.ndarray:
         s = _strength(f, name)
         if s:
             zone = f[name].get("zone", "lower")
-            patch = _patches(c, rng, lat_x[zone], _ZONE_Y[zone] + 0.04, n, r)
+            patch = _patches(c, frng, lat_x[zone], _ZONE_Y[zone] + 0.04, n, r)
             img = _blend(img, patch * lung, dense, 0.8 * s)
     s = _strength(f, "Lung Lesion")
     if s:
@@ -406,23 +409,24 @@ def render_radiograph(
         seed: seeds every random choice; the same arguments give the same bytes.
         quality: JPEG quality.
     """
-    rng = np.random.default_rng(seed)
+    # Separate streams: a finding added or removed leaves anatomy and exposure of the same seed unchanged.
+    rng, frng, erng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     scale = WORK_SIZE / max(height, width)
     wh, ww = max(32, round(height * scale)), max(32, round(width * scale))
     c = _Canvas(wh, ww)
-    img = _lateral(c, findings, rng) if view == "LATERAL" else _frontal(c, findings, rng, view)
+    img = _lateral(c, findings, rng, frng) if view == "LATERAL" else _frontal(c, findings, rng, frng, view)
 
     # Exposure, positioning and detector noise.
-    gamma = rng.uniform(0.8, 1.25)
-    contrast = rng.uniform(0.85, 1.1)
-    offset = rng.uniform(-0.04, 0.04)
+    gamma = erng.uniform(0.8, 1.25)
+    contrast = erng.uniform(0.85, 1.1)
+    offset = erng.uniform(-0.04, 0.04)
     img = np.clip(np.clip(img, 0, 1) ** gamma * contrast + offset, 0, 1)
-    pil = Image.fromarray(img.astype(np.float32), mode="F")
-    pil = pil.rotate(rng.uniform(-4, 4), resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
+    pil = Image.fromarray(img.astype(np.float32))
+    pil = pil.rotate(erng.uniform(-4, 4), resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
     pil = pil.resize((width, height), Image.BICUBIC)
     arr = np.asarray(pil, dtype=np.float32)
-    arr = arr + rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(0.008, 0.025)
-    out = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    arr = arr + erng.standard_normal(arr.shape, dtype=np.float32) * erng.uniform(0.008, 0.025)
+    out = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

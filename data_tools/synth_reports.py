@@ -38,7 +38,7 @@ _RATES: dict[str, tuple[float, float, float]] = {
     "Lung Lesion": (0.08, 0.02, 0.05),
     "Lung Opacity": (0.12, 0.03, 0.1),
     "Pleural Effusion": (0.20, 0.05, 0.65),
-    "Pleural Other": (0.04, 0.0, 0.0),
+    "Pleural Other": (0.04, 0.0, 0.04),
     "Pneumothorax": (0.07, 0.02, 0.65),
     "Support Devices": (0.18, 0.0, 0.05),
 }
@@ -233,7 +233,7 @@ def _negative(names: list[str], rng: np.random.Generator) -> list[str]:
     }
     short = {"Pleural Effusion": "pleural effusion", "Pneumothorax": "pneumothorax", "Consolidation": "focal consolidation",
              "Edema": "pulmonary edema", "Atelectasis": "atelectasis", "Lung Lesion": "suspicious nodule",
-             "Lung Opacity": "focal opacity"}  # fmt: skip
+             "Lung Opacity": "focal opacity", "Pleural Other": "pleural thickening"}  # fmt: skip
     out = [words[n] for n in names if n in words]
     listed = [short[n] for n in names if n in short]
     if listed:
