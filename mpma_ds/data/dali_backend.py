@@ -289,7 +289,7 @@ class DaliStream(EpochStream):
             list(images), [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
             [r[4] for r in rows], self.encoder, gen,
         )  # fmt: skip
-        batch["_skipped"] = skipped
+        batch["_skipped"] = dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter
         return batch
 
     def _decode(self, rows: list, params: list[AugParams | None]) -> torch.Tensor:

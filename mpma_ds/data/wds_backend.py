@@ -203,7 +203,7 @@ class WdsStream(EpochStream):
             flags.append(False)
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = make_batch(images, texts, metas, keys, flags, self.encoder, gen)
-        batch["_skipped"] = skipped
+        batch["_skipped"] = dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter
         return batch
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:

