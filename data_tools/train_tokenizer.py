@@ -160,6 +160,17 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: the special tokens and the corpus alphabet alone need "
             f"{tok.get_vocab_size()} entries; ask for at least {tok.get_vocab_size()}"
         )
+    # The trainer numbers tokens in hash-map order, which changes from run to run; number them in a
+    # fixed order instead (the special tokens and de-identification marks first, then sorted).
+    fixed = list(SPECIAL_TOKENS) + list(DEID_TOKENS)
+    learned = tok.get_vocab(with_added_tokens=False)
+    order = fixed + sorted(set(learned) - set(fixed))
+    tok.model = models.WordPiece(
+        {t: i for i, t in enumerate(order)},
+        unk_token="[UNK]",
+        continuing_subword_prefix="##",
+        max_input_chars_per_word=100,
+    )
     # The de-identification marks are vocabulary entries (ids 5, 6), not special tokens: they are not
     # dropped by decode(skip_special_tokens=True). As normalised added tokens they match before
     # pre-tokenisation, so "___F" or "XXXX-year-old" still yield one "___" / "xxxx" token.
