@@ -134,6 +134,7 @@ class EpochStream:
         self.batch_in_epoch = 0
         self.skipped: Counter = Counter()
         self._generation = 0
+        self._active: Any = None  # the running epoch iterator (a generator or a DataLoader iterator)
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
@@ -146,6 +147,7 @@ class EpochStream:
         generation = self._generation
         while True:
             epoch_iter = self._epoch_iter(self.epoch, self.batch_in_epoch)
+            self._active = epoch_iter
             try:
                 for batch in epoch_iter:
                     if generation != self._generation:  # load_state_dict() was called: this iterator is stale
@@ -154,10 +156,7 @@ class EpochStream:
                     self.batch_in_epoch += 1
                     yield batch
             finally:
-                # a generator closes; a DataLoader iterator stops its workers
-                close = getattr(epoch_iter, "close", None) or getattr(epoch_iter, "_shutdown_workers", None)
-                if close is not None:
-                    close()
+                self._stop(epoch_iter)
             if generation != self._generation:
                 return
             self.batch_in_epoch = 0
@@ -187,7 +186,7 @@ class EpochStream:
             )
         if not 0 <= state["batch_in_epoch"] <= self.steps_per_epoch:
             raise ValueError(f"loader state batch_in_epoch={state['batch_in_epoch']} is outside this epoch")
-        self._generation += 1
+        self._invalidate()  # a running iterator is stale now
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.skipped = Counter(state.get("skipped", {}))
@@ -198,5 +197,19 @@ class EpochStream:
         out.update({f"skipped_{reason}": int(n) for reason, n in sorted(total.items())})
         return out
 
+    @staticmethod
+    def _stop(epoch_iter: Any) -> None:
+        """Close a generator, or stop a DataLoader iterator's workers."""
+        close = getattr(epoch_iter, "close", None) or getattr(epoch_iter, "_shutdown_workers", None)
+        if close is not None:
+            close()
+
     def close(self) -> None:
+        """Stop running iterators and their workers (safe to call twice)."""
+        self._invalidate()
+
+    def _invalidate(self) -> None:
         self._generation += 1
+        if self._active is not None:
+            self._stop(self._active)
+            self._active = None
