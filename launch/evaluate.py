@@ -10,7 +10,6 @@ R@1/5/10 both ways and zero-shot CheXpert AUROC. Prints a table, writes results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -54,88 +53,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from mpma_ds.eval.split_eval import format_table, run_evaluation
 
-    from mpma_ds import MPMA, create_model, load_tokenizer
-    from mpma_ds.eval.split_eval import (
-        RECIPE_FILE,
-        data_config_for,
-        evaluate_on_split,
-        format_table,
-        read_recipe_tree,
-        split_folder,
-    )
-    from mpma_ds.models import check_tokenizer_vocab
-    from mpma_ds.tracking import TrackingConfig, build_logger
-
-    model_dir = Path(args.model) if args.model else None
-    recipe_path = Path(args.recipe) if args.recipe else (model_dir / RECIPE_FILE if model_dir else None)
-    if args.recipe and not recipe_path.is_file():
-        raise FileNotFoundError(f"--recipe {recipe_path} does not exist")
-    recipe = read_recipe_tree(recipe_path) if recipe_path and recipe_path.is_file() else None
-
-    if model_dir is not None:
-        model = MPMA.from_pretrained(model_dir)
-        evaluated = str(model_dir.resolve())
-        default_name = model_dir.name
-    else:
-        section = (recipe or {}).get("model") or {}
-        overrides = dict(section.get("overrides") or {}) if section.get("name") == args.random_init else {}
-        torch.manual_seed(args.seed)
-        model = create_model(args.random_init, **overrides)
-        evaluated = f"random-init:{args.random_init}:seed={args.seed}"
-        default_name = f"random-{args.random_init}"
-    name = args.name or default_name
-
-    tok_dir = args.tokenizer
-    if tok_dir is None and model_dir is not None and (model_dir / "text_encoder" / "tokenizer.json").is_file():
-        tok_dir = model_dir / "text_encoder"
-    if tok_dir is None:
-        tok_dir = ((recipe or {}).get("data") or {}).get("tokenizer")
-    if not tok_dir:
-        raise ValueError("no tokenizer: pass --tokenizer DIR (or --recipe with data.tokenizer)")
-    tokenizer = load_tokenizer(tok_dir)
-    check_tokenizer_vocab(model, tokenizer)
-
-    shards = split_folder(args.shards, args.split)
-    data_cfg = data_config_for(model.config, recipe=recipe, shards=shards, tokenizer=tok_dir, backend=args.backend)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    metrics = evaluate_on_split(
-        model, tokenizer, data_cfg, split=args.split, batch_size=args.batch_size, device=device,
-        max_batches=args.max_batches or None,
+    result = run_evaluation(
+        shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
+        tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
+        seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, mlflow=not args.no_mlflow,
     )  # fmt: skip
-
-    out_dir = Path(args.out_dir or Path("eval_results") / f"{name}-{args.split}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tracking = TrackingConfig(**((recipe or {}).get("tracking") or {}))
-    tracking.enabled = tracking.enabled and not args.no_mlflow
-    tracking.uri = args.tracking_uri or tracking.uri
-    tracking.experiment = args.experiment or tracking.experiment
-    tracking.run_name = f"eval-{name}-{args.split}"
-    tags = {"mpma.kind": "eval", "mpma.eval_of": evaluated, "mpma.split": args.split, "mpma.shards": str(shards)}
-    step = 0
-    info_file = model_dir / "export_info.json" if model_dir else None
-    if info_file is not None and info_file.is_file():
-        info = json.loads(info_file.read_text())
-        step = int(info.get("step") or 0)
-        tags.update({"mpma.checkpoint": str(info.get("checkpoint")), "mpma.step": str(step)})
-    logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
-    logger.log_params({"eval": {"model": evaluated, "split": args.split, "shards": str(shards),
-                                "tokenizer": str(tok_dir), "batch_size": args.batch_size}})  # fmt: skip
-    logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    result = {
-        "name": name,
-        "evaluated": evaluated,
-        "split": args.split,
-        "metrics": metrics,
-        "run_id": logger.run_id,
-    }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    logger.log_artifact(out_dir / "results.json")
-    logger.close()
-
-    print(format_table({name: metrics}))
-    print(f"results: {out_dir / 'results.json'}" + (f"  (MLflow run {logger.run_id})" if logger.run_id else ""))
+    print(format_table({result["name"]: result["metrics"]}))
+    run = f"  (MLflow run {result['run_id']})" if result["run_id"] else ""
+    print(f"results: {Path(result['out_dir']) / 'results.json'}{run}")
     return 0
 
 

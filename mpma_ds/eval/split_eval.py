@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import yaml
 
 from mpma_ds.eval.alignment import evaluate_alignment
+from mpma_ds.tracking import TrackingConfig, build_logger
 
 RECIPE_FILE = "recipe.yaml"
 # Rows of the summary table: (metric key, label).
@@ -68,8 +70,8 @@ def data_config_for(
     section.update(val_shards=str(shards), tokenizer=str(tokenizer))
     if backend:
         section["backend"] = backend
-    if section.get("backend") == "synthetic":
-        raise ValueError("evaluation reads shards: use --backend wds or dali")
+    elif section.get("backend", "synthetic") == "synthetic":
+        section["backend"] = "wds"  # evaluation reads shards, whatever fed training
     return DataConfig.from_dict(section)
 
 
@@ -115,3 +117,103 @@ def format_table(results: Mapping[str, Mapping[str, float]], rows: Sequence[tupl
             cells.append(("n/a" if value is None or math.isnan(value) else f"{value:.3f}").rjust(c))
         lines.append(label.ljust(width) + "  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def run_evaluation(
+    *,
+    shards: str | Path,
+    model: str | Path | None = None,
+    random_init: str | None = None,
+    split: str = "validate",
+    recipe: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    backend: str | None = None,
+    batch_size: int = 32,
+    max_batches: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    mlflow: bool = True,
+) -> dict[str, Any]:
+    """Evaluate an exported model folder (``model``) or a random twin (``random_init`` = architecture name) on
+    ``split`` of ``shards``; write ``out_dir/results.json`` + ``metrics.jsonl`` and log an MLflow "eval" run
+    tagged ``mpma.eval_of``. Returns ``{"name", "evaluated", "split", "metrics", "run_id", "out_dir"}``.
+
+    Raises:
+        FileNotFoundError / ValueError: missing model, shards, recipe or tokenizer; a tokenizer that does not
+            fit the model.
+    """
+    from mpma_ds import MPMA, create_model, load_tokenizer
+    from mpma_ds.models import check_tokenizer_vocab
+
+    model_dir = Path(model) if model else None
+    recipe_path = Path(recipe) if recipe else (model_dir / RECIPE_FILE if model_dir else None)
+    if recipe and not recipe_path.is_file():
+        raise FileNotFoundError(f"recipe {recipe_path} does not exist")
+    tree = read_recipe_tree(recipe_path) if recipe_path and recipe_path.is_file() else None
+
+    if model_dir is not None:
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {model_dir} does not exist; export one with launch/export.py")
+        net = MPMA.from_pretrained(model_dir)
+        evaluated = str(model_dir.resolve())
+        default_name = model_dir.name
+    else:
+        section = (tree or {}).get("model") or {}
+        overrides = dict(section.get("overrides") or {}) if section.get("name") == random_init else {}
+        torch.manual_seed(seed)
+        net = create_model(random_init, **overrides)
+        evaluated = f"random-init:{random_init}:seed={seed}"
+        default_name = f"random-{random_init}"
+    name = name or default_name
+
+    tok_dir = tokenizer
+    if tok_dir is None and model_dir is not None and (model_dir / "text_encoder" / "tokenizer.json").is_file():
+        tok_dir = model_dir / "text_encoder"
+    if tok_dir is None:
+        tok_dir = ((tree or {}).get("data") or {}).get("tokenizer")
+    if not tok_dir:
+        raise ValueError("no tokenizer: pass --tokenizer DIR (or a recipe with data.tokenizer)")
+    tok = load_tokenizer(tok_dir)
+    check_tokenizer_vocab(net, tok)
+
+    shard_dir = split_folder(shards, split)
+    data_cfg = data_config_for(net.config, recipe=tree, shards=shard_dir, tokenizer=tok_dir, backend=backend)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    metrics = evaluate_on_split(
+        net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None
+    )
+
+    out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracking = TrackingConfig(**((tree or {}).get("tracking") or {}))
+    tracking.enabled = (tracking.enabled or tracking_uri is not None) and mlflow
+    tracking.uri = tracking_uri or tracking.uri
+    tracking.experiment = experiment or tracking.experiment
+    tracking.run_name = f"eval-{name}-{split}"
+    tags = {"mpma.kind": "eval", "mpma.eval_of": evaluated, "mpma.split": split, "mpma.shards": str(shard_dir)}
+    step = 0
+    info_file = model_dir / "export_info.json" if model_dir else None
+    if info_file is not None and info_file.is_file():
+        info = json.loads(info_file.read_text())
+        step = int(info.get("step") or 0)
+        tags.update({"mpma.checkpoint": str(info.get("checkpoint")), "mpma.step": str(step)})
+    logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
+    logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),
+                                "tokenizer": str(tok_dir), "batch_size": batch_size}})  # fmt: skip
+    logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    result = {
+        "name": name,
+        "evaluated": evaluated,
+        "split": split,
+        "metrics": metrics,
+        "run_id": logger.run_id,
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    logger.log_artifact(out_dir / "results.json")
+    logger.close()
+    return result
