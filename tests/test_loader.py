@@ -269,3 +269,17 @@ def test_synthetic_pairs_are_correlated(tokenizer):
         for text, labels in zip(batch["text"], batch["labels"]):
             assert ("pleural effusion" in text) == bool(labels[9] == 1)  # CheXpert index 9: Pleural Effusion
             assert ("lungs are clear" in text) == bool(labels[8] == 1)  # 8: No Finding
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decode_matches_cpu_decode(shards, tokenizer):
+    """On a GPU machine: ``mixed`` (nvJPEG) decode gives the CPU pipeline's images within a few gray levels."""
+    out = {}
+    for device in ("cpu", "mixed"):
+        cfg = make_cfg("dali", shards, dali_decode=device)
+        info = build_loader(cfg, 0, 1, batch_size=8, tokenizer=tokenizer, seed=1, train=False)
+        batches = list(info.loader)
+        info.close()
+        assert batches[0]["image"].is_cuda == (device == "mixed")
+        out[device] = torch.cat([b["image"].cpu() for b in batches])
+    assert float((out["cpu"] - out["mixed"]).abs().max()) <= 4 * GRAY_LEVEL

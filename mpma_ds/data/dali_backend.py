@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -126,7 +127,11 @@ class DaliStream(EpochStream):
         self.decode_device = {"auto": "mixed" if use_cuda else "cpu"}.get(cfg.dali_decode, cfg.dali_decode)
         if self.decode_device == "mixed" and not use_cuda:
             raise ValueError("data.dali_decode=mixed needs a CUDA device; use auto or cpu on this machine")
-        self.device_id = torch.cuda.current_device() if self.decode_device == "mixed" else None
+        local_rank = os.environ.get("LOCAL_RANK")
+        if self.decode_device != "mixed":
+            self.device_id = None
+        else:
+            self.device_id = int(local_rank) if local_rank is not None else torch.cuda.current_device()
         self._reader: Any = None
         self._reader_epoch = -1
         self._resume_checkpoint: str | None = None
@@ -286,7 +291,7 @@ class DaliStream(EpochStream):
         images = self._decode(rows, params)
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = make_batch(
-            list(images), [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            images, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
             [r[4] for r in rows], self.encoder, gen,
         )  # fmt: skip
         batch["_skipped"] = dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter
@@ -319,9 +324,10 @@ class DaliStream(EpochStream):
             self._decoder = self._build_decoder()
             images = [Image.open(io.BytesIO(r[0].tobytes())) for r in rows]
             return torch.stack([self.transform.apply(img, p) for img, p in zip(images, params)])
-        if self.decode_device == "mixed":
-            return torch.from_dlpack(out.as_tensor()).cpu()  # (B, C, S, S)
-        return torch.from_numpy(np.array(out.as_tensor()))  # (B, C, S, S)
+        from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+        # a copy into torch memory: on the GPU after `mixed` decode (no host round trip), else on the CPU
+        return to_torch_tensor(out.as_tensor(), copy=True)  # (B, C, S, S)
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def labels_vector(meta: dict[str, Any]) -> np.ndarray:
 
 
 def make_batch(
-    images: list[torch.Tensor],
+    images: list[torch.Tensor] | torch.Tensor,
     texts: list[str],
     metas: list[dict[str, Any]],
     keys: list[str],
@@ -69,7 +69,8 @@ def make_batch(
 ) -> dict[str, Any]:
     """Stack a batch: ``image`` (B, C, H, W) float32, text tensors (B, L) int64, ``labels`` (B, 14)
     float32, ``valid`` (B,) bool, and ``key`` / ``text`` / ``meta`` lists."""
-    batch: dict[str, Any] = {"image": torch.stack(images).contiguous()}  # (B, C, H, W)
+    stacked = images if isinstance(images, torch.Tensor) else torch.stack(images)
+    batch: dict[str, Any] = {"image": stacked.contiguous()}  # (B, C, H, W)
     batch.update(encoder(texts, generator))
     batch["labels"] = torch.from_numpy(np.stack([labels_vector(m) for m in metas]))  # (B, 14)
     batch["valid"] = torch.tensor(valid, dtype=torch.bool)  # (B,)
