@@ -1,0 +1,166 @@
+"""Compare the runs of an MLflow experiment: a table of final values, one PNG per metric (history over
+steps, one line per run) and an HTML report with both (``launch/compare_runs.py``)."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpma_ds.tracking.config import resolve_tracking_uri
+from mpma_ds.tracking.loggers import metric_name
+
+DEFAULT_METRICS = (
+    "loss",
+    "eval/i2t_R_at_1",
+    "eval/t2i_R_at_1",
+    "eval/i2t_R_at_10",
+    "eval/zeroshot_auroc_mean",
+    "samples_per_s",
+)
+
+
+@dataclass
+class RunSummary:
+    """One run: its identity, its last value of each metric and (on request) each metric's history."""
+
+    run_id: str
+    name: str
+    status: str
+    kind: str
+    last: dict[str, float]
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def load_runs(
+    experiment: str, *, tracking_uri: str | None = None, metrics: Sequence[str] = (), max_runs: int = 50
+) -> tuple[list[RunSummary], list[str]]:
+    """The newest ``max_runs`` runs of ``experiment`` and the metric names to show.
+
+    Args:
+        metrics: names to compare (``@`` is accepted: ``eval/i2t_R@1``); empty = the defaults present, else
+            every metric the runs hold (up to 8).
+    Raises:
+        ValueError: no such experiment, or it has no runs.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs)
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} at {uri} has no runs")
+    present = sorted({k for r in runs for k in r.data.metrics})
+    if metrics:
+        chosen = [metric_name(m) for m in metrics]
+        unknown = [m for m in chosen if m not in present]
+        if unknown:
+            raise ValueError(f"no run of {experiment!r} has metric(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(present[:30])}")  # fmt: skip
+    else:
+        chosen = [m for m in DEFAULT_METRICS if m in present] or present[:8]
+    summaries = []
+    for r in runs:
+        hist = {}
+        for key in chosen:
+            if key in r.data.metrics:
+                hist[key] = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
+        summaries.append(
+            RunSummary(
+                run_id=r.info.run_id,
+                name=r.info.run_name or r.info.run_id[:8],
+                status=r.info.status,
+                kind=r.data.tags.get("mpma.kind", "train"),
+                last={k: v for k, v in r.data.metrics.items() if k in chosen},
+                history=hist,
+            )
+        )
+    return summaries, chosen
+
+
+def format_runs_table(runs: Sequence[RunSummary], metrics: Sequence[str]) -> str:
+    """Plain-text table: one row per run, one column per metric (its last value)."""
+    head = ["run", "id", "kind", "status", *metrics]
+    rows = [[r.name, r.run_id[:8], r.kind, r.status, *(_fmt(r.last.get(m)) for m in metrics)] for r in runs]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+def plot_metrics(runs: Sequence[RunSummary], metrics: Sequence[str], out_dir: Path) -> list[Path]:
+    """One PNG per metric: its history over steps, a line (or a point) per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for key in metrics:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        drawn = 0
+        for r in runs:
+            points = r.history.get(key)
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 3 else None, label=f"{r.name} ({r.run_id[:6]})")
+            drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / (key.replace("/", "_").replace(" ", "_") + ".png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write_html(
+    experiment: str, runs: Sequence[RunSummary], metrics: Sequence[str], plots: Sequence[Path], out_dir: Path
+) -> Path:
+    """``out_dir/report.html``: the table and the plots (linked by relative path)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("run", "id", "kind", "status", *metrics))
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(x))}</td>"
+            for x in (r.name, r.run_id[:8], r.kind, r.status, *(_fmt(r.last.get(m)) for m in metrics))
+        )
+        + "</tr>"
+        for r in runs
+    )
+    imgs = "".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></figure>' for p in plots
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+        "figure{display:inline-block;margin:0.5em}</style></head><body>"
+        f"<h1>MLflow experiment {html.escape(experiment)}</h1><table><tr>{head}</tr>{body}</table>{imgs}"
+        "</body></html>"
+    )
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
