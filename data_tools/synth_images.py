@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-#: Longest side of the canvas the anatomy is drawn on before resizing to the requested size.
+#: Longest side of the canvas the anatomy is drawn on (at most) before resizing to the requested size.
 WORK_SIZE = 320
 
 Findings = dict[str, dict[str, Any]]
@@ -411,7 +411,7 @@ def render_radiograph(
     """
     # Separate streams: a finding added or removed leaves anatomy and exposure of the same seed unchanged.
     rng, frng, erng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    scale = WORK_SIZE / max(height, width)
+    scale = min(1.0, WORK_SIZE / max(height, width))  # small films are drawn at their own size
     wh, ww = max(32, round(height * scale)), max(32, round(width * scale))
     c = _Canvas(wh, ww)
     img = _lateral(c, findings, rng, frng) if view == "LATERAL" else _frontal(c, findings, rng, frng, view)

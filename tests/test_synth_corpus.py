@@ -320,14 +320,15 @@ def test_faults_are_present_and_broken(corpus):
     assert len(good) == 1 and Image.open(good[0]).size[0] > 0
 
 
-def test_deterministic_and_independent_of_workers(corpus, tmp_path):
-    root, _ = corpus
-    again = generate_corpus(tmp_path / "again", STUDIES, SEED, with_faults=True, workers=2)
-    assert tree_hashes(root) == tree_hashes(tmp_path / "again")
-    assert again["prevalence"] == corpus[1]["prevalence"]
-    generate_corpus(tmp_path / "other", 5, SEED + 1)
-    generate_corpus(tmp_path / "small", 5, SEED)
-    assert tree_hashes(tmp_path / "other") != tree_hashes(tmp_path / "small")
+def test_deterministic_and_independent_of_workers(tmp_path):
+    kwargs = {"with_faults": True, "min_size": 128, "max_size": 256}
+    one = generate_corpus(tmp_path / "one", 40, SEED, workers=1, **kwargs)
+    two = generate_corpus(tmp_path / "two", 40, SEED, workers=2, **kwargs)
+    hashes = tree_hashes(tmp_path / "one")
+    assert len(hashes) > 100 and hashes == tree_hashes(tmp_path / "two")
+    assert one["prevalence"] == two["prevalence"] and one["images"] == two["images"]
+    generate_corpus(tmp_path / "other", 40, SEED + 1, **kwargs)
+    assert tree_hashes(tmp_path / "other") != hashes
 
 
 def test_cli_help_errors_and_no_overwrite(tmp_path, capsys):
@@ -348,3 +349,40 @@ def test_cli_help_errors_and_no_overwrite(tmp_path, capsys):
     # Rerunning over its own earlier output regenerates it in place.
     assert main(["--out", str(tmp_path / "ok"), "--studies", "2", "--seed", "1"]) == 0
     assert len(list((tmp_path / "ok").glob("files/p*/p*/s*.txt"))) == 2
+
+
+def test_findings_are_learnable_at_low_resolution(tmp_path):
+    """A linear probe on 32x32 frontal films already predicts the main labels of held-out films."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.metrics import roc_auc_score
+
+    root = tmp_path / "small"
+    generate_corpus(root, 300, 3, min_size=96, max_size=128)
+    _, meta = read_csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz")
+    _, chex = read_csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    _, split = read_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz")
+    labels = {r["study_id"]: r for r in chex}
+    split_of = {r["dicom_id"]: r["split"] for r in split}
+    x, rows, train = [], [], []
+    for r in meta:
+        if r["ViewPosition"] == "LATERAL":
+            continue
+        path = root / f"files/p{r['subject_id'][:2]}/p{r['subject_id']}/s{r['study_id']}/{r['dicom_id']}.jpg"
+        a = np.asarray(Image.open(path).resize((32, 32)), np.float32)
+        x.append(((a - a.mean()) / (a.std() + 1e-6)).ravel())
+        rows.append(labels[r["study_id"]])
+        train.append(split_of[r["dicom_id"]] == "train")
+    x, train = np.stack(x), np.array(train)
+    # Held out: the validate + test patients and a fifth of the train patients' films, for enough positives.
+    held = ~train | (np.arange(len(x)) % 5 == 0)
+    for name, floor in (
+        ("Cardiomegaly", 0.9),
+        ("Pleural Effusion", 0.9),
+        ("Support Devices", 0.8),
+        ("No Finding", 0.8),
+    ):
+        y = np.array([row[name] == "1.0" for row in rows])
+        assert y[~held].sum() >= 5 and y[held].sum() >= 3, name
+        probe = RidgeClassifier(alpha=10.0).fit(x[~held], y[~held])
+        auroc = roc_auc_score(y[held], probe.decision_function(x[held]))
+        assert auroc > floor, (name, auroc)
