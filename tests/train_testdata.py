@@ -39,3 +39,41 @@ def tiny_tokenizer(base: str) -> Path:
     out = Path(base) / "train-data" / "tokenizer"
     train_tokenizer(tiny_shards(base), out, VOCAB, min_frequency=1)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "launch" / "configs" / "pretrain_tiny.yaml"
+
+
+def tiny_overrides(base: str, out: Path, **extra: object) -> list[str]:
+    """``--set`` overrides that turn pretrain_tiny.yaml into a seconds-long test run on the tiny shards.
+
+    Global batch 8 = micro 4 × (2 ranks × 1, or 1 rank × 2 accumulation steps). ``w_global=0`` because
+    the global InfoNCE's negatives are the rank's gathered batch, which differs between 1 rank × 2
+    accumulation steps (4 per micro-batch) and 2 ranks (8 gathered); every other term is computed per
+    micro-batch and agrees between the two layouts.
+    """
+    shards = tiny_shards(base)
+    values: dict[str, object] = {
+        "data.train_shards": shards / "train",
+        "data.val_shards": shards / "validate",
+        "data.tokenizer": tiny_tokenizer(base),
+        "data.image_size": IMAGE_SIZE,
+        "data.max_text_len": 32,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 16,
+        "model.overrides.w_global": 0.0,
+        "train.output_dir": out,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "train.max_steps": 8,
+        "train.lr": 2e-3,
+        "train.warmup_steps": 1,
+        "train.save_every": 2,
+        "train.keep_last": 2,
+        "train.eval_every": 4,
+        "train.log_every": 1,
+        "tracking.enabled": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

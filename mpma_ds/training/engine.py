@@ -177,10 +177,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SINGLE_PROCESS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed() -> bool:
     """Join (or, for a plain ``python`` run, create) the process group: NCCL on CUDA, gloo on CPU.
 
-    Returns True when this call created the group (the caller then destroys it at the end).
+    Returns True when this call created the group; the caller then calls ``close_distributed()``.
     """
     import deepspeed
     import torch.distributed as dist
@@ -188,6 +191,7 @@ def init_distributed() -> bool:
     if dist.is_available() and dist.is_initialized():
         return False
     if "RANK" not in os.environ:  # `python launch/pretrain.py`: a group of one, no launcher
+        os.environ["MPMA_DS_SET_ENV"] = ",".join(k for k in _SINGLE_PROCESS_ENV if k not in os.environ)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
@@ -195,6 +199,18 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def close_distributed() -> None:
+    """Destroy the group ``init_distributed`` created and undo its environment (in-process runs, tests)."""
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ds_comm.cdb = None  # DeepSpeed keeps its own handle; a later init must make a fresh one
+    for key in filter(None, os.environ.pop("MPMA_DS_SET_ENV", "").split(",")):
+        os.environ.pop(key, None)
 
 
 def build_engine(
@@ -264,11 +280,10 @@ def engine_memory(engine) -> dict[str, float]:
                     opt_bytes += value.numel() * value.element_size()
         # ZeRO-1/2 keep fp32 master partitions in the wrapper; ZeRO-3 fp32 trains ds_tensor directly.
     wrapper = engine.optimizer
+    model_ptrs = {p.data_ptr() for p in engine.module.parameters()}
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         for tensor in getattr(wrapper, attr, None) or []:
-            if torch.is_tensor(tensor) and tensor.data_ptr() not in {
-                p.data_ptr() for p in engine.module.parameters()
-            }:
+            if torch.is_tensor(tensor) and tensor.data_ptr() not in model_ptrs:
                 opt_bytes += tensor.numel() * tensor.element_size()
     return {
         "param_numel_total": float(total),

@@ -35,6 +35,7 @@ from mpma_ds.training.checkpoint import (
 from mpma_ds.training.config import Recipe, RecipeError, recipe_to_dict, save_recipe
 from mpma_ds.training.engine import (
     build_engine,
+    close_distributed,
     engine_memory,
     gradient_accumulation_steps,
     init_distributed,
@@ -169,8 +170,19 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``; the image in the engine's compute dtype (DeepSpeed bf16 does not autocast)."""
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["image"] = out["image"].to(image_dtype)
+    return out
+
+
+def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def mask_seed(seed: int, step: int, data_rank: int, attempt: int) -> int:
@@ -244,7 +256,6 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         )
         model.to(device)
         engine, _, scheduler = build_engine(model, recipe, ds_config=setup.ds_config, world_size=world)
-        memory = engine_memory(engine)
 
         step, run_id = 0, None
         if setup.resume_dir is not None:
@@ -290,9 +301,10 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         meter = StepMeter(flops_per_sample=flops_per_sample, peak_flops=peak * world)
         iters = [iter(ld.loader) for ld in setup.loaders]
         generator = torch.Generator(device=device)
+        image_dtype = compute_dtype(setup.ds_config)
         terms = [k for k in LOSS_KEYS if k != "loss_itm" or setup.model_config.w_itm > 0]
         nan_in_row, nan_total, last_eval, last_saved = 0, 0, {}, -1
-        start_step, t_start = step, time.perf_counter()
+        start_step, t_start, step_losses = step, time.perf_counter(), {}
         engine.train()
         while step < cfg.max_steps:
             step_sums = torch.zeros(len(terms))
@@ -301,7 +313,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 batch = next(iters[done])
                 meter.add_wait(time.perf_counter() - t0)
-                batch = _to_device(batch, device)
+                batch = _to_device(batch, device, image_dtype)
                 generator.manual_seed(mask_seed(cfg.seed, step, rank * accumulation + done, attempt))
                 losses = engine(batch, generator=generator)
                 values = torch.stack([losses[k].detach().float().cpu() for k in terms])
@@ -353,6 +365,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
             checkpoint(step)
         import torch.distributed as dist
 
+        memory = engine_memory(engine)  # after the steps: the optimizer state exists now
         per_rank = [memory]
         if dist.is_initialized() and world > 1:
             per_rank = [None] * world
@@ -361,7 +374,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         summary = {
             "step": step,
             "start_step": start_step,
-            "final_losses": step_losses if step > start_step else {},
+            "final_losses": step_losses,
             "wall_s": wall,
             "steps_per_s": (step - start_step) / wall if wall > 0 else 0.0,
             "samples_per_s": (step - start_step) * cfg.global_batch_size / wall if wall > 0 else 0.0,
@@ -386,9 +399,4 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         if logger is not None:
             logger.close(status)
         if created_group:
-            import deepspeed.comm as ds_comm
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            ds_comm.cdb = None  # let a later train() in this process create a fresh group
+            close_distributed()

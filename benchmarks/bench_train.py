@@ -1,0 +1,147 @@
+"""Training-step throughput and per-rank memory on 2 CPU ranks: ZeRO-3 vs ZeRO-2 vs plain data parallel.
+
+    python benchmarks/bench_train.py [--models mpma_tiny mpma_small] [--steps 12] [--out benchmarks/results]
+
+Each (model, DeepSpeed config) pair is one real ``deepspeed --num_gpus 2 launch/pretrain.py`` run on the
+``synthetic`` backend (the loader is not what is measured here), tracking and evaluation off. Figures:
+steady-state steps/s and samples/s (logged steps after the first two, which include warm-up), and what each
+rank holds after training, read from the engine: parameter elements and parameter + optimizer-state bytes.
+The baseline, measured in the same run, is plain data parallel (``cpu_dp.json``, ZeRO stage 0); the table
+gives each config's ratio to it. Writes ``<out>/bench_train.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"zero3": "cpu_zero3.json", "zero2": "cpu_zero2.json", "dp": "cpu_dp.json"}
+MODEL_SETTINGS = {  # image size, micro-batch per rank
+    "mpma_tiny": (128, 8),
+    "mpma_small": (224, 2),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_tokenizer(work: Path) -> Path:
+    """A small WordPiece tokenizer (≤ 1024 tokens) trained on synthetic reports: fits every model's vocab."""
+    from data_tools.build_shards import build_shards
+    from data_tools.synth_corpus import generate_corpus
+    from data_tools.train_tokenizer import train_tokenizer
+
+    generate_corpus(work / "corpus", 24, 1, min_size=96, max_size=128)
+    build_shards("mimic-cxr", work / "corpus", work / "shards", shard_size=64, image_size=64, progress=False)
+    train_tokenizer(work / "shards", work / "tokenizer", 1024, min_frequency=1)
+    return work / "tokenizer"
+
+
+def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path) -> dict:
+    image_size, micro = MODEL_SETTINGS[model]
+    out = work / f"{model}-{ds_config}"
+    overrides = {
+        "model.name": model,
+        "data.backend": "synthetic",
+        "data.tokenizer": tokenizer,
+        "data.image_size": image_size,
+        "data.max_text_len": 64,
+        "data.num_workers": 0,
+        "data.synthetic_samples": 4096,
+        "train.global_batch_size": micro * 2,
+        "train.micro_batch_size": micro,
+        "train.max_steps": steps,
+        "train.warmup_steps": 2,
+        "train.save_every": 0,
+        "train.eval_every": 0,
+        "train.log_every": 1,
+        "train.output_dir": out,
+        "tracking.enabled": False,
+        "deepspeed_config": f"ds_configs/{ds_config}",
+    }
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    cmd += [str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "launch/configs/pretrain_tiny.yaml")]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model} / {ds_config} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > 2]
+    samples_per_s = sum(rates) / len(rates)
+    mem = summary["memory_per_rank"][0]
+    return {
+        "model": model,
+        "config": ds_config,
+        "zero_stage": summary["zero_stage"],
+        "steps": steps,
+        "samples_per_s": samples_per_s,
+        "steps_per_s": samples_per_s / (micro * 2),
+        "param_numel_total": mem["param_numel_total"],
+        "param_numel_rank0": mem["param_numel_local"],
+        "param_mb_rank0": mem["param_bytes_local"] / 2**20,
+        "optimizer_mb_rank0": mem["optimizer_bytes_local"] / 2**20,
+        "final_loss": summary["final_losses"].get("loss"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (first 2 not timed)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        work = Path(tmp)
+        tokenizer = make_tokenizer(work)
+        jobs = [(m, name) for m in args.models for name in CONFIGS]
+        for model, name in tqdm(jobs, desc="bench_train runs"):
+            results.append(dict(run_one(model, CONFIGS[name], args.steps, tokenizer, work), name=name))
+    header = (
+        f"{'model':<11} {'config':<6} {'steps/s':>8} {'samples/s':>10} {'x DP':>6} {'params/rank':>12} "
+        f"{'param MB':>9} {'optim MB':>9} {'param+opt MB':>13} {'x DP':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for model in args.models:
+        rows = {r["name"]: r for r in results if r["model"] == model}
+        base = rows["dp"]
+        base_mem = base["param_mb_rank0"] + base["optimizer_mb_rank0"]
+        for name in CONFIGS:
+            r = rows[name]
+            mem = r["param_mb_rank0"] + r["optimizer_mb_rank0"]
+            r["speed_vs_dp"] = r["samples_per_s"] / base["samples_per_s"]
+            r["memory_vs_dp"] = mem / base_mem
+            print(
+                f"{model:<11} {name:<6} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
+                f"{r['speed_vs_dp']:>6.2f} {int(r['param_numel_rank0']):>12,} {r['param_mb_rank0']:>9.1f} "
+                f"{r['optimizer_mb_rank0']:>9.1f} {mem:>13.1f} {r['memory_vs_dp']:>6.2f}"
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_train.json"
+    path.write_text(
+        json.dumps({"machine": os.uname().nodename, "cpus": os.cpu_count(), "runs": results}, indent=1)
+    )
+    print(f"baseline: plain data parallel (DeepSpeed stage 0) on the same 2 CPU ranks; results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Training faults and bad input, in process: NaN/Inf losses are skipped and then stop the run with a
+checkpoint; bad input fails before training with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
+
+import mpma_ds.models
+from mpma_ds.tracking import read_metrics_jsonl
+from mpma_ds.training import load_recipe
+from mpma_ds.training.checkpoint import complete_tags
+
+sys.path.insert(0, str(ROOT / "launch"))
+import pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    base = str(tmp_path_factory.getbasetemp())
+    tiny_shards(base)
+    tiny_tokenizer(base)
+    return base
+
+
+def _argv(overrides: list[str], *extra: str) -> list[str]:
+    return ["--config", str(TINY_RECIPE), *extra] + [a for o in overrides for a in ("--set", o)]
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("pretrain.py: error: ")
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(base, tmp_path, monkeypatch):
+    """Forward call 3 returns NaN (skipped, training goes on); from call 9 on every loss is Inf, so after
+    ``max_nan_steps=3`` in a row the run saves a checkpoint of the last good step and stops (exit 3)."""
+    real_create = mpma_ds.models.create_model
+    calls = {"n": 0}
+
+    def create_with_faults(name, **overrides):
+        model = real_create(name, **overrides)
+        forward = model.forward
+
+        def faulty(batch, generator=None):
+            out = forward(batch, generator=generator)
+            if "key" not in batch:  # the FLOP count's made-up batch, not a training micro-batch
+                return out
+            calls["n"] += 1
+            if calls["n"] == 3 or calls["n"] >= 9:
+                bad = float("nan") if calls["n"] == 3 else float("inf")
+                out = dict(out, loss=out["loss"] * bad, loss_mlm=out["loss_mlm"] * bad)
+            return out
+
+        model.forward = faulty
+        return model
+
+    monkeypatch.setattr(mpma_ds.models, "create_model", create_with_faults)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        base, run, **{"train.max_nan_steps": 3, "train.eval_every": 0, "train.save_every": 0}
+    )
+    assert pretrain.main(_argv(overrides)) == 3
+    # 1 rank × 2 micro-batches per step: calls 1-2 step 1, 3 skipped, 4-5 step 2, 6-7 step 3, 8 (+ 9-11 Inf)
+    assert [t for _, t in complete_tags(run / "checkpoints")] == ["step_00000003"]
+    rows = [r for r in read_metrics_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["nonfinite_skipped"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000003")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN reached the weights
+
+
+def test_unknown_recipe_key_fails_with_one_line(base, tmp_path, capsys):
+    assert pretrain.main(_argv(tiny_overrides(base, tmp_path / "run", **{"train.learning_rate": 1}))) == 2
+    assert "unknown recipe key train.learning_rate" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_global_batch_mismatch_fails_before_any_work(base, tmp_path, capsys):
+    overrides = tiny_overrides(base, tmp_path / "run", **{"train.global_batch_size": 6})
+    assert pretrain.main(_argv(overrides)) == 2
+    line = _one_error_line(capsys)
+    assert "train.global_batch_size=6 is not a multiple of train.micro_batch_size=4 × world size 1" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_shard_folder_fails_before_training(base, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    overrides = tiny_overrides(base, tmp_path / "run", **{"data.train_shards": empty})
+    assert pretrain.main(_argv(overrides)) == 2
+    line = _one_error_line(capsys)
+    assert str(empty) in line and "shard" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_fails_before_training(base, tmp_path, capsys):
+    overrides = tiny_overrides(base, tmp_path / "run", **{"model.overrides.vocab_size": 100})
+    assert pretrain.main(_argv(overrides)) == 2
+    line = _one_error_line(capsys)
+    assert "vocab_size is 100" in line and str(tiny_tokenizer(base)) in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_missing_checkpoint_fails(base, tmp_path, capsys):
+    overrides = tiny_overrides(base, tmp_path / "run")
+    assert pretrain.main(_argv(overrides, "--resume", str(tmp_path / "nope"))) == 2
+    assert "no such checkpoint folder" in _one_error_line(capsys)
+
+
+def test_cli_exit_code_and_single_stderr_line_in_a_real_process(base, tmp_path):
+    overrides = tiny_overrides(base, tmp_path / "run", **{"train.global_batch_size": 6})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), *_argv(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("pretrain.py: error: train.global_batch_size=6")
+    assert "Traceback" not in proc.stderr
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert help_text.returncode == 0 and "--resume" in help_text.stdout and "--set" in help_text.stdout
+
+
+def test_saved_recipe_and_ds_config_of_a_run_are_resolved(base, tmp_path):
+    """load_recipe resolves the DeepSpeed JSON path; the JSON the engine gets has the recipe's batch numbers."""
+    from mpma_ds.training.engine import load_ds_config, resolve_ds_config
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(base, tmp_path / "run"))
+    ds = resolve_ds_config(load_ds_config(recipe.deepspeed_config), recipe.train, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        8,
+        4,
+        1,
+    )
+    assert json.loads(json.dumps(ds)) == ds
