@@ -187,7 +187,7 @@ def _frontal(
     hila = [(xm - 0.12 * scale, 0.42, -1.0), (xm + 0.13 * scale, 0.44, 1.0)]
     vessels = _vessels(c, rng, hila)
     texture = _smooth_noise(rng, c.h, c.w, 24)
-    img += lung * (1 - ptx_rim) * (0.24 * vessels + 0.08 * (texture - 0.5))
+    img += lung * (1 - ptx_rim) * (0.17 * vessels + 0.08 * (texture - 0.5))
     img = _blend(img, ptx_rim, 0.05, 0.9)
     if ptx_edge_lines:
         img += 0.18 * c.lines(ptx_edge_lines, 0.004, 0.002) * s_ptx
@@ -233,7 +233,8 @@ def _frontal(
                 ribs.append([(x + sgn * 0.012, y + step) for x, y in pts[gap + 1 :]])
             else:
                 ribs.append(pts)
-    thorax = np.clip(lung * 1.5 + 0.25, 0, 1) * (c.yy < max(domes.values()) + 0.03)
+    # Ribs show through the lungs, faintly through the heart and mediastinum.
+    thorax = np.clip(lung * 1.5 + 0.25, 0, 1) * (c.yy < max(domes.values()) + 0.03) * (1 - 0.7 * heart)
     img += 0.08 * c.lines(ribs, 0.014, 0.004) * thorax
 
     return _draw_devices(c, f, img, xm, scale, frontal=True)
