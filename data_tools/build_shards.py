@@ -302,7 +302,7 @@ def build_shards(
     if workers > 1 and total_todo > 1:
         # spawn: safe whatever threads the caller runs (tests, notebooks); workers only import PIL/pydicom.
         pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(image_opts, views_t))
-        results = pool.imap(_encode_in_worker, items, chunksize=max(1, min(16, total_todo // (workers * 8))))
+        results = pool.imap(_encode_in_worker, items, chunksize=max(1, min(4, total_todo // (workers * 8))))
     else:
         results = (encode_sample(item, image_opts, views_t) for item in items)
     bar = tqdm(total=total_todo, unit="img", desc=f"shards -> {out.name}", disable=not progress, file=sys.stderr)
@@ -325,9 +325,13 @@ def build_shards(
             record = {"shard": info, "rejects": shard_rejects}
             _write_json_atomic(state_dir / shard.record_name, record)
             records[shard.record_name] = record
+        if pool is not None:
+            pool.close()  # all work is done: let the workers exit on their own
+            pool.join()
+            pool = None
     finally:
         bar.close()
-        if pool is not None:
+        if pool is not None:  # an error or an interrupt: stop the workers
             pool.terminate()
             pool.join()
 
