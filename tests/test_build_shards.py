@@ -292,3 +292,32 @@ def test_bad_invocations_fail_with_one_clear_line(corpus, ref, tmp_path, capsys)
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "o5").exists()
+
+
+def test_image_size_and_aspect_filters_and_sections_option(tmp_path):
+    shapes = {"ok": (120, 100), "small": (40, 50), "wide": (400, 100), "rgb16": (90, 80)}
+    rows = []
+    for name, (w, h) in shapes.items():
+        if name == "rgb16":  # a 16-bit grayscale PNG: windowed down to 8 bits, not clipped
+            ramp = np.tile(np.linspace(0, 60000, w), (h, 1)).astype(np.uint16)
+            Image.fromarray(ramp).save(tmp_path / f"{name}.png")
+        else:
+            Image.new("RGB", (w, h), (200, 100, 50)).save(tmp_path / f"{name}.png")
+        rows.append(
+            {"image": f"{name}.png", "text": "FINDINGS: Clear lungs today.\nIMPRESSION: Normal chest film."}
+        )
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = build_shards(
+        "manifest", manifest, tmp_path / "out", image_size=32, min_size=64, max_aspect=3.0,
+        sections=["impression"], progress=False,
+    )  # fmt: skip
+    assert summary["rejects"] == {"bad_aspect": 1, "image_too_small": 1} and summary["written"] == 2
+    samples = {json.loads(s["json"])["image_id"]: s for s in read_shards(tmp_path / "out").values()}
+    assert samples["ok"]["txt"] == b"Normal chest film."
+    ok = Image.open(io.BytesIO(samples["ok"]["jpg"]))
+    assert ok.mode == "L" and ok.size == (38, 32) and abs(np.asarray(ok).mean() - 124) < 3  # RGB -> luminance
+    ramp = np.asarray(Image.open(io.BytesIO(samples["rgb16"]["jpg"])), dtype=float)
+    assert ramp[:, :3].mean() < 20 and ramp[:, -3:].mean() > 235  # full 8-bit range used
+    with pytest.raises(BuildError, match="unknown --sections"):
+        build_shards("manifest", manifest, tmp_path / "o2", sections=["findngs"], progress=False)
