@@ -117,7 +117,8 @@ def epoch_batches(
 class EpochStream:
     """Endless (train) or one-pass (eval) iteration over epochs with an exact, resumable position.
 
-    Subclasses implement ``_epoch_iter(epoch, start_batch)`` yielding batch dicts; a batch may carry
+    Subclasses implement ``_epoch_iter(epoch, start_batch)`` (or ``_run_iter`` to span epochs with one
+    iterator) yielding batch dicts; a batch may carry
     ``"_skipped"`` (a ``Counter`` of samples skipped while making it), which is popped and accumulated.
     """
 
@@ -143,26 +144,35 @@ class EpochStream:
         """Samples left out before iteration (bad index entries); counted once in ``stats()``."""
         return Counter()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        generation = self._generation
+    def _run_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        """Batches from ``(epoch, start_batch)`` on: endless over epochs (train) or to the end of the pass."""
         while True:
-            epoch_iter = self._epoch_iter(self.epoch, self.batch_in_epoch)
-            self._active = epoch_iter
+            epoch_iter = self._epoch_iter(epoch, start_batch)
             try:
-                for batch in epoch_iter:
-                    if generation != self._generation:  # load_state_dict() was called: this iterator is stale
-                        return
-                    self.skipped.update(batch.pop("_skipped", None) or {})
-                    self.batch_in_epoch += 1
-                    yield batch
+                yield from epoch_iter
             finally:
                 self._stop(epoch_iter)
-            if generation != self._generation:
-                return
-            self.batch_in_epoch = 0
             if not self.train:
-                return  # one pass; iterating again gives the same pass
-            self.epoch += 1
+                return
+            epoch, start_batch = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        generation = self._generation
+        run = self._run_iter(self.epoch, self.batch_in_epoch)
+        self._active = run
+        try:
+            for batch in run:
+                if generation != self._generation:  # load_state_dict() or close() was called: stale
+                    return
+                self.skipped.update(batch.pop("_skipped", None) or {})
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch == self.steps_per_epoch:  # the position is the next epoch's start
+                    self.batch_in_epoch = 0
+                    if self.train:
+                        self.epoch += 1
+                yield batch
+        finally:
+            self._stop(run)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +199,8 @@ class EpochStream:
         self._invalidate()  # a running iterator is stale now
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        if self.batch_in_epoch == self.steps_per_epoch:  # the end of an epoch is the next one's start
+            self.epoch, self.batch_in_epoch = self.epoch + int(self.train), 0
         self.skipped = Counter(state.get("skipped", {}))
 
     def stats(self) -> dict[str, int]:

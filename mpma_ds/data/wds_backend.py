@@ -88,23 +88,41 @@ def decode_image(data: bytes | None, key: str) -> Image.Image:
     return image
 
 
-class _EpochBatches(IterableDataset):
-    """The batches ``numbers`` of one epoch; DataLoader worker ``w`` of ``n`` makes ``numbers[w::n]``."""
+class _BatchRun(IterableDataset):
+    """Batches from ``(epoch, start_batch)`` on — endless over epochs for training, one pass for eval.
 
-    def __init__(self, stream: WdsStream, epoch: int, ids: np.ndarray, valid: np.ndarray, numbers: list[int]):
+    The run's ``t``-th batch is made by DataLoader worker ``t % num_workers``; the DataLoader returns
+    them in ``t`` order, and its workers live across epochs (no restart at each epoch boundary).
+    """
+
+    def __init__(self, stream: WdsStream, epoch: int, start_batch: int) -> None:
         self.stream = stream
         self.epoch = epoch
-        self.ids = ids
-        self.valid = valid
-        self.numbers = numbers
+        self.start_batch = start_batch
+
+    def positions(self) -> Iterator[tuple[int, int]]:
+        epoch, number = self.epoch, self.start_batch
+        while True:
+            if number >= self.stream.steps_per_epoch:
+                if not self.stream.train:
+                    return
+                epoch, number = epoch + 1, 0
+            yield epoch, number
+            number += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = SampleReader(self.stream.index)
+        plan_epoch, plan = -1, None
         try:
-            for j in self.numbers[worker::workers]:
-                yield self.stream.make_batch(reader, self.epoch, j, self.ids[j], self.valid[j])
+            for t, (epoch, number) in enumerate(self.positions()):
+                if t % workers != worker:
+                    continue
+                if epoch != plan_epoch:
+                    plan_epoch, plan = epoch, self.stream.plan(epoch)
+                ids, valid = plan
+                yield self.stream.make_batch(reader, epoch, number, ids[number], valid[number])
         finally:
             reader.close()
 
@@ -206,14 +224,11 @@ class WdsStream(EpochStream):
         batch["_skipped"] = dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter
         return batch
 
-    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
-        ids, valid = self.plan(epoch)
-        numbers = list(range(start_batch, len(ids)))
-        if not numbers:
-            return iter(())
-        dataset = _EpochBatches(self, epoch, ids, valid, numbers)
-        workers = min(self.cfg.num_workers, len(numbers))
-        if workers == 0:
+    def _run_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        dataset = _BatchRun(self, epoch, start_batch)
+        remaining = self.steps_per_epoch - start_batch
+        workers = self.cfg.num_workers if self.train else min(self.cfg.num_workers, remaining)
+        if workers == 0 or remaining <= 0:
             return iter(dataset)
         loader = DataLoader(
             dataset,
