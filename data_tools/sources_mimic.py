@@ -167,6 +167,6 @@ def _scan_study(
             "image_id": dicom_id,
             "view": view,
             "split": split,
-            "labels": dict(labels),
+            "labels": labels,  # shared by the study's images (never mutated)
         }
         scan.items.append(SourceItem(key=key, image_path=str(image.resolve()), input=rel, text=text, meta=meta))

@@ -157,3 +157,14 @@ def test_unreadable_dicoms_raise_reasons(tmp_path):
         with pytest.raises(ImageRejected) as err:
             read_dicom(path)
         assert err.value.reason == reason
+
+
+def test_view_from_the_dicom_header_is_filtered(tmp_path):
+    ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (100, 1))  # (100, 100)
+    lateral = _write_dicom(tmp_path / "lat.dcm", ramp, ViewPosition="LL")
+    frontal = _write_dicom(tmp_path / "ap.dcm", ramp, ViewPosition="AP")
+    corpus = _mimic_tree(tmp_path / "corpus", {"lat": str(lateral), "ap": str(frontal)})
+    summary = build_shards("mimic-cxr", corpus, tmp_path / "out", image_size=64, progress=False)
+    assert summary["written"] == 1 and summary["rejects"] == {"view_filtered": 1}
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert row["input"].endswith("lat.dcm") and "LL (DICOM header)" in row["detail"]
