@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"CPU work, 2 workers / 1 worker = {work:.2f} (1.00 = no added work; wall-clock scaling needs 2 idle cores)"
     )
+    print(
+        f"projection for 2 idle cores: 2 workers / 1 worker <= 2 / {work:.2f} = {2 / work:.2f} (not a measurement)"
+    )
     if load_before > 0.5 * (os.cpu_count() or 1):
         print(
             f"note: the machine was busy (load {load_before:.1f} on {os.cpu_count()} CPUs): wall-clock ratios are not reliable"
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "cpu_seconds": cpu,
         "cpu_work_w2_over_w1": work,
+        "projected_w2_over_w1_on_idle_cores": 2 / work,
         "load_avg_before": load_before,
         "load_avg_after": load_after,
         "python": platform.python_version(),
