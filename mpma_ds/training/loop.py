@@ -68,12 +68,8 @@ class Setup:
     model_config: Any
     tokenizer: Any
     loaders: list[Any]
+    val_loader: Any
     resume_dir: Path | None
-    param_shapes: dict[str, list[int]] | None = None
-
-
-def param_shape_map(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def prepare(recipe: Recipe, resume: str | None) -> Setup:
@@ -84,6 +80,7 @@ def prepare(recipe: Recipe, resume: str | None) -> Setup:
 
     rank, world, _ = world_info()
     cfg = recipe.train
+    loaders: list[Any] = []
     try:
         accumulation = gradient_accumulation_steps(cfg, world)
         ds_config = resolve_ds_config(load_ds_config(recipe.deepspeed_config), cfg, world)
@@ -115,7 +112,7 @@ def prepare(recipe: Recipe, resume: str | None) -> Setup:
                     model_config=_arch_dict(model_config),
                     world_size=world,
                 )
-        loaders = [
+        loaders += [
             build_loader(
                 recipe.data,
                 rank * accumulation + a,
@@ -128,13 +125,34 @@ def prepare(recipe: Recipe, resume: str | None) -> Setup:
             )
             for a in range(accumulation)
         ]
-        if cfg.eval_every and not (recipe.data.val_shards or recipe.data.backend == "synthetic"):
-            raise SetupError("train.eval_every > 0 needs data.val_shards (or set train.eval_every=0)")
+        val_loader = None
+        if cfg.eval_every:
+            if not (recipe.data.val_shards or recipe.data.backend == "synthetic"):
+                raise SetupError("train.eval_every > 0 needs data.val_shards (or set train.eval_every=0)")
+            # every rank runs the whole validation pass: data rank 0 of 1, one deterministic pass
+            val_loader = build_loader(
+                recipe.data,
+                0,
+                1,
+                split="validate",
+                batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                tokenizer=tokenizer,
+                seed=cfg.seed,
+                train=False,
+            )
     except (SetupError, RecipeError, ResumeError) as err:
+        _close_all(loaders)
         raise SetupError(str(err)) from err
     except (ValueError, FileNotFoundError, TypeError, KeyError, OSError) as err:
-        raise SetupError(str(err).strip("'\"")) from err
-    return Setup(rank, world, accumulation, ds_config, model_config, tokenizer, loaders, resume_dir)
+        _close_all(loaders)
+        message = str(err).strip("'\"").replace("--set model.vocab_size=", "--set model.overrides.vocab_size=")
+        raise SetupError(message) from err
+    return Setup(rank, world, accumulation, ds_config, model_config, tokenizer, loaders, val_loader, resume_dir)
+
+
+def _close_all(loaders: list[Any]) -> None:
+    for loader in loaders:
+        loader.close()
 
 
 # Fields that change the computation but not the parameters: a checkpoint may resume across them.
@@ -190,25 +208,14 @@ def mask_seed(seed: int, step: int, data_rank: int, attempt: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + data_rank * 101 + attempt) % (2**63 - 1)
 
 
-def evaluate(engine, recipe: Recipe, tokenizer, device: torch.device) -> dict[str, float]:
+def evaluate(engine, recipe: Recipe, val_loader, tokenizer, device: torch.device) -> dict[str, float]:
     """Retrieval / zero-shot AUROC on the validation split. Collective: every rank runs the whole pass."""
-    from mpma_ds.data import build_loader
     from mpma_ds.eval import evaluate_alignment
 
     cfg = recipe.train
-    info = build_loader(
-        recipe.data,
-        0,
-        1,
-        split="validate",
-        batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-        tokenizer=tokenizer,
-        seed=cfg.seed,
-        train=False,
-    )
     try:
         batches = []
-        for i, batch in enumerate(info.loader):
+        for i, batch in enumerate(val_loader.loader):  # one deterministic pass each time
             if cfg.eval_max_batches and i >= cfg.eval_max_batches:
                 break
             batches.append(batch)
@@ -216,7 +223,6 @@ def evaluate(engine, recipe: Recipe, tokenizer, device: torch.device) -> dict[st
             engine.module, batches, tokenizer=tokenizer, device=device, max_text_len=recipe.data.max_text_len
         )
     finally:
-        info.close()
         engine.module.train()
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
@@ -355,7 +361,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
                 }
                 logger.log_metrics(metrics, step=step)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                last_eval = evaluate(engine, recipe, setup.tokenizer, device)
+                last_eval = evaluate(engine, recipe, setup.val_loader, setup.tokenizer, device)
                 logger.log_metrics(last_eval, step=step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 checkpoint(step)
@@ -394,8 +400,9 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
         status = "FINISHED"
         return summary
     finally:
-        for loader in setup.loaders:
-            loader.close()
+        for loader in [*setup.loaders, setup.val_loader]:
+            if loader is not None:
+                loader.close()
         if logger is not None:
             logger.close(status)
         if created_group:
