@@ -142,6 +142,7 @@ def _positive(name: str, e: dict, rng: np.random.Generator) -> str:
     if name == "Cardiomegaly":
         sev = e["severity"]
         return _pick(rng, (f"{sev.capitalize()} cardiomegaly.", f"The heart is {sev}ly enlarged.",
+                           f"The cardiac silhouette is {sev}ly enlarged.",
                            f"{sev.capitalize()} enlargement of the cardiac silhouette."))  # fmt: skip
     if name == "Enlarged Cardiomediastinum":
         return _pick(rng, ("The superior mediastinum is widened.", "Widening of the mediastinum."))
@@ -152,11 +153,13 @@ def _positive(name: str, e: dict, rng: np.random.Generator) -> str:
                                f"There are {size} bilateral pleural effusions."))  # fmt: skip
         return _pick(rng, (f"{size.capitalize()} {side} pleural effusion.",
                            f"There is a {size} {side} pleural effusion with a meniscus.",
-                           f"A {size} {side}-sided pleural effusion is present."))  # fmt: skip
+                           f"A {size} {side}-sided pleural effusion is present.",
+                           f"Blunting of the {side} costophrenic angle due to a {size} pleural effusion."))  # fmt: skip
     if name == "Pneumothorax":
         where = "apical " if e["size"] == "small" else ""
         return _pick(rng, (f"{e['size'].capitalize()} {side} {where}pneumothorax.",
-                           f"There is a {e['size']} {side} {where}pneumothorax."))  # fmt: skip
+                           f"There is a {e['size']} {side} {where}pneumothorax.",
+                           f"A {e['size']} {side} {where}pneumothorax is present."))  # fmt: skip
     if name == "Lung Lesion":
         lobe = _LOBES[(side, e["zone"])]
         kind = "mass" if e["size_cm"] >= 3.0 else "nodule"
@@ -164,7 +167,8 @@ def _positive(name: str, e: dict, rng: np.random.Generator) -> str:
                            f"{e['size_cm']} cm {kind} in the {lobe}."))  # fmt: skip
     if name == "Consolidation":
         lobe = _LOBES[(side, e["zone"])]
-        return _pick(rng, (f"Focal consolidation in the {lobe}.", f"There is consolidation of the {lobe}."))
+        return _pick(rng, (f"Focal consolidation in the {lobe}.", f"There is consolidation of the {lobe}.",
+                           f"Dense consolidation is present in the {lobe}."))  # fmt: skip
     if name == "Lung Opacity":
         lobe = _LOBES[(side, e["zone"])]
         return _pick(rng, (f"Patchy opacity in the {lobe}.", f"Patchy opacities are seen in the {lobe}."))
@@ -238,7 +242,8 @@ def _negative(names: list[str], rng: np.random.Generator) -> list[str]:
     listed = [short[n] for n in names if n in short]
     if listed:
         joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " or " + listed[-1]
-        out.append(_pick(rng, (f"No {joined}.", f"There is no {joined}.")))
+        out.append(_pick(rng, (f"No {joined}.", f"There is no {joined}.", f"No {joined} is seen.",
+                               f"The lungs are clear without {joined}.")))  # fmt: skip
     return out
 
 
@@ -246,7 +251,9 @@ _INDICATIONS = (
     "___ year old {sex} with shortness of breath.", "___ year old {sex} with cough and fever // ? pneumonia",
     "___{s} with chest pain, evaluate for acute process.", "History: ___{s} with hypoxia",
     "___ year old {sex} status post fall, evaluate for fracture.", "___{s} with new line placement.",
-    "___ year old {sex} with dyspnea on exertion.",
+    "___ year old {sex} with dyspnea on exertion.", "___ year old {sex} with fever and leukocytosis.",
+    "Evaluate for interval change since ___.", "___{s} intubated, evaluate tube position.",
+    "Preoperative evaluation for ___.",
 )  # fmt: skip
 
 
@@ -312,13 +319,21 @@ def write_report(f: Findings, views: list[str], rng: np.random.Generator, sex: s
         return [" " + ln for ln in textwrap.wrap("  ".join(sentences), width=76)] or [" "]
 
     if shape == "standard":
-        lines += (
-            [" FINDINGS: ", " "] + para(findings) + [" ", " IMPRESSION: ", " "] + para(impression or findings[:1])
-        )
+        lines += [" FINDINGS: ", " "] + para(findings) + [" ", " IMPRESSION: ", " "]
+        if len(impression) > 1 and rng.random() < 0.35:  # numbered impression items, one paragraph each
+            for k, sentence in enumerate(impression, start=1):
+                lines += para([f"{k}.  {sentence}"])
+        else:
+            lines += para(impression or findings[:1])
     elif shape == "no_impression":
         lines += [" FINDINGS: ", " "] + para(findings)
     elif shape == "impression_only":
         lines += [" IMPRESSION: ", " "] + para(findings)
     else:
         lines += [" FINDINGS AND IMPRESSION: ", " "] + para(findings)
+    if f.get("Pneumothorax", {}).get("state") == 1 and rng.random() < 0.5:
+        lines += [" ", " NOTIFICATION:  The findings were discussed with Dr. ___ by telephone on ___ at ___,"]
+        lines += [" at the time of discovery."]
+    if f.get("Lung Lesion", {}).get("state") == 1 and rng.random() < 0.5:
+        lines += [" ", " RECOMMENDATION(S):  Non-urgent chest CT for further characterization."]
     return "\n".join(lines) + "\n"
