@@ -213,6 +213,8 @@ class DaliStream(EpochStream):
                 if cfg.brightness > 0 or cfg.contrast > 0:
                     bright = fn.external_source(name="brightness", dtype=types.FLOAT, ndim=0)
                     contrast = fn.external_source(name="contrast", dtype=types.FLOAT, ndim=0)
+                    if self.decode_device == "mixed":  # arithmetic operands live on the image's device
+                        bright, contrast = bright.gpu(), contrast.gpu()
                     # torchvision: brightness scales, contrast blends with the image's mean gray value
                     img = fn.cast(img, dtype=types.FLOAT) * bright
                     img = dmath.clamp(img, 0.0, 255.0)
@@ -225,7 +227,7 @@ class DaliStream(EpochStream):
                 resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)
                 anchor = fn.external_source(name="anchor", dtype=types.INT64, ndim=1)
                 img = fn.resize(img, size=resized, antialias=True, interp_type=types.INTERP_LINEAR)
-                img = fn.slice(img, anchor, np.array([size, size], dtype=np.int64), axes=[0, 1])
+                img = fn.slice(img, start=anchor, shape=[size, size], axes=[0, 1])  # argument inputs: CPU
             return fn.crop_mirror_normalize(
                 img,
                 dtype=types.FLOAT,
@@ -279,8 +281,9 @@ class DaliStream(EpochStream):
             raise RuntimeError(
                 f"every sample of batch {number} (epoch {epoch}, rank {self.rank}) is unreadable ({dict(skipped)})"
             )
-        while len(rows) < self.batch_size:  # keep the batch size: repeats flagged invalid
-            jpg, text, meta, key, _, dims = rows[(len(rows)) % max(1, len(rows))]
+        good = len(rows)
+        for fill in range(self.batch_size - good):  # keep the batch size: repeats flagged invalid
+            jpg, text, meta, key, _, dims = rows[fill % good]
             rows.append((jpg, text, meta, key, False, dims))
         params = [
             draw_aug_params(self.cfg, w, h, seeded_rng(self.seed, epoch, self.rank, number, slot))

@@ -41,33 +41,26 @@ def whole_word_mask(
         ``(corrupted_ids, mlm_labels)``, both (B, L) int64; labels are -100 where a token was not chosen.
     """
     bsz, length = input_ids.shape
+    # Every draw has a fixed shape, so a row's masking depends only on its own tokens and its row index
+    # (not on the other rows of the batch, e.g. padding repeats that differ between backends).
+    word_draw = torch.rand(bsz, length, generator=generator)  # (B, L): per word (whole_word) or per token
+    fallback_draw = torch.rand(bsz, length, generator=generator)  # (B, L)
+    action = torch.rand(bsz, length, generator=generator)  # (B, L)
+    replacement = random_token_ids[torch.randint(len(random_token_ids), (bsz, length), generator=generator)]
     maskable = word_ids >= 0  # (B, L)
-    if whole_word:
-        # one uniform draw per (row, word); each token looks up its word's draw
-        word_draw = torch.rand(bsz, length, generator=generator)  # (B, L) indexed by word id (< L)
-        token_draw = word_draw.gather(1, word_ids.clamp(min=0))  # (B, L)
-    else:
-        token_draw = torch.rand(bsz, length, generator=generator)
-    chosen = (token_draw < probability) & maskable
+    unit = word_ids.clamp(min=0) if whole_word else torch.arange(length).expand(bsz, length)  # (B, L)
+    chosen = (word_draw.gather(1, unit) < probability) & maskable
     empty = maskable.any(dim=1) & ~chosen.any(dim=1)  # (B,)
     if empty.any():
-        rows = empty.nonzero().squeeze(1)
-        pick = torch.multinomial(maskable[rows].float(), 1, generator=generator).squeeze(1)  # (R,)
-        if whole_word:
-            word = word_ids[rows, pick].unsqueeze(1)  # (R, 1)
-            chosen[rows] = (word_ids[rows] == word) & maskable[rows]
-        else:
-            chosen[rows, pick] = True
+        # a row with maskable tokens but nothing chosen: take the unit of its highest fallback draw
+        pick = torch.where(maskable, fallback_draw, torch.full_like(fallback_draw, -1.0)).argmax(dim=1)  # (B,)
+        picked_unit = unit.gather(1, pick.unsqueeze(1))  # (B, 1)
+        chosen |= empty.unsqueeze(1) & (unit == picked_unit) & maskable
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    action = torch.rand(bsz, length, generator=generator)  # (B, L)
     to_mask = chosen & (action < mask_fraction)
     to_random = chosen & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
-    corrupted = input_ids.clone()
-    corrupted[to_mask] = mask_token_id
-    n_random = int(to_random.sum())
-    if n_random:
-        draw = torch.randint(len(random_token_ids), (n_random,), generator=generator)
-        corrupted[to_random] = random_token_ids[draw]
+    corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    corrupted = torch.where(to_random, replacement, corrupted)
     return corrupted, labels
 
 

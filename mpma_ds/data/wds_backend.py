@@ -236,6 +236,6 @@ class WdsStream(EpochStream):
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch_batches,
             worker_init_fn=_worker_init,
-            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
         )
         return iter(loader)
