@@ -398,6 +398,19 @@ def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator, frng: np.random.
     return _draw_devices(c, f, img, 0.5, 1.0, frontal=False)
 
 
+def _detector_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Zero-mean noise of standard deviation ``sigma``: the sum of two uniform bytes (triangular).
+
+    Several times cheaper than Gaussian draws, which matters for 2500 px benchmark films.
+    """
+    n = int(np.prod(shape))
+    noise = np.frombuffer(rng.bytes(n), dtype=np.uint8).astype(np.float32).reshape(shape)
+    noise += np.frombuffer(rng.bytes(n), dtype=np.uint8).reshape(shape)
+    noise -= 255.0
+    noise *= sigma / (255.0 * math.sqrt(2.0 / 12.0))
+    return noise
+
+
 def render_radiograph(
     findings: Findings, view: str, height: int, width: int, seed: int, *, quality: int = 92
 ) -> bytes:
@@ -425,9 +438,12 @@ def render_radiograph(
     pil = Image.fromarray(img.astype(np.float32))
     pil = pil.rotate(erng.uniform(-4, 4), resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
     pil = pil.resize((width, height), Image.BICUBIC)
-    arr = np.asarray(pil, dtype=np.float32)
-    arr = arr + erng.standard_normal(arr.shape, dtype=np.float32) * erng.uniform(0.008, 0.025)
-    out = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    arr = np.array(pil, dtype=np.float32)  # a writable copy: the arithmetic below is in place
+    arr *= 255.0
+    arr += _detector_noise(erng, arr.shape, sigma=erng.uniform(0.008, 0.025) * 255.0)
+    arr += 0.5
+    np.clip(arr, 0, 255, out=arr)
+    out = Image.fromarray(arr.astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
