@@ -383,7 +383,9 @@ def _summary(manifest: dict, out: Path, status: str, reused: int, seconds: float
         "shards_reused": reused,
         "bytes": manifest["bytes"],
         "seconds": round(seconds, 3),
-        "images_per_s": round(manifest["written"] / seconds, 2) if seconds > 0 else None,
+        "images_per_s": round(manifest["written"] / seconds, 2)
+        if seconds > 0 and status != "already_complete"
+        else None,
     }
 
 
@@ -398,7 +400,10 @@ def format_summary(summary: dict) -> str:
         + (f" (+ {summary['rejected_reports']} reports without images)" if summary["rejected_reports"] else ""),
     ]
     lines += [f"            {reason}: {n}" for reason, n in summary["rejects"].items()]
-    lines.append(f"  time      {summary['seconds']:.1f} s ({summary['images_per_s'] or 0:.1f} images/s)")
+    if summary["images_per_s"] is None:
+        lines.append(f"  time      {summary['seconds']:.1f} s (nothing to do: the build was already complete)")
+    else:
+        lines.append(f"  time      {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s)")
     return "\n".join(lines)
 
 
@@ -464,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"build_shards: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "build_shards: interrupted; finished shards are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(format_summary(summary))
     return 0
 
