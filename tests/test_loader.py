@@ -228,7 +228,7 @@ def test_resampled_stream_has_declared_epoch_length(shards, tokenizer):
 
 def test_augmented_pipelines_match_across_backends(shards, tokenizer):
     """The DALI decode pipeline and the PIL path compute the same transform from the same parameters."""
-    cfg = make_cfg("dali", shards, image_size=48, brightness=0.2, contrast=0.2, hflip=True)
+    cfg = make_cfg("dali", shards, image_size=48, rotation_degrees=8.0, brightness=0.2, contrast=0.2, hflip=True)
     stream = build_loader(cfg, 0, 1, batch_size=4, tokenizer=tokenizer, seed=3).loader
     yy, xx = np.mgrid[0:200, 0:160]
     pixels = (127 + 100 * np.sin(xx / 13.0) * np.cos(yy / 17.0)).astype(np.uint8)
@@ -243,8 +243,10 @@ def test_augmented_pipelines_match_across_backends(shards, tokenizer):
     stream.close()
     assert len({(p.top, p.left, p.flip) for p in params}) > 1  # the parameters really vary
     diff = (dali - host).abs()
-    assert float(diff.max()) <= 8 * GRAY_LEVEL, float(diff.max()) * 255 * STD
-    assert float(diff.mean()) <= 3 * GRAY_LEVEL
+    # rotation fill edges differ (anti-aliased vs hard corners): compare those only on average
+    centre = diff[:, :, 10:-10, 10:-10]
+    assert float(centre.max()) <= 8 * GRAY_LEVEL, float(centre.max()) * 255 * STD
+    assert float(diff.mean()) <= 3 * GRAY_LEVEL, float(diff.mean()) * 255 * STD
 
 
 def test_config_validation_names_the_field():
