@@ -159,7 +159,8 @@ def _plan_faults(rng, plans: list[StudyPlan], taken: set[int], min_size: int, ma
     for i, kind in enumerate(FAULT_KINDS):
         base = train[i % len(train)]
         findings = sample_findings(rng, portable=False)
-        views = ["PA", "LATERAL"] if kind == "truncated_jpeg" else ["PA"]
+        # A repeat frontal film is the truncated one, so the default view filter still reaches it.
+        views = ["PA", "PA"] if kind == "truncated_jpeg" else ["PA"]
         study = StudyPlan(
             subject_id=base.subject_id,
             study_id=_unique(rng, 50_000_000, 60_000_000, taken),

@@ -152,7 +152,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS) + list(DEID_TOKENS),
         continuing_subword_prefix="##",
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(reports, trainer=trainer, length=len(reports))
     if tok.get_vocab_size() > vocab_size:
