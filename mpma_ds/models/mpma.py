@@ -99,6 +99,15 @@ class MPMA(nn.Module):
                 names.add(name)
         return names
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per top-level component (a tied weight counted once, where it is first named) + total."""
+        counts: dict[str, int] = {}
+        for name, p in self.named_parameters():  # named_parameters() yields a shared Parameter once
+            component = name.split(".", 1)[0]
+            counts[component] = counts.get(component, 0) + p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
     # ------------------------------------------------------------------------------------------ encoders
     def _unimodal(
         self,
