@@ -37,7 +37,7 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_keys(shards) -> list[str]:
     index = load_shard_index(f"{shards}/train")
-    return [ref.key for shard in index.samples for ref in shard]
+    return list(index.keys)
 
 
 def make_cfg(backend: str, shards: str, **kw) -> DataConfig:

@@ -73,12 +73,15 @@ def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
     """``.idx`` files listing only the samples `load_shard_index` kept (so DALI never reads past a
     truncated tar's end); the original index is used where nothing was dropped."""
     out = []
-    for shard, (path, refs) in enumerate(zip(index.paths, index.samples)):
+    counts = index.counts()
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    for shard, path in enumerate(index.paths):
         original = index_path(path)
         lines = [line for line in original.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-        if len(lines) == len(refs):
+        if len(lines) == counts[shard]:
             out.append(str(original))
             continue
+        refs = [index.ref(i) for i in range(starts[shard], starts[shard + 1])]
         clean = folder / f"{shard:06d}-{path.stem}.idx"
         body = [" ".join(f"{ext} {off} {size} {ref.key}.{ext}" for ext, off, size in ref.members) for ref in refs]
         clean.write_text(f"v1.2 {len(refs)}\n" + "".join(line + "\n" for line in body), encoding="utf-8")

@@ -150,7 +150,6 @@ class WdsStream(EpochStream):
     ) -> None:
         self.cfg = cfg
         self.index = load_shard_index(shards)
-        self.refs = [ref for shard in self.index.samples for ref in shard]
         self.batch_size = batch_size
         self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
         total = self.resample_to or self.index.num_samples
@@ -190,7 +189,7 @@ class WdsStream(EpochStream):
         images, texts, metas, keys, flags = [], [], [], [], []
         skipped: Counter = Counter()
         for slot, (sample_id, ok) in enumerate(zip(ids.tolist(), valid.tolist())):
-            ref = self.refs[sample_id]
+            ref = self.index.ref(sample_id)
             try:
                 raw = reader.read(ref)
                 text = decode_text(raw.get("txt"))
