@@ -38,7 +38,7 @@ class SampleRef:
 @dataclass
 class ShardIndex:
     """The readable samples of a shard set, in shard order then file order, kept compact (MIMIC-CXR's
-    ~377k samples cost ~40 MB, shared copy-on-write with DataLoader workers): flat sample ``i`` has key
+    ~377k samples cost ~60 MB, shared copy-on-write with DataLoader workers): flat sample ``i`` has key
     ``keys[i]``, shard ``shard_of[i]`` and member offsets/sizes ``layout[i]`` (``MEMBERS`` order, -1 where
     a member is absent)."""
 
