@@ -222,9 +222,8 @@ def _uncertain(name: str, e: dict, rng: np.random.Generator) -> str:
     else:
         what = {"Cardiomegaly": "mild cardiomegaly", "Enlarged Cardiomediastinum": "mediastinal widening",
                 "Edema": "mild pulmonary edema", "Pneumonia": "pneumonia"}[name]  # fmt: skip
-    return _pick(
-        rng, (f"Possible {what}.", f"{what[0].upper() + what[1:]} cannot be excluded.", f"Questionable {what}.")
-    )
+    return _pick(rng, (f"Possible {what}.", f"{what[0].upper() + what[1:]} cannot be excluded.",
+                       f"Questionable {what}.", f"Cannot exclude {what}."))  # fmt: skip
 
 
 def _negative(names: list[str], rng: np.random.Generator) -> list[str]:

@@ -43,7 +43,7 @@ KEYWORDS = {
     "Support Devices": r"\btubes?\b|catheter|\blines?\b|pacemaker",
 }
 NEGATION = re.compile(r"\bno\b|\bnormal\b|\bwithout\b")
-HEDGE = re.compile(r"possible|cannot be excluded|questionable|\bmay\b|\bmight\b|\bcould\b")
+HEDGE = re.compile(r"possible|cannot be excluded|cannot exclude|questionable|\bmay\b|\bmight\b|\bcould\b")
 
 
 @pytest.fixture(scope="session")
