@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, ds_config: d
 
         return DeepSpeedCPUAdam(clean, adamw_mode=True, **kwargs)
     if torch.cuda.is_available():
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(clean, adam_w_mode=True, **kwargs)
+            return FusedAdam(clean, adam_w_mode=True, **kwargs)
+        except Exception as err:  # the op is JIT-built: no nvcc / ninja on this machine
+            warnings.warn(f"DeepSpeed FusedAdam unavailable ({err}); using torch AdamW(fused=True)", stacklevel=2)
+            return torch.optim.AdamW(clean, fused=True, **kwargs)
     return torch.optim.AdamW(clean, **kwargs)
 
 

@@ -181,9 +181,14 @@ def _broadcast_object(value: Any, src: int = 0) -> Any:
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (through the GPU when the group is NCCL); returns a CPU tensor."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
+        if torch.cuda.is_available():
+            on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device)
+            return on_device.cpu()
         dist.all_reduce(tensor)
     return tensor
 
@@ -324,11 +329,11 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
                 losses = engine(batch, generator=generator)
                 values = torch.stack([losses[k].detach().float().cpu() for k in terms])
                 finite = bool(torch.isfinite(values).all())
-                packed = torch.cat(
-                    [torch.where(torch.isfinite(values), values, 0.0), torch.tensor([float(finite)])]
-                )
-                packed = _all_reduce(packed)
-                if packed[-1].item() < world:  # some rank saw NaN/Inf: every rank skips this micro-batch
+                tokens = float(batch["attention_mask"].sum())
+                # one all-reduce: the loss terms, how many ranks saw finite losses, non-padding tokens
+                extra = torch.tensor([float(finite), tokens])
+                packed = _all_reduce(torch.cat([torch.where(torch.isfinite(values), values, 0.0), extra]))
+                if packed[-2].item() < world:  # some rank saw NaN/Inf: every rank skips this micro-batch
                     nan_in_row, nan_total, attempt = nan_in_row + 1, nan_total + 1, attempt + 1
                     if nan_in_row >= cfg.max_nan_steps:
                         checkpoint(step)
@@ -340,8 +345,8 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
                 nan_in_row = 0
                 engine.backward(losses["loss"])
                 engine.step()
-                step_sums += packed[:-1] / world
-                meter.add_samples(cfg.micro_batch_size * world, float(batch["attention_mask"].sum()) * world)
+                step_sums += packed[:-2] / world
+                meter.add_samples(cfg.micro_batch_size * world, float(packed[-1]))
                 done += 1
             step += 1
             step_losses = {k: float(v) / accumulation for k, v in zip(terms, step_sums)}
