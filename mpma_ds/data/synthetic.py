@@ -8,6 +8,7 @@ their index; epochs, ranks, resume and padding follow the same plan as the shard
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,21 +37,32 @@ SPLIT_SALT = {"train": 11, "validate": 12, "val": 12, "valid": 12, "test": 13}
 PSEUDO_SHARD = 64  # samples per pseudo-shard, so the shard-order shuffle has something to shuffle
 
 
+@functools.lru_cache(maxsize=8)
+def _chest(size: int) -> np.ndarray:
+    """A dim 'chest' with two lung fields, (S, S) float32 — the same for every sample of a size."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (S, S)
+    image = 0.25 + 0.1 * np.exp(-(((xx - 0.3) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    image += 0.1 * np.exp(-(((xx - 0.7) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    return image.astype(np.float32)
+
+
 def synthetic_sample(index: int, split: str, size: int) -> tuple[np.ndarray, str, dict[str, Any]]:
     """Sample ``index`` of ``split``: (H, W) float32 image in [0, 1], report text, metadata JSON."""
     rng = seeded_rng(SPLIT_SALT.get(split, 19), index)
     names = [n for n in FINDINGS if rng.random() < 0.3]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (S, S)
-    # a dim 'chest': two lung fields and noise
-    image = 0.25 + 0.1 * np.exp(-(((xx - 0.3) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
-    image += 0.1 * np.exp(-(((xx - 0.7) / 0.18) ** 2 + ((yy - 0.5) / 0.3) ** 2))
-    image = image + rng.normal(0.0, 0.03, size=(size, size))
+    image = _chest(size) + rng.normal(0.0, 0.03, size=(size, size)).astype(np.float32)
     for name in names:
         _, (cy, cx), radius = FINDINGS[name]
-        cy += rng.normal(0, 0.02)
-        cx += rng.normal(0, 0.02)
-        image += 0.45 * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2)))
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+        cy, cx = (cy + rng.normal(0, 0.02)) * size, (cx + rng.normal(0, 0.02)) * size
+        r = radius * size
+        # the blob only within 3 radii of its centre: cheap at any image size
+        y0, y1 = max(0, int(cy - 3 * r)), min(size, int(cy + 3 * r) + 1)
+        x0, x1 = max(0, int(cx - 3 * r)), min(size, int(cx + 3 * r) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        image[y0:y1, x0:x1] += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    image = np.clip(image, 0.0, 1.0)
     if names:
         text = "FINDINGS: " + ". ".join(FINDINGS[n][0] for n in names) + "."
     else:
