@@ -215,8 +215,9 @@ def test_missing_or_empty_shards_are_clear_errors(tmp_path, tokenizer, shards):
         )
 
 
-def test_resampled_stream_has_declared_epoch_length(shards, tokenizer):
-    cfg = make_cfg("wds", shards, resampled=True, epoch_length=20, num_workers=0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resampled_stream_has_declared_epoch_length(shards, tokenizer, backend):
+    cfg = make_cfg(backend, shards, resampled=True, epoch_length=20, num_workers=0 if backend == "wds" else 1)
     info = build_loader(cfg, 0, 2, batch_size=3, tokenizer=tokenizer, seed=4)
     assert info.num_samples == 20 and info.steps_per_epoch == 4
     batches = take(info, 12)  # three epochs

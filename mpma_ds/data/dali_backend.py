@@ -107,12 +107,11 @@ class DaliStream(EpochStream):
         train: bool,
     ) -> None:
         self.fn, self.types, self.pipeline_def = _dali()
-        if cfg.resampled and train:
-            raise ValueError("data.resampled is not supported by the dali backend; use backend=wds for it")
         self.cfg = cfg
         self.index = load_shard_index(shards)
         self.batch_size = batch_size
-        total = self.index.num_samples
+        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
+        total = self.resample_to or self.index.num_samples
         super().__init__(
             train=train,
             seed=seed,
@@ -147,7 +146,8 @@ class DaliStream(EpochStream):
     def _build_reader(self, epoch: int, checkpoint: str | None) -> Any:
         fn = self.fn
         counts = self.index.counts()
-        order = [s for s in shard_order(counts, epoch, self.seed, shuffle=self.train) if counts[s]]
+        order = shard_order(counts, epoch, self.seed, shuffle=self.train, resample_to=self.resample_to)
+        order = [s for s in order if counts[s]]
         paths = [str(self.index.paths[s]) for s in order]
         idx = [self.idx_files[s] for s in order]
         shuffle = self.train and self.cfg.shuffle_buffer > 1
@@ -255,12 +255,17 @@ class DaliStream(EpochStream):
             for _ in range(start_batch):
                 self._reader.run()
         counts = self.index.counts()
-        total = sum(counts)
-        lo, hi = rank_range(total, self.rank, self.world_size)
+        # the reader splits the listed shards (resampled: drawn with replacement, >= epoch_length samples)
+        order = shard_order(counts, epoch, self.seed, shuffle=self.train, resample_to=self.resample_to)
+        lo, hi = rank_range(sum(counts[s] for s in order), self.rank, self.world_size)
+        own = hi - lo
+        if self.resample_to:  # the declared epoch: this rank's share of epoch_length samples
+            share = rank_range(self.resample_to, self.rank, self.world_size)
+            own = min(own, share[1] - share[0])
         try:
             for number in range(start_batch, self.steps_per_epoch):
                 jpgs, txts, metas = self._reader.run()
-                valid = [number * self.batch_size + s < hi - lo for s in range(self.batch_size)]
+                valid = [number * self.batch_size + s < own for s in range(self.batch_size)]
                 yield self._make_batch(epoch, number, jpgs, txts, metas, valid)
         finally:
             self._reader = None
