@@ -154,3 +154,40 @@ def test_saved_recipe_and_ds_config_of_a_run_are_resolved(base, tmp_path):
         1,
     )
     assert json.loads(json.dumps(ds)) == ds
+
+
+def test_only_complete_checkpoints_count_and_prune_keeps_the_last_k(tmp_path):
+    """A tag folder without complete.json (a save a kill interrupted) is never resumed from and is pruned."""
+    from mpma_ds.training.checkpoint import COMPLETE_FILE, ResumeError, find_checkpoint, prune, read_meta
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (ckpts / f"step_{step:08d}").mkdir(parents=True)
+    for step in (2, 4, 6):
+        (ckpts / f"step_{step:08d}" / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+    # step 8 is incomplete: auto resume takes 6
+    assert find_checkpoint("auto", tmp_path / "run") == ckpts / "step_00000006"
+    assert find_checkpoint(str(tmp_path / "run"), tmp_path / "other") == ckpts / "step_00000006"
+    assert find_checkpoint(str(ckpts), tmp_path / "other") == ckpts / "step_00000006"
+    assert find_checkpoint("auto", tmp_path / "fresh") is None
+    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+        find_checkpoint(str(ckpts / "step_00000008"), tmp_path)
+    assert read_meta(ckpts / "step_00000004") == {"step": 4}
+    (ckpts / "step_00000005").mkdir()  # an older incomplete save
+    removed = prune(ckpts, keep_last=2)
+    assert sorted(removed) == ["step_00000002", "step_00000005"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from mpma_ds.training.checkpoint import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
