@@ -106,8 +106,8 @@ class SyntheticStream(EpochStream):
         )
         self.encoder = encoder_from_config(cfg, tokenizer)
         mean, std = cfg.channel_stats()
-        self.mean = torch.tensor(mean).view(-1, 1, 1)  # (C, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)  # (C, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
         ids, valid = epoch_batches(
@@ -122,13 +122,14 @@ class SyntheticStream(EpochStream):
         )
         size = self.cfg.image_size
         for number in range(start_batch, len(ids)):
-            images, texts, metas = [], [], []
-            for index in ids[number].tolist():
-                pixels, text, meta = synthetic_sample(index, self.split, size)
-                tensor = torch.from_numpy(pixels).unsqueeze(0).expand(self.cfg.in_chans, -1, -1)  # (C, S, S)
-                images.append((tensor - self.mean) / self.std)
+            pixels = np.empty((self.batch_size, 1, size, size), dtype=np.float32)  # (B, 1, S, S)
+            texts, metas = [], []
+            for slot, index in enumerate(ids[number].tolist()):
+                pixels[slot, 0], text, meta = synthetic_sample(index, self.split, size)
                 texts.append(text)
                 metas.append(meta)
+            # normalise in numpy, one tensor per batch (no per-sample torch ops)
+            images = torch.from_numpy((pixels - self.mean) / self.std)  # (B, C, S, S)
             keys = [m["image_id"] for m in metas]
             gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
             yield make_batch(images, texts, metas, keys, valid[number].tolist(), self.encoder, gen)
