@@ -1,0 +1,70 @@
+"""`python -m mpma_ds.demo` end to end at toy size: every stage runs for real (synthetic corpus, shards,
+tokenizer, `deepspeed --num_gpus 2` ZeRO-3 pretraining on 2 CPU processes, export, evaluation of the pretrained
+model and a random twin), the table and the `mlflow ui` line are printed, MLflow holds the three runs, and a
+rerun reuses every finished stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mpma_ds.demo", "--out", str(out), "--studies", "40", "--steps", "3", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU demo path (2 gloo processes)")
+def test_demo_end_to_end_and_rerun(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "demo"
+    res = _demo(out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout
+    for stage in ("[1/7] synthetic corpus", "[4/7] pretraining", "[6/7] evaluation"):
+        assert f"{stage}" in text and "reused" not in text
+    assert "pretrained  random-init" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith(("image->", "report->", "zero-shot"))]
+    table = {ln[:24].strip(): ln[24:].split() for ln in rows}
+    assert set(table) >= {"image->report R@1", "report->image R@10", "zero-shot AUROC (mean)"}
+    for label, values in table.items():
+        assert len(values) == 2, label
+        for v in values:
+            assert v == "n/a" or 0.0 <= float(v) <= 1.0, (label, v)
+    uri = "sqlite:///" + str(out.resolve() / "mlflow.db")
+    assert f"mlflow ui --backend-store-uri {uri}" in text
+
+    # the run folder, the export and the evaluations are where the demo says
+    summary = json.loads((out / "pretrain" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["world_size"] == 2 and summary["zero_stage"] == 3
+    assert (out / "exported" / "model.safetensors").is_file()
+    assert (out / "exported" / "text_encoder" / "tokenizer.json").is_file()
+    pre = json.loads((out / "eval" / "pretrained" / "results.json").read_text())
+    rnd = json.loads((out / "eval" / "random-init" / "results.json").read_text())
+    assert pre["metrics"]["eval_samples"] == rnd["metrics"]["eval_samples"] > 0
+    assert rnd["evaluated"].startswith("random-init:mpma_tiny")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mpma-demo")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"demo-pretrain", "eval-pretrained-validate", "eval-random-init-validate"}
+    assert runs["demo-pretrain"].info.run_id == summary["mlflow_run_id"]
+    loss_steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
+    assert loss_steps and max(loss_steps) <= 3 and len(loss_steps) == len(set(loss_steps))
+    assert runs["eval-random-init-validate"].data.tags["mpma.eval_of"] == rnd["evaluated"]
+    assert runs["eval-pretrained-validate"].data.tags["mpma.kind"] == "eval"
+
+    # a rerun reuses every stage and prints the same table
+    again = _demo(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": reused") == 6
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot"))] == rows
