@@ -79,6 +79,10 @@ class MetricLogger:
     def log_artifact(self, path: str | Path) -> None:
         """Attach a file to the run."""
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything logged so far was delivered (or given up on); False on timeout."""
+        return True
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush and end the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
 
@@ -178,6 +182,9 @@ class LoggerGroup(MetricLogger):
     def log_artifact(self, path: str | Path) -> None:
         for lg in self.loggers:
             lg.log_artifact(path)
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        return all([lg.flush(timeout) for lg in self.loggers])
 
     def close(self, status: str = "FINISHED") -> None:
         for lg in self.loggers:
