@@ -299,3 +299,18 @@ def test_wds_batches_do_not_depend_on_worker_count(shards, tokenizer):
     for a, b in zip(*runs):
         assert a["key"] == b["key"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mlm_labels"], b["mlm_labels"])
+
+
+def test_model_trains_on_loader_batches(shards, tokenizer):
+    """The batch contract is what the model takes: one forward/backward of mpma_tiny on a wds batch."""
+    from mpma_ds import create_model
+
+    info = build_loader(make_cfg("wds", shards, num_workers=0), 0, 1, batch_size=4, tokenizer=tokenizer, seed=0)
+    batch = take(info, 1)[0]
+    info.close()
+    torch.manual_seed(0)
+    model = create_model("mpma_tiny", image_size=IMG, vocab_size=len(tokenizer), max_text_len=48)
+    out = model(batch)
+    assert {"loss", "loss_mlm", "loss_mim", "loss_global", "loss_local"} <= set(out)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
