@@ -314,3 +314,16 @@ def test_model_trains_on_loader_batches(shards, tokenizer):
     assert {"loss", "loss_mlm", "loss_mim", "loss_global", "loss_local"} <= set(out)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
+
+
+def test_split_names_pick_their_shards(shards, tokenizer):
+    cfg = make_cfg("wds", shards, num_workers=0)
+    val = build_loader(cfg, 0, 1, split="validate", batch_size=4, tokenizer=tokenizer, train=False)
+    test_as_val = build_loader(cfg, 0, 1, split="test", batch_size=4, tokenizer=tokenizer, train=False)
+    assert val.num_samples == test_as_val.num_samples  # no test_shards: test reads val_shards
+    cfg = make_cfg("wds", shards, num_workers=0, test_shards=f"{shards}/train")
+    test = build_loader(cfg, 0, 1, split="test", batch_size=4, tokenizer=tokenizer, train=False)
+    train = build_loader(cfg, 0, 1, split="train", batch_size=4, tokenizer=tokenizer, train=False)
+    assert test.num_samples == train.num_samples != val.num_samples
+    with pytest.raises(ValueError, match="unknown split"):
+        build_loader(cfg, 0, 1, split="holdout", batch_size=4, tokenizer=tokenizer)

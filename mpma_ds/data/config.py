@@ -28,6 +28,10 @@ class DataConfig:
     val_shards: str = ""
     """Validation shards, same forms as ``train_shards``; used by ``split="validate"`` (or ``"val"``)."""
 
+    test_shards: str = ""
+    """Test shards, same forms; used by ``split="test"``. Empty: ``split="test"`` reads ``val_shards`` (tools
+    that evaluate one folder point ``val_shards`` at it)."""
+
     tokenizer: str = ""
     """Folder of a Hugging Face fast tokenizer (ours from ``data_tools.train_tokenizer`` or any HF folder)."""
 
@@ -116,7 +120,7 @@ class DataConfig:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
                 raise ValueError(f"data.{name} must be a list of numbers, got {value!r}")
             setattr(self, name, tuple(float(v) for v in value))
-        for name in ("backend", "train_shards", "val_shards", "tokenizer", "dali_decode"):
+        for name in ("backend", "train_shards", "val_shards", "test_shards", "tokenizer", "dali_decode"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:

@@ -58,9 +58,12 @@ class LoaderInfo:
 
 
 def split_shards(cfg: DataConfig, split: str) -> str:
-    """The shard spec of ``split``: ``train`` → ``train_shards``; ``validate``/``val``/``test`` → ``val_shards``."""
+    """The shard spec of ``split``: ``train`` → ``train_shards``; ``validate``/``val`` → ``val_shards``;
+    ``test`` → ``test_shards`` (``val_shards`` when that is empty)."""
     if split == "train":
         return cfg.train_shards
+    if split == "test" and cfg.test_shards:
+        return cfg.test_shards
     if split in ("validate", "val", "valid", "test"):
         return cfg.val_shards
     raise ValueError(f"unknown split {split!r}: use train, validate or test")
@@ -83,7 +86,8 @@ def build_loader(
         cfg: the recipe's ``data:`` section.
         rank: this process's data-parallel rank.
         world_size: number of data-parallel processes; every rank gets the same number of batches.
-        split: ``train`` (``cfg.train_shards``) or ``validate``/``test`` (``cfg.val_shards``).
+        split: ``train`` (``cfg.train_shards``), ``validate`` (``cfg.val_shards``) or ``test``
+            (``cfg.test_shards``, else ``cfg.val_shards``).
         batch_size: samples per batch on this rank (the micro-batch).
         tokenizer: a fast tokenizer; ``None`` loads ``cfg.tokenizer``.
         seed: makes shard order, sample shuffle, augmentation and masking reproducible (and rank-distinct).
