@@ -214,6 +214,17 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     ds_comm.cdb = None  # DeepSpeed keeps its own handle; a later init must make a fresh one
+    # ... and caches the groups it derived from the old world; forget them too (private module state).
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mpu", "mesh_device"):  # fmt: skip
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):  # fmt: skip
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
     for key in filter(None, os.environ.pop("MPMA_DS_SET_ENV", "").split(",")):
         os.environ.pop(key, None)
 
