@@ -238,3 +238,32 @@ def test_real_server_then_server_killed_mid_run(tmp_path, mlflow_server):
     assert url in messages[0] and "metrics.jsonl" in messages[0]
     records = read_metrics_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
+
+
+def test_compare_runs_table_plots_and_report(tmp_path):
+    from mpma_ds.tracking.compare import format_runs_table, load_runs, plot_metrics, write_html
+
+    cfg = _sqlite_cfg(tmp_path)
+    for name, slope in (("fast", 2.0), ("slow", 1.0)):
+        cfg.run_name = name
+        lg = build_logger(cfg, rank=0, run_dir=tmp_path / name)
+        for step in range(1, 5):
+            lg.log_metrics({"loss": 10.0 - slope * step, "eval/i2t_R@1": 0.1 * slope}, step=step)
+        lg.close()
+    runs, metrics = load_runs("test-tracking", tracking_uri=cfg.uri, metrics=["loss", "eval/i2t_R@1"])
+    assert metrics == ["loss", "eval/i2t_R_at_1"]
+    by_name = {r.name: r for r in runs}
+    assert by_name["fast"].last == {"loss": 2.0, "eval/i2t_R_at_1": pytest.approx(0.2)}
+    assert by_name["slow"].history["loss"] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]
+    table = format_runs_table(runs, metrics).splitlines()
+    assert table[0].split()[:5] == ["run", "id", "kind", "status", "loss"]
+    assert any(line.startswith("fast") and " 2 " in f" {line} " for line in table)
+    plots = plot_metrics(runs, metrics, tmp_path / "cmp")
+    assert [p.name for p in plots] == ["loss.png", "eval_i2t_R_at_1.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+    report = write_html("test-tracking", runs, metrics, plots, tmp_path / "cmp").read_text()
+    assert "loss.png" in report and "<td>fast</td>" in report
+    with pytest.raises(ValueError, match="no run of 'test-tracking' has metric"):
+        load_runs("test-tracking", tracking_uri=cfg.uri, metrics=["nope"])
+    with pytest.raises(ValueError, match="no experiment 'other'"):
+        load_runs("other", tracking_uri=cfg.uri)
