@@ -135,7 +135,6 @@ class DaliStream(EpochStream):
         else:
             self.device_id = int(local_rank) if local_rank is not None else torch.cuda.current_device()
         self._reader: Any = None
-        self._reader_epoch = -1
         self._resume_checkpoint: str | None = None
         self._decoder = self._build_decoder()
 
@@ -250,7 +249,6 @@ class DaliStream(EpochStream):
         checkpoint = self._resume_checkpoint if start_batch else None
         self._resume_checkpoint = None
         self._reader = self._build_reader(epoch, checkpoint)
-        self._reader_epoch = epoch
         if start_batch and checkpoint is None:  # no checkpoint: replay the reader (bytes only, no decode)
             for _ in range(start_batch):
                 self._reader.run()
