@@ -207,3 +207,25 @@ def test_gpu_bf16_zero3_run_trains(base, tmp_path):
     rows = [r for r in read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert summary["step"] == 6 and rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["memory_gb"] > 0 and 0 < rows[-1]["mfu"] < 1
+
+
+def test_a_complete_checkpoint_is_never_rewritten(tmp_path):
+    from mpma_ds.training.checkpoint import COMPLETE_FILE, save_checkpoint
+
+    class RecordingEngine:
+        calls: list[str] = []
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            self.calls.append(tag)
+            (tmp_path / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+
+    engine = RecordingEngine()
+    kwargs = dict(rank=0, client_state={}, rank_state={"rng": {}}, meta={"model_name": "m"}, keep_last=3)
+    save_checkpoint(engine, tmp_path / "checkpoints", 4, **kwargs)
+    first = (tmp_path / "checkpoints" / "step_00000004" / COMPLETE_FILE).read_text()
+    assert (
+        engine.calls == ["step_00000004"] and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
+    )
+    save_checkpoint(engine, tmp_path / "checkpoints", 4, **kwargs)  # same step again: left as it is
+    assert engine.calls == ["step_00000004"]
+    assert (tmp_path / "checkpoints" / "step_00000004" / COMPLETE_FILE).read_text() == first

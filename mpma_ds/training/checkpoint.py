@@ -158,11 +158,16 @@ def save_checkpoint(
 ) -> Path:
     """Save on every rank; rank 0 marks it complete, moves ``latest`` and prunes to ``keep_last``.
 
-    Collective: every rank must call it at the same step.
+    Collective: every rank must call it at the same step. A step that already has a complete checkpoint is
+    left as it is.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
+    if (tag_dir / COMPLETE_FILE).is_file():
+        # already saved at this step (a resume that had nothing left to do, or a NaN stop right after a
+        # save): never delete a complete checkpoint to write the same step again
+        return tag_dir
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # a save of this step that a kill interrupted: start it over
