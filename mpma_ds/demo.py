@@ -171,8 +171,23 @@ class Demo:
                 "mlflow_run_id": summary.get("mlflow_run_id")}  # fmt: skip
 
     def export(self) -> None:
-        self.command("export", [self.python, str(REPO / "launch" / "export.py"), "--checkpoint",
-                                str(self.out / "pretrain"), "--out", str(self.out / "exported"), "--overwrite"])  # fmt: skip
+        # what `python launch/export.py --checkpoint pretrain --out exported --overwrite` runs, in this process
+        # (one interpreter start fewer; the evaluation below needs the same imports)
+        import contextlib
+
+        from mpma_ds.export import ExportError, export_checkpoint
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "export.log"
+        try:
+            with (
+                open(log, "w", encoding="utf-8") as fh,
+                contextlib.redirect_stdout(fh),
+                contextlib.redirect_stderr(fh),
+            ):
+                export_checkpoint(self.out / "pretrain", self.out / "exported", overwrite=True)
+        except ExportError as err:
+            raise DemoError(f"export failed: {err}; log: {log}") from err
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         from mpma_ds.eval.split_eval import run_evaluation
