@@ -232,6 +232,39 @@ def evaluate(engine, recipe: Recipe, val_loader, tokenizer, device: torch.device
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
+def start_logging(recipe: Recipe, setup: Setup, run_id: str | None):
+    """The run's logger on every rank: rank 0 opens (or, resuming, continues) the MLflow run and logs the
+    flattened recipe + DeepSpeed config and both files; the run id is broadcast to the other ranks."""
+    from mpma_ds.tracking import build_logger, flatten_params
+
+    out = Path(recipe.train.output_dir)
+    logger = None
+    if setup.rank == 0:
+        logger = build_logger(recipe.tracking, rank=0, run_dir=out, run_id=run_id)
+        run_id = logger.run_id
+    run_id = _broadcast_object(run_id)
+    if setup.rank != 0:
+        return build_logger(recipe.tracking, rank=setup.rank, run_dir=out, run_id=run_id)
+    save_recipe(recipe, out / "recipe.yaml")
+    (out / "ds_config.json").write_text(json.dumps(setup.ds_config, indent=2), encoding="utf-8")
+    logger.log_params({**flatten_params(recipe_to_dict(recipe)), **flatten_params(setup.ds_config, "ds")})
+    logger.log_artifact(out / "recipe.yaml")
+    logger.log_artifact(out / "ds_config.json")
+    return logger
+
+
+def gather_memory(engine, world: int) -> list[dict[str, float]]:
+    """``engine_memory`` of every rank (collective)."""
+    import torch.distributed as dist
+
+    memory = engine_memory(engine)
+    if not (dist.is_initialized() and world > 1):
+        return [memory]
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, memory)
+    return per_rank
+
+
 def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     """Pretrain MPMA as ``recipe`` says; returns the final summary (also ``<output_dir>/summary.json``).
 
@@ -246,7 +279,6 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
     """
     from mpma_ds.models import create_model
     from mpma_ds.models.flops import training_flops_per_sample
-    from mpma_ds.tracking import build_logger, flatten_params
 
     setup = prepare(recipe, resume)
     cfg = recipe.train
@@ -275,18 +307,8 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
             for loader, state in zip(setup.loaders, rank_state["loaders"]):
                 loader.load_state_dict(state)
             set_rng_state(rank_state["rng"])
-        if rank == 0:
-            logger = build_logger(recipe.tracking, rank=0, run_dir=out, run_id=run_id)
-            run_id = logger.run_id
-        run_id = _broadcast_object(run_id)
-        if rank != 0:
-            logger = build_logger(recipe.tracking, rank=rank, run_dir=out, run_id=run_id)
-        if rank == 0:
-            save_recipe(recipe, out / "recipe.yaml")
-            (out / "ds_config.json").write_text(json.dumps(setup.ds_config, indent=2), encoding="utf-8")
-            logger.log_params({**flatten_params(recipe_to_dict(recipe)), **flatten_params(setup.ds_config, "ds")})
-            logger.log_artifact(out / "recipe.yaml")
-            logger.log_artifact(out / "ds_config.json")
+        logger = start_logging(recipe, setup, run_id)
+        run_id = logger.run_id
 
         meta = {
             "model_name": recipe.model.name,
@@ -374,13 +396,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> dict[str, Any]:
 
         if last_saved != step:
             checkpoint(step)
-        import torch.distributed as dist
-
-        memory = engine_memory(engine)  # after the steps: the optimizer state exists now
-        per_rank = [memory]
-        if dist.is_initialized() and world > 1:
-            per_rank = [None] * world
-            dist.all_gather_object(per_rank, memory)
+        per_rank = gather_memory(engine, world)  # after the steps: the optimizer state exists now
         wall = time.perf_counter() - t_start
         summary = {
             "step": step,
