@@ -37,7 +37,7 @@ format: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

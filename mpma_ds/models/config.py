@@ -17,6 +17,7 @@ from typing import Any, Literal
 TEXT_ARCHS = ("bert", "roberta")
 ATTN_IMPLS = ("sdpa", "eager")
 ALIGN_ON = ("masked", "full")
+GLOBAL_POOLS = ("mean", "cls")
 MEMORY_KV = ("concat", "gated_sum")
 
 
@@ -106,6 +107,12 @@ class MPMAConfig:
     align_on: Literal["masked", "full"] = "masked"
     """Which unimodal features GLA aligns: "masked" = those of the masked pass (no extra cost),
     "full" = an extra pass of both encoders on the unmasked image and report."""
+    global_pool: Literal["mean", "cls"] = "mean"
+    """How the pooled features of the global loss and `encode_image`/`encode_text` are taken: "mean" =
+    mean over the (visible) patch tokens and the attended report tokens, "cls" = the [CLS] token.
+    "mean" because encoders trained from scratch give nearly the same [CLS] output for every input at
+    initialisation (cosine ~0.9999), and the global InfoNCE then collapses to ln B instead of learning;
+    "cls" is the M3AE choice for encoders initialised from pretrained weights."""
     init_temperature: float = 0.07
     """Initial softmax temperature of both InfoNCE losses (learnable, as a log-scale)."""
     max_logit_scale: float = 100.0
@@ -165,8 +172,13 @@ class MPMAConfig:
             errors.append(f"in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.image_mask_ratio < 1.0:
             errors.append(f"image_mask_ratio must be in [0, 1), got {self.image_mask_ratio}")
-        for name in ("text_arch", "attn_impl", "align_on", "memory_kv"):
-            allowed = {"text_arch": TEXT_ARCHS, "attn_impl": ATTN_IMPLS, "align_on": ALIGN_ON}.get(name, MEMORY_KV)
+        for name in ("text_arch", "attn_impl", "align_on", "memory_kv", "global_pool"):
+            allowed = {
+                "text_arch": TEXT_ARCHS,
+                "attn_impl": ATTN_IMPLS,
+                "align_on": ALIGN_ON,
+                "global_pool": GLOBAL_POOLS,
+            }.get(name, MEMORY_KV)
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.decoder_width % 4:

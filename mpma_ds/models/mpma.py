@@ -125,15 +125,26 @@ class MPMA(nn.Module):
         txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
         return img, txt
 
+    def _pool_image(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, 1+K, Dv) encoder output -> (B, Dv) pooled feature (`config.global_pool`)."""
+        return img[:, 1:].mean(dim=1) if self.config.global_pool == "mean" else img[:, 0]
+
+    def _pool_text(self, txt: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, Dt) encoder output -> (B, Dt) pooled feature over attended tokens (`config.global_pool`)."""
+        if self.config.global_pool == "cls":
+            return txt[:, 0]
+        weights = attention_mask.to(txt.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (txt * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, embed_dim) L2-normalised embeddings (no masking)."""
         img = self.image_encoder(images)  # (B, 1+N, Dv)
-        return F.normalize(self.image_proj(img[:, 0]), dim=-1)
+        return F.normalize(self.image_proj(self._pool_image(img)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids + mask -> (B, embed_dim) L2-normalised embeddings of the [CLS] token."""
+        """(B, L) token ids + mask -> (B, embed_dim) L2-normalised pooled report embeddings."""
         txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_proj(txt[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self._pool_text(txt, attention_mask)), dim=-1)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -164,8 +175,8 @@ class MPMA(nn.Module):
             img_a, txt_a = self._unimodal(images, full_ids, attention_mask, None)
         else:
             img_a, txt_a = img, txt
-        img_emb = F.normalize(self.image_proj(img_a[:, 0]), dim=-1)  # (B, E)
-        txt_emb = F.normalize(self.text_proj(txt_a[:, 0]), dim=-1)  # (B, E)
+        img_emb = F.normalize(self.image_proj(self._pool_image(img_a)), dim=-1)  # (B, E)
+        txt_emb = F.normalize(self.text_proj(self._pool_text(txt_a, attention_mask)), dim=-1)  # (B, E)
         loss_global = self.global_loss(img_emb, txt_emb, self.rank, self.world_size)
         patch_feats = F.normalize(self.image_proj(img_a[:, 1:]), dim=-1)  # (B, K|N, E)
         token_feats = F.normalize(self.text_proj(txt_a), dim=-1)  # (B, L, E)
