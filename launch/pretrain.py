@@ -21,10 +21,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)",
+        help="override recipe keys, e.g. --set train.lr=3e-4 train.max_steps=100 (repeatable)",
     )
     parser.add_argument(
         "--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder"
