@@ -36,11 +36,11 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.plan import EpochStream, rank_range, seeded_rng, shard_order, steps_per_epoch
+from mpma_ds.data.plan import rank_range, seeded_rng, shard_order
 from mpma_ds.data.samples import SampleError, decode_meta, decode_text, make_batch
-from mpma_ds.data.shards import ShardIndex, index_path, load_shard_index
-from mpma_ds.data.transforms import AugParams, XrayTransform, draw_aug_params, eval_geometry
-from mpma_ds.data.wds_backend import encoder_from_config, mask_generator
+from mpma_ds.data.shards import ShardIndex, index_path
+from mpma_ds.data.transforms import AugParams, draw_aug_params, eval_geometry
+from mpma_ds.data.wds_backend import ShardStream, mask_generator
 
 
 def _dali():
@@ -89,7 +89,7 @@ def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
     return out
 
 
-class DaliStream(EpochStream):
+class DaliStream(ShardStream):
     """Batches from webdataset shards read and decoded by DALI pipelines."""
 
     backend = "dali"
@@ -107,21 +107,10 @@ class DaliStream(EpochStream):
         train: bool,
     ) -> None:
         self.fn, self.types, self.pipeline_def = _dali()
-        self.cfg = cfg
-        self.index = load_shard_index(shards)
-        self.batch_size = batch_size
-        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
-        total = self.resample_to or self.index.num_samples
         super().__init__(
+            cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed,
             train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            steps=steps_per_epoch(total, world_size, batch_size),
-            num_samples=total,
-        )
-        self.encoder = encoder_from_config(cfg, tokenizer)
-        self.transform = XrayTransform(cfg, train)
+        )  # fmt: skip
         self.augment = self.transform.augment
         self._tmp = tempfile.TemporaryDirectory(prefix="mpma-dali-idx-")
         self.idx_files = write_clean_indexes(self.index, Path(self._tmp.name))
@@ -137,9 +126,6 @@ class DaliStream(EpochStream):
         self._reader: Any = None
         self._resume_checkpoint: str | None = None
         self._decoder = self._build_decoder()
-
-    def _base_skipped(self) -> Counter:
-        return Counter(self.index.skipped)
 
     # -- pipelines -------------------------------------------------------------------------------------
     def _build_reader(self, epoch: int, checkpoint: str | None) -> Any:

@@ -88,6 +88,42 @@ def decode_image(data: bytes | None, key: str) -> Image.Image:
     return image
 
 
+class ShardStream(EpochStream):
+    """What both shard backends (wds, dali) share: the shard index, the epoch length (declared when
+    resampled), the per-rank step count, the report encoder and the image transform."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: str,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        train: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.index = load_shard_index(shards)
+        self.batch_size = batch_size
+        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
+        total = self.resample_to or self.index.num_samples
+        super().__init__(
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(total, world_size, batch_size),
+            num_samples=total,
+        )
+        self.encoder = encoder_from_config(cfg, tokenizer)
+        self.transform = XrayTransform(cfg, train)
+
+    def _base_skipped(self) -> Counter:
+        return Counter(self.index.skipped)
+
+
 class _BatchRun(IterableDataset):
     """Batches from ``(epoch, start_batch)`` on — endless over epochs for training, one pass for eval.
 
@@ -131,7 +167,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class WdsStream(EpochStream):
+class WdsStream(ShardStream):
     """Batches from webdataset shards with PIL decode in DataLoader workers."""
 
     backend = "wds"
@@ -148,25 +184,11 @@ class WdsStream(EpochStream):
         seed: int,
         train: bool,
     ) -> None:
-        self.cfg = cfg
-        self.index = load_shard_index(shards)
-        self.batch_size = batch_size
-        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
-        total = self.resample_to or self.index.num_samples
         super().__init__(
+            cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed,
             train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            steps=steps_per_epoch(total, world_size, batch_size),
-            num_samples=total,
-        )
-        self.encoder = encoder_from_config(cfg, tokenizer)
-        self.transform = XrayTransform(cfg, train)
+        )  # fmt: skip
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
-
-    def _base_skipped(self) -> Counter:
-        return Counter(self.index.skipped)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, valid)`` (steps, B) of this rank's batches in ``epoch``."""
