@@ -35,13 +35,13 @@ from tqdm import tqdm
 
 from data_tools import __version__
 from data_tools.reports import DEFAULT_SECTIONS, SECTION_SYNONYMS
+from data_tools.shard_format import SIZE_FIELDS, SPLITS, json_fields
 from data_tools.shard_writer import ShardWriter, sha256_file
-from data_tools.sources import SPLITS, Reject, ScanOptions, SourceError, SourceItem, SourceScan
+from data_tools.sources import Reject, ScanOptions, SourceError, SourceItem, SourceScan
 from data_tools.sources_images import ImageOptions, ImageRejected, encode_image
 
 FORMATS = ("mimic-cxr", "iu-xray", "manifest")
 STATE_DIR = ".build"
-JSON_FIELDS = ("source", "subject_id", "study_id", "image_id", "view", "split", "labels")
 
 
 class BuildError(Exception):
@@ -79,7 +79,7 @@ def encode_sample(item: SourceItem, image_opts: ImageOptions, views: tuple[str, 
         return "reject", Reject(
             item.input, "corrupt_image", f"{type(exc).__name__}: {exc}", key=item.key, split=item.split
         )
-    meta = {k: item.meta[k] for k in JSON_FIELDS}
+    meta = {k: item.meta[k] for k in json_fields(item.meta["source"]) if k not in SIZE_FIELDS}
     if meta["view"] is None and encoded.view:
         meta["view"] = encoded.view  # a DICOM's own ViewPosition
         if views is not None and encoded.view.upper() not in views:

@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.wds_index import format_index
+from data_tools.shard_format import format_index
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, fixed so that rebuilding gives identical bytes
 MAX_MEMBER_NAME = 100  # ustar name field; longer names would need GNU/pax extension headers

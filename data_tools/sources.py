@@ -16,10 +16,9 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
-from data_tools.labels import CHEXPERT_LABELS
 from data_tools.reports import DEFAULT_SECTIONS, count_words
+from data_tools.shard_format import CHEXPERT_LABELS
 
-SPLITS: tuple[str, ...] = ("train", "validate", "test")
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
 

@@ -19,8 +19,8 @@ import io
 import json
 from pathlib import Path
 
-from data_tools.labels import CHEXPERT_LABELS
 from data_tools.reports import extract_report_text, has_section_headers, normalize_whitespace
+from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.sources import (
     Reject,
     ScanOptions,

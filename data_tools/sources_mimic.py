@@ -13,8 +13,8 @@ import io
 import os
 from pathlib import Path
 
-from data_tools.labels import CHEXPERT_LABELS
 from data_tools.reports import extract_report_text
+from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.sources import (
     IMAGE_SUFFIXES,
     Reject,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS, SPLITS
 from data_tools.synth_images import render_radiograph
 from data_tools.synth_reports import labels_of, sample_findings, write_report
 
@@ -50,7 +50,6 @@ CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
 FAULT_KINDS = (
     "truncated_jpeg", "empty_file", "not_an_image", "empty_report", "report_without_images", "image_without_report",
 )  # fmt: skip
-SPLITS = ("train", "validate", "test")
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS
 
 Findings = dict[str, dict[str, Any]]
 

@@ -28,12 +28,18 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import (
+    ANSWER_TYPES,
+    CHEXPERT_LABELS,
+    LABEL_VALUES,
+    SAMPLE_MEMBERS,
+    VQA_SOURCES,
+    format_index,
+    json_fields,
+    normalize_answer,
+    split_name,
+)
 from data_tools.shard_writer import sha256_file
-from data_tools.wds_index import format_index, split_name
-
-SAMPLE_EXTS = {"jpg", "json", "txt"}
-JSON_FIELDS = ("source", "subject_id", "study_id", "image_id", "view", "split", "labels", "width", "height")
 
 
 @dataclass
@@ -49,10 +55,27 @@ class VerifyReport:
         return not self.problems
 
 
+def _check_vqa(where: str, meta: dict) -> list[str]:
+    """The QA fields of a VQA sample's JSON."""
+    problems = []
+    if meta["answer_type"] not in ANSWER_TYPES:
+        problems.append(
+            f"{where}.json: answer_type {meta['answer_type']!r} is not one of {', '.join(ANSWER_TYPES)}"
+        )
+    for name in ("qid", "question", "answer"):
+        if not isinstance(meta[name], str) or not meta[name].strip():
+            problems.append(f"{where}.json: {name} must be a non-empty string")
+    if isinstance(meta["answer"], str) and meta["answer"] != normalize_answer(meta["answer"]):
+        problems.append(
+            f"{where}.json: answer {meta['answer']!r} is not normalised (strip, lower case, one space)"
+        )
+    return problems
+
+
 def _check_sample(where: str, members: dict[str, bytes], split: str, image_size: int | None) -> list[str]:
     problems = []
-    if set(members) != SAMPLE_EXTS:
-        return [f"{where}: members {sorted(members)}, expected {sorted(SAMPLE_EXTS)}"]
+    if set(members) != set(SAMPLE_MEMBERS):
+        return [f"{where}: members {sorted(members)}, expected {sorted(SAMPLE_MEMBERS)}"]
     try:
         with Image.open(io.BytesIO(members["jpg"])) as img:
             img.load()
@@ -64,19 +87,23 @@ def _check_sample(where: str, members: dict[str, bytes], split: str, image_size:
         problems.append(f"{where}.jpg: does not decode ({exc})")
     try:
         meta = json.loads(members["json"].decode("utf-8"))
-        missing = [k for k in JSON_FIELDS if k not in meta]
+        if not isinstance(meta, dict):
+            raise json.JSONDecodeError("not an object", "", 0)
+        missing = [k for k in json_fields(meta.get("source")) if k not in meta]
         if missing:
             problems.append(f"{where}.json: missing field(s) {missing}")
         else:
             labels = meta["labels"]
             if not isinstance(labels, dict) or set(labels) != set(CHEXPERT_LABELS):
                 problems.append(f"{where}.json: labels must hold exactly the 14 CheXpert names")
-            elif any(v not in (1, 0, -1, None) or isinstance(v, bool) for v in labels.values()):
+            elif any(v not in LABEL_VALUES or isinstance(v, bool) for v in labels.values()):
                 problems.append(f"{where}.json: label values must be 1, 0, -1 or null")
             if meta["split"] != split:
                 problems.append(f"{where}.json: split {meta['split']!r} but the shard is in {split!r}")
             if not all(isinstance(meta[k], int) and meta[k] > 0 for k in ("width", "height")):
                 problems.append(f"{where}.json: width/height must be positive integers")
+            if meta["source"] in VQA_SOURCES:
+                problems.extend(_check_vqa(where, meta))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         problems.append(f"{where}.json: not valid UTF-8 JSON ({exc})")
     try:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.data.masking import ReportEncoder
 
 

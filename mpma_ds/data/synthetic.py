@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import EpochStream, epoch_batches, seeded_rng, steps_per_epoch
 from mpma_ds.data.samples import make_batch

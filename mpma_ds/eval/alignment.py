@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.eval.retrieval import DEFAULT_KS, first_pair_per_report, retrieval_metrics
 from mpma_ds.eval.zeroshot import prompt_scores, prompts_for, zero_shot_auroc
 

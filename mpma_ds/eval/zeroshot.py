@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from sklearn.metrics import roc_auc_score
 
-from data_tools.labels import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS
 
 # One (positive, negative) prompt pair per CheXpert observation, in the phrasing of MIMIC-CXR reports (which
 # the synthetic corpus imitates): the negative is how a report rules the finding out.

@@ -1,0 +1,208 @@
+"""The shard format (SPEC §4.2), written once: members, JSON fields, labels, split names, the `.idx`.
+
+`data_tools` writes and verifies shards with it and `mpma_ds.data` reads them with it, so both sides
+agree by construction. It imports only the standard library.
+
+A shard `OUT/<split>/shard-NNNNNN.tar` holds samples of three members, `<key>.jpg` (8-bit grayscale
+baseline JPEG), `<key>.txt` (UTF-8 text: the report, or the question of a VQA sample) and `<key>.json`
+(the fields below). Next to it, `shard-NNNNNN.idx` is a DALI webdataset index in exactly the format of
+DALI's `wds2idx` tool (`IndexCreator`):
+
+    v1.2 <number of samples>
+    <ext> <data offset> <size> <member name> <ext> <data offset> <size> <member name> ...   (one line per sample)
+
+where a sample is a run of consecutive regular-file members sharing the same basename (the name up to
+the first `.` after the last `/`), the data offset is the byte offset of the member's data (its header
+offset + 512) and members are listed in tar order. Older DALI releases write `v1.1` lines of
+`<ext> <offset> <size>` groups without names; `parse_index` reads both.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
+"""The 14 CheXpert observations, in the column order of `mimic-cxr-2.0.0-chexpert.csv`."""
+
+LABEL_VALUES: tuple[int | None, ...] = (1, 0, -1, None)
+"""What a label may hold in `<key>.json`: positive, negative, uncertain, unknown/blank."""
+
+SPLITS: tuple[str, ...] = ("train", "validate", "test")
+"""Split names (MIMIC-CXR's), in the order builds list them; other plain words are allowed after these."""
+
+SAMPLE_MEMBERS: tuple[str, ...] = ("jpg", "txt", "json")
+"""The members of every sample, image-report and VQA alike (a built shard holds exactly these)."""
+
+REQUIRED_MEMBERS: tuple[str, ...] = ("jpg", "txt")
+"""The members a reader cannot do without (a sample missing one is skipped and counted)."""
+
+SIZE_FIELDS: tuple[str, ...] = ("width", "height")
+"""The original image size, known only after decoding: always the last fields of `<key>.json`."""
+
+REPORT_FIELDS: tuple[str, ...] = (
+    "source",
+    "subject_id",
+    "study_id",
+    "image_id",
+    "view",
+    "split",
+    "labels",
+    *SIZE_FIELDS,
+)
+"""`<key>.json` of an image-report sample, in the order written. `subject_id` / `study_id` are strings,
+`labels` maps every name of `CHEXPERT_LABELS` to a value of `LABEL_VALUES`."""
+
+VQA_FIELDS: tuple[str, ...] = (
+    "source",
+    "subject_id",
+    "study_id",
+    "image_id",
+    "view",
+    "split",
+    "labels",
+    "qid",
+    "question",
+    "answer",
+    "answer_raw",
+    "answer_type",
+    "question_type",
+    "content_type",
+    "q_lang",
+    *SIZE_FIELDS,
+)
+"""`<key>.json` of a VQA sample (`source` in `VQA_SOURCES`), in the order written: the image-report
+fields (subject_id = study_id = the image id, view null, all 14 labels null) plus the QA entry: `qid`
+(string), `question`, `answer` (normalised by `normalize_answer`), `answer_raw` (as in the source),
+`answer_type` (one of `ANSWER_TYPES`), `question_type`, `content_type` (SLAKE; null for VQA-RAD),
+`q_lang`. `<key>.txt` holds the question text."""
+
+VQA_SOURCES: tuple[str, ...] = ("vqa-rad", "slake")
+"""`source` values of VQA samples."""
+
+ANSWER_TYPES: tuple[str, ...] = ("CLOSED", "OPEN")
+"""VQA answer types: CLOSED (yes/no and other fixed choices) and OPEN (free answers)."""
+
+INDEX_VERSION = "v1.2"
+"""The `.idx` version written (DALI `wds2idx`, with member names)."""
+
+
+def json_fields(source: str) -> tuple[str, ...]:
+    """The `<key>.json` fields of a sample from `source` (`VQA_FIELDS` or `REPORT_FIELDS`)."""
+    return VQA_FIELDS if source in VQA_SOURCES else REPORT_FIELDS
+
+
+def normalize_answer(text: str) -> str:
+    """A VQA answer as compared and stored: stripped, lower-cased, whitespace collapsed to one space."""
+    return " ".join(str(text).lower().split())
+
+
+def index_path(tar_path: str | Path) -> Path:
+    """The `.idx` beside `shard-NNNNNN.tar`."""
+    return Path(tar_path).with_suffix(".idx")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`("dir/key", "ext.more")` for `"dir/key.ext.more"`, as `wds2idx.IndexCreator.split_name`."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def format_index(members: list[tuple[str, int, int]]) -> str:
+    """The `.idx` text for tar members `[(name, data_offset, size), ...]` in tar order.
+
+    Raises:
+        ValueError: no sample at all (DALI's tool refuses an empty tar the same way).
+    """
+    bundles: list[list[tuple[str, int, int, str]]] = []
+    last = None
+    for name, offset, size in members:
+        base, ext = split_name(name)
+        if not base or base.endswith("/"):  # hidden files, as wds2idx
+            continue
+        if base != last:
+            bundles.append([])
+            last = base
+        bundles[-1].append((ext, offset, size, name))
+    if not bundles:
+        raise ValueError("webdataset tar file is empty")
+    lines = [f"{INDEX_VERSION} {len(bundles)}\n"]
+    for bundle in bundles:
+        lines.append(" ".join(" ".join(map(str, component)) for component in bundle) + "\n")
+    return "".join(lines)
+
+
+def tar_members(tar_path: str | Path) -> list[tuple[str, int, int]]:
+    """`[(name, data_offset, size)]` of the regular files in a tar, read from its real headers."""
+    with tarfile.open(tar_path, mode="r:") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
+
+
+def index_from_tar(tar_path: str | Path) -> str:
+    """The `.idx` text of an existing tar, computed from its headers."""
+    return format_index(tar_members(tar_path))
+
+
+def parse_index(text: str, path: str | Path | None = None) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """Parse `.idx` text (v1.2 with member names, or v1.1 without) into samples in file order.
+
+    Args:
+        text: the index file's content.
+        path: the index file, named in error messages; v1.1 keys (which the file does not hold) are
+            `<path stem>/<sample number:06d>`.
+
+    Returns:
+        `[(key, [(ext, offset, size), ...]), ...]`; blank lines are skipped.
+
+    Raises:
+        ValueError: not a wds2idx index, a malformed line (`path:line: ...`), or fewer/more samples than
+            the header says.
+    """
+    where = str(path) if path is not None else "index"
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise ValueError(f"{where} is not a wds2idx index (first line {lines[:1]}); recreate it with wds2idx")
+    header = lines[0].split()
+    stem = Path(path).stem if path is not None else "index"
+    out: list[tuple[str, list[tuple[str, int, int]]]] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields:
+            continue
+        width = 4 if header[0] == "v1.2" else 3
+        if len(fields) % width:
+            group = "'ext offset size name'" if width == 4 else "'ext offset size'"
+            raise ValueError(f"{where}:{lineno}: expected groups of {group}")
+        groups = [fields[i : i + width] for i in range(0, len(fields), width)]
+        if not all(g[1].isdigit() and g[2].isdigit() for g in groups):
+            raise ValueError(f"{where}:{lineno}: offset/size not integers")
+        members = [(g[0], int(g[1]), int(g[2])) for g in groups]
+        key = split_name(groups[0][3])[0] if width == 4 else f"{stem}/{lineno - 2:06d}"
+        out.append((key, members))
+    if len(header) > 1 and header[1].isdigit() and int(header[1]) != len(out):
+        raise ValueError(
+            f"{where}: header says {header[1]} samples but lists {len(out)}; recreate it with wds2idx"
+        )
+    return out
+
+
+def read_index(path: str | Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """`parse_index` of the file at `path` (errors name the file)."""
+    return parse_index(Path(path).read_text(encoding="utf-8"), path)
