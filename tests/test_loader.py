@@ -17,6 +17,7 @@ from mpma_ds import load_tokenizer
 from mpma_ds.data import DataConfig, build_loader
 from mpma_ds.data.plan import seeded_rng
 from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.stream import SampleRow
 from mpma_ds.data.transforms import draw_aug_params
 
 BACKENDS = ["wds", "dali"]
@@ -236,7 +237,7 @@ def test_augmented_pipelines_match_across_backends(shards, tokenizer):
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     data = np.frombuffer(buf.getvalue(), np.uint8)
-    rows = [(data, "t", {}, "k", True, (160, 200))] * 4
+    rows = [SampleRow(data, "t", {}, "k", True, (160, 200))] * 4
     params = [draw_aug_params(cfg, 160, 200, seeded_rng(i)) for i in range(4)]
     dali = stream._decode(rows, params)  # (4, 1, 48, 48)
     image = Image.open(io.BytesIO(buf.getvalue()))

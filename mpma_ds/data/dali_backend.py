@@ -14,8 +14,7 @@ Two DALI pipelines per rank:
   numeric pipeline.
 
 Between the two the host checks each JPEG's header and end marker (a corrupt or truncated image is
-skipped and counted, its slot refilled with a good sample of the batch flagged ``valid = False``), and
-tokenises and masks the text. Should DALI's decoder still fail on a batch, that batch is decoded on the
+skipped and counted under the stand-in policy of `stream.py`), and tokenises and masks the text. Should DALI's decoder still fail on a batch, that batch is decoded on the
 host with PIL (same parameters) instead of stopping the run.
 """
 
@@ -25,7 +24,6 @@ import base64
 import io
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,13 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from data_tools.shard_format import SAMPLE_MEMBERS, format_index, index_path
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.plan import rank_range, seeded_rng, shard_order
-from mpma_ds.data.samples import SampleError, decode_meta, decode_text, make_batch
-from mpma_ds.data.shards import ShardIndex, index_path
+from mpma_ds.data.plan import MadeBatch, rank_range, seeded_rng, shard_order
+from mpma_ds.data.samples import SampleError, decode_meta, decode_text
+from mpma_ds.data.shards import ShardIndex
+from mpma_ds.data.stream import SampleRow, ShardStream, collate_rows, mask_generator, read_batch_rows
 from mpma_ds.data.transforms import AugParams, draw_aug_params, eval_geometry
-from mpma_ds.data.wds_backend import ShardStream, mask_generator
 
 
 def _dali():
@@ -70,21 +69,21 @@ def jpeg_header(data: bytes, key: str) -> tuple[int, int]:
 
 
 def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
-    """``.idx`` files listing only the samples `load_shard_index` kept (so DALI never reads past a
-    truncated tar's end); the original index is used where nothing was dropped."""
+    """``.idx`` files listing only the samples of ``index`` (so DALI never reads past a truncated tar's end,
+    nor a sample outside a label-fraction subset); the original index is used where nothing was left out.
+
+    A shard with no sample left keeps its original path: `_build_reader` never lists an empty shard."""
     out = []
     counts = index.counts()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     for shard, path in enumerate(index.paths):
-        original = index_path(path)
-        lines = [line for line in original.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-        if len(lines) == counts[shard]:
-            out.append(str(original))
+        if counts[shard] in (0, index.listed[shard]):
+            out.append(str(index_path(path)))
             continue
         refs = [index.ref(i) for i in range(starts[shard], starts[shard + 1])]
         clean = folder / f"{shard:06d}-{path.stem}.idx"
-        body = [" ".join(f"{ext} {off} {size} {ref.key}.{ext}" for ext, off, size in ref.members) for ref in refs]
-        clean.write_text(f"v1.2 {len(refs)}\n" + "".join(line + "\n" for line in body), encoding="utf-8")
+        members = [(f"{ref.key}.{ext}", off, size) for ref in refs for ext, off, size in ref.members]
+        clean.write_text(format_index(members), encoding="utf-8")
         out.append(str(clean))
     return out
 
@@ -142,7 +141,7 @@ class DaliStream(ShardStream):
             jpg, txt, meta = fn.readers.webdataset(
                 paths=paths,
                 index_paths=idx,
-                ext=["jpg", "txt", "json"],
+                ext=list(SAMPLE_MEMBERS),  # jpg, txt, json: the order run() returns them in
                 missing_component_behavior="empty",
                 shard_id=self.rank,
                 num_shards=self.world_size,
@@ -231,7 +230,7 @@ class DaliStream(ShardStream):
         return pipe
 
     # -- iteration -------------------------------------------------------------------------------------
-    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         checkpoint = self._resume_checkpoint if start_batch else None
         self._resume_checkpoint = None
         self._reader = self._build_reader(epoch, checkpoint)
@@ -254,48 +253,34 @@ class DaliStream(ShardStream):
         finally:
             self._reader = None
 
-    def _make_batch(self, epoch: int, number: int, jpgs: Any, txts: Any, metas: Any, valid: list[bool]):
-        skipped: Counter = Counter()
-        rows: list[tuple[np.ndarray, str, dict, str, bool, tuple[int, int]]] = []
-        for slot in range(len(jpgs)):
+    def _make_batch(
+        self, epoch: int, number: int, jpgs: Any, txts: Any, metas: Any, valid: list[bool]
+    ) -> MadeBatch:
+        def read(slot: int, _: None, ok: bool) -> SampleRow:
             jpg = np.array(jpgs.at(slot), dtype=np.uint8)
             key = jpgs[slot].source_info() or f"{number}:{slot}"
-            try:
-                width, height = jpeg_header(jpg.tobytes(), key)
-                text = decode_text(np.array(txts.at(slot), dtype=np.uint8).tobytes())
-                meta = decode_meta(np.array(metas.at(slot), dtype=np.uint8).tobytes())
-            except SampleError as err:
-                if valid[slot]:
-                    skipped[err.reason] += 1
-                continue
-            rows.append((jpg, text, meta, sample_key(key), valid[slot], (width, height)))
-        if not rows:
-            raise RuntimeError(
-                f"every sample of batch {number} (epoch {epoch}, rank {self.rank}) is unreadable ({dict(skipped)})"
-            )
-        good = len(rows)
-        for fill in range(self.batch_size - good):  # keep the batch size: repeats flagged invalid
-            jpg, text, meta, key, _, dims = rows[fill % good]
-            rows.append((jpg, text, meta, key, False, dims))
+            size = jpeg_header(jpg.tobytes(), key)
+            text = decode_text(np.array(txts.at(slot), dtype=np.uint8).tobytes())
+            meta = decode_meta(np.array(metas.at(slot), dtype=np.uint8).tobytes())
+            return SampleRow(jpg, text, meta, sample_key(key), ok, size)
+
+        where = f"batch {number} (epoch {epoch}, rank {self.rank})"
+        rows, skipped = read_batch_rows(((None, v) for v in valid[: len(jpgs)]), read, where=where)
         params = [
-            draw_aug_params(self.cfg, w, h, seeded_rng(self.seed, epoch, self.rank, number, slot))
+            draw_aug_params(self.cfg, *row.size, seeded_rng(self.seed, epoch, self.rank, number, slot))
             if self.augment
             else None
-            for slot, (*_, (w, h)) in enumerate(rows)
+            for slot, row in enumerate(rows)
         ]
-        images = self._decode(rows, params)
+        images = self._decode(rows, params)  # (B, C, S, S)
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
-        batch = make_batch(
-            images, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-            [r[4] for r in rows], self.encoder, gen,
-        )  # fmt: skip
-        batch["_skipped"] = dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter
-        return batch
+        batch = collate_rows(rows, images, self.encoder, gen)
+        return batch, dict(skipped)
 
-    def _decode(self, rows: list, params: list[AugParams | None]) -> torch.Tensor:
+    def _decode(self, rows: list[SampleRow], params: list[AugParams | None]) -> torch.Tensor:
         """(B, C, S, S) float32 images from the decode pipeline (PIL on the host if DALI fails)."""
         pipe = self._decoder
-        pipe.feed_input("jpg", [r[0] for r in rows])
+        pipe.feed_input("jpg", [r.image for r in rows])
         if self.augment:
             pipe.feed_input("roi_start", [np.array([p.top, p.left], np.float32) for p in params])
             pipe.feed_input(
@@ -309,7 +294,7 @@ class DaliStream(ShardStream):
             if self.cfg.hflip:
                 pipe.feed_input("flip", [np.array(int(p.flip), np.int32) for p in params])
         else:
-            geometry = [eval_geometry(self.cfg, *r[5]) for r in rows]
+            geometry = [eval_geometry(self.cfg, *r.size) for r in rows]
             pipe.feed_input("resized", [np.array(g[:2], np.float32) for g in geometry])
             pipe.feed_input("anchor", [np.array(g[2:], np.int64) for g in geometry])
         try:
@@ -317,7 +302,7 @@ class DaliStream(ShardStream):
         except RuntimeError:
             # a JPEG that passed the header checks but breaks the decoder: decode this batch on the host
             self._decoder = self._build_decoder()
-            images = [Image.open(io.BytesIO(r[0].tobytes())) for r in rows]
+            images = [Image.open(io.BytesIO(r.image.tobytes())) for r in rows]
             return torch.stack([self.transform.apply(img, p) for img, p in zip(images, params)])
         from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 

@@ -17,9 +17,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpma_ds.data.batch import Batch
+
+MadeBatch = tuple["Batch", dict[str, int]]
+"""What a backend's epoch iterator yields: a batch and the samples skipped while making it, by reason."""
 
 
 def seeded_rng(*parts: int) -> np.random.Generator:
@@ -118,8 +124,8 @@ class EpochStream:
     """Endless (train) or one-pass (eval) iteration over epochs with an exact, resumable position.
 
     Subclasses implement ``_epoch_iter(epoch, start_batch)`` (or ``_run_iter`` to span epochs with one
-    iterator) yielding batch dicts; a batch may carry
-    ``"_skipped"`` (a ``Counter`` of samples skipped while making it), which is popped and accumulated.
+    iterator) yielding ``(batch, skipped)`` pairs: the batch, and the samples skipped while making it by
+    reason (a plain dict, accumulated into ``stats()``).
     """
 
     backend = "base"
@@ -137,14 +143,14 @@ class EpochStream:
         self._generation = 0
         self._active: Any = None  # the running epoch iterator (a generator or a DataLoader iterator)
 
-    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         raise NotImplementedError
 
     def _base_skipped(self) -> Counter:
         """Samples left out before iteration (bad index entries); counted once in ``stats()``."""
         return Counter()
 
-    def _run_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+    def _run_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         """Batches from ``(epoch, start_batch)`` on: endless over epochs (train) or to the end of the pass."""
         while True:
             epoch_iter = self._epoch_iter(epoch, start_batch)
@@ -156,15 +162,15 @@ class EpochStream:
                 return
             epoch, start_batch = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         generation = self._generation
         run = self._run_iter(self.epoch, self.batch_in_epoch)
         self._active = run
         try:
-            for batch in run:
+            for batch, skipped in run:
                 if generation != self._generation:  # load_state_dict() or close() was called: stale
                     return
-                self.skipped.update(batch.pop("_skipped", None) or {})
+                self.skipped.update(skipped)
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == self.steps_per_epoch:  # the position is the next epoch's start
                     self.batch_in_epoch = 0

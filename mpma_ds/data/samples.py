@@ -1,16 +1,19 @@
-"""One sample's bytes → checked text and metadata, and a list of samples → a batch (the batch contract)."""
+"""One sample: its members read at the ``.idx`` offsets, then checked and decoded (text, JSON, image).
+
+A member that cannot be used raises `SampleError`, whose ``reason`` is the counter the sample is skipped
+under (``skipped_bad_jpg``, ...); the stand-in policy of `stream.read_batch_rows` turns it into a
+``valid = False`` repeat, so one bad sample never stops a run.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import math
-from typing import Any
+from typing import Any, BinaryIO
 
-import numpy as np
-import torch
+from PIL import Image
 
-from data_tools.shard_format import CHEXPERT_LABELS
-from mpma_ds.data.masking import ReportEncoder
+from mpma_ds.data.shards import SampleRef, ShardIndex
 
 
 class SampleError(Exception):
@@ -19,6 +22,41 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class SampleReader:
+    """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open."""
+
+    def __init__(self, index: ShardIndex) -> None:
+        self.paths = index.paths
+        self._files: dict[int, BinaryIO] = {}
+
+    def _file(self, shard: int) -> BinaryIO:
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
+        return handle
+
+    def read(self, ref: SampleRef) -> dict[str, bytes]:
+        """Every member of ``ref`` in one seek and one read (a sample's members are adjacent in the tar)."""
+        handle = self._file(ref.shard)
+        start, end = ref.span()
+        handle.seek(start)
+        data = handle.read(end - start)
+        if len(data) != end - start:
+            raise SampleError("truncated", f"{self.paths[ref.shard].name}: {ref.key}")
+        return {ext: data[off - start : off - start + size] for ext, off, size in ref.members}
+
+    def read_member(self, shard: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of shard ``shard`` (fewer at a truncated end)."""
+        handle = self._file(shard)
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
 
 
 def decode_text(data: bytes | None) -> str:
@@ -47,34 +85,13 @@ def decode_meta(data: bytes | None) -> dict[str, Any]:
     return meta
 
 
-def labels_vector(meta: dict[str, Any]) -> np.ndarray:
-    """(14,) float32 CheXpert labels in `CHEXPERT_LABELS` order; NaN where blank or unknown."""
-    labels = meta.get("labels") or {}
-    out = np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
-    for i, name in enumerate(CHEXPERT_LABELS):
-        value = labels.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[i] = float(value)
-    return out
-
-
-def make_batch(
-    images: list[torch.Tensor] | torch.Tensor,
-    texts: list[str],
-    metas: list[dict[str, Any]],
-    keys: list[str],
-    valid: list[bool],
-    encoder: ReportEncoder,
-    generator: torch.Generator,
-) -> dict[str, Any]:
-    """Stack a batch: ``image`` (B, C, H, W) float32, text tensors (B, L) int64, ``labels`` (B, 14)
-    float32, ``valid`` (B,) bool, and ``key`` / ``text`` / ``meta`` lists."""
-    stacked = images if isinstance(images, torch.Tensor) else torch.stack(images)
-    batch: dict[str, Any] = {"image": stacked.contiguous()}  # (B, C, H, W)
-    batch.update(encoder(texts, generator))
-    batch["labels"] = torch.from_numpy(np.stack([labels_vector(m) for m in metas]))  # (B, 14)
-    batch["valid"] = torch.tensor(valid, dtype=torch.bool)  # (B,)
-    batch["key"] = list(keys)
-    batch["text"] = list(texts)
-    batch["meta"] = list(metas)
-    return batch
+def decode_image(data: bytes | None, key: str) -> Image.Image:
+    """The decoded JPEG (PIL, pixels loaded); a missing or undecodable image is a `SampleError`."""
+    if data is None:
+        raise SampleError("missing_jpg", key)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SampleError("bad_jpg", f"{key}: {err}") from err
+    return image

@@ -1,8 +1,10 @@
 """Find shards, read their DALI ``.idx`` files (the ``wds2idx`` format) and list the readable samples.
 
-Both real backends read the same list: a sample needs a ``.jpg`` and a ``.txt`` member that lie inside
-the tar file (a member cut off by a truncated tar is dropped here, counted by reason). This costs one
-``stat`` and one index parse per shard and never reads image bytes.
+Both real backends read the same list: a sample needs the `REQUIRED_MEMBERS` (``.jpg`` and ``.txt``) and
+every member must lie inside the tar file (a member cut off by a truncated tar is dropped here, counted by
+reason). This costs one ``stat`` and one index parse per shard and never reads image bytes. The format
+itself — member names, the ``.idx`` path and parser — is `data_tools.shard_format`, shared with the
+tools that write the shards.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-REQUIRED_MEMBERS = ("jpg", "txt")
-
-
-MEMBERS = ("jpg", "txt", "json")  # the members the loader reads; others in a sample are ignored
+from data_tools.shard_format import REQUIRED_MEMBERS, SAMPLE_MEMBERS, index_path, read_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +38,15 @@ class SampleRef:
 class ShardIndex:
     """The readable samples of a shard set, in shard order then file order, kept compact (MIMIC-CXR's
     ~377k samples cost ~60 MB, shared copy-on-write with DataLoader workers): flat sample ``i`` has key
-    ``keys[i]``, shard ``shard_of[i]`` and member offsets/sizes ``layout[i]`` (``MEMBERS`` order, -1 where
-    a member is absent)."""
+    ``keys[i]``, shard ``shard_of[i]`` and member offsets/sizes ``layout[i]`` (`SAMPLE_MEMBERS` order, -1
+    where a member is absent; other members of a sample are ignored)."""
 
     paths: list[Path]
     keys: list[str]
     shard_of: np.ndarray  # (N,) int32
-    layout: np.ndarray  # (N, 2 * len(MEMBERS)) int64: offset, size per member
+    layout: np.ndarray  # (N, 2 * len(SAMPLE_MEMBERS)) int64: offset, size per member
+    listed: list[int]
+    """Samples each shard's ``.idx`` lists (``counts()`` is less where some were left out)."""
     skipped: Counter = field(default_factory=Counter)
     """Samples left out at start, by reason (``truncated``, ``missing_jpg``, ``missing_txt``)."""
 
@@ -60,8 +61,26 @@ class ShardIndex:
     def ref(self, i: int) -> SampleRef:
         """Flat sample ``i``."""
         row = self.layout[i].tolist()
-        members = tuple((ext, row[2 * k], row[2 * k + 1]) for k, ext in enumerate(MEMBERS) if row[2 * k] >= 0)
+        members = tuple(
+            (ext, row[2 * k], row[2 * k + 1]) for k, ext in enumerate(SAMPLE_MEMBERS) if row[2 * k] >= 0
+        )
         return SampleRef(int(self.shard_of[i]), self.keys[i], members)
+
+    def member(self, ext: str) -> np.ndarray:
+        """(N, 2) int64 ``(offset, size)`` of member ``ext`` of every sample (-1 where absent)."""
+        k = SAMPLE_MEMBERS.index(ext)
+        return self.layout[:, 2 * k : 2 * k + 2]
+
+    def select(self, keep: np.ndarray) -> ShardIndex:
+        """The samples where ``keep`` (N,) bool is true, in the same order; same shards and skip counts."""
+        return ShardIndex(
+            self.paths,
+            [k for k, ok in zip(self.keys, keep.tolist()) if ok],
+            self.shard_of[keep],
+            self.layout[keep],
+            self.listed,
+            Counter(self.skipped),
+        )
 
 
 def resolve_shards(spec: str) -> list[Path]:
@@ -101,49 +120,19 @@ def resolve_shards(spec: str) -> list[Path]:
     return paths
 
 
-def index_path(tar_path: Path) -> Path:
-    """The ``.idx`` beside ``shard-NNNNNN.tar``."""
-    return tar_path.with_suffix(".idx")
-
-
-def parse_index(path: Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
-    """Parse a ``wds2idx`` file: ``v1.2 N`` then one line per sample ``ext offset size name ...``.
-
-    Returns ``[(key, [(ext, offset, size), ...]), ...]`` in file order.
-    """
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ValueError(f"{path} is not a wds2idx index (first line {lines[:1]}); recreate it with wds2idx")
-    header = lines[0].split()
-    out = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields:
-            continue
-        if header[0] == "v1.2":
-            if len(fields) % 4:
-                raise ValueError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
-            groups = [fields[i : i + 4] for i in range(0, len(fields), 4)]
-            members = [(g[0], int(g[1]), int(g[2])) for g in groups]
-            name = groups[0][3]
-            key = name[: name.find(".", name.rfind("/") + 1)]
-        else:  # v1.1: 'ext offset size' groups, no names
-            members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 3)]
-            key = f"{path.stem}/{lineno - 2:06d}"
-        out.append((key, members))
-    return out
-
-
 def load_shard_index(spec: str) -> ShardIndex:
     """Resolve ``spec`` and list its readable samples; an empty result is a clear error."""
     paths = resolve_shards(spec)
     keys: list[str] = []
     shard_of: list[int] = []
     layout: list[list[int]] = []
+    listed: list[int] = []
     skipped: Counter = Counter()
     for shard_no, path in enumerate(paths):
         size = path.stat().st_size
-        for key, members in parse_index(index_path(path)):
+        entries = read_index(index_path(path))
+        listed.append(len(entries))
+        for key, members in entries:
             found = {ext: (off, n) for ext, off, n in members}
             missing = [e for e in REQUIRED_MEMBERS if e not in found]
             if missing:
@@ -153,9 +142,9 @@ def load_shard_index(spec: str) -> ShardIndex:
             else:
                 keys.append(key)
                 shard_of.append(shard_no)
-                layout.append([v for ext in MEMBERS for v in found.get(ext, (-1, -1))])
+                layout.append([v for ext in SAMPLE_MEMBERS for v in found.get(ext, (-1, -1))])
     if not keys:
         raise FileNotFoundError(f"the shards of {spec!r} hold no readable samples (skipped: {dict(skipped)})")
     return ShardIndex(
-        paths, keys, np.asarray(shard_of, dtype=np.int32), np.asarray(layout, dtype=np.int64), skipped
+        paths, keys, np.asarray(shard_of, dtype=np.int32), np.asarray(layout, dtype=np.int64), listed, skipped
     )

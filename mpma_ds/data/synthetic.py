@@ -17,10 +17,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.data.batch import make_batch
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.plan import EpochStream, epoch_batches, seeded_rng, steps_per_epoch
-from mpma_ds.data.samples import make_batch
-from mpma_ds.data.wds_backend import encoder_from_config, mask_generator
+from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, seeded_rng, steps_per_epoch
+from mpma_ds.data.stream import encoder_from_config, mask_generator
 
 # finding → (phrase, blob centre (y, x) as fractions of the image, blob radius fraction)
 FINDINGS: dict[str, tuple[str, tuple[float, float], float]] = {
@@ -109,7 +109,7 @@ class SyntheticStream(EpochStream):
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
 
-    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         ids, valid = epoch_batches(
             self.counts,
             epoch=epoch if self.train else 0,
@@ -132,4 +132,4 @@ class SyntheticStream(EpochStream):
             images = torch.from_numpy((pixels - self.mean) / self.std)  # (B, C, S, S)
             keys = [m["image_id"] for m in metas]
             gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
-            yield make_batch(images, texts, metas, keys, valid[number].tolist(), self.encoder, gen)
+            yield make_batch(images, texts, metas, keys, valid[number].tolist(), self.encoder, gen), {}

@@ -1,0 +1,151 @@
+"""What the three backends share, in one place: the shard stream base, the stand-in policy for bad
+samples, the report encoder and the per-batch masking generator.
+
+`wds_backend`, `dali_backend` and `synthetic` are siblings: each imports from here (and from `plan`,
+`samples`, `batch`, `shards`, `transforms`), never from another backend.
+
+**Stand-in policy.** A sample that turns out unreadable while its batch is made (`SampleError`: a corrupt
+JPEG, undecodable or empty text, bad JSON) is skipped and counted under its reason — unless its slot was
+already remainder padding (``valid = False``), which would count it twice. Its slot is then filled with a
+repeat of a good sample of the same batch, flagged ``valid = False``, so the batch size and the number of
+batches per rank never change. A batch with no good sample at all is a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mpma_ds.data.batch import Batch, make_batch
+from mpma_ds.data.config import DataConfig
+from mpma_ds.data.masking import ReportEncoder, batch_generator
+from mpma_ds.data.plan import EpochStream, steps_per_epoch
+from mpma_ds.data.samples import SampleError
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.transforms import XrayTransform
+
+EVAL_MASK_SALT = 0xE7A1
+T = TypeVar("T")
+
+
+def mask_generator(seed: int, epoch: int, rank: int, batch: int, train: bool) -> torch.Generator:
+    """Masking RNG of one batch; eval ignores the epoch so every validation pass masks alike."""
+    return (
+        batch_generator(seed, epoch, rank, batch) if train else batch_generator(seed, EVAL_MASK_SALT, rank, batch)
+    )
+
+
+def encoder_from_config(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> ReportEncoder:
+    """The report encoder (tokenise, pad, whole-word MLM masking) the recipe's ``data:`` section asks for."""
+    return ReportEncoder(
+        tokenizer,
+        cfg.max_text_len,
+        probability=cfg.mlm_probability,
+        mask_fraction=cfg.mlm_mask_fraction,
+        random_fraction=cfg.mlm_random_fraction,
+        whole_word=cfg.whole_word_mask,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """One good sample of a batch as a backend holds it before collating."""
+
+    image: Any
+    """``wds``: the transformed (C, S, S) tensor; ``dali``: the JPEG bytes (uint8 array) still to decode."""
+    text: str
+    meta: dict[str, Any]
+    key: str
+    valid: bool
+    size: tuple[int, int] = (0, 0)
+    """``(width, height)`` of the source image, where the backend needs it before decoding (``dali``)."""
+
+
+def read_batch_rows(
+    slots: Iterable[tuple[T, bool]], read: Callable[[int, T, bool], SampleRow], *, where: str
+) -> tuple[list[SampleRow], Counter]:
+    """Read a batch's slots under the stand-in policy (module docstring).
+
+    Args:
+        slots: ``(item, valid)`` per slot, in batch order: what ``read`` needs to read the slot, and whether
+            the slot is a real sample (False: remainder padding).
+        read: ``read(slot, item, valid) -> SampleRow``; raises `SampleError` for an unusable sample.
+        where: names the batch in the error message (``"batch 3 (epoch 0, rank 1)"``).
+
+    Returns:
+        ``(rows, skipped)``: as many rows as slots — the good ones in slot order, then the stand-ins — and
+        the skipped samples by reason.
+
+    Raises:
+        RuntimeError: no slot of the batch is readable.
+    """
+    rows: list[SampleRow] = []
+    skipped: Counter = Counter()
+    size = 0
+    for slot, (item, ok) in enumerate(slots):
+        size += 1
+        try:
+            rows.append(read(slot, item, ok))
+        except SampleError as err:
+            if ok:  # a padding repeat of a bad sample is not counted twice
+                skipped[err.reason] += 1
+    if not rows:
+        raise RuntimeError(
+            f"every sample of {where} is unreadable ({dict(skipped)}); "
+            "check the shards with python -m data_tools.verify_shards"
+        )
+    good = len(rows)
+    rows += [dataclasses.replace(rows[fill % good], valid=False) for fill in range(size - good)]
+    return rows, skipped
+
+
+def collate_rows(
+    rows: list[SampleRow], images: list[torch.Tensor] | torch.Tensor, encoder: ReportEncoder, gen: torch.Generator
+) -> Batch:
+    """`make_batch` over ``rows`` with their ``images`` (decoded, transformed: (C, S, S) each or (B, C, S, S))."""
+    return make_batch(
+        images, [r.text for r in rows], [r.meta for r in rows], [r.key for r in rows], [r.valid for r in rows],
+        encoder, gen,
+    )  # fmt: skip
+
+
+class ShardStream(EpochStream):
+    """What both shard backends (wds, dali) share: the shard index, the epoch length (declared when
+    resampled), the per-rank step count, the report encoder and the image transform."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: str,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        train: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.index = load_shard_index(shards)
+        self.batch_size = batch_size
+        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
+        total = self.resample_to or self.index.num_samples
+        super().__init__(
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(total, world_size, batch_size),
+            num_samples=total,
+        )
+        self.encoder = encoder_from_config(cfg, tokenizer)
+        self.transform = XrayTransform(cfg, train)
+
+    def _base_skipped(self) -> Counter:
+        return Counter(self.index.skipped)
