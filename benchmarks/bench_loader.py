@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from data_tools.build_shards import build_shards
-from data_tools.synth_corpus import generate_corpus
+from data_tools.synth.corpus import generate_corpus
 from data_tools.train_tokenizer import train_tokenizer
 from mpma_ds import create_model, load_tokenizer
 from mpma_ds.data import DataConfig, build_loader

@@ -40,7 +40,7 @@ def _free_port() -> int:
 def make_tokenizer(work: Path) -> Path:
     """A small WordPiece tokenizer (≤ 1024 tokens) trained on synthetic reports: fits every model's vocab."""
     from data_tools.build_shards import build_shards
-    from data_tools.synth_corpus import generate_corpus
+    from data_tools.synth.corpus import generate_corpus
     from data_tools.train_tokenizer import train_tokenizer
 
     generate_corpus(work / "corpus", 24, 1, min_size=96, max_size=128)

@@ -27,7 +27,7 @@ trap 'rm -rf "$WORK"' EXIT
 import sys
 from pathlib import Path
 from data_tools.build_shards import build_shards
-from data_tools.synth_corpus import generate_corpus
+from data_tools.synth.corpus import generate_corpus
 from data_tools.train_tokenizer import train_tokenizer
 work = Path(sys.argv[1])
 generate_corpus(work / "corpus", 24, 1, min_size=96, max_size=128)

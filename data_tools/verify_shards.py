@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from data_tools.shard_build.writer import sha256_file
 from data_tools.shard_format import (
     ANSWER_TYPES,
     CHEXPERT_LABELS,
@@ -39,7 +40,6 @@ from data_tools.shard_format import (
     normalize_answer,
     split_name,
 )
-from data_tools.shard_writer import sha256_file
 
 
 @dataclass

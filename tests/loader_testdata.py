@@ -18,7 +18,7 @@ import webdataset as wds
 
 from data_tools.build_shards import build_shards
 from data_tools.shard_format import index_from_tar
-from data_tools.synth_corpus import generate_corpus
+from data_tools.synth.corpus import generate_corpus
 from data_tools.train_tokenizer import train_tokenizer
 
 STUDIES = 40

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 from data_tools.build_shards import build_shards
-from data_tools.synth_corpus import generate_corpus
+from data_tools.synth.corpus import generate_corpus
 
 STUDIES = 16
 SEED = 3

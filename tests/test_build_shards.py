@@ -19,9 +19,9 @@ from PIL import Image
 from shards_testdata import IMAGE_SIZE, SHARD_SIZE, build_files, faults, read_shards, reference_build, synth_corpus
 
 from data_tools.build_shards import BuildError, build_shards, main
-from data_tools.reports import extract_report_text
 from data_tools.shard_format import CHEXPERT_LABELS, parse_index
-from data_tools.sources import hash_split
+from data_tools.sources.common import hash_split
+from data_tools.sources.report_text import extract_report_text
 
 REPO = Path(__file__).resolve().parents[1]
 # What each synth_corpus fault must become in rejects.jsonl.

@@ -18,7 +18,7 @@ from PIL import Image
 from shards_testdata import read_shards
 
 from data_tools.build_shards import build_shards
-from data_tools.sources_iu import parse_iu_xml
+from data_tools.sources.iu import parse_iu_xml
 
 _spec = importlib.util.find_spec("torchxrayvision")
 REPORTS_TGZ = Path(_spec.submodule_search_locations[0]) / "data" / "NLMCXR_reports.tgz" if _spec else None

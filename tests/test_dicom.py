@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from data_tools.build_shards import build_shards
-from data_tools.dicom_io import read_dicom
-from data_tools.sources_images import ImageRejected
+from data_tools.sources.common import ImageRejected
+from data_tools.sources.dicom import read_dicom
 
 UNCR = get_testdata_file("RG1_UNCR.dcm")  # real PA chest CR, MONOCHROME1, 15 bits stored, window 15000/30000
 J2KR = get_testdata_file("RG1_J2KR.dcm")  # the same image, JPEG 2000 lossless

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_tools.reports import (
+from data_tools.sources.report_text import (
     count_words,
     extract_report_text,
     has_section_headers,

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.shard_format import CHEXPERT_LABELS
-from data_tools.synth_corpus import FAULT_KINDS, METADATA_COLUMNS, generate_corpus, main, plan_corpus
-from data_tools.synth_images import render_radiograph
-from data_tools.synth_reports import labels_of
+from data_tools.synth.corpus import FAULT_KINDS, METADATA_COLUMNS, generate_corpus, plan_corpus
+from data_tools.synth.images import render_radiograph
+from data_tools.synth.reports import labels_of
+from data_tools.synth_corpus import main
 
 STUDIES, SEED = 70, 7
 

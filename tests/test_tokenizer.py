@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import mpma_ds
-from data_tools.synth_corpus import plan_corpus
+from data_tools.synth.corpus import plan_corpus
 from data_tools.train_tokenizer import SPECIAL_TOKENS, TokenizerDataError, main, train_tokenizer
 
 VOCAB = 600

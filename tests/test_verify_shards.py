@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from shards_testdata import read_shards, reference_build
 
-from data_tools.shard_writer import ShardWriter
+from data_tools.shard_build.writer import ShardWriter
 from data_tools.verify_shards import main, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]

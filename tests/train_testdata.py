@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 
 from data_tools.build_shards import build_shards
-from data_tools.synth_corpus import generate_corpus
+from data_tools.synth.corpus import generate_corpus
 from data_tools.train_tokenizer import train_tokenizer
 
 STUDIES = 48

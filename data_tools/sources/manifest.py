@@ -19,9 +19,8 @@ import io
 import json
 from pathlib import Path
 
-from data_tools.reports import extract_report_text, has_section_headers, normalize_whitespace
 from data_tools.shard_format import CHEXPERT_LABELS
-from data_tools.sources import (
+from data_tools.sources.common import (
     Reject,
     ScanOptions,
     SourceError,
@@ -36,6 +35,7 @@ from data_tools.sources import (
     parse_label,
     view_allowed,
 )
+from data_tools.sources.report_text import extract_report_text, has_section_headers, normalize_whitespace
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "img")
 TEXT_COLUMNS = ("text", "report", "caption", "findings")

@@ -14,8 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.reports import extract_report_text, section_name
-from data_tools.sources import (
+from data_tools.sources.common import (
     IMAGE_SUFFIXES,
     Reject,
     ScanOptions,
@@ -28,6 +27,7 @@ from data_tools.sources import (
     hash_split,
     make_key,
 )
+from data_tools.sources.report_text import extract_report_text, section_name
 
 
 @dataclass

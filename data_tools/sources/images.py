@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_tools.sources.common import ImageRejected
+from data_tools.sources.dicom import read_dicom
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-class ImageRejected(Exception):
-    """An input image that cannot go into a shard; `reason` is the code written to `rejects.jsonl`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -98,7 +92,7 @@ def encode_image(path: str | Path, opts: ImageOptions) -> EncodedImage:
 
     Raises:
         ImageRejected: `missing_image`, `empty_file`, `not_an_image`, `corrupt_image`,
-        `image_too_small`, `bad_aspect`, or a DICOM reason from `data_tools.dicom_io.read_dicom`.
+        `image_too_small`, `bad_aspect`, or a DICOM reason from `data_tools.sources.dicom.read_dicom`.
     """
     path = Path(path)
     try:
@@ -110,8 +104,6 @@ def encode_image(path: str | Path, opts: ImageOptions) -> EncodedImage:
 
     view = None
     if _is_dicom(path):
-        from data_tools.dicom_io import read_dicom
-
         pixels, info = read_dicom(path)
         width, height, view = info["width"], info["height"], info["view"]
         _check_geometry(width, height, opts)

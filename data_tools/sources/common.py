@@ -1,13 +1,10 @@
-"""The three corpus formats `build_shards` reads (SPEC §4.1), turned into one list of planned samples.
+"""What every source reader shares: the planned sample, the reject, the scan options and the rules
+for keys, splits, labels and reports.
 
 Each reader walks its input once, in a sorted (deterministic) order, and returns a `SourceScan`:
 the `SourceItem`s that go to the image workers and the `Reject`s already known from the metadata
 (missing or empty reports, filtered views, reports without images, missing image files). Image-level
-problems (corrupt files, no codec, size) are found later by the workers.
-
-- `mimic-cxr`: see `data_tools.sources_mimic.scan_mimic_cxr`.
-- `iu-xray`: see `data_tools.sources_iu.scan_iu_xray`.
-- `manifest`: see `data_tools.sources_manifest.scan_manifest`.
+problems (corrupt files, no codec, size) are found later by the workers, as `ImageRejected`.
 """
 
 from __future__ import annotations
@@ -16,8 +13,8 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
-from data_tools.reports import DEFAULT_SECTIONS, count_words
 from data_tools.shard_format import CHEXPERT_LABELS
+from data_tools.sources.report_text import DEFAULT_SECTIONS, count_words
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
@@ -27,12 +24,21 @@ class SourceError(Exception):
     """The input cannot be read at all (wrong folder, missing column ...): a one-line message for the CLI."""
 
 
+class ImageRejected(Exception):
+    """An input image that cannot go into a shard; `reason` is the code written to `rejects.jsonl`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class ScanOptions:
     """Filters and split rules applied while scanning (all part of the build's identity)."""
 
     sections: tuple[str, ...] = DEFAULT_SECTIONS
-    """Report sections kept, in this order (standard names of `data_tools.reports`)."""
+    """Report sections kept, in this order (standard names of `data_tools.sources.report_text`)."""
     views: tuple[str, ...] | None = ("PA", "AP")
     """View positions kept; `None` keeps all. Images whose view is unknown are kept."""
     min_words: int = 3
@@ -58,7 +64,7 @@ class SourceItem:
     text: str
     """Report text stored in `<key>.txt`."""
     meta: dict
-    """`<key>.json` minus width/height: source, subject_id, study_id, image_id, view, split, labels."""
+    """`<key>.json` minus width/height (`shard_format.REPORT_FIELDS`, or `VQA_FIELDS` for a VQA sample)."""
 
     @property
     def split(self) -> str:
@@ -87,6 +93,8 @@ class Reject:
 class SourceScan:
     items: list[SourceItem] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Lines about the input worth telling the user (e.g. a VQA set without a validation file)."""
 
     @property
     def num_images(self) -> int:

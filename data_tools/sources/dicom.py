@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.sources_images import ImageRejected
+from data_tools.sources.common import ImageRejected
 
 
 def _voi_window(arr: np.ndarray, ds) -> np.ndarray:  # (H, W) float64 -> (H, W) in [0, 1]

@@ -13,9 +13,8 @@ import io
 import os
 from pathlib import Path
 
-from data_tools.reports import extract_report_text
 from data_tools.shard_format import CHEXPERT_LABELS
-from data_tools.sources import (
+from data_tools.sources.common import (
     IMAGE_SUFFIXES,
     Reject,
     ScanOptions,
@@ -31,6 +30,7 @@ from data_tools.sources import (
     parse_label,
     view_allowed,
 )
+from data_tools.sources.report_text import extract_report_text
 
 
 def find_table(root: Path, stem: str) -> Path | None:
