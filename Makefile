@@ -24,7 +24,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mpma_ds.demo
+	$(PY) launch/demo.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -2,15 +2,37 @@
 
 from setuptools import find_packages, setup
 
+# The one version source: both packages read it back with importlib.metadata.version("mpma-ds").
+VERSION = "0.1.0"
+
 setup(
     name="mpma-ds",
-    version="0.1.0",
+    version=VERSION,
     description="MPMA (Multi-task Paired Masking with Alignment) pretraining with DeepSpeed, DALI and MLflow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mpma_ds", "mpma_ds.*", "data_tools", "data_tools.*"]),
-    include_package_data=True,
+    # DeepSpeed configs and recipes are found by name from any folder (deepspeed_config: cpu_zero3,
+    # --config pretrain_tiny); py.typed: the packages ship their type hints.
+    package_data={
+        "mpma_ds": ["py.typed", "ds_configs/*.json", "recipes/*.yaml"],
+        "data_tools": ["py.typed"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mpma-pretrain = mpma_ds.cli.pretrain:main",
+            "mpma-finetune = mpma_ds.cli.finetune:main",
+            "mpma-export = mpma_ds.cli.export:main",
+            "mpma-evaluate = mpma_ds.cli.evaluate:main",
+            "mpma-compare = mpma_ds.cli.compare:main",
+            "mpma-synth-corpus = data_tools.synth_corpus:main",
+            "mpma-synth-vqa = data_tools.synth_vqa:main",
+            "mpma-build-shards = data_tools.build_shards:main",
+            "mpma-verify-shards = data_tools.verify_shards:main",
+            "mpma-train-tokenizer = data_tools.train_tokenizer:main",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

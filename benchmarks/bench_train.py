@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from mpma_ds.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,12 +30,6 @@ MODEL_SETTINGS = {  # image size, micro-batch per rank
     "mpma_tiny": (128, 8),
     "mpma_small": (224, 2),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_tokenizer(work: Path) -> Path:
@@ -71,7 +66,7 @@ def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path)
         "tracking.enabled": False,
         "deepspeed_config": f"ds_configs/{ds_config}",
     }
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     cmd += [str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "launch/configs/pretrain_tiny.yaml")]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]

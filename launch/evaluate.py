@@ -1,71 +1,11 @@
-#!/usr/bin/env python
 """Evaluate an exported MPMA model (or a randomly initialised twin) on a shard split: image<->report retrieval
-R@1/5/10 both ways and zero-shot CheXpert AUROC. Prints a table, writes results.json + metrics.jsonl to
---out-dir and logs an "eval" run to MLflow tagged with what it evaluated.
 
-    python launch/evaluate.py --model exported/tiny --shards data/shards
-    python launch/evaluate.py --random-init mpma_tiny --recipe runs/tiny/recipe.yaml --shards data/shards
+Installed as ``mpma-evaluate``; the command lives in ``mpma_ds.cli.evaluate``.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="exported model folder (launch/export.py --out)")
-    which.add_argument("--random-init", metavar="NAME", help="a randomly initialised model of this architecture")
-    p.add_argument(
-        "--shards", required=True, help="shard build folder (holding validate/ ...) or one split folder"
-    )
-    p.add_argument("--split", default="validate", help="split to evaluate (default: validate)")
-    p.add_argument("--recipe", help="training recipe YAML: preprocessing and, with --random-init, model overrides "
-                   "(default: the model folder's recipe.yaml)")  # fmt: skip
-    p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL/text_encoder, else the recipe's)")
-    p.add_argument("--backend", choices=("wds", "dali"), help="loader backend (default: the recipe's, else wds)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = the whole split)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument(
-        "--out-dir", help="where results.json and metrics.jsonl go (default: eval_results/<name>-<split>)"
-    )
-    p.add_argument("--name", help="name of this evaluation (table column, MLflow run name)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
-    p.add_argument("--no-mlflow", action="store_true", help="only write the local files")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
-
-
-def run(args: argparse.Namespace) -> int:
-    from mpma_ds.eval.split_eval import format_table, run_evaluation
-
-    result = run_evaluation(
-        shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
-        tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
-        seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, mlflow=not args.no_mlflow,
-    )  # fmt: skip
-    print(format_table({result["name"]: result["metrics"]}))
-    run = f"  (MLflow run {result['run_id']})" if result["run_id"] else ""
-    print(f"results: {Path(result['out_dir']) / 'results.json'}{run}")
-    return 0
-
+from mpma_ds.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

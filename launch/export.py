@@ -1,46 +1,11 @@
-#!/usr/bin/env python
 """Export a DeepSpeed training checkpoint to a folder loadable without DeepSpeed.
 
-    python launch/export.py --checkpoint runs/tiny --out exported/tiny
-
-OUT loads with ``mpma_ds.MPMA.from_pretrained(OUT)``, ``transformers.AutoModel.from_pretrained(OUT/text_encoder)``
-(tokenizer beside it) and ``timm.create_model("local-dir:OUT/image_encoder")``.
+Installed as ``mpma-export``; the command lives in ``mpma_ds.cli.export``.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one checkpoints/step_* folder"
-    )
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder (default: the recipe's data.tokenizer)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    args = parser.parse_args(argv)
-
-    from mpma_ds.export import ExportError, export_checkpoint
-
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError, ValueError) as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    print(f"  mpma_ds.MPMA.from_pretrained('{out}')")
-    print(f"  transformers.AutoModel.from_pretrained('{out / 'text_encoder'}')")
-    print(f"  timm.create_model('local-dir:{out / 'image_encoder'}')")
-    return 0
-
+from mpma_ds.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,13 @@ The stable Python API (SPEC §5a)::
     tok = mpma_ds.load_tokenizer(folder)
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from mpma_ds.models import MPMA, MPMAConfig, create_model, list_models
 from mpma_ds.tokenizer import load_tokenizer
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("mpma-ds")  # the one version source is setup.py
+except PackageNotFoundError:  # a checkout on sys.path without `pip install`
+    __version__ = "0+unknown"
 __all__ = ["MPMA", "MPMAConfig", "create_model", "list_models", "load_tokenizer", "__version__"]

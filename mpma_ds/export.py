@@ -1,15 +1,16 @@
-"""Consolidate a DeepSpeed (ZeRO-1/2/3) training checkpoint into one folder usable without DeepSpeed.
+"""Consolidate a DeepSpeed (ZeRO-1/2/3) pretraining checkpoint into one folder usable without DeepSpeed.
 
 The output is ``MPMA.save_pretrained`` layout::
 
     OUT/config.json, OUT/model.safetensors      ->  mpma_ds.MPMA.from_pretrained(OUT)
     OUT/text_encoder/  (+ the tokenizer files)   ->  transformers.AutoModel / AutoTokenizer.from_pretrained
     OUT/image_encoder/                           ->  timm.create_model("local-dir:OUT/image_encoder")
-    OUT/recipe.yaml                              the training recipe (evaluate.py reads its preprocessing)
-    OUT/export_info.json                         which checkpoint, step, when
+    OUT/recipe.yaml                              the training recipe (evaluation reads its preprocessing)
+    OUT/export_info.json                         which checkpoint, step, MLflow run, when
 
 The weights are DeepSpeed's own consolidation (``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``):
-the fp32 master copy, merged over every rank's partition.
+the fp32 master copy, merged over every rank's partition. ``load_pretraining_checkpoint`` gives the same
+weights as an in-memory ``MPMA`` (fine-tuning initialised from a pretraining run folder).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mpma_ds.training.checkpoint import COMPLETE_FILE, LATEST_FILE, TAG_PREFIX, complete_tags
+from mpma_ds.training.recipe import RECIPE_FILE, Recipe, load_recipe
 
-RECIPE_FILE = "recipe.yaml"
 INFO_FILE = "export_info.json"
 
 
@@ -80,41 +79,33 @@ def check_complete(tag_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def read_run_recipe(tag_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The run's ``recipe.yaml`` (two levels above the tag folder) as a plain dict, and its path."""
+def read_run_recipe(tag_dir: Path) -> tuple[Recipe, Path]:
+    """The run's typed recipe (``recipe.yaml`` two levels above the tag folder) and its path; files it names
+    are not checked (the run may come from another machine)."""
     path = tag_dir.parent.parent / RECIPE_FILE
     if not path.is_file():
         raise ExportError(
             f"{path} is missing: the run folder must hold the recipe it was trained with (it names the "
             "architecture and tokenizer)"
         )
+    try:
+        recipe = load_run_recipe(path)
+    except ValueError as err:
+        raise ExportError(f"{path} is not a usable training recipe: {err}") from err
+    return recipe, path
+
+
+def load_run_recipe(path: Path) -> Recipe:
+    """A run folder's saved recipe as the typed recipe it was: a fine-tuning recipe when it has a ``task``
+    section, else a pretraining one (``check_files=False``)."""
+    import yaml
+
     tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(tree.get("model"), dict) or "name" not in tree["model"]:
-        raise ExportError(f"{path} has no model.name; it is not a training recipe")
-    return tree, path
+    if isinstance(tree, dict) and "task" in tree:
+        from mpma_ds.tasks.config import FinetuneRecipe
 
-
-def build_model_for(recipe: dict[str, Any], meta: dict[str, Any]):
-    """The architecture the checkpoint was trained with: the recipe's ``model.name`` + ``model.overrides``,
-    checked against the architecture fields ``complete.json`` recorded (so an edited recipe is caught)."""
-    from mpma_ds.models import MPMA, get_model_config
-
-    section = recipe["model"]
-    config = get_model_config(section["name"], **(section.get("overrides") or {}))
-    saved = meta.get("model_config")
-    if isinstance(saved, dict) and saved:
-        mine = config.to_dict()
-        differ = sorted(k for k, v in saved.items() if k in mine and _plain(mine[k]) != _plain(v))
-        if differ:
-            raise ExportError(
-                f"the run's recipe builds a model that differs from the checkpoint's in {', '.join(differ[:6])}; "
-                "was the recipe edited after training?"
-            )
-    return MPMA(config)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+        return load_recipe(path, check_files=False, cls=FinetuneRecipe)
+    return load_recipe(path, check_files=False)
 
 
 def resolve_tokenizer(path: str | None, run_dir: Path) -> Path | None:
@@ -128,48 +119,47 @@ def resolve_tokenizer(path: str | None, run_dir: Path) -> Path | None:
     return None
 
 
-def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, overwrite: bool = False
-) -> Path:
-    """Export a training checkpoint to ``out`` (see the module docstring) and return ``out``.
-
-    Args:
-        checkpoint: a run folder, its ``checkpoints/`` folder or one ``step_*`` tag folder.
-        out: the folder to create; written beside as ``<out>.partial`` and renamed when complete.
-        tokenizer: tokenizer folder to copy beside the text encoder (default: the recipe's ``data.tokenizer``).
-        overwrite: replace an existing ``out``.
-    Raises:
-        ExportError: a missing/incomplete checkpoint, a missing recipe or tokenizer, weights that do not
-            match the architecture, or an existing ``out`` without ``overwrite``.
-    """
-    import torch
+def consolidated_weights(tag_dir: Path) -> dict[str, Any]:
+    """DeepSpeed's fp32 consolidation of a checkpoint, keys as the wrapped module's ``state_dict()``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mpma_ds.tokenizer import load_tokenizer
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass --overwrite or another --out")
-    tag_dir = find_tag_dir(checkpoint)
-    meta = check_complete(tag_dir)
-    recipe, recipe_path = read_run_recipe(tag_dir)
-    run_dir = recipe_path.parent
-    tok_dir = (
-        Path(tokenizer) if tokenizer else resolve_tokenizer((recipe.get("data") or {}).get("tokenizer"), run_dir)
-    )
-    if tok_dir is None or not tok_dir.is_dir():
-        raise ExportError(
-            f"tokenizer folder {tokenizer or (recipe.get('data') or {}).get('tokenizer')!r} (from {recipe_path} "
-            "data.tokenizer) not found; pass --tokenizer DIR"
-        )
-    tok = load_tokenizer(tok_dir)
-
-    model = build_model_for(recipe, meta)
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
         raise ExportError(f"DeepSpeed could not consolidate {tag_dir}: {err}") from err
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretraining_checkpoint(checkpoint: str | Path):
+    """``(MPMA with the checkpoint's weights, tag_dir, meta, recipe)`` of a pretraining run / checkpoint folder.
+
+    Raises:
+        ExportError: missing/incomplete checkpoint, missing recipe, a fine-tuning run, weights that do not match
+            the recorded architecture.
+    """
+    import torch
+
+    from mpma_ds.models import MPMA
+    from mpma_ds.models.config import check_same_architecture
+
+    tag_dir = find_tag_dir(checkpoint)
+    meta = check_complete(tag_dir)
+    recipe, recipe_path = read_run_recipe(tag_dir)
+    if recipe.kind != "pretrain" or meta.get("task", "pretrain") != "pretrain":
+        raise ExportError(
+            f"{tag_dir} is a fine-tuning checkpoint (task {meta.get('task')!r}); export and init.from take "
+            "pretraining runs — its metrics are in the run folder's summary.json"
+        )
+    config = recipe.model.config
+    try:
+        check_same_architecture(
+            meta.get("model_config"), config, where=f"checkpoint {tag_dir.name}",
+            fix=f"was {recipe_path} edited after training?",
+        )  # fmt: skip
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    model = MPMA(config)
+    state = consolidated_weights(tag_dir)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -183,6 +173,40 @@ def export_checkpoint(
         raise ExportError(f"{tag_dir}: shapes differ from the architecture for {bad[:4]}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.eval()
+    return model, tag_dir, meta, recipe
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Export a pretraining checkpoint to ``out`` (see the module docstring) and return ``out``.
+
+    Args:
+        checkpoint: a run folder, its ``checkpoints/`` folder or one ``step_*`` tag folder.
+        out: the folder to create; written beside as ``<out>.partial`` and renamed when complete.
+        tokenizer: tokenizer folder to copy beside the text encoder (default: the recipe's ``data.tokenizer``).
+        overwrite: replace an existing ``out``.
+    Raises:
+        ExportError: a missing/incomplete checkpoint, a missing recipe or tokenizer, weights that do not
+            match the architecture, or an existing ``out`` without ``overwrite``.
+    """
+    from mpma_ds.tokenizer import load_tokenizer
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; pass --overwrite or another --out")
+    tag_dir = find_tag_dir(checkpoint)
+    check_complete(tag_dir)
+    recipe, recipe_path = read_run_recipe(tag_dir)
+    run_dir = recipe_path.parent
+    tok_dir = Path(tokenizer) if tokenizer else resolve_tokenizer(recipe.data.tokenizer, run_dir)
+    if tok_dir is None or not tok_dir.is_dir():
+        raise ExportError(
+            f"tokenizer folder {tokenizer or recipe.data.tokenizer!r} (from {recipe_path} data.tokenizer) not "
+            "found; pass --tokenizer DIR"
+        )
+    tok = load_tokenizer(tok_dir)
+    model, tag_dir, meta, _ = load_pretraining_checkpoint(tag_dir)
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -194,6 +218,7 @@ def export_checkpoint(
         "step": meta.get("step"),
         "tag": tag_dir.name,
         "world_size": meta.get("world_size"),
+        "mlflow_run_id": meta.get("mlflow_run_id"),
         "tokenizer": str(tok_dir.resolve()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

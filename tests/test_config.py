@@ -12,17 +12,12 @@ import torch
 import mpma_ds
 from mpma_ds.models import get_model_config
 from mpma_ds.training import RecipeError, load_recipe, recipe_to_dict, save_recipe
-from mpma_ds.training.engine import (
-    WarmupDecay,
-    gradient_accumulation_steps,
-    load_ds_config,
-    param_groups,
-    resolve_ds_config,
-)
+from mpma_ds.training.ds_config import gradient_accumulation_steps, load_ds_config, resolve_ds_config
+from mpma_ds.training.engine import WarmupDecay, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
-DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+DS_CONFIGS = sorted((ROOT / "mpma_ds" / "ds_configs").glob("*.json"))
 
 
 def test_repo_ships_the_recipes_and_ds_configs_the_spec_names():
@@ -82,7 +77,7 @@ def test_set_overrides_are_typed_and_the_saved_recipe_round_trips(tmp_path):
     recipe = load_recipe(
         ROOT / "launch/configs/pretrain_tiny.yaml",
         ["train.lr=3e-4", "train.max_steps=7", "data.backend=synthetic", "model.overrides.memory_slots=0",
-         "tracking.run_name=abc", "train.betas=[0.8, 0.9]", "deepspeed_config=ds_configs/cpu_zero2.json"],
+         "tracking.run_name=abc", "train.betas=[0.8, 0.9]", "deepspeed_config=cpu_zero2"],
     )  # fmt: skip
     assert recipe.train.lr == pytest.approx(3e-4) and isinstance(recipe.train.lr, float)
     assert recipe.train.max_steps == 7 and recipe.data.backend == "synthetic"
@@ -109,6 +104,11 @@ def test_set_overrides_are_typed_and_the_saved_recipe_round_trips(tmp_path):
         (["train.schedule=step"], "train.schedule must be one of"),
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
         (["deepspeed_config=ds_configs/nope.json"], "deepspeed_config"),
+        (["deepspeed_config=zero9"], "name one of cpu_dp, cpu_zero2, cpu_zero3"),
+        (["model.overrides.fusion_widht=3"], "fusion_widht"),
+        (["model.overrides.vocab_size=big"], "vocab_size must be an integer"),
+        (["train.epochs=2", "train.max_steps=10"], "set one of them"),
+        (["train.layer_decay=0"], "train.layer_decay must be in (0, 1]"),
         (["train.lr"], "expected key.sub=value"),
     ],
 )
@@ -130,6 +130,17 @@ def test_bad_yaml_file_and_missing_file(tmp_path):
     unknown_section.write_text("trainer:\n  lr: 1\n")
     with pytest.raises(RecipeError, match="unknown recipe key trainer"):
         load_recipe(unknown_section)
+    # an empty file is refused as empty, naming it (not as a conflict of defaults)
+    for text in ("", "# nothing but a comment\n", "{}\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(RecipeError, match=r"empty\.yaml is empty"):
+            load_recipe(empty)
+    # a wrong type deep in a section names the key and the file
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  max_steps: many\n")
+    with pytest.raises(RecipeError, match=r"train\.max_steps must be an integer, got 'many' \(in .*typo\.yaml\)"):
+        load_recipe(typo)
 
 
 def test_global_batch_must_split_into_micro_x_accumulation_x_world():

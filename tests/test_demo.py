@@ -1,4 +1,4 @@
-"""`python -m mpma_ds.demo` end to end at toy size: every stage runs for real (synthetic corpus, shards,
+"""`python launch/demo.py` (make demo) end to end at toy size: every stage runs for real (synthetic corpus, shards,
 tokenizer, `deepspeed --num_gpus 2` ZeRO-3 pretraining on 2 CPU processes, export, evaluation of the pretrained
 model and a random twin), the table and the `mlflow ui` line are printed, MLflow holds the three runs, and a
 rerun reuses every finished stage."""
@@ -17,7 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mpma_ds.demo", "--out", str(out), "--studies", "40", "--steps", "3", *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "demo.py"),
+        "--out",
+        str(out),
+        "--studies",
+        "40",
+        "--steps",
+        "3",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import load_recipe
 from mpma_ds.training.checkpoint import COMPLETE_FILE, complete_tags
+from mpma_ds.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -37,15 +37,9 @@ FIRST_STEPS_RTOL = 1e-3
 COMPARED_STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(overrides: list[str], log: Path, *extra: str) -> subprocess.Popen:
     """``deepspeed --num_gpus 2 launch/pretrain.py`` in its own session (so kill -9 reaches every rank)."""
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/pretrain.py"]
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py"]
     cmd += ["--config", str(TINY_RECIPE), *extra]
     for item in overrides:
         cmd += ["--set", item]

@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     from mpma_ds import create_model, load_tokenizer
     from mpma_ds.training import build_engine, load_recipe, train
     from mpma_ds.training.checkpoint import load_checkpoint
-    from mpma_ds.training.engine import init_distributed
+    from mpma_ds.training.distributed import init_distributed
+    from mpma_ds.training.ds_config import load_ds_config, resolve_ds_config
 
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     tok_dir = _minilm_folder()
@@ -55,7 +56,7 @@ def trained(tmp_path_factory):
         "train.eval_every=0",
         f"train.output_dir={out}",
         "tracking.enabled=false",
-        "deepspeed_config=ds_configs/cpu_zero3.json",
+        "deepspeed_config=cpu_zero3",
     ]
     recipe = load_recipe(REPO / "launch" / "configs" / "pretrain_tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -71,7 +72,8 @@ def trained(tmp_path_factory):
         summary = train(recipe)
         tag_dir = Path(summary["checkpoint"])
         model = create_model(recipe.model.name, **recipe.model.overrides)
-        engine, _, _ = build_engine(model, recipe)
+        ds_config = resolve_ds_config(load_ds_config(recipe.deepspeed_config), recipe.train, 1)
+        engine, _, _ = build_engine(model, recipe.train, ds_config, world_size=1)
         load_checkpoint(engine, tag_dir, rank=0)
         engine.module.eval()
         with torch.no_grad():

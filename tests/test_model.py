@@ -234,7 +234,7 @@ def test_unknown_override_names_the_key():
         ({"image_size": 120}, "image_size 120 is not divisible by patch_size 16"),
         ({"in_chans": 2}, "in_chans must be 1 or 3"),
         ({"memory_topk": 64}, "memory_topk must be in"),
-        ({"image_size": "128"}, "field image_size must be int"),
+        ({"image_size": "128"}, "image_size must be an integer"),
         ({"align_on": "both"}, "align_on must be one of"),
     ],
 )

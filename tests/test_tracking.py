@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from mpma_ds.tracking import (
     resolve_tracking_uri,
 )
 from mpma_ds.tracking.params import MAX_PARAM_VALUE_CHARS
+from mpma_ds.training.distributed import free_port
 
 RECIPE = {
     "model": {"name": "mpma_tiny", "overrides": {"memory_slots": 16}},
@@ -59,7 +59,7 @@ def test_flatten_params_respects_mlflow_limits():
 
 
 def test_config_validation_and_default_uri(tmp_path, monkeypatch):
-    with pytest.raises(TypeError, match="tracking.enabled"):
+    with pytest.raises(ValueError, match="tracking.enabled must be true or false"):  # the config engine
         TrackingConfig(enabled="yes")
     with pytest.raises(ValueError, match="tracking.experiment"):
         TrackingConfig(experiment=" ")
@@ -144,14 +144,8 @@ def test_fresh_run_moves_an_old_metrics_file_aside(tmp_path):
     assert read_metrics_jsonl(run_dir / "metrics.jsonl")[0]["loss"] == 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_down_at_start_warns_once_and_keeps_local_metrics(tmp_path):
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", experiment="nobody-listens")
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", experiment="nobody-listens")
     start = time.monotonic()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -169,7 +163,7 @@ def test_server_down_at_start_warns_once_and_keeps_local_metrics(tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (free port), sqlite backend, artifacts proxied to tmp_path."""
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
 
-import mpma_ds.models
+from mpma_ds.tasks import PretrainTask
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import load_recipe
 from mpma_ds.training.checkpoint import complete_tags
@@ -43,11 +43,11 @@ def _one_error_line(capsys) -> str:
 def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(base, tmp_path, monkeypatch):
     """Forward call 3 returns NaN (skipped, training goes on); from call 9 on every loss is Inf, so after
     ``max_nan_steps=3`` in a row the run saves a checkpoint of the last good step and stops (exit 3)."""
-    real_create = mpma_ds.models.create_model
+    real_build = PretrainTask.build_model
     calls = {"n": 0}
 
-    def create_with_faults(name, **overrides):
-        model = real_create(name, **overrides)
+    def build_with_faults(self, ctx):
+        model = real_build(self, ctx)
         forward = model.forward
 
         def faulty(batch, generator=None):
@@ -63,7 +63,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(base, 
         model.forward = faulty
         return model
 
-    monkeypatch.setattr(mpma_ds.models, "create_model", create_with_faults)
+    monkeypatch.setattr(PretrainTask, "build_model", build_with_faults)
     run = tmp_path / "run"
     overrides = tiny_overrides(
         base, run, **{"train.max_nan_steps": 3, "train.eval_every": 0, "train.save_every": 0}
@@ -144,7 +144,7 @@ def test_help_lists_the_options(capsys):
 
 def test_saved_recipe_and_ds_config_of_a_run_are_resolved(base, tmp_path):
     """load_recipe resolves the DeepSpeed JSON path; the JSON the engine gets has the recipe's batch numbers."""
-    from mpma_ds.training.engine import load_ds_config, resolve_ds_config
+    from mpma_ds.training.ds_config import load_ds_config, resolve_ds_config
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(base, tmp_path / "run"))
     ds = resolve_ds_config(load_ds_config(recipe.deepspeed_config), recipe.train, 2)
@@ -201,7 +201,7 @@ def test_gpu_bf16_zero3_run_trains(base, tmp_path):
     overrides = tiny_overrides(
         base,
         tmp_path / "run",
-        **{"deepspeed_config": "ds_configs/zero3_bf16.json", "train.max_steps": 6, "train.eval_every": 3},
+        **{"deepspeed_config": "zero3_bf16", "train.max_steps": 6, "train.eval_every": 3},
     )
     summary = train(load_recipe(TINY_RECIPE, overrides))
     rows = [r for r in read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

@@ -1,21 +1,23 @@
 """`DataConfig`: the recipe's ``data:`` section — where the shards are and how batches are made.
 
-Every field carries a docstring; `__post_init__` validates values and turns YAML lists into tuples, so a
-wrong value is a clear error naming the field before any work starts.
+Every field carries a docstring; types are checked by the config engine (``mpma_ds.config``), the value rules
+are ``validate()``, so a wrong value is a clear error naming the field before any work starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+
+from mpma_ds.config import ConfigSection
 
 BACKENDS = ("dali", "wds", "synthetic")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ConfigSection):
     """How shards become batches (SPEC §4.2 → the batch contract in docs/architecture.md)."""
+
+    SECTION = "data"
 
     backend: str = "wds"
     """``dali`` (DALI reader + decode, GPU ``mixed`` decode when CUDA is there), ``wds`` (webdataset + PIL +
@@ -112,22 +114,18 @@ class DataConfig:
     synthetic_samples: int = 512
     """``synthetic`` backend: samples in the in-memory split."""
 
-    def __post_init__(self) -> None:
-        for name in ("crop_scale", "crop_ratio", "image_mean", "image_std"):
-            value = getattr(self, name)
-            if isinstance(value, (int, float)):
-                value = (value,)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
-                raise ValueError(f"data.{name} must be a list of numbers, got {value!r}")
-            setattr(self, name, tuple(float(v) for v in value))
-        for name in ("backend", "train_shards", "val_shards", "test_shards", "tokenizer", "dali_decode"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
+    label_fraction: float = 1.0
+    """stub"""
+
+    label_fraction_seed: int = 0
+    """stub"""
+
+    def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dali_decode not in ("auto", "cpu", "mixed"):
             raise ValueError(f"data.dali_decode must be auto, cpu or mixed, got {self.dali_decode!r}")
-        ints = {
+        lowest = {
             "image_size": 8,
             "in_chans": 1,
             "max_text_len": 4,
@@ -137,16 +135,12 @@ class DataConfig:
             "prefetch_batches": 1,
             "synthetic_samples": 1,
         }
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        for name, low in lowest.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if self.in_chans not in (1, 3):
             raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
-        for name in ("whole_word_mask", "resampled", "augment", "hflip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
-        if not 0.0 < self.mlm_probability < 1.0:
+        if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
             self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
@@ -156,10 +150,10 @@ class DataConfig:
                 f"{self.mlm_mask_fraction} and {self.mlm_random_fraction}"
             )
         for name in ("crop_scale", "crop_ratio"):
-            pair = getattr(self, name)
-            if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] or (name == "crop_scale" and pair[1] > 1.0):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high or (name == "crop_scale" and high > 1.0):
                 raise ValueError(
-                    f"data.{name} must be [low, high] with 0 < low <= high, got {getattr(self, name)}"
+                    f"data.{name} must be [low, high] with 0 < low <= high, got {list(getattr(self, name))}"
                 )
         for name in ("rotation_degrees", "brightness", "contrast"):
             if getattr(self, name) < 0:
@@ -171,21 +165,10 @@ class DataConfig:
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) not in (1, self.in_chans):
                 raise ValueError(
-                    f"data.{name} needs 1 or in_chans={self.in_chans} values, got {getattr(self, name)}"
+                    f"data.{name} needs 1 or in_chans={self.in_chans} values, got {list(getattr(self, name))}"
                 )
         if any(s <= 0 for s in self.image_std):
-            raise ValueError(f"data.image_std must be > 0, got {self.image_std}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a mapping (a YAML ``data:`` section); an unknown key is an error naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in data: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+            raise ValueError(f"data.image_std must be > 0, got {list(self.image_std)}")
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` expanded to ``in_chans`` values each."""

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
 from mpma_ds.eval.alignment import evaluate_alignment
 from mpma_ds.tracking import TrackingConfig, build_logger
+from mpma_ds.training.recipe import RECIPE_FILE
 
-RECIPE_FILE = "recipe.yaml"
+if TYPE_CHECKING:
+    from mpma_ds.training.recipe import Recipe
 # Rows of the summary table: (metric key, label).
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("i2t_R@1", "image->report R@1"),
@@ -25,14 +27,6 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("t2i_R@10", "report->image R@10"),
     ("zeroshot_auroc_mean", "zero-shot AUROC (mean)"),
 )
-
-
-def read_recipe_tree(path: str | Path) -> dict[str, Any]:
-    """A recipe YAML as a plain dict (no path checks: the run may come from another machine)."""
-    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path} is not a recipe (a mapping of sections)")
-    return tree
 
 
 def split_folder(shards: str | Path, split: str) -> Path:
@@ -51,7 +45,7 @@ def split_folder(shards: str | Path, split: str) -> Path:
 def data_config_for(
     model_config: Any,
     *,
-    recipe: Mapping[str, Any] | None,
+    recipe: Recipe | None,
     shards: Path,
     tokenizer: str | Path,
     backend: str | None,
@@ -60,19 +54,16 @@ def data_config_for(
     when known, else the model's own sizes; pointed at ``shards``."""
     from mpma_ds.data import DataConfig
 
-    section = dict((recipe or {}).get("data") or {})
-    if not section:
-        section = {
-            "image_size": model_config.image_size,
-            "in_chans": model_config.in_chans,
-            "max_text_len": model_config.max_text_len,
-        }
-    section.update(val_shards=str(shards), tokenizer=str(tokenizer))
-    if backend:
-        section["backend"] = backend
-    elif section.get("backend", "synthetic") == "synthetic":
-        section["backend"] = "wds"  # evaluation reads shards, whatever fed training
-    return DataConfig.from_dict(section)
+    if recipe is not None:
+        base = recipe.data
+    else:
+        base = DataConfig(
+            image_size=model_config.image_size,
+            in_chans=model_config.in_chans,
+            max_text_len=model_config.max_text_len,
+        )
+    chosen = backend or ("wds" if base.backend == "synthetic" else base.backend)  # evaluation reads shards
+    return dataclasses.replace(base, val_shards=str(shards), tokenizer=str(tokenizer), backend=chosen)
 
 
 def evaluate_on_split(
@@ -147,13 +138,14 @@ def run_evaluation(
             fit the model.
     """
     from mpma_ds import MPMA, create_model, load_tokenizer
+    from mpma_ds.export import load_run_recipe
     from mpma_ds.models import check_tokenizer_vocab
 
     model_dir = Path(model) if model else None
     recipe_path = Path(recipe) if recipe else (model_dir / RECIPE_FILE if model_dir else None)
     if recipe and not recipe_path.is_file():
         raise FileNotFoundError(f"recipe {recipe_path} does not exist")
-    tree = read_recipe_tree(recipe_path) if recipe_path and recipe_path.is_file() else None
+    run_recipe = load_run_recipe(recipe_path) if recipe_path and recipe_path.is_file() else None
 
     if model_dir is not None:
         if not model_dir.is_dir():
@@ -162,8 +154,8 @@ def run_evaluation(
         evaluated = str(model_dir.resolve())
         default_name = model_dir.name
     else:
-        section = (tree or {}).get("model") or {}
-        overrides = dict(section.get("overrides") or {}) if section.get("name") == random_init else {}
+        same = run_recipe is not None and run_recipe.model.name == random_init
+        overrides = dict(run_recipe.model.overrides) if same else {}
         torch.manual_seed(seed)
         net = create_model(random_init, **overrides)
         evaluated = f"random-init:{random_init}:seed={seed}"
@@ -173,15 +165,15 @@ def run_evaluation(
     tok_dir = tokenizer
     if tok_dir is None and model_dir is not None and (model_dir / "text_encoder" / "tokenizer.json").is_file():
         tok_dir = model_dir / "text_encoder"
-    if tok_dir is None:
-        tok_dir = ((tree or {}).get("data") or {}).get("tokenizer")
+    if tok_dir is None and run_recipe is not None:
+        tok_dir = run_recipe.data.tokenizer
     if not tok_dir:
         raise ValueError("no tokenizer: pass --tokenizer DIR (or a recipe with data.tokenizer)")
     tok = load_tokenizer(tok_dir)
     check_tokenizer_vocab(net, tok)
 
     shard_dir = split_folder(shards, split)
-    data_cfg = data_config_for(net.config, recipe=tree, shards=shard_dir, tokenizer=tok_dir, backend=backend)
+    data_cfg = data_config_for(net.config, recipe=run_recipe, shards=shard_dir, tokenizer=tok_dir, backend=backend)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     metrics = evaluate_on_split(
         net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None
@@ -189,11 +181,14 @@ def run_evaluation(
 
     out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracking = TrackingConfig(**((tree or {}).get("tracking") or {}))
-    tracking.enabled = (tracking.enabled or tracking_uri is not None) and mlflow
-    tracking.uri = tracking_uri or tracking.uri
-    tracking.experiment = experiment or tracking.experiment
-    tracking.run_name = f"eval-{name}-{split}"
+    # the caller's tracking store (flag, else $MLFLOW_TRACKING_URI, else ./mlflow.db), never the one written
+    # in the evaluated folder's recipe: a model from elsewhere must not send results to its old server
+    tracking = TrackingConfig(
+        enabled=mlflow,
+        uri=tracking_uri,
+        experiment=experiment or (run_recipe.tracking.experiment if run_recipe is not None else "mpma-eval"),
+        run_name=f"eval-{name}-{split}",
+    )
     tags = {"mpma.kind": "eval", "mpma.eval_of": evaluated, "mpma.split": split, "mpma.shards": str(shard_dir)}
     step = 0
     info_file = model_dir / "export_info.json" if model_dir else None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
+
+from mpma_ds.config import ConfigSection, build
 
 TEXT_ARCHS = ("bert", "roberta")
 ATTN_IMPLS = ("sdpa", "eager")
@@ -22,7 +22,7 @@ MEMORY_KV = ("concat", "gated_sum")
 
 
 @dataclass
-class MPMAConfig:
+class MPMAConfig(ConfigSection):
     """Architecture, loss and efficiency settings of one MPMA model (defaults = `mpma_base`)."""
 
     # ---------------------------------------------------------------- image encoder (timm ViT)
@@ -154,8 +154,7 @@ class MPMAConfig:
     grad_checkpointing: bool = True
     """Activation checkpointing per transformer block (non-reentrant); `set_grad_checkpointing` flips it."""
 
-    def __post_init__(self) -> None:
-        _check_types(self)
+    def validate(self) -> None:
         errors = []
         if self.image_size % self.patch_size:
             errors.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
@@ -172,15 +171,6 @@ class MPMAConfig:
             errors.append(f"in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.image_mask_ratio < 1.0:
             errors.append(f"image_mask_ratio must be in [0, 1), got {self.image_mask_ratio}")
-        for name in ("text_arch", "attn_impl", "align_on", "memory_kv", "global_pool"):
-            allowed = {
-                "text_arch": TEXT_ARCHS,
-                "attn_impl": ATTN_IMPLS,
-                "align_on": ALIGN_ON,
-                "global_pool": GLOBAL_POOLS,
-            }.get(name, MEMORY_KV)
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.decoder_width % 4:
             errors.append(f"decoder_width {self.decoder_width} must be divisible by 4 (2-D sin-cos positions)")
         if self.memory_slots < 0:
@@ -222,15 +212,55 @@ class MPMAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, context: str = "MPMAConfig") -> MPMAConfig:
-        """Build from a dict, rejecting unknown keys with an error that names them."""
-        check_known_fields(values, context=context)
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], *, context: str | None = None) -> MPMAConfig:
+        """Build from a dict (a saved ``config.json``); an unknown key is an error naming it (and ``context``)."""
+        return build(cls, values, source=context)
 
     def replace(self, **overrides: Any) -> MPMAConfig:
         """A copy with `overrides` applied (unknown keys are an error naming the key)."""
-        check_known_fields(overrides, context="model override")
-        return dataclasses.replace(self, **overrides)
+        return build(type(self), {**self.to_dict(), **overrides})
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the parameters' names and shapes (and the loss they were trained for): what a
+        checkpoint must agree with to be loaded. Efficiency switches and init sources are left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in EFFICIENCY_FIELDS}
+
+
+# Fields that change the computation but not the parameters: weights load across them.
+EFFICIENCY_FIELDS = frozenset(
+    {
+        "grad_checkpointing",
+        "attn_impl",
+        "encoder_visible_only",
+        "mlm_masked_only",
+        "mim_masked_only",
+        "image_init_from",
+        "text_init_from",
+    }
+)
+
+
+def architecture_difference(saved: dict[str, Any], config: MPMAConfig) -> list[str]:
+    """Architecture fields in which ``saved`` (an ``architecture()`` dict read back from JSON) and ``config``
+    differ; fields ``saved`` does not hold are not compared (older files)."""
+    mine = config.architecture()
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return sorted(k for k, v in saved.items() if k in mine and plain(mine[k]) != plain(v))
+
+
+def check_same_architecture(saved: dict[str, Any] | None, config: MPMAConfig, *, where: str, fix: str) -> None:
+    """Raise ``ValueError`` (one line: ``where`` holds another architecture, which fields, ``fix``) when the
+    architecture recorded in ``saved`` differs from ``config``'s. ``None`` / empty: nothing to compare."""
+    if not saved:
+        return
+    differ = architecture_difference(saved, config)
+    if differ:
+        shown = ", ".join(f"{k}={saved[k]!r} (here {config.architecture()[k]!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ValueError(f"{where} holds another architecture: {shown}{more}; {fix}")
 
 
 def field_names() -> list[str]:
@@ -244,33 +274,3 @@ def check_known_fields(values: dict[str, Any], *, context: str = "MPMAConfig") -
         raise ValueError(
             f"unknown {context} key(s) {unknown}; valid MPMAConfig fields are: {', '.join(field_names())}"
         )
-
-
-def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    hint = typing.get_type_hints(MPMAConfig)[annotation] if isinstance(annotation, str) else annotation
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return (str,)
-    if origin in (typing.Union, types.UnionType):
-        out: tuple[type, ...] = ()
-        for arg in typing.get_args(hint):
-            out += _allowed_types(arg)
-        return out
-    if hint is type(None):
-        return (type(None),)
-    if hint is float:
-        return (float, int)
-    return (hint,)
-
-
-def _check_types(cfg: MPMAConfig) -> None:
-    hints = typing.get_type_hints(MPMAConfig)
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        allowed = _allowed_types(hints[f.name])
-        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if not ok:
-            names = " or ".join(t.__name__ for t in allowed)
-            raise ValueError(f"invalid MPMAConfig: field {f.name} must be {names}, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
-            setattr(cfg, f.name, float(value))

@@ -73,11 +73,13 @@ class MPMA(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per transformer block (non-reentrant) in every stack."""
-        self.image_encoder.block_checkpointing = enable
-        self.fusion.block_checkpointing = enable
-        self.mae_decoder.block_checkpointing = enable
+        for stack in (self.image_encoder, self.fusion, self.mae_decoder):
+            if stack is not None:  # None: dropped by `retain`
+                stack.block_checkpointing = enable
         text = self.text_encoder
-        if hasattr(text, "activation_checkpointing_enable"):  # transformers >= 5.x names
+        if text is None:
+            pass
+        elif hasattr(text, "activation_checkpointing_enable"):  # transformers >= 5.x names
             if enable:
                 text.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -145,6 +147,35 @@ class MPMA(nn.Module):
         """(B, L) token ids + mask -> (B, embed_dim) L2-normalised pooled report embeddings."""
         txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(self._pool_text(txt, attention_mask)), dim=-1)
+
+    # ------------------------------------------------------------------------------------------ fine-tuning
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images -> (B, vision_width) pooled encoder features of the whole image (no
+        masking, no projection): what classification heads and linear probes read."""
+        return self._pool_image(self.image_encoder(images))  # (B, Dv)
+
+    def fused_features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Unmasked image + text through the encoders and MA-CMF fusion -> (B, 2 * fusion_width): the pooled
+        text stream beside the pooled image stream (`config.global_pool`), M3AE's VQA representation."""
+        img, txt = self._unimodal(images, input_ids, attention_mask, None)  # (B, 1+N, Dv), (B, L, Dt)
+        t_type = torch.zeros_like(input_ids[:, :1])
+        t = self.text_to_fusion(txt) + self.modality_embed(t_type)  # (B, L, D)
+        v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)  # (B, 1+N, D)
+        t, v = self.fusion(t, attention_mask.bool(), v)
+        return torch.cat([self._pool_text(t, attention_mask), self._pool_image(v)], dim=-1)  # (B, 2D)
+
+    def retain(self, parts: tuple[str, ...]) -> MPMA:
+        """Drop every top-level component not in ``parts`` (a fine-tuning module keeps only what its forward
+        uses, so every parameter it holds receives a gradient); parameter names stay MPMA's. Returns self."""
+        unknown = sorted(set(parts) - set(dict(self.named_children())))
+        if unknown:
+            raise ValueError(f"MPMA has no component(s) {unknown}; it has {sorted(dict(self.named_children()))}")
+        for name in [n for n, _ in self.named_children() if n not in parts]:
+            delattr(self, name)
+            setattr(self, name, None)
+        return self
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -104,8 +104,7 @@ def check_tokenizer_vocab(model_config_or_model: Any, tokenizer: Any) -> None:
         name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ValueError(
             f"tokenizer {name} has {n_tok} tokens but the model's vocab_size is {cfg.vocab_size}: "
-            f"set model vocab_size >= {n_tok} (e.g. --set model.vocab_size={n_tok}) "
-            f"or train a tokenizer with --vocab-size <= {cfg.vocab_size}"
+            f"use a model with vocab_size >= {n_tok} or a tokenizer of <= {cfg.vocab_size} tokens"
         )
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is not None and cfg.text_arch == "roberta" and pad != cfg.pad_token_id:

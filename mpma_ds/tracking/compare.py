@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpma_ds.tracking.base import metric_name
 from mpma_ds.tracking.config import resolve_tracking_uri
-from mpma_ds.tracking.loggers import metric_name
 
 DEFAULT_METRICS = (
     "loss",

@@ -6,12 +6,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpma_ds.config import ConfigSection
+
 DEFAULT_DB_NAME = "mlflow.db"
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(ConfigSection):
     """Where and how a run's parameters, metrics and artifacts are recorded (MLflow, rank 0 only)."""
+
+    SECTION = "tracking"
 
     enabled: bool = True
     """Log to MLflow. ``False`` keeps only the local ``metrics.jsonl`` in the run folder."""
@@ -29,15 +33,8 @@ class TrackingConfig:
     system_metrics: bool = False
     """Also log CPU/GPU/memory system metrics through MLflow's sampler (needs psutil; pynvml for GPUs)."""
 
-    def __post_init__(self) -> None:
-        for name in ("enabled", "system_metrics"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"tracking.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("uri", "run_name"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"tracking.{name} must be a string or null, got {value!r}")
-        if not isinstance(self.experiment, str) or not self.experiment.strip():
+    def validate(self) -> None:
+        if not self.experiment.strip():
             raise ValueError(f"tracking.experiment must be a non-empty string, got {self.experiment!r}")
 
 

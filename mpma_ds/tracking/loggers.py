@@ -1,5 +1,6 @@
-"""Metric loggers behind one interface: a no-op logger (ranks > 0), a local JSONL logger (always on rank 0),
-the MLflow logger (rank 0, see ``mlflow_logger.py``) and a group that fans out to several.
+"""Metric loggers behind one interface (``base.MetricLogger``): a no-op logger (ranks > 0), a local JSONL
+logger (always on rank 0), a console line every ``log_every`` steps (rank 0), the MLflow logger (rank 0,
+``mlflow_logger.py``) and a group that fans out to several.
 
 A training loop only ever sees ``MetricLogger``::
 
@@ -13,87 +14,18 @@ A training loop only ever sees ``MetricLogger``::
 from __future__ import annotations
 
 import json
-import re
+import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from mpma_ds.tracking.base import MetricLogger, clean_metrics
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.tracking.params import flatten_params
 
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "params.json"
-_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-class TrackingWarning(RuntimeWarning):
-    """Tracking degraded (server unreachable, run missing); training goes on with local metrics."""
-
-
-def to_float(value: Any) -> float | None:
-    """A metric value as a Python float (tensors and numpy scalars included); ``None`` if not numeric."""
-    try:
-        if hasattr(value, "item"):
-            value = value.item()
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def metric_name(key: str) -> str:
-    """``key`` as a name MLflow accepts (alphanumerics and ``_-. :/``): ``i2t_R@1`` -> ``i2t_R_at_1``."""
-    return _BAD_METRIC_CHARS.sub("_", str(key).replace("@", "_at_")) or "metric"
-
-
-def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Keep the numeric entries of ``metrics`` as floats, under names MLflow accepts (``metric_name``).
-
-    The local ``metrics.jsonl`` uses the same names, so both records of a run read alike.
-    """
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        number = to_float(value)
-        if number is not None:
-            out[metric_name(key)] = number
-    return out
-
-
-class MetricLogger:
-    """The logging interface; this base class logs nothing (what ranks other than 0 get).
-
-    Attributes:
-        run_id: the MLflow run id (rank 0 creates it and the trainer broadcasts it; ``None`` without MLflow).
-    """
-
-    def __init__(self, run_id: str | None = None) -> None:
-        self.run_id = run_id
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Record settings; nested dicts are flattened to dotted keys."""
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Record scalar metrics at a global step."""
-
-    def log_artifact(self, path: str | Path) -> None:
-        """Attach a file to the run."""
-
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until everything logged so far was delivered (or given up on); False on timeout."""
-        return True
-
-    def close(self, status: str = "FINISHED") -> None:
-        """Flush and end the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
-
-    def __enter__(self) -> MetricLogger:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FAILED" if exc_type is not None else "FINISHED")
-
-
-NoOpLogger = MetricLogger
 
 
 class JsonlMetricLogger(MetricLogger):
@@ -164,6 +96,55 @@ class JsonlMetricLogger(MetricLogger):
             self._file.close()
 
 
+class ConsoleLogger(MetricLogger):
+    """One line per training log on stdout (rank 0): ``step 40/300 | loss 3.2104 | lr 1.20e-04 | 41.2
+    samples/s | ETA 1m03s``, and evaluation results as ``eval @ step 100: val/accuracy 0.731 ...``.
+
+    Args:
+        total_steps: the run's last step (for the ETA); 0 = unknown.
+        stream: where lines go (default stdout, flushed each line so a launcher's log shows progress).
+    """
+
+    TRAIN_KEYS = ("loss", "lr", "samples_per_s")
+
+    def __init__(self, total_steps: int = 0, *, stream: TextIO | None = None, prefix: str = "") -> None:
+        super().__init__(None)
+        self.total_steps = total_steps
+        self.stream = stream
+        self.prefix = prefix
+        self._t0 = time.monotonic()
+        self._first_step: int | None = None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        values = clean_metrics(metrics)
+        out = self.stream or sys.stdout
+        if "loss" in values and "lr" in values:
+            if self._first_step is None:
+                self._first_step, self._t0 = step - 1, time.monotonic()
+            parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
+            parts.append(f"loss {values['loss']:.4f}")
+            parts.append(f"lr {values['lr']:.2e}")
+            if "samples_per_s" in values:
+                parts.append(f"{values['samples_per_s']:.1f} samples/s")
+            eta = self._eta(step)
+            if eta:
+                parts.append(f"ETA {eta}")
+            print(self.prefix + " | ".join(parts), file=out, flush=True)
+        else:
+            shown = [f"{k} {v:.4g}" for k, v in values.items() if "/" in k and not k.endswith("_samples")][:8]
+            if shown:
+                print(f"{self.prefix}eval @ step {step}: " + "  ".join(shown), file=out, flush=True)
+
+    def _eta(self, step: int) -> str:
+        done = step - (self._first_step or 0)
+        if not self.total_steps or done <= 0 or step >= self.total_steps:
+            return ""
+        seconds = (time.monotonic() - self._t0) / done * (self.total_steps - step)
+        minutes, secs = divmod(int(seconds), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 class LoggerGroup(MetricLogger):
     """Sends every call to each member; ``run_id`` is the first member's that has one."""
 
@@ -216,6 +197,7 @@ def build_logger(
     run_id: str | None = None,
     resume: bool | None = None,
     tags: Mapping[str, str] | None = None,
+    console_steps: int | None = None,
 ) -> MetricLogger:
     """The logger for this process.
 
@@ -227,6 +209,8 @@ def build_logger(
             already holds are dropped.
         resume: continue ``metrics.jsonl`` instead of starting it afresh; default: ``run_id is not None``.
         tags: extra MLflow tags for a new run (e.g. what an evaluation run evaluated).
+        console_steps: also print progress lines on stdout, with an ETA to this step (0: no ETA); ``None``:
+            no console lines.
     """
     if rank != 0:
         return MetricLogger(run_id)
@@ -238,14 +222,10 @@ def build_logger(
         mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags)
         if mlf.active:
             loggers.append(mlf)
-    jsonl = JsonlMetricLogger(run_dir, resume=resume)
-    loggers.append(jsonl)
+    loggers.append(JsonlMetricLogger(run_dir, resume=resume))
+    if console_steps is not None:
+        loggers.append(ConsoleLogger(console_steps))
     group = LoggerGroup(loggers)
     if group.run_id is None and run_id is not None:
         group.run_id = run_id  # keep the id so a later resume can still continue that run
     return group
-
-
-def warn_once(message: str) -> None:
-    """Emit a ``TrackingWarning`` (the caller guarantees once per logger)."""
-    warnings.warn(message, TrackingWarning, stacklevel=3)

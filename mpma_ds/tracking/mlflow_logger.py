@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mpma_ds.tracking.base import MetricLogger, clean_metrics, warn_once
 from mpma_ds.tracking.config import TrackingConfig, default_artifact_location, resolve_tracking_uri
-from mpma_ds.tracking.loggers import MetricLogger, clean_metrics, warn_once
 from mpma_ds.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, chunked, flatten_params
 
 log = logging.getLogger(__name__)

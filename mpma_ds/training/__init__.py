@@ -1,10 +1,11 @@
-"""The training system: typed recipe, ``build_engine`` (the only ``deepspeed.initialize``), the loop,
-checkpoints with exact resume.
+"""The training system: typed recipe, ``build_engine`` (the only ``deepspeed.initialize``), the ``Trainer`` that
+runs every task, checkpoints with exact resume.
 
-``deepspeed`` is imported lazily (inside ``build_engine`` / ``train``), so reading a recipe stays cheap.
+``deepspeed`` is imported lazily (inside ``build_engine`` / the trainer), so reading a recipe stays cheap.
 """
 
-from mpma_ds.training.config import (
+from mpma_ds.training.recipe import (
+    RECIPE_FILE,
     ModelSection,
     Recipe,
     RecipeError,
@@ -15,10 +16,12 @@ from mpma_ds.training.config import (
 )
 
 __all__ = [
+    "RECIPE_FILE",
     "ModelSection",
     "Recipe",
     "RecipeError",
     "TrainConfig",
+    "Trainer",
     "build_engine",
     "load_recipe",
     "recipe_to_dict",
@@ -28,13 +31,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # build_engine / train pull in deepspeed; import them on first use only.
+    # the trainer and build_engine pull in deepspeed; import them on first use only.
     if name == "build_engine":
         from mpma_ds.training.engine import build_engine
 
         return build_engine
-    if name == "train":
-        from mpma_ds.training.loop import train
+    if name in ("train", "Trainer"):
+        from mpma_ds.training import trainer
 
-        return train
+        return getattr(trainer, name)
     raise AttributeError(name)

@@ -6,6 +6,7 @@ Layout under ``<output_dir>/checkpoints/``::
         rank_state_00000.pt             per rank: data-loader position + RNG states (python, numpy, torch)
         complete.json                   written by rank 0 after every rank finished: step, model, world
     latest                              the newest complete tag (moved last, atomically)
+    best.json                           fine-tuning: the tag with the best validation metric (never pruned)
 
 A kill -9 during a save leaves a tag folder without ``complete.json``: it is ignored by ``--resume auto``
 and replaced by the next save of that step.
@@ -19,14 +20,21 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from mpma_ds.models.config import MPMAConfig, architecture_difference
+from mpma_ds.training.distributed import barrier
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 TAG_PREFIX = "step_"
 COMPLETE_FILE = "complete.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best.json"
 
 
 class ResumeError(ValueError):
@@ -86,17 +94,32 @@ def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
 
 
 def check_compatible(
-    meta: dict[str, Any], *, model_name: str, model_config: dict[str, Any], world_size: int
+    meta: dict[str, Any],
+    *,
+    model_name: str,
+    model_config: MPMAConfig,
+    world_size: int,
+    task: str = "pretrain",
+    task_arch: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse a checkpoint of another architecture or world size before anything is loaded."""
+    """Refuse a checkpoint of another architecture, task or world size before anything is loaded.
+
+    ``meta`` is the checkpoint's ``complete.json``; ``model_config`` the architecture this run builds (compared
+    field by field with ``architecture_difference``); ``task``/``task_arch`` the fine-tuning head it adds.
+    """
     where = meta.get("tag", "checkpoint")
-    if meta.get("model_name") != model_name or meta.get("model_config") != model_config:
-        saved = meta.get("model_config") or {}
-        diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
-        detail = f" (differs in {', '.join(diff[:6])})" if diff else ""
+    differ = architecture_difference(meta.get("model_config") or {}, model_config)
+    if differ:
         raise ResumeError(
-            f"checkpoint {where} holds model {meta.get('model_name')!r}{detail}, but the recipe builds "
-            f"{model_name!r}; resume with the recipe it was trained with or start a new train.output_dir"
+            f"checkpoint {where} holds model {meta.get('model_name')!r} (differs in {', '.join(differ[:6])}), but "
+            f"the recipe builds {model_name!r}; resume with the recipe it was trained with or start a new "
+            "train.output_dir"
+        )
+    saved_task = meta.get("task", "pretrain")
+    if saved_task != task or (task_arch is not None and (meta.get("task_arch") or {}) != task_arch):
+        raise ResumeError(
+            f"checkpoint {where} was written by task {saved_task!r} ({meta.get('task_arch') or {}}), this run is "
+            f"{task!r} ({task_arch or {}}); start a new train.output_dir"
         )
     if int(meta.get("world_size", world_size)) != world_size:
         raise ResumeError(
@@ -138,15 +161,8 @@ def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(
-    engine,
+    engine: DeepSpeedEngine,
     ckpt_dir: str | Path,
     step: int,
     *,
@@ -172,17 +188,17 @@ def save_checkpoint(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # a save of this step that a kill interrupted: start it over
             shutil.rmtree(tag_dir)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rank_state, rank_state_file(tag_dir, rank))
-    _barrier()  # every rank's files are on disk
+    barrier()  # every rank's files are on disk
     if rank == 0:
         info = dict(meta, step=step, tag=tag, time=time.time())
         _atomic_write(tag_dir / COMPLETE_FILE, json.dumps(info, indent=1, default=str))
         _atomic_write(ckpt_dir / LATEST_FILE, tag)
         prune(ckpt_dir, keep_last)
-    _barrier()
+    barrier()
     return tag_dir
 
 
@@ -202,7 +218,9 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     if not tags:
         return []
     newest = tags[-1][0]
-    removed = [tag for _, tag in tags[:-keep_last]] if keep_last > 0 else []
+    best = read_best(ckpt_dir)
+    keep = {best["tag"]} if best else set()
+    removed = [tag for _, tag in tags[:-keep_last] if tag not in keep] if keep_last > 0 else []
     for sub in ckpt_dir.iterdir():
         if sub.is_dir() and sub.name.startswith(TAG_PREFIX) and not (sub / COMPLETE_FILE).is_file():
             try:
@@ -215,17 +233,49 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
     return removed
 
 
-def load_checkpoint(engine, tag_dir: str | Path, *, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights, optimizer and scheduler into ``engine``; return ``(client_state, rank_state)``.
+def read_best(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """``best.json`` (``tag``, ``step``, ``metric``, ``value``) when its checkpoint is complete, else ``None``."""
+    path = Path(ckpt_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(best, dict) or not (Path(ckpt_dir) / str(best.get("tag")) / COMPLETE_FILE).is_file():
+        return None
+    return best
 
+
+def mark_best(ckpt_dir: str | Path, step: int, metric: str, value: float, *, rank: int) -> None:
+    """Record the checkpoint of ``step`` as the best so far (rank 0 writes; the checkpoint must be complete)."""
+    if rank == 0:
+        record = {"tag": tag_for(step), "step": step, "metric": metric, "value": value}
+        _atomic_write(Path(ckpt_dir) / BEST_FILE, json.dumps(record, indent=1))
+    barrier()
+
+
+def load_checkpoint(
+    engine: DeepSpeedEngine, tag_dir: str | Path, *, rank: int, full_state: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint into ``engine``; return ``(client_state, rank_state)``.
+
+    Weights, optimizer and scheduler are always loaded (a weights-only load is not consistent under every ZeRO
+    stage); ``full_state`` also reads this rank's loader/RNG state (resume). False: the best checkpoint for the
+    final test evaluation (``rank_state`` is then ``{}``).
     Collective: every rank calls it with the same ``tag_dir``.
     """
     tag_dir = Path(tag_dir)
     path, client_state = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {tag_dir}; the checkpoint is damaged")
+    if not full_state:
+        return client_state or {}, {}
     file = rank_state_file(tag_dir, rank)
     if not file.is_file():
         raise ResumeError(f"{file} is missing; the checkpoint was written by fewer ranks")

@@ -1,6 +1,6 @@
 """``make demo``: the whole product on a laptop-sized synthetic corpus, end to end.
 
-    python -m mpma_ds.demo [--out demo_runs] [--studies N] [--steps N]
+    python launch/demo.py [--out demo_runs] [--studies N] [--steps N]        (what `make demo` runs)
 
 1. synthetic MIMIC-CXR-JPG corpus     python -m data_tools.synth_corpus
 2. WebDataset shards (+ DALI index)  python -m data_tools.build_shards
@@ -28,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "launch" / "configs" / "pretrain_tiny.yaml"
+from mpma_ds.training.distributed import free_port
+
+LAUNCH = Path(__file__).resolve().parent  # the launch/ scripts beside this one
+REPO = LAUNCH.parent
 EXPERIMENT = "mpma-demo"
 
 
@@ -140,7 +142,7 @@ class Demo:
         summary_file.unlink(missing_ok=True)
         ranks = self.args.num_gpus
         cmd = [str(Path(self.python).with_name("deepspeed")), "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), str(REPO / "launch" / "pretrain.py"), "--config", str(RECIPE),
+               "--master_port", str(free_port()), str(LAUNCH / "pretrain.py"), "--config", "pretrain_tiny",
                "--resume", "auto"]  # fmt: skip
         for item in self.pretrain_overrides():
             cmd += ["--set", item]
@@ -250,14 +252,6 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _default_ranks() -> int:
     import torch
 
@@ -265,7 +259,7 @@ def _default_ranks() -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mpma_ds.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python launch/demo.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="demo_runs", help="working folder (default: demo_runs)")
     p.add_argument("--studies", type=int, default=1500, help="synthetic studies (default: 1500)")

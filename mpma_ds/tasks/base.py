@@ -1,0 +1,155 @@
+"""What a task is to the ``Trainer``: it owns its model, ``batch -> loss dict`` and its evaluation metrics.
+
+Pretraining is one task (``PretrainTask``); each fine-tuning task (``vqa``, ``cls``, ``linear_probe``,
+``retrieval``, ``zero_shot``) is another, in a file of its own — a new task is one class, not a second loop.
+
+The ``Trainer`` calls, in this order:
+
+1. ``resolve(ctx)`` — before any process group: the architecture, the tokenizer and every check bad input can
+   fail (answer set, label columns, init folder); raise ``ValueError``/``FileNotFoundError`` with one line;
+2. ``build_loaders(ctx)`` — the training streams (one per accumulation micro-step) and the validation stream
+   (the process group exists now: a task may run collectives, e.g. to extract features once);
+3. ``build_model(ctx)`` — the ``nn.Module`` the engine wraps, whose ``forward(batch, generator=None)`` returns a
+   dict with ``"loss"`` and each term in ``loss_keys``;
+4. per micro-batch ``to_model(batch)`` (batch → what the module reads, e.g. answer targets), then forward;
+5. ``evaluate(module, batches, ctx)`` on the validation (and at the end the test) split — collective: every
+   rank calls it with the same batches; metric names come without a split prefix (``accuracy``), the trainer
+   adds ``eval/`` (validation) or ``test/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from mpma_ds.data.loader import LoaderInfo
+    from mpma_ds.models import MPMAConfig
+    from mpma_ds.training.recipe import Recipe
+
+
+@dataclass
+class RunContext:
+    """What the trainer resolved for this process, handed to every task hook."""
+
+    recipe: Recipe
+    rank: int
+    world_size: int
+    accumulation: int
+    ds_config: dict[str, Any]
+    device: torch.device
+    model_config: MPMAConfig | None = None
+    """The backbone architecture (set by ``Task.resolve``)."""
+    tokenizer: PreTrainedTokenizerFast | None = None
+    """The tokenizer (set by ``Task.resolve``)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Whatever a task resolved that later hooks need (answer set, init source ...)."""
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.train.output_dir)
+
+    @property
+    def data_ranks(self) -> int:
+        """Loader streams over all ranks: one per rank and accumulation micro-step."""
+        return self.world_size * self.accumulation
+
+
+class Task:
+    """Base class of every task (see the module docstring for the hooks' order)."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "finetune"
+    loss_keys: ClassVar[tuple[str, ...]] = ("loss",)
+    default_best_metric: ClassVar[str] = ""
+    """Validation metric that picks the best checkpoint when ``train.best_metric`` is empty ("" = none)."""
+    test_after_training: ClassVar[bool] = True
+    """Evaluate the best (else last) checkpoint on the test split at the end, when ``data.test_shards`` is set."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def resolve(self, ctx: RunContext) -> None:
+        """Set ``ctx.model_config`` and ``ctx.tokenizer`` and check every input; raise on bad input."""
+        raise NotImplementedError
+
+    def architecture(self, ctx: RunContext) -> dict[str, Any] | None:
+        """What a checkpoint must agree with besides the backbone (e.g. the answer-set size); None: nothing."""
+        return None
+
+    def build_loaders(self, ctx: RunContext) -> tuple[list[LoaderInfo], LoaderInfo | None]:
+        """``(train streams, validation stream or None)``; default: shards through ``mpma_ds.data.build_loader``."""
+        from mpma_ds.data import build_loader
+
+        recipe, cfg = self.recipe, self.recipe.train
+        loaders = []
+        try:
+            for a in range(ctx.accumulation):
+                loaders.append(
+                    build_loader(
+                        recipe.data,
+                        ctx.rank * ctx.accumulation + a,
+                        ctx.data_ranks,
+                        split="train",
+                        batch_size=cfg.micro_batch_size,
+                        tokenizer=ctx.tokenizer,
+                        seed=cfg.seed,
+                        train=True,
+                    )  # fmt: skip
+                )
+            val = self.eval_loader(ctx, "validate") if self.wants_validation() else None
+        except BaseException:
+            for loader in loaders:
+                loader.close()
+            raise
+        return loaders, val
+
+    def wants_validation(self) -> bool:
+        return bool(self.recipe.train.eval_every or self.recipe.train.eval_every_epochs)
+
+    def eval_loader(self, ctx: RunContext, split: str) -> LoaderInfo:
+        """One deterministic pass over ``split``, the whole split on every rank (data rank 0 of 1)."""
+        from mpma_ds.data import build_loader
+
+        cfg = self.recipe.train
+        return build_loader(
+            self.recipe.data, 0, 1, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            tokenizer=ctx.tokenizer, seed=cfg.seed, train=False,
+        )  # fmt: skip
+
+    def build_model(self, ctx: RunContext) -> nn.Module:
+        raise NotImplementedError
+
+    def lr_scales(self, module: nn.Module) -> dict[str, float] | None:
+        """Per-parameter learning-rate multipliers (head multiplier, layer decay); None: all 1."""
+        return None
+
+    def flops_batch(self, ctx: RunContext) -> dict[str, Any] | None:
+        """A made-up batch of the shapes training sees, to count training FLOPs per sample (None: not counted)."""
+        return None
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loader's batch → what the module's forward reads (default: as it is)."""
+        return batch
+
+    def evaluate(self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext) -> dict[str, float]:
+        """Metrics of ``module`` over ``batches`` (collective: every rank runs it on the same batches)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- records
+    def tags(self, ctx: RunContext) -> dict[str, str]:
+        """MLflow tags of the run (``mpma.kind``, ``mpma.task``, ``mpma.init`` ...)."""
+        return {"mpma.kind": self.kind, "mpma.task": self.name}
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        """Task facts for ``summary.json`` / ``results.json`` (answer set, label fraction ...)."""
+        return {}

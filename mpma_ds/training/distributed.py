@@ -1,0 +1,122 @@
+"""The process group: joined under a launcher (``deepspeed``, ``torchrun``, SLURM), or made for one plain
+``python`` process; small collectives the trainer needs (broadcast an object, sum a tensor, gather objects).
+
+DeepSpeed is imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+_SINGLE_PROCESS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def world_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment (1 process when unset)."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a rendezvous on one machine)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> bool:
+    """Join (or, for a plain ``python`` run, create) the process group: NCCL on CUDA, gloo on CPU.
+
+    Returns True when this call created the group; the caller then calls ``close_distributed()``.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:  # `python launch/pretrain.py`: a group of one, no launcher
+        os.environ["MPMA_DS_SET_ENV"] = ",".join(k for k in _SINGLE_PROCESS_ENV if k not in os.environ)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def close_distributed() -> None:
+    """Destroy the group ``init_distributed`` created and undo its environment (in-process runs, tests)."""
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ds_comm.cdb = None  # DeepSpeed keeps its own handle; a later init must make a fresh one
+    # ... and caches the groups it derived from the old world; forget them too (private module state).
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mpu", "mesh_device"):  # fmt: skip
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):  # fmt: skip
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
+    for key in filter(None, os.environ.pop("MPMA_DS_SET_ENV", "").split(",")):
+        os.environ.pop(key, None)
+
+
+def is_multi_process() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` of rank ``src`` on every rank (a no-op in one process)."""
+    import torch.distributed as dist
+
+    box = [value]
+    if is_multi_process():
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (through the GPU when the group is NCCL); returns a CPU tensor."""
+    import torch.distributed as dist
+
+    if is_multi_process():
+        if torch.cuda.is_available():
+            on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device)
+            return on_device.cpu()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank."""
+    import torch.distributed as dist
+
+    if not is_multi_process():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

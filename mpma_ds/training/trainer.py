@@ -1,0 +1,477 @@
+"""``Trainer``: one loop for pretraining and every fine-tuning task (torchtitan ``trainer.py`` is the model).
+
+    with Trainer(recipe, task) as trainer:       # build: checks, process group, loaders, model, engine, resume
+        summary = trainer.fit()                  # train_step ... evaluate ... save ... final test
+
+Building runs every check bad input can fail before heavy work (batch arithmetic, DeepSpeed JSON, model,
+tokenizer vocabulary, the task's own inputs, shards, resume target) and turns each failure into one
+``SetupError`` line. A step: one micro-batch per accumulation stream, NaN/Inf handling (every rank skips a
+micro-batch that is not finite anywhere; ``train.max_nan_steps`` in a row save a checkpoint and stop), losses
+all-reduced for logging. Evaluation every ``eval_every`` steps on the validation split (every rank runs the
+whole pass: ZeRO-3 forwards are collective), the best checkpoint by ``best_metric`` kept, early stopping,
+checkpoints on every rank, and at the end the test split evaluated on the best checkpoint.
+
+Data layout: the loader is split over ``world_size × accumulation`` *data ranks*; rank ``r`` feeds its
+accumulation micro-step ``a`` from data rank ``r·A + a``. So step ``s`` trains on the same samples (and the
+same image masks, drawn from a generator seeded by step and data rank) however the global batch is split
+between ranks and accumulation — 1 rank × 2 accumulation steps equals 2 ranks × 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpma_ds.config import ConfigError, to_dict
+from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.training import checkpoint as ckpt
+from mpma_ds.training.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+    world_info,
+)
+from mpma_ds.training.ds_config import (
+    compute_dtype,
+    gradient_accumulation_steps,
+    load_ds_config,
+    resolve_ds_config,
+    zero_stage,
+)
+from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
+from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from mpma_ds.tracking import MetricLogger
+
+SUMMARY_FILE = "summary.json"
+DS_CONFIG_FILE = "ds_config.json"
+_SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
+
+
+class SetupError(ValueError):
+    """Bad input found before training started (one line: what, where, what to do)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """``train.max_nan_steps`` micro-batches in a row had a NaN/Inf loss; a checkpoint was saved first."""
+
+
+def mask_seed(seed: int, step: int, data_rank: int, attempt: int) -> int:
+    """Seed of the image-mask generator for one micro-batch (independent of the rank/accumulation split)."""
+    return (seed * 1_000_003 + step * 10_007 + data_rank * 101 + attempt) % (2**63 - 1)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).strip("'\"").split())
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``; float inputs in the engine's compute dtype (DeepSpeed bf16 does not autocast)."""
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    for key in ("image", "features"):
+        if key in out and torch.is_tensor(out[key]):
+            out[key] = out[key].to(image_dtype)
+    return out
+
+
+class Trainer:
+    """Builds and runs one training job of ``task`` (default: the recipe's own task) as ``recipe`` says.
+
+    Args:
+        recipe: the resolved recipe (``load_recipe``).
+        task: the task object; ``None`` builds it from the recipe (``mpma_ds.tasks.build_task``).
+        resume: ``"auto"`` (newest complete checkpoint in ``train.output_dir``, or a fresh start when there is
+            none) or a checkpoint path; ``None`` starts fresh.
+
+    Raises:
+        SetupError: bad input, found before training started.
+    """
+
+    def __init__(self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None) -> None:
+        from mpma_ds.tasks import build_task
+
+        self.recipe = recipe
+        self.task = task if task is not None else build_task(recipe)
+        self.cfg = recipe.train
+        self.out = Path(self.cfg.output_dir)
+        self.loaders: list[Any] = []
+        self.val_loader: Any = None
+        self.engine: DeepSpeedEngine | None = None
+        self.logger: MetricLogger | None = None
+        self.created_group = False
+        self.closed = False
+        self.step = 0
+        self.run_id: str | None = None
+        self.best: dict[str, Any] | None = None
+        self.evals_without_gain = 0
+        self.nan_total = 0
+        self.last_eval: dict[str, float] = {}
+        self.ctx, resume_dir = self._resolve(resume)
+        try:
+            self.created_group = init_distributed()
+            try:
+                self.loaders, self.val_loader = self.task.build_loaders(self.ctx)
+                self.max_steps, self.eval_every = self.cfg.steps_for(self.loaders[0].steps_per_epoch)
+            except _SETUP_ERRORS as err:
+                raise SetupError(_one_line(err)) from err
+            self._build_engine()
+            if resume_dir is not None:
+                self.resume(resume_dir)
+            self.logger = self._start_logging()
+        except BaseException:
+            self.close("FAILED")
+            raise
+
+    # ---------------------------------------------------------------------------------------------- build
+    def _resolve(self, resume: str | None) -> tuple[RunContext, Path | None]:
+        """Every check that bad input can fail, in order of cost, before any process group exists."""
+        rank, world, local_rank = world_info()
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            accumulation = gradient_accumulation_steps(self.cfg, world)
+            ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
+            ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
+            self.task.resolve(ctx)
+            resume_dir = None
+            if resume:
+                resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir)
+                if resume_dir is not None:
+                    ckpt.check_compatible(
+                        ckpt.read_meta(resume_dir), model_name=self.recipe.model.name,
+                        model_config=ctx.model_config, world_size=world, task=self.task.name,
+                        task_arch=self.task.architecture(ctx),
+                    )  # fmt: skip
+        except _SETUP_ERRORS as err:
+            raise SetupError(_one_line(err)) from err
+        return ctx, resume_dir
+
+    def _build_engine(self) -> None:
+        from mpma_ds.models.flops import training_flops_per_sample
+        from mpma_ds.training.engine import build_engine
+
+        ctx = self.ctx
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        try:
+            model = self.task.build_model(ctx)
+        except _SETUP_ERRORS as err:
+            raise SetupError(_one_line(err)) from err
+        sample = self.task.flops_batch(ctx)
+        self.flops_per_sample = training_flops_per_sample(model, sample, seed=self.cfg.seed) if sample else 0.0
+        model.to(ctx.device)
+        self.engine, _, self.scheduler = build_engine(
+            model, self.cfg, ctx.ds_config, world_size=ctx.world_size, max_steps=self.max_steps,
+            lr_scales=self.task.lr_scales(model),
+        )  # fmt: skip
+        peak = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else device_peak_flops(ctx.device)
+        self.meter = StepMeter(flops_per_sample=self.flops_per_sample, peak_flops=peak * ctx.world_size)
+        self.image_dtype = compute_dtype(ctx.ds_config)
+        self.generator = torch.Generator(device=ctx.device)
+        self.iters = [iter(loader.loader) for loader in self.loaders]
+        keys = getattr(self.task, "active_loss_keys", self.task.loss_keys)
+        self.loss_keys = tuple(keys)
+        best = self.cfg.best_metric or self.task.default_best_metric
+        self.best_metric = best
+        self.best_mode = self.cfg.mode_for(best) if best else "max"
+
+    def _start_logging(self) -> MetricLogger:
+        """The run's logger on every rank: rank 0 opens (or, resuming, continues) the MLflow run and logs the
+        flattened recipe + DeepSpeed config and both files; the run id is broadcast to the other ranks."""
+        from mpma_ds.tracking import build_logger, flatten_params
+
+        ctx = self.ctx
+        tags = self.task.tags(ctx)
+        logger = None
+        if ctx.rank == 0:
+            logger = build_logger(
+                self.recipe.tracking, rank=0, run_dir=self.out, run_id=self.run_id, tags=tags,
+                console_steps=self.max_steps,
+            )  # fmt: skip
+            self.run_id = logger.run_id
+        self.run_id = broadcast_object(self.run_id)
+        if ctx.rank != 0:
+            return build_logger(self.recipe.tracking, rank=ctx.rank, run_dir=self.out, run_id=self.run_id)
+        save_recipe(self.recipe, self.out / RECIPE_FILE)
+        (self.out / DS_CONFIG_FILE).write_text(json.dumps(ctx.ds_config, indent=2), encoding="utf-8")
+        logger.log_params({**flatten_params(to_dict(self.recipe)), **flatten_params(ctx.ds_config, "ds")})
+        logger.log_artifact(self.out / RECIPE_FILE)
+        logger.log_artifact(self.out / DS_CONFIG_FILE)
+        return logger
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint's client state holds besides DeepSpeed's own: step, run id, best so far."""
+        return {
+            "step": self.step,
+            "mlflow_run_id": self.run_id,
+            "model_name": self.recipe.model.name,
+            "task": self.task.name,
+            "best": self.best,
+            "evals_without_gain": self.evals_without_gain,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.run_id = state.get("mlflow_run_id")
+        self.best = state.get("best")
+        self.evals_without_gain = int(state.get("evals_without_gain", 0))
+
+    def _meta(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {
+            "model_name": self.recipe.model.name,
+            "model_config": ctx.model_config.architecture(),
+            "task": self.task.name,
+            "task_arch": self.task.architecture(ctx),
+            "world_size": ctx.world_size,
+            "zero_stage": zero_stage(ctx.ds_config),
+            "mlflow_run_id": self.run_id,
+        }
+
+    def save(self, step: int | None = None) -> Path:
+        """A checkpoint of ``step`` (default: now) on every rank; complete only when every rank wrote it."""
+        from mpma_ds.training.checkpoint import rng_state
+
+        step = self.step if step is None else step
+        return ckpt.save_checkpoint(
+            self.engine, self.out / "checkpoints", step, rank=self.ctx.rank,
+            client_state=dict(self.state_dict(), step=step),
+            rank_state={"loaders": [ld.state_dict() for ld in self.loaders], "rng": rng_state()},
+            meta=self._meta(), keep_last=self.cfg.keep_last,
+        )  # fmt: skip
+
+    def resume(self, tag_dir: str | Path) -> None:
+        """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
+        client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank)
+        self.load_state_dict(client)
+        for loader, state in zip(self.loaders, rank_state["loaders"]):
+            loader.load_state_dict(state)
+        self.iters = [iter(loader.loader) for loader in self.loaders]
+        ckpt.set_rng_state(rank_state["rng"])
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (``accumulation`` micro-batches); returns the step's mean loss terms."""
+        ctx, cfg, engine = self.ctx, self.cfg, self.engine
+        sums = torch.zeros(len(self.loss_keys))
+        done, attempt, nan_in_row = 0, 0, 0
+        while done < ctx.accumulation:
+            t0 = time.perf_counter()
+            batch = next(self.iters[done])
+            self.meter.add_wait(time.perf_counter() - t0)
+            batch = _to_device(self.task.to_model(batch), ctx.device, self.image_dtype)
+            data_rank = ctx.rank * ctx.accumulation + done
+            self.generator.manual_seed(mask_seed(cfg.seed, self.step, data_rank, attempt))
+            losses = engine(batch, generator=self.generator)
+            values = torch.stack([losses[k].detach().float().cpu() for k in self.loss_keys])
+            finite = bool(torch.isfinite(values).all())
+            tokens = float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
+            # one all-reduce: the loss terms, how many ranks saw finite losses, non-padding tokens
+            extra = torch.tensor([float(finite), tokens])
+            packed = all_reduce_sum(torch.cat([torch.where(torch.isfinite(values), values, 0.0), extra]))
+            if packed[-2].item() < ctx.world_size:  # some rank saw NaN/Inf: every rank skips this micro-batch
+                nan_in_row, attempt = nan_in_row + 1, attempt + 1
+                self.nan_total += 1
+                if nan_in_row >= cfg.max_nan_steps:
+                    self.save()
+                    raise NonFiniteLossError(
+                        f"{nan_in_row} micro-batches in a row had a NaN/Inf loss at step {self.step + 1}; saved "
+                        f"checkpoint {self.out / 'checkpoints'} (step {self.step}); lower train.lr or check the data"
+                    )
+                continue
+            nan_in_row = 0
+            engine.backward(losses["loss"])
+            engine.step()
+            sums += packed[:-2] / ctx.world_size
+            self.meter.add_samples(cfg.micro_batch_size * ctx.world_size, float(packed[-1]))
+            done += 1
+        self.step += 1
+        return {k: float(v) / ctx.accumulation for k, v in zip(self.loss_keys, sums)}
+
+    def _log_step(self, losses: dict[str, float]) -> None:
+        skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
+        skipped = all_reduce_sum(skipped)
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            **losses,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            **self.meter.rates(),
+            "memory_gb": memory_gb(self.ctx.device),
+            "skipped_samples": float(skipped.item()),
+            "nonfinite_skipped": float(self.nan_total),
+            "epoch": float(self.loaders[0].stats().get("epoch", 0)),
+        }
+        self.logger.log_metrics(metrics, step=self.step)
+
+    def evaluate(self, split: str = "validate", loader: Any = None) -> dict[str, float]:
+        """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
+
+        Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy``).
+        """
+        own = loader is None
+        if own:
+            loader = self.val_loader if split == "validate" and self.val_loader is not None else None
+        if loader is None:
+            loader = self.task.eval_loader(self.ctx, split)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            batches = (
+                self.task.to_model(b)
+                for i, b in enumerate(loader.loader)
+                if not (self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches)
+            )
+            metrics = self.task.evaluate(module, batches, self.ctx)
+        finally:
+            module.train(was_training)
+            if own and loader is not self.val_loader:
+                loader.close()
+        prefix = "eval" if split == "validate" else split
+        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+    def _track_best(self, metrics: dict[str, float]) -> bool:
+        """Update the best record with this evaluation; True when it improved."""
+        key = f"eval/{self.best_metric}"
+        if key not in metrics:
+            raise SetupError(
+                f"train.best_metric {self.best_metric!r} is not among the task's metrics "
+                f"({', '.join(sorted(k.split('/', 1)[1] for k in metrics))})"
+            )
+        value = metrics[key]
+        if math.isnan(value):
+            return False
+        better = self.best is None or (
+            value > self.best["value"] if self.best_mode == "max" else value < self.best["value"]
+        )
+        if better:
+            self.best = {"step": self.step, "metric": self.best_metric, "value": value}
+            self.evals_without_gain = 0
+        else:
+            self.evals_without_gain += 1
+        return better
+
+    # ---------------------------------------------------------------------------------------------- the run
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps`` (or an early stop), then evaluate the best checkpoint on the test split;
+        returns the summary (also ``<output_dir>/summary.json``)."""
+        cfg, ctx = self.cfg, self.ctx
+        start_step, t_start = self.step, time.perf_counter()
+        losses: dict[str, float] = {}
+        last_saved, stopped_early = -1, False
+        self.engine.train()
+        while self.step < self.max_steps:
+            losses = self.train_step()
+            if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+                self._log_step(losses)
+            evaluate_now = self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps)
+            improved = False
+            if evaluate_now:
+                self.last_eval = self.evaluate("validate")
+                self.logger.log_metrics(self.last_eval, step=self.step)
+                if self.best_metric:
+                    improved = self._track_best(self.last_eval)
+            stop = bool(cfg.early_stopping and self.evals_without_gain >= cfg.early_stopping)
+            if (
+                (cfg.save_every and self.step % cfg.save_every == 0)
+                or self.step == self.max_steps
+                or improved
+                or stop
+            ):
+                self.save()
+                last_saved = self.step
+                if improved:
+                    ckpt.mark_best(self.out / "checkpoints", self.step, self.best_metric, self.best["value"],
+                                   rank=ctx.rank)  # fmt: skip
+            if stop:
+                stopped_early = True
+                break
+        if self.max_steps == 0 and self.val_loader is not None:  # evaluation only (zero_shot)
+            self.last_eval = self.evaluate("validate")
+            self.logger.log_metrics(self.last_eval, step=self.step)
+        elif last_saved != self.step:
+            self.save()
+        wall = time.perf_counter() - t_start
+        per_rank = all_gather_objects(self._memory())  # after the steps: the optimizer state exists now
+        test = self._final_test()
+        summary = {
+            "task": self.task.name,
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "start_step": start_step,
+            "stopped_early": stopped_early,
+            "final_losses": losses,
+            "wall_s": wall,
+            "steps_per_s": (self.step - start_step) / wall if wall > 0 else 0.0,
+            "samples_per_s": (self.step - start_step) * cfg.global_batch_size / wall if wall > 0 else 0.0,
+            "world_size": ctx.world_size,
+            "accumulation": ctx.accumulation,
+            "zero_stage": zero_stage(ctx.ds_config),
+            "flops_per_sample": self.flops_per_sample,
+            "memory_per_rank": per_rank,
+            "nonfinite_skipped": self.nan_total,
+            "eval": self.last_eval,
+            "best": self.best,
+            "test": test,
+            "mlflow_run_id": self.run_id,
+            "checkpoint": str(self.out / "checkpoints" / ckpt.tag_for(self.step)),
+            **self.task.summary(ctx),
+        }
+        if ctx.rank == 0:
+            (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+            self.logger.log_artifact(self.out / SUMMARY_FILE)
+        self.status = "FINISHED"
+        return summary
+
+    def _memory(self) -> dict[str, float]:
+        from mpma_ds.training.engine import engine_memory
+
+        return engine_memory(self.engine)
+
+    def _final_test(self) -> dict[str, float] | None:
+        """Test-split metrics of the best checkpoint (else the last weights); None without ``data.test_shards``."""
+        if not (self.task.test_after_training and self.recipe.data.test_shards):
+            return None
+        if self.best is not None and self.best["step"] != self.step:
+            best_dir = self.out / "checkpoints" / ckpt.tag_for(self.best["step"])
+            ckpt.load_checkpoint(self.engine, best_dir, rank=self.ctx.rank, full_state=False)
+        metrics = self.evaluate("test")
+        metrics["test/step"] = float(self.best["step"] if self.best else self.step)
+        self.logger.log_metrics(metrics, step=self.step)
+        return metrics
+
+    def close(self, status: str | None = None) -> None:
+        """Stop loaders, end the MLflow run, leave the process group this trainer created. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        status = status or getattr(self, "status", "FAILED")
+        for loader in [*self.loaders, self.val_loader]:
+            if loader is not None:
+                loader.close()
+        if self.logger is not None:
+            self.logger.close(status)
+        if self.created_group:
+            close_distributed()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FINISHED" if exc_type is None and getattr(self, "status", "") == "FINISHED" else "FAILED")
+
+
+def train(recipe: Recipe, *, resume: str | None = None, task: Task | None = None) -> dict[str, Any]:
+    """Build a ``Trainer`` for ``recipe`` and run it to the end; returns the summary."""
+    with Trainer(recipe, task, resume=resume) as trainer:
+        return trainer.fit()
