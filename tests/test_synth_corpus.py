@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.synth.corpus import FAULT_KINDS, METADATA_COLUMNS, generate_corpus, plan_corpus
-from data_tools.synth.images import render_radiograph
+from data_tools.synth.images import DRAWN_IN_VIEW, render_radiograph, render_with_regions
 from data_tools.synth.reports import labels_of
 from data_tools.synth_corpus import main
 
@@ -321,12 +321,53 @@ def test_faults_are_present_and_broken(corpus):
     assert len(good) == 1 and Image.open(good[0]).size[0] > 0
 
 
+def test_truth_file_says_what_each_film_draws_and_where(corpus):
+    root, summary = corpus
+    rows = [json.loads(line) for line in (root / "synth_truth.jsonl").read_text().splitlines()]
+    assert len(rows) == len(list(root.glob("files/p*/p*/s*/*.jpg")))
+    assert sum(row["fault"] is None for row in rows) == summary["images"]
+    _, chexpert = read_csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    labels = {r["study_id"]: r for r in chexpert}
+    sided = 0
+    for row in rows:
+        assert (root / row["path"]).is_file() and row["path"].endswith(row["dicom_id"] + ".jpg")
+        if row["fault"] is not None:
+            continue
+        with Image.open(root / row["path"]) as img:
+            assert img.size == (row["width"], row["height"])
+        assert set(row["drawn"]) <= DRAWN_IN_VIEW[row["view"]] and set(row["boxes"]) == set(row["drawn"])
+        for name, entry in row["drawn"].items():
+            assert entry["state"] in (1, -1) and labels[row["study_id"]][name] == f"{float(entry['state']):.1f}"
+            assert row["labels"][name] == entry["state"]
+            for x0, y0, x1, y1 in row["boxes"][name]:
+                assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
+            if row["view"] != "LATERAL" and entry.get("side") in ("left", "right"):
+                (x0, _, x1, _), *_ = row["boxes"][name]  # the patient's left is on the image's right
+                assert ((x0 + x1) / 2 > row["width"] / 2) == (entry["side"] == "left"), (row, name)
+                sided += 1
+        for name in DRAWN_IN_VIEW[row["view"]] - set(row["drawn"]):
+            assert labels[row["study_id"]][name] in ("", "0.0")
+    assert sided > 10
+
+
+def test_regions_do_not_change_the_pixels():
+    findings = {"Pleural Effusion": {"state": 1, "side": "bilateral", "size": "moderate"},
+                "Support Devices": {"state": 1, "devices": ["ett", "pacemaker"], "ett_cm": 4.0}}  # fmt: skip
+    for view in ("PA", "LATERAL"):
+        jpeg, regions = render_with_regions(findings, view, 300, 260, 11)
+        assert jpeg == render_radiograph(findings, view, 300, 260, 11)
+        assert (
+            len(regions["Pleural Effusion"]) == (2 if view == "PA" else 1) and len(regions["Support Devices"]) == 3
+        )
+
+
 def test_deterministic_and_independent_of_workers(tmp_path):
     kwargs = {"with_faults": True, "min_size": 128, "max_size": 256}
     one = generate_corpus(tmp_path / "one", 40, SEED, workers=1, **kwargs)
     two = generate_corpus(tmp_path / "two", 40, SEED, workers=2, **kwargs)
     hashes = tree_hashes(tmp_path / "one")
     assert len(hashes) > 100 and hashes == tree_hashes(tmp_path / "two")
+    assert "synth_truth.jsonl" in hashes
     assert one["prevalence"] == two["prevalence"] and one["images"] == two["images"]
     generate_corpus(tmp_path / "other", 40, SEED + 1, **kwargs)
     assert tree_hashes(tmp_path / "other") != hashes

@@ -10,6 +10,7 @@ it writes::
     DIR/mimic-cxr-2.0.0-chexpert.csv.gz                  subject_id,study_id + the 14 CheXpert labels
     DIR/synth_corpus.json                                the arguments and the summary
     DIR/synth_faults.json                                with --with-faults: [{"kind", "path", ...}]
+    DIR/synth_truth.jsonl                                per film: what is drawn in it, where (boxes)
 
 The findings of each study are drawn in its films (`data_tools.synth.images`) and written in its
 report (`data_tools.synth.reports`); the chexpert CSV holds the same labels. Every random choice
@@ -34,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.shard_format import CHEXPERT_LABELS, SPLITS
-from data_tools.synth.images import render_radiograph
+from data_tools.synth.images import DRAWN_IN_VIEW, render_with_regions
 from data_tools.synth.reports import labels_of, sample_findings, write_report
 
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
@@ -47,6 +48,8 @@ CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
 FAULT_KINDS = (
     "truncated_jpeg", "empty_file", "not_an_image", "empty_report", "report_without_images", "image_without_report",
 )  # fmt: skip
+TRUTH_FILE = "synth_truth.jsonl"
+"""What each film shows, one JSON line per film (see `truth_rows` and docs/data_tools_corpus.md)."""
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
 
 
@@ -180,10 +183,10 @@ def _plan_faults(rng, plans: list[StudyPlan], taken: set[int], min_size: int, ma
     return out
 
 
-def _render_job(job: tuple[str, dict, ImagePlan]) -> int:
-    """Render one film and write it to its path (runs in a worker process)."""
-    path, findings, im = job
-    data = render_radiograph(findings, im.view, im.height, im.width, im.seed)
+def _render_job(job: tuple[int, str, dict, ImagePlan]) -> tuple[int, int, dict[str, list[list[int]]]]:
+    """Render one film and write it to its path (runs in a worker process): `(job number, bytes, regions)`."""
+    number, path, findings, im = job
+    data, regions = render_with_regions(findings, im.view, im.height, im.width, im.seed)
     if im.fault == "truncated_jpeg":
         data = data[: len(data) * 2 // 5]
     elif im.fault == "empty_file":
@@ -191,7 +194,7 @@ def _render_job(job: tuple[str, dict, ImagePlan]) -> int:
     elif im.fault == "not_an_image":
         data = b"%PDF-1.4\nThis file is a scanned requisition form, not a radiograph.\n"
     Path(path).write_bytes(data)
-    return len(data)
+    return number, len(data), regions
 
 
 def _write_csv_gz(path: Path, columns: tuple[str, ...], rows: list[tuple]) -> None:
@@ -208,6 +211,31 @@ def _label_cell(value: int | None) -> str:
     return "" if value is None else f"{float(value):.1f}"
 
 
+def truth_rows(plans: list[StudyPlan], regions: list[dict]) -> list[dict]:
+    """One `synth_truth.jsonl` row per film, in plan order (`regions`: by film, as `render_with_regions`)."""
+    rows = []
+    films = [(study, im) for study in plans for im in study.images]
+    for number, (st, im) in enumerate(films):
+        drawn = {
+            name: dict(st.findings[name])
+            for name in CHEXPERT_LABELS
+            if name in DRAWN_IN_VIEW[im.view] and st.findings.get(name, {}).get("state") in (1, -1)
+        }
+        rows.append({
+            "path": f"{st.folder}/{im.dicom_id}.jpg", "dicom_id": im.dicom_id, "subject_id": str(st.subject_id),
+            "study_id": str(st.study_id), "split": st.split, "view": im.view, "width": im.width,
+            "height": im.height, "fault": im.fault or st.fault, "labels": labels_of(st.findings), "drawn": drawn,
+            "boxes": regions[number],
+        })  # fmt: skip
+    return rows
+
+
+def _write_truth(path: Path, plans: list[StudyPlan], regions: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in truth_rows(plans, regions):
+            f.write(json.dumps(row) + "\n")
+
+
 def _prepare_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the corpus")
@@ -217,7 +245,7 @@ def _prepare_output(out: Path) -> None:
                 f"--out {out} is not empty and holds no synth_corpus.json; give a new or empty folder"
             )
         shutil.rmtree(out / "files", ignore_errors=True)  # a previous synthetic corpus: regenerate it in place
-        for name in ("synth_faults.json", "synth_corpus.json"):
+        for name in ("synth_faults.json", "synth_corpus.json", TRUTH_FILE):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -271,20 +299,27 @@ def generate_corpus(
         if st.report is not None:
             folder.parent.mkdir(parents=True, exist_ok=True)
             Path(f"{folder}.txt").write_text(st.report, encoding="utf-8")
-        jobs += [(str(folder / f"{im.dicom_id}.jpg"), st.findings, im) for im in st.images]
+        jobs += [
+            (len(jobs) + k, str(folder / f"{im.dicom_id}.jpg"), st.findings, im) for k, im in enumerate(st.images)
+        ]
 
     bar = tqdm(total=len(jobs), desc="synth films", unit="img", disable=not progress)
     total_bytes = 0
+    regions: list[dict] = [{}] * len(jobs)  # by job number: the order does not depend on the workers
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for n in pool.imap_unordered(_render_job, jobs, chunksize=4):
+            for number, n, drawn in pool.imap_unordered(_render_job, jobs, chunksize=4):
                 total_bytes += n
+                regions[number] = drawn
                 bar.update()
     else:
         for job in jobs:
-            total_bytes += _render_job(job)
+            number, n, drawn = _render_job(job)
+            total_bytes += n
+            regions[number] = drawn
             bar.update()
     bar.close()
+    _write_truth(out / TRUTH_FILE, plans, regions)
 
     split_rows, meta_rows, chex_rows = [], [], []
     for st in plans:

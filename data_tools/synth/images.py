@@ -36,6 +36,21 @@ from PIL import Image, ImageDraw, ImageFilter
 #: Longest side of the canvas the anatomy is drawn on (at most) before resizing to the requested size.
 WORK_SIZE = 320
 
+#: The findings each view draws when their state is 1 (full strength) or -1 (half strength). Pneumonia is
+#: never drawn on its own (it is read off a consolidation or an opacity); a lateral film has no side and
+#: shows no pneumothorax, fracture, apical cap or mediastinal widening.
+DRAWN_IN_VIEW: dict[str, frozenset[str]] = {
+    "PA": frozenset({
+        "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+        "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumothorax", "Support Devices",
+    }),
+    "LATERAL": frozenset({
+        "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Lesion", "Lung Opacity", "Pleural Effusion",
+        "Support Devices",
+    }),
+}  # fmt: skip
+DRAWN_IN_VIEW["AP"] = DRAWN_IN_VIEW["PA"]
+
 Findings = dict[str, dict[str, Any]]
 
 _AIR, _SOFT, _FLUID, _BONE, _METAL = 0.03, 0.55, 0.58, 0.80, 0.97
@@ -51,13 +66,35 @@ def _strength(findings: Findings, name: str) -> float:
 
 
 class _Canvas:
-    """Normalised-coordinate drawing helpers over a (h, w) float canvas."""
+    """Normalised-coordinate drawing helpers over a (h, w) float canvas.
 
-    def __init__(self, h: int, w: int):
+    With `record=True` the canvas also keeps where each finding was drawn (`note`): boxes
+    `(x0, y0, x1, y1)` in canvas pixels, by CheXpert name. Recording reads the masks only, never
+    draws, so the pixels are the same either way.
+    """
+
+    def __init__(self, h: int, w: int, record: bool = False):
         self.h, self.w = h, w
         self.yy, self.xx = np.mgrid[0:h, 0:w].astype(np.float32)
         self.yy /= h
         self.xx /= w
+        self.regions: dict[str, list[tuple[float, float, float, float]]] | None = {} if record else None
+
+    def note(self, name: str, mask: np.ndarray) -> np.ndarray:
+        """Record the box of `mask` where it reaches half its peak as a region of `name`; returns `mask`."""
+        if self.regions is not None and mask.size:
+            peak = float(mask.max())
+            if peak > 0:
+                ys, xs = np.nonzero(mask >= 0.5 * peak)
+                box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+                self.regions.setdefault(name, []).append(box)
+        return mask
+
+    def note_box(self, name: str, x0: float, y0: float, x1: float, y1: float) -> None:
+        """Record a box given in normalised coordinates as a region of `name`."""
+        if self.regions is not None:
+            box = (x0 * self.w, y0 * self.h, x1 * self.w, y1 * self.h)
+            self.regions.setdefault(name, []).append(box)
 
     def px(self, pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
         return [(x * self.w, y * self.h) for x, y in pts]
@@ -181,7 +218,8 @@ def _frontal(
             ymax = {"small": 0.40, "moderate": 0.56, "large": domes[side]}[e.get("size", "small")]
             outer = _lateral_wall(xm, sgn, domes[side], scale, ymax, 0.0)
             inner = _lateral_wall(xm, sgn, domes[side], scale, ymax, width)
-            ptx_rim = np.maximum(ptx_rim, c.polygon(outer + inner[::-1], 0.004) * lungs[side])
+            rim = c.note("Pneumothorax", c.polygon(outer + inner[::-1], 0.004) * lungs[side])
+            ptx_rim = np.maximum(ptx_rim, rim)
             ptx_edge_lines.append(inner)
 
     hila = [(xm - 0.12 * scale, 0.42, -1.0), (xm + 0.13 * scale, 0.44, 1.0)]
@@ -198,7 +236,10 @@ def _frontal(
     ec = 1.0 + 0.6 * _strength(f, "Enlarged Cardiomediastinum")
     med = [(xm - 0.055 * ec, 0.0), (xm + 0.055 * ec, 0.0), (xm + 0.06 * ec, 0.26), (xm + 0.10 * ec, 0.30),
            (xm + 0.085 * ec, 0.36), (xm + 0.07, 0.5), (xm - 0.07, 0.5), (xm - 0.065 * ec, 0.30)]  # fmt: skip
-    img = _blend(img, c.polygon(med, 0.008), 0.63)
+    med_mask = c.polygon(med, 0.008)
+    if ec > 1.0:
+        c.note("Enlarged Cardiomediastinum", med_mask)
+    img = _blend(img, med_mask, 0.63)
     img = _blend(img, c.lines([[(xm, 0.0), (xm + 0.005, 0.30)]], 0.028, 0.006), 0.35, 0.7)
     img = _blend(img, c.lines([[(xm, 0.0), (xm, 1.0)]], 0.065, 0.006), 0.70, 0.5)
 
@@ -209,6 +250,8 @@ def _frontal(
     u_l, u_r = 0.22 * factor * scale, 0.12 * factor * scale
     cy = domes["right"] - 0.09
     heart = c.ellipse(xm + (u_l - u_r) / 2, cy, (u_l + u_r) / 2, 0.13, 0.008)
+    if cm:
+        c.note("Cardiomegaly", heart)
     img = _blend(img, heart, 0.63)
 
     # Bones: clavicles and posterior ribs (one rib may be fractured: a gap with a step).
@@ -231,6 +274,8 @@ def _frontal(
                 step = 0.014 * fx
                 ribs.append(pts[:gap])
                 ribs.append([(x + sgn * 0.012, y + step) for x, y in pts[gap + 1 :]])
+                xs, ys = [x for x, _ in pts[gap - 1 : gap + 3]], [y for _, y in pts[gap - 1 : gap + 3]]
+                c.note_box("Fracture", min(xs) - 0.015, min(ys) - 0.02, max(xs) + 0.015, max(ys) + 0.02 + step)
             else:
                 ribs.append(pts)
     # Ribs show through the lungs, faintly through the heart and mediastinum.
@@ -265,27 +310,28 @@ def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.
             lateral = np.clip(sgn * (c.xx - xm) / (0.41 * scale), 0, 1.2)  # 0 at midline, 1 at the chest wall
             meniscus = level - 0.08 * lateral**2
             fluid = np.clip((c.yy - meniscus) / 0.03, 0, 1) * (sgn * (c.xx - xm) > 0.02)
-            img = _blend(img, fluid * np.clip(lungs[side] * 1.4, 0, 1), _FLUID, 0.95 * (0.4 + 0.6 * s))
+            mask = c.note("Pleural Effusion", fluid * np.clip(lungs[side] * 1.4, 0, 1))
+            img = _blend(img, mask, _FLUID, 0.95 * (0.4 + 0.6 * s))
     s = _strength(f, "Edema")
     if s:
         sev = {"mild": 0.45, "moderate": 0.6, "severe": 0.75}[f["Edema"].get("severity", "mild")] * s
         haze = np.zeros_like(img)
         for hx in (xm - 0.13 * scale, xm + 0.14 * scale):
             haze += np.exp(-(((c.xx - hx) / 0.13) ** 2 + ((c.yy - 0.45) / 0.16) ** 2))
-        img = _blend(img, np.clip(haze, 0, 1) * lung, 0.5, sev)
+        img = _blend(img, c.note("Edema", np.clip(haze, 0, 1) * lung), 0.5, sev)
     for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.45, 4, 0.035)):
         s = _strength(f, name)
         if s:
             e = f[name]
             for side in _sides(e.get("side", "right")):
                 x, y = _zone_point(xm, scale, side, e.get("zone", "lower"), rng)
-                img = _blend(img, _patches(c, rng, x, y, n, r) * lungs[side], dense, 0.85 * s)
+                img = _blend(img, c.note(name, _patches(c, rng, x, y, n, r) * lungs[side]), dense, 0.85 * s)
     s = _strength(f, "Lung Lesion")
     if s:
         e = f["Lung Lesion"]
         x, y = _zone_point(xm, scale, e.get("side", "right"), e.get("zone", "upper"), rng)
         r = 0.008 + 0.016 * float(e.get("size_cm", 2.0))
-        img = _blend(img, c.ellipse(x, y, r * c.h / c.w, r, 0.006), 0.64, 0.95 * s)
+        img = _blend(img, c.note("Lung Lesion", c.ellipse(x, y, r * c.h / c.w, r, 0.006)), 0.64, 0.95 * s)
     s = _strength(f, "Atelectasis")
     if s:
         for side in _sides(f["Atelectasis"].get("side", "right")):
@@ -294,13 +340,13 @@ def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.
             band = c.lines(
                 [[(xm + sgn * 0.12 * scale, y + 0.02), (xm + sgn * 0.33 * scale, y - 0.015)]], 0.022, 0.006
             )
-            img = _blend(img, band * lungs[side], 0.6, 0.9 * s)
+            img = _blend(img, c.note("Atelectasis", band * lungs[side]), 0.6, 0.9 * s)
     s = _strength(f, "Pleural Other")
     if s:
         for side in _sides(f["Pleural Other"].get("side", "right")):
             sgn = _side_sign(side)
             cap = _lateral_wall(xm, sgn, domes[side], scale, 0.30, 0.0)
-            img = _blend(img, c.lines([cap], 0.03, 0.006), 0.62, 0.9 * s)
+            img = _blend(img, c.note("Pleural Other", c.lines([cap], 0.03, 0.006)), 0.62, 0.9 * s)
     return img
 
 
@@ -332,11 +378,12 @@ def _draw_devices(c: _Canvas, f: Findings, img: np.ndarray, xm: float, scale: fl
     for dev in devices:
         (tubes if dev in ("ett", "ngt") else wires).append(paths[dev])
     if tubes:
-        img = np.maximum(img, _METAL * s * c.lines(tubes, 0.012, 0.002))
+        img = np.maximum(img, _METAL * s * c.note("Support Devices", c.lines(tubes, 0.012, 0.002)))
     if wires:
-        img = np.maximum(img, _METAL * s * c.lines(wires, 0.006, 0.001))
+        img = np.maximum(img, _METAL * s * c.note("Support Devices", c.lines(wires, 0.006, 0.001)))
     if "pacemaker" in devices:
-        img = np.maximum(img, _METAL * s * c.ellipse(box[0], box[1], 0.045 * c.h / c.w, 0.03, 0.002))
+        mask = c.note("Support Devices", c.ellipse(box[0], box[1], 0.045 * c.h / c.w, 0.03, 0.002))
+        img = np.maximum(img, _METAL * s * mask)
     return img
 
 
@@ -359,33 +406,38 @@ def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator, frng: np.random.
         depth = {"small": 0.08, "moderate": 0.17, "large": 0.28}[f["Pleural Effusion"].get("size", "small")]
         depth *= 0.5 + 0.5 * s
         meniscus = dome + 0.06 - depth - 0.1 * np.clip((c.xx - 0.45) / 0.4, 0, 1) ** 2
-        img = _blend(img, np.clip((c.yy - meniscus) / 0.03, 0, 1) * np.clip(lung * 1.4, 0, 1), _FLUID, 0.95)
+        mask = c.note("Pleural Effusion", np.clip((c.yy - meniscus) / 0.03, 0, 1) * np.clip(lung * 1.4, 0, 1))
+        img = _blend(img, mask, _FLUID, 0.95)
     s = _strength(f, "Edema")
     if s:
         haze = np.exp(-(((c.xx - 0.5) / 0.18) ** 2 + ((c.yy - 0.42) / 0.18) ** 2))
-        img = _blend(img, haze * lung, 0.5, 0.55 * s)
+        img = _blend(img, c.note("Edema", haze * lung), 0.5, 0.55 * s)
     lat_x = {"upper": 0.52, "mid": 0.33, "lower": 0.66}
     for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.45, 4, 0.035)):
         s = _strength(f, name)
         if s:
             zone = f[name].get("zone", "lower")
             patch = _patches(c, frng, lat_x[zone], _ZONE_Y[zone] + 0.04, n, r)
-            img = _blend(img, patch * lung, dense, 0.8 * s)
+            img = _blend(img, c.note(name, patch * lung), dense, 0.8 * s)
     s = _strength(f, "Lung Lesion")
     if s:
         zone = f["Lung Lesion"].get("zone", "upper")
         r = 0.008 + 0.016 * float(f["Lung Lesion"].get("size_cm", 2.0))
-        img = _blend(img, c.ellipse(lat_x[zone], _ZONE_Y[zone], r * c.h / c.w, r, 0.006), 0.64, 0.9 * s)
+        lesion = c.ellipse(lat_x[zone], _ZONE_Y[zone], r * c.h / c.w, r, 0.006)
+        img = _blend(img, c.note("Lung Lesion", lesion), 0.64, 0.9 * s)
     s = _strength(f, "Atelectasis")
     if s:
         band = c.lines([[(0.3, dome - 0.1), (0.6, dome - 0.06)]], 0.02, 0.006)
-        img = _blend(img, band * lung, 0.6, 0.85 * s)
+        img = _blend(img, c.note("Atelectasis", band * lung), 0.6, 0.85 * s)
 
     # Heart anteriorly (image left), trachea, sternum, spine with vertebral bodies.
     cm = _strength(f, "Cardiomegaly")
     sev = {"mild": 1.2, "moderate": 1.3, "severe": 1.42}[f.get("Cardiomegaly", {}).get("severity", "mild")]
     factor = 1.0 + (sev - 1.0) * cm
-    img = _blend(img, c.ellipse(0.33 + 0.03 * factor, dome - 0.13, 0.15 * factor, 0.14, 0.01), 0.66)
+    heart = c.ellipse(0.33 + 0.03 * factor, dome - 0.13, 0.15 * factor, 0.14, 0.01)
+    if cm:
+        c.note("Cardiomegaly", heart)
+    img = _blend(img, heart, 0.66)
     img = _blend(img, c.lines([[(0.5, 0.0), (0.53, 0.33)]], 0.035, 0.006), 0.3, 0.6)
     img += 0.15 * c.lines([[(0.14, 0.14), (0.13, 0.5)]], 0.018, 0.003)
     vertebrae = np.zeros_like(img)
@@ -423,11 +475,49 @@ def render_radiograph(
         seed: seeds every random choice; the same arguments give the same bytes.
         quality: JPEG quality.
     """
+    return _render(findings, view, height, width, seed, quality, record=False)[0]
+
+
+def render_with_regions(
+    findings: Findings, view: str, height: int, width: int, seed: int, *, quality: int = 92
+) -> tuple[bytes, dict[str, list[list[int]]]]:
+    """`render_radiograph`'s bytes (identical) and where each drawn finding is in them.
+
+    Returns:
+        `(jpeg, regions)`: regions maps a CheXpert name to boxes `[x0, y0, x1, y1]` in the film's pixels
+        (x right, y down, x1/y1 exclusive), one per drawn part (each side of a bilateral finding, each
+        device group), after the film's rotation and resize. Only findings drawn in this view appear
+        (`DRAWN_IN_VIEW`).
+    """
+    return _render(findings, view, height, width, seed, quality, record=True)
+
+
+def _film_box(box, angle: float, work: tuple[int, int], film: tuple[int, int]) -> list[int]:
+    """A canvas-pixel box -> the film-pixel box around it after `PIL.Image.rotate(angle)` and the resize."""
+    (wh, ww), (height, width) = work, film
+    cx, cy = ww / 2.0, wh / 2.0
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    x0, y0, x1, y1 = box
+    xs, ys = [], []
+    for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1)):
+        # PIL turns the picture counter-clockwise on screen (y down) by `angle` degrees about the centre.
+        xs.append(cx + cos * (x - cx) + sin * (y - cy))
+        ys.append(cy - sin * (x - cx) + cos * (y - cy))
+    sx, sy = width / ww, height / wh
+    return [
+        max(0, math.floor(min(xs) * sx)),
+        max(0, math.floor(min(ys) * sy)),
+        min(width, math.ceil(max(xs) * sx)),
+        min(height, math.ceil(max(ys) * sy)),
+    ]
+
+
+def _render(findings: Findings, view: str, height: int, width: int, seed: int, quality: int, record: bool):
     # Separate streams: a finding added or removed leaves anatomy and exposure of the same seed unchanged.
     rng, frng, erng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     scale = min(1.0, WORK_SIZE / max(height, width))  # small films are drawn at their own size
     wh, ww = max(32, round(height * scale)), max(32, round(width * scale))
-    c = _Canvas(wh, ww)
+    c = _Canvas(wh, ww, record=record)
     img = _lateral(c, findings, rng, frng) if view == "LATERAL" else _frontal(c, findings, rng, frng, view)
 
     # Exposure, positioning and detector noise.
@@ -436,7 +526,8 @@ def render_radiograph(
     offset = erng.uniform(-0.04, 0.04)
     img = np.clip(np.clip(img, 0, 1) ** gamma * contrast + offset, 0, 1)
     pil = Image.fromarray(img.astype(np.float32))
-    pil = pil.rotate(erng.uniform(-4, 4), resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
+    angle = erng.uniform(-4, 4)
+    pil = pil.rotate(angle, resample=Image.BILINEAR, fillcolor=float(img[0, 0]))
     pil = pil.resize((width, height), Image.BICUBIC)
     arr = np.array(pil, dtype=np.float32)  # a writable copy: the arithmetic below is in place
     arr *= 255.0
@@ -446,4 +537,8 @@ def render_radiograph(
     out = Image.fromarray(arr.astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    regions = {}
+    if record:
+        for name, boxes in sorted(c.regions.items()):
+            regions[name] = [_film_box(b, angle, (wh, ww), (height, width)) for b in boxes]
+    return buf.getvalue(), regions
