@@ -6,7 +6,8 @@ Re-reads every shard listed in `DIR/manifest.json` and checks:
   across the build, the sample count against the manifest;
 - every JPEG decodes as 8-bit grayscale with its shorter side equal to the build's `image_size`;
 - every JSON has the SPEC §4.2 fields (14 CheXpert labels in 1 / 0 / -1 / null, the shard's split, the
-  original width/height) and every text is non-empty UTF-8;
+  original width/height; a VQA sample also its question, normalised answer, CLOSED/OPEN answer type and
+  the rest of `shard_format.VQA_FIELDS`) and every text is non-empty UTF-8;
 - every `.idx` equals the index computed from the tar's real member offsets (DALI `wds2idx` format);
 - per-split counts, totals and reject counts against the manifest and `rejects.jsonl`, and no stray
   shard or temporary file in the folder.
