@@ -117,3 +117,39 @@ def indiana_reports(limit: int = 600) -> list[str]:
             if len(reports) >= limit:
                 break
     return reports
+
+
+def patient_shards(folder: Path, patients: int = 60, shard_size: int = 10) -> dict[str, str]:
+    """Small shards of ``patients`` patients with 1-3 images each: ``{sample key: patient}``.
+
+    Made directly (tiny JPEGs, no data tools), for label-fraction tests that need many patients. Every
+    seventh sample's JSON has no ``subject_id`` and every eleventh sample has no JSON member: their patient
+    is the sample key, as the loader's rule says.
+    """
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples, patient_of = [], {}
+    for p in range(patients):
+        subject = f"1{p:07d}"
+        for image in range(int(rng.integers(1, 4))):
+            n = len(samples)
+            key = f"s{n:05d}"
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(buf, format="JPEG")
+            sample = {"__key__": key, "jpg": buf.getvalue(), "txt": f"patient {p} image {image}. lungs clear."}
+            meta = {"source": "test", "subject_id": subject, "image_id": key, "labels": {"Edema": p % 2}}
+            if n % 7 == 3:
+                del meta["subject_id"]
+            if n % 11 != 5:
+                sample["json"] = json.dumps(meta).encode()
+            patient_of[key] = subject if ("json" in sample and "subject_id" in meta) else key
+            samples.append(sample)
+    for start in range(0, len(samples), shard_size):
+        write_shard(folder / f"shard-{start // shard_size:06d}.tar", samples[start : start + shard_size])
+    return patient_of

@@ -14,6 +14,7 @@ from loader_testdata import IMG, faulty_shards, shard_root, tokenizer_dir
 from PIL import Image
 
 from mpma_ds import load_tokenizer
+from mpma_ds.config import build
 from mpma_ds.data import DataConfig, build_loader
 from mpma_ds.data.plan import seeded_rng
 from mpma_ds.data.shards import load_shard_index
@@ -258,9 +259,15 @@ def test_config_validation_names_the_field():
         DataConfig(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="data.image_mean"):
         DataConfig(in_chans=3, image_mean=(0.1, 0.2))
-    with pytest.raises(ValueError, match="unknown key"):
-        DataConfig.from_dict({"shards": "x"})
-    assert DataConfig.from_dict({"crop_ratio": [0.8, 1.2]}).crop_ratio == (0.8, 1.2)
+    with pytest.raises(ValueError, match="data.mlm_probability"):
+        DataConfig(mlm_probability=1.0)
+    assert DataConfig(mlm_probability=0.0).mlm_probability == 0.0  # fine-tuning: no MLM masking
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="data.label_fraction"):
+            DataConfig(label_fraction=bad)
+    with pytest.raises(ValueError, match="unknown key data.shards"):
+        build(DataConfig, {"shards": "x"}, prefix="data")
+    assert build(DataConfig, {"crop_ratio": [0.8, 1.2]}, prefix="data").crop_ratio == (0.8, 1.2)
 
 
 def test_synthetic_pairs_are_correlated(tokenizer):

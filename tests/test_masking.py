@@ -94,3 +94,18 @@ def test_a_rows_mask_does_not_depend_on_the_other_rows(tokenizer):
     b = encoder(reports[:4] + ["No acute disease."] * 4, batch_generator(5, 2))
     for key in ("input_ids", "mlm_labels"):
         assert torch.equal(a[key][:4], b[key][:4])
+
+
+def test_probability_zero_masks_nothing(tokenizer):
+    """Fine-tuning: ``mlm_probability: 0`` leaves the ids as tokenised and gives no MLM target at all, not
+    even the one word per report that masking at p > 0 guarantees."""
+    reports = indiana_reports()[:60] + ["No acute disease.", "Clear."]
+    encoder = ReportEncoder(tokenizer, 48, probability=0.0)
+    out = encoder(reports, batch_generator(1, 0))
+    plain = tokenizer(reports, truncation=True, max_length=48, padding="max_length", return_tensors="pt")
+    assert torch.equal(out["input_ids"], plain["input_ids"])
+    assert torch.equal(out["attention_mask"], plain["attention_mask"])
+    assert (out["mlm_labels"] == IGNORE_INDEX).all()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="MLM probability"):
+            ReportEncoder(tokenizer, 48, probability=bad)

@@ -47,7 +47,8 @@ class DataConfig(ConfigSection):
     """Tokens per report including ``[CLS]``/``[SEP]``; longer reports are truncated, shorter padded to it."""
 
     mlm_probability: float = 0.15
-    """Fraction of (non-special) tokens chosen for MLM, by whole words."""
+    """Fraction of (non-special) tokens chosen for MLM, by whole words, in [0, 1). 0 (fine-tuning) masks
+    nothing: ``input_ids`` unchanged, ``mlm_labels`` all -100 (no one-word-per-report fallback either)."""
 
     mlm_mask_fraction: float = 0.8
     """Of the chosen tokens: the fraction replaced by ``[MASK]`` (BERT's 80 %)."""
@@ -115,10 +116,14 @@ class DataConfig(ConfigSection):
     """``synthetic`` backend: samples in the in-memory split."""
 
     label_fraction: float = 1.0
-    """stub"""
+    """Share of the **train** split's patients kept, in (0, 1] (1 = every sample; other splits are always
+    whole): a patient is kept iff a hash of (subject_id, ``label_fraction_seed``) mapped to [0, 1) is below
+    it, so no patient is split, the subsets of one seed are nested (1 % ⊂ 10 % ⊂ 100 %) and the same for
+    every backend, world size and worker count (``mpma_ds.data.subsets.patient_subset``). The patient is
+    the sample JSON's ``subject_id``, else the sample key. The label-efficiency protocol of SPEC §7."""
 
     label_fraction_seed: int = 0
-    """stub"""
+    """Picks which patients a ``label_fraction`` below 1 keeps; the same seed keeps nested subsets."""
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -141,7 +146,7 @@ class DataConfig(ConfigSection):
         if self.in_chans not in (1, 3):
             raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.mlm_probability < 1.0:
-            raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+            raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
         if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
             self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
         ):
@@ -169,6 +174,8 @@ class DataConfig(ConfigSection):
                 )
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"data.image_std must be > 0, got {list(self.image_std)}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` expanded to ``in_chans`` values each."""

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerFast
 
 from data_tools.shard_format import SAMPLE_MEMBERS, format_index, index_path
 from mpma_ds.data.config import DataConfig
@@ -93,23 +92,10 @@ class DaliStream(ShardStream):
 
     backend = "dali"
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        shards: str,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        tokenizer: PreTrainedTokenizerFast,
-        seed: int,
-        train: bool,
-    ) -> None:
+    def __init__(self, cfg: DataConfig, shards: str, **common: Any) -> None:
+        """``common``: `ShardStream`'s keyword arguments (rank, world size, batch size, tokenizer, ...)."""
         self.fn, self.types, self.pipeline_def = _dali()
-        super().__init__(
-            cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed,
-            train=train,
-        )  # fmt: skip
+        super().__init__(cfg, shards, **common)
         self.augment = self.transform.augment
         self._tmp = tempfile.TemporaryDirectory(prefix="mpma-dali-idx-")
         self.idx_files = write_clean_indexes(self.index, Path(self._tmp.name))

@@ -9,13 +9,14 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from mpma_ds.data.batch import Batch
 from mpma_ds.data.config import DataConfig
 
 
 class BatchStream(Protocol):
-    """What every backend returns: an iterable of batch dicts with an exact, resumable position."""
+    """What every backend returns: an iterable of batches with an exact, resumable position."""
 
-    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def __iter__(self) -> Iterator[Batch]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -34,11 +35,15 @@ class LoaderInfo:
         loader: iterable of batches; ``train=True``: endless over epochs, ``train=False``: one pass.
         num_samples: samples in the split (all ranks together; ``epoch_length`` when resampled).
         steps_per_epoch: batches per rank per epoch — the same on every rank.
+        subset: the label-fraction subset of the train split (`subsets.py`): ``{"fraction", "seed",
+            "samples_kept", "samples_total", "patients_kept", "patients_total"}``; ``None`` when the whole
+            split is read (``label_fraction`` 1, or another split). ``num_samples`` counts the kept samples.
     """
 
     loader: BatchStream
     num_samples: int
     steps_per_epoch: int
+    subset: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Exact position (epoch, batches consumed in it, ...): small and JSON-able."""
@@ -69,6 +74,12 @@ def split_shards(cfg: DataConfig, split: str) -> str:
     raise ValueError(f"unknown split {split!r}: use train, validate or test")
 
 
+def label_fraction_of(cfg: DataConfig, split: str) -> tuple[float, int]:
+    """``(fraction, seed)`` of the label-fraction subset ``split`` is read with: the recipe's on the train
+    split, the whole split (1.0) on every other."""
+    return (cfg.label_fraction, cfg.label_fraction_seed) if split == "train" else (1.0, 0)
+
+
 def build_loader(
     cfg: DataConfig,
     rank: int,
@@ -91,8 +102,13 @@ def build_loader(
         batch_size: samples per batch on this rank (the micro-batch).
         tokenizer: a fast tokenizer; ``None`` loads ``cfg.tokenizer``.
         seed: makes shard order, sample shuffle, augmentation and masking reproducible (and rank-distinct).
-        train: True: endless over epochs, shuffled, augmented. False: one deterministic pass, no
-            augmentation, masking with a fixed seed (so validation MLM losses are comparable).
+        train: True: endless over epochs, shuffled, augmented. False: one deterministic pass in shard and
+            file order, no augmentation, masking with a fixed seed (so validation MLM losses are comparable)
+            — also over the train split, e.g. to extract features of every training sample once.
+
+    Raises:
+        ValueError: a bad rank / batch size, an unknown split, or a label fraction that keeps no sample.
+        FileNotFoundError: missing shards, a shard without ``.idx``, a split with no readable sample.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -104,19 +120,25 @@ def build_loader(
         from mpma_ds.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
-    common = dict(rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed)
+    fraction, fraction_seed = label_fraction_of(cfg, split)
+    common = dict(
+        rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed, train=train,
+        split=split, label_fraction=fraction, label_fraction_seed=fraction_seed,
+    )  # fmt: skip
     if cfg.backend == "synthetic":
         from mpma_ds.data.synthetic import SyntheticStream
 
-        stream: Any = SyntheticStream(cfg, train=train, split=split, **common)
+        stream: Any = SyntheticStream(cfg, **common)
     elif cfg.backend == "wds":
         from mpma_ds.data.wds_backend import WdsStream
 
-        stream = WdsStream(cfg, split_shards(cfg, split), train=train, **common)
+        stream = WdsStream(cfg, split_shards(cfg, split), **common)
     elif cfg.backend == "dali":
         from mpma_ds.data.dali_backend import DaliStream
 
-        stream = DaliStream(cfg, split_shards(cfg, split), train=train, **common)
+        stream = DaliStream(cfg, split_shards(cfg, split), **common)
     else:  # DataConfig validates the name; this guards direct attribute edits
         raise ValueError(f"unknown data.backend {cfg.backend!r}")
-    return LoaderInfo(loader=stream, num_samples=stream.num_samples, steps_per_epoch=stream.steps_per_epoch)
+    return LoaderInfo(
+        loader=stream, num_samples=stream.num_samples, steps_per_epoch=stream.steps_per_epoch, subset=stream.subset
+    )

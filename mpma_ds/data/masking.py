@@ -31,6 +31,7 @@ def whole_word_mask(
     ``probability``); a row with maskable tokens but no word chosen gets one random word, so every
     sequence contributes to the MLM loss. Of the chosen tokens, ``mask_fraction`` become ``[MASK]``,
     ``random_fraction`` a random token from ``random_token_ids``, the rest stay as they are.
+    ``probability == 0`` (fine-tuning) masks nothing: the ids come back unchanged, every label -100.
 
     Args:
         input_ids: (B, L) token ids.
@@ -40,6 +41,10 @@ def whole_word_mask(
     Returns:
         ``(corrupted_ids, mlm_labels)``, both (B, L) int64; labels are -100 where a token was not chosen.
     """
+    if not 0.0 <= probability < 1.0:
+        raise ValueError(f"MLM probability must be in [0, 1), got {probability}")
+    if probability == 0.0:  # no MLM at all: not even the one-word-per-row fallback
+        return input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
     bsz, length = input_ids.shape
     # Every draw has a fixed shape, so a row's masking depends only on its own tokens and its row index
     # (not on the other rows of the batch, e.g. padding repeats that differ between backends).
@@ -81,6 +86,8 @@ class ReportEncoder:
             raise ValueError("whole-word masking needs a fast tokenizer (word_ids()); load it with load_tokenizer")
         if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no [MASK] or [PAD] token; MLM needs both")
+        if not 0.0 <= probability < 1.0:
+            raise ValueError(f"MLM probability must be in [0, 1), got {probability}")
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.probability = probability

@@ -130,13 +130,24 @@ class EpochStream:
 
     backend = "base"
 
-    def __init__(self, *, train: bool, seed: int, rank: int, world_size: int, steps: int, num_samples: int):
+    def __init__(
+        self,
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        steps: int,
+        num_samples: int,
+        subset: dict[str, Any] | None = None,
+    ):
         self.train = train
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.steps_per_epoch = steps
         self.num_samples = num_samples
+        self.subset = subset  # the label-fraction subset's summary (`subsets.py`), None = the whole split
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped: Counter = Counter()
@@ -181,7 +192,7 @@ class EpochStream:
             self._stop(run)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "backend": self.backend,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -190,6 +201,9 @@ class EpochStream:
             "world_size": self.world_size,
             "skipped": dict(self.skipped),
         }
+        if self.subset is not None:
+            state["subset"] = dict(self.subset)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("epoch", "batch_in_epoch", "world_size", "seed"):
@@ -199,6 +213,11 @@ class EpochStream:
             raise ValueError(
                 f"loader state is for world_size={state['world_size']}, seed={state['seed']}; this run has "
                 f"world_size={self.world_size}, seed={self.seed}: exact resume needs the same values"
+            )
+        if state.get("subset") != self.subset:
+            raise ValueError(
+                f"loader state is for the label subset {state.get('subset')}; this run has {self.subset}: "
+                "exact resume needs the same data.label_fraction and data.label_fraction_seed"
             )
         if not 0 <= state["batch_in_epoch"] <= self.steps_per_epoch:
             raise ValueError(f"loader state batch_in_epoch={state['batch_in_epoch']} is outside this epoch")

@@ -28,6 +28,7 @@ from mpma_ds.data.masking import ReportEncoder, batch_generator
 from mpma_ds.data.plan import EpochStream, steps_per_epoch
 from mpma_ds.data.samples import SampleError
 from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.subsets import label_fraction_index
 from mpma_ds.data.transforms import XrayTransform
 
 EVAL_MASK_SALT = 0xE7A1
@@ -116,8 +117,9 @@ def collate_rows(
 
 
 class ShardStream(EpochStream):
-    """What both shard backends (wds, dali) share: the shard index, the epoch length (declared when
-    resampled), the per-rank step count, the report encoder and the image transform."""
+    """What both shard backends (wds, dali) share: the shard index (cut to the label-fraction subset when
+    ``label_fraction < 1``), the epoch length (declared when resampled), the per-rank step count, the report
+    encoder and the image transform."""
 
     def __init__(
         self,
@@ -130,9 +132,14 @@ class ShardStream(EpochStream):
         tokenizer: PreTrainedTokenizerFast,
         seed: int,
         train: bool,
+        split: str = "train",
+        label_fraction: float = 1.0,
+        label_fraction_seed: int = 0,
     ) -> None:
         self.cfg = cfg
-        self.index = load_shard_index(shards)
+        self.index, subset = label_fraction_index(
+            load_shard_index(shards), label_fraction, label_fraction_seed, split=split
+        )
         self.batch_size = batch_size
         self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
         total = self.resample_to or self.index.num_samples
@@ -143,6 +150,7 @@ class ShardStream(EpochStream):
             world_size=world_size,
             steps=steps_per_epoch(total, world_size, batch_size),
             num_samples=total,
+            subset=subset,
         )
         self.encoder = encoder_from_config(cfg, tokenizer)
         self.transform = XrayTransform(cfg, train)

@@ -4,6 +4,8 @@ Each sample has a random set of findings (CheXpert names). Every finding draws a
 place in the image and adds its phrase to the report, and sets its label to 1 — so images, reports and
 labels agree, and a model can learn retrieval and MLM from them. Samples depend only on the split and
 their index; epochs, ranks, resume and padding follow the same plan as the shard backends (`plan.py`).
+Every `IMAGES_PER_PATIENT` consecutive samples share a patient (``subject_id``), so a label fraction
+(`subsets.py`) keeps or drops them together, as it does on real shards.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mpma_ds.data.batch import make_batch
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, seeded_rng, steps_per_epoch
 from mpma_ds.data.stream import encoder_from_config, mask_generator
+from mpma_ds.data.subsets import split_subset
 
 # finding → (phrase, blob centre (y, x) as fractions of the image, blob radius fraction)
 FINDINGS: dict[str, tuple[str, tuple[float, float], float]] = {
@@ -35,6 +38,12 @@ FINDINGS: dict[str, tuple[str, tuple[float, float], float]] = {
 }
 SPLIT_SALT = {"train": 11, "validate": 12, "val": 12, "valid": 12, "test": 13}
 PSEUDO_SHARD = 64  # samples per pseudo-shard, so the shard-order shuffle has something to shuffle
+IMAGES_PER_PATIENT = 2
+
+
+def synthetic_subject(index: int, split: str) -> str:
+    """The patient of sample ``index`` of ``split``."""
+    return f"{split}-p{index // IMAGES_PER_PATIENT:07d}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,7 +79,13 @@ def synthetic_sample(index: int, split: str, size: int) -> tuple[np.ndarray, str
     labels = {n: (1 if n in names else 0) for n in FINDINGS}
     labels.update({n: None for n in CHEXPERT_LABELS if n not in FINDINGS})
     labels["No Finding"] = 0 if names else 1
-    meta = {"source": "synthetic", "image_id": f"{split}-{index:07d}", "split": split, "labels": labels}
+    meta = {
+        "source": "synthetic",
+        "subject_id": synthetic_subject(index, split),
+        "image_id": f"{split}-{index:07d}",
+        "split": split,
+        "labels": labels,
+    }
     return image, text, meta
 
 
@@ -90,12 +105,17 @@ class SyntheticStream(EpochStream):
         tokenizer: PreTrainedTokenizerFast,
         seed: int,
         train: bool,
+        label_fraction: float = 1.0,
+        label_fraction_seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.split = split
         self.batch_size = batch_size
-        total = cfg.synthetic_samples
-        self.counts = [min(PSEUDO_SHARD, total - s) for s in range(0, total, PSEUDO_SHARD)]
+        # the samples of the split (a label fraction keeps a patient-level subset), grouped in pseudo-shards
+        self.samples, subset = self._subset(cfg.synthetic_samples, label_fraction, label_fraction_seed)
+        shards = np.arange(0, cfg.synthetic_samples, PSEUDO_SHARD)  # first sample of each pseudo-shard
+        self.counts = np.diff(np.searchsorted(self.samples, [*shards, cfg.synthetic_samples])).tolist()
+        total = len(self.samples)
         super().__init__(
             train=train,
             seed=seed,
@@ -103,11 +123,20 @@ class SyntheticStream(EpochStream):
             world_size=world_size,
             steps=steps_per_epoch(total, world_size, batch_size),
             num_samples=total,
+            subset=subset,
         )
         self.encoder = encoder_from_config(cfg, tokenizer)
         mean, std = cfg.channel_stats()
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)  # (1, C, 1, 1)
+
+    def _subset(self, total: int, fraction: float, seed: int) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """Sample indices kept by the label fraction, ascending, and the subset's summary."""
+        if fraction == 1.0:
+            return np.arange(total, dtype=np.int64), None
+        subjects = [synthetic_subject(i, self.split) for i in range(total)]
+        keep, summary = split_subset(subjects, fraction, seed, split=self.split)
+        return np.flatnonzero(keep), summary
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         ids, valid = epoch_batches(
@@ -124,7 +153,7 @@ class SyntheticStream(EpochStream):
         for number in range(start_batch, len(ids)):
             pixels = np.empty((self.batch_size, 1, size, size), dtype=np.float32)  # (B, 1, S, S)
             texts, metas = [], []
-            for slot, index in enumerate(ids[number].tolist()):
+            for slot, index in enumerate(self.samples[ids[number]].tolist()):
                 pixels[slot, 0], text, meta = synthetic_sample(index, self.split, size)
                 texts.append(text)
                 metas.append(meta)

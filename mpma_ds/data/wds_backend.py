@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import PreTrainedTokenizerFast
 
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import MadeBatch, epoch_batches, seeded_rng
@@ -75,22 +75,9 @@ class WdsStream(ShardStream):
 
     backend = "wds"
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        shards: str,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        tokenizer: PreTrainedTokenizerFast,
-        seed: int,
-        train: bool,
-    ) -> None:
-        super().__init__(
-            cfg, shards, rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed,
-            train=train,
-        )  # fmt: skip
+    def __init__(self, cfg: DataConfig, shards: str, **common: Any) -> None:
+        """``common``: `ShardStream`'s keyword arguments (rank, world size, batch size, tokenizer, ...)."""
+        super().__init__(cfg, shards, **common)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
