@@ -22,6 +22,7 @@ This module imports nothing from the rest of ``mpma_ds``.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import os
 import types
 import typing
@@ -167,7 +168,8 @@ def check_types(obj: Any, *, prefix: str = "", source: str | None = None) -> Non
         if not f.init:
             continue
         value = getattr(obj, f.name)
-        converted = convert(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name, source=source)
+        key = f"{prefix}.{_key_name(f.name)}" if prefix else _key_name(f.name)
+        converted = convert(value, hints[f.name], key, source=source)
         if converted is not value:
             object.__setattr__(obj, f.name, converted)
 
@@ -189,16 +191,18 @@ def build(
     if not isinstance(values, Mapping):
         raise ConfigError(_where(f"{prefix or 'the config'} must be a mapping of keys, got {values!r}", source))
     hints = _hints(cls)
+    values = {_field_name(str(k)): v for k, v in values.items()}
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(map(str, values)) - set(known))
+    unknown = sorted(_key_name(k) for k in set(values) - set(known))
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
         where = f" in {prefix}" if prefix else ""
         kind = f"{what} key" if what else "key"
-        raise ConfigError(_where(f"unknown {kind} {names}; valid keys{where}: {', '.join(sorted(known))}", source))
+        valid = ", ".join(sorted(map(_key_name, known)))
+        raise ConfigError(_where(f"unknown {kind} {names}; valid keys{where}: {valid}", source))
     kwargs = {}
     for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
+        key = f"{prefix}.{_key_name(name)}" if prefix else _key_name(name)
         kwargs[name] = convert(value, hints[name], key, source=source, what=what)
     try:
         instance = cls(**kwargs)
@@ -211,8 +215,18 @@ def build(
         if prefix and prefix.split(".")[0] not in message:
             message = f"{prefix}: {message}"
         raise ConfigError(_where(message, source)) from err
-    object.__setattr__(instance, "_given_keys", frozenset(values))
+    object.__setattr__(instance, "_given_keys", frozenset(map(_key_name, values)))
     return instance
+
+
+def _field_name(key: str) -> str:
+    """A config key as its field name: a Python keyword gets a trailing underscore (``from`` -> ``from_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _key_name(name: str) -> str:
+    """A field name as its config key (``from_`` -> ``from``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
 
 
 def given_keys(instance: Any) -> frozenset[str]:
@@ -288,7 +302,7 @@ def load_config(
 def to_dict(value: Any) -> Any:
     """A config as plain nested dicts/lists/scalars (YAML/JSON-safe)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {_key_name(f.name): to_dict(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
     if isinstance(value, (list, tuple)):
         return [to_dict(v) for v in value]
     if isinstance(value, Mapping):

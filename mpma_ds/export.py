@@ -96,15 +96,8 @@ def read_run_recipe(tag_dir: Path) -> tuple[Recipe, Path]:
 
 
 def load_run_recipe(path: Path) -> Recipe:
-    """A run folder's saved recipe as the typed recipe it was: a fine-tuning recipe when it has a ``task``
-    section, else a pretraining one (``check_files=False``)."""
-    import yaml
-
-    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if isinstance(tree, dict) and "task" in tree:
-        from mpma_ds.tasks.config import FinetuneRecipe
-
-        return load_recipe(path, check_files=False, cls=FinetuneRecipe)
+    """A run folder's saved recipe as the typed recipe it was (fine-tuning when it has a ``task`` section),
+    without checking the files it names."""
     return load_recipe(path, check_files=False)
 
 

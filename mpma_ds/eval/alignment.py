@@ -45,6 +45,7 @@ def evaluate_alignment(
     ks: Sequence[int] = DEFAULT_KS,
     label_names: Sequence[str] = CHEXPERT_LABELS,
     prompts: Mapping[str, tuple[str, str]] | None = None,
+    keep_embeddings: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Retrieval R@K (both directions, one image per distinct report) and zero-shot AUROC on ``batches``.
 
@@ -60,6 +61,8 @@ def evaluate_alignment(
         tokenizer: the model's tokenizer; reports are re-tokenised unmasked from ``text``.
         device: where the model runs.
         max_text_len: token budget of the text encoder.
+        keep_embeddings: a dict that receives the retrieval pairs' embeddings, ``"image"`` and ``"text"``
+            (N_unique, D) each (for bootstrap intervals over queries).
     Returns:
         ``i2t_R@k``, ``t2i_R@k`` (fractions), ``zeroshot_auroc/<label>``, ``zeroshot_auroc_mean``,
         ``eval_samples``, ``retrieval_pairs``, ``zeroshot_labels``.
@@ -87,6 +90,8 @@ def evaluate_alignment(
             net, [texts[i] for i in keep], tokenizer=tokenizer, device=device, max_text_len=max_text_len
         )  # (N_unique, D)
         metrics = retrieval_metrics(image_emb[keep], text_emb, ks)
+        if keep_embeddings is not None:
+            keep_embeddings.update(image=image_emb[keep], text=text_emb)
         metrics["eval_samples"] = float(image_emb.shape[0])
         if labels:
             pairs = prompts_for(label_names, prompts)

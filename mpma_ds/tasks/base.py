@@ -141,8 +141,16 @@ class Task:
         """The loader's batch → what the module's forward reads (default: as it is)."""
         return batch
 
-    def evaluate(self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext) -> dict[str, float]:
-        """Metrics of ``module`` over ``batches`` (collective: every rank runs it on the same batches)."""
+    @property
+    def bootstrap_resamples(self) -> int:
+        """Resamples of the 95 % intervals beside the final test metrics (0 = none)."""
+        return 0
+
+    def evaluate(
+        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+    ) -> dict[str, Any]:
+        """Metrics of ``module`` over ``batches`` (collective: every rank runs it on the same batches); with
+        ``n_resamples`` > 0 a bootstrap 95 % interval beside each (``<metric>_ci95: [low, high]``)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- records

@@ -50,7 +50,9 @@ class PretrainTask(Task):
 
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
 
-    def evaluate(self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+    ) -> dict[str, Any]:
         from mpma_ds.eval import evaluate_alignment
 
         return evaluate_alignment(

@@ -273,7 +273,7 @@ def load_recipe(
     overrides: Iterable[str] = (),
     *,
     check_files: bool = True,
-    cls: type[R] = Recipe,  # type: ignore[assignment]
+    cls: type[R] | None = None,
 ) -> R:
     """Read a YAML recipe (``None``: all defaults), apply ``--set`` overrides and build the typed recipe once.
 
@@ -282,7 +282,8 @@ def load_recipe(
         overrides: ``key.sub=value`` strings (``--set``).
         check_files: resolve ``deepspeed_config`` to an existing file (a run's saved ``recipe.yaml`` read on
             another machine by evaluation or export passes False).
-        cls: ``Recipe`` (pretraining) or ``FinetuneRecipe``.
+        cls: ``Recipe`` (pretraining) or ``FinetuneRecipe``; ``None``: a fine-tuning recipe when the file has a
+            ``task`` section (or an override sets one), else a pretraining one.
 
     Raises:
         ConfigError: missing/empty/unreadable file, unknown key, wrong type or bad value (names the key).
@@ -295,6 +296,13 @@ def load_recipe(
         recipe_dir = Path(path).resolve().parent
         source = str(path)
     tree = apply_overrides(tree, overrides)
+    if cls is None:
+        if "task" in tree:
+            from mpma_ds.tasks.config import FinetuneRecipe
+
+            cls = FinetuneRecipe  # type: ignore[assignment]
+        else:
+            cls = Recipe  # type: ignore[assignment]
     recipe = build(cls, tree, source=source, what="recipe")
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))

@@ -115,7 +115,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.evals_without_gain = 0
         self.nan_total = 0
-        self.last_eval: dict[str, float] = {}
+        self.last_eval: dict[str, Any] = {}
         self.ctx, resume_dir = self._resolve(resume)
         try:
             self.created_group = init_distributed()
@@ -313,16 +313,14 @@ class Trainer:
         }
         self.logger.log_metrics(metrics, step=self.step)
 
-    def evaluate(self, split: str = "validate", loader: Any = None) -> dict[str, float]:
+    def evaluate(self, split: str = "validate", *, n_resamples: int = 0) -> dict[str, Any]:
         """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
 
-        Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy``).
+        Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy_overall``); with
+        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``).
         """
-        own = loader is None
-        if own:
-            loader = self.val_loader if split == "validate" and self.val_loader is not None else None
-        if loader is None:
-            loader = self.task.eval_loader(self.ctx, split)
+        own = not (split == "validate" and self.val_loader is not None)
+        loader = self.task.eval_loader(self.ctx, split) if own else self.val_loader
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -332,13 +330,18 @@ class Trainer:
                 for i, b in enumerate(loader.loader)
                 if not (self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches)
             )
-            metrics = self.task.evaluate(module, batches, self.ctx)
+            metrics = self.task.evaluate(module, batches, self.ctx, n_resamples=n_resamples)
         finally:
             module.train(was_training)
-            if own and loader is not self.val_loader:
+            if own:
                 loader.close()
         prefix = "eval" if split == "validate" else split
-        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+    def _log_eval(self, metrics: dict[str, Any]) -> None:
+        from mpma_ds.eval import loggable_metrics
+
+        self.logger.log_metrics(loggable_metrics(metrics), step=self.step)
 
     def _track_best(self, metrics: dict[str, float]) -> bool:
         """Update the best record with this evaluation; True when it improved."""
@@ -348,7 +351,7 @@ class Trainer:
                 f"train.best_metric {self.best_metric!r} is not among the task's metrics "
                 f"({', '.join(sorted(k.split('/', 1)[1] for k in metrics))})"
             )
-        value = metrics[key]
+        value = float(metrics[key])
         if math.isnan(value):
             return False
         better = self.best is None or (
@@ -378,7 +381,7 @@ class Trainer:
             improved = False
             if evaluate_now:
                 self.last_eval = self.evaluate("validate")
-                self.logger.log_metrics(self.last_eval, step=self.step)
+                self._log_eval(self.last_eval)
                 if self.best_metric:
                     improved = self._track_best(self.last_eval)
             stop = bool(cfg.early_stopping and self.evals_without_gain >= cfg.early_stopping)
@@ -398,7 +401,7 @@ class Trainer:
                 break
         if self.max_steps == 0 and self.val_loader is not None:  # evaluation only (zero_shot)
             self.last_eval = self.evaluate("validate")
-            self.logger.log_metrics(self.last_eval, step=self.step)
+            self._log_eval(self.last_eval)
         elif last_saved != self.step:
             self.save()
         wall = time.perf_counter() - t_start
@@ -438,16 +441,16 @@ class Trainer:
 
         return engine_memory(self.engine)
 
-    def _final_test(self) -> dict[str, float] | None:
+    def _final_test(self) -> dict[str, Any] | None:
         """Test-split metrics of the best checkpoint (else the last weights); None without ``data.test_shards``."""
         if not (self.task.test_after_training and self.recipe.data.test_shards):
             return None
         if self.best is not None and self.best["step"] != self.step:
             best_dir = self.out / "checkpoints" / ckpt.tag_for(self.best["step"])
             ckpt.load_checkpoint(self.engine, best_dir, rank=self.ctx.rank, full_state=False)
-        metrics = self.evaluate("test")
+        metrics = self.evaluate("test", n_resamples=self.task.bootstrap_resamples)
         metrics["test/step"] = float(self.best["step"] if self.best else self.step)
-        self.logger.log_metrics(metrics, step=self.step)
+        self._log_eval(metrics)
         return metrics
 
     def close(self, status: str | None = None) -> None:

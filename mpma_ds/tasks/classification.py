@@ -1,0 +1,216 @@
+"""``cls``: the image encoder's pooled features → a linear head, fine-tuned end to end. Multi-label over the
+CheXpert-14 labels of MIMIC shards (uncertain -1 mapped by ``task.cls.uncertain``, blank ignored; macro and
+per-label AUROC), or multi-class from one field of the sample JSON (accuracy, macro F1, macro AUROC).
+
+``Labels`` (the label rules) is shared with ``linear_probe``, which trains the same head on frozen features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpma_ds.tasks.base import RunContext
+from mpma_ds.tasks.finetune import FinetuneTask, read_split_metas, warn_rank0
+
+if TYPE_CHECKING:
+    from mpma_ds.tasks.config import ClsOptions, FinetuneRecipe
+
+
+class Labels:
+    """The label rules of a classification recipe: which targets a batch gives, the loss, the metrics."""
+
+    def __init__(self, options: ClsOptions, classes: Sequence[str] | None = None) -> None:
+        from data_tools.shard_format import CHEXPERT_LABELS
+
+        self.options = options
+        self.multilabel = options.labels == "chexpert"
+        if self.multilabel:
+            self.names = list(options.label_names or CHEXPERT_LABELS)
+            self.columns = [list(CHEXPERT_LABELS).index(n) for n in self.names]
+        else:
+            self.names = list(classes or options.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.names)
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, C) float 1/0/NaN (multi-label, uncertain policy applied) or (B,) int64 class id, -1 = none."""
+        from mpma_ds.eval import apply_uncertain_policy
+
+        if self.multilabel:
+            labels = torch.as_tensor(batch["labels"], dtype=torch.float32)[:, self.columns]  # (B, C)
+            return apply_uncertain_policy(labels, self.options.uncertain)
+        index = {name: i for i, name in enumerate(self.names)}
+        column = self.options.label_column
+        return torch.tensor([index.get(str(m.get(column)), -1) for m in batch["meta"]], dtype=torch.long)
+
+    def targets_from_metas(self, metas: Sequence[dict[str, Any]]) -> np.ndarray:
+        """The same targets for sample JSONs (label counts before training, cached features)."""
+        from data_tools.shard_format import CHEXPERT_LABELS
+        from mpma_ds.data.batch import labels_vector
+
+        if self.multilabel:
+            rows = np.stack([labels_vector(m) for m in metas]) if metas else np.zeros((0, len(CHEXPERT_LABELS)))
+            return self.targets({"labels": torch.from_numpy(rows.astype(np.float32))}).numpy()
+        return self.targets({"meta": list(metas)}).numpy()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean BCE over labelled (row, label) cells (multi-label) or mean CE over labelled rows."""
+        valid = valid.to(logits.device).bool()
+        if self.multilabel:
+            targets = targets.to(logits.device)
+            known = ~torch.isnan(targets) & valid[:, None]  # (B, C)
+            cells = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")
+            return (cells * known).sum() / known.sum().clamp(min=1)
+        targets = targets.to(logits.device)
+        known = (targets >= 0) & valid  # (B,)
+        rows = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+        return (rows * known).sum() / known.sum().clamp(min=1)
+
+    def metrics(self, scores: np.ndarray, targets: np.ndarray, *, n_resamples: int = 0) -> dict[str, Any]:
+        from mpma_ds.eval import multiclass_metrics, multilabel_auroc, with_intervals
+
+        if self.multilabel:
+            fn, args = multilabel_auroc, (scores, targets, self.names)
+        else:
+            known = targets >= 0
+            fn, args = multiclass_metrics, (scores[known], targets[known], self.names)
+        if n_resamples:
+            return with_intervals(fn, *args[:2], n_resamples=n_resamples, seed=0, **_names_kw(fn, args[2]))
+        return fn(*args)
+
+    def check_subset(self, ctx: RunContext, metas: Sequence[dict[str, Any]], recipe: FinetuneRecipe) -> dict:
+        """Label counts of the training subset (``data.label_fraction``); a label without positives is named in
+        a warning (its AUROC cannot improve from training)."""
+        from mpma_ds.data.subsets import meta_subject, patient_subset
+
+        data = recipe.data
+        subjects = [meta_subject(m, str(i)) for i, m in enumerate(metas)]
+        keep = patient_subset(subjects, data.label_fraction, data.label_fraction_seed)
+        targets = self.targets_from_metas([m for m, k in zip(metas, keep.tolist()) if k])
+        if self.multilabel:
+            positives = {n: int((targets[:, c] == 1).sum()) for c, n in enumerate(self.names)}
+        else:
+            positives = {n: int((targets == c).sum()) for c, n in enumerate(self.names)}
+        empty = [n for n, count in positives.items() if count == 0]
+        if empty:
+            warn_rank0(
+                ctx,
+                f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed}) leaves no positive "
+                f"training sample for {', '.join(empty)}",
+            )
+        return positives
+
+
+def _names_kw(fn: Any, names: Sequence[str]) -> dict[str, Any]:
+    from mpma_ds.eval import multiclass_metrics
+
+    return {"class_names": names} if fn is multiclass_metrics else {"names": names}
+
+
+def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
+    """The label rules of ``task``'s recipe, classes discovered from the training split when not listed, and the
+    label counts of the training subset checked."""
+    options = task.recipe.task.cls
+    metas = read_split_metas(task.recipe.data.train_shards)
+    classes = None
+    if options.labels == "column":
+        values = [m.get(options.label_column) for m in metas]
+        present = sorted({str(v) for v in values if v is not None and v != ""})
+        if not present:
+            raise ValueError(
+                f"task.cls.label_column {options.label_column!r} is absent from every training sample's JSON "
+                f"({task.recipe.data.train_shards})"
+            )
+        classes = options.classes or present
+        if len(classes) < 2:
+            raise ValueError(f"task.cls.label_column {options.label_column!r} has one class only: {classes}")
+    labels = Labels(options, classes)
+    ctx.extras["label_counts"] = labels.check_subset(ctx, metas, task.recipe)
+    ctx.extras["labels"] = labels.names
+    return labels
+
+
+class LinearHead(nn.Module):
+    """The classifier of ``cls`` and ``linear_probe``: one linear layer (``head.`` parameters)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class ImageClassifier(nn.Module):
+    """The MPMA image encoder (pooled features) and a linear head."""
+
+    def __init__(self, backbone: nn.Module, labels: Labels) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = LinearHead(backbone.config.vision_width, labels.num_outputs)
+        self.labels = labels
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {"head.fc.bias"}
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.head(self.backbone.image_features(batch["image"])).float()  # (B, C)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": self.labels.loss(self.logits(batch), batch["targets"], batch["valid"])}
+
+
+def evaluate_classifier(
+    module: nn.Module, batches: Iterable[dict[str, Any]], labels: Labels, ctx: RunContext, *, n_resamples: int
+) -> dict[str, Any]:
+    """Scores of the valid rows of one pass, then AUROC (multi-label) or accuracy/F1/AUROC (multi-class)."""
+    dtype = next(module.parameters()).dtype
+    scores, targets = [], []
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            for key in ("image", "features"):
+                if key in batch:
+                    batch[key] = batch[key].to(dtype)
+            keep = batch["valid"].bool().cpu()
+            scores.append(module.logits(batch).cpu()[keep])
+            targets.append(batch["targets"].cpu()[keep])
+    if not scores or sum(len(s) for s in scores) == 0:
+        raise ValueError("the evaluation split yielded no samples")
+    return labels.metrics(torch.cat(scores).numpy(), torch.cat(targets).numpy(), n_resamples=n_resamples)
+
+
+class ClassificationTask(FinetuneTask):
+    name = "cls"
+    default_best_metric = "auroc_macro"
+    backbone_parts = ("image_encoder",)
+
+    def check(self, ctx: RunContext) -> None:
+        self.labels = resolve_labels(self, ctx)
+
+    def architecture(self, ctx: RunContext) -> dict[str, Any]:
+        return {"labels": list(self.labels.names), "multilabel": self.labels.multilabel}
+
+    def build_model(self, ctx: RunContext) -> nn.Module:
+        return ImageClassifier(self.backbone(ctx), self.labels)
+
+    def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return dict(batch, targets=self.labels.targets(batch))
+
+    def evaluate(
+        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+    ) -> dict[str, Any]:
+        return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples)
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        return {**super().summary(ctx), "labels": self.labels.names, "train_positives": ctx.extras["label_counts"]}

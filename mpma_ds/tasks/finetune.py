@@ -1,0 +1,176 @@
+"""What every fine-tuning task shares: the backbone from ``init.from``, the tokenizer, layer-wise learning
+rates with a head multiplier, the sample JSONs of a split, and the MLflow tags / summary of the run."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from mpma_ds.tasks.base import RunContext, Task
+
+if TYPE_CHECKING:
+    from mpma_ds.models import MPMA
+    from mpma_ds.tasks.config import FinetuneRecipe
+    from mpma_ds.tasks.init import InitSource
+
+HEAD_PREFIX = "head."
+_LAYER = re.compile(r"(?:blocks|layer|layers)\.(\d+)\.")
+ENCODER_TOP = 64  # depth above any encoder block index (ViT-B and RoBERTa-base have 12)
+FUSION_TOP = 32  # fusion norms above any fusion layer
+
+
+class FinetuneTask(Task):
+    """A task that starts from an MPMA backbone (``init.from``) and trains a head (and maybe the backbone)."""
+
+    kind = "finetune"
+    backbone_parts: ClassVar[tuple[str, ...]] = ()
+    """The MPMA components the task's module keeps (``MPMA.retain``); every one of them receives gradients."""
+
+    recipe: FinetuneRecipe
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def resolve(self, ctx: RunContext) -> None:
+        from mpma_ds.models import check_tokenizer_vocab
+        from mpma_ds.tasks.init import resolve_init
+        from mpma_ds.tokenizer import load_tokenizer
+
+        init = resolve_init(self.recipe)
+        ctx.extras["init"] = init
+        ctx.model_config = init.config
+        tok_dir = self.recipe.data.tokenizer or (str(init.tokenizer_dir) if init.tokenizer_dir else "")
+        if not tok_dir:
+            raise ValueError(
+                "data.tokenizer is empty and init.from brings no tokenizer: set data.tokenizer to a tokenizer folder"
+            )
+        ctx.tokenizer = load_tokenizer(tok_dir)
+        ctx.extras["tokenizer_dir"] = tok_dir
+        check_tokenizer_vocab(ctx.model_config, ctx.tokenizer)
+        for name in ("train_shards", "val_shards"):
+            if not getattr(self.recipe.data, name) and (name == "train_shards" or self.wants_validation()):
+                raise ValueError(
+                    f"data.{name} is empty: point it at the {name.split('_')[0]} split's shard folder"
+                )
+        self.check(ctx)
+
+    def check(self, ctx: RunContext) -> None:
+        """The task's own input checks (answer set, label columns ...); default: none."""
+
+    def init_source(self, ctx: RunContext) -> InitSource:
+        return ctx.extras["init"]
+
+    def backbone(self, ctx: RunContext) -> MPMA:
+        """The backbone with ``init.from``'s weights, cut down to ``backbone_parts``."""
+        from mpma_ds.tasks.init import load_backbone
+
+        model = load_backbone(self.init_source(ctx))
+        model.set_distributed(ctx.rank, ctx.world_size)
+        return model.retain(self.backbone_parts)
+
+    @property
+    def bootstrap_resamples(self) -> int:
+        return self.recipe.task.bootstrap
+
+    # ---------------------------------------------------------------------------------------------- optimiser
+    def lr_scales(self, module: nn.Module) -> dict[str, float] | None:
+        """``train.head_lr_mult`` on the head's parameters; ``train.layer_decay`` ** (depth from the top) on the
+        backbone's: embeddings at the bottom, then the encoder blocks, the projections, the fusion layers."""
+        cfg = self.recipe.train
+        if cfg.head_lr_mult == 1.0 and cfg.layer_decay == 1.0:
+            return None
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        depth = {n: backbone_depth(n) for n in names if not n.startswith(HEAD_PREFIX)}
+        levels = {d: i for i, d in enumerate(sorted(set(depth.values())))}  # consecutive: 0 .. top-1
+        top = len(levels)
+        scales = {}
+        for name in names:
+            if name.startswith(HEAD_PREFIX):
+                scales[name] = cfg.head_lr_mult
+            else:
+                scales[name] = cfg.layer_decay ** (top - levels[depth[name]])
+        return scales
+
+    # ---------------------------------------------------------------------------------------------- records
+    def tags(self, ctx: RunContext) -> dict[str, str]:
+        init = self.init_source(ctx)
+        tags = {
+            "mpma.kind": "finetune",
+            "mpma.task": self.name,
+            "mpma.init": init.label,
+            "mpma.init_from": str(init.path) if init.path else "random",
+            "mpma.label_fraction": str(self.recipe.data.label_fraction),
+        }
+        if init.pretrain_run_id:
+            tags["mpma.pretrain_run"] = str(init.pretrain_run_id)
+        return tags
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        return {
+            "init": self.init_source(ctx).describe(),
+            "label_fraction": self.recipe.data.label_fraction,
+            "label_fraction_seed": self.recipe.data.label_fraction_seed,
+            "subset": ctx.extras.get("subset"),
+        }
+
+    def build_loaders(self, ctx: RunContext):
+        loaders, val = super().build_loaders(ctx)
+        ctx.extras["subset"] = getattr(loaders[0], "subset", None)
+        return loaders, val
+
+
+def backbone_depth(name: str) -> int:
+    """The depth of backbone parameter ``name`` (``backbone.image_encoder.blocks.3.attn...``) for layer-wise lr
+    decay: 0 for embeddings / tokens, 1 + block index inside an encoder, encoders' final norms and projections
+    above them, fusion layers above those."""
+    inner = name.split(".", 1)[1] if name.startswith("backbone.") else name
+    component = inner.split(".", 1)[0]
+    match = _LAYER.search(inner)
+    if component in ("image_encoder", "text_encoder"):
+        if match is None:
+            return 0 if ("embed" in inner or "cls_token" in inner or "pos_embed" in inner) else ENCODER_TOP
+        return 1 + int(match.group(1))
+    if component == "fusion":
+        return ENCODER_TOP + 1 + (int(match.group(1)) if match else FUSION_TOP)
+    return ENCODER_TOP  # projections, modality embeddings, temperatures
+
+
+def read_split_metas(spec: str) -> list[dict[str, Any]]:
+    """The sample JSON of every readable sample of a shard set, in index order (small reads at the ``.idx``
+    offsets; the images are not touched). A JSON that does not parse is ``{}`` (the loader skips and counts
+    that sample)."""
+    from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
+    from mpma_ds.data.shards import load_shard_index
+
+    index = load_shard_index(spec)
+    at = index.member("json")  # (N, 2): offset, size
+    reader = SampleReader(index)
+    out = []
+    try:
+        for i, (offset, size) in enumerate(at.tolist()):
+            if offset < 0:
+                out.append({})
+                continue
+            try:
+                out.append(decode_meta(reader.read_member(int(index.shard_of[i]), offset, size)))
+            except SampleError:
+                out.append({})
+    finally:
+        reader.close()
+    return out
+
+
+def warn_rank0(ctx: RunContext, message: str) -> None:
+    """A warning shown once (rank 0), e.g. a label left without positives by a label fraction."""
+    if ctx.rank == 0:
+        warnings.warn(message, UserWarning, stacklevel=2)
+        print(f"warning: {message}", flush=True)
+
+
+def count_values(values: Sequence[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out

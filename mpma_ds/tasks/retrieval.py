@@ -1,0 +1,105 @@
+"""``retrieval``: fine-tune the global image-report alignment (GLA's InfoNCE on the unmasked image and report,
+negatives gathered over the data-parallel ranks), optionally with the local token-patch term; R@1/5/10 both
+ways (one image per distinct report, ties counting against the query) and zero-shot AUROC on the side."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpma_ds.tasks.base import RunContext
+from mpma_ds.tasks.finetune import FinetuneTask
+
+
+class AlignmentModel(nn.Module):
+    """The MPMA encoders, projections and temperatures; ``forward(batch)`` -> ``{"loss", "loss_global"
+    (, "loss_local")}``."""
+
+    def __init__(self, backbone: nn.Module, w_local: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.w_local = w_local
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(images)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_text(input_ids, attention_mask)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        net = self.backbone
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        img, txt = net._unimodal(batch["image"], ids, mask, None)  # (B, 1+N, Dv), (B, L, Dt)
+        img_emb = F.normalize(net.image_proj(net._pool_image(img)), dim=-1)  # (B, E)
+        txt_emb = F.normalize(net.text_proj(net._pool_text(txt, mask)), dim=-1)  # (B, E)
+        loss_global = net.global_loss(img_emb, txt_emb, net.rank, net.world_size)
+        out = {"loss": loss_global, "loss_global": loss_global}
+        if self.w_local > 0:
+            patches = F.normalize(net.image_proj(img[:, 1:]), dim=-1)  # (B, N, E)
+            tokens = F.normalize(net.text_proj(txt), dim=-1)  # (B, L, E)
+            no_labels = torch.full_like(ids, -100)
+            out["loss_local"] = net.local_loss(tokens, net._alignment_tokens(mask, no_labels), patches)
+            out["loss"] = loss_global + self.w_local * out["loss_local"]
+        return out
+
+
+class RetrievalTask(FinetuneTask):
+    name = "retrieval"
+    default_best_metric = "rsum"
+
+    @property
+    def backbone_parts(self) -> tuple[str, ...]:  # type: ignore[override]
+        parts = ("image_encoder", "text_encoder", "image_proj", "text_proj", "global_loss")
+        return parts + (("local_loss",) if self.recipe.task.retrieval.w_local > 0 else ())
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("loss", "loss_global") + (("loss_local",) if self.recipe.task.retrieval.w_local > 0 else ())
+
+    def architecture(self, ctx: RunContext) -> dict[str, Any]:
+        return {"w_local": self.recipe.task.retrieval.w_local}
+
+    def build_model(self, ctx: RunContext) -> nn.Module:
+        return AlignmentModel(self.backbone(ctx), self.recipe.task.retrieval.w_local)
+
+    def evaluate(
+        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+    ) -> dict[str, Any]:
+        return alignment_metrics(self, module, batches, ctx, n_resamples=n_resamples)
+
+
+def alignment_metrics(
+    task: FinetuneTask, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int
+) -> dict[str, Any]:
+    """R@K both ways (+ ``rsum``, their sum) and zero-shot AUROC; with intervals on R@K when asked."""
+    from mpma_ds.eval import evaluate_alignment
+
+    ks = tuple(task.recipe.task.retrieval.ks)
+    store: dict[str, Any] = {}
+    metrics = dict(
+        evaluate_alignment(
+            module,
+            batches,
+            tokenizer=ctx.tokenizer,
+            device=ctx.device,
+            max_text_len=task.recipe.data.max_text_len,
+            ks=ks,
+            keep_embeddings=store if n_resamples else None,
+        )  # fmt: skip
+    )
+    metrics["rsum"] = sum(metrics[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
+    if n_resamples and store:
+        from mpma_ds.eval import retrieval_metrics, with_intervals
+
+        with_ci = with_intervals(
+            retrieval_metrics, store["image"], store["text"], ks=ks, n_resamples=n_resamples, seed=0
+        )
+        metrics.update({k: v for k, v in with_ci.items() if k.endswith("_ci95")})
+    return metrics

@@ -1,0 +1,150 @@
+"""``vqa``: M3AE's recipe as the baseline — the unmasked image and question through both encoders and MA-CMF
+fusion, both streams pooled and concatenated, a Linear-LN-GELU-Linear head over the answer set; BCE over the
+answer set (scaled by its size, as M3AE) or softmax CE. Accuracy overall / CLOSED / OPEN.
+
+VQA shards (``build_shards --format vqa-rad|slake``) hold the question in ``<key>.txt`` and the answer, its type
+and the qid in ``<key>.json``; the loader passes the JSON through as ``batch["meta"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpma_ds.tasks.base import RunContext
+from mpma_ds.tasks.finetune import FinetuneTask, read_split_metas
+
+
+class VQAHead(nn.Sequential):
+    """Linear(2D, H) - LayerNorm - GELU - Linear(H, answers): M3AE's VQA classifier."""
+
+    def __init__(self, in_dim: int, hidden: int, num_answers: int) -> None:
+        super().__init__(
+            nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_answers)
+        )
+        for layer in (self[0], self[3]):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+
+class VQAModel(nn.Module):
+    """MPMA backbone (encoders + fusion) and the VQA head; ``forward(batch)`` -> ``{"loss"}``."""
+
+    def __init__(self, backbone: nn.Module, num_answers: int, *, hidden: int = 0, loss: str = "bce") -> None:
+        super().__init__()
+        width = 2 * backbone.config.fusion_width
+        self.backbone = backbone
+        self.head = VQAHead(width, hidden or width, num_answers)
+        self.loss_kind = loss
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        return names | {f"head.{n}" for n, p in self.head.named_parameters() if p.ndim <= 1}
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        feats = self.backbone.fused_features(
+            batch["image"], batch["input_ids"], batch["attention_mask"]
+        )  # (B, 2D)
+        return self.head(feats).float()  # (B, A)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch)
+        valid = batch["valid"].to(logits.device).float()  # (B,): stand-in repeats carry no loss
+        if self.loss_kind == "bce":
+            targets = batch["answer_targets"].to(logits)  # (B, A)
+            per_row = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)  # (B,)
+        else:
+            ids = batch["answer_ids"].to(logits.device)  # (B,), -1 = answer outside the answer set
+            per_row = F.cross_entropy(logits, ids.clamp(min=0), reduction="none")
+            valid = valid * (ids >= 0).float()
+        loss = (per_row * valid).sum() / valid.sum().clamp(min=1.0)
+        return {"loss": loss}
+
+
+class VQATask(FinetuneTask):
+    name = "vqa"
+    default_best_metric = "accuracy_overall"
+    backbone_parts = (
+        "image_encoder",
+        "text_encoder",
+        "text_to_fusion",
+        "image_to_fusion",
+        "modality_embed",
+        "fusion",
+    )
+
+    def check(self, ctx: RunContext) -> None:
+        from mpma_ds.eval.vqa import build_answer_vocab
+
+        data, options = self.recipe.data, self.recipe.task.vqa
+        splits = {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}
+        answers: dict[str, list[str]] = {}
+        for split, spec in splits.items():
+            if not spec or (split != "train" and options.answer_set == "train"):
+                continue
+            metas = read_split_metas(spec)
+            missing = [i for i, m in enumerate(metas) if not str(m.get("answer") or "").strip()]
+            if len(missing) == len(metas):
+                raise ValueError(
+                    f"the {split} shards {spec} hold no VQA answers (no 'answer' in the sample JSON): build them with "
+                    "python -m data_tools.build_shards --format vqa-rad|slake"
+                )
+            answers[split] = [str(m["answer"]) for m in metas if str(m.get("answer") or "").strip()]
+        vocab = build_answer_vocab(answers, mode=options.answer_set)
+        ctx.extras["answers"] = self.answers = vocab
+        ctx.extras["answer_counts"] = {split: len(a) for split, a in answers.items()}
+
+    def architecture(self, ctx: RunContext) -> dict[str, Any]:
+        options = self.recipe.task.vqa
+        return {"answers": len(ctx.extras["answers"]), "head_hidden": options.head_hidden, "loss": options.loss}
+
+    def build_model(self, ctx: RunContext) -> nn.Module:
+        options = self.recipe.task.vqa
+        return VQAModel(self.backbone(ctx), len(self.answers), hidden=options.head_hidden, loss=options.loss)
+
+    def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from mpma_ds.eval.vqa import answer_indices, soft_answer_targets
+
+        gold = [str(m.get("answer", "")) for m in batch["meta"]]
+        batch = dict(batch)
+        batch["answer_ids"] = torch.from_numpy(answer_indices(gold, self.answers))  # (B,)
+        batch["answer_targets"] = soft_answer_targets(gold, self.answers)  # (B, A)
+        return batch
+
+    @torch.no_grad()
+    def evaluate(
+        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+    ) -> dict[str, Any]:
+        from mpma_ds.eval import vqa_accuracy, with_intervals
+
+        dtype = next(module.parameters()).dtype
+        predicted, gold, types = [], [], []
+        for batch in batches:
+            batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch["image"] = batch["image"].to(dtype)
+            pred = module.logits(batch).argmax(dim=1).cpu()  # (B,)
+            for i, ok in enumerate(batch["valid"].tolist()):
+                if ok:
+                    meta = batch["meta"][i]
+                    predicted.append(int(pred[i]))
+                    gold.append(str(meta.get("answer", "")))
+                    types.append(str(meta.get("answer_type", "OPEN")))
+        if not gold:
+            raise ValueError("the VQA evaluation split yielded no questions")
+        if n_resamples:
+            return with_intervals(
+                vqa_accuracy, predicted, gold, types, answer_vocab=self.answers, n_resamples=n_resamples, seed=0
+            )
+        return vqa_accuracy(predicted, gold, types, answer_vocab=self.answers)
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        return {
+            **super().summary(ctx),
+            "answer_set": self.recipe.task.vqa.answer_set,
+            "answers": len(ctx.extras["answers"]),
+            "questions_read": ctx.extras.get("answer_counts"),
+        }
