@@ -131,9 +131,17 @@ class ConsoleLogger(MetricLogger):
                 parts.append(f"ETA {eta}")
             print(self.prefix + " | ".join(parts), file=out, flush=True)
         else:
-            shown = [f"{k} {v:.4g}" for k, v in values.items() if "/" in k and not k.endswith(("_samples", "_low", "_high"))][:8]
+            shown = [
+                f"{k} {v:.4g}"
+                for k, v in values.items()
+                if "/" in k and not k.endswith(("_samples", "_low", "_high"))
+            ][:8]
             if shown:
-                print(f"{self.prefix}{next(iter(values)).split('/')[0]} @ step {step}: " + "  ".join(shown), file=out, flush=True)
+                print(
+                    f"{self.prefix}{next(iter(values)).split('/')[0]} @ step {step}: " + "  ".join(shown),
+                    file=out,
+                    flush=True,
+                )
 
     def _eta(self, step: int) -> str:
         done = step - (self._first_step or 0)
