@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from mpma_ds.tracking.compare import format_runs_table, load_runs, plot_metrics, write_html
+    from mpma_ds.tracking.compare import (
+        finetune_pairs,
+        format_pairs_table,
+        format_runs_table,
+        load_runs,
+        plot_metrics,
+        write_html,
+    )
 
     try:
         runs, metrics = load_runs(args.experiment, tracking_uri=args.tracking_uri, metrics=args.metric,
@@ -39,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out or Path("compare") / args.experiment)
     print(format_runs_table(runs, metrics))
+    pairs = finetune_pairs(runs)
+    if pairs:
+        print("\nfine-tuning, pretrained vs random init (newest run of each):")
+        print(format_pairs_table(pairs))
     plots = plot_metrics(runs, metrics, out)
     report = write_html(args.experiment, runs, metrics, plots, out)
     print(f"\n{len(plots)} plot(s) and the report: {report}")

@@ -32,6 +32,71 @@ class RunSummary:
     kind: str
     last: dict[str, float]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+    """Every metric's last value (``last`` holds only the compared ones)."""
+
+
+# The test metrics a fine-tuning task's pretrained-vs-random comparison shows, by task.
+PAIR_METRICS: dict[str, tuple[str, ...]] = {
+    "vqa": ("test/accuracy_overall", "test/accuracy_closed", "test/accuracy_open"),
+    "cls": ("test/auroc_macro",),
+    "linear_probe": ("test/auroc_macro",),
+    "retrieval": ("test/i2t_R_at_1", "test/t2i_R_at_1", "test/rsum"),
+    "zero_shot": ("test/zeroshot_auroc_mean", "test/i2t_R_at_1"),
+}
+
+
+@dataclass
+class PairRow:
+    """A fine-tuning setting (task, label fraction, metric) with its pretrained and random-init values."""
+
+    task: str
+    label_fraction: str
+    metric: str
+    pretrained: float | None
+    random: float | None
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.pretrained is None or self.random is None else self.pretrained - self.random
+
+
+def finetune_pairs(runs: Sequence[RunSummary]) -> list[PairRow]:
+    """Pretrained and random-init fine-tuning runs side by side (MLflow tags ``mpma.kind=finetune``,
+    ``mpma.task``, ``mpma.init``, ``mpma.label_fraction``); the newest run of each (task, fraction, init)."""
+    newest: dict[tuple[str, str, str], RunSummary] = {}
+    for r in runs:  # newest first
+        if r.kind != "finetune":
+            continue
+        key = (
+            r.tags.get("mpma.task", "?"),
+            r.tags.get("mpma.label_fraction", "1.0"),
+            r.tags.get("mpma.init", "?"),
+        )
+        newest.setdefault(key, r)
+    rows = []
+    for task, fraction in sorted({(t, f) for t, f, _ in newest}, key=lambda k: (k[0], float(k[1] or 1))):
+        pre, rnd = newest.get((task, fraction, "pretrained")), newest.get((task, fraction, "random"))
+        for metric in PAIR_METRICS.get(task, ()):
+            values = [r.final.get(metric) if r is not None else None for r in (pre, rnd)]
+            if any(v is not None for v in values):
+                rows.append(PairRow(task, fraction, metric, *values))
+    return rows
+
+
+def format_pairs_table(rows: Sequence[PairRow]) -> str:
+    """Plain-text table of ``finetune_pairs``: task, label fraction, metric, pretrained, random, difference."""
+    head = ["task", "labels", "metric", "pretrained", "random", "difference"]
+    body = [
+        [r.task, f"{100 * float(r.label_fraction):g} %", r.metric, _fmt(r.pretrained), _fmt(r.random),
+         "-" if r.difference is None else f"{r.difference:+.4g}"]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
 
 
 def load_runs(
@@ -79,6 +144,8 @@ def load_runs(
                 kind=r.data.tags.get("mpma.kind", "train"),
                 last={k: v for k, v in r.data.metrics.items() if k in chosen},
                 history=hist,
+                tags={k: v for k, v in r.data.tags.items() if k.startswith("mpma.")},
+                final=dict(r.data.metrics),
             )
         )
     return summaries, chosen
@@ -153,6 +220,18 @@ def write_html(
     imgs = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></figure>' for p in plots
     )
+    pairs = finetune_pairs(runs)
+    if pairs:
+        cells = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
+                p.task, f"{100 * float(p.label_fraction):g} %", p.metric, _fmt(p.pretrained), _fmt(p.random),
+                "-" if p.difference is None else f"{p.difference:+.4g}")) + "</tr>"
+            for p in pairs
+        )  # fmt: skip
+        heads = "".join(
+            f"<th>{h}</th>" for h in ("task", "labels", "metric", "pretrained", "random", "difference")
+        )
+        imgs = f"<h2>Fine-tuning: pretrained vs random init</h2><table><tr>{heads}</tr>{cells}</table>" + imgs
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
