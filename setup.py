@@ -11,6 +11,8 @@ setup(
     description="MPMA (Multi-task Paired Masking with Alignment) pretraining with DeepSpeed, DALI and MLflow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["mpma_ds", "mpma_ds.*", "data_tools", "data_tools.*"]),
     # DeepSpeed configs and recipes are found by name from any folder (deepspeed_config: cpu_zero3,
