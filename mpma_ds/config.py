@@ -205,7 +205,10 @@ def build(
         key = f"{prefix}.{_key_name(name)}" if prefix else _key_name(name)
         kwargs[name] = convert(value, hints[name], key, source=source, what=what)
     try:
-        instance = cls(**kwargs)
+        # the given keys are set before __init__ runs the value rules, which may ask for them (task.<other>)
+        instance = cls.__new__(cls)
+        object.__setattr__(instance, "_given_keys", frozenset(map(_key_name, values)))
+        instance.__init__(**kwargs)
     except ConfigError as err:
         if source and source not in str(err):
             raise ConfigError(_where(str(err), source)) from err
@@ -215,7 +218,6 @@ def build(
         if prefix and prefix.split(".")[0] not in message:
             message = f"{prefix}: {message}"
         raise ConfigError(_where(message, source)) from err
-    object.__setattr__(instance, "_given_keys", frozenset(map(_key_name, values)))
     return instance
 
 
