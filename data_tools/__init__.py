@@ -3,4 +3,9 @@
 Nothing here imports the training code (`mpma_ds`): shards are built once, on any machine.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mpma-ds")  # the one version source is setup.py (shared with mpma_ds)
+except PackageNotFoundError:  # a checkout on sys.path without `pip install`
+    __version__ = "0+unknown"
