@@ -5,11 +5,17 @@
 1. synthetic MIMIC-CXR-JPG corpus     python -m data_tools.synth_corpus
 2. WebDataset shards (+ DALI index)  python -m data_tools.build_shards
 3. WordPiece tokenizer               python -m data_tools.train_tokenizer
-4. pretraining, ZeRO-3               deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/pretrain_tiny.yaml
+4. a synthetic VQA-RAD set + shards  python -m data_tools.synth_vqa; build_shards --format vqa-rad
+5. pretraining, ZeRO-3               deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/pretrain_tiny.yaml
                                      (2 CPU processes on gloo; on a GPU machine, its GPUs)
-5. export                            python launch/export.py
-6. evaluation of the pretrained model AND of a randomly initialised twin on the validation split
-7. a table (retrieval R@1/5/10 both ways, zero-shot AUROC), everything in MLflow, and the `mlflow ui` line.
+6. export                            python launch/export.py
+7. evaluation of the pretrained model AND of a randomly initialised twin on the validation split
+8. downstream, pretrained AND random twin: linear-probe CheXpert AUROC at 1 %, 10 %, 100 % of the labels
+   (python launch/finetune.py --config launch/configs/finetune_linear_probe_tiny.yaml, features cached once per
+   model) and VQA on the synthetic VQA-RAD set (deepspeed --num_gpus 2 launch/finetune.py --config
+   launch/configs/finetune_vqa_tiny.yaml)
+9. the tables (retrieval / zero-shot; the label-efficiency table), results.json, everything in MLflow, and
+   the `mlflow ui` line.
 
 Reruns reuse finished stages (each stage records what it was run with); an interrupted pretraining resumes
 from its newest checkpoint. ``--fresh`` starts over.
@@ -18,21 +24,27 @@ from its newest checkpoint. ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mpma_ds.eval.split_eval import TABLE_ROWS
 from mpma_ds.training.distributed import free_port
 
 LAUNCH = Path(__file__).resolve().parent  # the launch/ scripts beside this one
 REPO = LAUNCH.parent
 EXPERIMENT = "mpma-demo"
+STAGES = 8
+FRACTIONS = "0.01,0.1,1.0"  # linear-probe label fractions (the Med-VLP label-efficiency protocol)
+INITS = ("pretrained", "random")
+RESULTS_FILE = "results.json"
 
 
 class DemoError(RuntimeError):
@@ -67,7 +79,7 @@ class Demo:
         """
         self.n_stage += 1
         mark = self.marks / f"{name}.json"
-        prefix = f"[{self.n_stage}/7] {title}"
+        prefix = f"[{self.n_stage}/{STAGES}] {title}"
         if mark.is_file():
             saved = json.loads(mark.read_text())
             if saved.get("settings") == settings:
@@ -136,26 +148,23 @@ class Demo:
             "tracking.run_name=demo-pretrain",
         ]
 
-    def pretrain(self) -> dict[str, Any]:
-        run_dir = self.out / "pretrain"
+    def launch(self, name: str, script: str, config: str, overrides: list[str], run_dir: Path, total: int,
+               extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+        """``deepspeed --num_gpus N launch/<script> --config <config> --set ...`` with a progress bar read from
+        the run's metrics.jsonl; returns its summary.json."""
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
-        ranks = self.args.num_gpus
-        cmd = [str(Path(self.python).with_name("deepspeed")), "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(LAUNCH / "pretrain.py"), "--config", "pretrain_tiny",
-               "--resume", "auto"]  # fmt: skip
-        for item in self.pretrain_overrides():
+        cmd = [str(Path(self.python).with_name("deepspeed")), "--num_gpus", str(self.args.num_gpus),
+               "--master_port", str(free_port()), str(LAUNCH / script), "--config", config, *extra]  # fmt: skip
+        for item in overrides:
             cmd += ["--set", item]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # one core per CPU rank: oversubscription slows both
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / "pretrain.log"
+        log = self.logs / f"{name}.log"
         from tqdm import tqdm
 
-        with (
-            open(log, "w", encoding="utf-8") as fh,
-            tqdm(total=self.args.steps, desc="pretraining", unit="step") as bar,
-        ):
+        with open(log, "w", encoding="utf-8") as fh, tqdm(total=total, desc=name, unit="step") as bar:
             fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -163,30 +172,133 @@ class Demo:
                 time.sleep(2)
                 step, loss = _latest_step(run_dir / "metrics.jsonl")
                 if step > bar.n:
-                    bar.update(step - bar.n)
+                    bar.update(min(step, total) - bar.n)
                 if loss is not None:
                     bar.set_postfix(loss=f"{loss:.3f}")
         if proc.returncode != 0 or not summary_file.is_file():
-            raise DemoError(f"pretraining failed (exit {proc.returncode}); log: {log}\n" + _tail(log))
-        summary = json.loads(summary_file.read_text())
+            raise DemoError(f"{name} failed (exit {proc.returncode}); log: {log}\n" + _tail(log))
+        return json.loads(summary_file.read_text())
+
+    def pretrain(self) -> dict[str, Any]:
+        summary = self.launch("pretraining", "pretrain.py", "pretrain_tiny", self.pretrain_overrides(),
+                              self.out / "pretrain", self.args.steps, ("--resume", "auto"))  # fmt: skip
         return {"step": summary.get("step"), "samples_per_s": summary.get("samples_per_s"),
                 "mlflow_run_id": summary.get("mlflow_run_id")}  # fmt: skip
 
-    def export(self) -> None:
-        # what `python launch/export.py --checkpoint pretrain --out exported --overwrite` runs, in this process
-        # (one interpreter start fewer; the evaluation below needs the same imports)
-        import contextlib
+    def vqa_set(self) -> dict[str, Any]:
+        dest, shards = self.out / "vqa", self.out / "vqa_shards"
+        shutil.rmtree(dest, ignore_errors=True)
+        self.command("synth_vqa", [self.python, "-m", "data_tools.synth_vqa", "--corpus", str(self.out / "corpus"),
+                                   "--out", str(dest), "--seed", str(self.args.seed),
+                                   "--image-size", str(2 * self.args.image_size),
+                                   "--questions-per-image", str(self.args.vqa_questions)])  # fmt: skip
+        self.command("build_vqa_shards", [self.python, "-m", "data_tools.build_shards", "--format", "vqa-rad",
+                                          "--input", str(dest), "--output", str(shards),
+                                          "--image-size", str(self.args.image_size), "--workers", "2",
+                                          "--no-progress"])  # fmt: skip
+        return {"counts": json.loads((shards / "manifest.json").read_text()).get("counts")}
 
-        from mpma_ds.export import ExportError, export_checkpoint
+    # -- downstream --------------------------------------------------------------------------------------------
+    def finetune_overrides(self, task: str, init: str, tag: str, shards: str) -> list[str]:
+        split = self.out / shards
+        return [
+            f"init.from={self.out / 'exported' if init == 'pretrained' else 'random'}",
+            f"data.train_shards={split / 'train'}",
+            f"data.val_shards={split / 'validate'}",
+            f"data.test_shards={split / 'test'}",
+            f"data.tokenizer={self.out / 'tokenizer'}",
+            f"data.image_size={self.args.image_size}",
+            f"train.output_dir={self.out / 'finetune' / tag}",
+            f"tracking.uri={self.tracking_uri}",
+            f"tracking.experiment={EXPERIMENT}",
+            f"tracking.run_name=demo-{tag}",
+        ]
 
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / "export.log"
+    def linear_probe(self, init: str, fraction: str) -> dict[str, Any]:
+        """One linear-probe run in this process (``python launch/finetune.py`` does the same)."""
+        from mpma_ds.recipes import find_recipe
+        from mpma_ds.tasks.config import FinetuneRecipe
+        from mpma_ds.training import load_recipe
+        from mpma_ds.training.trainer import train
+
+        tag = f"linear_probe-{init}-{fraction}"
+        overrides = self.finetune_overrides("linear_probe", init, tag, "shards")
+        overrides += [
+            f"data.label_fraction={fraction}",
+            f"task.linear_probe.cache_dir={self.out / 'feature_cache'}",
+        ]
+        log = self.logs / f"finetune-{tag}.log"
         try:
             with (
                 open(log, "w", encoding="utf-8") as fh,
                 contextlib.redirect_stdout(fh),
                 contextlib.redirect_stderr(fh),
             ):
+                recipe = load_recipe(find_recipe("finetune_linear_probe_tiny"), overrides, cls=FinetuneRecipe)
+                return train(recipe)
+        except Exception as err:
+            raise DemoError(f"linear probe {tag} failed: {err}; log: {log}") from err
+
+    def vqa(self, init: str) -> dict[str, Any]:
+        tag = f"vqa-{init}"
+        recipe_steps = self.vqa_steps()
+        return self.launch(f"finetune-{tag}", "finetune.py", "finetune_vqa_tiny",
+                           self.finetune_overrides("vqa", init, tag, "vqa_shards"), self.out / "finetune" / tag,
+                           recipe_steps)  # fmt: skip
+
+    def vqa_steps(self) -> int:
+        """The VQA runs' length in steps (for the progress bar): epochs × steps per epoch of the recipe."""
+        import math
+
+        from mpma_ds.recipes import find_recipe
+        from mpma_ds.tasks.config import FinetuneRecipe
+        from mpma_ds.training import load_recipe
+
+        recipe = load_recipe(find_recipe("finetune_vqa_tiny"), check_files=False, cls=FinetuneRecipe)
+        train = (json.loads((self.out / "vqa_shards" / "manifest.json").read_text()).get("counts") or {}).get(
+            "train", 0
+        )
+        return max(1, math.ceil(recipe.train.epochs * math.ceil(train / recipe.train.global_batch_size)))
+
+    def downstream(self) -> dict[str, Any]:
+        """Linear probe at each label fraction and VQA, for the pretrained model and its random twin."""
+        fractions = self.args.label_fractions
+        out: dict[str, Any] = {"linear_probe": {f: {} for f in fractions}, "vqa": {}, "runs": {}}
+        for init in INITS:
+            for fraction in fractions:
+                summary = self.linear_probe(init, fraction)
+                test = summary.get("test") or {}
+                entry = out["linear_probe"][fraction]
+                entry[init] = test.get("test/auroc_macro")
+                entry[f"{init}_ci95"] = test.get("test/auroc_macro_ci95")
+                entry[f"{init}_subset"] = summary.get("subset")
+                out["runs"][f"linear_probe-{init}-{fraction}"] = summary.get("mlflow_run_id")
+                print(f"      linear probe {init:<10} {float(fraction):>5.0%} labels: test AUROC "
+                      f"{_fmt(entry[init])}", flush=True)  # fmt: skip
+        for init in INITS:
+            summary = self.vqa(init)
+            test = summary.get("test") or {}
+            for kind in ("overall", "closed", "open"):
+                entry = out["vqa"].setdefault(kind, {})
+                entry[init] = test.get(f"test/accuracy_{kind}")
+                entry[f"{init}_ci95"] = test.get(f"test/accuracy_{kind}_ci95")
+            out["vqa"]["questions"] = test.get("test/questions")
+            out["vqa"]["unseen_answers"] = test.get("test/unseen_answers")
+            out["runs"][f"vqa-{init}"] = summary.get("mlflow_run_id")
+            print(f"      VQA {init:<10} test accuracy {_fmt(test.get('test/accuracy_overall'))} (CLOSED "
+                  f"{_fmt(test.get('test/accuracy_closed'))}, OPEN {_fmt(test.get('test/accuracy_open'))})",
+                  flush=True)  # fmt: skip
+        return out
+
+    def export(self) -> None:
+        # what `python launch/export.py --checkpoint pretrain --out exported --overwrite` runs, in this process
+        # (one interpreter start fewer; the evaluation below needs the same imports)
+        from mpma_ds.export import ExportError, export_checkpoint
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "export.log"
+        try:
+            with output_to(log):
                 export_checkpoint(self.out / "pretrain", self.out / "exported", overwrite=True)
         except ExportError as err:
             raise DemoError(f"export failed: {err}; log: {log}") from err
@@ -217,6 +329,10 @@ class Demo:
         print(f"      samples per split: {counts['counts']}", flush=True)
         self.stage("tokenizer", "tokenizer", {"studies": a.studies, "seed": a.seed, "image_size": a.image_size},
                    self.tokenizer, ("tokenizer",))  # fmt: skip
+        vqa = self.stage("vqa_set", "synthetic VQA-RAD set + VQA shards",
+                         {"studies": a.studies, "seed": a.seed, "image_size": a.image_size,
+                          "questions": a.vqa_questions}, self.vqa_set, ("vqa", "vqa_shards"))  # fmt: skip
+        print(f"      questions per split: {vqa['counts']}", flush=True)
         pre = self.stage("pretrain", f"pretraining mpma_tiny, {a.steps} steps on {a.num_gpus} ranks (ZeRO-3)",
                          {"overrides": self.pretrain_overrides(), "ranks": a.num_gpus, "studies": a.studies,
                           "seed": a.seed, "image_size": a.image_size},
@@ -224,7 +340,32 @@ class Demo:
         self.stage("export", "export", {"pretrain": pre}, self.export, ("exported",))
         results = self.stage("evaluate", "evaluation: pretrained vs random twin", {"pretrain": pre}, self.evaluate,
                              ("eval",))  # fmt: skip
-        return results
+        down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
+                          {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions}, self.downstream,
+                          ("finetune", "feature_cache"))  # fmt: skip
+        return {"pretrain_eval": results, **down}
+
+
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr to ``log`` for a stage run in process — at the file-descriptor
+    level, so what compilers and C extensions print (DeepSpeed probes its ops at start-up) goes there too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a", encoding="utf-8") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _latest_step(path: Path) -> tuple[int, float | None]:
@@ -267,15 +408,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=128, help="stored image size in px (default: 128)")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="ranks for deepspeed --num_gpus (default: the GPUs, else 2 CPU processes)")  # fmt: skip
+    p.add_argument("--vqa-questions", type=int, default=2,
+                   help="questions per film of the synthetic VQA set (default: 2)")  # fmt: skip
+    p.add_argument("--label-fractions", default=FRACTIONS,
+                   help=f"linear-probe label fractions, comma-separated (default: {FRACTIONS})")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     args = p.parse_args(argv)
-    for name in ("studies", "steps", "image_size"):
+    for name in ("studies", "steps", "image_size", "vqa_questions"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.label_fractions = [str(float(f)) for f in args.label_fractions.split(",") if f.strip()]
+    except ValueError:
+        p.error(f"--label-fractions must be numbers separated by commas, got {args.label_fractions!r}")
+    if not args.label_fractions or not all(0 < float(f) <= 1 for f in args.label_fractions):
+        p.error("--label-fractions must be in (0, 1]")
     if args.num_gpus is None:
         args.num_gpus = _default_ranks()
     return args
+
+
+def write_results(demo: Demo, results: dict[str, Any]) -> Path:
+    """``<out>/results.json``: ``pretrain_eval`` ({metric: {pretrained, random}}), ``linear_probe``
+    ({fraction: {pretrained, random, *_ci95, *_subset}}), ``vqa`` ({overall|closed|open: {...}}), ``runs``."""
+    evals = results["pretrain_eval"]
+    pre, rnd = evals["pretrained"], evals["random-init"]
+    table = {key: {"pretrained": pre.get(key), "random": rnd.get(key)} for key, _ in TABLE_ROWS}
+    payload = {"pretrain_eval": table, "linear_probe": results["linear_probe"], "vqa": results["vqa"],
+               "runs": results["runs"]}  # fmt: skip
+    path = demo.out / RESULTS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,23 +456,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("demo: interrupted; run it again to continue where it stopped", file=sys.stderr)
         return 130
+    from mpma_ds.eval import format_label_efficiency
     from mpma_ds.eval.split_eval import format_table
 
-    pre, rnd = results["pretrained"], results["random-init"]
-    keys = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "zeroshot_auroc_mean")
+    evals = results["pretrain_eval"]
+    pre, rnd = evals["pretrained"], evals["random-init"]
+    keys = [key for key, _ in TABLE_ROWS]
     better = sum(1 for k in keys if pre.get(k, 0) > rnd.get(k, 0))
     print()
-    print(f"validation split, {int(pre.get('eval_samples', 0))} images, {int(pre.get('retrieval_pairs', 0))} "
-          "distinct reports (R@K: fraction of queries whose match ranks in the top K)")  # fmt: skip
-    print(format_table(results))
-    print(f"\npretrained beats the random twin on {better} of {len(keys)} metrics")
-    print(f"\nwork folder:   {demo.out}  (logs in {demo.logs})")
+    print(f"pretraining evaluation: validation split, {int(pre.get('eval_samples', 0))} images, "
+          f"{int(pre.get('retrieval_pairs', 0))} distinct reports (R@K: fraction of queries whose match ranks in the "
+          "top K)")  # fmt: skip
+    print(format_table(evals))
+    print(f"pretrained beats the random twin on {better} of {len(keys)} metrics")
+    print("\nlabel efficiency: test split, [95 % bootstrap interval]; linear probe = macro AUROC over the CheXpert "
+          "labels of the frozen image encoder's features")  # fmt: skip
+    print(format_label_efficiency({"linear_probe": results["linear_probe"],
+                                   "vqa": {k: results["vqa"][k] for k in ("overall", "closed", "open")}}))  # fmt: skip
+    path = write_results(demo, results)
+    print(f"\nresults:       {path}")
+    print(f"work folder:   {demo.out}  (logs in {demo.logs})")
     print(f"exported model: {demo.out / 'exported'}")
     print(f"MLflow:        mlflow ui --backend-store-uri {demo.tracking_uri}   (experiment {EXPERIMENT!r})")
     print(f"compare runs:  python launch/compare_runs.py --experiment {EXPERIMENT} "
           f"--tracking-uri {demo.tracking_uri}")  # fmt: skip
     print(f"total {time.monotonic() - start:.0f} s")
     return 0
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`python launch/demo.py` (make demo) end to end at toy size: every stage runs for real (synthetic corpus, shards,
-tokenizer, `deepspeed --num_gpus 2` ZeRO-3 pretraining on 2 CPU processes, export, evaluation of the pretrained
-model and a random twin), the table and the `mlflow ui` line are printed, MLflow holds the three runs, and a
-rerun reuses every finished stage."""
+tokenizer, synthetic VQA-RAD set, `deepspeed --num_gpus 2` ZeRO-3 pretraining on 2 CPU processes, export,
+evaluation of the pretrained model and a random twin, linear probes and VQA fine-tuning of both), the tables and
+the `mlflow ui` line are printed, results.json and MLflow hold every run, and a rerun reuses every stage."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
         "40",
         "--steps",
         "3",
+        "--label-fractions",
+        "0.5,1.0",
         *extra,
     ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -40,8 +42,10 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     res = _demo(out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = res.stdout
-    for stage in ("[1/7] synthetic corpus", "[4/7] pretraining", "[6/7] evaluation"):
+    for stage in ("[1/8] synthetic corpus", "[4/8] synthetic VQA-RAD", "[5/8] pretraining", "[7/8] evaluation",
+                  "[8/8] downstream"):  # fmt: skip
         assert f"{stage}" in text and "reused" not in text
+    assert "/usr/bin/ld" not in text + res.stderr  # what DeepSpeed's op probes print goes to the stage logs
     assert "pretrained  random-init" in text
     rows = [ln for ln in text.splitlines() if ln.startswith(("image->", "report->", "zero-shot"))]
     table = {ln[:24].strip(): ln[24:].split() for ln in rows}
@@ -66,15 +70,36 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("mpma-demo")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"demo-pretrain", "eval-pretrained-validate", "eval-random-init-validate"}
+    finetune = {f"demo-{t}" for t in ("vqa-pretrained", "vqa-random")}
+    finetune |= {f"demo-linear_probe-{i}-{f}" for i in ("pretrained", "random") for f in ("0.5", "1.0")}
+    assert set(runs) == {"demo-pretrain", "eval-pretrained-validate", "eval-random-init-validate"} | finetune
     assert runs["demo-pretrain"].info.run_id == summary["mlflow_run_id"]
     loss_steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
     assert loss_steps and max(loss_steps) <= 3 and len(loss_steps) == len(set(loss_steps))
     assert runs["eval-random-init-validate"].data.tags["mpma.eval_of"] == rnd["evaluated"]
     assert runs["eval-pretrained-validate"].data.tags["mpma.kind"] == "eval"
 
-    # a rerun reuses every stage and prints the same table
+    # downstream: every fine-tuning run tagged, pretrained ones pointing at the pretraining run
+    for name in finetune:
+        tags = runs[name].data.tags
+        assert tags["mpma.kind"] == "finetune" and tags["mpma.task"] in ("vqa", "linear_probe"), name
+        assert tags["mpma.init"] == ("pretrained" if "pretrained" in name else "random"), name
+        if tags["mpma.init"] == "pretrained":
+            assert tags["mpma.pretrain_run"] == summary["mlflow_run_id"], name
+    # results.json holds the three tables, every value a number in [0, 1] (or null where a split has none)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["linear_probe"]) == {"0.5", "1.0"} and set(results["vqa"]) >= {"overall", "closed", "open"}
+    for entry in [*results["linear_probe"].values(), *(results["vqa"][k] for k in ("overall", "closed", "open"))]:
+        for init in ("pretrained", "random"):
+            assert entry[init] is None or 0.0 <= entry[init] <= 1.0, entry
+    assert results["linear_probe"]["0.5"]["pretrained_subset"]["fraction"] == 0.5
+    assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
+    assert "label efficiency" in text and "linear probe AUROC" in text and "VQA accuracy" in text
+    # the linear probes of one model shared one feature extraction per split
+    assert len(list((out / "feature_cache").glob("*/train.pt"))) == 2  # pretrained + random
+
+    # a rerun reuses every stage and prints the same tables
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(": reused") == 6
+    assert again.stdout.count(": reused") == 8
     assert [ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot"))] == rows

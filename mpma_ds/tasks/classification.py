@@ -207,6 +207,14 @@ class ClassificationTask(FinetuneTask):
     def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
         return dict(batch, targets=self.labels.targets(batch))
 
+    def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
+        from data_tools.shard_format import CHEXPERT_LABELS
+        from mpma_ds.training.metrics import sample_batch
+
+        batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
+        batch.update(valid=torch.ones(1, dtype=torch.bool), labels=torch.zeros(1, len(CHEXPERT_LABELS)), meta=[{}])
+        return self.to_model(batch)
+
     def evaluate(
         self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
     ) -> dict[str, Any]:

@@ -13,6 +13,7 @@ standardised with the training split's mean and standard deviation (MAE's BatchN
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -176,8 +177,11 @@ class LinearProbeTask(FinetuneTask):
     def _extract(self, ctx: RunContext, encoder: nn.Module, split: str) -> dict[str, Any]:
         from mpma_ds.data import build_loader
 
+        # the whole split, whatever the run's label fraction: the cache serves every fraction, which then
+        # selects its patients from the cached rows
+        whole = dataclasses.replace(self.recipe.data, label_fraction=1.0)
         info = build_loader(
-            self.recipe.data, ctx.rank, ctx.world_size, split=split,
+            whole, ctx.rank, ctx.world_size, split=split,
             batch_size=self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size,
             tokenizer=ctx.tokenizer, seed=self.recipe.train.seed, train=False,
         )  # fmt: skip

@@ -69,6 +69,11 @@ class RetrievalTask(FinetuneTask):
     def build_model(self, ctx: RunContext) -> nn.Module:
         return AlignmentModel(self.backbone(ctx), self.recipe.task.retrieval.w_local)
 
+    def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
+        from mpma_ds.training.metrics import sample_batch
+
+        return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer, batch_size=2)  # InfoNCE needs 2
+
     def evaluate(
         self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
     ) -> dict[str, Any]:

@@ -106,6 +106,13 @@ class VQATask(FinetuneTask):
         options = self.recipe.task.vqa
         return VQAModel(self.backbone(ctx), len(self.answers), hidden=options.head_hidden, loss=options.loss)
 
+    def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
+        from mpma_ds.training.metrics import sample_batch
+
+        batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
+        batch.update(valid=torch.ones(1, dtype=torch.bool), meta=[{"answer": self.answers[0]}])
+        return self.to_model(batch)
+
     def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
         from mpma_ds.eval.vqa import answer_indices, soft_answer_targets
 
