@@ -33,12 +33,10 @@ from pathlib import Path
 
 import torch
 
+from mpma_ds.models import create_model, get_model_config
+from mpma_ds.models.flops import training_flops_per_sample
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mpma_ds.models import create_model, get_model_config  # noqa: E402
-from mpma_ds.models.flops import training_flops_per_sample  # noqa: E402
-
 RESULTS = REPO / "benchmarks" / "results"
 BASELINE = dict(attn_impl="eager", mlm_masked_only=False, encoder_visible_only=False, mim_masked_only=False)
 # batch shape per model: (batch size, text length)

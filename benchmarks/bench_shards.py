@@ -31,13 +31,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_tools.build_shards import build_shards
+from data_tools.sources.images import ImageOptions, encode_image, target_size
+from data_tools.synth.corpus import generate_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from data_tools.build_shards import build_shards  # noqa: E402
-from data_tools.sources.images import ImageOptions, encode_image, target_size  # noqa: E402
-from data_tools.synth.corpus import generate_corpus  # noqa: E402
-
 RESULTS = REPO / "benchmarks" / "results"
 IMAGES_PER_STUDY = 1.6  # synth_corpus: PA/AP plus a lateral in ~60 % of studies
 

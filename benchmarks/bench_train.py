@@ -23,7 +23,6 @@ from pathlib import Path
 from mpma_ds.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"zero3": "cpu_zero3.json", "zero2": "cpu_zero2.json", "dp": "cpu_dp.json"}
 MODEL_SETTINGS = {  # image size, micro-batch per rank
@@ -70,7 +69,7 @@ def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path)
     cmd += [str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "launch/configs/pretrain_tiny.yaml")]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{model} / {ds_config} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

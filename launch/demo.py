@@ -217,8 +217,8 @@ class Demo:
     def linear_probe(self, init: str, fraction: str) -> dict[str, Any]:
         """One linear-probe run in this process (``python launch/finetune.py`` does the same)."""
         from mpma_ds.recipes import find_recipe
-        from mpma_ds.tasks.config import FinetuneRecipe
         from mpma_ds.training import load_recipe
+        from mpma_ds.training.recipe import FinetuneRecipe
         from mpma_ds.training.trainer import train
 
         tag = f"linear_probe-{init}-{fraction}"
@@ -251,8 +251,8 @@ class Demo:
         import math
 
         from mpma_ds.recipes import find_recipe
-        from mpma_ds.tasks.config import FinetuneRecipe
         from mpma_ds.training import load_recipe
+        from mpma_ds.training.recipe import FinetuneRecipe
 
         recipe = load_recipe(find_recipe("finetune_vqa_tiny"), check_files=False, cls=FinetuneRecipe)
         train = (json.loads((self.out / "vqa_shards" / "manifest.json").read_text()).get("counts") or {}).get(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
 
-from mpma_ds.tasks import PretrainTask
+from mpma_ds.tasks.pretrain import PretrainTask
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import load_recipe
 from mpma_ds.training.checkpoint import complete_tags

@@ -18,15 +18,15 @@ SCRIPT = "finetune.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks import FINETUNE_TASKS
+    from mpma_ds.tasks.config import FINETUNE_TASKS
 
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=FINETUNE_TASKS, help="the task (must agree with the recipe's task.name)")
     args = parser.parse_args(argv)
     from mpma_ds.recipes import find_recipe
-    from mpma_ds.tasks.config import FinetuneRecipe
     from mpma_ds.training import RecipeError, load_recipe
+    from mpma_ds.training.recipe import FinetuneRecipe
     from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     try:

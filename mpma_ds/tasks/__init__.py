@@ -1,50 +1,12 @@
-"""Tasks the ``Trainer`` runs: pretraining and the fine-tuning tasks, each owning its model, loss and metrics.
+"""Tasks the ``Trainer`` runs — pretraining and the fine-tuning tasks — each owning its model, ``batch -> loss``
+and its metrics, one module each:
 
-``build_task(recipe)`` picks the class by ``recipe.task.name`` (a pretraining recipe has no ``task``)."""
+- ``base``: the ``Task`` hooks and the ``RunContext`` the trainer hands them;
+- ``pretrain``: MPMA pretraining; ``finetune``: what the fine-tuning tasks share (backbone from ``init.from``,
+  layer-wise learning rates, tags); ``vqa``, ``classification`` (``cls``), ``linear_probe``, ``retrieval``,
+  ``zero_shot``;
+- ``config``: the recipe sections ``task`` and ``init``; ``init``: resolving and loading ``init.from``;
+- ``registry``: ``build_task(recipe)`` / ``task_class(name)``.
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from mpma_ds.tasks.base import RunContext, Task
-from mpma_ds.tasks.pretrain import PretrainTask
-
-if TYPE_CHECKING:
-    from mpma_ds.training.recipe import Recipe
-
-__all__ = ["FINETUNE_TASKS", "PretrainTask", "RunContext", "Task", "build_task", "task_class"]
-
-FINETUNE_TASKS = ("vqa", "cls", "linear_probe", "retrieval", "zero_shot")
-
-
-def task_class(name: str) -> type[Task]:
-    """The class of task ``name`` (imported on demand: each lives in its own module)."""
-    if name == "pretrain":
-        return PretrainTask
-    if name == "vqa":
-        from mpma_ds.tasks.vqa import VQATask
-
-        return VQATask
-    if name == "cls":
-        from mpma_ds.tasks.classification import ClassificationTask
-
-        return ClassificationTask
-    if name == "linear_probe":
-        from mpma_ds.tasks.linear_probe import LinearProbeTask
-
-        return LinearProbeTask
-    if name == "retrieval":
-        from mpma_ds.tasks.retrieval import RetrievalTask
-
-        return RetrievalTask
-    if name == "zero_shot":
-        from mpma_ds.tasks.zero_shot import ZeroShotTask
-
-        return ZeroShotTask
-    raise ValueError(f"unknown task {name!r}; choose one of pretrain, {', '.join(FINETUNE_TASKS)}")
-
-
-def build_task(recipe: Recipe) -> Task:
-    """The task object of ``recipe``: its ``task.name`` for a fine-tuning recipe, else pretraining."""
-    section = getattr(recipe, "task", None)
-    return task_class(section.name if section is not None else "pretrain")(recipe)
+This package module imports nothing, so the recipe (which composes ``tasks.config``) never pulls in a task.
+"""

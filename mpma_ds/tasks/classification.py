@@ -19,7 +19,8 @@ from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import FinetuneTask, read_split_metas, warn_rank0
 
 if TYPE_CHECKING:
-    from mpma_ds.tasks.config import ClsOptions, FinetuneRecipe
+    from mpma_ds.tasks.config import ClsOptions
+    from mpma_ds.training.recipe import FinetuneRecipe
 
 
 class Labels:

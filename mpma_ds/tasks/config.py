@@ -1,5 +1,6 @@
-"""The fine-tuning recipe: a pretraining recipe plus ``task`` (which task, its options) and ``init`` (where the
-backbone's weights come from). Built by the same config engine; every field documented here::
+"""The sections a fine-tuning recipe adds to a pretraining one: ``task`` (which task, its options) and ``init``
+(where the backbone's weights come from). ``mpma_ds.training.recipe.FinetuneRecipe`` composes them; the same
+config engine builds them; every field documented here::
 
     task:
       name: vqa                 # vqa | cls | linear_probe | retrieval | zero_shot
@@ -16,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpma_ds.config import ConfigSection, given_keys
-from mpma_ds.training.recipe import Recipe
 
 UNCERTAIN = ("ignore", "zeros", "ones")
+FINETUNE_TASKS = ("vqa", "cls", "linear_probe", "retrieval", "zero_shot")
+"""The fine-tuning tasks ``task.name`` may name (``mpma_ds.tasks.registry`` maps each to its class)."""
 
 
 @dataclass
@@ -142,8 +144,6 @@ class TaskSection(ConfigSection):
     """Options of ``retrieval`` (``ks`` also of ``zero_shot``)."""
 
     def validate(self) -> None:
-        from mpma_ds.tasks import FINETUNE_TASKS
-
         if self.name not in FINETUNE_TASKS:
             raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(FINETUNE_TASKS)}")
         if self.bootstrap < 0:
@@ -172,26 +172,3 @@ class InitSection(ConfigSection):
     def validate(self) -> None:
         if not self.from_:
             raise ValueError("init.from must be random, an exported folder or a pretraining run folder")
-
-
-@dataclass
-class FinetuneRecipe(Recipe):
-    """A fine-tuning recipe (see the module docstring)."""
-
-    task: TaskSection = field(default_factory=TaskSection)
-    """Which task, and its options."""
-
-    init: InitSection = field(default_factory=InitSection)
-    """Where the backbone's weights come from."""
-
-    deepspeed_config: str = "cpu_zero2"
-    """DeepSpeed JSON (name or path); fine-tuning defaults to ZeRO-2 (``zero2_bf16`` on GPUs)."""
-
-    kind = "finetune"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.data.mlm_probability > 0:
-            raise ValueError(
-                f"fine-tuning reads unmasked text: set data.mlm_probability: 0 (got {self.data.mlm_probability})"
-            )

@@ -14,8 +14,8 @@ from mpma_ds.tasks.base import RunContext, Task
 
 if TYPE_CHECKING:
     from mpma_ds.models import MPMA
-    from mpma_ds.tasks.config import FinetuneRecipe
     from mpma_ds.tasks.init import InitSource
+    from mpma_ds.training.recipe import FinetuneRecipe
 
 HEAD_PREFIX = "head."
 _LAYER = re.compile(r"(?:blocks|layer|layers)\.(\d+)\.")

@@ -21,7 +21,7 @@ from mpma_ds.models import MPMA, MPMAConfig
 from mpma_ds.models.config import architecture_difference
 
 if TYPE_CHECKING:
-    from mpma_ds.tasks.config import FinetuneRecipe
+    from mpma_ds.training.recipe import FinetuneRecipe
 
 
 @dataclass

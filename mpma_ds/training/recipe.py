@@ -33,6 +33,7 @@ from mpma_ds.config import (
     to_dict,
 )
 from mpma_ds.data.config import DataConfig
+from mpma_ds.tasks.config import InitSection, TaskSection
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.training.ds_config import find_ds_config
 
@@ -268,6 +269,29 @@ class Recipe(ConfigSection):
             )
 
 
+@dataclass
+class FinetuneRecipe(Recipe):
+    """A fine-tuning recipe: a pretraining recipe plus ``task`` and ``init`` (``mpma_ds.tasks.config``)."""
+
+    task: TaskSection = field(default_factory=TaskSection)
+    """Which task, and its options."""
+
+    init: InitSection = field(default_factory=InitSection)
+    """Where the backbone's weights come from."""
+
+    deepspeed_config: str = "cpu_zero2"
+    """DeepSpeed JSON (name or path); fine-tuning defaults to ZeRO-2 (``zero2_bf16`` on GPUs)."""
+
+    kind = "finetune"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data.mlm_probability > 0:
+            raise ValueError(
+                f"fine-tuning reads unmasked text: set data.mlm_probability: 0 (got {self.data.mlm_probability})"
+            )
+
+
 def load_recipe(
     path: str | Path | None,
     overrides: Iterable[str] = (),
@@ -297,12 +321,7 @@ def load_recipe(
         source = str(path)
     tree = apply_overrides(tree, overrides)
     if cls is None:
-        if "task" in tree:
-            from mpma_ds.tasks.config import FinetuneRecipe
-
-            cls = FinetuneRecipe  # type: ignore[assignment]
-        else:
-            cls = Recipe  # type: ignore[assignment]
+        cls = FinetuneRecipe if "task" in tree else Recipe  # type: ignore[assignment]
     recipe = build(cls, tree, source=source, what="recipe")
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))
