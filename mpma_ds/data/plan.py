@@ -141,6 +141,12 @@ class EpochStream:
         num_samples: int,
         subset: dict[str, Any] | None = None,
     ):
+        if num_samples < world_size:  # found here, at build time, not as a traceback at the first batch
+            kept = f" (data.label_fraction={subset['fraction']} keeps {num_samples})" if subset else ""
+            raise ValueError(
+                f"{num_samples} samples{kept} cannot feed {world_size} data ranks (ranks x gradient accumulation "
+                "steps): each needs at least one sample; use more data, a higher label fraction or fewer ranks"
+            )
         self.train = train
         self.seed = seed
         self.rank = rank

@@ -247,11 +247,19 @@ def read_best(ckpt_dir: str | Path) -> dict[str, Any] | None:
     return best
 
 
-def mark_best(ckpt_dir: str | Path, step: int, metric: str, value: float, *, rank: int) -> None:
-    """Record the checkpoint of ``step`` as the best so far (rank 0 writes; the checkpoint must be complete)."""
+def mark_best(
+    ckpt_dir: str | Path, step: int, metric: str, value: float, *, rank: int, keep_last: int = 0
+) -> None:
+    """Record the checkpoint of ``step`` as the best so far (rank 0 writes; the checkpoint must be complete).
+
+    With ``keep_last`` > 0 the checkpoints are pruned again: the best this one replaces was spared by the prune
+    of ``save_checkpoint`` (best.json still named it then) and would otherwise stay on disk for good.
+    """
     if rank == 0:
         record = {"tag": tag_for(step), "step": step, "metric": metric, "value": value}
         _atomic_write(Path(ckpt_dir) / BEST_FILE, json.dumps(record, indent=1))
+        if keep_last > 0:
+            prune(Path(ckpt_dir), keep_last)
     barrier()
 
 

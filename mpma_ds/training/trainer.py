@@ -98,7 +98,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None) -> None:
-        from mpma_ds.tasks import build_task
+        from mpma_ds.tasks.registry import build_task
 
         self.recipe = recipe
         self.task = task if task is not None else build_task(recipe)
@@ -395,7 +395,7 @@ class Trainer:
                 last_saved = self.step
                 if improved:
                     ckpt.mark_best(self.out / "checkpoints", self.step, self.best_metric, self.best["value"],
-                                   rank=ctx.rank)  # fmt: skip
+                                   rank=ctx.rank, keep_last=cfg.keep_last)  # fmt: skip
             if stop:
                 stopped_early = True
                 break
