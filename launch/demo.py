@@ -229,11 +229,7 @@ class Demo:
         ]
         log = self.logs / f"finetune-{tag}.log"
         try:
-            with (
-                open(log, "w", encoding="utf-8") as fh,
-                contextlib.redirect_stdout(fh),
-                contextlib.redirect_stderr(fh),
-            ):
+            with output_to(log):
                 recipe = load_recipe(find_recipe("finetune_linear_probe_tiny"), overrides, cls=FinetuneRecipe)
                 return train(recipe)
         except Exception as err:
@@ -353,7 +349,7 @@ def output_to(log: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log, "a", encoding="utf-8") as fh:
+    with open(log, "w", encoding="utf-8") as fh:
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
         try:

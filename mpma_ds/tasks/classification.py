@@ -79,13 +79,14 @@ class Labels:
         from mpma_ds.eval import multiclass_metrics, multilabel_auroc, with_intervals
 
         if self.multilabel:
-            fn, args = multilabel_auroc, (scores, targets, self.names)
+            fn, arrays = multilabel_auroc, (scores, targets)
+            kwargs: dict[str, Any] = {"names": self.names, "min_each": self.options.min_label_count}
         else:
             known = targets >= 0
-            fn, args = multiclass_metrics, (scores[known], targets[known], self.names)
+            fn, arrays, kwargs = multiclass_metrics, (scores[known], targets[known]), {"class_names": self.names}
         if n_resamples:
-            return with_intervals(fn, *args[:2], n_resamples=n_resamples, seed=0, **_names_kw(fn, args[2]))
-        return fn(*args)
+            return with_intervals(fn, *arrays, n_resamples=n_resamples, seed=0, **kwargs)
+        return fn(*arrays, **kwargs)
 
     def check_subset(self, ctx: RunContext, metas: Sequence[dict[str, Any]], recipe: FinetuneRecipe) -> dict:
         """Label counts of the training subset (``data.label_fraction``); a label without positives is named in
@@ -108,12 +109,6 @@ class Labels:
                 f"training sample for {', '.join(empty)}",
             )
         return positives
-
-
-def _names_kw(fn: Any, names: Sequence[str]) -> dict[str, Any]:
-    from mpma_ds.eval import multiclass_metrics
-
-    return {"class_names": names} if fn is multiclass_metrics else {"names": names}
 
 
 def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:

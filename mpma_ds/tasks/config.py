@@ -73,11 +73,18 @@ class ClsOptions(ConfigSection):
     """``column``: the class names, in order; empty = the distinct values of the training split, sorted. A value
     outside the list is skipped and counted."""
 
+    min_label_count: int = 1
+    """``chexpert``: a label enters the macro AUROC of a split only when that split holds at least this many
+    positive and this many negative labelled samples (the others are listed in ``labels_left_out``): a label
+    with 3 positives moves the mean by chance, not by skill."""
+
     def validate(self) -> None:
         if self.labels not in ("chexpert", "column"):
             raise ValueError(f"task.cls.labels must be chexpert or column, got {self.labels!r}")
         if self.uncertain not in UNCERTAIN:
             raise ValueError(f"task.cls.uncertain must be one of {', '.join(UNCERTAIN)}, got {self.uncertain!r}")
+        if self.min_label_count < 1:
+            raise ValueError(f"task.cls.min_label_count must be >= 1, got {self.min_label_count}")
         if self.labels == "column" and not self.label_column:
             raise ValueError("task.cls.labels=column needs task.cls.label_column (a field of the sample JSON)")
         from data_tools.shard_format import CHEXPERT_LABELS
