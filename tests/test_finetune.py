@@ -275,56 +275,54 @@ def test_resume_auto_continues_a_fine_tuning_run(base, tmp_path, monkeypatch):
 
 
 def test_label_fractions_nested_patient_level_one_extraction_same_for_both_inits(base, tmp_path, monkeypatch):
-    """linear_probe at 1 % / 10 % / 100 % of the labels, pretrained and random: the features of each init are
-    extracted once (3 splits) and shared by the three fractions; the subsets are whole patients, nested, the
-    same for both inits, and the same patients the shard loader keeps for cls at that fraction."""
+    """linear_probe at 1 % / 10 % / 100 % of the labels for one epoch, pretrained and random: the features of each
+    init are extracted once (3 splits, never rewritten) and shared by the three fractions; the samples trained on
+    are whole patients, nested, the same for both inits, and the same the shard loader keeps for cls."""
     from mpma_ds.data import build_loader
+    from mpma_ds.data.shards import load_shard_index
+    from mpma_ds.data.subsets import shard_subject_ids
     from mpma_ds.tasks.linear_probe import LinearProbeTask
     from mpma_ds.tokenizer import load_tokenizer
 
     seed = fraction_seed(base)
-    extracted: list[str] = []
-    extract = LinearProbeTask._extract
+    index = load_shard_index(str(ft_shards(base) / "train"))
+    subject_of = dict(zip(index.keys, shard_subject_ids(index)))
+    seen: set[str] = set()
+    to_model = LinearProbeTask.to_model
 
-    def counting(self, ctx, encoder, split):
-        extracted.append(split)
-        return extract(self, ctx, encoder, split)
+    def recording(self, batch):  # every batch the trainer feeds the module passes here
+        seen.update(k for k, ok in zip(batch["key"], batch["valid"].tolist()) if ok and k in subject_of)
+        return to_model(self, batch)
 
-    monkeypatch.setattr(LinearProbeTask, "_extract", counting)
-    build_loaders = LinearProbeTask.build_loaders
-    streams: list = []
-
-    def recording(self, ctx):  # the training streams the run builds (one per accumulation micro-step)
-        loaders, val = build_loaders(self, ctx)
-        streams.append(([set(ld.loader.keys) for ld in loaders], self.cached["train"]))
-        return loaders, val
-
-    monkeypatch.setattr(LinearProbeTask, "build_loaders", recording)
+    monkeypatch.setattr(LinearProbeTask, "to_model", recording)
+    cache = tmp_path / "cache"
     kept: dict[tuple[str, float], set[str]] = {}
+    entries: dict[str, dict[str, int]] = {}
     for init in ("pretrained", "random"):
         for fraction in (0.01, 0.1, 1.0):
-            extra = {"data.label_fraction": fraction, "data.label_fraction_seed": seed,
-                     "task.linear_probe.cache_dir": tmp_path / "cache"}  # fmt: skip
-            out = tmp_path / f"{init}-{fraction}"
+            extra = {"data.label_fraction": fraction, "data.label_fraction_seed": seed, "train.max_steps": None,
+                     "train.epochs": 1, "task.linear_probe.cache_dir": cache}  # fmt: skip
+            seen.clear()
             rc, summary = _finetune(
-                base, "linear_probe", out, init="random" if init == "random" else None, **extra
-            )
+                base, "linear_probe", tmp_path / f"{init}-{fraction}", init="random" if init == "random" else None,
+                **extra,
+            )  # fmt: skip
             assert rc == 0
-            (keys, other), cached = streams[-1]
-            assert keys == other  # both accumulation streams hold the subset
-            subject_of = dict(zip(cached["keys"], cached["subjects"]))
-            kept[init, fraction] = keys
-            subset = summary["subset"]
+            kept[init, fraction] = set(seen)  # one epoch: every sample of the subset once
             if fraction == 1.0:
-                assert subset is None and keys == set(cached["keys"])
-                continue
-            patients = {subject_of[k] for k in keys}
-            assert subset == {"fraction": fraction, "seed": seed, "samples_kept": len(keys),
-                              "samples_total": len(cached["keys"]), "patients_kept": len(patients),
-                              "patients_total": len(set(cached["subjects"]))}  # fmt: skip
-            assert keys == {k for k, s in subject_of.items() if s in patients}  # whole patients
-    assert sorted(extracted) == sorted(["train", "validate", "test"] * 2)  # once per split and init
-    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 6
+                assert summary["subset"] is None and seen == set(subject_of)
+            else:
+                patients = {subject_of[k] for k in seen}
+                assert summary["subset"] == {"fraction": fraction, "seed": seed, "samples_kept": len(seen),
+                                             "samples_total": len(subject_of), "patients_kept": len(patients),
+                                             "patients_total": len(set(subject_of.values()))}  # fmt: skip
+                assert seen == {k for k, s in subject_of.items() if s in patients}  # whole patients
+            files = {str(p): p.stat().st_mtime_ns for p in cache.glob("*/*.pt")}
+            entries.setdefault(init, files)  # after the first run of this init
+            assert files.items() >= entries[init].items()  # nothing extracted again
+    # train, validate and test of each init: 3 entries after the first pretrained run, 6 after the first random
+    assert len(entries["pretrained"]) == 3 and len(entries["random"]) == 6
+    assert len(list(cache.glob("*/*.pt"))) == 6
     for init in ("pretrained", "random"):
         assert 0 < len(kept[init, 0.01]) < len(kept[init, 0.1]) < len(kept[init, 1.0])
         assert kept[init, 0.01] < kept[init, 0.1] < kept[init, 1.0]  # nested
