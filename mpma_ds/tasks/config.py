@@ -40,6 +40,14 @@ class VQAOptions(ConfigSection):
     head_hidden: int = 0
     """Hidden width of the head; 0 = twice the fusion width (the width of the fused representation)."""
 
+    freeze_backbone: bool = False
+    """False: M3AE's recipe, everything fine-tuned. True: the backbone frozen, the fused image + question
+    representation of every question extracted once and cached (as ``linear_probe`` does with image features),
+    only the head trained — what pretraining bought the fused representation, at a fraction of the cost."""
+
+    cache_dir: str = ""
+    """``freeze_backbone``: where the fused features are cached; empty = ``<train.output_dir>/features``."""
+
     def validate(self) -> None:
         if self.answer_set not in ("train", "all"):
             raise ValueError(f"task.vqa.answer_set must be train or all, got {self.answer_set!r}")

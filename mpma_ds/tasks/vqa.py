@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.tasks.base import RunContext
-from mpma_ds.tasks.finetune import FinetuneTask, read_split_metas
+from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas
 
 
 class VQAHead(nn.Sequential):
@@ -31,7 +31,7 @@ class VQAHead(nn.Sequential):
             nn.init.zeros_(layer.bias)
 
 
-class VQAModel(nn.Module):
+class VQAModel(BackboneModule):
     """MPMA backbone (encoders + fusion) and the VQA head; ``forward(batch)`` -> ``{"loss"}``."""
 
     def __init__(self, backbone: nn.Module, num_answers: int, *, hidden: int = 0, loss: str = "bce") -> None:
@@ -40,10 +40,6 @@ class VQAModel(nn.Module):
         self.backbone = backbone
         self.head = VQAHead(width, hidden or width, num_answers)
         self.loss_kind = loss
-
-    def no_weight_decay(self) -> set[str]:
-        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-        return names | {f"head.{n}" for n, p in self.head.named_parameters() if p.ndim <= 1}
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         feats = self.backbone.fused_features(
@@ -63,6 +59,28 @@ class VQAModel(nn.Module):
             valid = valid * (ids >= 0).float()
         loss = (per_row * valid).sum() / valid.sum().clamp(min=1.0)
         return {"loss": loss}
+
+
+class FrozenVQAHead(nn.Module):
+    """The VQA head on cached fused features (``task.vqa.freeze_backbone``), standardised with the training
+    samples' statistics; ``forward(batch)`` -> ``{"loss"}`` as ``VQAModel``."""
+
+    def __init__(self, in_dim: int, num_answers: int, mean: torch.Tensor, std: torch.Tensor, *, hidden: int = 0,
+                 loss: str = "bce") -> None:  # fmt: skip
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clamp(min=1e-6).clone())
+        self.head = VQAHead(in_dim, hidden or in_dim, num_answers)
+        self.loss_kind = loss
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"head.{n}" for n, p in self.head.named_parameters() if p.ndim <= 1}
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = (batch["features"].float() - self.mean) / self.std  # (B, 2D)
+        return self.head(x.to(self.head[0].weight.dtype)).float()  # (B, A)
+
+    forward = VQAModel.forward
 
 
 class VQATask(FinetuneTask):
@@ -100,13 +118,85 @@ class VQATask(FinetuneTask):
 
     def architecture(self, ctx: RunContext) -> dict[str, Any]:
         options = self.recipe.task.vqa
-        return {"answers": len(ctx.extras["answers"]), "head_hidden": options.head_hidden, "loss": options.loss}
+        return {"answers": len(ctx.extras["answers"]), "head_hidden": options.head_hidden, "loss": options.loss,
+                "freeze_backbone": options.freeze_backbone}  # fmt: skip
+
+    @property
+    def frozen(self) -> bool:
+        return self.recipe.task.vqa.freeze_backbone
+
+    def build_loaders(self, ctx: RunContext):
+        if not self.frozen:
+            return super().build_loaders(ctx)
+        from pathlib import Path
+
+        from mpma_ds.data.subsets import meta_subject, split_subset
+        from mpma_ds.eval.vqa import answer_indices
+        from mpma_ds.tasks.features import FrozenEncoder, feature_loader, split_features, standardiser, subset_rows
+
+        data, cfg = self.recipe.data, self.recipe.train
+        cache = Path(self.recipe.task.vqa.cache_dir or ctx.output_dir / "features")
+        encoder = FrozenEncoder(self, ctx)
+        self.cached: dict[str, dict[str, Any]] = {}
+        for split, spec in {
+            "train": data.train_shards,
+            "validate": data.val_shards,
+            "test": data.test_shards,
+        }.items():
+            if spec and (split != "validate" or self.wants_validation()):
+                cached = split_features(
+                    self, ctx, split, spec, kind="fused", cache_dir=cache, encoder=encoder,
+                    featurize=lambda net, b: net.fused_features(b["image"], b["input_ids"], b["attention_mask"]),
+                    dim=2 * ctx.model_config.fusion_width,
+                )  # fmt: skip
+                gold = [str(m.get("answer", "")) for m in cached["metas"]]
+                self.cached[split] = dict(cached, targets=torch.from_numpy(answer_indices(gold, self.answers)))
+        train = self.cached["train"]
+        subjects = [meta_subject(m, k) for m, k in zip(train["metas"], train["keys"])]
+        keep, subset = split_subset(subjects, data.label_fraction, data.label_fraction_seed, split="train")
+        rows = subset_rows(keep)
+        ctx.extras["subset"] = subset
+        self.mean, self.std = standardiser(train["features"][rows])
+        loaders = [
+            feature_loader(
+                train,
+                rows,
+                rank=ctx.rank * ctx.accumulation + a,
+                world_size=ctx.data_ranks,
+                batch_size=cfg.micro_batch_size,
+                seed=cfg.seed,
+                train=True,
+                subset=subset,
+            )  # fmt: skip
+            for a in range(ctx.accumulation)
+        ]
+        val = self.eval_loader(ctx, "validate") if "validate" in self.cached else None
+        return loaders, val
+
+    def eval_loader(self, ctx: RunContext, split: str):
+        if not self.frozen:
+            return super().eval_loader(ctx, split)
+        from mpma_ds.tasks.features import feature_loader
+
+        cfg = self.recipe.train
+        return feature_loader(
+            self.cached[split], rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            seed=cfg.seed, train=False,
+        )  # fmt: skip
 
     def build_model(self, ctx: RunContext) -> nn.Module:
         options = self.recipe.task.vqa
+        if self.frozen:
+            return FrozenVQAHead(2 * ctx.model_config.fusion_width, len(self.answers), self.mean, self.std,
+                                 hidden=options.head_hidden, loss=options.loss)  # fmt: skip
         return VQAModel(self.backbone(ctx), len(self.answers), hidden=options.head_hidden, loss=options.loss)
 
-    def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
+    def lr_scales(self, module: nn.Module) -> dict[str, float] | None:
+        return None if self.frozen else super().lr_scales(module)
+
+    def flops_batch(self, ctx: RunContext) -> dict[str, Any] | None:
+        if self.frozen:
+            return None  # a head on cached features: nothing worth counting
         from mpma_ds.training.metrics import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
@@ -132,7 +222,9 @@ class VQATask(FinetuneTask):
         predicted, gold, types = [], [], []
         for batch in batches:
             batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            batch["image"] = batch["image"].to(dtype)
+            for key in ("image", "features"):
+                if key in batch:
+                    batch[key] = batch[key].to(dtype)
             pred = module.logits(batch).argmax(dim=1).cpu()  # (B,)
             for i, ok in enumerate(batch["valid"].tolist()):
                 if ok:
@@ -154,4 +246,6 @@ class VQATask(FinetuneTask):
             "answer_set": self.recipe.task.vqa.answer_set,
             "answers": len(ctx.extras["answers"]),
             "questions_read": ctx.extras.get("answer_counts"),
+            "freeze_backbone": self.frozen,
+            "feature_files": ctx.extras.get("feature_files"),
         }

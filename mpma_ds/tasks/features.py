@@ -1,0 +1,251 @@
+"""Frozen-backbone features, extracted once per split and cached; a stream that serves them like a loader.
+
+What ``linear_probe`` (pooled image features) and frozen-backbone ``vqa`` (the fused image + question
+representation) share. Features are extracted under the process group, each rank a share of the split
+(``build_loader`` rank r of W: one deterministic, unaugmented pass over the *whole* split whatever the run's
+label fraction), written as part files, merged by rank 0 in sample-key order (so 1 and 2 ranks give the same
+file) and cached as ``<cache_dir>/<fingerprint>/<split>.pt`` (``torch.save`` of tensors and strings, read
+back with ``weights_only=True``; it appears whole or not at all). The fingerprint covers what the features
+depend on — the weights (``init.from``'s files by path, size and mtime; the seed of a random twin), the
+architecture, the shards, the preprocessing, the text settings where text is read, and what is extracted —
+so runs at several label fractions share one extraction and a changed input never reads a stale entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpma_ds.data.loader import LoaderInfo
+from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
+
+if TYPE_CHECKING:
+    from mpma_ds.tasks.base import RunContext
+    from mpma_ds.tasks.finetune import FinetuneTask
+
+CHUNK = 256  # samples per pseudo-shard of the feature stream (the shard-order shuffle's unit)
+Featurizer = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+"""``(frozen backbone, batch on the device) -> (B, D)`` features."""
+
+
+class FeatureStream(EpochStream):
+    """Batches of cached features with the loaders' plan (equal steps on every rank, padding flagged
+    ``valid=False``, exact resume): ``{"features" (B, D), "targets", "valid" (B,), "key", "meta"}``."""
+
+    backend = "features"
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        keys: list[str],
+        metas: list[dict[str, Any]],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        train: bool,
+        subset: dict[str, Any] | None = None,
+    ) -> None:
+        if len(features) == 0:
+            raise ValueError("no features to train on")
+        self.features, self.targets, self.keys, self.metas = features, targets, keys, metas
+        self.batch_size = batch_size
+        n = len(features)
+        self.counts = [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
+        super().__init__(
+            train=train, seed=seed, rank=rank, world_size=world_size, steps=steps_per_epoch(n, world_size, batch_size),
+            num_samples=n, subset=subset,
+        )  # fmt: skip
+
+    def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
+        ids, valid = epoch_batches(
+            self.counts, epoch=epoch if self.train else 0, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
+            shuffle_buffer=len(self.features),
+        )  # fmt: skip
+        for number in range(start_batch, len(ids)):
+            rows = ids[number].tolist()
+            index = torch.from_numpy(ids[number])
+            batch = {
+                "features": self.features[index],
+                "targets": self.targets[index],
+                "valid": torch.from_numpy(valid[number]),
+                "key": [self.keys[i] for i in rows],
+                "meta": [self.metas[i] for i in rows],
+            }
+            yield batch, {}
+
+
+def feature_loader(
+    cached: dict[str, Any],
+    rows: torch.Tensor | None = None,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    subset: dict[str, Any] | None = None,
+) -> LoaderInfo:
+    """A ``FeatureStream`` over ``cached`` (``features``, ``targets``, ``keys``, ``metas``; ``rows`` picks some)
+    behind the loaders' interface."""
+    pick = rows if rows is not None else torch.arange(len(cached["features"]))
+    index = pick.tolist()
+    stream = FeatureStream(
+        cached["features"][pick], cached["targets"][pick], [cached["keys"][i] for i in index],
+        [cached["metas"][i] for i in index], rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+        train=train, subset=subset,
+    )  # fmt: skip
+    return LoaderInfo(stream, stream.num_samples, stream.steps_per_epoch, stream.subset)
+
+
+def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind: str) -> str:
+    """What the ``kind`` features of ``split`` depend on (see the module docstring)."""
+    from mpma_ds.data.shards import resolve_shards
+
+    data = task.recipe.data
+    init = task.init_source(ctx)
+    weights: Any = "random"
+    if init.path is not None:
+        files = sorted(
+            p for p in Path(init.path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt")
+        )
+        weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    shards = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_shards(spec)]
+    preprocessing = ("image_size", "in_chans", "image_mean", "image_std", "eval_crop_fraction", "backend")
+    identity: dict[str, Any] = {
+        "kind": kind,
+        "weights": weights,
+        "seed": task.recipe.train.seed if init.kind == "random" else None,
+        "architecture": init.config.architecture(),
+        "shards": shards,
+        "split": split,
+        "preprocessing": {k: getattr(data, k) for k in preprocessing},
+    }
+    if kind != "image":  # the text is read too
+        tok = Path(str(ctx.extras.get("tokenizer_dir", "")))
+        tok_file = tok / "tokenizer.json"
+        identity["text"] = {
+            "max_text_len": data.max_text_len,
+            "tokenizer": [str(tok_file.resolve()), tok_file.stat().st_size, tok_file.stat().st_mtime_ns]
+            if tok_file.is_file()
+            else str(tok),
+        }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def split_features(
+    task: FinetuneTask,
+    ctx: RunContext,
+    split: str,
+    spec: str,
+    *,
+    kind: str,
+    cache_dir: Path,
+    encoder: Callable[[], nn.Module],
+    featurize: Featurizer,
+    dim: int,
+) -> dict[str, Any]:
+    """``{"features" (N, D), "keys", "subjects", "metas"}`` of ``split``, from the cache or extracted now.
+
+    Collective: every rank calls it. ``encoder()`` builds the frozen backbone (called only when some rank has
+    to extract); ``featurize(encoder, batch)`` makes a batch's features.
+    """
+    from mpma_ds.training.distributed import barrier, broadcast_object
+
+    path = cache_dir / fingerprint(task, ctx, split, spec, kind) / f"{split}.pt"
+    if not broadcast_object(path.is_file()):  # rank 0 decides: every rank takes the same branch
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{split}.part{ctx.rank:05d}")
+        torch.save(_extract(task, ctx, encoder(), featurize, split, dim), part)
+        barrier()
+        if ctx.rank == 0:
+            files = [path.with_name(f"{split}.part{r:05d}") for r in range(ctx.world_size)]
+            merged = _merge([torch.load(f, map_location="cpu", weights_only=True) for f in files])
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save(merged, tmp)
+            os.replace(tmp, path)  # the cache entry appears whole or not at all
+            for f in files:
+                f.unlink(missing_ok=True)
+        barrier()
+    ctx.extras.setdefault("feature_files", {})[split] = str(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def _extract(
+    task: FinetuneTask, ctx: RunContext, encoder: nn.Module, featurize: Featurizer, split: str, dim: int
+) -> dict[str, Any]:
+    from mpma_ds.data import build_loader
+
+    # the whole split, whatever the run's label fraction: the cache serves every fraction, which then selects
+    # its patients from the cached rows
+    whole = dataclasses.replace(task.recipe.data, label_fraction=1.0)
+    cfg = task.recipe.train
+    info = build_loader(
+        whole, ctx.rank, ctx.world_size, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        tokenizer=ctx.tokenizer, seed=cfg.seed, train=False,
+    )  # fmt: skip
+    feats, keys, metas = [], [], []
+    try:
+        for batch in info.loader:
+            keep = batch["valid"].bool()
+            on_device = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            feats.append(featurize(encoder, on_device).float().cpu()[keep])  # (B', D)
+            keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
+            metas += [m for m, ok in zip(batch["meta"], keep.tolist()) if ok]
+    finally:
+        info.close()
+    return {"features": torch.cat(feats) if feats else torch.zeros(0, dim), "keys": keys, "metas": metas}
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' shares of a split as one set, sorted by sample key (independent of the world size)."""
+    keys = [k for p in parts for k in p["keys"]]
+    metas = [m for p in parts for m in p["metas"]]
+    feats = torch.cat([p["features"] for p in parts])
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return {
+        "features": feats[order].contiguous(),
+        "keys": [keys[i] for i in order],
+        "subjects": [str(metas[i].get("subject_id", keys[i])) for i in order],
+        "metas": [metas[i] for i in order],
+    }
+
+
+class FrozenEncoder:
+    """Builds the task's frozen backbone once, on the first split that is not cached yet."""
+
+    def __init__(self, task: FinetuneTask, ctx: RunContext) -> None:
+        self.task, self.ctx = task, ctx
+        self.model: nn.Module | None = None
+
+    def __call__(self) -> nn.Module:
+        if self.model is None:
+            torch.manual_seed(self.task.recipe.train.seed)  # a random twin is the same on every rank
+            self.model = self.task.backbone(self.ctx).to(self.ctx.device).eval()
+        return self.model
+
+
+def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split's per-dimension mean and standard deviation (MAE's BatchNorm without affine)."""
+    if len(features) < 2:
+        return features.mean(dim=0) if len(features) else torch.zeros(features.shape[1]), torch.ones(
+            features.shape[1]
+        )
+    return features.mean(dim=0), features.std(dim=0)
+
+
+def subset_rows(keep: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.flatnonzero(keep))
