@@ -122,7 +122,7 @@ def finetune_overrides(
     ``init`` defaults to the exported pretraining run (``random`` for the random twin, which also gets the tiny
     tokenizer: it brings none). Global batch 8 = micro 4 × (1 rank × 2 accumulation steps, or 2 ranks), 64 px,
     4 steps, validation every 2, 50 bootstrap resamples, tracking off. ``extra`` adds or replaces items; a value
-    of ``None`` drops the item (e.g. ``**{"train.max_steps": None, "train.epochs": 2}``).
+    of ``None`` drops the item (e.g. ``**{"train.eval_every": None, "train.eval_every_epochs": 1}``).
     """
     shards = shards_for(base, task)
     values: dict[str, object] = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.tasks.base import RunContext
-from mpma_ds.tasks.finetune import FinetuneTask, read_split_metas, warn_rank0
+from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas, warn_rank0
 
 if TYPE_CHECKING:
     from mpma_ds.tasks.config import ClsOptions
@@ -129,6 +129,12 @@ def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
         if len(classes) < 2:
             raise ValueError(f"task.cls.label_column {options.label_column!r} has one class only: {classes}")
     labels = Labels(options, classes)
+    if labels.multilabel and not np.isfinite(labels.targets_from_metas(metas)).any():
+        raise ValueError(
+            f"the train shards {task.recipe.data.train_shards} hold no CheXpert labels (every sample's labels are "
+            "blank): cls and linear_probe need labelled shards, e.g. MIMIC-CXR built with its "
+            "mimic-cxr-2.0.0-chexpert.csv, or task.cls.labels=column with a label_column"
+        )
     ctx.extras["label_counts"] = labels.check_subset(ctx, metas, task.recipe)
     ctx.extras["labels"] = labels.names
     return labels
@@ -147,7 +153,7 @@ class LinearHead(nn.Module):
         return self.fc(x)
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(BackboneModule):
     """The MPMA image encoder (pooled features) and a linear head."""
 
     def __init__(self, backbone: nn.Module, labels: Labels) -> None:
@@ -155,9 +161,6 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.head = LinearHead(backbone.config.vision_width, labels.num_outputs)
         self.labels = labels
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {"head.fc.bias"}
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head(self.backbone.image_features(batch["image"])).float()  # (B, C)

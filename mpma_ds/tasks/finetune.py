@@ -4,7 +4,6 @@ rates with a head multiplier, the sample JSONs of a split, and the MLflow tags /
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +20,23 @@ HEAD_PREFIX = "head."
 _LAYER = re.compile(r"(?:blocks|layer|layers)\.(\d+)\.")
 ENCODER_TOP = 64  # depth above any encoder block index (ViT-B and RoBERTa-base have 12)
 FUSION_TOP = 32  # fusion norms above any fusion layer
+
+
+class BackboneModule(nn.Module):
+    """Base of the task modules that fine-tune an MPMA backbone (``self.backbone``, + a ``head`` where there is
+    one): weight decay exemptions and activation checkpointing go to the backbone's own rules."""
+
+    backbone: nn.Module
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        head = getattr(self, "head", None)
+        if head is not None:
+            names |= {f"head.{n}" for n, p in head.named_parameters() if p.ndim <= 1}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
 
 
 class FinetuneTask(Task):
@@ -165,7 +181,6 @@ def read_split_metas(spec: str) -> list[dict[str, Any]]:
 def warn_rank0(ctx: RunContext, message: str) -> None:
     """A warning shown once (rank 0), e.g. a label left without positives by a label fraction."""
     if ctx.rank == 0:
-        warnings.warn(message, UserWarning, stacklevel=2)
         print(f"warning: {message}", flush=True)
 
 

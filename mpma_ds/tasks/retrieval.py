@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.tasks.base import RunContext
-from mpma_ds.tasks.finetune import FinetuneTask
+from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask
 
 
-class AlignmentModel(nn.Module):
+class AlignmentModel(BackboneModule):
     """The MPMA encoders, projections and temperatures; ``forward(batch)`` -> ``{"loss", "loss_global"
     (, "loss_local")}``."""
 
@@ -23,9 +23,6 @@ class AlignmentModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.w_local = w_local
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.encode_image(images)

@@ -135,8 +135,8 @@ def build_engine(
             f"ds_config gradient_accumulation_steps={ds_config.get('gradient_accumulation_steps')} but the recipe "
             f"needs {accumulation} on {world_size} ranks; resolve it with resolve_ds_config"
         )
-    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    if cfg.grad_checkpointing is not None and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(cfg.grad_checkpointing)  # off as well as on: the recipe decides
     groups = param_groups(model, cfg.weight_decay, lr=cfg.lr, lr_scales=lr_scales)
     optimizer = build_optimizer(groups, cfg, ds_config)
     steps = cfg.max_steps if max_steps is None else max_steps

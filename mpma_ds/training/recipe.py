@@ -96,7 +96,7 @@ class TrainConfig(ConfigSection):
     epochs: float = 0.0
     """> 0: train for this many passes over the training split (after ``data.label_fraction``), i.e.
     ``max_steps = ceil(epochs × steps per epoch)`` — the usual unit of fine-tuning. Not together with an
-    explicit ``max_steps``."""
+    explicit ``max_steps`` > 0."""
 
     lr: float = 1.5e-4
     """Peak learning rate (after warm-up)."""
@@ -168,8 +168,9 @@ class TrainConfig(ConfigSection):
     seed: int = 42
     """Seed of the model init, the image masking and the data order."""
 
-    grad_checkpointing: bool = False
-    """Activation checkpointing per transformer block (less memory, ~30 % more compute)."""
+    grad_checkpointing: bool | None = None
+    """Activation checkpointing per transformer block (less memory, ~30 % more compute): true / false switch it
+    on / off for every stack; null keeps the architecture's own default (``MPMAConfig.grad_checkpointing``)."""
 
     max_nan_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped; after this many in a row the run saves a
@@ -262,10 +263,10 @@ class Recipe(ConfigSection):
                 f"data.max_text_len={self.data.max_text_len} exceeds the model's max_text_len "
                 f"{model.max_text_len}; lower data.max_text_len"
             )
-        if self.train.epochs > 0 and "max_steps" in given_keys(self.train):
+        if self.train.epochs > 0 and self.train.max_steps > 0 and "max_steps" in given_keys(self.train):
             raise ValueError(
                 f"train.epochs={self.train.epochs} and train.max_steps={self.train.max_steps} both set the length "
-                "of the run; set one of them (train.epochs=0 to use max_steps)"
+                "of the run; set one of them (train.max_steps=0 to use epochs, train.epochs=0 to use max_steps)"
             )
 
 
