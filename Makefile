@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_shards.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_finetune.py
 
 clean:
 	rm -rf demo_runs .pytest_cache .ruff_cache

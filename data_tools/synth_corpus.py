@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", type=int, default=320, help="smallest longer side of a film in px")
     parser.add_argument("--max-size", type=int, default=640, help="largest longer side of a film in px")
     parser.add_argument("--lateral-fraction", type=float, default=0.6, help="share of PA studies with a lateral")
+    parser.add_argument("--eval-fraction", type=float, default=0.1,
+                        help="share of the patients in each of validate and test (default 0.1)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (output is the same)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = generate_corpus(
             args.out, args.studies, args.seed, with_faults=args.with_faults, min_size=args.min_size,
-            max_size=args.max_size, lateral_fraction=args.lateral_fraction, workers=max(1, args.workers),
+            max_size=args.max_size, lateral_fraction=args.lateral_fraction, eval_fraction=args.eval_fraction,
+            workers=max(1, args.workers),
             progress=True,
         )  # fmt: skip
     except (ValueError, OSError) as exc:

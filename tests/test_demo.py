@@ -95,8 +95,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert results["linear_probe"]["0.5"]["pretrained_subset"]["fraction"] == 0.5
     assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
     assert "label efficiency" in text and "linear probe AUROC" in text and "VQA accuracy" in text
-    # the linear probes of one model shared one feature extraction per split
-    assert len(list((out / "feature_cache").glob("*/train.pt"))) == 2  # pretrained + random
+    # the linear probes of one model shared one feature extraction per split; frozen VQA cached its own
+    assert len(list((out / "feature_cache").glob("*/train.pt"))) == 4  # (image, fused) x (pretrained, random)
 
     # a rerun reuses every stage and prints the same tables
     again = _demo(out)

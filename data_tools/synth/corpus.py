@@ -108,7 +108,14 @@ def _image(rng: np.random.Generator, view: str, min_size: int, max_size: int) ->
 
 
 def plan_corpus(
-    studies: int, seed: int, *, min_size: int, max_size: int, lateral_fraction: float, with_faults: bool
+    studies: int,
+    seed: int,
+    *,
+    min_size: int,
+    max_size: int,
+    lateral_fraction: float,
+    with_faults: bool,
+    eval_fraction: float = 0.1,
 ) -> list[StudyPlan]:
     """Decide every patient, study, label, report and film (not the pixels) from the seed."""
     rng = np.random.default_rng(seed)
@@ -119,9 +126,10 @@ def plan_corpus(
         n = min(remaining, int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15])))
         subjects.append((_unique(rng, 10_000_000, 20_000_000, taken_subjects), "MF"[int(rng.integers(2))], n))
         remaining -= n
-    # Split ~80/10/10 by patient, with at least one patient in validate and test once there are three.
+    # Split by patient, ~80/10/10 by default (eval_fraction of the patients in each of validate and test), with at
+    # least one patient in validate and test once there are three.
     order = rng.permutation(len(subjects))
-    n_eval = max(1, round(0.1 * len(subjects))) if len(subjects) >= 3 else 0
+    n_eval = max(1, round(eval_fraction * len(subjects))) if len(subjects) >= 3 else 0
     split_of = {}
     for rank, idx in enumerate(order):
         split_of[subjects[idx][0]] = "validate" if rank < n_eval else "test" if rank < 2 * n_eval else "train"
@@ -259,6 +267,7 @@ def generate_corpus(
     min_size: int = 320,
     max_size: int = 640,
     lateral_fraction: float = 0.6,
+    eval_fraction: float = 0.1,
     workers: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -271,6 +280,7 @@ def generate_corpus(
         with_faults: add one broken input of each kind in `FAULT_KINDS`, listed in synth_faults.json.
         min_size, max_size: range of the longer (vertical) side of the films in pixels.
         lateral_fraction: share of PA studies that also have a lateral film.
+        eval_fraction: share of the patients in each of the validate and test splits (the rest train).
         workers: processes rendering films; the output does not depend on it.
         progress: show a tqdm bar.
 
@@ -285,11 +295,13 @@ def generate_corpus(
         raise ValueError(f"image sizes need 32 <= min_size <= max_size, got {min_size}..{max_size}")
     if not 0.0 <= lateral_fraction <= 1.0:
         raise ValueError(f"lateral_fraction must be in [0, 1], got {lateral_fraction}")
+    if not 0.0 < eval_fraction < 0.5:
+        raise ValueError(f"eval_fraction must be in (0, 0.5), got {eval_fraction}")
     start = time.perf_counter()
     out = Path(out)
     _prepare_output(out)
     plans = plan_corpus(studies, seed, min_size=min_size, max_size=max_size, lateral_fraction=lateral_fraction,
-                        with_faults=with_faults)  # fmt: skip
+                        with_faults=with_faults, eval_fraction=eval_fraction)  # fmt: skip
 
     jobs = []
     for st in plans:
@@ -357,7 +369,7 @@ def generate_corpus(
     summary["faults"] = faults
     summary["bytes"] = total_bytes
     args = {"studies": studies, "seed": seed, "with_faults": with_faults, "min_size": min_size,
-            "max_size": max_size, "lateral_fraction": lateral_fraction}  # fmt: skip
+            "max_size": max_size, "lateral_fraction": lateral_fraction, "eval_fraction": eval_fraction}  # fmt: skip
     (out / "synth_corpus.json").write_text(json.dumps({"args": args, "summary": summary}, indent=2) + "\n")
     summary["out"] = str(out)
     summary["seconds"] = round(time.perf_counter() - start, 3)
