@@ -49,6 +49,9 @@ RESULTS_FILE = "results.json"
 # needs tens of epochs, which do not fit the demo's 15 minutes on 2 cores; the frozen protocol measures what
 # pretraining bought the fused representation at a fraction of the cost.
 VQA_RECIPE = "finetune_vqa_frozen_tiny"
+# a label counts in the linear probe's test macro AUROC with >= this many positives and negatives: one with 3
+# moves the mean by chance, not by skill
+LP_MIN_LABEL_COUNT = 10
 
 
 class DemoError(RuntimeError):
@@ -242,6 +245,7 @@ class Demo:
         overrides += [
             f"data.label_fraction={fraction}",
             f"task.linear_probe.cache_dir={self.out / 'feature_cache'}",
+            f"task.cls.min_label_count={LP_MIN_LABEL_COUNT}",
         ]
         return self.finetune_in_process("finetune_linear_probe_tiny", tag, overrides)
 
@@ -252,7 +256,8 @@ class Demo:
         return self.finetune_in_process(VQA_RECIPE, tag, overrides)
 
     def downstream(self) -> dict[str, Any]:
-        """Linear probe at each label fraction and VQA, for the pretrained model and its random twin."""
+        """Linear probe at each label fraction and VQA, for the pretrained model and its random twin; each
+        pretrained - random difference with a paired bootstrap interval over the same test samples."""
         fractions = self.args.label_fractions
         out: dict[str, Any] = {"linear_probe": {f: {} for f in fractions}, "vqa": {}, "runs": {}}
         for init in INITS:
@@ -266,6 +271,8 @@ class Demo:
                 out["runs"][f"linear_probe-{init}-{fraction}"] = summary.get("mlflow_run_id")
                 print(f"      linear probe {init:<10} {float(fraction):>5.0%} labels: test AUROC "
                       f"{_fmt(entry[init])}", flush=True)  # fmt: skip
+        for fraction in fractions:
+            out["linear_probe"][fraction].update(self.paired("linear_probe", fraction, "auroc_macro"))
         for init in INITS:
             summary = self.vqa(init)
             test = summary.get("test") or {}
@@ -279,7 +286,34 @@ class Demo:
             print(f"      VQA {init:<10} test accuracy {_fmt(test.get('test/accuracy_overall'))} (CLOSED "
                   f"{_fmt(test.get('test/accuracy_closed'))}, OPEN {_fmt(test.get('test/accuracy_open'))})",
                   flush=True)  # fmt: skip
+        for kind in ("overall", "closed", "open"):
+            out["vqa"][kind].update(self.paired("vqa", None, f"accuracy_{kind}"))
         return out
+
+    def paired(self, task: str, fraction: str | None, metric: str) -> dict[str, Any]:
+        """``difference`` (pretrained - random) of ``metric`` and its paired bootstrap 95 % interval, from the
+        two runs' ``test_predictions.pt`` (the same test samples, aligned by key)."""
+        import torch
+
+        from mpma_ds.eval import multilabel_auroc, vqa_accuracy
+        from mpma_ds.eval.bootstrap import paired_difference
+        from mpma_ds.training.trainer import PREDICTIONS_FILE
+
+        tags = [f"{task}-{init}" + (f"-{fraction}" if fraction else "") for init in INITS]
+        pre, rnd = (torch.load(self.out / "finetune" / t / PREDICTIONS_FILE, weights_only=True) for t in tags)
+        if pre["keys"] != rnd["keys"]:
+            raise DemoError(f"{tags[0]} and {tags[1]} were tested on different samples")
+        if task == "vqa":
+            if pre["answer_vocab"] != rnd["answer_vocab"]:
+                raise DemoError("the two VQA runs have different answer sets")
+            arrays = [(p["predicted"], p["gold"], p["types"]) for p in (pre, rnd)]
+            result = paired_difference(vqa_accuracy, *arrays, keys=[metric], answer_vocab=pre["answer_vocab"])
+        else:
+            arrays = [(p["scores"].numpy(), p["targets"].numpy()) for p in (pre, rnd)]
+            result = paired_difference(multilabel_auroc, *arrays, keys=[metric], names=pre["names"],
+                                        min_each=LP_MIN_LABEL_COUNT)  # fmt: skip
+        found = result[metric]
+        return {"difference": found["difference"], "difference_ci95": found["difference_ci95"]}
 
     def export(self) -> None:
         # what `python launch/export.py --checkpoint pretrain --out exported --overwrite` runs, in this process
@@ -457,8 +491,10 @@ def main(argv: list[str] | None = None) -> int:
           "top K)")  # fmt: skip
     print(format_table(evals))
     print(f"pretrained beats the random twin on {better} of {len(keys)} metrics")
-    print("\nlabel efficiency: test split, [95 % bootstrap interval]; linear probe = macro AUROC over the CheXpert "
-          "labels of the frozen image encoder's features")  # fmt: skip
+    print("\nlabel efficiency: test split, [95 % bootstrap interval; the difference's is paired: the same test "
+          "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= 10 positives "
+          "and negatives) of the frozen image encoder's features; VQA = frozen backbone, head on the fused "
+          "image + question features")  # fmt: skip
     print(format_label_efficiency({"linear_probe": results["linear_probe"],
                                    "vqa": {k: results["vqa"][k] for k in ("overall", "closed", "open")}}))  # fmt: skip
     path = write_results(demo, results)

@@ -386,3 +386,30 @@ def test_format_label_efficiency_contains_the_numbers():
     assert "overall" in body[3] and "0.652 [0.610, 0.690]" in body[3] and "+0.102" in body[3]
     assert "closed" in body[4] and body[4].split()[-2:] == ["n/a", "n/a"]
     assert "open" in body[5] and "+0.105" in body[5]
+
+
+def test_paired_difference_is_exact_on_identical_models_and_tighter_than_two_intervals():
+    from mpma_ds.eval.bootstrap import paired_difference
+
+    vocab = ["yes", "no"]
+    gold = ["yes", "no"] * 100
+    types = ["CLOSED"] * 200
+    right = [0 if g == "yes" else 1 for g in gold]
+    a = [1 - x if i < 30 else x for i, x in enumerate(right)]  # wrong on rows 0-29: 170 / 200
+    b = [1 - x if i < 60 else x for i, x in enumerate(right)]  # wrong on rows 0-59: 140 / 200
+    out = paired_difference(
+        vqa_accuracy, (a, gold, types), (b, gold, types), keys=["accuracy_closed"], answer_vocab=vocab, n_resamples=400
+    )["accuracy_closed"]
+    assert out["a"] == pytest.approx(0.85) and out["b"] == pytest.approx(0.70)
+    assert out["difference"] == pytest.approx(0.15)
+    low, high = out["difference_ci95"]
+    # A is right wherever B is: only rows 30-59 differ, so the paired difference is 30/200 up to resampling
+    # of those rows, far from 0
+    assert 0.08 < low < 0.15 < high < 0.22
+    same = paired_difference(
+        vqa_accuracy, (a, gold, types), (a, gold, types), keys=["accuracy_closed"], answer_vocab=vocab, n_resamples=50
+    )["accuracy_closed"]
+    assert same["difference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0]
+    # the marginal intervals of A and B overlap more than the paired one's width suggests
+    wa = with_intervals(vqa_accuracy, a, gold, types, answer_vocab=vocab, n_resamples=400)["accuracy_closed_ci95"]
+    assert (wa[1] - wa[0]) > (high - low) * 0.9

@@ -109,8 +109,12 @@ def test_each_task_runs_tests_the_best_checkpoint_and_logs_to_mlflow(base, task,
     if task in ("vqa", "cls", "linear_probe"):
         assert test["test/bootstrap_resamples"] == 50
     counts = split_counts(ft_vqa_shards(base) if task == "vqa" else ft_shards(base))
+    if task in ("vqa", "cls", "linear_probe"):  # per-sample test outputs, for paired comparisons between runs
+        predictions = torch.load(run.out / "test_predictions.pt", weights_only=True)
+        assert len(predictions["keys"]) == len(set(predictions["keys"])) == counts["test"]
     if task == "vqa":  # every test question once (padding repeats left out), unseen answers counted
         assert test["test/questions"] == counts["test"]
+        assert len(predictions["predicted"]) == counts["test"] and predictions["answer_vocab"]
         assert test["test/questions_closed"] + test["test/questions_open"] == counts["test"]
         assert 0 <= test["test/unseen_answers"] < counts["test"]
     elif task in ("cls", "linear_probe"):  # every label either scored or named with its reason

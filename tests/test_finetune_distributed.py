@@ -2,15 +2,15 @@
 (ZeRO-2, cpu_zero2.json), against the same runs in one process (1 rank × 2 accumulation steps, the same global
 batch and data; tests/finetune_testdata.py ``inprocess_run``).
 
-Each launcher start costs ~20-30 s on 2 cores, so three tasks go through it — the distributed paths that differ:
+Each launcher start costs ~20-30 s on 2 cores; every task goes through it once, where its distributed path is:
 - ``vqa``: the fused model on 2 ranks; losses step by step and the test metrics equal the 1-rank run's;
 - ``linear_probe``: features extracted by 2 ranks (each its share, merged by rank 0) equal a 1-rank extraction,
   and the head trained on them;
 - ``retrieval``: InfoNCE with negatives gathered over the ranks (2 × 4 per step, where 1 rank × 2 accumulation
   steps has 4 per micro-batch, so its losses are not compared), R@K on both ranks' shared evaluation;
+- ``cls``: the image classifier on 2 ranks equals the 1-rank run, losses and test AUROCs;
+- ``zero_shot``: no step, the evaluation on both ranks equals one process's;
 and one bad input that fails after the process group exists: one error line, from rank 0, and a non-zero exit.
-``cls`` and ``zero_shot`` run no path of their own under the launcher (per-sample losses like ``vqa``; evaluation
-only, as every task's validation pass) and stay in-process (test_finetune.py).
 """
 
 from __future__ import annotations
@@ -142,6 +142,25 @@ def test_retrieval_gathers_negatives_over_two_ranks(base, tmp_path):
     # (2.12 seen); one process scores each micro-batch's 4 pairs alone: ~ln 4 (1.42 seen)
     first, one_first = losses[1], _losses(inprocess_run(base, "retrieval", "pretrained").out)[1]
     assert first > one_first + 0.4, (first, one_first)
+
+
+def test_cls_on_two_ranks_equals_one_rank_with_accumulation(base, tmp_path):
+    run, summary = _run(base, "cls", tmp_path)
+    _two_rank_facts(summary, run)
+    one = inprocess_run(base, "cls", "pretrained")
+    assert _losses(run) == pytest.approx(_losses(one.out), rel=LOSS_RTOL)
+    assert summary["best"]["step"] == one.summary["best"]["step"]
+    mine = {k: v for k, v in summary["test"].items() if k.startswith("test/auroc") and isinstance(v, float)}
+    assert mine and mine == pytest.approx({k: one.summary["test"][k] for k in mine})
+
+
+def test_zero_shot_on_two_ranks_equals_one_process(base, tmp_path):
+    run, summary = _run(base, "zero_shot", tmp_path)
+    assert summary["world_size"] == 2 and summary["step"] == 0 and summary["max_steps"] == 0
+    one = inprocess_run(base, "zero_shot", "pretrained")
+    for key in ("test/i2t_R@1", "test/t2i_R@5", "test/zeroshot_auroc_mean", "test/eval_samples"):
+        assert summary["test"][key] == pytest.approx(one.summary["test"][key]), key
+    assert summary["eval"]["eval/eval_samples"] == one.summary["eval"]["eval/eval_samples"] > 0
 
 
 def test_bad_input_under_the_launcher_is_one_line_from_rank_0(base, tmp_path):

@@ -147,10 +147,18 @@ class Task:
         return 0
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Metrics of ``module`` over ``batches`` (collective: every rank runs it on the same batches); with
-        ``n_resamples`` > 0 a bootstrap 95 % interval beside each (``<metric>_ci95: [low, high]``)."""
+        ``n_resamples`` > 0 a bootstrap 95 % interval beside each (``<metric>_ci95: [low, high]``). A task that
+        can fills ``keep`` with its per-sample outputs (``keys`` + predictions and targets), which the trainer
+        saves as ``test_predictions.pt`` for paired comparisons between runs."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- records

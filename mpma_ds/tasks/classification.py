@@ -170,23 +170,34 @@ class ImageClassifier(BackboneModule):
 
 
 def evaluate_classifier(
-    module: nn.Module, batches: Iterable[dict[str, Any]], labels: Labels, ctx: RunContext, *, n_resamples: int
+    module: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    labels: Labels,
+    ctx: RunContext,
+    *,
+    n_resamples: int,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores of the valid rows of one pass, then AUROC (multi-label) or accuracy/F1/AUROC (multi-class)."""
     dtype = next(module.parameters()).dtype
-    scores, targets = [], []
+    scores, targets, keys = [], [], []
     with torch.no_grad():
         for batch in batches:
             batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             for key in ("image", "features"):
                 if key in batch:
                     batch[key] = batch[key].to(dtype)
-            keep = batch["valid"].bool().cpu()
-            scores.append(module.logits(batch).cpu()[keep])
-            targets.append(batch["targets"].cpu()[keep])
+            valid = batch["valid"].bool().cpu()
+            scores.append(module.logits(batch).cpu()[valid])
+            targets.append(batch["targets"].cpu()[valid])
+            keys += [k for k, ok in zip(batch["key"], valid.tolist()) if ok]
     if not scores or sum(len(s) for s in scores) == 0:
         raise ValueError("the evaluation split yielded no samples")
-    return labels.metrics(torch.cat(scores).numpy(), torch.cat(targets).numpy(), n_resamples=n_resamples)
+    all_scores, all_targets = torch.cat(scores), torch.cat(targets)
+    if keep is not None:
+        keep.update(keys=keys, scores=all_scores, targets=all_targets, names=list(labels.names),
+                    multilabel=labels.multilabel)  # fmt: skip
+    return labels.metrics(all_scores.numpy(), all_targets.numpy(), n_resamples=n_resamples)
 
 
 class ClassificationTask(FinetuneTask):
@@ -215,9 +226,15 @@ class ClassificationTask(FinetuneTask):
         return self.to_model(batch)
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples)
+        return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples, keep=keep)
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         return {**super().summary(ctx), "labels": self.labels.names, "train_positives": ctx.extras["label_counts"]}

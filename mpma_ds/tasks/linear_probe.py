@@ -109,9 +109,15 @@ class LinearProbeTask(FinetuneTask):
         return None  # the head is all there is
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples)
+        return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples, keep=keep)
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         return {

@@ -51,7 +51,13 @@ class PretrainTask(Task):
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from mpma_ds.eval import evaluate_alignment
 

@@ -72,7 +72,13 @@ class RetrievalTask(FinetuneTask):
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer, batch_size=2)  # InfoNCE needs 2
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         return alignment_metrics(self, module, batches, ctx, n_resamples=n_resamples)
 

@@ -214,12 +214,18 @@ class VQATask(FinetuneTask):
 
     @torch.no_grad()
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from mpma_ds.eval import vqa_accuracy, with_intervals
 
         dtype = next(module.parameters()).dtype
-        predicted, gold, types = [], [], []
+        predicted, gold, types, keys = [], [], [], []
         for batch in batches:
             batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             for key in ("image", "features"):
@@ -232,8 +238,11 @@ class VQATask(FinetuneTask):
                     predicted.append(int(pred[i]))
                     gold.append(str(meta.get("answer", "")))
                     types.append(str(meta.get("answer_type", "OPEN")))
+                    keys.append(batch["key"][i])
         if not gold:
             raise ValueError("the VQA evaluation split yielded no questions")
+        if keep is not None:
+            keep.update(keys=keys, predicted=predicted, gold=gold, types=types, answer_vocab=list(self.answers))
         if n_resamples:
             return with_intervals(
                 vqa_accuracy, predicted, gold, types, answer_vocab=self.answers, n_resamples=n_resamples, seed=0

@@ -41,7 +41,13 @@ class ZeroShotTask(FinetuneTask):
         return AlignmentModel(self.backbone(ctx))
 
     def evaluate(
-        self, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int = 0
+        self,
+        module: nn.Module,
+        batches: Iterable[dict[str, Any]],
+        ctx: RunContext,
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         return alignment_metrics(self, module, batches, ctx, n_resamples=n_resamples)
 

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from mpma_ds.tracking import MetricLogger
 
 SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "test_predictions.pt"
+"""Per-sample test outputs of a fine-tuning run (``torch.load(weights_only=True)``): ``keys`` and the task's
+predictions and targets."""
 DS_CONFIG_FILE = "ds_config.json"
 _SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
 
@@ -313,7 +316,9 @@ class Trainer:
         }
         self.logger.log_metrics(metrics, step=self.step)
 
-    def evaluate(self, split: str = "validate", *, n_resamples: int = 0) -> dict[str, Any]:
+    def evaluate(
+        self, split: str = "validate", *, n_resamples: int = 0, keep: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
 
         Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy_overall``); with
@@ -330,7 +335,7 @@ class Trainer:
                 for i, b in enumerate(loader.loader)
                 if not (self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches)
             )
-            metrics = self.task.evaluate(module, batches, self.ctx, n_resamples=n_resamples)
+            metrics = self.task.evaluate(module, batches, self.ctx, n_resamples=n_resamples, keep=keep)
         finally:
             module.train(was_training)
             if own:
@@ -448,8 +453,11 @@ class Trainer:
         if self.best is not None and self.best["step"] != self.step:
             best_dir = self.out / "checkpoints" / ckpt.tag_for(self.best["step"])
             ckpt.load_checkpoint(self.engine, best_dir, rank=self.ctx.rank, full_state=False)
-        metrics = self.evaluate("test", n_resamples=self.task.bootstrap_resamples)
+        predictions: dict[str, Any] = {}
+        metrics = self.evaluate("test", n_resamples=self.task.bootstrap_resamples, keep=predictions)
         metrics["test/step"] = float(self.best["step"] if self.best else self.step)
+        if predictions and self.ctx.rank == 0:  # per-sample outputs, for paired comparisons between runs
+            torch.save(predictions, self.out / PREDICTIONS_FILE)
         self._log_eval(metrics)
         return metrics
 
