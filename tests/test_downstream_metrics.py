@@ -398,7 +398,12 @@ def test_paired_difference_is_exact_on_identical_models_and_tighter_than_two_int
     a = [1 - x if i < 30 else x for i, x in enumerate(right)]  # wrong on rows 0-29: 170 / 200
     b = [1 - x if i < 60 else x for i, x in enumerate(right)]  # wrong on rows 0-59: 140 / 200
     out = paired_difference(
-        vqa_accuracy, (a, gold, types), (b, gold, types), keys=["accuracy_closed"], answer_vocab=vocab, n_resamples=400
+        vqa_accuracy,
+        (a, gold, types),
+        (b, gold, types),
+        keys=["accuracy_closed"],
+        answer_vocab=vocab,
+        n_resamples=400,
     )["accuracy_closed"]
     assert out["a"] == pytest.approx(0.85) and out["b"] == pytest.approx(0.70)
     assert out["difference"] == pytest.approx(0.15)
@@ -407,7 +412,12 @@ def test_paired_difference_is_exact_on_identical_models_and_tighter_than_two_int
     # of those rows, far from 0
     assert 0.08 < low < 0.15 < high < 0.22
     same = paired_difference(
-        vqa_accuracy, (a, gold, types), (a, gold, types), keys=["accuracy_closed"], answer_vocab=vocab, n_resamples=50
+        vqa_accuracy,
+        (a, gold, types),
+        (a, gold, types),
+        keys=["accuracy_closed"],
+        answer_vocab=vocab,
+        n_resamples=50,
     )["accuracy_closed"]
     assert same["difference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0]
     # the marginal intervals of A and B overlap more than the paired one's width suggests
