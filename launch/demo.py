@@ -49,8 +49,8 @@ RESULTS_FILE = "results.json"
 # needs tens of epochs, which do not fit the demo's 15 minutes on 2 cores; the frozen protocol measures what
 # pretraining bought the fused representation at a fraction of the cost.
 VQA_RECIPE = "finetune_vqa_frozen_tiny"
-# a label counts in the linear probe's test macro AUROC with >= this many positives and negatives: one with 3
-# moves the mean by chance, not by skill
+# a label counts in the linear probe's test macro AUROC with >= this many positives and negatives (default of
+# --min-label-count): one with 3 moves the mean by chance, not by skill
 LP_MIN_LABEL_COUNT = 10
 
 
@@ -245,7 +245,7 @@ class Demo:
         overrides += [
             f"data.label_fraction={fraction}",
             f"task.linear_probe.cache_dir={self.out / 'feature_cache'}",
-            f"task.cls.min_label_count={LP_MIN_LABEL_COUNT}",
+            f"task.cls.min_label_count={self.args.min_label_count}",
         ]
         return self.finetune_in_process("finetune_linear_probe_tiny", tag, overrides)
 
@@ -311,7 +311,7 @@ class Demo:
         else:
             arrays = [(p["scores"].numpy(), p["targets"].numpy()) for p in (pre, rnd)]
             result = paired_difference(multilabel_auroc, *arrays, keys=[metric], names=pre["names"],
-                                        min_each=LP_MIN_LABEL_COUNT)  # fmt: skip
+                                        min_each=self.args.min_label_count)  # fmt: skip
         found = result[metric]
         return {"difference": found["difference"], "difference_ci95": found["difference_ci95"]}
 
@@ -361,7 +361,8 @@ class Demo:
         results = self.stage("evaluate", "evaluation: pretrained vs random twin", {"pretrain": pre}, self.evaluate,
                              ("eval",))  # fmt: skip
         down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
-                          {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions}, self.downstream,
+                          {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions,
+                           "min_label_count": a.min_label_count}, self.downstream,
                           ("finetune", "feature_cache"))  # fmt: skip
         return {"pretrain_eval": results, **down}
 
@@ -434,10 +435,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the patients in each of validate and test (default: 0.2)")  # fmt: skip
     p.add_argument("--label-fractions", default=FRACTIONS,
                    help=f"linear-probe label fractions, comma-separated (default: {FRACTIONS})")  # fmt: skip
+    p.add_argument("--min-label-count", type=int, default=LP_MIN_LABEL_COUNT,
+                   help="a label counts in the linear probe's test AUROC with this many positives and negatives "
+                   f"(default: {LP_MIN_LABEL_COUNT})")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     args = p.parse_args(argv)
-    for name in ("studies", "steps", "image_size", "vqa_questions"):
+    for name in ("studies", "steps", "image_size", "vqa_questions", "min_label_count"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -461,7 +465,9 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
                "runs": results["runs"]}  # fmt: skip
     path = demo.out / RESULTS_FILE
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+    from mpma_ds.tracking.params import json_safe
+
+    tmp.write_text(json.dumps(json_safe(payload), indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -28,6 +28,8 @@ def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
         "3",
         "--label-fractions",
         "0.5,1.0",
+        "--min-label-count",
+        "1",
         *extra,
     ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -34,3 +34,19 @@ def error(prog: str, message: object, *, kind: str = "error") -> None:
     """One line on stderr (rank 0 only: every rank fails alike, one line is enough)."""
     if is_rank0():
         print(f"{prog}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def train_then_leave(recipe, resume: str | None) -> dict:
+    """Run ``recipe`` to the end, then leave the process group, whoever made it: this process ends next.
+
+    Under ``deepspeed``/``torchrun`` the launcher's group outlives the trainer; left to interpreter exit, the
+    gloo group's threads are torn down unjoined and one rank in about four aborts ("terminate called without
+    an active exception", exit 250) after a run that finished well.
+    """
+    from mpma_ds.training.distributed import close_distributed
+    from mpma_ds.training.trainer import train
+
+    try:
+        return train(recipe, resume=resume)
+    finally:
+        close_distributed()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mpma_ds.cli.common import add_set_argument, error, is_rank0, prog_name
+from mpma_ds.cli.common import add_set_argument, error, is_rank0, prog_name, train_then_leave
 
 SCRIPT = "pretrain.py"
 
@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(prog, "Pretrain MPMA (DeepSpeed ZeRO, MLflow tracking).").parse_args(argv)
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe
-    from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
+    from mpma_ds.training.trainer import NonFiniteLossError, SetupError
 
     try:
         overrides = args.overrides + (
             [f"deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else []
         )
         recipe = load_recipe(find_recipe(args.config), overrides)
-        summary = train(recipe, resume=args.resume)
+        summary = train_then_leave(recipe, args.resume)
     except (RecipeError, SetupError) as err:
         error(prog, err)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -68,3 +69,15 @@ def chunked(items: list, size: int) -> Iterator[list]:
     """``items`` in consecutive slices of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / ±inf float replaced by ``None``, so ``json.dumps`` writes strict JSON (a metric
+    that is undefined on a split, e.g. a macro AUROC with no label scored, is ``null``, not ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -436,7 +436,10 @@ class Trainer:
             **self.task.summary(ctx),
         }
         if ctx.rank == 0:
-            (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+            from mpma_ds.tracking.params import json_safe
+
+            text = json.dumps(json_safe(summary), indent=1, default=str)
+            (self.out / SUMMARY_FILE).write_text(text, encoding="utf-8")
             self.logger.log_artifact(self.out / SUMMARY_FILE)
         self.status = "FINISHED"
         return summary
