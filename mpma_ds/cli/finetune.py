@@ -11,12 +11,13 @@ validation-best and final test metrics (bootstrap 95 % intervals beside them).
 
 from __future__ import annotations
 
-from mpma_ds.cli.common import error, is_rank0, prog_name, train_then_leave
+from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name, train_then_leave
 from mpma_ds.cli.pretrain import build_parser
 
 SCRIPT = "finetune.py"
 
 
+@ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
     from mpma_ds.tasks.config import FINETUNE_TASKS
 

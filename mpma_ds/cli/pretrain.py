@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from mpma_ds.cli.common import add_set_argument, error, is_rank0, prog_name, train_then_leave
+from mpma_ds.cli.common import (
+    add_set_argument,
+    ends_without_teardown,
+    error,
+    is_rank0,
+    prog_name,
+    train_then_leave,
+)
 
 SCRIPT = "pretrain.py"
 
@@ -31,6 +38,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
     prog = prog_name(SCRIPT)
     args = build_parser(prog, "Pretrain MPMA (DeepSpeed ZeRO, MLflow tracking).").parse_args(argv)
