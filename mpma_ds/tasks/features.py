@@ -238,6 +238,71 @@ class FrozenEncoder:
         return self.model
 
 
+@dataclasses.dataclass
+class FrozenSplits:
+    """Every split's cached features (``cached[split]``: ``features``, ``targets``, ``keys``, ``metas``), the
+    training loaders over the label-fraction subset, the validation loader, and the standardiser fitted on the
+    samples the head trains on."""
+
+    cached: dict[str, dict[str, Any]]
+    loaders: list[LoaderInfo]
+    val: LoaderInfo | None
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def frozen_splits(
+    task: FinetuneTask,
+    ctx: RunContext,
+    *,
+    kind: str,
+    featurize: Featurizer,
+    dim: int,
+    cache_dir: Path,
+    targets: Callable[[list[dict[str, Any]]], torch.Tensor],
+) -> FrozenSplits:
+    """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
+    when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
+    (patient level, recorded in ``ctx.extras["subset"]``), one loader per accumulation step."""
+    from mpma_ds.data.subsets import meta_subject, split_subset
+
+    data, cfg = task.recipe.data, task.recipe.train
+    encoder = FrozenEncoder(task, ctx)
+    cached: dict[str, dict[str, Any]] = {}
+    for split, spec in {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}.items():
+        if spec and (split != "validate" or task.wants_validation()):
+            found = split_features(task, ctx, split, spec, kind=kind, cache_dir=cache_dir, encoder=encoder,
+                                   featurize=featurize, dim=dim)  # fmt: skip
+            cached[split] = dict(found, targets=targets(found["metas"]))
+    train = cached["train"]
+    subjects = [meta_subject(m, k) for m, k in zip(train["metas"], train["keys"])]
+    keep, subset = split_subset(subjects, data.label_fraction, data.label_fraction_seed, split="train")
+    rows = subset_rows(keep)
+    ctx.extras["subset"] = subset
+    mean, std = standardiser(train["features"][rows])
+    loaders = [
+        feature_loader(
+            train,
+            rows,
+            rank=ctx.rank * ctx.accumulation + a,
+            world_size=ctx.data_ranks,
+            batch_size=cfg.micro_batch_size,
+            seed=cfg.seed,
+            train=True,
+            subset=subset,
+        )  # fmt: skip
+        for a in range(ctx.accumulation)
+    ]
+    val = feature_eval_loader(cached["validate"], cfg) if "validate" in cached else None
+    return FrozenSplits(cached, loaders, val, mean, std)
+
+
+def feature_eval_loader(cached: dict[str, Any], cfg: Any) -> LoaderInfo:
+    """One split's cached features in order, whole on every rank (the heads are tiny; evaluation is not split)."""
+    return feature_loader(cached, rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                          seed=cfg.seed, train=False)  # fmt: skip
+
+
 def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split's per-dimension mean and standard deviation (MAE's BatchNorm without affine)."""
     if len(features) < 2:

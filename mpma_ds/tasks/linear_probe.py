@@ -19,7 +19,7 @@ from torch import nn
 
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.classification import LinearHead, evaluate_classifier, resolve_labels
-from mpma_ds.tasks.features import FrozenEncoder, feature_loader, split_features, standardiser, subset_rows
+from mpma_ds.tasks.features import feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import FinetuneTask
 
 
@@ -59,48 +59,16 @@ class LinearProbeTask(FinetuneTask):
         return Path(self.recipe.task.linear_probe.cache_dir or ctx.output_dir / "features")
 
     def build_loaders(self, ctx: RunContext):
-        from mpma_ds.data.subsets import meta_subject, split_subset
-
-        data, cfg = self.recipe.data, self.recipe.train
-        encoder = FrozenEncoder(self, ctx)
-        splits = {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}
-        self.cached: dict[str, dict[str, Any]] = {}
-        for split, spec in splits.items():
-            if spec and (split != "validate" or self.wants_validation()):
-                cached = split_features(
-                    self, ctx, split, spec, kind="image", cache_dir=self.cache_dir(ctx), encoder=encoder,
-                    featurize=lambda net, batch: net.image_features(batch["image"]), dim=ctx.model_config.vision_width,
-                )  # fmt: skip
-                targets = torch.from_numpy(self.labels.targets_from_metas(cached["metas"]))
-                self.cached[split] = dict(cached, targets=targets)
-        train = self.cached["train"]
-        subjects = [meta_subject(m, k) for m, k in zip(train["metas"], train["keys"])]
-        keep, subset = split_subset(subjects, data.label_fraction, data.label_fraction_seed, split="train")
-        rows = subset_rows(keep)
-        ctx.extras["subset"] = subset
-        self.mean, self.std = standardiser(train["features"][rows])
-        loaders = [
-            feature_loader(
-                train,
-                rows,
-                rank=ctx.rank * ctx.accumulation + a,
-                world_size=ctx.data_ranks,
-                batch_size=cfg.micro_batch_size,
-                seed=cfg.seed,
-                train=True,
-                subset=subset,
-            )  # fmt: skip
-            for a in range(ctx.accumulation)
-        ]
-        val = self.eval_loader(ctx, "validate") if "validate" in self.cached else None
-        return loaders, val
+        frozen = frozen_splits(
+            self, ctx, kind="image", featurize=lambda net, batch: net.image_features(batch["image"]),
+            dim=ctx.model_config.vision_width, cache_dir=self.cache_dir(ctx),
+            targets=lambda metas: torch.from_numpy(self.labels.targets_from_metas(metas)),
+        )  # fmt: skip
+        self.cached, self.mean, self.std = frozen.cached, frozen.mean, frozen.std
+        return frozen.loaders, frozen.val
 
     def eval_loader(self, ctx: RunContext, split: str):
-        cfg = self.recipe.train
-        return feature_loader(
-            self.cached[split], rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-            seed=cfg.seed, train=False,
-        )  # fmt: skip
+        return feature_eval_loader(self.cached[split], self.recipe.train)
 
     def build_model(self, ctx: RunContext) -> nn.Module:
         return ProbeHead(ctx.model_config.vision_width, self.labels, self.mean, self.std)

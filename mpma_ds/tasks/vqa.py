@@ -130,59 +130,25 @@ class VQATask(FinetuneTask):
             return super().build_loaders(ctx)
         from pathlib import Path
 
-        from mpma_ds.data.subsets import meta_subject, split_subset
         from mpma_ds.eval.vqa import answer_indices
-        from mpma_ds.tasks.features import FrozenEncoder, feature_loader, split_features, standardiser, subset_rows
+        from mpma_ds.tasks.features import frozen_splits
 
-        data, cfg = self.recipe.data, self.recipe.train
-        cache = Path(self.recipe.task.vqa.cache_dir or ctx.output_dir / "features")
-        encoder = FrozenEncoder(self, ctx)
-        self.cached: dict[str, dict[str, Any]] = {}
-        for split, spec in {
-            "train": data.train_shards,
-            "validate": data.val_shards,
-            "test": data.test_shards,
-        }.items():
-            if spec and (split != "validate" or self.wants_validation()):
-                cached = split_features(
-                    self, ctx, split, spec, kind="fused", cache_dir=cache, encoder=encoder,
-                    featurize=lambda net, b: net.fused_features(b["image"], b["input_ids"], b["attention_mask"]),
-                    dim=2 * ctx.model_config.fusion_width,
-                )  # fmt: skip
-                gold = [str(m.get("answer", "")) for m in cached["metas"]]
-                self.cached[split] = dict(cached, targets=torch.from_numpy(answer_indices(gold, self.answers)))
-        train = self.cached["train"]
-        subjects = [meta_subject(m, k) for m, k in zip(train["metas"], train["keys"])]
-        keep, subset = split_subset(subjects, data.label_fraction, data.label_fraction_seed, split="train")
-        rows = subset_rows(keep)
-        ctx.extras["subset"] = subset
-        self.mean, self.std = standardiser(train["features"][rows])
-        loaders = [
-            feature_loader(
-                train,
-                rows,
-                rank=ctx.rank * ctx.accumulation + a,
-                world_size=ctx.data_ranks,
-                batch_size=cfg.micro_batch_size,
-                seed=cfg.seed,
-                train=True,
-                subset=subset,
-            )  # fmt: skip
-            for a in range(ctx.accumulation)
-        ]
-        val = self.eval_loader(ctx, "validate") if "validate" in self.cached else None
-        return loaders, val
+        frozen = frozen_splits(
+            self, ctx, kind="fused", dim=2 * ctx.model_config.fusion_width,
+            featurize=lambda net, b: net.fused_features(b["image"], b["input_ids"], b["attention_mask"]),
+            cache_dir=Path(self.recipe.task.vqa.cache_dir or ctx.output_dir / "features"),
+            targets=lambda metas: torch.from_numpy(answer_indices([str(m.get("answer", "")) for m in metas],
+                                                                  self.answers)),
+        )  # fmt: skip
+        self.cached, self.mean, self.std = frozen.cached, frozen.mean, frozen.std
+        return frozen.loaders, frozen.val
 
     def eval_loader(self, ctx: RunContext, split: str):
         if not self.frozen:
             return super().eval_loader(ctx, split)
-        from mpma_ds.tasks.features import feature_loader
+        from mpma_ds.tasks.features import feature_eval_loader
 
-        cfg = self.recipe.train
-        return feature_loader(
-            self.cached[split], rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-            seed=cfg.seed, train=False,
-        )  # fmt: skip
+        return feature_eval_loader(self.cached[split], self.recipe.train)
 
     def build_model(self, ctx: RunContext) -> nn.Module:
         options = self.recipe.task.vqa
