@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mpma-installed
 # resolves the newest releases that satisfy setup.py's lower bounds.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-demo lint format bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests --durations=15
+
+# the demo at full size with its claim checked: pretrained beats the random twin (about 15 minutes)
+test-demo: $(STAMP)
+	$(PY) -m pytest -m demo_scale tests/test_demo_margins.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
