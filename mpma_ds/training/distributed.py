@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,13 +50,45 @@ def init_distributed() -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    _unlink_shm_buffers()
     return True
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce op (``deepspeed_shm_comm``) makes for ``rank``: its
+    ``shm_initialize`` names it ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffers() -> None:
+    """Unlink this rank's CPU all-reduce buffer as soon as every rank has mapped every other's.
+
+    DeepSpeed 0.19 creates one ~69 MB file per rank in /dev/shm when all ranks of a CPU run are on one machine
+    and never removes it: every 2-rank run left 138 MB of RAM behind (340 files, 19 GiB, until the kernel's
+    OOM killer stopped a run). Each rank's ``shm_initialize`` returns only after it has opened and mapped the
+    others' files, so after a barrier the names can go: the mappings live on until the processes end, and a
+    run killed later leaves nothing behind either.
+    """
+    import torch.distributed as dist
+    from deepspeed.comm import comm as ds_comm  # the module that holds `cdb` (the package re-exports a copy)
+
+    # DeepSpeed's own condition for making the files, the same on every rank (the barrier needs all of them)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    uses_shm = getattr(ds_comm.cdb, "shm_comm_op", None) is not None and os.environ.get("LOCAL_SIZE") == str(world)
+    if torch.cuda.is_available() or world < 2 or not uses_shm:
+        return
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def close_distributed() -> None:
     """Destroy the group ``init_distributed`` created and undo its environment (in-process runs, tests)."""
-    import deepspeed.comm as ds_comm
     import torch.distributed as dist
+    from deepspeed.comm import comm as ds_comm  # the module that holds `cdb` (the package re-exports a copy)
 
     if dist.is_initialized():
         dist.destroy_process_group()
