@@ -78,11 +78,14 @@ class Demo:
         settings: dict[str, Any],
         run: Callable[[], Any],
         outputs: tuple[str, ...] = (),
+        resumable: bool = True,
     ) -> Any:
         """Run ``run`` unless a marker records the same ``settings`` as finished; returns what it returned.
 
         A stage that finished with other settings has its ``outputs`` (folders under ``out``) deleted first;
-        one that never finished keeps them (an interrupted pretraining resumes from its checkpoints).
+        one that never finished keeps them when it is ``resumable`` (an interrupted pretraining resumes from its
+        checkpoints), else they go too (the downstream runs start over: an earlier run's checkpoints in a run
+        folder would be taken for the new run's).
         """
         self.n_stage += 1
         mark = self.marks / f"{name}.json"
@@ -93,6 +96,8 @@ class Demo:
                 print(f"{prefix}: reused ({mark.relative_to(self.out)})", flush=True)
                 return saved.get("result")
             mark.unlink()
+            resumable = False
+        if not resumable:
             for folder in outputs:
                 shutil.rmtree(self.out / folder, ignore_errors=True)
         print(f"{prefix} ...", flush=True)
@@ -363,7 +368,7 @@ class Demo:
         down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
                           {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions,
                            "min_label_count": a.min_label_count}, self.downstream,
-                          ("finetune", "feature_cache"))  # fmt: skip
+                          ("finetune", "feature_cache"), resumable=False)  # fmt: skip
         return {"pretrain_eval": results, **down}
 
 
