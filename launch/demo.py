@@ -503,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(evals))
     print(f"pretrained beats the random twin on {better} of {len(keys)} metrics")
     print("\nlabel efficiency: test split, [95 % bootstrap interval; the difference's is paired: the same test "
-          "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= 10 positives "
-          "and negatives) of the frozen image encoder's features; VQA = frozen backbone, head on the fused "
-          "image + question features")  # fmt: skip
+          "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= "
+          f"{args.min_label_count} positives and negatives) of the frozen image encoder's features; VQA = frozen "
+          "backbone, head on the fused image + question features")  # fmt: skip
     print(format_label_efficiency({"linear_probe": results["linear_probe"],
                                    "vqa": {k: results["vqa"][k] for k in ("overall", "closed", "open")}}))  # fmt: skip
     path = write_results(demo, results)

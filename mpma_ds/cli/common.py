@@ -38,21 +38,10 @@ def error(prog: str, message: object, *, kind: str = "error") -> None:
         print(f"{prog}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-def train_then_leave(recipe, resume: str | None) -> dict:
-    """Run ``recipe`` to the end, then leave the process group, whoever made it: this process ends next
-    (PyTorch asks every trainer process to call ``destroy_process_group`` before it exits)."""
-    from mpma_ds.training.distributed import close_distributed
-    from mpma_ds.training.trainer import train
-
-    try:
-        return train(recipe, resume=resume)
-    finally:
-        close_distributed()
-
-
 def ends_without_teardown(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Under a launcher (``deepspeed``, ``torchrun``: ``LOCAL_RANK`` set by it), end the process with ``main``'s
-    exit code right after it returns, without interpreter teardown.
+    """Under a launcher (``deepspeed``, ``torchrun``: ``LOCAL_RANK`` set by it), leave the launcher's process
+    group (PyTorch asks every trainer process to) and end the process with ``main``'s exit code right after it
+    returns, without interpreter teardown.
 
     Why: a rank whose C++ threads (the TCPStore daemon, gloo's) are destroyed unjoined at interpreter exit aborts
     ("terminate called without an active exception", exit 250) after a run that finished well — measured on CPU
@@ -65,6 +54,9 @@ def ends_without_teardown(main: Callable[[list[str] | None], int]) -> Callable[[
     def wrapper(argv: list[str] | None = None) -> int:
         code = main(argv)
         if "LOCAL_RANK" in os.environ and "MPMA_DS_SET_ENV" not in os.environ:
+            from mpma_ds.training.distributed import close_distributed
+
+            close_distributed()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

@@ -14,7 +14,6 @@ from mpma_ds.cli.common import (
     error,
     is_rank0,
     prog_name,
-    train_then_leave,
 )
 
 SCRIPT = "pretrain.py"
@@ -44,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(prog, "Pretrain MPMA (DeepSpeed ZeRO, MLflow tracking).").parse_args(argv)
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe
-    from mpma_ds.training.trainer import NonFiniteLossError, SetupError
+    from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     try:
         overrides = args.overrides + (
             [f"deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else []
         )
         recipe = load_recipe(find_recipe(args.config), overrides)
-        summary = train_then_leave(recipe, args.resume)
+        summary = train(recipe, resume=args.resume)
     except (RecipeError, SetupError) as err:
         error(prog, err)
         return 2

@@ -201,6 +201,48 @@ def _is_metric(value: Any) -> bool:
     return isinstance(value, float | np.floating)
 
 
+def _resampled(
+    fn: Callable[..., Mapping[str, Any]],
+    arrays: Sequence[Any],
+    point: Mapping[str, Any],
+    keys: Sequence[str] | None,
+    n_resamples: int,
+    seed: int,
+    fast: bool,
+    kwargs: Mapping[str, Any],
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The metrics to bootstrap and each one's ``n_resamples`` values (NaN where a resample left it undefined),
+    over the resamples ``seed`` draws (the same rows for every call with the same ``seed`` and N)."""
+    n = _num_rows(list(arrays))
+    chunks = _index_chunks(n, n_resamples, seed, max(1, CHUNK_CELLS // n))
+    factory = RESAMPLERS.get(fn) if fast else None
+    samples: dict[str, list[np.ndarray]] = {}
+    if factory is not None:
+        resample = factory(*arrays, **kwargs)
+        for idx in chunks:
+            for key, values in resample(_counts(idx)).items():
+                samples.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
+        wanted = list(keys) if keys is not None else [k for k in point if k in samples and _is_metric(point[k])]
+    else:
+        wanted = list(keys) if keys is not None else [k for k, v in point.items() if _is_metric(v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)  # undefined resamples are counted instead
+            for idx in chunks:
+                block = np.full((len(idx), len(wanted)), np.nan)  # (c, metrics)
+                for i, row in enumerate(idx):
+                    try:
+                        result = fn(*(_take(a, row) for a in arrays), **kwargs)
+                    except ValueError:
+                        continue
+                    block[i] = [_scalar(result.get(k)) for k in wanted]
+                for j, key in enumerate(wanted):
+                    samples.setdefault(key, []).append(block[:, j])
+    missing = [k for k in wanted if k not in point or k not in samples]
+    if missing:
+        raise KeyError(f"no bootstrap for {missing}: {fn.__name__} returns {sorted(point)}")
+    return wanted, {k: np.concatenate(samples[k]) for k in wanted}
+
+
 def with_intervals(
     fn: Callable[..., Mapping[str, Any]],
     *arrays: Any,
@@ -234,38 +276,12 @@ def with_intervals(
         metrics with some).
     """
     _check(n_resamples, alpha)
-    n = _num_rows(arrays)
     point = dict(fn(*arrays, **kwargs))
-    chunks = _index_chunks(n, n_resamples, seed, max(1, CHUNK_CELLS // n))
-    factory = RESAMPLERS.get(fn) if fast else None
-    samples: dict[str, list[np.ndarray]] = {}
-    if factory is not None:
-        resample = factory(*arrays, **kwargs)
-        for idx in chunks:
-            for key, values in resample(_counts(idx)).items():
-                samples.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
-        wanted = list(keys) if keys is not None else [k for k in point if k in samples and _is_metric(point[k])]
-    else:
-        wanted = list(keys) if keys is not None else [k for k, v in point.items() if _is_metric(v)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UndefinedMetricWarning)  # undefined resamples are counted instead
-            for idx in chunks:
-                block = np.full((len(idx), len(wanted)), np.nan)  # (c, metrics)
-                for i, row in enumerate(idx):
-                    try:
-                        result = fn(*(_take(a, row) for a in arrays), **kwargs)
-                    except ValueError:
-                        continue
-                    block[i] = [_scalar(result.get(k)) for k in wanted]
-                for j, key in enumerate(wanted):
-                    samples.setdefault(key, []).append(block[:, j])
-    missing = [k for k in wanted if k not in point or k not in samples]
-    if missing:
-        raise KeyError(f"no bootstrap for {missing}: {fn.__name__} returns {sorted(point)}")
+    wanted, samples = _resampled(fn, arrays, point, keys, n_resamples, seed, fast, kwargs)
     tag = f"_ci{round(100 * (1 - alpha))}"
     intervals, skipped = {}, {}
     for key in wanted:
-        low, high, n_skipped = _quantiles(np.concatenate(samples[key]), alpha)
+        low, high, n_skipped = _quantiles(samples[key], alpha)
         intervals[key] = [low, high]
         if n_skipped:
             skipped[key] = n_skipped
@@ -321,33 +337,15 @@ def paired_difference(
         "skipped": resamples where either was undefined}}``.
     """
     _check(n_resamples, alpha)
-    n = _num_rows(list(arrays_a) + list(arrays_b))
+    _num_rows(list(arrays_a) + list(arrays_b))  # the same N rows for both
     point_a, point_b = dict(fn(*arrays_a, **kwargs)), dict(fn(*arrays_b, **kwargs))
-    factory = RESAMPLERS.get(fn)
-    diffs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for idx in _index_chunks(n, n_resamples, seed, max(1, CHUNK_CELLS // n)):
-        if factory is not None:
-            counts = _counts(idx)
-            ra, rb = factory(*arrays_a, **kwargs)(counts), factory(*arrays_b, **kwargs)(counts)
-            for k in keys:
-                diffs[k].append(np.asarray(ra[k], dtype=np.float64) - np.asarray(rb[k], dtype=np.float64))
-        else:
-            block = np.full((len(idx), len(keys)), np.nan)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UndefinedMetricWarning)
-                for i, row in enumerate(idx):
-                    try:
-                        ra = fn(*(_take(x, row) for x in arrays_a), **kwargs)
-                        rb = fn(*(_take(x, row) for x in arrays_b), **kwargs)
-                    except ValueError:
-                        continue
-                    block[i] = [_scalar(ra.get(k)) - _scalar(rb.get(k)) for k in keys]
-            for j, k in enumerate(keys):
-                diffs[k].append(block[:, j])
+    # the same seed and N draw the same resamples for both: each value of a resample pairs with b's
+    _, draws_a = _resampled(fn, arrays_a, point_a, keys, n_resamples, seed, True, kwargs)
+    _, draws_b = _resampled(fn, arrays_b, point_b, keys, n_resamples, seed, True, kwargs)
     tag = f"difference_ci{round(100 * (1 - alpha))}"
     out = {}
     for k in keys:
-        low, high, skipped = _quantiles(np.concatenate(diffs[k]), alpha)
+        low, high, skipped = _quantiles(draws_a[k] - draws_b[k], alpha)
         a, b = _scalar(point_a.get(k)), _scalar(point_b.get(k))
         out[k] = {"difference": a - b, tag: [low, high], "a": a, "b": b, "skipped": skipped}
     return out

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from mpma_ds.tasks.base import RunContext
     from mpma_ds.tasks.finetune import FinetuneTask
 
+CACHE_FORMAT = 2  # what an entry holds; 2: ``subjects`` by the loader's patient rule (``meta_subject``)
 CHUNK = 256  # samples per pseudo-shard of the feature stream (the shard-order shuffle's unit)
 Featurizer = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 """``(frozen backbone, batch on the device) -> (B, D)`` features."""
@@ -125,6 +126,7 @@ def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind
     shards = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_shards(spec)]
     preprocessing = ("image_size", "in_chans", "image_mean", "image_std", "eval_crop_fraction", "backend")
     identity: dict[str, Any] = {
+        "format": CACHE_FORMAT,
         "kind": kind,
         "weights": weights,
         "seed": task.recipe.train.seed if init.kind == "random" else None,
@@ -212,6 +214,8 @@ def _extract(
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' shares of a split as one set, sorted by sample key (independent of the world size)."""
+    from mpma_ds.data.subsets import meta_subject
+
     keys = [k for p in parts for k in p["keys"]]
     metas = [m for p in parts for m in p["metas"]]
     feats = torch.cat([p["features"] for p in parts])
@@ -219,7 +223,7 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "features": feats[order].contiguous(),
         "keys": [keys[i] for i in order],
-        "subjects": [str(metas[i].get("subject_id", keys[i])) for i in order],
+        "subjects": [meta_subject(metas[i], keys[i]) for i in order],  # the loader's patient rule
         "metas": [metas[i] for i in order],
     }
 
@@ -236,6 +240,25 @@ class FrozenEncoder:
             torch.manual_seed(self.task.recipe.train.seed)  # a random twin is the same on every rank
             self.model = self.task.backbone(self.ctx).to(self.ctx.device).eval()
         return self.model
+
+
+class StandardisedHead(nn.Module):
+    """Base of the heads on cached features: standardise them with fixed statistics of the samples the head
+    trains on (MAE's BatchNorm without affine), then ``self.head``; ``logits(batch)`` -> (B, outputs)."""
+
+    head: nn.Module
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clamp(min=1e-6).clone())
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"head.{n}" for n, p in self.head.named_parameters() if p.ndim <= 1}
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = (batch["features"].float() - self.mean) / self.std  # (B, D)
+        return self.head(x.to(next(self.head.parameters()).dtype)).float()
 
 
 @dataclasses.dataclass
@@ -264,7 +287,7 @@ def frozen_splits(
     """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
     when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
     (patient level, recorded in ``ctx.extras["subset"]``), one loader per accumulation step."""
-    from mpma_ds.data.subsets import meta_subject, split_subset
+    from mpma_ds.data.subsets import split_subset
 
     data, cfg = task.recipe.data, task.recipe.train
     encoder = FrozenEncoder(task, ctx)
@@ -275,8 +298,7 @@ def frozen_splits(
                                    featurize=featurize, dim=dim)  # fmt: skip
             cached[split] = dict(found, targets=targets(found["metas"]))
     train = cached["train"]
-    subjects = [meta_subject(m, k) for m, k in zip(train["metas"], train["keys"])]
-    keep, subset = split_subset(subjects, data.label_fraction, data.label_fraction_seed, split="train")
+    keep, subset = split_subset(train["subjects"], data.label_fraction, data.label_fraction_seed, split="train")
     rows = subset_rows(keep)
     ctx.extras["subset"] = subset
     mean, std = standardiser(train["features"][rows])

@@ -19,26 +19,17 @@ from torch import nn
 
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.classification import LinearHead, evaluate_classifier, resolve_labels
-from mpma_ds.tasks.features import feature_eval_loader, frozen_splits
+from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import FinetuneTask
 
 
-class ProbeHead(nn.Module):
+class ProbeHead(StandardisedHead):
     """Standardise (fixed training-split statistics) → linear layer; ``forward(batch)`` -> ``{"loss"}``."""
 
     def __init__(self, in_dim: int, labels: Any, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.float().clone())
-        self.register_buffer("std", std.float().clamp(min=1e-6).clone())
+        super().__init__(mean, std)
         self.head = LinearHead(in_dim, labels.num_outputs)
         self.labels = labels
-
-    def no_weight_decay(self) -> set[str]:
-        return {"head.fc.bias"}
-
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        x = (batch["features"].float() - self.mean) / self.std  # (B, D)
-        return self.head(x.to(self.head.fc.weight.dtype)).float()
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return {"loss": self.labels.loss(self.logits(batch), batch["targets"], batch["valid"])}

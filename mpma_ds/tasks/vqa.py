@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.tasks.base import RunContext
+from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas
 
 
@@ -61,24 +62,15 @@ class VQAModel(BackboneModule):
         return {"loss": loss}
 
 
-class FrozenVQAHead(nn.Module):
+class FrozenVQAHead(StandardisedHead):
     """The VQA head on cached fused features (``task.vqa.freeze_backbone``), standardised with the training
     samples' statistics; ``forward(batch)`` -> ``{"loss"}`` as ``VQAModel``."""
 
     def __init__(self, in_dim: int, num_answers: int, mean: torch.Tensor, std: torch.Tensor, *, hidden: int = 0,
                  loss: str = "bce") -> None:  # fmt: skip
-        super().__init__()
-        self.register_buffer("mean", mean.float().clone())
-        self.register_buffer("std", std.float().clamp(min=1e-6).clone())
+        super().__init__(mean, std)
         self.head = VQAHead(in_dim, hidden or in_dim, num_answers)
         self.loss_kind = loss
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"head.{n}" for n, p in self.head.named_parameters() if p.ndim <= 1}
-
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        x = (batch["features"].float() - self.mean) / self.std  # (B, 2D)
-        return self.head(x.to(self.head[0].weight.dtype)).float()  # (B, A)
 
     forward = VQAModel.forward
 
@@ -131,7 +123,6 @@ class VQATask(FinetuneTask):
         from pathlib import Path
 
         from mpma_ds.eval.vqa import answer_indices
-        from mpma_ds.tasks.features import frozen_splits
 
         frozen = frozen_splits(
             self, ctx, kind="fused", dim=2 * ctx.model_config.fusion_width,
@@ -146,8 +137,6 @@ class VQATask(FinetuneTask):
     def eval_loader(self, ctx: RunContext, split: str):
         if not self.frozen:
             return super().eval_loader(ctx, split)
-        from mpma_ds.tasks.features import feature_eval_loader
-
         return feature_eval_loader(self.cached[split], self.recipe.train)
 
     def build_model(self, ctx: RunContext) -> nn.Module:
