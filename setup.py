@@ -55,6 +55,8 @@ setup(
         # JPEG / JPEG 2000 codecs that pydicom uses for compressed DICOM transfer syntaxes
         "pylibjpeg>=2.0",
         "pylibjpeg-openjpeg>=2.3",
+        "pylibjpeg-libjpeg>=2.1",  # JPEG baseline/extended/lossless: JPEG Lossless is the usual CR/DX export
+        "pyjpegls>=1.2",  # JPEG-LS (lossless and near-lossless) DICOM exports
     ],
     extras_require={
         # CUDA 12 users: pip install nvidia-dali-cuda120 instead (see README)

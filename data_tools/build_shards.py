@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,7 +41,8 @@ from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
 from data_tools.shard_build.writer import ShardWriter
 from data_tools.sources import FORMATS, VQA_FORMATS, scan_source
-from data_tools.sources.common import ScanOptions, SourceError
+from data_tools.sources.common import KNOWN_VIEWS, ScanOptions, SourceError
+from data_tools.sources.dicom import CHEST_BODY_PARTS, PROJECTION_MODALITIES
 from data_tools.sources.images import ImageOptions
 from data_tools.sources.report_text import DEFAULT_SECTIONS, SECTION_SYNONYMS
 from data_tools.sources.vqa import VQA_LANGS
@@ -66,6 +68,8 @@ def build_shards(
     test_fraction: float = 0.05,
     image_dir: str | Path | None = None,
     vqa_lang: str = "en",
+    modalities: tuple[str, ...] | list[str] | None = PROJECTION_MODALITIES,
+    body_parts: tuple[str, ...] | list[str] | None = CHEST_BODY_PARTS,
     progress: bool = True,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
@@ -76,7 +80,7 @@ def build_shards(
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
         `splits` (samples per split), `shards`, `shards_reused`, `bytes`, `seconds`, `images_per_s`,
-        `status` (`built`, `resumed` or `already_complete`), `output`, `notes` (lines about the input,
+        `status` (`built`, `resumed`, `already_complete`, or `empty` when no sample was written), `output`, `notes` (lines about the input,
         e.g. a VQA set without a validation file).
 
     Raises:
@@ -90,8 +94,16 @@ def build_shards(
         raise BuildError(f"--input {input_path} does not exist")
     if shard_size < 1 or image_size < 8 or workers < 1 or min_words < 0:
         raise BuildError("--shard-size, --workers must be >= 1, --image-size >= 8, --min-words >= 0")
-    if not 0 <= val_fraction + test_fraction < 1:
-        raise BuildError("--val-fraction + --test-fraction must be in [0, 1)")
+    if not 0 <= val_fraction + test_fraction < 1 or min(val_fraction, test_fraction) < 0:
+        raise BuildError("--val-fraction and --test-fraction must be >= 0 with a sum below 1")
+    if not 1 <= jpeg_quality <= 100:
+        raise BuildError(f"--jpeg-quality {jpeg_quality} is outside 1..100 (90 is the default, 95 the useful top)")
+    if min_size < 1 or not max_aspect >= 1:
+        raise BuildError("--min-size must be >= 1 and --max-aspect >= 1")
+    if views and (unknown := [v for v in views if v.strip().upper() not in KNOWN_VIEWS]):
+        raise BuildError(f"unknown --views {','.join(unknown)}; choose from {', '.join(KNOWN_VIEWS)} (or 'all')")
+    modalities_t = tuple(sorted({m.strip().upper() for m in modalities})) if modalities else None
+    body_parts_t = tuple(sorted({b.strip().upper() for b in body_parts})) if body_parts else None
     known_sections = set(SECTION_SYNONYMS.values()) | {"preamble", "text"}
     if unknown := [s for s in sections if s not in known_sections]:
         raise BuildError(f"unknown --sections {unknown}; choose from {', '.join(sorted(known_sections))}")
@@ -101,7 +113,8 @@ def build_shards(
     views_t = tuple(v.upper() for v in views) if views and not vqa else None
     scan_opts = ScanOptions(tuple(sections), views_t, min_words, val_fraction, test_fraction,
                             str(image_dir) if image_dir else None)  # fmt: skip
-    image_opts = ImageOptions(image_size, jpeg_quality, min_size, max_aspect)
+    image_opts = ImageOptions(image_size, jpeg_quality, min_size, max_aspect, modalities_t, body_parts_t)
+    _check_output_path(out)
     try:
         scan = scan_source(fmt, input_path, scan_opts, vqa_lang=vqa_lang)
     except SourceError as exc:
@@ -112,6 +125,8 @@ def build_shards(
     else:
         options = {"format": fmt, "shard_size": shard_size, **asdict(scan_opts), **asdict(image_opts)}
         options["sections"], options["views"] = list(scan_opts.sections), list(views_t) if views_t else None
+    for name in ("modalities", "body_parts"):  # as JSON will read them back
+        options[name] = list(options[name]) if options[name] else None
     identity = {"source": {"format": fmt, "input": str(input_path)}, "options": options}
     identity["fingerprint"] = fingerprint(options, scan)
     status = check_output_folder(out, identity)
@@ -157,8 +172,25 @@ def build_shards(
 
     manifest = finish_build(out, identity, scan, plan, records)
     shutil.rmtree(state_dir)
-    status = "resumed" if reused else "built"
+    status = "empty" if manifest["written"] == 0 else "resumed" if reused else "built"
     return build_summary(manifest, out, status, reused, time.perf_counter() - t0)
+
+
+def _check_output_path(out: Path) -> None:
+    """Refuse an output that cannot be created or written: one line, before any work."""
+    if out.exists():
+        if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+            raise BuildError(f"--output {out} is not writable; choose a folder you can write to")
+        return
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BuildError(
+            f"--output {out} lies under {parent}, which is a file, not a folder; choose another --output"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"--output {out} cannot be created: {parent} is not writable; choose another --output")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -200,13 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vqa-lang", default="en", help=f"slake: question language kept ({', '.join(VQA_LANGS)}; 'all' keeps all)"
     )
+    p.add_argument(
+        "--modalities",
+        default=",".join(PROJECTION_MODALITIES),
+        help="DICOM: accepted Modality values, projection radiographs by default ('all' accepts any)",
+    )
+    p.add_argument(
+        "--body-parts",
+        default=",".join(CHEST_BODY_PARTS),
+        help="DICOM: a BodyPartExamined tag, where present, must contain one of these ('all' skips the check)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def _all_or_list(text: str) -> list[str] | None:
+    return None if text.strip().lower() in ("all", "any", "") else _csv_list(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    views = None if args.views.strip().lower() in ("all", "any", "") else _csv_list(args.views)
+    views = _all_or_list(args.views)
     try:
         summary = build_shards(
             args.format,
@@ -225,11 +271,21 @@ def main(argv: list[str] | None = None) -> int:
             test_fraction=args.test_fraction,
             image_dir=args.image_dir,
             vqa_lang=args.vqa_lang,
+            modalities=_all_or_list(args.modalities),
+            body_parts=_all_or_list(args.body_parts),
             progress=not args.no_progress,
         )
     except BuildError as exc:
         print(f"build_shards: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions changed mid-build: finished shards are kept
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"build_shards: error: cannot write the build{where}: {exc.strerror or exc}; check --output (free "
+            "space, permissions) and rerun the same command: finished shards are kept",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "build_shards: interrupted; finished shards are kept, rerun the same command to resume",
@@ -238,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(format_summary(summary))
     if summary["written"] == 0:
+        counts = ", ".join(f"{reason} {n}" for reason, n in summary["rejects"].items()) or "no input found"
         print(
-            f"build_shards: error: no sample was written (all {summary['inputs']} inputs rejected, reasons in "
-            f"{Path(summary['output']) / 'rejects.jsonl'})",
+            f"build_shards: error: no sample was written: {summary['inputs']} input images, all rejected ({counts}); "
+            f"each one is in {Path(summary['output']) / 'rejects.jsonl'}",
             file=sys.stderr,
         )
         return 1

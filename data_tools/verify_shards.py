@@ -10,7 +10,8 @@ Re-reads every shard listed in `DIR/manifest.json` and checks:
   the rest of `shard_format.VQA_FIELDS`) and every text is non-empty UTF-8;
 - every `.idx` equals the index computed from the tar's real member offsets (DALI `wds2idx` format);
 - per-split counts, totals and reject counts against the manifest and `rejects.jsonl`, and no stray
-  shard or temporary file in the folder.
+  shard or temporary file in the folder;
+- that the build holds at least one sample (a build whose every input was rejected is a failure).
 
 Prints a summary; exits 1 listing every problem found (2 when DIR is not a build at all).
 """
@@ -218,6 +219,10 @@ def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
             problems.append(
                 f"split {split}: {split_counts.get(split, 0)} samples in shards, manifest says {counts.get(split, 0)}"
             )
+    if report.samples == 0 and not manifest.get("written"):
+        problems.append(
+            "the build holds no sample: every input was rejected (see rejects.jsonl); an empty build is not usable"
+        )
     if report.samples != manifest.get("written"):
         problems.append(f"{report.samples} samples in shards, manifest says written={manifest.get('written')}")
 

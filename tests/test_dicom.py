@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    MPEG2MPML,
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    generate_uid,
+)
 
 from data_tools.build_shards import build_shards
 from data_tools.sources.common import ImageRejected
@@ -22,9 +29,10 @@ from data_tools.sources.dicom import read_dicom
 
 UNCR = get_testdata_file("RG1_UNCR.dcm")  # real PA chest CR, MONOCHROME1, 15 bits stored, window 15000/30000
 J2KR = get_testdata_file("RG1_J2KR.dcm")  # the same image, JPEG 2000 lossless
-JPEG_LS = get_testdata_file("emri_small_jpeg_ls_lossless.dcm")
+JPEG_LL = get_testdata_file("JPEG-LL.dcm")  # JPEG Lossless SV1 (the usual CR/DX export), NM whole body
 HAS_J2K = importlib.util.find_spec("openjpeg") is not None
-HAS_JLS = importlib.util.find_spec("jpeg_ls") is not None or importlib.util.find_spec("gdcm") is not None
+HAS_JLS = importlib.util.find_spec("jpeg_ls") is not None
+HAS_LIBJPEG = importlib.util.find_spec("libjpeg") is not None
 REPORT = "FINAL REPORT\n\nFINDINGS: Heart size is normal. Lungs are clear.\n\nIMPRESSION: No acute process.\n"
 
 
@@ -39,10 +47,25 @@ def _mimic_tree(root: Path, images: dict[str, str]) -> Path:
     return root
 
 
+def _no_codec_copy(path: Path) -> Path:
+    """RG1 with an MPEG-2 transfer syntax: compressed, and no installed codec decodes it."""
+    ds = pydicom.dcmread(UNCR)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(96)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def dicom_build(tmp_path_factory):
     base = tmp_path_factory.mktemp("dicom")
-    images = {"uncr": UNCR, "j2kr": J2KR, "jpegls": JPEG_LS}
+    images = {"uncr": UNCR, "j2kr": J2KR, "mpeg": str(_no_codec_copy(base / "mpeg.dcm"))}
+    if HAS_JLS:  # the same film, JPEG-LS lossless
+        ds = pydicom.dcmread(UNCR)
+        ds.compress(JPEGLSLossless)
+        ds.save_as(base / "jls.dcm")
+        images["jls"] = str(base / "jls.dcm")
     corpus = _mimic_tree(base / "corpus", images)
     out = base / "shards"
     summary = build_shards("mimic-cxr", corpus, out, image_size=128, shard_size=10, progress=False)
@@ -90,23 +113,46 @@ def test_jpeg2000_gives_the_same_pixels_and_shard_bytes(dicom_build):
     assert samples["j2kr"]["jpg"] == samples["uncr"]["jpg"]
 
 
-@pytest.mark.skipif(HAS_JLS, reason="a JPEG-LS codec is installed")
+@pytest.mark.skipif(not HAS_JLS, reason="pyjpegls is not installed")
+def test_jpeg_ls_gives_the_same_shard_bytes(dicom_build):
+    _, samples, _ = dicom_build
+    assert samples["jls"]["jpg"] == samples["uncr"]["jpg"]
+
+
 def test_compressed_syntax_without_codec_is_rejected_with_reason(dicom_build):
     summary, samples, rejects = dicom_build
-    assert "jpegls" not in samples
-    (row,) = [r for r in rejects if r["input"].endswith("jpegls.dcm")]
-    assert row["reason"] == "dicom_no_codec" and "JPEG-LS" in row["detail"]
-    assert summary["written"] == 2 and summary["rejected"] == 1 and summary["rejects"] == {"dicom_no_codec": 1}
+    assert "mpeg" not in samples
+    (row,) = [r for r in rejects if r["input"].endswith("mpeg.dcm")]
+    assert row["reason"] == "dicom_no_codec" and "MPEG2" in row["detail"]
+    assert summary["written"] == 2 + HAS_JLS and summary["rejected"] == 1
+    assert summary["rejects"] == {"dicom_no_codec": 1}
+
+
+@pytest.mark.skipif(not HAS_LIBJPEG, reason="pylibjpeg-libjpeg is not installed")
+def test_jpeg_lossless_radiograph_decodes(tmp_path):
+    # pydicom-data's JPEG Lossless file is a nuclear-medicine capture: the same pixel stream with CR chest
+    # tags stands for a CR exported as JPEG Lossless, the usual CR/DX export.
+    ds = pydicom.dcmread(JPEG_LL)
+    ds.Modality, ds.BodyPartExamined, ds.SOPClassUID = "CR", "CHEST", ComputedRadiographyImageStorage
+    ds.save_as(tmp_path / "cr_jpeg_ll.dcm")
+    raw = pydicom.dcmread(JPEG_LL).pixel_array  # (1024, 256) int16, decoded by libjpeg
+    pixels, info = read_dicom(tmp_path / "cr_jpeg_ll.dcm")
+    assert "JPEG Lossless" in info["transfer_syntax"] and pixels.shape == raw.shape == (1024, 256)
+    assert np.corrcoef(pixels.ravel(), raw.ravel().astype(np.float64))[0, 1] > 0.9  # the window is monotone
+    corpus = _mimic_tree(tmp_path / "corpus", {"jll": str(tmp_path / "cr_jpeg_ll.dcm")})
+    summary = build_shards("mimic-cxr", corpus, tmp_path / "out", image_size=64, max_aspect=5, progress=False)
+    assert summary["written"] == 1 and summary["rejects"] == {}
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -168,3 +214,42 @@ def test_view_from_the_dicom_header_is_filtered(tmp_path):
     assert summary["written"] == 1 and summary["rejects"] == {"view_filtered": 1}
     (row,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert row["input"].endswith("lat.dcm") and "LL (DICOM header)" in row["detail"]
+
+
+def test_whole_pydicom_data_folder_writes_only_chest_films(tmp_path):
+    """Every file of pydicom-data, each as one MIMIC study: only the chest CR films go into shards.
+
+    The folder holds CT, MR, ultrasound, nuclear medicine, segmentations, secondary captures (colour
+    screenshots, LUT test patterns), multi-frame sets, a limb CR (`RG3_*`, BodyPartExamined EXTREMITY)
+    and four encodings of one PA chest CR (`RG1_*`).
+    """
+    folder = Path(UNCR).parent
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".dcm")
+    assert len(files) >= 60
+    corpus = _mimic_tree(tmp_path / "corpus", {p.stem.replace("-", "_").replace(".", "_"): str(p) for p in files})
+    out = tmp_path / "out"
+    summary = build_shards("mimic-cxr", corpus, out, image_size=64, progress=False)
+    written = set()
+    for tar_path in sorted(out.glob("*/*.tar")):
+        with tarfile.open(tar_path) as tar:
+            written |= {m.name.split(".", 1)[0].split("_", 2)[-1] for m in tar}
+    expected = {"RG1_UNCR", "RG1_UNCI"} | ({"RG1_J2KR", "RG1_J2KI"} if HAS_J2K else set())
+    assert written == expected
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    rejected = {Path(r["input"]).name for r in rejects}
+    assert len(rejects) == len(rejected) == len(files) - len(expected) == summary["rejected"]
+    assert rejected == {f"{p.stem.replace('-', '_').replace('.', '_')}.dcm" for p in files} - {
+        f"{name}.dcm" for name in expected
+    }
+    assert all(r["reason"] and r["detail"] for r in rejects)
+    by_name = {Path(r["input"]).stem: r for r in rejects}
+    assert by_name["RG3_UNCR"]["reason"] == "body_part_filtered" and "EXTREMITY" in by_name["RG3_UNCR"]["detail"]
+    assert by_name["693_UNCR"]["reason"] == "modality_filtered" and "Modality CT" in by_name["693_UNCR"]["detail"]
+    assert by_name["liver"]["reason"] == "modality_filtered" and "SEG" in by_name["liver"]["detail"]
+    assert by_name["vlut_04"]["reason"] == "modality_filtered"  # a LUT test pattern (OT)
+    assert {"modality_filtered", "body_part_filtered"} <= set(summary["rejects"])
+    # Widened: any modality, any body part; multi-frame sets are still refused.
+    wide = build_shards(
+        "mimic-cxr", corpus, tmp_path / "wide", image_size=64, modalities=None, body_parts=None, progress=False
+    )
+    assert wide["written"] > summary["written"] and "multi_frame" in wide["rejects"]

@@ -17,6 +17,11 @@ from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.sources.report_text import DEFAULT_SECTIONS, count_words
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
+KNOWN_VIEWS: tuple[str, ...] = (
+    "PA", "AP", "LATERAL", "LL", "RL", "LAT", "AP AXIAL", "PA AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD",
+    "LLD", "RLD", "LAO", "RAO", "LPO", "RPO", "LLO", "RLO", "OBLIQUE", "XTABLE LATERAL", "SWIMMERS",
+)  # fmt: skip
+"""View positions `--views` may name: MIMIC-CXR's `ViewPosition` values and DICOM's defined terms."""
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -95,6 +100,16 @@ class SourceScan:
     rejects: list[Reject] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Lines about the input worth telling the user (e.g. a VQA set without a validation file)."""
+    decoded: dict[str, list[str]] = field(default_factory=dict)
+    """Reports that were not UTF-8: encoding used -> their input paths (`note_decoded` turns it into notes)."""
+
+    def note_decoded(self) -> None:
+        """One warning note per encoding used for reports that were not UTF-8."""
+        for encoding, paths in sorted(self.decoded.items()):
+            self.notes.append(
+                f"{len(paths)} report(s) were not UTF-8 and were decoded as {encoding} (check them), "
+                f"e.g. {paths[0]}"
+            )
 
     @property
     def num_images(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.sources.common import ImageRejected
-from data_tools.sources.dicom import read_dicom
+from data_tools.sources.dicom import CHEST_BODY_PARTS, PROJECTION_MODALITIES, DicomPolicy, read_dicom
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -36,6 +36,10 @@ class ImageOptions:
     """Reject images whose shorter original side is below this (pixels)."""
     max_aspect: float = 3.0
     """Reject images whose long/short side ratio is above this."""
+    modalities: tuple[str, ...] | None = PROJECTION_MODALITIES
+    """DICOM only: accepted `Modality` values (`None`: any); see `data_tools.sources.dicom`."""
+    body_parts: tuple[str, ...] | None = CHEST_BODY_PARTS
+    """DICOM only: a present `BodyPartExamined` must contain one of these (`None`: no check)."""
 
 
 @dataclass
@@ -104,7 +108,7 @@ def encode_image(path: str | Path, opts: ImageOptions) -> EncodedImage:
 
     view = None
     if _is_dicom(path):
-        pixels, info = read_dicom(path)
+        pixels, info = read_dicom(path, DicomPolicy(opts.modalities, opts.body_parts))
         width, height, view = info["width"], info["height"], info["view"]
         _check_geometry(width, height, opts)
         img = Image.fromarray(pixels, "L")

@@ -10,6 +10,7 @@ states no view per image, so images are kept with `view: null` whatever `--views
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ from data_tools.sources.common import (
     hash_split,
     make_key,
 )
-from data_tools.sources.report_text import extract_report_text, section_name
+from data_tools.sources.report_text import decode_report, extract_report_text, section_name
+
+_XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class IUReport:
     """Standard section name -> raw text, in XML order (`findings`, `impression`, ...)."""
     image_ids: list[str]
     mesh: list[str]
+    encoding: str | None = None
+    """The encoding the file was decoded with when it was not the declared / UTF-8 one."""
 
     def raw_text(self) -> str:
         """The sections as a MIMIC-style report (`HEADER:` lines), for the section parser."""
@@ -54,10 +59,21 @@ def parse_iu_xml(path: str | Path) -> IUReport:
         SourceError: the file is not well-formed XML.
     """
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(raw)
     except ET.ParseError as exc:
-        raise SourceError(f"{path}: not well-formed XML ({exc})") from None
+        text, encoding = decode_report(raw)
+        if encoding is None:  # UTF-8 all right: the XML itself is broken
+            raise SourceError(f"{path}: not well-formed XML ({exc})") from None
+        # Bytes in another encoding than the declared (or default UTF-8) one: decoded as such, the
+        # declaration dropped so that the parser takes the text as it is.
+        try:
+            root = ET.fromstring(_XML_DECLARATION.sub("", text, count=1))
+        except ET.ParseError as exc2:
+            raise SourceError(f"{path}: not well-formed XML ({exc2})") from None
+    else:
+        encoding = None
     uid_el = root.find("uId")
     uid = uid_el.get("id") if uid_el is not None and uid_el.get("id") else path.stem
     sections: dict[str, str] = {}
@@ -68,7 +84,7 @@ def parse_iu_xml(path: str | Path) -> IUReport:
         sections[name] = f"{sections[name]} {text}".strip() if name in sections else text
     image_ids = [el.get("id") for el in root.iter("parentImage") if el.get("id")]
     mesh = [(el.text or "").strip() for el in root.iter() if el.tag in ("major", "automatic") and el.text]
-    return IUReport(path=path, uid=uid, sections=sections, image_ids=image_ids, mesh=mesh)
+    return IUReport(path=path, uid=uid, sections=sections, image_ids=image_ids, mesh=mesh, encoding=encoding)
 
 
 def _xml_files(root: Path) -> list[Path]:
@@ -105,6 +121,8 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
     for xml_path in _xml_files(root):
         report = parse_iu_xml(xml_path)
         rel_xml = str(xml_path.relative_to(root))
+        if report.encoding:
+            scan.decoded.setdefault(report.encoding, []).append(rel_xml)
         if not report.image_ids:
             scan.rejects.append(Reject(rel_xml, "report_without_images", "no parentImage in the XML", "report"))
             continue
@@ -138,4 +156,5 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
                 SourceItem(key=key, image_path=str(image.resolve()), input=rel, text=text, meta=meta)
             )
     scan.items = dedupe_keys(scan.items, scan.rejects)
+    scan.note_decoded()
     return scan

@@ -8,6 +8,8 @@ Columns (found by name, first match wins):
   a `labels` column holding a JSON object or as columns named like the 14 CheXpert labels.
 
 A text with MIMIC-style section headers goes through the section parser; a plain caption is kept whole.
+A row whose image file or `image_id` an earlier row already used is rejected as `duplicate`. The manifest
+must be UTF-8; another encoding, a malformed row or a ragged CSV line stops the build with one line.
 Without a split column the split is a hash of the patient id (or of the image path when there is none).
 """
 
@@ -49,7 +51,14 @@ def read_manifest_rows(path: Path) -> list[dict]:
     if name.endswith(".gz"):
         raw = gzip.decompress(raw)
         name = name[:-3]
-    text = raw.decode("utf-8-sig")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SourceError(
+            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); save the manifest as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}"
+        ) from None
     if name.endswith(".jsonl"):
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -64,12 +73,25 @@ def read_manifest_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     if name.endswith(".json"):
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise SourceError(f"{path}: expected a JSON list of objects")
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SourceError(
+                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise SourceError(f"{path}: expected a JSON list of objects (one per sample)")
         return rows
     if name.endswith((".csv", ".tsv")):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ","))
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ",", strict=True)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise SourceError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
+        for lineno, row in enumerate(rows, start=1):
+            if None in row:  # csv puts the cells beyond the header under the key None
+                raise SourceError(f"{path}: row {lineno} has more cells than the header has columns")
+        return rows
     raise SourceError(f"{path}: unknown manifest type (use .csv, .tsv, .jsonl or .json)")
 
 
@@ -113,6 +135,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions) -> SourceScan:
     subject_col = _pick(columns, SUBJECT_COLUMNS)
     base = path.parent
     scan = SourceScan()
+    first_row_of: dict[tuple[str, str], int] = {}  # (what, value) -> the row that used it first
     for lineno, row in enumerate(rows, start=1):
         image_value = str(row.get(image_col) or "").strip()
         if not image_value:
@@ -134,6 +157,18 @@ def scan_manifest(path: str | Path, opts: ScanOptions) -> SourceScan:
             else normalize_whitespace(raw_text)
         )
         view = str(row.get("view") or "").strip().upper() or None
+        image_id = str(row.get("image_id") or "").strip()
+        duplicate = None
+        for what, value in (("image", str(image.resolve())), ("image_id", image_id)):
+            if value and (what, value) in first_row_of:
+                duplicate = f"row {lineno}: {what} {value} already used by row {first_row_of[(what, value)]}"
+                break
+        if duplicate:
+            scan.rejects.append(Reject(image_value, "duplicate", duplicate, key=key, split=split))
+            continue
+        first_row_of[("image", str(image.resolve()))] = lineno
+        if image_id:
+            first_row_of[("image_id", image_id)] = lineno
         if not image.is_file():
             scan.rejects.append(
                 Reject(image_value, "missing_image", f"row {lineno}: {image} does not exist", key=key, split=split)
@@ -152,7 +187,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions) -> SourceScan:
             "source": "manifest",
             "subject_id": subject or None,
             "study_id": str(row.get("study_id") or "").strip() or None,
-            "image_id": str(row.get("image_id") or "").strip() or Path(image_value).stem,
+            "image_id": image_id or Path(image_value).stem,
             "view": view,
             "split": split,
             "labels": _labels(row, path, lineno),

@@ -30,7 +30,7 @@ from data_tools.sources.common import (
     parse_label,
     view_allowed,
 )
-from data_tools.sources.report_text import extract_report_text
+from data_tools.sources.report_text import decode_report, extract_report_text
 
 
 def find_table(root: Path, stem: str) -> Path | None:
@@ -115,6 +115,7 @@ def scan_mimic_cxr(root: str | Path, opts: ScanOptions) -> SourceScan:
                 _scan_study(root, subject_dir / study_name, subject, study_name, opts, scan, split_by_dicom,
                             split_by_subject, view_by_dicom, labels_by_study)  # fmt: skip
     scan.items = dedupe_keys(scan.items, scan.rejects)
+    scan.note_decoded()
     return scan
 
 
@@ -143,7 +144,10 @@ def _scan_study(
     if not report_path.is_file():
         problem = ("missing_report", f"no report {report_path.relative_to(root)}")
     else:
-        text = extract_report_text(report_path.read_text(encoding="utf-8", errors="replace"), opts.sections)
+        raw_report, encoding = decode_report(report_path.read_bytes())
+        if encoding:
+            scan.decoded.setdefault(encoding, []).append(str(report_path.relative_to(root)))
+        text = extract_report_text(raw_report, opts.sections)
         problem = check_report(text, opts.min_words)
     labels = labels_by_study.get((subject, study)) or empty_labels()
     for image in images:

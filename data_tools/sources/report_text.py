@@ -64,6 +64,28 @@ SECTION_SYNONYMS: dict[str, str] = {
 DEFAULT_SECTIONS: tuple[str, ...] = ("findings", "impression")
 
 
+def decode_report(raw: bytes) -> tuple[str, str | None]:
+    """A report file's bytes -> `(text, encoding used when it was not UTF-8)`; never a U+FFFD.
+
+    UTF-8 (with or without a BOM) and BOM-marked UTF-16 are read as such; other bytes are decoded as
+    cp1252 (the Windows superset of Latin-1 that old report exports use), else as Latin-1, which
+    decodes any byte. The caller warns about the second value.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            pass
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, 0x8f, 0x90, 0x9d)
+        return raw.decode("latin-1"), "latin-1"
+
+
 def normalize_whitespace(text: str) -> str:
     """Collapse every run of whitespace (newlines included) to one space and strip the ends."""
     return _WS_RE.sub(" ", text).strip()
