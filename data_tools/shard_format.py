@@ -19,6 +19,7 @@ offset + 512) and members are listed in tar order. Older DALI releases write `v1
 
 from __future__ import annotations
 
+import re
 import tarfile
 from pathlib import Path
 
@@ -160,6 +161,9 @@ def index_from_tar(tar_path: str | Path) -> str:
     return format_index(tar_members(tar_path))
 
 
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
 def parse_index(text: str, path: str | Path | None = None) -> list[tuple[str, list[tuple[str, int, int]]]]:
     """Parse `.idx` text (v1.2 with member names, or v1.1 without) into samples in file order.
 
@@ -191,8 +195,9 @@ def parse_index(text: str, path: str | Path | None = None) -> list[tuple[str, li
             group = "'ext offset size name'" if width == 4 else "'ext offset size'"
             raise ValueError(f"{where}:{lineno}: expected groups of {group}")
         groups = [fields[i : i + width] for i in range(0, len(fields), width)]
-        if not all(g[1].isdigit() and g[2].isdigit() for g in groups):
+        if not all(_INT_RE.fullmatch(g[1]) and _INT_RE.fullmatch(g[2]) for g in groups):
             raise ValueError(f"{where}:{lineno}: offset/size not integers")
+        # A negative value parses: the reader drops that sample (`bad_offset`) instead of the whole shard.
         members = [(g[0], int(g[1]), int(g[2])) for g in groups]
         key = split_name(groups[0][3])[0] if width == 4 else f"{stem}/{lineno - 2:06d}"
         out.append((key, members))

@@ -240,7 +240,8 @@ def test_augmented_pipelines_match_across_backends(shards, tokenizer):
     data = np.frombuffer(buf.getvalue(), np.uint8)
     rows = [SampleRow(data, "t", {}, "k", True, (160, 200))] * 4
     params = [draw_aug_params(cfg, 160, 200, seeded_rng(i)) for i in range(4)]
-    dali = stream._decode(rows, params)  # (4, 1, 48, 48)
+    dali, undecodable = stream._decode(rows, params)  # (4, 1, 48, 48)
+    assert undecodable == set()
     image = Image.open(io.BytesIO(buf.getvalue()))
     host = torch.stack([stream.transform.apply(image, p) for p in params])  # (4, 1, 48, 48)
     stream.close()

@@ -15,12 +15,14 @@ Two DALI pipelines per rank:
 
 Between the two the host checks each JPEG's header and end marker (a corrupt or truncated image is
 skipped and counted under the stand-in policy of `stream.py`), and tokenises and masks the text. Should DALI's decoder still fail on a batch, that batch is decoded on the
-host with PIL (same parameters) instead of stopping the run.
+host with PIL (same parameters) instead of stopping the run; an image PIL cannot decode either (a
+corrupt Huffman table behind a valid header) is skipped and counted as ``bad_jpg`` under the same policy.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import tempfile
@@ -110,6 +112,8 @@ class DaliStream(ShardStream):
             self.device_id = int(local_rank) if local_rank is not None else torch.cuda.current_device()
         self._reader: Any = None
         self._resume_checkpoint: str | None = None
+        self._spare: tuple[SampleRow, torch.Tensor] | None = None
+        """A good sample of an earlier batch, with its image: the stand-in when none of a batch decodes."""
         self._decoder = self._build_decoder()
 
     # -- pipelines -------------------------------------------------------------------------------------
@@ -258,13 +262,33 @@ class DaliStream(ShardStream):
             else None
             for slot, row in enumerate(rows)
         ]
-        images = self._decode(rows, params)  # (B, C, S, S)
+        images, undecodable = self._decode(rows, params)  # (B, C, S, S)
+        if undecodable:  # passed the header checks, yet no decoder can read them: the stand-in policy again
+            good = [i for i in range(len(rows)) if i not in undecodable]
+            for slot in undecodable:
+                skipped["bad_jpg"] += rows[slot].valid  # a padding repeat of a bad sample is not counted twice
+            if not good and self._spare is None:
+                raise RuntimeError(
+                    f"every sample of {where} is unreadable (bad_jpg: {len(undecodable)}); "
+                    "check the shards with python -m data_tools.verify_shards"
+                )
+            for n, slot in enumerate(sorted(undecodable)):
+                # the stand-in: a good sample of this batch, else the last good one of an earlier batch (the
+                # last batch of an epoch is padded with repeats of its last sample, which may be the bad one)
+                row, image = (rows[good[n % len(good)]], images[good[n % len(good)]]) if good else self._spare
+                rows[slot] = dataclasses.replace(row, valid=False)
+                images[slot] = image
+        first_good = next((i for i, r in enumerate(rows) if r.valid), None)
+        if first_good is not None:
+            self._spare = (rows[first_good], images[first_good].clone())
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = collate_rows(rows, images, self.encoder, gen)
         return batch, dict(skipped)
 
-    def _decode(self, rows: list[SampleRow], params: list[AugParams | None]) -> torch.Tensor:
-        """(B, C, S, S) float32 images from the decode pipeline (PIL on the host if DALI fails)."""
+    def _decode(self, rows: list[SampleRow], params: list[AugParams | None]) -> tuple[torch.Tensor, set[int]]:
+        """``(images, undecodable)``: (B, C, S, S) float32 images from the decode pipeline, and the slots no
+        decoder could read. When DALI fails on the batch, each image is decoded on the host with PIL (same
+        parameters); one PIL cannot decode either is listed, its image left zero for the caller to replace."""
         pipe = self._decoder
         pipe.feed_input("jpg", [r.image for r in rows])
         if self.augment:
@@ -288,12 +312,31 @@ class DaliStream(ShardStream):
         except RuntimeError:
             # a JPEG that passed the header checks but breaks the decoder: decode this batch on the host
             self._decoder = self._build_decoder()
-            images = [Image.open(io.BytesIO(r.image.tobytes())) for r in rows]
-            return torch.stack([self.transform.apply(img, p) for img, p in zip(images, params)])
+            return self._decode_on_host(rows, params)
         from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
         # a copy into torch memory: on the GPU after `mixed` decode (no host round trip), else on the CPU
-        return to_torch_tensor(out.as_tensor(), copy=True)  # (B, C, S, S)
+        return to_torch_tensor(out.as_tensor(), copy=True), set()  # (B, C, S, S)
+
+    def _decode_on_host(
+        self, rows: list[SampleRow], params: list[AugParams | None]
+    ) -> tuple[torch.Tensor, set[int]]:
+        images: list[torch.Tensor | None] = []
+        undecodable: set[int] = set()
+        for slot, (row, p) in enumerate(zip(rows, params)):
+            try:
+                with Image.open(io.BytesIO(row.image.tobytes())) as img:
+                    img.load()
+                    images.append(self.transform.apply(img, p))
+            except Exception:  # PIL raises many types for corrupt data
+                images.append(None)
+                undecodable.add(slot)
+        shape = next((t.shape for t in images if t is not None), None)
+        if shape is None:
+            size = self.cfg.image_size
+            shape = (self.cfg.in_chans, size, size)
+        stacked = torch.stack([t if t is not None else torch.zeros(shape) for t in images])  # (B, C, S, S)
+        return stacked, undecodable
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any, BinaryIO
 
 from PIL import Image
 
+from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.data.shards import SampleRef, ShardIndex
+
+_TEXT_FIELDS = (
+    "source",
+    "subject_id",
+    "study_id",
+    "image_id",
+    "view",
+    "split",
+    "question",
+    "answer",
+    "answer_type",
+)
+"""Sample JSON fields that, when present, must be a string or null (ids may also be integers)."""
+_LABEL_NAMES = frozenset(CHEXPERT_LABELS)
 
 
 class SampleError(Exception):
@@ -82,7 +98,36 @@ def decode_meta(data: bytes | None) -> dict[str, Any]:
         raise SampleError("bad_json", str(err)) from err
     if not isinstance(meta, dict):
         raise SampleError("bad_json", "not an object")
+    check_meta_schema(meta)
     return meta
+
+
+def check_meta_schema(meta: dict[str, Any]) -> None:
+    """The fields the loader and the tasks read have the SPEC §4.2 types, else a ``bad_json`` `SampleError`.
+
+    ``labels`` is null or an object of CheXpert names -> 1 / 0 / -1 / null; the id, view, split and VQA
+    text fields are strings or null (ids may be integers). Other fields are not looked at.
+    """
+    labels = meta.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict):
+            raise SampleError("bad_json", f"labels is a JSON {type(labels).__name__}, expected an object")
+        for name, value in labels.items():
+            if name not in _LABEL_NAMES:
+                raise SampleError("bad_json", f"labels: unknown label name {name!r}")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value not in (1, 0, -1)
+            ):
+                raise SampleError("bad_json", f"labels.{name} = {value!r}, expected 1, 0, -1 or null")
+    for name in _TEXT_FIELDS:
+        value = meta.get(name)
+        if value is not None and not isinstance(value, str):
+            if name.endswith("_id") and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            raise SampleError("bad_json", f"{name} is a JSON {type(value).__name__}, expected a string")
 
 
 def decode_image(data: bytes | None, key: str) -> Image.Image:

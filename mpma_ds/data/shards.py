@@ -1,8 +1,9 @@
 """Find shards, read their DALI ``.idx`` files (the ``wds2idx`` format) and list the readable samples.
 
 Both real backends read the same list: a sample needs the `REQUIRED_MEMBERS` (``.jpg`` and ``.txt``) and
-every member must lie inside the tar file (a member cut off by a truncated tar is dropped here, counted by
-reason). This costs one ``stat`` and one index parse per shard and never reads image bytes. The format
+every member must lie inside the tar file (a member cut off by a truncated tar is dropped here as
+``truncated``, one whose ``.idx`` offset or size is negative or off the tar's 512-byte blocks as
+``bad_offset``, counted by reason). This costs one ``stat`` and one index parse per shard and never reads image bytes. The format
 itself — member names, the ``.idx`` path and parser — is `data_tools.shard_format`, shared with the
 tools that write the shards.
 """
@@ -19,6 +20,9 @@ import numpy as np
 from webdataset.shardlists import expand_urls
 
 from data_tools.shard_format import REQUIRED_MEMBERS, SAMPLE_MEMBERS, index_path, read_index
+
+TAR_BLOCK = 512
+"""A tar member's data starts on a block boundary: an ``.idx`` offset that does not is damaged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,7 @@ class ShardIndex:
     listed: list[int]
     """Samples each shard's ``.idx`` lists (``counts()`` is less where some were left out)."""
     skipped: Counter = field(default_factory=Counter)
-    """Samples left out at start, by reason (``truncated``, ``missing_jpg``, ``missing_txt``)."""
+    """Samples left out at start, by reason (``truncated``, ``bad_offset``, ``missing_jpg``, ``missing_txt``)."""
 
     @property
     def num_samples(self) -> int:
@@ -137,6 +141,8 @@ def load_shard_index(spec: str) -> ShardIndex:
             missing = [e for e in REQUIRED_MEMBERS if e not in found]
             if missing:
                 skipped[f"missing_{missing[0]}"] += 1
+            elif any(off < 0 or n < 0 or off % TAR_BLOCK for off, n in found.values()):
+                skipped["bad_offset"] += 1  # a damaged or hand-edited index: tar data starts on a 512-byte block
             elif any(off + n > size for off, n in found.values()):
                 skipped["truncated"] += 1
             else:
