@@ -81,10 +81,11 @@ def test_no_wanted_section_falls_back_to_the_last_paragraph():
     assert extract_report_text(report) == (
         "The tip of the right internal jugular line projects over the mid SVC. No pneumothorax."
     )
-    # A last paragraph that starts with a header loses the header.
-    assert (
-        last_paragraph("A.\n\nNOTIFICATION:  Discussed with Dr. ___ at 9:00.") == "Discussed with Dr. ___ at 9:00."
-    )
+    # MIMIC's last_paragraph: the text after the first paragraph of the last section, none when that
+    # section is one paragraph; a report without any header is its own text.
+    assert last_paragraph("A.\n\nNOTIFICATION:  Discussed with Dr. ___ at 9:00.") == ""
+    assert last_paragraph("NOTIFICATION: Called.\n\nLeft effusion.\n\nNo change.") == "Left effusion. No change."
+    assert last_paragraph("Small left effusion.") == "Small left effusion."
 
 
 def test_empty_reports_and_empty_sections():
@@ -102,11 +103,78 @@ def test_deid_marks_kept_whole_and_whitespace_normalised():
     assert normalize_whitespace(" a \n\n b\tc ") == "a b c"
 
 
-def test_repeated_section_is_joined_and_unknown_headers_get_names():
+def test_repeated_section_keeps_the_last_and_unknown_headers_get_names():
     report = "FINDINGS: Left effusion.\nPA AND LATERAL VIEWS OF THE CHEST: done.\nFINDINGS: Right effusion.\n"
     sections = parse_sections(report)
-    assert sections["findings"] == "Left effusion. Right effusion."
-    assert sections["pa_and_lateral_views_of_the_chest"] == "done."
+    assert sections["findings"] == "Right effusion."  # the view header is findings too; the last one wins
+    assert parse_sections("TUBES AND LINES: none.\n")["tubes_and_lines"] == "none."
     assert section_name("Wet Read") == "wet_read"
     assert has_section_headers(report) and not has_section_headers("A plain caption: no header here.")
     assert count_words(" one two  three ") == 3
+
+
+# Reports in MIMIC-CXR's own layout (lines indented by one space, blank lines holding one space), written
+# for these tests; the expected texts follow the rules of MIMIC-CXR's parser (MIT-LCP/mimic-cxr
+# txt/section_parser.py + create_section_files.py), as report_text's docstring states them.
+MIMIC_VIEW_HEADER = """                                 FINAL REPORT
+ INDICATION:  ___ year old man with hypoxia.
+ \n PORTABLE AP CHEST RADIOGRAPH:
+ \n Endotracheal tube terminates 4 cm above the carina.  Lungs are clear.
+ \n IMPRESSION:
+ \n ET tube in standard position.
+"""
+
+MIMIC_PA_LAT_NO_IMPRESSION = """                                 FINAL REPORT
+ HISTORY:  Cough.
+ \n PA AND LATERAL VIEWS OF THE CHEST:  Heart size is normal.  No effusion.
+ \n COMPARISON:  None.
+"""
+
+MIMIC_TITLE_AND_REPEATS = """                                 FINAL REPORT
+ CHEST, PA LATERAL:
+ \n INDICATION:   Fever.
+ \n FINDINGS:  Old text, replaced by the addendum below.
+ \n IMPRESSION:  Possible pneumonia.
+ \n FINDINGS:
+ \n FINAL IMPRESSION:  Right lower lobe pneumonia.
+ \n HISTORY OF PRESENT ILLNESS:  Fever for 3 days.
+"""
+
+MIMIC_NO_FINDINGS = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ \n INDICATION:  Line placement.  Check at 10:30.
+ \n The tip of the right PICC projects over the cavoatrial junction.
+ \n No pneumothorax.
+"""
+
+
+def test_mimic_view_headers_open_a_findings_section():
+    sections = parse_sections(MIMIC_VIEW_HEADER)
+    assert sections["findings"] == "Endotracheal tube terminates 4 cm above the carina. Lungs are clear."
+    assert extract_report_text(MIMIC_VIEW_HEADER) == (
+        "Endotracheal tube terminates 4 cm above the carina. Lungs are clear. ET tube in standard position."
+    )
+    assert extract_report_text(MIMIC_PA_LAT_NO_IMPRESSION) == "Heart size is normal. No effusion."
+    for header in ("PORTABLE AP CHEST RADIOGRAPH", "PA AND LATERAL VIEWS OF THE CHEST", "CHEST, TWO VIEWS",
+                   "FRONTAL AND LATERAL VIEWS", "AP VIEW", "RIBS, LEFT"):  # fmt: skip
+        assert section_name(header) == "findings", header
+
+
+def test_mimic_empty_findings_dropped_last_occurrence_wins_and_names_contained():
+    sections = parse_sections(MIMIC_TITLE_AND_REPEATS)
+    # the empty title header and the second, empty FINDINGS are dropped: the earlier findings stand
+    assert sections["findings"] == "Old text, replaced by the addendum below."
+    assert sections["impression"] == "Right lower lobe pneumonia."  # FINAL IMPRESSION, the last one
+    assert sections["history"] == "Fever for 3 days."  # HISTORY OF PRESENT ILLNESS contains "history"
+    assert sections["indication"] == "Fever."
+    assert extract_report_text(MIMIC_TITLE_AND_REPEATS) == (
+        "Old text, replaced by the addendum below. Right lower lobe pneumonia."
+    )
+
+
+def test_mimic_last_paragraph_is_the_last_section_after_its_first_paragraph():
+    # no findings / impression: the last section (indication) after its first paragraph, both paragraphs
+    assert extract_report_text(MIMIC_NO_FINDINGS) == (
+        "The tip of the right PICC projects over the cavoatrial junction. No pneumothorax."
+    )
+    assert parse_sections(MIMIC_NO_FINDINGS)["examination"] == "CHEST (PORTABLE AP)"  # 10:30 is no header
