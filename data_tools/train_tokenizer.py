@@ -116,6 +116,23 @@ def _make_portable(out: Path) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, lies under a file, or is a non-empty folder (unless ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; choose another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"--out {out} lies under {parent}, which is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a tokenizer" if (out / "tokenizer.json").is_file() else "files"
+        raise FileExistsError(
+            f"--out {out} already holds {what}; refusing to replace it (models trained with it would read "
+            "other token ids): choose a new folder or pass --overwrite"
+        )
+
+
 def train_tokenizer(
     shards: str | Path,
     out: str | Path,
@@ -124,8 +141,12 @@ def train_tokenizer(
     min_frequency: int = 2,
     max_length: int = 512,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train on the train split's reports under ``shards``; save the HF tokenizer folder to ``out``.
+
+    ``out`` must be new or empty unless ``overwrite``: a tokenizer replaced under a trained model's feet
+    would silently change what its token ids mean.
 
     Returns:
         {"out", "shards", "reports", "vocab_size"}; the same dict is saved as ``out/training_info.json``.
@@ -133,9 +154,11 @@ def train_tokenizer(
     Raises:
         TokenizerDataError: no shards, no train split, or no report text.
         ValueError: ``vocab_size`` too small for the special tokens and the corpus alphabet.
+        FileExistsError: ``out`` is a file, or a non-empty folder and ``overwrite`` is false.
     """
     from transformers import PreTrainedTokenizerFast  # imported late: --help stays fast
 
+    check_output_folder(Path(out), overwrite)
     minimum = len(SPECIAL_TOKENS) + len(DEID_TOKENS) + 1
     if vocab_size < minimum:
         raise ValueError(f"--vocab-size {vocab_size} is too small: the special tokens alone need {minimum}")
@@ -215,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     parser.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
     parser.add_argument("--max-length", type=int, default=512, help="model_max_length saved with the tokenizer")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer in an existing --out")
     args = parser.parse_args(argv)
     try:
         info = train_tokenizer(
             args.shards, args.out, args.vocab_size, min_frequency=args.min_frequency, max_length=args.max_length,
-            progress=True,
+            progress=True, overwrite=args.overwrite,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"train_tokenizer: error: {exc}", file=sys.stderr)

@@ -140,9 +140,10 @@ class Demo:
         return {"counts": manifest.get("counts")}
 
     def tokenizer(self) -> None:
+        # --overwrite: a rerun of this stage replaces what an interrupted run left in the folder
         self.command("train_tokenizer", [self.python, "-m", "data_tools.train_tokenizer", "--shards",
                                          str(self.out / "shards"), "--out", str(self.out / "tokenizer"),
-                                         "--vocab-size", "4096"])  # fmt: skip
+                                         "--vocab-size", "4096", "--overwrite"])  # fmt: skip
 
     def pretrain_overrides(self) -> list[str]:
         steps = self.args.steps

@@ -313,3 +313,36 @@ def test_cp1252_iu_xml_is_decoded_with_a_note(tmp_path, capsys):
     assert rc == 0 and "decoded as cp1252" in out
     (sample,) = _samples(tmp_path / "o").values()
     assert sample["txt"].decode("utf-8") == "Cœur normal, épanchement léger."
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_train_tokenizer_refuses_an_existing_folder_unless_overwrite(tmp_path, tmp_path_factory, capsys):
+    from loader_testdata import shard_root
+
+    from data_tools import train_tokenizer as tok_cli
+
+    shards = str(shard_root(str(tmp_path_factory.getbasetemp())))
+    out = tmp_path / "tok"
+    argv = ["--shards", shards, "--out", str(out), "--vocab-size", "400", "--min-frequency", "1"]
+    assert tok_cli.main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc = tok_cli.main(argv)
+    _, err = capsys.readouterr()
+    assert rc == 2
+    _one_error_line(err, str(out), "already holds a tokenizer", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    rc = tok_cli.main([*argv[:2], "--out", str(tmp_path / "notes"), *argv[4:]])
+    _, err = capsys.readouterr()
+    assert rc == 2 and (tmp_path / "notes" / "a.txt").read_text() == "mine"
+    _one_error_line(err, "already holds files")
+    rc = tok_cli.main([*argv[:2], "--out", str(tmp_path / "notes" / "a.txt" / "tok"), *argv[4:]])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    _one_error_line(err, "which is a file")
+    assert tok_cli.main([*argv, "--overwrite"]) == 0
+    assert (out / "tokenizer.json").is_file()

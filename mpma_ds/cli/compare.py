@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"{prog_name('compare_runs.py')}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # MLflow's own errors (a store it refuses, a server that does not answer): one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"{prog_name('compare_runs.py')}: error: cannot read the runs: {type(err).__name__}: {first}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     out = Path(args.out or Path("compare") / args.experiment)
     print(format_runs_table(runs, metrics))
     pairs = finetune_pairs(runs)

@@ -51,7 +51,8 @@ def data_config_for(
     backend: str | None,
 ):
     """The eval ``DataConfig``: the training recipe's preprocessing (size, channels, normalisation, text length)
-    when known, else the model's own sizes; pointed at ``shards``."""
+    when known, else the model's own sizes; every split pointed at ``shards`` (the loader picks the recipe's
+    train shards for ``split="train"`` otherwise), read whole (no label-fraction subset)."""
     from mpma_ds.data import DataConfig
 
     if recipe is not None:
@@ -63,7 +64,10 @@ def data_config_for(
             max_text_len=model_config.max_text_len,
         )
     chosen = backend or ("wds" if base.backend == "synthetic" else base.backend)  # evaluation reads shards
-    return dataclasses.replace(base, val_shards=str(shards), tokenizer=str(tokenizer), backend=chosen)
+    return dataclasses.replace(
+        base, train_shards=str(shards), val_shards=str(shards), test_shards=str(shards), label_fraction=1.0,
+        tokenizer=str(tokenizer), backend=chosen,
+    )  # fmt: skip
 
 
 def evaluate_on_split(

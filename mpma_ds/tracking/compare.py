@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import html
 import math
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpma_ds.tracking.base import metric_name
 from mpma_ds.tracking.config import resolve_tracking_uri
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 DEFAULT_METRICS = (
     "loss",
@@ -99,6 +102,47 @@ def format_pairs_table(rows: Sequence[PairRow]) -> str:
     return "\n".join(lines)
 
 
+def check_readable_store(uri: str) -> None:
+    """Refuse a local store that holds no MLflow data, before MLflow would create or migrate one there.
+
+    A comparison only reads: a ``sqlite:///`` path must be an existing SQLite file with MLflow's tables, a
+    file store an existing folder. Servers (``http://``, ...) are left to MLflow.
+
+    Raises:
+        ValueError: one line naming the path and what to pass instead.
+    """
+    hint = (
+        "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the run's store, e.g. sqlite:///demo_runs/mlflow.db"
+    )
+    if uri.startswith("sqlite:"):
+        path_text = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not path_text or path_text == ":memory:":
+            raise ValueError(f"{uri} is not a database file; {hint}")
+        path = Path(path_text)
+        if not path.parent.is_dir():
+            raise ValueError(f"no MLflow database at {path}: folder {path.parent} does not exist; {hint}")
+        if not path.is_file():
+            raise ValueError(f"no MLflow database at {path}; {hint}")
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head != _SQLITE_MAGIC:
+            raise ValueError(
+                f"{path} is not a SQLite database ({'empty' if not head else 'other content'}); {hint}"
+            )
+        try:
+            with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{path} is not a readable SQLite database ({exc}); {hint}") from None
+        if "experiments" not in tables:
+            raise ValueError(f"{path} is a SQLite database but not MLflow's (no experiments table); {hint}")
+        return
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://") :] if uri.startswith("file://") else uri.removeprefix("file:"))
+        if not path.is_dir():
+            raise ValueError(f"no MLflow file store at {path} (not a folder); {hint}")
+
+
 def load_runs(
     experiment: str, *, tracking_uri: str | None = None, metrics: Sequence[str] = (), max_runs: int = 50
 ) -> tuple[list[RunSummary], list[str]]:
@@ -108,11 +152,15 @@ def load_runs(
         metrics: names to compare (``@`` is accepted: ``eval/i2t_R@1``); empty = the defaults present, else
             every metric the runs hold (up to 8).
     Raises:
-        ValueError: no such experiment, or it has no runs.
+        ValueError: ``max_runs`` below 1, a store that is not there or not MLflow's (`check_readable_store`),
+            no such experiment, or it has no runs.
     """
+    if max_runs < 1:
+        raise ValueError(f"--max-runs {max_runs}: must be at least 1")
+    uri = resolve_tracking_uri(tracking_uri)
+    check_readable_store(uri)
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

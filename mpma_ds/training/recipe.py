@@ -326,7 +326,26 @@ def load_recipe(
     recipe = build(cls, tree, source=source, what="recipe")
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))
+        check_output_dir(recipe.train.output_dir)
     return recipe
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """``train.output_dir`` must be a folder or creatable as one: not a file, not under a file.
+
+    Raises:
+        ConfigError: one line naming the path.
+    """
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.output_dir {path} is a file, not a folder; choose another train.output_dir")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(
+            f"train.output_dir {path} lies under {parent}, which is a file; choose another train.output_dir"
+        )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
