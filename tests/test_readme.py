@@ -100,7 +100,7 @@ def test_readme_example_block_runs_in_order(tmp_path):
     runs = repo / "demo_runs"
     assert json.loads((runs / "shards" / "manifest.json").read_text())["written"] > 0
     assert (runs / "exported" / "config.json").is_file() or any((runs / "exported").iterdir())
-    assert json.loads((runs / "pretrain_tiny" / "summary.json").read_text())["step"] == 40  # resumed to 40
+    assert json.loads((runs / "pretrain_tiny" / "summary.json").read_text())["step"] == 20  # resumed to 20
     for run in ("vqa", "linear_probe", "lp-random", "cls"):
         assert (runs / "finetune" / run / "summary.json").is_file(), run
     assert (repo / "compare" / "mpma-demo" / "report.html").is_file()
