@@ -223,14 +223,17 @@ def build_logger(
     if rank != 0:
         return MetricLogger(run_id)
     resume = run_id is not None if resume is None else resume
+    # metrics.jsonl first: every metric is on disk before MLflow's sender sees it, so a backfill after the
+    # server was down finds it there
+    jsonl = JsonlMetricLogger(run_dir, resume=resume)
     loggers: list[MetricLogger] = []
     if cfg.enabled:
         from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
 
-        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags)
+        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags, metrics_file=jsonl.path)
         if mlf.active:
             loggers.append(mlf)
-    loggers.append(JsonlMetricLogger(run_dir, resume=resume))
+    loggers.insert(0, jsonl)
     if console_steps is not None:
         loggers.append(ConsoleLogger(console_steps))
     group = LoggerGroup(loggers)
