@@ -188,6 +188,33 @@ def test_single_process_rendezvous_listens_only_on_loopback():
     assert "GLOO_SOCKET_IFNAME" not in os.environ or os.environ.get("MPMA_DS_SET_ENV") is None
 
 
+def test_evaluate_logs_to_the_callers_tracking_store_not_the_evaluated_recipes(base, tmp_path, monkeypatch):
+    """The evaluated folder's recipe.yaml names another store; results go to the caller's (flag, else env)."""
+    from mlflow.tracking import MlflowClient
+
+    from mpma_ds.eval.split_eval import run_evaluation
+    from mpma_ds.training import load_recipe
+    from mpma_ds.training.recipe import save_recipe
+
+    foreign = tmp_path / "foreign" / "mlflow.db"
+    recipe = load_recipe(
+        TINY_RECIPE, _overrides(base, tmp_path / "run", **{"tracking.uri": f"sqlite:///{foreign}"})
+    )
+    save_recipe(recipe, tmp_path / "run" / "recipe.yaml")
+    common = dict(
+        shards=tiny_shards(base), random_init="mpma_tiny", recipe=tmp_path / "run" / "recipe.yaml",
+        tokenizer=tiny_tokenizer(base), batch_size=4, max_batches=1, device="cpu",
+    )  # fmt: skip
+    flag_uri = f"sqlite:///{tmp_path / 'flag.db'}"
+    result = run_evaluation(**common, out_dir=tmp_path / "eval1", tracking_uri=flag_uri)
+    assert MlflowClient(flag_uri).get_run(result["run_id"]).data.tags["mpma.kind"] == "eval"
+    env_uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    result = run_evaluation(**common, out_dir=tmp_path / "eval2")
+    assert MlflowClient(env_uri).get_run(result["run_id"]).info.run_name.startswith("eval-")
+    assert not foreign.parent.exists()  # nothing was sent to (or created for) the recipe's store
+
+
 # ----------------------------------------------------------------------------------------------- slow tests
 @pytest.fixture(scope="module")
 def reference(base, tmp_path_factory) -> Path:

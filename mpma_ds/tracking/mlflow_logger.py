@@ -35,6 +35,8 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 CLOSE_TIMEOUT_S = 60.0
+CLOSE_RETRY_S = 15.0
+"""How long ``close`` keeps trying to reach a server that is down before it leaves the run RUNNING."""
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Seconds between attempts to reach a server that failed (the last value repeats)."""
 _RETRY = object()
@@ -327,8 +329,9 @@ class MLflowMetricLogger(MetricLogger):
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(CLOSE_TIMEOUT_S)
-        if self._down is not None:
-            self._recover()
+        deadline = time.monotonic() + CLOSE_RETRY_S
+        while self._down is not None and not self._recover() and time.monotonic() < deadline:
+            time.sleep(1.0)  # a server coming back (a restart) gets a few seconds to answer
         if self._down is None:
             try:
                 self.client.set_terminated(self.run_id, status=status)

@@ -72,6 +72,9 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> bool:
         return False
     timeout = datetime.timedelta(seconds=float(timeout_s))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # a collective that outlives the timeout aborts the NCCL communicators and ends this rank (the launcher then
+    # stops the others); set here too because the pdsh launcher forwards only NCCL_* variables to remote ranks
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if "RANK" not in os.environ:  # `python launch/pretrain.py`: a group of one, no launcher
         os.environ["MPMA_DS_SET_ENV"] = ",".join(k for k in _SINGLE_PROCESS_ENV if k not in os.environ)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
