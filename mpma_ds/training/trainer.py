@@ -161,6 +161,7 @@ class Trainer:
         self.grad_skipped = 0
         self.last_eval: dict[str, Any] = {}
         self.ctx, resume_dir = self._resolve(resume, overwrite)
+        self.resumed = resume_dir is not None
         try:
             self.created_group = init_distributed(self.cfg.collective_timeout_s)
             try:
@@ -258,7 +259,7 @@ class Trainer:
         if ctx.rank == 0:
             logger = build_logger(
                 self.recipe.tracking, rank=0, run_dir=self.out, run_id=self.run_id, tags=tags,
-                console_steps=self.max_steps,
+                console_steps=self.max_steps, resume=self.resumed,
             )  # fmt: skip
             self.run_id = logger.run_id
         self.run_id = broadcast_object(self.run_id)
