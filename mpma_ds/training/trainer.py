@@ -389,17 +389,21 @@ class Trainer:
         return zero_stage(self.ctx.ds_config) == 0 and isinstance(self.engine.optimizer, torch.optim.Optimizer)
 
     def _drop_nonfinite_grads(self) -> None:
-        """Without ZeRO: when any gradient is NaN/Inf on any rank, clear them all (the torch optimizer then
-        leaves every parameter and its moments alone) and mark the step an overflow, so DeepSpeed counts it as
-        skipped and leaves the learning-rate schedule where it was."""
+        """Without ZeRO: when any gradient is NaN/Inf on any rank, make the coming ``engine.step()`` leave every
+        parameter and optimizer moment alone (the torch optimizer's ``step`` is a no-op for that one call;
+        DeepSpeed still clears the gradients) and mark it an overflow, so DeepSpeed counts it as skipped and
+        leaves the learning-rate schedule where it was."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         bad = sum(float((~torch.isfinite(g)).any()) for g in grads)
         bad = all_reduce_sum(torch.tensor([bad])).item() > 0
         optimizer = self.engine.optimizer
         optimizer.overflow = bad
         if bad:
-            for param in self.engine.module.parameters():
-                param.grad = None
+
+            def skip_once(*args: Any, **kwargs: Any) -> None:
+                del optimizer.step  # the class's own step again from the next call on
+
+            optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
         skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
