@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from mpma_ds.tracking.base import MetricLogger, clean_metrics
+from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl  # noqa: F401 - re-exported
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.tracking.params import flatten_params
 
@@ -178,23 +178,6 @@ class LoggerGroup(MetricLogger):
     def close(self, status: str = "FINISHED") -> None:
         for lg in self.loggers:
             lg.close(status)
-
-
-def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
-    return records
 
 
 def build_logger(

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.tracking.base import MetricLogger, clean_metrics, warn_once
+from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl, warn_once
 from mpma_ds.tracking.config import TrackingConfig, default_artifact_location, resolve_tracking_uri
 from mpma_ds.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, chunked, flatten_params
 
@@ -159,8 +159,6 @@ class MLflowMetricLogger(MetricLogger):
         if self.metrics_file is None or not self.metrics_file.is_file():
             return 0
         from mlflow.entities import Metric
-
-        from mpma_ds.tracking.loggers import read_metrics_jsonl
 
         records = read_metrics_jsonl(self.metrics_file)
         keys = sorted({k for r in records for k in r if k not in ("step", "time")})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,17 +50,19 @@ from mpma_ds.training.ds_config import (
 )
 from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
+from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
+    DS_CONFIG_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    clear_run,
+    existing_run,
+)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from mpma_ds.tracking import MetricLogger
 
-SUMMARY_FILE = "summary.json"
-PREDICTIONS_FILE = "test_predictions.pt"
-"""Per-sample test outputs of a fine-tuning run (``torch.load(weights_only=True)``): ``keys`` and the task's
-predictions and targets."""
-DS_CONFIG_FILE = "ds_config.json"
 _SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
 
 
@@ -71,38 +72,6 @@ class SetupError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """``train.max_nan_steps`` skips in a row (NaN/Inf losses or gradients); a checkpoint was saved first."""
-
-
-RUN_FILES = (RECIPE_FILE, DS_CONFIG_FILE, SUMMARY_FILE, PREDICTIONS_FILE, "params.json", "checkpoints")
-"""What a run writes into its folder (besides ``metrics.jsonl*``): the files ``overwrite`` removes."""
-
-
-def existing_run(out: Path) -> list[str]:
-    """What in ``out`` shows that a run already used it: checkpoints, logged metrics, a summary."""
-    if not out.is_dir():
-        return []
-    found = []
-    ckpts = out / "checkpoints"
-    if ckpts.is_dir() and any(p.name.startswith(ckpt.TAG_PREFIX) for p in ckpts.iterdir()):
-        found.append("checkpoints/")
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
-    if (out / SUMMARY_FILE).is_file():
-        found.append(SUMMARY_FILE)
-    return found
-
-
-def clear_run(out: Path) -> None:
-    """Remove what a run wrote into ``out`` (only the names a run writes; other files stay)."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for path in out.glob("metrics.jsonl*"):
-        path.unlink()
 
 
 def mask_seed(seed: int, step: int, data_rank: int, attempt: int) -> int:
