@@ -144,6 +144,8 @@ class Trainer:
                     self.resume(resume_dir)
                 except ckpt.ResumeError as err:
                     raise SetupError(_one_line(err)) from err
+            if resume is None:  # after every input check, before the first write into the folder
+                self._fresh_folder(self.ctx.rank, overwrite)
             self.logger = self._start_logging()
         except BaseException:
             self.close("FAILED")
@@ -168,8 +170,6 @@ class Trainer:
                         model_config=ctx.model_config, world_size=world, task=self.task.name,
                         task_arch=self.task.architecture(ctx),
                     )  # fmt: skip
-            if resume is None:
-                self._fresh_folder(rank, overwrite)
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
         return ctx, resume_dir
