@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -99,6 +101,25 @@ def build_untrained_tokenizer() -> Tokenizer:
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return tok
+
+
+def _replace_dir(partial: Path, target: Path) -> None:
+    """Put the finished folder ``partial`` at ``target``: its files fsynced, an existing ``target`` moved aside
+    and deleted only once ``partial`` is in place (data_tools does not import mpma_ds's ``fileio``)."""
+    for path in partial.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(partial, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_portable(out: Path) -> None:
@@ -214,17 +235,23 @@ def train_tokenizer(
         model_max_length=max_length,
         model_input_names=["input_ids", "attention_mask"],
     )
+    # written whole under <out>.partial, then renamed into place: a kill leaves the old folder (or none),
+    # never a tokenizer folder with some of its files
     out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_path))
-    _make_portable(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    fast.save_pretrained(str(partial))
+    _make_portable(partial)
     info = {
         "out": str(out_path),
         "shards": len(shard_paths),
         "reports": len(reports),
         "vocab_size": tok.get_vocab_size(),
     }
-    (out_path / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (partial / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _replace_dir(partial, out_path)
     return info
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mpma_ds.eval.split_eval import TABLE_ROWS
+from mpma_ds.fileio import atomic_write_text
 from mpma_ds.training.distributed import free_port
 
 LAUNCH = Path(__file__).resolve().parent  # the launch/ scripts beside this one
@@ -104,7 +105,7 @@ class Demo:
         start = time.monotonic()
         result = run()
         self.marks.mkdir(parents=True, exist_ok=True)
-        mark.write_text(json.dumps({"settings": settings, "result": result}, indent=1, default=str))
+        atomic_write_text(mark, json.dumps({"settings": settings, "result": result}, indent=1, default=str))
         print(f"{prefix}: done in {time.monotonic() - start:.0f} s", flush=True)
         return result
 
@@ -469,13 +470,9 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
     table = {key: {"pretrained": pre.get(key), "random": rnd.get(key)} for key, _ in TABLE_ROWS}
     payload = {"pretrain_eval": table, "linear_probe": results["linear_probe"], "vqa": results["vqa"],
                "runs": results["runs"]}  # fmt: skip
-    path = demo.out / RESULTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
     from mpma_ds.tracking.params import json_safe
 
-    tmp.write_text(json.dumps(json_safe(payload), indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(demo.out / RESULTS_FILE, json.dumps(json_safe(payload), indent=1, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.training.checkpoint import COMPLETE_FILE, LATEST_FILE, TAG_PREFIX, complete_tags
+from mpma_ds.training.checkpoint import (
+    COMPLETE_FILE,
+    LATEST_FILE,
+    TAG_PREFIX,
+    ResumeError,
+    complete_tags,
+    safe_torch_load,
+    verify_checkpoint,
+)
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, load_recipe
 
 INFO_FILE = "export_info.json"
@@ -113,11 +121,20 @@ def resolve_tokenizer(path: str | None, run_dir: Path) -> Path | None:
 
 
 def consolidated_weights(tag_dir: Path) -> dict[str, Any]:
-    """DeepSpeed's fp32 consolidation of a checkpoint, keys as the wrapped module's ``state_dict()``."""
+    """DeepSpeed's fp32 consolidation of a checkpoint, keys as the wrapped module's ``state_dict()``.
+
+    The files are checked against the sizes and sha256 recorded in ``complete.json`` when they were written and
+    unpickled with ``weights_only=True`` (``safe_torch_load``): a damaged or crafted file is an ``ExportError``
+    and nothing in it runs.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        verify_checkpoint(tag_dir)
+        with safe_torch_load(tag_dir):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except ResumeError as err:
+        raise ExportError(str(err)) from err
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
         raise ExportError(f"DeepSpeed could not consolidate {tag_dir}: {err}") from err
     return {k.removeprefix("module."): v for k, v in state.items()}

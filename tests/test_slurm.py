@@ -63,6 +63,8 @@ def test_hostfile_and_master_from_nodelist(fake_slurm):
         "--config", "launch/configs/pretrain_base.yaml", "--set", "train.max_steps=10",
     ]  # fmt: skip
     assert "3 x 4 ranks" in res.stdout
+    # the name PyTorch >= 2.2 reads (NCCL_ASYNC_ERROR_HANDLING is ignored): a hung rank's NCCL error ends it
+    assert "env: TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in res.stdout.splitlines()
 
 
 def test_overrides_and_bad_input(fake_slurm):

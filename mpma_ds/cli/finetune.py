@@ -12,7 +12,7 @@ validation-best and final test metrics (bootstrap 95 % intervals beside them).
 from __future__ import annotations
 
 from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name
-from mpma_ds.cli.pretrain import build_parser
+from mpma_ds.cli.pretrain import build_parser, run_training
 
 SCRIPT = "finetune.py"
 
@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe
     from mpma_ds.training.recipe import FinetuneRecipe
-    from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     try:
         overrides = list(args.overrides)
@@ -40,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"--task {args.task} but {args.config} is a {recipe.task.name} recipe (task.name); use a "
                 f"finetune_{args.task}_*.yaml recipe or --set task.name={args.task}"
             )
-        summary = train(recipe, resume=args.resume)
-    except (RecipeError, SetupError) as err:
+    except RecipeError as err:
         error(prog, err)
         return 2
-    except NonFiniteLossError as err:
-        error(prog, err, kind="stopped")
-        return 3
+    code, summary = run_training(prog, recipe, args)
+    if code:
+        return code
     if is_rank0():
         print(format_summary(summary, recipe.train.output_dir))
     return 0

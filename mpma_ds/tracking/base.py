@@ -3,6 +3,7 @@ other than 0 get) and the metric-name rules MLflow and the local files share."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -83,3 +84,20 @@ NoOpLogger = MetricLogger
 def warn_once(message: str) -> None:
     """Emit a ``TrackingWarning`` (the caller guarantees once per logger)."""
     warnings.warn(message, TrackingWarning, stacklevel=3)
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from mpma_ds.tracking.base import MetricLogger, clean_metrics
+from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl  # noqa: F401 - re-exported
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.tracking.params import flatten_params
 
@@ -180,23 +180,6 @@ class LoggerGroup(MetricLogger):
             lg.close(status)
 
 
-def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
-    return records
-
-
 def build_logger(
     cfg: TrackingConfig,
     *,
@@ -223,14 +206,17 @@ def build_logger(
     if rank != 0:
         return MetricLogger(run_id)
     resume = run_id is not None if resume is None else resume
+    # metrics.jsonl first: every metric is on disk before MLflow's sender sees it, so a backfill after the
+    # server was down finds it there
+    jsonl = JsonlMetricLogger(run_dir, resume=resume)
     loggers: list[MetricLogger] = []
     if cfg.enabled:
         from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
 
-        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags)
+        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags, metrics_file=jsonl.path)
         if mlf.active:
             loggers.append(mlf)
-    loggers.append(JsonlMetricLogger(run_dir, resume=resume))
+    loggers.insert(0, jsonl)
     if console_steps is not None:
         loggers.append(ConsoleLogger(console_steps))
     group = LoggerGroup(loggers)

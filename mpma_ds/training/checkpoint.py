@@ -4,29 +4,43 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step_00000100/                      engine.save_checkpoint (every rank writes its ZeRO partitions)
         rank_state_00000.pt             per rank: data-loader position + RNG states (python, numpy, torch)
-        complete.json                   written by rank 0 after every rank finished: step, model, world
+        complete.json                   written by rank 0 after every rank finished: step, model, world, and
+                                        the size + sha256 of every file in the folder
     latest                              the newest complete tag (moved last, atomically)
     best.json                           fine-tuning: the tag with the best validation metric (never pruned)
 
 A kill -9 during a save leaves a tag folder without ``complete.json``: it is ignored by ``--resume auto``
-and replaced by the next save of that step.
+and replaced by the next save of that step. Every file is fsynced before ``complete.json`` is written.
+
+Loading is safe against crafted files: before anything is unpickled, every file is checked against the size
+and sha256 that ``complete.json`` recorded when this system wrote it (``verify_checkpoint``), and DeepSpeed's
+own loads (which pass ``weights_only=False``) run under ``safe_torch_load``: ``weights_only=True`` with an
+allow-list of the few DeepSpeed classes its files hold. A damaged newest checkpoint is skipped by
+``--resume auto`` (one warning), an explicitly named one is refused with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.models.config import MPMAConfig, architecture_difference
-from mpma_ds.training.distributed import barrier
+from mpma_ds.training.distributed import all_reduce_sum, barrier
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -37,8 +51,34 @@ LATEST_FILE = "latest"
 BEST_FILE = "best.json"
 
 
+FILES_KEY = "files"
+"""``complete.json`` key: ``{relative path: {"size": bytes, "sha256": hex}}`` of every file of the checkpoint."""
+
+SAFE_GLOBALS_NAMES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The only non-tensor classes DeepSpeed 0.19's checkpoint files hold (ZeRO-1/2/3 optimizer states: the stage
+enum and the loss scaler; bf16 optimizer states: fragment addresses). Nothing else is unpickled."""
+
+
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed here (missing, incomplete, another architecture or world size)."""
+
+
+class DamagedCheckpointError(ResumeError):
+    """A checkpoint whose files differ from what was recorded when it was written, or that holds Python objects
+    a checkpoint never holds (a crafted file): refused before anything in it is run."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (``--resume auto`` fell back to an older one)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, quota): the previous ones are intact."""
 
 
 def tag_for(step: int) -> str:
@@ -68,29 +108,183 @@ def read_meta(tag_dir: str | Path) -> dict[str, Any]:
     path = Path(tag_dir) / COMPLETE_FILE
     if not path.is_file():
         raise ResumeError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE_FILE}); resume from another one")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpointError(f"{path} is unreadable ({err}); the checkpoint is damaged") from err
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{path} is not a JSON object; the checkpoint is damaged")
+    return meta
 
 
-def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder (``.../checkpoints/step_N``) that ``--resume spec`` means.
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
-    ``auto``: the newest complete one in ``output_dir/checkpoints`` (``None`` when there is none: a fresh
-    start). Otherwise a path: a checkpoint folder itself, or a ``checkpoints/`` or run folder holding some.
+
+def file_manifest(tag_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``tag_dir`` but ``complete.json``."""
+    tag_dir = Path(tag_dir)
+    out = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(tag_dir).as_posix()
+        if rel == COMPLETE_FILE or rel.endswith(".tmp"):
+            continue
+        out[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+    return out
+
+
+def verify_checkpoint(tag_dir: str | Path, meta: dict[str, Any] | None = None) -> bool:
+    """Check every file of a checkpoint against the size and sha256 ``complete.json`` recorded at save time.
+
+    Returns False for a checkpoint written before sizes and hashes were recorded (nothing to check against;
+    its files are still loaded with ``safe_torch_load``). Raises ``DamagedCheckpointError`` naming the first file
+    that is missing, of another size, with another sha256, or present but never recorded.
+    """
+    tag_dir = Path(tag_dir)
+    meta = read_meta(tag_dir) if meta is None else meta
+    recorded = meta.get(FILES_KEY)
+    if not isinstance(recorded, dict):
+        return False
+    where = f"checkpoint {tag_dir}"
+    present = {
+        p.relative_to(tag_dir).as_posix()
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name != COMPLETE_FILE and not p.name.endswith(".tmp")
+    }
+    extra = sorted(present - set(recorded))
+    if extra:
+        raise DamagedCheckpointError(
+            f"{where}: {extra[0]} was not written by this checkpoint's save (not in its {COMPLETE_FILE}); "
+            "refusing to load it, resume from another checkpoint"
+        )
+    for rel, info in sorted(recorded.items()):
+        path = tag_dir / rel
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{where}: {rel} is missing; resume from another checkpoint")
+        size = path.stat().st_size
+        if size != info.get("size"):
+            raise DamagedCheckpointError(
+                f"{where}: {rel} is {size} bytes, {info.get('size')} were written (truncated or replaced); "
+                "resume from another checkpoint"
+            )
+        if file_digest(path) != info.get("sha256"):
+            raise DamagedCheckpointError(
+                f"{where}: {rel} does not match the sha256 recorded when it was written (changed or damaged); "
+                "refusing to load it, resume from another checkpoint"
+            )
+    return True
+
+
+def newest_intact(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint of ``ckpt_dir`` whose files pass ``verify_checkpoint`` and the newer
+    ones skipped (``"step_N (why)"``)."""
+    ckpt_dir = Path(ckpt_dir)
+    skipped = []
+    for _, tag in reversed(complete_tags(ckpt_dir)):
+        try:
+            verify_checkpoint(ckpt_dir / tag)
+        except (ResumeError, OSError) as err:
+            skipped.append(f"{tag} ({str(err).split(': ', 1)[-1].split(';')[0]})")
+            continue
+        return ckpt_dir / tag, skipped
+    return None, skipped
+
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def find_checkpoint(spec: str, output_dir: str | Path, *, set_aside: bool = False) -> Path | None:
+    """The checkpoint folder (``.../checkpoints/step_N``) that ``--resume spec`` means, its files verified.
+
+    ``auto``: the newest intact complete one in ``output_dir/checkpoints`` (``None`` when there is none: a fresh
+    start); damaged newer ones are skipped with one ``CheckpointWarning`` naming them, and when every checkpoint
+    is damaged it is an error (never a silent fresh start over a run). ``set_aside`` (rank 0 of a resume):
+    rename the skipped ones to ``step_N.damaged``, kept for inspection, so the resumed run writes those steps
+    afresh. Otherwise a path: a checkpoint folder
+    itself, or a ``checkpoints/`` or run folder holding some; a damaged one is refused
+    (``DamagedCheckpointError``).
     """
     if spec == "auto":
-        tags = complete_tags(Path(output_dir) / "checkpoints")
-        return Path(output_dir) / "checkpoints" / tags[-1][1] if tags else None
+        ckpt_dir = Path(output_dir) / "checkpoints"
+        found, skipped = newest_intact(ckpt_dir)
+        if skipped and found is None:
+            raise DamagedCheckpointError(
+                f"--resume auto: every checkpoint in {ckpt_dir} is damaged ({'; '.join(skipped)}); start a new "
+                "train.output_dir"
+            )
+        if skipped:
+            moved = ""
+            if set_aside:
+                for entry in skipped:
+                    tag = entry.split(" ", 1)[0]
+                    with contextlib.suppress(OSError):
+                        shutil.rmtree(ckpt_dir / (tag + DAMAGED_SUFFIX), ignore_errors=True)
+                        os.replace(ckpt_dir / tag, ckpt_dir / (tag + DAMAGED_SUFFIX))
+                moved = f" (kept as {DAMAGED_SUFFIX} folders)"
+            warnings.warn(
+                f"--resume auto skipped damaged checkpoint(s) {', '.join(skipped)} in {ckpt_dir}{moved}; resuming "
+                f"from {found.name}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        return found
     path = Path(spec)
     if not path.exists():
         raise ResumeError(f"--resume {spec}: no such checkpoint folder")
     if (path / COMPLETE_FILE).is_file() or path.name.startswith(TAG_PREFIX):
-        read_meta(path)
+        verify_checkpoint(path, read_meta(path))
         return path
     for base in (path, path / "checkpoints"):
         tags = complete_tags(base)
         if tags:
+            verify_checkpoint(base / tags[-1][1])
             return base / tags[-1][1]
     raise ResumeError(f"--resume {spec}: holds no complete checkpoint (step_*/{COMPLETE_FILE})")
+
+
+def safe_globals() -> list[Any]:
+    """The classes of ``SAFE_GLOBALS_NAMES`` that this DeepSpeed has (for ``torch.serialization.safe_globals``)."""
+    import importlib
+
+    found = []
+    for name in SAFE_GLOBALS_NAMES:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def safe_torch_load(where: str | Path) -> Iterator[None]:
+    """Within the block every ``torch.load`` (DeepSpeed's included, which ask for ``weights_only=False``) runs
+    with ``weights_only=True`` and only ``SAFE_GLOBALS_NAMES`` allowed; a file that holds anything else is a
+    ``DamagedCheckpointError`` and nothing in it runs. The patch is process-wide for the block's duration."""
+    real_load = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        first = " ".join(str(err).split("\n")[0].split())
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), first)
+        raise DamagedCheckpointError(
+            f"checkpoint {where} holds Python objects a checkpoint never holds ({detail[:160]}); refused to load "
+            "it (a crafted file can run code); use a checkpoint this system wrote"
+        ) from err
+    finally:
+        torch.load = real_load
 
 
 def check_compatible(
@@ -172,10 +366,13 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Save on every rank; rank 0 marks it complete, moves ``latest`` and prunes to ``keep_last``.
+    """Save on every rank; rank 0 records every file's size + sha256 in ``complete.json``, moves ``latest`` and
+    prunes to ``keep_last``.
 
     Collective: every rank must call it at the same step. A step that already has a complete checkpoint is
-    left as it is.
+    left as it is. Every file is fsynced before ``complete.json`` is written. A write that fails on any rank
+    (disk full, quota, read-only) removes the half-written folder and raises ``CheckpointSaveError`` on every
+    rank; the previous checkpoints and ``latest`` are untouched.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
@@ -184,31 +381,67 @@ def save_checkpoint(
         # already saved at this step (a resume that had nothing left to do, or a NaN stop right after a
         # save): never delete a complete checkpoint to write the same step again
         return tag_dir
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # a save of this step that a kill interrupted: start it over
-            shutil.rmtree(tag_dir)
+    failure: BaseException | None = None
+    try:
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # a save of this step that a kill interrupted: start it over
+                shutil.rmtree(tag_dir)
+    except OSError as err:
+        failure = err
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, rank_state_file(tag_dir, rank))
-    barrier()  # every rank's files are on disk
+    if failure is None:
+        try:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(rank_state, rank_state_file(tag_dir, rank))
+            fsync_tree(tag_dir)  # this rank's files are on disk before rank 0 declares the checkpoint complete
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not _is_write_failure(err):
+                raise
+            failure = err
+    _raise_if_any_failed(failure, ckpt_dir, tag_dir, rank)  # also the barrier: every rank's files are on disk
     if rank == 0:
-        info = dict(meta, step=step, tag=tag, time=time.time())
-        _atomic_write(tag_dir / COMPLETE_FILE, json.dumps(info, indent=1, default=str))
-        _atomic_write(ckpt_dir / LATEST_FILE, tag)
-        prune(ckpt_dir, keep_last)
-    barrier()
+        try:
+            info = dict(meta, step=step, tag=tag, time=time.time(), **{FILES_KEY: file_manifest(tag_dir)})
+            atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(info, indent=1, default=str))
+            atomic_write_text(ckpt_dir / LATEST_FILE, tag)
+        except OSError as err:
+            failure = err
+            (tag_dir / COMPLETE_FILE).unlink(missing_ok=True)
+        else:
+            prune(ckpt_dir, keep_last)
+    _raise_if_any_failed(failure, ckpt_dir, tag_dir, rank)
     return tag_dir
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _is_write_failure(err: RuntimeError) -> bool:
+    """torch.save reports a failed write (disk full) as a RuntimeError from its zip writer."""
+    text = str(err).lower()
+    return "write" in text and ("file" in text or "failed" in text)
+
+
+def _raise_if_any_failed(failure: BaseException | None, ckpt_dir: Path, tag_dir: Path, rank: int) -> None:
+    """Collective: when ``failure`` is set on any rank, remove the half-written ``tag_dir`` (rank 0) and raise
+    ``CheckpointSaveError`` on every rank."""
+    failed = all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0]))
+    if failed.item() == 0:
+        return
+    if rank == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # frees the space it took; complete.json was never there
+    barrier()
+    tags = complete_tags(ckpt_dir)
+    previous = f"the previous checkpoints are intact (newest: {tags[-1][1]})" if tags else "no earlier checkpoint"
+    if failure is None:
+        reason = "another rank failed to write its files"
+    elif isinstance(failure, OSError) and failure.errno == errno.ENOSPC:
+        reason = f"no space left on device ({failure.filename or ckpt_dir})"
+    else:
+        reason = " ".join(str(failure).split())[:200]
+    raise CheckpointSaveError(
+        f"could not write checkpoint {tag_dir.name} in {ckpt_dir}: {reason}; {previous}; free space (or fix the "
+        "folder) and continue with --resume auto"
+    ) from failure
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
@@ -257,29 +490,34 @@ def mark_best(
     """
     if rank == 0:
         record = {"tag": tag_for(step), "step": step, "metric": metric, "value": value}
-        _atomic_write(Path(ckpt_dir) / BEST_FILE, json.dumps(record, indent=1))
+        atomic_write_text(Path(ckpt_dir) / BEST_FILE, json.dumps(record, indent=1))
         if keep_last > 0:
             prune(Path(ckpt_dir), keep_last)
     barrier()
 
 
 def load_checkpoint(
-    engine: DeepSpeedEngine, tag_dir: str | Path, *, rank: int, full_state: bool = True
+    engine: DeepSpeedEngine, tag_dir: str | Path, *, rank: int, full_state: bool = True, verify: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine``; return ``(client_state, rank_state)``.
 
+    The files are first checked against the sizes and hashes recorded at save time, then loaded with
+    ``safe_torch_load`` (``DamagedCheckpointError`` for a damaged or crafted file, before anything runs).
     Weights, optimizer and scheduler are always loaded (a weights-only load is not consistent under every ZeRO
     stage); ``full_state`` also reads this rank's loader/RNG state (resume). False: the best checkpoint for the
-    final test evaluation (``rank_state`` is then ``{}``).
+    final test evaluation (``rank_state`` is then ``{}``). ``verify``: check the recorded sizes and hashes first.
     Collective: every rank calls it with the same ``tag_dir``.
     """
     tag_dir = Path(tag_dir)
-    path, client_state = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    if verify:  # False: find_checkpoint has just verified it
+        verify_checkpoint(tag_dir)
+    with safe_torch_load(tag_dir):
+        path, client_state = engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {tag_dir}; the checkpoint is damaged")
     if not full_state:

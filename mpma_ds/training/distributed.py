@@ -6,6 +6,7 @@ DeepSpeed is imported inside the functions, so importing this module stays cheap
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -13,7 +14,29 @@ from typing import Any
 
 import torch
 
-_SINGLE_PROCESS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SINGLE_PROCESS_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+)  # fmt: skip
+LOOPBACK_IFNAME = "lo"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within the recipe's ``train.collective_timeout_s``: another rank is hung,
+    dead or much slower."""
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """True for the errors gloo / NCCL raise when a collective (or the store behind it) timed out, or when a
+    peer rank died during one (its sockets closed)."""
+    text = str(err).lower()
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if "DistBackendError" in names or "DistStoreError" in names or "DistNetworkError" in names:
+        return True
+    return isinstance(err, RuntimeError) and any(
+        key in text for key in ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+    )
 
 
 def world_info() -> tuple[int, int, int]:
@@ -32,8 +55,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> bool:
+def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> bool:
     """Join (or, for a plain ``python`` run, create) the process group: NCCL on CUDA, gloo on CPU.
+
+    ``timeout_s`` bounds every collective (and NCCL's watchdog): a rank that waits longer for a hung or dead peer
+    fails with an error instead of waiting forever. A plain ``python`` run (no launcher) is a group of one whose
+    rendezvous is an in-process store: nothing listens beyond the loopback interface (the gloo / NCCL sockets
+    are bound to ``lo`` unless ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` say otherwise).
 
     Returns True when this call created the group; the caller then calls ``close_distributed()``.
     """
@@ -42,14 +70,25 @@ def init_distributed() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return False
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # a collective that outlives the timeout aborts the NCCL communicators and ends this rank (the launcher then
+    # stops the others); set here too because the pdsh launcher forwards only NCCL_* variables to remote ranks
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if "RANK" not in os.environ:  # `python launch/pretrain.py`: a group of one, no launcher
         os.environ["MPMA_DS_SET_ENV"] = ",".join(k for k in _SINGLE_PROCESS_ENV if k not in os.environ)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-    if torch.cuda.is_available():
+        os.environ["MASTER_PORT"] = str(free_port())  # names DeepSpeed's CPU all-reduce buffer; nothing binds it
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_IFNAME)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", LOOPBACK_IFNAME)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        # torch's env:// rendezvous would start a TCPStore listening on every interface; one process needs none
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     _unlink_shm_buffers()
     return True
 

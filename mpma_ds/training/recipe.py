@@ -29,7 +29,6 @@ from mpma_ds.config import (
     build,
     given_keys,
     load_yaml,
-    save_config,
     to_dict,
 )
 from mpma_ds.data.config import DataConfig
@@ -173,8 +172,14 @@ class TrainConfig(ConfigSection):
     on / off for every stack; null keeps the architecture's own default (``MPMAConfig.grad_checkpointing``)."""
 
     max_nan_steps: int = 5
-    """A step whose loss is NaN/Inf on any rank is skipped; after this many in a row the run saves a
-    checkpoint and stops with an error."""
+    """A micro-batch whose loss is NaN/Inf on any rank is skipped, and so is an optimizer step whose gradients
+    are NaN/Inf (finite loss, non-finite gradient norm; redone on the next micro-batches); after this many such
+    skips without an optimizer step in between the run saves a checkpoint and stops with an error."""
+
+    collective_timeout_s: float = 600.0
+    """Seconds any collective (all-reduce, barrier, the NCCL watchdog) may wait for the other ranks: a hung or
+    dead rank then fails the job with one clear line instead of holding every GPU forever. Raise it for a
+    checkpoint save or evaluation that takes longer than this on one rank while the others wait."""
 
     peak_tflops: float = 0.0
     """Peak FLOP/s (in TFLOP/s) that model FLOP utilisation is measured against; 0 = the device's known dense
@@ -192,6 +197,8 @@ class TrainConfig(ConfigSection):
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.schedule not in SCHEDULES:
@@ -354,5 +361,11 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
-    """Write the resolved recipe as YAML (the run folder's ``recipe.yaml``), atomically."""
-    return save_config(recipe, path)
+    """Write the resolved recipe as YAML (the run folder's ``recipe.yaml``), atomically and fsynced."""
+    import yaml
+
+    from mpma_ds.fileio import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -28,14 +28,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
+from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
 from mpma_ds.training.distributed import (
+    CollectiveTimeoutError,
     all_gather_objects,
     all_reduce_sum,
     broadcast_object,
     close_distributed,
     init_distributed,
+    is_collective_timeout,
     world_info,
 )
 from mpma_ds.training.ds_config import (
@@ -47,17 +50,19 @@ from mpma_ds.training.ds_config import (
 )
 from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
+from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
+    DS_CONFIG_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    clear_run,
+    existing_run,
+)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from mpma_ds.tracking import MetricLogger
 
-SUMMARY_FILE = "summary.json"
-PREDICTIONS_FILE = "test_predictions.pt"
-"""Per-sample test outputs of a fine-tuning run (``torch.load(weights_only=True)``): ``keys`` and the task's
-predictions and targets."""
-DS_CONFIG_FILE = "ds_config.json"
 _SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
 
 
@@ -66,7 +71,7 @@ class SetupError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """``train.max_nan_steps`` micro-batches in a row had a NaN/Inf loss; a checkpoint was saved first."""
+    """``train.max_nan_steps`` skips in a row (NaN/Inf losses or gradients); a checkpoint was saved first."""
 
 
 def mask_seed(seed: int, step: int, data_rank: int, attempt: int) -> int:
@@ -93,14 +98,18 @@ class Trainer:
     Args:
         recipe: the resolved recipe (``load_recipe``).
         task: the task object; ``None`` builds it from the recipe (``mpma_ds.tasks.build_task``).
-        resume: ``"auto"`` (newest complete checkpoint in ``train.output_dir``, or a fresh start when there is
-            none) or a checkpoint path; ``None`` starts fresh.
+        resume: ``"auto"`` (newest intact complete checkpoint in ``train.output_dir``, or a fresh start when there
+            is none) or a checkpoint path; ``None`` starts fresh.
+        overwrite: a fresh start in a ``train.output_dir`` that already holds a run removes that run's files
+            first; without it such a folder is refused (a new run is never mixed into an old one).
 
     Raises:
         SetupError: bad input, found before training started.
     """
 
-    def __init__(self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None, overwrite: bool = False
+    ) -> None:
         from mpma_ds.tasks.registry import build_task
 
         self.recipe = recipe
@@ -118,10 +127,12 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.evals_without_gain = 0
         self.nan_total = 0
+        self.grad_skipped = 0
         self.last_eval: dict[str, Any] = {}
-        self.ctx, resume_dir = self._resolve(resume)
+        self.ctx, resume_dir = self._resolve(resume, overwrite)
+        self.resumed = resume_dir is not None
         try:
-            self.created_group = init_distributed()
+            self.created_group = init_distributed(self.cfg.collective_timeout_s)
             try:
                 self.loaders, self.val_loader = self.task.build_loaders(self.ctx)
                 self.max_steps, self.eval_every = self.cfg.steps_for(self.loaders[0].steps_per_epoch)
@@ -129,14 +140,19 @@ class Trainer:
                 raise SetupError(_one_line(err)) from err
             self._build_engine()
             if resume_dir is not None:
-                self.resume(resume_dir)
+                try:
+                    self.resume(resume_dir)
+                except ckpt.ResumeError as err:
+                    raise SetupError(_one_line(err)) from err
+            if resume is None:  # after every input check, before the first write into the folder
+                self._fresh_folder(self.ctx.rank, overwrite)
             self.logger = self._start_logging()
         except BaseException:
             self.close("FAILED")
             raise
 
     # ---------------------------------------------------------------------------------------------- build
-    def _resolve(self, resume: str | None) -> tuple[RunContext, Path | None]:
+    def _resolve(self, resume: str | None, overwrite: bool = False) -> tuple[RunContext, Path | None]:
         """Every check that bad input can fail, in order of cost, before any process group exists."""
         rank, world, local_rank = world_info()
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -147,7 +163,7 @@ class Trainer:
             self.task.resolve(ctx)
             resume_dir = None
             if resume:
-                resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir)
+                resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir, set_aside=rank == 0)
                 if resume_dir is not None:
                     ckpt.check_compatible(
                         ckpt.read_meta(resume_dir), model_name=self.recipe.model.name,
@@ -157,6 +173,21 @@ class Trainer:
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
         return ctx, resume_dir
+
+    def _fresh_folder(self, rank: int, overwrite: bool) -> None:
+        """A fresh start: refuse a folder that holds another run, or (``overwrite``) remove that run first."""
+        if self.out.exists() and not self.out.is_dir():
+            raise SetupError(f"train.output_dir {self.out} is a file; give a folder path")
+        found = existing_run(self.out)
+        if not found:
+            return
+        if not overwrite:
+            raise SetupError(
+                f"train.output_dir {self.out} already holds a run ({', '.join(found)}); continue it with --resume "
+                "auto, replace it with --overwrite, or choose another train.output_dir"
+            )
+        if rank == 0:
+            clear_run(self.out)
 
     def _build_engine(self) -> None:
         from mpma_ds.models.flops import training_flops_per_sample
@@ -197,14 +228,14 @@ class Trainer:
         if ctx.rank == 0:
             logger = build_logger(
                 self.recipe.tracking, rank=0, run_dir=self.out, run_id=self.run_id, tags=tags,
-                console_steps=self.max_steps,
+                console_steps=self.max_steps, resume=self.resumed,
             )  # fmt: skip
             self.run_id = logger.run_id
         self.run_id = broadcast_object(self.run_id)
         if ctx.rank != 0:
             return build_logger(self.recipe.tracking, rank=ctx.rank, run_dir=self.out, run_id=self.run_id)
         save_recipe(self.recipe, self.out / RECIPE_FILE)
-        (self.out / DS_CONFIG_FILE).write_text(json.dumps(ctx.ds_config, indent=2), encoding="utf-8")
+        atomic_write_text(self.out / DS_CONFIG_FILE, json.dumps(ctx.ds_config, indent=2))
         logger.log_params({**flatten_params(to_dict(self.recipe)), **flatten_params(ctx.ds_config, "ds")})
         logger.log_artifact(self.out / RECIPE_FILE)
         logger.log_artifact(self.out / DS_CONFIG_FILE)
@@ -254,7 +285,8 @@ class Trainer:
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
-        client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank)
+        # find_checkpoint verified the files in _resolve
+        client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank, verify=False)
         self.load_state_dict(client)
         for loader, state in zip(self.loaders, rank_state["loaders"]):
             loader.load_state_dict(state)
@@ -263,7 +295,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (``accumulation`` micro-batches); returns the step's mean loss terms."""
+        """One optimizer step (``accumulation`` micro-batches); returns the step's mean loss terms.
+
+        A micro-batch whose loss is NaN/Inf on any rank is skipped (never backpropagated) and replaced by the
+        next one; a step whose gradients are NaN/Inf although every loss was finite is not applied (DeepSpeed's
+        ZeRO optimizers drop it; without ZeRO the gradients are cleared here) and is redone on the next
+        micro-batches. ``train.max_nan_steps`` such skips without an applied step in between save a checkpoint
+        and raise ``NonFiniteLossError``.
+        """
         ctx, cfg, engine = self.ctx, self.cfg, self.engine
         sums = torch.zeros(len(self.loss_keys))
         done, attempt, nan_in_row = 0, 0, 0
@@ -284,21 +323,56 @@ class Trainer:
             if packed[-2].item() < ctx.world_size:  # some rank saw NaN/Inf: every rank skips this micro-batch
                 nan_in_row, attempt = nan_in_row + 1, attempt + 1
                 self.nan_total += 1
-                if nan_in_row >= cfg.max_nan_steps:
-                    self.save()
-                    raise NonFiniteLossError(
-                        f"{nan_in_row} micro-batches in a row had a NaN/Inf loss at step {self.step + 1}; saved "
-                        f"checkpoint {self.out / 'checkpoints'} (step {self.step}); lower train.lr or check the data"
-                    )
+                self._stop_if_too_many(nan_in_row, "had a NaN/Inf loss")
                 continue
-            nan_in_row = 0
             engine.backward(losses["loss"])
+            boundary = done == ctx.accumulation - 1
+            if boundary and self.plain_optimizer:
+                self._drop_nonfinite_grads()
             engine.step()
             sums += packed[:-2] / ctx.world_size
             self.meter.add_samples(cfg.micro_batch_size * ctx.world_size, float(packed[-1]))
             done += 1
+            if boundary and not engine.was_step_applied():  # non-finite gradients: the step was not applied
+                nan_in_row, attempt = nan_in_row + 1, attempt + 1
+                self.grad_skipped += 1
+                self._stop_if_too_many(nan_in_row, "had NaN/Inf gradients (finite loss)")
+                sums.zero_()
+                done = 0
         self.step += 1
         return {k: float(v) / ctx.accumulation for k, v in zip(self.loss_keys, sums)}
+
+    def _stop_if_too_many(self, in_row: int, what: str) -> None:
+        if in_row < self.cfg.max_nan_steps:
+            return
+        self.save()
+        raise NonFiniteLossError(
+            f"{in_row} skips in a row at step {self.step + 1}, the last one {what}; saved checkpoint "
+            f"{self.out / 'checkpoints'} (step {self.step}); lower train.lr or check the data, then --resume auto"
+        )
+
+    @property
+    def plain_optimizer(self) -> bool:
+        """True when DeepSpeed steps a plain torch optimizer (no ZeRO, no fp16/bf16 wrapper), which applies
+        whatever gradients it gets: the trainer then checks them itself."""
+        return zero_stage(self.ctx.ds_config) == 0 and isinstance(self.engine.optimizer, torch.optim.Optimizer)
+
+    def _drop_nonfinite_grads(self) -> None:
+        """Without ZeRO: when any gradient is NaN/Inf on any rank, make the coming ``engine.step()`` leave every
+        parameter and optimizer moment alone (the torch optimizer's ``step`` is a no-op for that one call;
+        DeepSpeed still clears the gradients) and mark it an overflow, so DeepSpeed counts it as skipped and
+        leaves the learning-rate schedule where it was."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        bad = sum(float((~torch.isfinite(g)).any()) for g in grads)
+        bad = all_reduce_sum(torch.tensor([bad])).item() > 0
+        optimizer = self.engine.optimizer
+        optimizer.overflow = bad
+        if bad:
+
+            def skip_once(*args: Any, **kwargs: Any) -> None:
+                del optimizer.step  # the class's own step again from the next call on
+
+            optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
         skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
@@ -312,6 +386,7 @@ class Trainer:
             "memory_gb": memory_gb(self.ctx.device),
             "skipped_samples": float(skipped.item()),
             "nonfinite_skipped": float(self.nan_total),
+            "nonfinite_grad_skipped": float(self.grad_skipped),
             "epoch": float(self.loaders[0].stats().get("epoch", 0)),
         }
         self.logger.log_metrics(metrics, step=self.step)
@@ -428,6 +503,7 @@ class Trainer:
             "flops_per_sample": self.flops_per_sample,
             "memory_per_rank": per_rank,
             "nonfinite_skipped": self.nan_total,
+            "nonfinite_grad_skipped": self.grad_skipped,
             "eval": self.last_eval,
             "best": self.best,
             "test": test,
@@ -439,7 +515,7 @@ class Trainer:
             from mpma_ds.tracking.params import json_safe
 
             text = json.dumps(json_safe(summary), indent=1, default=str)
-            (self.out / SUMMARY_FILE).write_text(text, encoding="utf-8")
+            atomic_write_text(self.out / SUMMARY_FILE, text)
             self.logger.log_artifact(self.out / SUMMARY_FILE)
         self.status = "FINISHED"
         return summary
@@ -482,10 +558,34 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FINISHED" if exc_type is None and getattr(self, "status", "") == "FINISHED" else "FAILED")
+        if exc_type is None and getattr(self, "status", "") == "FINISHED":
+            status = "FINISHED"
+        elif exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, SIGTERM (the CLIs)
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        self.close(status)
 
 
-def train(recipe: Recipe, *, resume: str | None = None, task: Task | None = None) -> dict[str, Any]:
-    """Build a ``Trainer`` for ``recipe`` and run it to the end; returns the summary."""
-    with Trainer(recipe, task, resume=resume) as trainer:
-        return trainer.fit()
+def train(
+    recipe: Recipe, *, resume: str | None = None, task: Task | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Build a ``Trainer`` for ``recipe`` and run it to the end; returns the summary.
+
+    Raises:
+        SetupError: bad input (before training started).
+        NonFiniteLossError: too many NaN/Inf losses or gradients in a row (a checkpoint was saved).
+        CheckpointSaveError: a checkpoint could not be written (disk full); the earlier ones are intact.
+        CollectiveTimeoutError: another rank did not reach a collective within ``train.collective_timeout_s``.
+    """
+    with Trainer(recipe, task, resume=resume, overwrite=overwrite) as trainer:
+        try:
+            return trainer.fit()
+        except RuntimeError as err:
+            if isinstance(err, (NonFiniteLossError, ckpt.CheckpointSaveError)) or not is_collective_timeout(err):
+                raise
+            raise CollectiveTimeoutError(
+                f"rank {trainer.ctx.rank}: a collective did not complete within train.collective_timeout_s="
+                f"{trainer.cfg.collective_timeout_s:g} s at step {trainer.step + 1} (another rank is hung, dead or "
+                f"far slower: {_one_line(err)[:160]}); resume with --resume auto once the cause is fixed"
+            ) from err
