@@ -166,6 +166,18 @@ class MPMA(nn.Module):
         t, v = self.fusion(t, attention_mask.bool(), v)
         return torch.cat([self._pool_text(t, attention_mask), self._pool_image(v)], dim=-1)  # (B, 2D)
 
+    def masked_token_predictions(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The MLM head's guess at every position, (B, L) token ids, from the whole (unmasked) image fused with
+        the (masked) report: what ``mpma_ds.eval.mlm`` scores at the [MASK] positions."""
+        img, txt = self._unimodal(images, input_ids, attention_mask, None)  # (B, 1+N, Dv), (B, L, Dt)
+        t_type = torch.zeros_like(input_ids[:, :1])
+        t = self.text_to_fusion(txt) + self.modality_embed(t_type)  # (B, L, D)
+        v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)  # (B, 1+N, D)
+        t, _ = self.fusion(t, attention_mask.bool(), v)
+        return self.mlm_head.logits(t).argmax(dim=-1)  # (B, L)
+
     def retain(self, parts: tuple[str, ...]) -> MPMA:
         """Drop every top-level component not in ``parts`` (a fine-tuning module keeps only what its forward
         uses, so every parameter it holds receives a gradient); parameter names stay MPMA's. Returns self."""
