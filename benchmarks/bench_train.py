@@ -1,6 +1,7 @@
 """Training-step throughput and per-rank memory on 2 CPU ranks: ZeRO-3 vs ZeRO-2 vs plain data parallel.
 
     python benchmarks/bench_train.py [--models mpma_tiny mpma_small] [--steps 12] [--out benchmarks/results]
+        [--only zero3 zero2] [--config NAME=JSON ...] [--repeats N]
 
 Each (model, DeepSpeed config) pair is one real ``deepspeed --num_gpus 2 launch/pretrain.py`` run on the
 ``synthetic`` backend (the loader is not what is measured here), tracking and evaluation off. Figures:
@@ -107,8 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also run this DeepSpeed config (a shipped name or a path) as row NAME, e.g. to compare ZeRO-3 "
         "settings; repeatable",
     )
+    parser.add_argument(
+        "--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="shipped rows to run (dp always)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every config this many times, interleaved (A B C A B C ...), and report each one's median "
+        "run: on a shared machine the load drifts, interleaving spreads it over all configs alike",
+    )
     args = parser.parse_args(argv)
-    configs = dict(CONFIGS)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    configs = {name: CONFIGS[name] for name in CONFIGS if name in args.only or name == "dp"}
     for item in args.config:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
@@ -120,9 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         tokenizer = make_tokenizer(work)
-        jobs = [(m, name) for m in args.models for name in configs]
-        for model, name in tqdm(jobs, desc="bench_train runs"):
-            results.append(dict(run_one(model, configs[name], args.steps, tokenizer, work, name), name=name))
+        jobs = [(m, name, k) for m in args.models for k in range(args.repeats) for name in configs]
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for model, name, k in tqdm(jobs, desc="bench_train runs"):
+            run = run_one(model, configs[name], args.steps, tokenizer, work, f"{name}-{k}")
+            runs.setdefault((model, name), []).append(dict(run, name=name))
+        for group in runs.values():
+            group.sort(key=lambda r: r["samples_per_s"])
+            results.append(dict(group[len(group) // 2], repeats_samples_per_s=[r["samples_per_s"] for r in group]))
     width = max(6, *(len(n) for n in configs))
     header = (
         f"{'model':<11} {'config':<{width}} {'steps/s':>8} {'samples/s':>10} {'x DP':>6} {'params/rank':>12} "
