@@ -1,10 +1,12 @@
 """Training-step throughput and per-rank memory on 2 CPU ranks: ZeRO-3 vs ZeRO-2 vs plain data parallel.
 
     python benchmarks/bench_train.py [--models mpma_tiny mpma_small] [--steps 12] [--out benchmarks/results]
+        [--only zero3 zero2] [--config NAME=JSON ...] [--repeats N]
 
 Each (model, DeepSpeed config) pair is one real ``deepspeed --num_gpus 2 launch/pretrain.py`` run on the
 ``synthetic`` backend (the loader is not what is measured here), tracking and evaluation off. Figures:
-steady-state steps/s and samples/s (logged steps after the first two, which include warm-up), and what each
+steady-state steps/s and samples/s (the median of the logged steps after the first two, which include
+warm-up; a median, since a shared machine's bursts of load hit single steps), and what each
 rank holds after training, read from the engine: parameter elements and parameter + optimizer-state bytes.
 The baseline, measured in the same run, is plain data parallel (``cpu_dp.json``, ZeRO stage 0); the table
 gives each config's ratio to it. Writes ``<out>/bench_train.json``.
@@ -24,7 +26,7 @@ from mpma_ds.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIGS = {"zero3": "cpu_zero3.json", "zero2": "cpu_zero2.json", "dp": "cpu_dp.json"}
+CONFIGS = {"zero3": "cpu_zero3", "zero2": "cpu_zero2", "dp": "cpu_dp"}
 MODEL_SETTINGS = {  # image size, micro-batch per rank
     "mpma_tiny": (128, 8),
     "mpma_small": (224, 2),
@@ -43,9 +45,9 @@ def make_tokenizer(work: Path) -> Path:
     return work / "tokenizer"
 
 
-def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path) -> dict:
+def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path, name: str) -> dict:
     image_size, micro = MODEL_SETTINGS[model]
-    out = work / f"{model}-{ds_config}"
+    out = work / f"{model}-{name}"
     overrides = {
         "model.name": model,
         "data.backend": "synthetic",
@@ -63,7 +65,7 @@ def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path)
         "train.log_every": 1,
         "train.output_dir": out,
         "tracking.enabled": False,
-        "deepspeed_config": f"ds_configs/{ds_config}",
+        "deepspeed_config": ds_config,
     }
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     cmd += [str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "launch/configs/pretrain_tiny.yaml")]
@@ -75,8 +77,8 @@ def run_one(model: str, ds_config: str, steps: int, tokenizer: Path, work: Path)
         raise RuntimeError(f"{model} / {ds_config} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > 2]
-    samples_per_s = sum(rates) / len(rates)
+    rates = sorted(r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > 2)
+    samples_per_s = rates[len(rates) // 2]  # the median step: robust to a busy neighbour's bursts
     mem = summary["memory_per_rank"][0]
     return {
         "model": model,
@@ -98,18 +100,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (first 2 not timed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="also run this DeepSpeed config (a shipped name or a path) as row NAME, e.g. to compare ZeRO-3 "
+        "settings; repeatable",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="shipped rows to run (dp always)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every config this many times, interleaved (A B C A B C ...), and report each one's median "
+        "run: on a shared machine the load drifts, interleaving spreads it over all configs alike",
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    configs = {name: CONFIGS[name] for name in CONFIGS if name in args.only or name == "dp"}
+    for item in args.config:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            parser.error(f"--config {item!r}: expected NAME=JSON (a shipped config name or a path)")
+        configs[name] = str(Path(spec).resolve()) if Path(spec).is_file() else spec
     from tqdm import tqdm
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         tokenizer = make_tokenizer(work)
-        jobs = [(m, name) for m in args.models for name in CONFIGS]
-        for model, name in tqdm(jobs, desc="bench_train runs"):
-            results.append(dict(run_one(model, CONFIGS[name], args.steps, tokenizer, work), name=name))
+        jobs = [(m, name, k) for m in args.models for k in range(args.repeats) for name in configs]
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for model, name, k in tqdm(jobs, desc="bench_train runs"):
+            run = run_one(model, configs[name], args.steps, tokenizer, work, f"{name}-{k}")
+            runs.setdefault((model, name), []).append(dict(run, name=name))
+        for group in runs.values():
+            group.sort(key=lambda r: r["samples_per_s"])
+            results.append(dict(group[len(group) // 2], repeats_samples_per_s=[r["samples_per_s"] for r in group]))
+    width = max(6, *(len(n) for n in configs))
     header = (
-        f"{'model':<11} {'config':<6} {'steps/s':>8} {'samples/s':>10} {'x DP':>6} {'params/rank':>12} "
+        f"{'model':<11} {'config':<{width}} {'steps/s':>8} {'samples/s':>10} {'x DP':>6} {'params/rank':>12} "
         f"{'param MB':>9} {'optim MB':>9} {'param+opt MB':>13} {'x DP':>6}"
     )
     print(header)
@@ -118,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = {r["name"]: r for r in results if r["model"] == model}
         base = rows["dp"]
         base_mem = base["param_mb_rank0"] + base["optimizer_mb_rank0"]
-        for name in CONFIGS:
+        for name in configs:
             r = rows[name]
             mem = r["param_mb_rank0"] + r["optimizer_mb_rank0"]
             r["speed_vs_dp"] = r["samples_per_s"] / base["samples_per_s"]
             r["memory_vs_dp"] = mem / base_mem
             print(
-                f"{model:<11} {name:<6} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
+                f"{model:<11} {name:<{width}} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
                 f"{r['speed_vs_dp']:>6.2f} {int(r['param_numel_rank0']):>12,} {r['param_mb_rank0']:>9.1f} "
                 f"{r['optimizer_mb_rank0']:>9.1f} {mem:>13.1f} {r['memory_vs_dp']:>6.2f}"
             )

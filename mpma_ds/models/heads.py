@@ -25,6 +25,10 @@ class MLMHead(nn.Module):
             self.decoder.weight = word_embeddings.weight
         self.masked_only = cfg.mlm_masked_only
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) fused text features -> (..., V) vocabulary logits."""
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, D) fused text stream, labels (B, L) with -100 where not masked -> mean CE."""
         if self.masked_only:
@@ -32,7 +36,7 @@ class MLMHead(nn.Module):
             h, y = hidden[selected], labels[selected]  # (M, D), (M,)
         else:
             h, y = hidden, labels
-        logits = self.decoder(self.norm(F.gelu(self.dense(h))))  # (M, V) or (B, L, V)
+        logits = self.logits(h)  # (M, V) or (B, L, V)
         if not (y != -100).any():
             return logits.sum() * 0.0  # no masked token: zero loss that still touches the head
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)

@@ -166,6 +166,18 @@ class MPMA(nn.Module):
         t, v = self.fusion(t, attention_mask.bool(), v)
         return torch.cat([self._pool_text(t, attention_mask), self._pool_image(v)], dim=-1)  # (B, 2D)
 
+    def masked_token_predictions(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The MLM head's guess at every position, (B, L) token ids, from the whole (unmasked) image fused with
+        the (masked) report: what ``mpma_ds.eval.mlm`` scores at the [MASK] positions."""
+        img, txt = self._unimodal(images, input_ids, attention_mask, None)  # (B, 1+N, Dv), (B, L, Dt)
+        t_type = torch.zeros_like(input_ids[:, :1])
+        t = self.text_to_fusion(txt) + self.modality_embed(t_type)  # (B, L, D)
+        v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)  # (B, 1+N, D)
+        t, _ = self.fusion(t, attention_mask.bool(), v)
+        return self.mlm_head.logits(t).argmax(dim=-1)  # (B, L)
+
     def retain(self, parts: tuple[str, ...]) -> MPMA:
         """Drop every top-level component not in ``parts`` (a fine-tuning module keeps only what its forward
         uses, so every parameter it holds receives a gradient); parameter names stay MPMA's. Returns self."""
@@ -183,6 +195,11 @@ class MPMA(nn.Module):
 
         Returns the weighted "loss" and each term: "loss_mlm", "loss_mim", "loss_global", "loss_local"
         (+ "loss_itm" when `w_itm > 0`). Extra batch keys are ignored.
+
+        ``batch["valid"]`` (B,) bool, optional (absent = all valid), marks the loader's stand-in samples
+        (remainder padding, repeats for skipped corrupt samples) as False: they enter no loss term, neither
+        as samples nor as contrastive negatives, on this rank or (global InfoNCE) any other. Every rank must
+        pass it or none (its flags are gathered with the embeddings).
         """
         cfg = self.config
         images, input_ids = batch["image"], batch["input_ids"]
@@ -197,6 +214,9 @@ class MPMA(nn.Module):
             b, n, cfg.num_visible(n), device=images.device, generator=generator
         )
         text_mask = attention_mask.bool()
+        valid = batch.get("valid")
+        if valid is not None:
+            valid = torch.as_tensor(valid, device=images.device).bool().reshape(b)
 
         img, txt = self._unimodal(images, input_ids, attention_mask, ids_keep)  # (B, 1+K, Dv), (B, L, Dt)
 
@@ -208,10 +228,11 @@ class MPMA(nn.Module):
             img_a, txt_a = img, txt
         img_emb = F.normalize(self.image_proj(self._pool_image(img_a)), dim=-1)  # (B, E)
         txt_emb = F.normalize(self.text_proj(self._pool_text(txt_a, attention_mask)), dim=-1)  # (B, E)
-        loss_global = self.global_loss(img_emb, txt_emb, self.rank, self.world_size)
+        loss_global = self.global_loss(img_emb, txt_emb, self.rank, self.world_size, valid)
         patch_feats = F.normalize(self.image_proj(img_a[:, 1:]), dim=-1)  # (B, K|N, E)
         token_feats = F.normalize(self.text_proj(txt_a), dim=-1)  # (B, L, E)
-        loss_local = self.local_loss(token_feats, self._alignment_tokens(attention_mask, mlm_labels), patch_feats)
+        token_valid = self._alignment_tokens(attention_mask, mlm_labels)  # (B, L)
+        loss_local = self.local_loss(token_feats, token_valid, patch_feats, valid)
 
         # MA-CMF fusion of the masked image and the masked report.
         t_type = torch.zeros_like(input_ids[:, :1])
@@ -219,20 +240,24 @@ class MPMA(nn.Module):
         v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)  # (B, 1+K, D)
         t, v = self.fusion(t, text_mask, v)
 
-        loss_mlm = self.mlm_head(t, mlm_labels)
+        mlm_targets = mlm_labels if valid is None else mlm_labels.masked_fill(~valid[:, None], -100)
+        loss_mlm = self.mlm_head(t, mlm_targets)  # mean over the valid samples' masked tokens
         pred = self.mae_decoder(v, ids_keep, ids_masked, grid)  # (B, N-K, P) or (B, N, P)
         target = patchify(images, p)  # (B, N, P)
         if cfg.mim_masked_only:
             target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         else:
             masked = torch.ones(b, n, dtype=torch.bool, device=images.device).scatter(1, ids_keep, False)
-            pred, target = pred[masked], target[masked]
-        loss_mim = masked_patch_mse(pred, target, norm_pix=cfg.norm_pix_loss)
+            pred, target = (
+                pred[masked].reshape(b, n - ids_keep.shape[1], -1),
+                target[masked].reshape(b, -1, pred.shape[-1]),
+            )
+        loss_mim = masked_patch_mse(pred, target, norm_pix=cfg.norm_pix_loss, valid=valid)
 
         out = {"loss_mlm": loss_mlm, "loss_mim": loss_mim, "loss_global": loss_global, "loss_local": loss_local}
         total = cfg.w_mlm * loss_mlm + cfg.w_mim * loss_mim + cfg.w_global * loss_global + cfg.w_local * loss_local
         if self.itm_head is not None:
-            out["loss_itm"] = self._itm_loss(txt, text_mask, img, t, v)
+            out["loss_itm"] = self._itm_loss(txt, text_mask, img, t, v, valid)
             total = total + cfg.w_itm * out["loss_itm"]
         out["loss"] = total
         return {"loss": out.pop("loss"), **out}
@@ -254,15 +279,21 @@ class MPMA(nn.Module):
         img: torch.Tensor,
         t_pos: torch.Tensor,
         v_pos: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image-text matching: positives from the main pass, negatives = each image with the next report."""
+        """Image-text matching: positives from the main pass, negatives = each image with the previous report;
+        a pair with a stand-in sample on either side (``valid`` False) carries no loss."""
         t_type = torch.zeros(txt.shape[0], 1, dtype=torch.long, device=txt.device)
         t = self.text_to_fusion(txt.roll(1, 0)) + self.modality_embed(t_type)
         v = self.image_to_fusion(img) + self.modality_embed(t_type + 1)
         t_neg, v_neg = self.fusion(t, text_mask.roll(1, 0), v)
         feats = torch.cat([torch.cat([t_pos[:, 0], v_pos[:, 0]], -1), torch.cat([t_neg[:, 0], v_neg[:, 0]], -1)])
         labels = torch.cat([torch.ones(txt.shape[0]), torch.zeros(txt.shape[0])]).long().to(txt.device)
-        return F.cross_entropy(self.itm_head(feats).float(), labels)
+        logits = self.itm_head(feats).float()  # (2B, 2)
+        if valid is None:
+            return F.cross_entropy(logits, labels)
+        weight = torch.cat([valid, valid & valid.roll(1, 0)]).float()  # (2B,)
+        return (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum().clamp(min=1.0)
 
     # ------------------------------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | Path) -> Path:

@@ -1,5 +1,6 @@
-"""Pretraining as a task: MPMA's own forward (paired masking, GLA, MA-CMF, MLM + MAE heads) and the alignment
-evaluation (retrieval R@K both ways, zero-shot CheXpert AUROC) on the validation split."""
+"""Pretraining as a task: MPMA's own forward (paired masking, GLA, MA-CMF, MLM + MAE heads) and the validation
+pass: alignment (retrieval R@K both ways, zero-shot CheXpert AUROC) and masked-token accuracy of the fused text
+stream, overall (``mlm_acc``) and on finding words (``mlm_acc_findings``, ``mpma_ds.eval.mlm``)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,15 @@ class PretrainTask(Task):
         keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from mpma_ds.eval import evaluate_alignment
+        from mpma_ds.eval.mlm import MaskedTokenAccuracy
 
-        return evaluate_alignment(
-            module, batches, tokenizer=ctx.tokenizer, device=ctx.device, max_text_len=self.recipe.data.max_text_len
+        # masked-token accuracy (overall and on finding words) scored as the same pass goes by
+        mlm = MaskedTokenAccuracy(module, ctx.tokenizer, ctx.device)
+        metrics = evaluate_alignment(
+            module,
+            mlm.stream(batches),
+            tokenizer=ctx.tokenizer,
+            device=ctx.device,
+            max_text_len=self.recipe.data.max_text_len,
         )
+        return {**metrics, **mlm.result()}

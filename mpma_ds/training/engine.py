@@ -150,13 +150,18 @@ def build_engine(
 
 def engine_memory(engine: DeepSpeedEngine) -> dict[str, float]:
     """What this rank holds: parameter elements (local partition vs the whole model) and the bytes of
-    parameters and optimizer state, read from the engine (ZeRO-3 partitions: ``ds_tensor``)."""
-    total = local = param_bytes = 0
+    parameters and optimizer state, read from the engine (ZeRO-3 partitions: ``ds_tensor``; a parameter under
+    the persistence threshold is held whole beside its partition, ``param_numel_persistent`` counts those)."""
+    total = local = param_bytes = persistent = 0
     for param in engine.module.parameters():
         if hasattr(param, "ds_tensor"):  # ZeRO-3: the full size is ds_numel, this rank keeps ds_tensor
             total += param.ds_numel
-            local += param.ds_tensor.numel()
-            param_bytes += param.ds_tensor.numel() * param.ds_tensor.element_size()
+            held = param.ds_tensor.numel()
+            if getattr(param, "ds_persist", False):  # under the persistence threshold: kept whole as well
+                held += param.ds_numel
+                persistent += param.ds_numel
+            local += held
+            param_bytes += held * param.ds_tensor.element_size()
         else:
             total += param.numel()
             local += param.numel()
@@ -182,6 +187,7 @@ def engine_memory(engine: DeepSpeedEngine) -> dict[str, float]:
     return {
         "param_numel_total": float(total),
         "param_numel_local": float(local),
+        "param_numel_persistent": float(persistent),
         "param_bytes_local": float(param_bytes),
         "optimizer_bytes_local": float(opt_bytes),
     }

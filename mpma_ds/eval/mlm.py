@@ -1,0 +1,119 @@
+"""Masked-token accuracy of the fused text stream, overall and on *finding words*: the words of a report that
+only the image can supply (what is seen, on which side, how large or severe). MA-CMF's memory shapes the fused
+text stream only, so this is where its effect (or its absence) shows.
+
+``FINDING_WORDS`` is the one list: the CheXpert finding vocabulary as radiology reports write it (and as
+``data_tools.synth.reports`` writes it), plus side, extent and zone words. Negation words ("no", "without")
+are left out on purpose: they are frequent function words the report's syntax half-predicts, and they would
+swamp the count. A masked token counts as a finding-word token when the whole word it belongs to (WordPiece
+``##`` pieces joined, lower-cased) is in the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+FINDING_WORDS: frozenset[str] = frozenset(
+    {
+        # findings (CheXpert's 13 pathologies as reports name them)
+        "atelectasis", "atelectatic", "cardiomegaly", "enlarged", "enlargement", "widened", "widening",
+        "mediastinum", "mediastinal", "consolidation", "consolidative", "edema", "haziness", "perihilar",
+        "pleural", "effusion", "effusions", "meniscus", "blunting", "costophrenic", "pneumothorax", "pneumothoraces",
+        "nodule", "nodules", "mass", "lesion", "opacity", "opacities", "opacification", "pneumonia",
+        "fracture", "fractures", "displaced", "thickening", "cap", "bibasilar", "basilar", "plate",
+        # side
+        "right", "left", "bilateral", "sided", "unilateral",
+        # extent and severity
+        "small", "moderate", "large", "mild", "mildly", "moderately", "severe", "severely", "trace", "focal",
+        "patchy", "dense", "linear",
+        # zone
+        "upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula",
+    }
+)  # fmt: skip
+
+
+def word_ids(tokens: list[str]) -> list[int]:
+    """Word index of each WordPiece token (a ``##`` piece belongs to the word before it); -1 for special tokens."""
+    out, word = [], -1
+    for tok in tokens:
+        if tok.startswith("[") and tok.endswith("]"):
+            out.append(-1)
+            continue
+        if not (tok.startswith("##") and word >= 0):
+            word += 1
+        out.append(word)
+    return out
+
+
+def finding_token_mask(ids: torch.Tensor, tokenizer, words: frozenset[str] = FINDING_WORDS) -> torch.Tensor:
+    """(B, L) bool: tokens of ``ids`` (the unmasked report token ids) that belong to a word in ``words``."""
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, seq in enumerate(ids.tolist()):
+        tokens = tokenizer.convert_ids_to_tokens(seq)
+        index = word_ids(tokens)
+        text: dict[int, str] = {}
+        for tok, w in zip(tokens, index):
+            if w >= 0:
+                text[w] = text.get(w, "") + (tok[2:] if tok.startswith("##") else tok)
+        for col, w in enumerate(index):
+            mask[row, col] = w >= 0 and text[w].lower() in words
+    return mask
+
+
+class MaskedTokenAccuracy:
+    """Counts correct masked-token predictions of a model's fused text stream over a pass of loader batches.
+
+    Wrap the evaluation's batch stream with ``stream`` (every batch is scored as it goes by, so the pass is
+    read once); ``result()`` gives ``mlm_acc`` (all masked tokens), ``mlm_acc_findings`` (masked tokens of
+    finding words), ``mlm_tokens`` and ``mlm_tokens_findings``. Rows with ``valid`` False are left out.
+    Under ZeRO-3 every rank must score the same batches (each forward gathers parameters).
+    """
+
+    def __init__(self, model: Any, tokenizer, device: torch.device | str, words: frozenset[str] = FINDING_WORDS):
+        self.model = model if hasattr(model, "masked_token_predictions") else model.module
+        self.tokenizer, self.device, self.words = tokenizer, device, words
+        self.counts = {"all": [0, 0], "findings": [0, 0]}  # [correct, total]
+
+    @torch.no_grad()
+    def update(self, batch: Mapping[str, Any]) -> None:
+        labels = batch["mlm_labels"]
+        keep = torch.as_tensor(batch.get("valid", [True] * labels.shape[0]), dtype=torch.bool).cpu()
+        masked = (labels != -100).cpu() & keep[:, None]  # (B, L)
+        if not masked.any():
+            return
+        net = self.model
+        was_training = net.training
+        net.eval()
+        try:
+            dtype = next(net.parameters()).dtype
+            pred = net.masked_token_predictions(
+                batch["image"].to(device=self.device, dtype=dtype),
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+            ).cpu()  # (B, L)
+        finally:
+            net.train(was_training)
+        truth = torch.where(labels != -100, labels, batch["input_ids"]).cpu()  # the unmasked report
+        correct = pred == truth
+        finding = finding_token_mask(truth, self.tokenizer, self.words) & masked
+        for key, sel in (("all", masked), ("findings", finding)):
+            self.counts[key][0] += int(correct[sel].sum())
+            self.counts[key][1] += int(sel.sum())
+
+    def stream(self, batches: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        for batch in batches:
+            if "mlm_labels" in batch:
+                self.update(batch)
+            yield batch
+
+    def result(self) -> dict[str, float]:
+        """Accuracies (NaN when no token of that kind was masked) and the token counts behind them."""
+        out = {}
+        for key, suffix in (("all", ""), ("findings", "_findings")):
+            right, total = self.counts[key]
+            out[f"mlm_acc{suffix}"] = right / total if total else float("nan")
+            out[f"mlm_tokens{suffix}"] = float(total)
+        return out

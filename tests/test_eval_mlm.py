@@ -1,0 +1,81 @@
+"""Masked-token accuracy of the fused text stream, overall and on finding words (mpma_ds.eval.mlm)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from mpma_ds.eval.mlm import FINDING_WORDS, MaskedTokenAccuracy, finding_token_mask, word_ids
+from mpma_ds.models import create_model
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "there", "is", "a", "small", "right", "pleural", "eff",
+         "##usion", "heart", "size", "normal", ".", "no", "pneumo", "##thorax", "left"]  # fmt: skip
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A real WordPiece tokenizer (BERT normaliser, ``##`` pieces) over a hand-made vocabulary."""
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def _ids(tok, text: str) -> list[int]:
+    return [tok.cls_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.sep_token_id]
+
+
+def test_word_pieces_join_into_words():
+    assert word_ids(["[CLS]", "a", "eff", "##usion", ".", "[SEP]"]) == [-1, 0, 1, 1, 2, -1]
+    assert {"effusion", "pneumothorax", "right", "left", "small", "severe"} <= FINDING_WORDS
+    assert not {"no", "there", "is", "heart", "normal", "without"} & FINDING_WORDS
+
+
+def test_finding_tokens_are_the_pieces_of_finding_words():
+    tok = _tokenizer()
+    ids = torch.tensor(
+        [
+            _ids(tok, "There is a small right pleural effusion."),
+            [*_ids(tok, "No pneumothorax. Heart size normal."), 0],  # + [PAD]
+        ]
+    )
+    got = finding_token_mask(ids, tok)
+    # [CLS] there is a small right pleural eff ##usion . [SEP]
+    assert got[0].tolist() == [False, False, False, False, True, True, True, True, True, False, False]
+    # [CLS] no pneumo ##thorax . heart size normal . [SEP] [PAD]
+    assert got[1].tolist() == [False, False, True, True, False, False, False, False, False, False, False]
+
+
+def test_accuracy_counts_masked_tokens_of_valid_rows():
+    """A tiny MPMA whose MLM head always says "small" (a large decoder bias): the accuracy is known exactly."""
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    model = create_model("mpma_tiny", vocab_size=len(VOCAB))
+    small = VOCAB.index("small")
+    with torch.no_grad():
+        model.mlm_head.decoder.bias[small] = 1.0e4
+    rows = [
+        _ids(tok, "There is a small right pleural effusion."),
+        _ids(tok, "There is a small left pneumothorax."),
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows] * 2)  # rows 2, 3 repeat 0, 1: stand-ins
+    # row 0: [CLS] there is a small right pleural eff ##usion . [SEP]; row 1: ... small left pneumo ##thorax .
+    masked_at = [(0, 4), (0, 6), (0, 2), (1, 4), (1, 7), (2, 4), (3, 5)]  # small, pleural, is, small, ##thorax
+    inputs, labels = ids.clone(), torch.full_like(ids, -100)
+    for r, c in masked_at:
+        inputs[r, c], labels[r, c] = tok.mask_token_id, ids[r, c]
+    batch = {"image": torch.randn(4, 1, 64, 64), "input_ids": inputs, "attention_mask": (ids != 0).long(),
+             "mlm_labels": labels, "valid": torch.tensor([True, True, False, False])}  # fmt: skip
+    acc = MaskedTokenAccuracy(model, tok, "cpu")
+    assert list(acc.stream([batch])) == [batch]  # the pass goes through unchanged
+    result = acc.result()
+    # valid rows: 5 masked tokens, the two "small" right; finding-word tokens: small, pleural, small, ##thorax
+    assert result == {"mlm_acc": 2 / 5, "mlm_tokens": 5.0, "mlm_acc_findings": 2 / 4, "mlm_tokens_findings": 4.0}
+    assert model.training  # put back as it was
+    empty = MaskedTokenAccuracy(model, tok, "cpu")
+    list(empty.stream([dict(batch, valid=torch.zeros(4, dtype=torch.bool))]))
+    assert empty.result()["mlm_tokens"] == 0 and empty.result()["mlm_acc"] != empty.result()["mlm_acc"]  # NaN
