@@ -31,7 +31,7 @@ from mpma_ds.eval.classification import (
 )
 from mpma_ds.eval.retrieval import retrieval_metrics, retrieval_metrics_resampler
 from mpma_ds.eval.vqa import vqa_accuracy, vqa_accuracy_resampler
-from mpma_ds.eval.zeroshot import zero_shot_auroc
+from mpma_ds.eval.zeroshot import zero_shot_auroc, zero_shot_auroc_resampler
 
 # Weights of at most this many (resample x row) cells are held at once.
 CHUNK_CELLS = 1 << 21
@@ -59,31 +59,13 @@ class Interval(tuple):
         return self[1]
 
 
-def _zero_shot_auroc_resampler(scores, labels, label_names=None):
-    """``zero_shot_auroc`` (uncertain and blank labels left out) through the multi-label resampler."""
-    from mpma_ds.eval.classification import apply_uncertain_policy
-    from mpma_ds.eval.zeroshot import CHEXPERT_LABELS
-
-    names = CHEXPERT_LABELS if label_names is None else label_names
-    inner = multilabel_auroc_resampler(
-        scores, apply_uncertain_policy(labels, "ignore"), names, prefix="zeroshot_auroc"
-    )
-
-    def resample(weights: np.ndarray) -> dict[str, np.ndarray]:
-        out = inner(weights)
-        out["zeroshot_auroc_mean"] = out.pop("zeroshot_auroc_macro")
-        return out
-
-    return resample
-
-
 # metric function -> resampler factory taking the same arguments (see the module docstring).
 RESAMPLERS: dict[Callable[..., Any], Callable[..., Callable[[np.ndarray], dict[str, np.ndarray]]]] = {
     multilabel_auroc: multilabel_auroc_resampler,
     multiclass_metrics: multiclass_metrics_resampler,
     vqa_accuracy: vqa_accuracy_resampler,
     retrieval_metrics: retrieval_metrics_resampler,
-    zero_shot_auroc: _zero_shot_auroc_resampler,
+    zero_shot_auroc: zero_shot_auroc_resampler,
 }
 
 

@@ -62,5 +62,6 @@ class PretrainTask(Task):
         from mpma_ds.eval import evaluate_alignment
 
         return evaluate_alignment(
-            module, batches, tokenizer=ctx.tokenizer, device=ctx.device, max_text_len=self.recipe.data.max_text_len
-        )
+            module, batches, tokenizer=ctx.tokenizer, device=ctx.device, max_text_len=self.recipe.data.max_text_len,
+            min_count=self.recipe.train.eval_min_label_count, n_resamples=n_resamples,
+        )  # fmt: skip
