@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -264,3 +265,31 @@ def test_the_demos_validation_split_holds_at_least_500_images():
     # build_shards keeps the frontal films (PA / AP): one per study
     frontal = [im for p in plans if p.split == "validate" for im in p.images if im.view != "LATERAL"]
     assert len(frontal) >= demo.MIN_VALIDATION_IMAGES, len(frontal)
+
+
+def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(tmp_path, capsys):
+    import json
+
+    from train_testdata import tiny_shards, tiny_tokenizer
+
+    from mpma_ds.cli.evaluate import main
+
+    base = str(tmp_path.parent.parent)  # the session's base temp: shared with the training tests' build
+    out = tmp_path / "eval"
+    argv = ["--random-init", "mpma_tiny", "--shards", str(tiny_shards(base)), "--tokenizer",
+            str(tiny_tokenizer(base)), "--out-dir", str(out), "--no-mlflow", "--bootstrap", "50",
+            "--min-label-count", "2", "--batch-size", "8"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "image->report R@1, abnormal" in text and "zero-shot AUROC (mean)" in text
+    assert re.search(r"image->report R@1 +\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", text), text
+    assert "reference: truth" in text  # the synthetic shards carry the ground truth
+    result = json.loads((out / "results.json").read_text())  # strict JSON: NaN would fail here
+    m = result["metrics"]
+    assert m["zeroshot_reference"] == "truth" and m["zeroshot_min_count"] == 2
+    assert m["i2t_R@1_ci95"][0] <= m["i2t_R@1"] <= m["i2t_R@1_ci95"][1]
+    assert m["zeroshot_labels"] + len(m["zeroshot_labels_left_out"]) == 14
+    for name, why in m["zeroshot_labels_left_out"].items():
+        assert "needs >= 2 of each" in why or why == "no labelled rows", (name, why)
+    assert main([*argv[:-4], "--min-label-count", "0"]) == 2
+    assert "--min-label-count must be >= 1" in capsys.readouterr().err

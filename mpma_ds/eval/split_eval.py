@@ -246,7 +246,9 @@ def run_evaluation(
         "run_id": logger.run_id,
         "out_dir": str(out_dir),
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    from mpma_ds.tracking.params import json_safe
+
+    (out_dir / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")  # NaN -> null
     logger.log_artifact(out_dir / "results.json")
     logger.close()
     return result
