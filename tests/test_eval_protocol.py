@@ -229,6 +229,10 @@ def test_format_table_prints_the_interval_beside_each_value_and_the_labels_left_
     assert "image->report R@1" in text and "0.500 [0.410, 0.600]" in text
     assert "zero-shot AUROC (mean)" in text and "n/a" in text
     assert "left out: Fracture: 3 positive and 497 negative" in text and "no label has >= 20 positives" in text
+    assert "zero-shot AUROC: mean over 0 of 1 labels, those with >= 20 positives and negatives" in text
+    # the same split for both models: the labels left out are listed once
+    both = format_table({"pretrained": metrics, "random": dict(metrics)})
+    assert both.count("left out: Fracture") == 1 and "[pretrained]" not in both
 
 
 def _demo_module():
@@ -283,7 +287,7 @@ def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(
     text = capsys.readouterr().out
     assert "image->report R@1, abnormal" in text and "zero-shot AUROC (mean)" in text
     assert re.search(r"image->report R@1 +\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", text), text
-    assert "reference: truth" in text  # the synthetic shards carry the ground truth
+    assert "labels, those with >= 2 positives and negatives (reference: truth)" in text  # the shards carry truth
     result = json.loads((out / "results.json").read_text())  # strict JSON: NaN would fail here
     m = result["metrics"]
     assert m["zeroshot_reference"] == "truth" and m["zeroshot_min_count"] == 2

@@ -126,17 +126,23 @@ def format_table(results: Mapping[str, Mapping[str, Any]], rows: Sequence[tuple[
     lines = [head, "-" * len(head)]
     for i, (_, label) in enumerate(rows):
         lines.append(label.ljust(width) + "  " + "  ".join(cells[n][i].rjust(c) for n, c in zip(names, cols)))
+    footers: dict[str, list[str]] = {}  # footer text -> the models it applies to (the same split: usually all)
     for name in names:
         m = results[name]
-        if "zeroshot_reference" in m:
-            lines.append(
-                f"{name}: zero-shot AUROC over {m.get('zeroshot_labels', 0)} labels with >= "
-                f"{m.get('zeroshot_min_count')} positives and negatives (reference: {m['zeroshot_reference']})"
-            )
-        for label, why in (m.get("zeroshot_labels_left_out") or {}).items():
-            lines.append(f"  left out: {label}: {why}")
+        if "zeroshot_reference" not in m:
+            continue
+        left_out = m.get("zeroshot_labels_left_out") or {}
+        used = int(m.get("zeroshot_labels", 0))
+        text = [
+            f"zero-shot AUROC: mean over {used} of {used + len(left_out)} labels, those with >= "
+            f"{m.get('zeroshot_min_count')} positives and negatives (reference: {m['zeroshot_reference']})"
+        ]
+        text += [f"  left out: {label}: {why}" for label, why in left_out.items()]
         if m.get("zeroshot_note"):
-            lines.append(f"  {m['zeroshot_note']}")
+            text.append(f"  {m['zeroshot_note']}")
+        footers.setdefault("\n".join(text), []).append(name)
+    for text, which in footers.items():
+        lines.append(text if len(which) == len(names) else f"[{', '.join(which)}] {text}")
     return "\n".join(lines)
 
 

@@ -249,7 +249,7 @@ def zero_shot_auroc(
         out["zeroshot_note"] = (
             f"no label has >= {min_count} positives and >= {min_count} negatives among {len(s)} samples "
             f"(reference: {reference}); zero-shot AUROC not computed — evaluate on more samples or lower the "
-            "minimum (--min-label-count)"
+            "minimum count"
         )
     return out
 
