@@ -271,14 +271,16 @@ def test_the_demos_validation_split_holds_at_least_500_images():
     assert len(frontal) >= demo.MIN_VALIDATION_IMAGES, len(frontal)
 
 
-def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(tmp_path, capsys):
+def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(
+    tmp_path, tmp_path_factory, capsys
+):
     import json
 
     from train_testdata import tiny_shards, tiny_tokenizer
 
     from mpma_ds.cli.evaluate import main
 
-    base = str(tmp_path.parent.parent)  # the session's base temp: shared with the training tests' build
+    base = str(tmp_path_factory.getbasetemp())  # the session's: the training tests' build is shared
     out = tmp_path / "eval"
     argv = ["--random-init", "mpma_tiny", "--shards", str(tiny_shards(base)), "--tokenizer",
             str(tiny_tokenizer(base)), "--out-dir", str(out), "--no-mlflow", "--bootstrap", "50",
