@@ -299,3 +299,12 @@ def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(
         assert "needs >= 2 of each" in why or why == "no labelled rows", (name, why)
     assert main([*argv[:-4], "--min-label-count", "0"]) == 2
     assert "--min-label-count must be >= 1" in capsys.readouterr().err
+
+
+def test_loggable_metrics_drop_an_undefined_interval_read_back_from_json():
+    from mpma_ds.eval import loggable_metrics
+
+    metrics = {"zeroshot_auroc_mean": None, "zeroshot_auroc_mean_ci95": [None, None], "i2t_R@1": 0.5,
+               "i2t_R@1_ci95": [0.4, 0.6], "zeroshot_reference": "truth", "zeroshot_labels": 3}  # fmt: skip
+    assert loggable_metrics(metrics) == {"i2t_R@1": 0.5, "i2t_R@1_ci95_low": 0.4, "i2t_R@1_ci95_high": 0.6,
+                                         "zeroshot_labels": 3.0}  # fmt: skip

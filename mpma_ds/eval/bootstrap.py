@@ -281,7 +281,8 @@ def loggable_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics dict as ``{name: float}`` for a metric logger (MLflow takes scalars only).
 
     ``x_ci95: [lo, hi]`` becomes ``x_ci95_low`` / ``x_ci95_high``; ``bootstrap_skipped: {m: n}`` becomes
-    ``bootstrap_skipped/<m>``; ints become floats; other lists and dicts (``labels_left_out``...) are dropped.
+    ``bootstrap_skipped/<m>``; ints become floats; other lists and dicts (``labels_left_out``...), strings and
+    ``None`` (an undefined metric read back from strict JSON) are dropped.
     """
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -290,7 +291,8 @@ def loggable_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float | np.integer | np.floating):
             out[key] = float(value)
         elif isinstance(value, list | tuple) and len(value) == 2 and "_ci" in key:
-            out[f"{key}_low"], out[f"{key}_high"] = float(value[0]), float(value[1])
+            if value[0] is not None and value[1] is not None:  # [null, null]: undefined (read back from JSON)
+                out[f"{key}_low"], out[f"{key}_high"] = float(value[0]), float(value[1])
         elif key == "bootstrap_skipped" and isinstance(value, Mapping):
             out.update({f"bootstrap_skipped/{m}": float(n) for m, n in value.items()})
     return out
