@@ -19,6 +19,7 @@ offset + 512) and members are listed in tar order. Older DALI releases write `v1
 
 from __future__ import annotations
 
+import math
 import re
 import tarfile
 from pathlib import Path
@@ -67,7 +68,31 @@ REPORT_FIELDS: tuple[str, ...] = (
     *SIZE_FIELDS,
 )
 """`<key>.json` of an image-report sample, in the order written. `subject_id` / `study_id` are strings,
-`labels` maps every name of `CHEXPERT_LABELS` to a value of `LABEL_VALUES`."""
+`labels` maps every name of `CHEXPERT_LABELS` to a value of `LABEL_VALUES`. A sample built from a synthetic
+corpus also holds `truth` (`TRUTH_FIELD`, before the size fields)."""
+
+TRUTH_FIELD = "truth"
+"""The optional ground truth of an image-report sample, written only when the source knows what the image shows
+(a synthetic corpus: `data_tools.synth`, read from its `synth_truth.jsonl`); real corpora have no such key.
+Separate from `labels`, which are read off the report (blank where the report is silent, -1 where it hedges)::
+
+    "truth": {"<CheXpert name>": {"present": bool, "side": "left" | "right" | "bilateral" | null,
+                                  "box": [x0, y0, x1, y1] | null}, ...}
+
+- one entry for each of the 14 `CHEXPERT_LABELS`, in that order;
+- `present`: the finding is drawn in this image (label 1 at full strength, or -1 at reduced strength; a
+  lateral film draws no pneumothorax, fracture, apical cap or mediastinal widening, so there it is false even
+  when the study has one). "No Finding" is present iff no pathology is present: Support Devices are not a
+  pathology (CheXpert's rule), so a normal film with a tube is "No Finding";
+- `side`: the patient's side of a lateralised finding (radiographs show the patient's left on the image's
+  right); null when absent or not lateralised (Cardiomegaly, Edema, Enlarged Cardiomediastinum, Support
+  Devices, No Finding);
+- `box`: integer pixels of the *stored* JPEG (after the build's resize; x right, y down, x1 / y1 exclusive),
+  the smallest box holding every drawn part (both sides of a bilateral finding; for Support Devices all the
+  tubes, lines and the pacemaker); null when absent and for No Finding.
+
+`scale_truth` maps the boxes from the source image's pixels to the stored image's; `check_truth` validates one.
+"""
 
 VQA_FIELDS: tuple[str, ...] = (
     "source",
@@ -101,6 +126,77 @@ ANSWER_TYPES: tuple[str, ...] = ("CLOSED", "OPEN")
 
 INDEX_VERSION = "v1.2"
 """The `.idx` version written (DALI `wds2idx`, with member names)."""
+
+
+def scale_truth(truth: dict, source_size: tuple[int, int], stored_size: tuple[int, int]) -> dict:
+    """``truth`` with its boxes mapped from the source image's ``(width, height)`` to the stored one's.
+
+    A box keeps every pixel it covered: its low edges round down, its high edges up, clipped to the image, and
+    it is at least one pixel wide and high.
+    """
+    (w, h), (tw, th) = source_size, stored_size
+    sx, sy = tw / w, th / h
+    out = {}
+    for name, entry in truth.items():
+        entry = dict(entry)
+        if entry.get("box") is not None:
+            x0, y0, x1, y1 = entry["box"]
+            nx0 = min(tw - 1, max(0, math.floor(x0 * sx)))
+            ny0 = min(th - 1, max(0, math.floor(y0 * sy)))
+            nx1 = max(nx0 + 1, min(tw, math.ceil(x1 * sx)))
+            ny1 = max(ny0 + 1, min(th, math.ceil(y1 * sy)))
+            entry["box"] = [nx0, ny0, nx1, ny1]
+        out[name] = entry
+    return out
+
+
+TRUTH_SIDES: tuple[str | None, ...] = ("left", "right", "bilateral", None)
+"""Values of a `truth` entry's `side`."""
+
+
+def check_truth(truth: object, size: tuple[int, int] | None = None) -> list[str]:
+    """Problems of a `truth` value against `TRUTH_FIELD`'s schema (empty when it is valid).
+
+    Args:
+        truth: the value of ``meta["truth"]``.
+        size: the stored image's ``(width, height)``; when given, boxes must lie inside it.
+    """
+    if not isinstance(truth, dict):
+        return [f"truth is {type(truth).__name__}, not an object"]
+    problems = []
+    if list(truth) != list(CHEXPERT_LABELS):
+        missing = [n for n in CHEXPERT_LABELS if n not in truth]
+        extra = [n for n in truth if n not in CHEXPERT_LABELS]
+        problems.append(f"truth must list the 14 CheXpert labels in order (missing {missing}, unknown {extra})")
+    for name, entry in truth.items():
+        if not isinstance(entry, dict) or set(entry) != {"present", "side", "box"}:
+            problems.append(f"truth[{name!r}] must be {{present, side, box}}, got {entry!r}")
+            continue
+        if not isinstance(entry["present"], bool):
+            problems.append(f"truth[{name!r}].present must be true or false, got {entry['present']!r}")
+        if entry["side"] not in TRUTH_SIDES:
+            problems.append(f"truth[{name!r}].side must be left, right, bilateral or null, got {entry['side']!r}")
+        box = entry["box"]
+        if box is None:
+            continue
+        if not entry["present"]:
+            problems.append(f"truth[{name!r}] is absent but has a box")
+        ok = (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        )
+        if not ok or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            problems.append(
+                f"truth[{name!r}].box must be [x0, y0, x1, y1] integers with x0 < x1, y0 < y1, got {box!r}"
+            )
+        elif size is not None and (box[2] > size[0] or box[3] > size[1]):
+            problems.append(f"truth[{name!r}].box {box} reaches outside the {size[0]}x{size[1]} image")
+    if isinstance(truth.get("No Finding"), dict) and not problems:
+        others = any(truth[n]["present"] for n in CHEXPERT_LABELS if n not in ("No Finding", "Support Devices"))
+        if truth["No Finding"]["present"] == others:
+            problems.append("truth['No Finding'].present must be true exactly when no pathology is present")
+    return problems
 
 
 def json_fields(source: str) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """Generate a small synthetic corpus in the exact MIMIC-CXR-JPG layout, deterministic per seed.
 
     python -m data_tools.synth_corpus --out DIR --studies N --seed S [--with-faults] [--workers K]
+        [--normal-rate P] [--negation-rates P | NAME=P,NAME=P,...]
 
 The CLI over `data_tools.synth.corpus.generate_corpus`, which documents the files written.
 """
@@ -12,6 +13,32 @@ import json
 import sys
 
 from data_tools.synth.corpus import format_summary, generate_corpus
+from data_tools.synth.reports import DEFAULT_NEGATION_RATES, DEFAULT_NORMAL_RATE
+
+
+def parse_negation_rates(text: str | None) -> dict[str, float] | None:
+    """``--negation-rates``: one number for every finding, or ``Name=P`` pairs separated by commas (CheXpert
+    names; the others keep their defaults). None/empty: the defaults."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return {name: float(text) for name in DEFAULT_NEGATION_RATES}
+    except ValueError:
+        pass
+    rates = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            rates[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--negation-rates {text!r}: give one number or Name=P pairs separated by commas, "
+                "e.g. 'Pneumothorax=0.9,Fracture=0.2'"
+            ) from None
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lateral-fraction", type=float, default=0.6, help="share of PA studies with a lateral")
     parser.add_argument("--eval-fraction", type=float, default=0.1,
                         help="share of the patients in each of validate and test (default 0.1)")  # fmt: skip
+    parser.add_argument("--normal-rate", type=float, default=DEFAULT_NORMAL_RATE,
+                        help=f"share of studies with no pathology (default {DEFAULT_NORMAL_RATE})")  # fmt: skip
+    parser.add_argument("--negation-rates", metavar="P|NAME=P,...",
+                        help="how often a report rules out a finding the study does not have: one number for all, "
+                        "or Name=P pairs (default: per finding, see docs/data_tools_corpus.md)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (output is the same)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -39,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = generate_corpus(
             args.out, args.studies, args.seed, with_faults=args.with_faults, min_size=args.min_size,
             max_size=args.max_size, lateral_fraction=args.lateral_fraction, eval_fraction=args.eval_fraction,
+            normal_rate=args.normal_rate, negation_rates=parse_negation_rates(args.negation_rates),
             workers=max(1, args.workers),
             progress=True,
         )  # fmt: skip

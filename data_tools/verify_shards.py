@@ -36,7 +36,9 @@ from data_tools.shard_format import (
     CHEXPERT_LABELS,
     LABEL_VALUES,
     SAMPLE_MEMBERS,
+    TRUTH_FIELD,
     VQA_SOURCES,
+    check_truth,
     format_index,
     json_fields,
     normalize_answer,
@@ -78,9 +80,11 @@ def _check_sample(where: str, members: dict[str, bytes], split: str, image_size:
     problems = []
     if set(members) != set(SAMPLE_MEMBERS):
         return [f"{where}: members {sorted(members)}, expected {sorted(SAMPLE_MEMBERS)}"]
+    stored_size = None
     try:
         with Image.open(io.BytesIO(members["jpg"])) as img:
             img.load()
+            stored_size = img.size
             if img.format != "JPEG" or img.mode != "L":
                 problems.append(f"{where}.jpg: {img.format} mode {img.mode}, expected an 8-bit grayscale JPEG")
             if image_size is not None and min(img.size) != image_size:
@@ -106,6 +110,8 @@ def _check_sample(where: str, members: dict[str, bytes], split: str, image_size:
                 problems.append(f"{where}.json: width/height must be positive integers")
             if meta["source"] in VQA_SOURCES:
                 problems.extend(_check_vqa(where, meta))
+            if TRUTH_FIELD in meta:
+                problems.extend(f"{where}.json: {p}" for p in check_truth(meta[TRUTH_FIELD], stored_size))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         problems.append(f"{where}.json: not valid UTF-8 JSON ({exc})")
     try:

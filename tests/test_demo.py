@@ -6,6 +6,7 @@ the `mlflow ui` line are printed, results.json and MLflow hold every run, and a 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,14 +49,18 @@ def test_demo_end_to_end_and_rerun(tmp_path):
                   "[8/8] downstream"):  # fmt: skip
         assert f"{stage}" in text and "reused" not in text
     assert "/usr/bin/ld" not in text + res.stderr  # what DeepSpeed's op probes print goes to the stage logs
-    assert "pretrained  random-init" in text
-    rows = [ln for ln in text.splitlines() if ln.startswith(("image->", "report->", "zero-shot"))]
-    table = {ln[:24].strip(): ln[24:].split() for ln in rows}
-    assert set(table) >= {"image->report R@1", "report->image R@10", "zero-shot AUROC (mean)"}
+    assert re.search(r"^ +pretrained +random-init$", text, re.M)  # the table's header
+    rows = [ln for ln in text.splitlines() if ln.startswith(("image->", "report->", "zero-shot AUROC (mean)"))]
+    cell = r"n/a|(\d\.\d{3})(?: \[(\d\.\d{3}), (\d\.\d{3})\])?"
+    table = {re.split(r"\s{2,}", ln)[0]: re.findall(cell, ln[len(re.split(r"\s{2,}", ln)[0]) :]) for ln in rows}
+    assert set(table) >= {"image->report R@1", "report->image R@10", "zero-shot AUROC (mean)",
+                          "image->report R@1, abnormal", "report->image R@1, abnormal"}  # fmt: skip
     for label, values in table.items():
-        assert len(values) == 2, label
-        for v in values:
-            assert v == "n/a" or 0.0 <= float(v) <= 1.0, (label, v)
+        assert len(values) == 2, (label, values)
+        for value, low, high in values:  # "n/a" matches with empty groups
+            if value:
+                assert 0.0 <= float(value) <= 1.0, (label, value)
+                assert not low or float(low) <= float(value) <= float(high), (label, value, low, high)
     uri = "sqlite:///" + str(out.resolve() / "mlflow.db")
     assert f"mlflow ui --backend-store-uri {uri}" in text
 
@@ -96,6 +101,10 @@ def test_demo_end_to_end_and_rerun(tmp_path):
             assert entry[init] is None or 0.0 <= entry[init] <= 1.0, entry
     assert results["linear_probe"]["0.5"]["pretrained_subset"]["fraction"] == 0.5
     assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
+    for key in ("zero_shot_auroc", "i2t_R@1_abnormal", "t2i_R@1_abnormal"):
+        entry = results["pretrain_eval"][key]
+        assert set(entry) == {"pretrained", "random", "ci95_pretrained", "ci95_random"}, key
+    assert results["pretrain_eval"]["zero_shot_reference"] == "truth"  # the synthetic shards carry it
     assert "label efficiency" in text and "linear probe AUROC" in text and "VQA accuracy" in text
     # the linear probes of one model shared one feature extraction per split; frozen VQA cached its own
     assert len(list((out / "feature_cache").glob("*/train.pt"))) == 4  # (image, fused) x (pretrained, random)

@@ -222,7 +222,7 @@ def test_retrieval_ties_nan_and_duplicate_reports():
     # pairs 1 and 2 have the same embeddings: each ties with the other -> rank 1, a miss at R@1
     m = retrieval_metrics(img, txt, ks=(1, 2))
     assert m["i2t_R@1"] == pytest.approx(1 / 3) and m["t2i_R@1"] == pytest.approx(1 / 3) and m["i2t_R@2"] == 1.0
-    # they are the same report (PA + lateral): with texts, one image per report, and retrieval is perfect
+    # they are the same report (PA + lateral): with texts they are one candidate, and retrieval is perfect
     texts = ["No effusion.", "Small effusion.", "small  effusion."]
     m = retrieval_metrics(img, txt, ks=(1,), texts=texts)
     assert m["i2t_R@1"] == 1.0 and m["t2i_R@1"] == 1.0 and m["retrieval_pairs"] == 2.0
@@ -233,7 +233,8 @@ def test_retrieval_ties_nan_and_duplicate_reports():
         "i2t_R@3": 1.0,
         "t2i_R@1": 0.0,
         "t2i_R@3": 1.0,
-        "retrieval_pairs": 3.0,
+        "retrieval_images": 3,
+        "retrieval_pairs": 3,
     }
     assert retrieval_metrics(img.numpy(), txt.numpy(), ks=(1,))["i2t_R@1"] == pytest.approx(1 / 3)
 

@@ -80,13 +80,13 @@ def test_zero_shot_auroc_hand_values():
     labels = torch.tensor(
         [[1, 1, 1], [1, 1, 1], [0, 1, 0], [0, NAN, 0], [-1, NAN, NAN], [NAN, -1, -1]], dtype=torch.float32
     )
-    m = zero_shot_auroc(scores, labels, label_names=["A", "B", "C"])
+    m = zero_shot_auroc(scores, labels, label_names=["A", "B", "C"], min_count=1)
     assert m["zeroshot_auroc/A"] == pytest.approx(0.75)
-    assert "zeroshot_auroc/B" not in m
+    assert "zeroshot_auroc/B" not in m and "B" in m["zeroshot_labels_left_out"]
     assert m["zeroshot_auroc/C"] == pytest.approx(0.875)
     assert m["zeroshot_auroc_mean"] == pytest.approx((0.75 + 0.875) / 2)
     assert m["zeroshot_labels"] == 2.0
-    empty = zero_shot_auroc(scores[:, :1], torch.full((6, 1), NAN), label_names=["A"])
+    empty = zero_shot_auroc(scores[:, :1], torch.full((6, 1), NAN), label_names=["A"], min_count=1)
     assert math.isnan(empty["zeroshot_auroc_mean"]) and empty["zeroshot_labels"] == 0.0
 
 
@@ -166,15 +166,20 @@ def test_evaluate_alignment_end_to_end_hand_values():
         ks=(1, 2),
         label_names=["Cardiomegaly"],
         prompts=prompts,
+        min_count=1,
     )
-    # pairs kept: (img0, r0), (img1, r1), (img3, r2). i2t: img0->r0 ok, img1->r1 ok, img3 -> r0 best (wrong),
-    # r2 scores 0 for img3 and so does r1 -> rank 2.
-    assert m["i2t_R@1"] == pytest.approx(2 / 3)
-    assert m["i2t_R@2"] == pytest.approx(2 / 3)
-    # t2i: r0 -> img0 and img3 tie at 1.0 -> rank 1; r1 -> img1 rank 0; r2 -> all 0 -> rank 2.
+    # identical reports merged: every image is a query against the 3 distinct reports. img0->r0 ok, img1->r1
+    # ok, img2 ([0, .995, .0995]) -> r1 ok (its study's other film), img3 -> r0 best (wrong), r2 scores 0 and
+    # so does r1 -> rank 2.
+    assert m["i2t_R@1"] == pytest.approx(3 / 4)
+    assert m["i2t_R@2"] == pytest.approx(3 / 4)
+    # t2i over the 4 images: r0 -> img0 and img3 tie at 1.0 -> rank 1; r1 -> img1 (or img2) rank 0; r2 -> its
+    # img3 scores 0, tied or beaten by all three others -> rank 3.
     assert m["t2i_R@1"] == pytest.approx(1 / 3)
     assert m["t2i_R@2"] == pytest.approx(2 / 3)
-    assert m["retrieval_pairs"] == 3.0 and m["eval_samples"] == 4.0
+    assert m["retrieval_pairs"] == 3 and m["retrieval_images"] == 4 and m["eval_samples"] == 4
+    # abnormal (Cardiomegaly labelled 1): img0 only; its report r0 is the only abnormal report query
+    assert m["i2t_R@1_abnormal"] == 1.0 and m["t2i_R@1_abnormal"] == 0.0 and m["t2i_R@2_abnormal"] == 1.0
     # zero-shot: scores = cos(img, big) - cos(img, normal): img0 +1, img1 -1, img2 about -0.995 -> AUROC 1.
     assert m["zeroshot_auroc/Cardiomegaly"] == 1.0 and m["zeroshot_auroc_mean"] == 1.0
     assert model.seen_training_flags == [False, False] and model.training  # eval mode inside, restored after

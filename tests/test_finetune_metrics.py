@@ -164,15 +164,17 @@ def test_retrieval_recall_at_k_on_fixed_embeddings_counts_ties_against_the_query
 
     batches = [
         {"image": images(0, 1, 2), "text": ["report 0", "report 1", "report 2"], "valid": torch.ones(3, dtype=torch.bool)},
-        # image 0 again with the same report written differently (one pair per report), then padding
+        # image 0 again with the same report written differently (one candidate), then padding
         {"image": images(3, 0, 1), "text": ["report 3", "Report  0", "report 1"],
          "valid": torch.tensor([True, True, False])},
     ]  # fmt: skip
     out = task.evaluate(_Embedder(sim), batches, ctx)
     assert out["eval_samples"] == 5 and out["retrieval_pairs"] == 4
-    assert out["i2t_R@1"] == pytest.approx(1 / 4) and out["i2t_R@2"] == pytest.approx(2 / 4)
+    # identical reports merged: all 5 images are queries (image 0 twice, ranks 0 0 1 3 3); reports 0 and
+    # "Report  0" are one candidate, and report 0's query finds either copy of image 0
+    assert out["i2t_R@1"] == pytest.approx(2 / 5) and out["i2t_R@2"] == pytest.approx(3 / 5)
     assert out["t2i_R@1"] == pytest.approx(2 / 4) and out["t2i_R@2"] == pytest.approx(3 / 4)
-    assert out["rsum"] == pytest.approx(1 / 4 + 2 / 4 + 2 / 4 + 3 / 4)
+    assert out["rsum"] == pytest.approx(2 / 5 + 3 / 5 + 2 / 4 + 3 / 4)
     with_ci = task.evaluate(_Embedder(sim), batches, ctx, n_resamples=100)
     for key in ("i2t_R@1", "t2i_R@2"):
         low, high = with_ci[f"{key}_ci95"]

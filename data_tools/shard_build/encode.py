@@ -11,9 +11,9 @@ import multiprocessing as mp
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from data_tools.shard_format import SIZE_FIELDS, json_fields
+from data_tools.shard_format import SIZE_FIELDS, TRUTH_FIELD, json_fields, scale_truth
 from data_tools.sources.common import ImageRejected, Reject, SourceItem
-from data_tools.sources.images import ImageOptions, encode_image
+from data_tools.sources.images import ImageOptions, encode_image, target_size
 
 Result = tuple[str, "dict[str, bytes] | Reject"]
 """`("ok", {"jpg", "json", "txt"})` or `("reject", Reject)`."""
@@ -37,6 +37,9 @@ def encode_sample(item: SourceItem, image_opts: ImageOptions, views: tuple[str, 
         if views is not None and encoded.view.upper() not in views:
             detail = f"view {encoded.view} (DICOM header) not in --views {','.join(views)}"
             return "reject", Reject(item.input, "view_filtered", detail, key=item.key, split=item.split)
+    if TRUTH_FIELD in item.meta:  # boxes in the source image's pixels -> the stored image's
+        stored = target_size(encoded.width, encoded.height, image_opts.image_size)
+        meta[TRUTH_FIELD] = scale_truth(item.meta[TRUTH_FIELD], (encoded.width, encoded.height), stored)
     meta["width"], meta["height"] = encoded.width, encoded.height
     members = {
         "jpg": encoded.jpeg,

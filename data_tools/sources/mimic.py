@@ -3,6 +3,10 @@
 INPUT/files/pNN/pSUBJECT/sSTUDY/<dicom_id>.{jpg,dcm}
 INPUT/files/pNN/pSUBJECT/sSTUDY.txt
 INPUT/mimic-cxr-2.0.0-{split,metadata,chexpert}.csv[.gz]      (each optional)
+INPUT/synth_truth.jsonl                                       (a synthetic corpus only: the `truth` of each film)
+
+With `synth_truth.jsonl` present (`data_tools.synth_corpus` writes it) every sample's json gets the film's
+`truth` (`data_tools.shard_format.TRUTH_FIELD`); the build maps its boxes to the stored image's pixels.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
 from pathlib import Path
 
-from data_tools.shard_format import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS, TRUTH_FIELD, check_truth
 from data_tools.sources.common import (
     IMAGE_SUFFIXES,
     Reject,
@@ -57,6 +62,36 @@ def read_table(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     return list(reader)
 
 
+TRUTH_FILE = "synth_truth.jsonl"
+"""The synthetic corpus's ground truth at the corpus root (`data_tools.synth.corpus.TRUTH_FILE`)."""
+
+
+def read_truth(path: Path) -> dict[str, dict]:
+    """``{dicom_id: truth}`` from a `synth_truth.jsonl` (boxes in the film's own pixels).
+
+    Raises:
+        SourceError: a line that is not JSON, lacks ``dicom_id`` / ``truth``, or whose truth breaks the schema.
+    """
+    out: dict[str, dict] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                dicom_id, truth = row["dicom_id"], row[TRUTH_FIELD]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise SourceError(
+                    f"{path}:{lineno}: not a ground-truth line with dicom_id and truth ({exc}); regenerate the "
+                    "corpus with python -m data_tools.synth_corpus"
+                ) from None
+            problems = check_truth(truth)
+            if problems:
+                raise SourceError(f"{path}:{lineno}: {problems[0]}")
+            out[str(dicom_id)] = truth
+    return out
+
+
 def _strip_prefix(name: str, prefix: str) -> str:
     return name[1:] if name.startswith(prefix) and name[1:].isdigit() else name
 
@@ -92,6 +127,7 @@ def scan_mimic_cxr(root: str | Path, opts: ScanOptions) -> SourceScan:
             except ValueError as exc:
                 raise SourceError(f"{path}: study {row['study_id']}: {exc}") from None
             labels_by_study[(row["subject_id"], row["study_id"])] = labels
+    truth_by_dicom = read_truth(root / TRUTH_FILE) if (root / TRUTH_FILE).is_file() else {}
 
     scan = SourceScan()
     for group in sorted(os.listdir(files)):
@@ -113,7 +149,7 @@ def scan_mimic_cxr(root: str | Path, opts: ScanOptions) -> SourceScan:
                     )
             for study_name in sorted(study_dirs):
                 _scan_study(root, subject_dir / study_name, subject, study_name, opts, scan, split_by_dicom,
-                            split_by_subject, view_by_dicom, labels_by_study)  # fmt: skip
+                            split_by_subject, view_by_dicom, labels_by_study, truth_by_dicom)  # fmt: skip
     scan.items = dedupe_keys(scan.items, scan.rejects)
     scan.note_decoded()
     return scan
@@ -130,6 +166,7 @@ def _scan_study(
     split_by_subject: dict[str, str],
     view_by_dicom: dict[str, str],
     labels_by_study: dict[tuple[str, str], dict],
+    truth_by_dicom: dict[str, dict],
 ) -> None:
     study = _strip_prefix(study_name, "s")
     images = sorted(p for p in study_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -173,4 +210,6 @@ def _scan_study(
             "split": split,
             "labels": labels,  # shared by the study's images (never mutated)
         }
+        if dicom_id in truth_by_dicom:
+            meta[TRUTH_FIELD] = truth_by_dicom[dicom_id]  # source pixels: encode_sample maps them to the stored
         scan.items.append(SourceItem(key=key, image_path=str(image.resolve()), input=rel, text=text, meta=meta))

@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from data_tools.shard_format import CHEXPERT_LABELS, SPLITS
 from data_tools.synth.images import DRAWN_IN_VIEW, render_with_regions
-from data_tools.synth.reports import labels_of, sample_findings, write_report
+from data_tools.synth.reports import (
+    DEFAULT_NORMAL_RATE,
+    PATHOLOGIES,
+    check_rates,
+    labels_of,
+    sample_findings,
+    write_report,
+)
 
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 METADATA_COLUMNS = (
@@ -116,8 +123,11 @@ def plan_corpus(
     lateral_fraction: float,
     with_faults: bool,
     eval_fraction: float = 0.1,
+    normal_rate: float = DEFAULT_NORMAL_RATE,
+    negation_rates: dict[str, float] | None = None,
 ) -> list[StudyPlan]:
     """Decide every patient, study, label, report and film (not the pixels) from the seed."""
+    negation_rates = check_rates(normal_rate, negation_rates)
     rng = np.random.default_rng(seed)
     subjects: list[tuple[int, str, int]] = []  # (subject_id, sex, number of studies)
     taken_subjects: set[int] = set()
@@ -140,7 +150,9 @@ def plan_corpus(
         year = 2110 + int(rng.integers(80))
         for k in range(n):
             views = _views(rng, lateral_fraction)
-            findings = sample_findings(rng, portable=views[0] == "AP")
+            findings = sample_findings(
+                rng, portable=views[0] == "AP", normal_rate=normal_rate, negation_rates=negation_rates
+            )
             report = write_report(findings, views, rng, sex)
             day = int(rng.integers(1, 28))
             plan = StudyPlan(
@@ -219,6 +231,35 @@ def _label_cell(value: int | None) -> str:
     return "" if value is None else f"{float(value):.1f}"
 
 
+def union_box(boxes: list[list[int]]) -> list[int] | None:
+    """The smallest `[x0, y0, x1, y1]` holding every box (None for none)."""
+    if not boxes:
+        return None
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def film_truth(drawn: dict[str, dict], boxes: dict[str, list[list[int]]]) -> dict[str, dict[str, Any]]:
+    """The `truth` of one film (shard_format.TRUTH_DOC), in the film's own pixels.
+
+    Args:
+        drawn: the findings this film draws (name -> the study's entry, with its ``side`` when it has one).
+        boxes: where each was drawn, as `render_with_regions` returns them (one box per drawn part).
+    """
+    truth: dict[str, dict[str, Any]] = {}
+    for name in CHEXPERT_LABELS:
+        if name == "No Finding":
+            continue
+        present = name in drawn
+        truth[name] = {
+            "present": present,
+            "side": drawn[name].get("side") if present else None,
+            "box": union_box(boxes.get(name, [])) if present else None,
+        }
+    normal = not any(truth[name]["present"] for name in PATHOLOGIES)
+    truth["No Finding"] = {"present": normal, "side": None, "box": None}
+    return {name: truth[name] for name in CHEXPERT_LABELS}
+
+
 def truth_rows(plans: list[StudyPlan], regions: list[dict]) -> list[dict]:
     """One `synth_truth.jsonl` row per film, in plan order (`regions`: by film, as `render_with_regions`)."""
     rows = []
@@ -233,7 +274,7 @@ def truth_rows(plans: list[StudyPlan], regions: list[dict]) -> list[dict]:
             "path": f"{st.folder}/{im.dicom_id}.jpg", "dicom_id": im.dicom_id, "subject_id": str(st.subject_id),
             "study_id": str(st.study_id), "split": st.split, "view": im.view, "width": im.width,
             "height": im.height, "fault": im.fault or st.fault, "labels": labels_of(st.findings), "drawn": drawn,
-            "boxes": regions[number],
+            "boxes": regions[number], "truth": film_truth(drawn, regions[number]),
         })  # fmt: skip
     return rows
 
@@ -268,6 +309,8 @@ def generate_corpus(
     max_size: int = 640,
     lateral_fraction: float = 0.6,
     eval_fraction: float = 0.1,
+    normal_rate: float = DEFAULT_NORMAL_RATE,
+    negation_rates: dict[str, float] | None = None,
     workers: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -281,6 +324,9 @@ def generate_corpus(
         min_size, max_size: range of the longer (vertical) side of the films in pixels.
         lateral_fraction: share of PA studies that also have a lateral film.
         eval_fraction: share of the patients in each of the validate and test splits (the rest train).
+        normal_rate: share of studies with no pathology ("No Finding"), `reports.DEFAULT_NORMAL_RATE` by default.
+        negation_rates: per finding, how often a report rules it out in words when the study does not have it
+            (`reports.DEFAULT_NEGATION_RATES`, which names left out here keep).
         workers: processes rendering films; the output does not depend on it.
         progress: show a tqdm bar.
 
@@ -300,8 +346,10 @@ def generate_corpus(
     start = time.perf_counter()
     out = Path(out)
     _prepare_output(out)
+    negation_rates = check_rates(normal_rate, negation_rates)
     plans = plan_corpus(studies, seed, min_size=min_size, max_size=max_size, lateral_fraction=lateral_fraction,
-                        with_faults=with_faults, eval_fraction=eval_fraction)  # fmt: skip
+                        with_faults=with_faults, eval_fraction=eval_fraction, normal_rate=normal_rate,
+                        negation_rates=negation_rates)  # fmt: skip
 
     jobs = []
     for st in plans:
@@ -369,7 +417,8 @@ def generate_corpus(
     summary["faults"] = faults
     summary["bytes"] = total_bytes
     args = {"studies": studies, "seed": seed, "with_faults": with_faults, "min_size": min_size,
-            "max_size": max_size, "lateral_fraction": lateral_fraction, "eval_fraction": eval_fraction}  # fmt: skip
+            "max_size": max_size, "lateral_fraction": lateral_fraction, "eval_fraction": eval_fraction,
+            "normal_rate": normal_rate, "negation_rates": negation_rates}  # fmt: skip
     (out / "synth_corpus.json").write_text(json.dumps({"args": args, "summary": summary}, indent=2) + "\n")
     summary["out"] = str(out)
     summary["seconds"] = round(time.perf_counter() - start, 3)

@@ -15,11 +15,15 @@ it is, so a model can learn which image regions go with which report phrases:
 - Consolidation / Lung Opacity: dense / faint patchy blobs in the named zone.
 - Edema: bilateral perihilar haze.
 - Atelectasis: a thin band-like opacity above the hemidiaphragm.
-- Fracture: a rib drawn with a gap and a step.
+- Fracture: a rib broken into two displaced fragments (gap and step) with a bright callus, denser than the
+  other ribs.
+- Pneumonia: a lobar airspace opacity filling the named zone of one lung (sharp at the fissure, mottled)
+  with dark branching air bronchograms.
 - Pleural Other: apical pleural thickening (a bright cap).
 - Support Devices: bright lines and tubes (ET tube, enteric tube, central lines, pacemaker).
 
-Uncertain findings (label -1) are drawn at about half strength. Rendering works at a small working
+Every finding is drawn large and dense enough to be seen at the 128 px the demo trains at (tests/
+test_synth_truth.py checks each one). Uncertain findings (label -1) are drawn at reduced strength. Rendering works at a small working
 resolution and is resized to the requested size, then exposure, rotation and noise are applied, so
 default-size corpora build quickly while the benchmark can ask for 2500 px films.
 """
@@ -36,17 +40,18 @@ from PIL import Image, ImageDraw, ImageFilter
 #: Longest side of the canvas the anatomy is drawn on (at most) before resizing to the requested size.
 WORK_SIZE = 320
 
-#: The findings each view draws when their state is 1 (full strength) or -1 (half strength). Pneumonia is
-#: never drawn on its own (it is read off a consolidation or an opacity); a lateral film has no side and
-#: shows no pneumothorax, fracture, apical cap or mediastinal widening.
+#: The findings each view draws when their state is 1 (full strength) or -1 (reduced strength, still visible at
+#: 128 px). "No Finding" is the absence of the others; a lateral film has no side and shows no pneumothorax,
+#: fracture, apical cap or mediastinal widening.
 DRAWN_IN_VIEW: dict[str, frozenset[str]] = {
     "PA": frozenset({
         "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-        "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumothorax", "Support Devices",
+        "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
+        "Support Devices",
     }),
     "LATERAL": frozenset({
         "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Lesion", "Lung Opacity", "Pleural Effusion",
-        "Support Devices",
+        "Pneumonia", "Support Devices",
     }),
 }  # fmt: skip
 DRAWN_IN_VIEW["AP"] = DRAWN_IN_VIEW["PA"]
@@ -212,9 +217,8 @@ def _frontal(
         e = f["Pneumothorax"]
         for side in _sides(e.get("side", "right")):
             sgn = _side_sign(side)
-            width = {"small": 0.035, "moderate": 0.065, "large": 0.10}[e.get("size", "small")] * (
-                0.4 + 0.6 * s_ptx
-            )
+            # at least ~5 px of black rim at a 128 px film even for a small (or uncertain) one
+            width = {"small": 0.05, "moderate": 0.08, "large": 0.12}[e.get("size", "small")] * (0.7 + 0.3 * s_ptx)
             ymax = {"small": 0.40, "moderate": 0.56, "large": domes[side]}[e.get("size", "small")]
             outer = _lateral_wall(xm, sgn, domes[side], scale, ymax, 0.0)
             inner = _lateral_wall(xm, sgn, domes[side], scale, ymax, width)
@@ -226,14 +230,14 @@ def _frontal(
     vessels = _vessels(c, rng, hila)
     texture = _smooth_noise(rng, c.h, c.w, 24)
     img += lung * (1 - ptx_rim) * (0.17 * vessels + 0.08 * (texture - 0.5))
-    img = _blend(img, ptx_rim, 0.05, 0.9)
+    img = _blend(img, ptx_rim, _AIR, 0.95)
     if ptx_edge_lines:
-        img += 0.18 * c.lines(ptx_edge_lines, 0.004, 0.002) * s_ptx
+        img += (0.2 + 0.15 * s_ptx) * c.lines(ptx_edge_lines, 0.007, 0.002)
 
     img = _draw_frontal_findings(c, f, frng, img, xm, scale, domes, lungs, lung)
 
     # Mediastinum, aortic knob, trachea and spine.
-    ec = 1.0 + 0.6 * _strength(f, "Enlarged Cardiomediastinum")
+    ec = 1.0 + 1.0 * _strength(f, "Enlarged Cardiomediastinum")  # 2x the upper mediastinum's width
     med = [(xm - 0.055 * ec, 0.0), (xm + 0.055 * ec, 0.0), (xm + 0.06 * ec, 0.26), (xm + 0.10 * ec, 0.30),
            (xm + 0.085 * ec, 0.36), (xm + 0.07, 0.5), (xm - 0.07, 0.5), (xm - 0.065 * ec, 0.30)]  # fmt: skip
     med_mask = c.polygon(med, 0.008)
@@ -254,11 +258,13 @@ def _frontal(
         c.note("Cardiomegaly", heart)
     img = _blend(img, heart, 0.63)
 
-    # Bones: clavicles and posterior ribs (one rib may be fractured: a gap with a step).
+    # Bones: clavicles and posterior ribs. A fractured rib is drawn as two displaced fragments (a lucent gap
+    # and a step of ~4 px at a 128 px film) with a bright callus at the fracture, denser than the other ribs:
+    # a 1-2 px step vanishes in the 128 px films the demo trains on.
     fx = _strength(f, "Fracture")
     fx_side = f.get("Fracture", {}).get("side", "right")
     fx_rib = f.get("Fracture", {}).get("rib", 6) - 1
-    ribs = []
+    ribs, broken = [], []
     for side in ("right", "left"):
         sgn = _side_sign(side)
         ribs.append([(xm + sgn * 0.04, 0.17), (xm + sgn * 0.17 * scale, 0.13), (xm + sgn * 0.32 * scale, 0.095)])
@@ -270,17 +276,23 @@ def _frontal(
                 for t in ts
             ]
             if fx and side == fx_side and k == fx_rib:
-                gap = 9
-                step = 0.014 * fx
-                ribs.append(pts[:gap])
-                ribs.append([(x + sgn * 0.012, y + step) for x, y in pts[gap + 1 :]])
-                xs, ys = [x for x, _ in pts[gap - 1 : gap + 3]], [y for _, y in pts[gap - 1 : gap + 3]]
-                c.note_box("Fracture", min(xs) - 0.015, min(ys) - 0.02, max(xs) + 0.015, max(ys) + 0.02 + step)
+                gap = 8
+                step = 0.03 + 0.01 * fx
+                inner = pts[:gap]
+                outer = [(x + sgn * 0.015, y + step) for x, y in pts[gap + 1 :]]
+                broken += [inner, outer]
+                (x0, y0e), (x1, y1e) = inner[-1], outer[0]
+                callus = c.ellipse((x0 + x1) / 2, (y0e + y1e) / 2, 0.03 * c.h / c.w, 0.028, 0.006)
+                img = _blend(img, callus, _BONE, 0.35 * fx)
+                xs, ys = [x for x, _ in pts[gap - 2 : gap + 4]], [y for _, y in pts[gap - 2 : gap + 4]]
+                c.note_box("Fracture", min(xs) - 0.02, min(ys) - 0.03, max(xs) + 0.035, max(ys) + 0.03 + step)
             else:
                 ribs.append(pts)
     # Ribs show through the lungs, faintly through the heart and mediastinum.
     thorax = np.clip(lung * 1.5 + 0.25, 0, 1) * (c.yy < max(domes.values()) + 0.03) * (1 - 0.7 * heart)
     img += 0.08 * c.lines(ribs, 0.014, 0.004) * thorax
+    if broken:
+        img += (0.12 + 0.12 * fx) * c.lines(broken, 0.018, 0.003) * np.clip(thorax * 2, 0, 1)
 
     return _draw_devices(c, f, img, xm, scale, frontal=True)
 
@@ -288,6 +300,29 @@ def _frontal(
 def _zone_point(xm: float, scale: float, side: str, zone: str, rng: np.random.Generator) -> tuple[float, float]:
     u = {"upper": 0.22, "mid": 0.27, "lower": 0.27}[zone] + rng.uniform(-0.03, 0.03)
     return xm + _side_sign(side) * u * scale, _ZONE_Y[zone] + rng.uniform(-0.03, 0.03)
+
+
+def _lobar(c: _Canvas, rng: np.random.Generator, xm: float, scale: float, side: str, zone: str, dome: float):
+    """A lobar airspace opacity (pneumonia): the whole zone of one lung, sharp at the fissure above, mottled,
+    with branching air bronchograms. Returns ``(mask, bronchi)`` before clipping to the lung."""
+    sgn = _side_sign(side)
+    top, bottom = {"upper": (0.08, 0.36), "mid": (0.36, 0.54), "lower": (0.50, dome + 0.06)}[zone]
+    band = np.clip((c.yy - top) / 0.015, 0, 1) * np.clip((bottom - c.yy) / 0.04, 0, 1)
+    lateral = sgn * (c.xx - xm) / scale
+    band = band * np.clip((lateral - 0.06) / 0.03, 0, 1)  # from just beside the mediastinum outwards
+    mottle = 0.75 + 0.25 * _smooth_noise(rng, c.h, c.w, 18)
+    hy = 0.5 * (top + bottom)
+    hx = xm + sgn * 0.1 * scale
+    polys = []
+    for _ in range(5):
+        ang, x, y, pts = rng.uniform(-0.6, 0.6), hx, hy, [(hx, hy)]
+        for _step in range(5):
+            ang += rng.normal(0, 0.25)
+            x += sgn * math.cos(ang) * 0.045
+            y += math.sin(ang) * 0.04
+            pts.append((x, y))
+        polys.append(pts)
+    return np.clip(band * mottle * 1.15, 0, 1), c.lines(polys, 0.008, 0.003)
 
 
 def _patches(c: _Canvas, rng: np.random.Generator, cx: float, cy: float, n: int, r: float) -> np.ndarray:
@@ -314,18 +349,27 @@ def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.
             img = _blend(img, mask, _FLUID, 0.95 * (0.4 + 0.6 * s))
     s = _strength(f, "Edema")
     if s:
-        sev = {"mild": 0.45, "moderate": 0.6, "severe": 0.75}[f["Edema"].get("severity", "mild")] * s
+        sev = {"mild": 0.6, "moderate": 0.72, "severe": 0.85}[f["Edema"].get("severity", "mild")] * (0.5 + 0.5 * s)
         haze = np.zeros_like(img)
         for hx in (xm - 0.13 * scale, xm + 0.14 * scale):
             haze += np.exp(-(((c.xx - hx) / 0.13) ** 2 + ((c.yy - 0.45) / 0.16) ** 2))
         img = _blend(img, c.note("Edema", np.clip(haze, 0, 1) * lung), 0.5, sev)
-    for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.45, 4, 0.035)):
+    for name, dense, n, r in (("Consolidation", 0.6, 7, 0.05), ("Lung Opacity", 0.5, 5, 0.04)):
         s = _strength(f, name)
         if s:
             e = f[name]
             for side in _sides(e.get("side", "right")):
                 x, y = _zone_point(xm, scale, side, e.get("zone", "lower"), rng)
-                img = _blend(img, c.note(name, _patches(c, rng, x, y, n, r) * lungs[side]), dense, 0.85 * s)
+                patch = _patches(c, rng, x, y, n, r) * lungs[side]
+                img = _blend(img, c.note(name, patch), dense, 0.9 * (0.6 + 0.4 * s))
+    s = _strength(f, "Pneumonia")
+    if s:
+        e = f["Pneumonia"]
+        side = e.get("side", "right")
+        mask, bronchi = _lobar(c, rng, xm, scale, side, e.get("zone", "lower"), domes[side])
+        mask = c.note("Pneumonia", mask * lungs[side])
+        img = _blend(img, mask, 0.58, 0.85 * (0.6 + 0.4 * s))
+        img = _blend(img, bronchi * mask, 0.2, 0.7)  # air bronchograms inside the airspace opacity
     s = _strength(f, "Lung Lesion")
     if s:
         e = f["Lung Lesion"]
@@ -338,7 +382,7 @@ def _draw_frontal_findings(c, f, rng, img, xm, scale, domes, lungs, lung) -> np.
             sgn = _side_sign(side)
             y = domes[side] - 0.07
             band = c.lines(
-                [[(xm + sgn * 0.12 * scale, y + 0.02), (xm + sgn * 0.33 * scale, y - 0.015)]], 0.022, 0.006
+                [[(xm + sgn * 0.12 * scale, y + 0.02), (xm + sgn * 0.33 * scale, y - 0.015)]], 0.03, 0.006
             )
             img = _blend(img, c.note("Atelectasis", band * lungs[side]), 0.6, 0.9 * s)
     s = _strength(f, "Pleural Other")
@@ -419,6 +463,11 @@ def _lateral(c: _Canvas, f: Findings, rng: np.random.Generator, frng: np.random.
             zone = f[name].get("zone", "lower")
             patch = _patches(c, frng, lat_x[zone], _ZONE_Y[zone] + 0.04, n, r)
             img = _blend(img, c.note(name, patch * lung), dense, 0.8 * s)
+    s = _strength(f, "Pneumonia")
+    if s:
+        zone = f["Pneumonia"].get("zone", "lower")
+        patch = _patches(c, frng, lat_x[zone], _ZONE_Y[zone] + 0.04, 9, 0.07)
+        img = _blend(img, c.note("Pneumonia", patch * lung), 0.58, 0.8 * (0.6 + 0.4 * s))
     s = _strength(f, "Lung Lesion")
     if s:
         zone = f["Lung Lesion"].get("zone", "upper")

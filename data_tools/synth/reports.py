@@ -27,21 +27,30 @@ Findings = dict[str, dict[str, Any]]
 #: Labels whose presence makes "No Finding" blank (Support Devices are not a pathology).
 PATHOLOGIES = tuple(name for name in CHEXPERT_LABELS if name not in ("No Finding", "Support Devices"))
 
-# name: (P(positive), P(uncertain), P(negated | not positive or uncertain))
+# name: (P(positive), P(uncertain), default P(negated | not positive or uncertain))
 _RATES: dict[str, tuple[float, float, float]] = {
     "Atelectasis": (0.14, 0.04, 0.1),
     "Cardiomegaly": (0.20, 0.04, 0.45),
     "Consolidation": (0.10, 0.03, 0.55),
     "Edema": (0.12, 0.04, 0.4),
     "Enlarged Cardiomediastinum": (0.07, 0.02, 0.25),
-    "Fracture": (0.05, 0.0, 0.1),
+    "Fracture": (0.07, 0.0, 0.1),
     "Lung Lesion": (0.08, 0.02, 0.05),
     "Lung Opacity": (0.12, 0.03, 0.1),
     "Pleural Effusion": (0.20, 0.05, 0.65),
-    "Pleural Other": (0.04, 0.0, 0.04),
+    "Pleural Other": (0.07, 0.0, 0.04),
+    "Pneumonia": (0.08, 0.03, 0.25),
     "Pneumothorax": (0.07, 0.02, 0.65),
     "Support Devices": (0.18, 0.0, 0.05),
 }
+DEFAULT_NORMAL_RATE = 0.3
+"""Default share of studies with no pathology at all ("No Finding"; support devices may still be present)."""
+
+DEFAULT_NEGATION_RATES: dict[str, float] = {name: rates[2] for name, rates in _RATES.items()}
+"""Default probability that a report rules a finding out in words ("No pneumothorax.") when the study does not
+have it; otherwise the report does not name it and its CheXpert label is blank. Roughly MIMIC-CXR's: effusion,
+pneumothorax, consolidation and heart size are ruled out often, rarer findings seldom."""
+
 _SIDES = ("right", "left")
 _DEVICES = ("ett", "ngt", "ij_line", "picc", "pacemaker")
 _LOBES = {
@@ -58,17 +67,45 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def sample_findings(rng: np.random.Generator, *, portable: bool, normal_rate: float = 0.3) -> Findings:
+def check_rates(normal_rate: float, negation_rates: dict[str, float] | None) -> dict[str, float]:
+    """The full negation-rate table (defaults updated by ``negation_rates``), after checking every value.
+
+    Raises:
+        ValueError: a rate outside [0, 1] or a name that is not a finding the reports can rule out.
+    """
+    if not 0.0 <= normal_rate <= 1.0:
+        raise ValueError(f"normal_rate must be in [0, 1], got {normal_rate}")
+    table = dict(DEFAULT_NEGATION_RATES)
+    for name, rate in (negation_rates or {}).items():
+        if name not in table:
+            raise ValueError(f"negation rate for {name!r}: not one of {', '.join(table)}")
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"negation rate for {name!r} must be in [0, 1], got {rate}")
+        table[name] = float(rate)
+    return table
+
+
+def sample_findings(
+    rng: np.random.Generator,
+    *,
+    portable: bool,
+    normal_rate: float = DEFAULT_NORMAL_RATE,
+    negation_rates: dict[str, float] | None = None,
+) -> Findings:
     """Draw the labels and attributes of one study.
 
     Args:
         rng: the random generator (the caller seeds it per study).
         portable: an AP portable study (more support devices, as on an ICU film).
         normal_rate: probability that the study has no pathology at all.
+        negation_rates: per finding, the probability that the report rules it out in words when the study does
+            not have it (default `DEFAULT_NEGATION_RATES`; names missing here keep their default).
     """
+    negate = DEFAULT_NEGATION_RATES if negation_rates is None else {**DEFAULT_NEGATION_RATES, **negation_rates}
     f: Findings = {}
     normal = rng.random() < normal_rate
-    for name, (p_pos, p_unc, p_neg) in _RATES.items():
+    for name, (p_pos, p_unc, _) in _RATES.items():
+        p_neg = negate[name]
         if name == "Support Devices" and portable:
             p_pos = 0.55
         r = rng.random()
@@ -93,7 +130,7 @@ def sample_findings(rng: np.random.Generator, *, portable: bool, normal_rate: fl
             entry["size"] = _pick(rng, ("small", "moderate", "large")) if entry["state"] == 1 else "small"
         elif name == "Edema":
             entry["severity"] = _pick(rng, ("mild", "moderate", "severe")) if entry["state"] == 1 else "mild"
-        elif name in ("Consolidation", "Lung Opacity"):
+        elif name in ("Consolidation", "Lung Opacity", "Pneumonia"):
             entry["side"] = side
             entry["zone"] = _pick(rng, ("upper", "mid", "lower", "lower"))
         elif name == "Lung Lesion":
@@ -110,15 +147,6 @@ def sample_findings(rng: np.random.Generator, *, portable: bool, normal_rate: fl
             entry["devices"] = sorted(rng.choice(len(_DEVICES), size=k, replace=False).tolist())
             entry["devices"] = [_DEVICES[i] for i in entry["devices"]]
             entry["ett_cm"] = round(float(rng.uniform(2.5, 6.0)), 1)
-    # Pneumonia is read off a consolidation or an opacity; it is never drawn on its own.
-    base = f.get("Consolidation", {}).get("state") == 1 or f.get("Lung Opacity", {}).get("state") == 1
-    r = rng.random()
-    if base and r < 0.35:
-        f["Pneumonia"] = {"state": 1}
-    elif base and r < 0.7:
-        f["Pneumonia"] = {"state": -1}
-    elif not base and rng.random() < 0.25:
-        f["Pneumonia"] = {"state": 0}
     if not any(f.get(name, {}).get("state") in (1, -1) for name in PATHOLOGIES):
         f["No Finding"] = {"state": 1}
     return f
@@ -172,6 +200,11 @@ def _positive(name: str, e: dict, rng: np.random.Generator) -> str:
     if name == "Lung Opacity":
         lobe = _LOBES[(side, e["zone"])]
         return _pick(rng, (f"Patchy opacity in the {lobe}.", f"Patchy opacities are seen in the {lobe}."))
+    if name == "Pneumonia":
+        lobe = _LOBES[(side, e["zone"])]
+        return _pick(rng, (f"{lobe[0].upper() + lobe[1:]} pneumonia.",
+                           f"Airspace disease in the {lobe}, consistent with pneumonia.",
+                           f"Findings are consistent with pneumonia in the {lobe}."))  # fmt: skip
     if name == "Edema":
         return _pick(rng, (f"{e['severity'].capitalize()} pulmonary edema with perihilar haziness.",
                            f"There is {e['severity']} pulmonary edema."))  # fmt: skip
@@ -219,9 +252,11 @@ def _uncertain(name: str, e: dict, rng: np.random.Generator) -> str:
         what = f"consolidation in the {lobe('lower')}"
     elif name == "Lung Opacity":
         what = f"faint opacity in the {lobe('lower')}"
+    elif name == "Pneumonia":
+        what = f"pneumonia in the {lobe('lower')}"
     else:
         what = {"Cardiomegaly": "mild cardiomegaly", "Enlarged Cardiomediastinum": "mediastinal widening",
-                "Edema": "mild pulmonary edema", "Pneumonia": "pneumonia"}[name]  # fmt: skip
+                "Edema": "mild pulmonary edema"}[name]  # fmt: skip
     return _pick(rng, (f"Possible {what}.", f"{what[0].upper() + what[1:]} cannot be excluded.",
                        f"Questionable {what}.", f"Cannot exclude {what}."))  # fmt: skip
 
@@ -269,15 +304,6 @@ def write_report(f: Findings, views: list[str], rng: np.random.Generator, sex: s
             continue
         if name == "Support Devices":
             detail += _devices(e)
-        elif name == "Pneumonia":
-            if e["state"] == 1:
-                detail.append(
-                    _pick(
-                        rng, ("Findings are consistent with pneumonia.", "The appearance is typical of pneumonia.")
-                    )
-                )
-            else:
-                detail.append(_uncertain(name, e, rng))
         elif e["state"] == 1:
             detail.append(_positive(name, e, rng))
         else:

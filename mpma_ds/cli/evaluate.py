@@ -1,5 +1,7 @@
 """Evaluate an exported MPMA model (or a randomly initialised twin) on a shard split: image<->report retrieval
-R@1/5/10 both ways and zero-shot CheXpert AUROC. Prints a table, writes results.json + metrics.jsonl to
+R@1/5/10 both ways (identical reports merged; also on abnormal studies only) and zero-shot CheXpert AUROC (prompt
+ensembles; labels with >= --min-label-count positives and negatives), each with a bootstrap 95 % interval. Prints
+a table, writes results.json + metrics.jsonl to
 --out-dir and logs an "eval" run to MLflow tagged with what it evaluated.
 
     python launch/evaluate.py --model exported/tiny --shards data/shards
@@ -33,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = the whole split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--min-label-count", type=int, default=20, metavar="N",
+                   help="zero-shot AUROC only over labels with >= N positives and N negatives (default 20)")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="R",
+                   help="bootstrap resamples of the 95 %% intervals beside each metric (0 = none; default 1000)")  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--out-dir", help="where results.json and metrics.jsonl go (default: eval_results/<name>-<split>)"
@@ -60,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
         tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
         seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, mlflow=not args.no_mlflow,
+        experiment=args.experiment, mlflow=not args.no_mlflow, min_count=args.min_label_count,
+        n_resamples=args.bootstrap,
     )  # fmt: skip
     print(format_table({result["name"]: result["metrics"]}))
     run = f"  (MLflow run {result['run_id']})" if result["run_id"] else ""

@@ -1,4 +1,7 @@
-"""Evaluate a model's image-report alignment on a validation pass: retrieval R@K and zero-shot AUROC."""
+"""Evaluate a model's image-report alignment on a validation pass: retrieval R@K (all studies and abnormal ones,
+identical reports merged) and zero-shot AUROC (prompt ensembles; the synthetic truth as the reference when the
+samples carry it), each with a bootstrap 95 % interval when asked. The protocol: docs/tracking_export_demo.md
+("Evaluation protocol")."""
 
 from __future__ import annotations
 
@@ -8,8 +11,20 @@ from typing import Any
 import torch
 
 from data_tools.shard_format import CHEXPERT_LABELS
-from mpma_ds.eval.retrieval import DEFAULT_KS, first_pair_per_report, retrieval_metrics
-from mpma_ds.eval.zeroshot import prompt_scores, prompts_for, zero_shot_auroc
+from mpma_ds.eval.retrieval import DEFAULT_KS, retrieval_metrics
+from mpma_ds.eval.zeroshot import (
+    DEFAULT_MIN_COUNT,
+    abnormal_rows,
+    ensemble_embeddings,
+    prompt_scores,
+    prompts_for,
+    reference_targets,
+    truths_of,
+    zero_shot_auroc,
+)
+
+DEFAULT_RESAMPLES = 1000
+"""Bootstrap resamples of the evaluation's 95 % intervals (launch/evaluate.py --bootstrap)."""
 
 
 def _module(model: Any) -> Any:
@@ -34,6 +49,54 @@ def encode_texts(model: Any, texts: Sequence[str], *, tokenizer, device, max_tex
     return torch.cat(out)
 
 
+def alignment_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    texts: Sequence[str],
+    *,
+    scores: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    truths: Sequence[Mapping[str, Any] | None] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    label_names: Sequence[str] = CHEXPERT_LABELS,
+    min_count: int = DEFAULT_MIN_COUNT,
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The alignment metrics of embedded validation samples (pure: no model), with intervals when asked.
+
+    Args:
+        image_emb: (N, D) image embeddings; text_emb: (N, D) their reports' embeddings; texts: the N reports.
+        scores: (N, C) zero-shot scores (``prompt_scores``); labels: (N, C) report labels, NaN blank;
+            truths: per sample its ``truth`` or None. Without scores and labels there is no zero-shot AUROC.
+        min_count: a label's fewest positives and negatives for the zero-shot AUROC.
+        n_resamples: bootstrap resamples (0 = no intervals); the same resampled rows for every metric.
+    Returns:
+        ``retrieval_metrics`` (with ``*_abnormal`` when labels are known) + ``zero_shot_auroc``'s keys, each
+        metric followed by ``<metric>_ci95: [low, high]`` when ``n_resamples`` > 0, and ``bootstrap_resamples``.
+    """
+    from mpma_ds.eval.bootstrap import with_intervals
+
+    abnormal = abnormal_rows(labels, truths, label_names) if labels is not None else None
+    kw = dict(ks=ks, texts=list(texts), abnormal=abnormal)
+    if n_resamples:
+        metrics = with_intervals(retrieval_metrics, image_emb, text_emb, n_resamples=n_resamples, seed=seed, **kw)
+        metrics.pop("bootstrap_skipped", None)
+    else:
+        metrics = retrieval_metrics(image_emb, text_emb, **kw)
+    if scores is not None and labels is not None:
+        targets, reference = reference_targets(labels, truths, label_names)
+        zkw = dict(label_names=label_names, min_count=min_count, reference=reference)
+        if n_resamples:
+            zs = with_intervals(zero_shot_auroc, scores, targets, n_resamples=n_resamples, seed=seed, **zkw)
+            zs.pop("bootstrap_skipped", None)
+            zs.pop("bootstrap_resamples", None)
+        else:
+            zs = zero_shot_auroc(scores, targets, **zkw)
+        metrics.update(zs)
+    return metrics
+
+
 @torch.no_grad()
 def evaluate_alignment(
     model: Any,
@@ -44,10 +107,13 @@ def evaluate_alignment(
     max_text_len: int,
     ks: Sequence[int] = DEFAULT_KS,
     label_names: Sequence[str] = CHEXPERT_LABELS,
-    prompts: Mapping[str, tuple[str, str]] | None = None,
-    keep_embeddings: dict[str, torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Retrieval R@K (both directions, one image per distinct report) and zero-shot AUROC on ``batches``.
+    prompts: Mapping[str, Any] | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    n_resamples: int = 0,
+    keep_embeddings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Retrieval R@K (both directions, identical reports merged; also on abnormal studies) and zero-shot AUROC
+    (prompt ensembles, labels with >= ``min_count`` positives and negatives) on ``batches``.
 
     Pure over ``encode_image``/``encode_text``. Under ZeRO-3 the parameters are partitioned and every
     forward is collective, so EVERY rank must call this with the same batches (each rank runs the whole,
@@ -56,23 +122,26 @@ def evaluate_alignment(
     Args:
         model: an MPMA (or a DeepSpeed engine wrapping one).
         batches: one pass of loader batches with ``image`` (B, C, H, W), ``text`` list[str] and optionally
-            ``labels`` (B, 14) float with NaN for blank and ``valid`` (B,) bool (False rows are padding and
+            ``labels`` (B, 14) float with NaN for blank, ``meta`` (sample jsons: their ``truth`` becomes the
+            zero-shot reference when every sample has one) and ``valid`` (B,) bool (False rows are padding and
             are left out).
         tokenizer: the model's tokenizer; reports are re-tokenised unmasked from ``text``.
         device: where the model runs.
         max_text_len: token budget of the text encoder.
-        keep_embeddings: a dict that receives the retrieval pairs' embeddings, ``"image"`` and ``"text"``
-            (N_unique, D) each (for bootstrap intervals over queries).
+        prompts: overrides of `mpma_ds.eval.zeroshot.CHEXPERT_PROMPTS` entries.
+        min_count: see `alignment_metrics`.
+        n_resamples: bootstrap resamples of the 95 % intervals (0 = none).
+        keep_embeddings: a dict that receives what the metrics were computed from: ``"image"``, ``"text"``
+            (N, D) each, ``"texts"``, and with labels ``"scores"`` (N, C), ``"labels"``, ``"truths"``.
     Returns:
-        ``i2t_R@k``, ``t2i_R@k`` (fractions), ``zeroshot_auroc/<label>``, ``zeroshot_auroc_mean``,
-        ``eval_samples``, ``retrieval_pairs``, ``zeroshot_labels``.
+        `alignment_metrics`'s dict plus ``eval_samples`` (N).
     """
     net = _module(model)
     was_training = net.training
     net.eval()
     try:
         dtype = next(net.parameters()).dtype
-        image_embs, texts, labels = [], [], []
+        image_embs, texts, labels, metas = [], [], [], []
         for batch in batches:
             images = batch["image"].to(device=device, dtype=dtype)
             emb = net.encode_image(images).float().cpu()  # (B, D)
@@ -80,28 +149,36 @@ def evaluate_alignment(
             keep = torch.as_tensor(batch.get("valid", [True] * len(emb)), dtype=torch.bool).cpu()  # (B,)
             image_embs.append(emb[keep])
             texts.extend(t for t, ok in zip(batch["text"], keep.tolist()) if ok)
+            metas.extend(m for m, ok in zip(batch.get("meta") or [{}] * len(emb), keep.tolist()) if ok)
             if "labels" in batch:
                 labels.append(torch.as_tensor(batch["labels"], dtype=torch.float32).cpu()[keep])
         if not image_embs:
             raise ValueError("the evaluation split yielded no batches")
         image_emb = torch.cat(image_embs)  # (N, D)
-        keep = first_pair_per_report(texts)
-        text_emb = encode_texts(
-            net, [texts[i] for i in keep], tokenizer=tokenizer, device=device, max_text_len=max_text_len
-        )  # (N_unique, D)
-        metrics = retrieval_metrics(image_emb[keep], text_emb, ks)
-        if keep_embeddings is not None:
-            keep_embeddings.update(image=image_emb[keep], text=text_emb)
-        metrics["eval_samples"] = float(image_emb.shape[0])
+
+        def encode(strings: list[str]) -> torch.Tensor:
+            return encode_texts(net, strings, tokenizer=tokenizer, device=device, max_text_len=max_text_len)
+
+        distinct = list(dict.fromkeys(texts))  # identical texts embed identically: encode each once
+        where = {t: i for i, t in enumerate(distinct)}
+        text_emb = encode(distinct)[torch.tensor([where[t] for t in texts])]  # (N, D)
+        scores = label_tensor = truths = None
         if labels:
-            pairs = prompts_for(label_names, prompts)
-            pos = encode_texts(
-                net, [p for p, _ in pairs], tokenizer=tokenizer, device=device, max_text_len=max_text_len
-            )  # (C, D)
-            neg = encode_texts(
-                net, [n for _, n in pairs], tokenizer=tokenizer, device=device, max_text_len=max_text_len
-            )  # (C, D)
-            metrics.update(zero_shot_auroc(prompt_scores(image_emb, pos, neg), torch.cat(labels), label_names))
+            label_tensor = torch.cat(labels)  # (N, C)
+            ensembles = prompts_for(label_names, prompts)
+            pos = ensemble_embeddings(encode, [p for p, _ in ensembles])  # (C, D)
+            neg = ensemble_embeddings(encode, [n for _, n in ensembles])  # (C, D)
+            scores = prompt_scores(image_emb, pos, neg)  # (N, C)
+            truths = truths_of(metas)
+        metrics = alignment_metrics(
+            image_emb, text_emb, texts, scores=scores, labels=label_tensor, truths=truths, ks=ks,
+            label_names=label_names, min_count=min_count, n_resamples=n_resamples,
+        )  # fmt: skip
+        if keep_embeddings is not None:
+            keep_embeddings.update(image=image_emb, text=text_emb, texts=texts)
+            if labels:
+                keep_embeddings.update(scores=scores, labels=label_tensor, truths=truths)
+        metrics["eval_samples"] = int(image_emb.shape[0])
         return metrics
     finally:
         net.train(was_training)

@@ -31,7 +31,7 @@ from mpma_ds.eval.classification import (
 )
 from mpma_ds.eval.retrieval import retrieval_metrics, retrieval_metrics_resampler
 from mpma_ds.eval.vqa import vqa_accuracy, vqa_accuracy_resampler
-from mpma_ds.eval.zeroshot import zero_shot_auroc
+from mpma_ds.eval.zeroshot import zero_shot_auroc, zero_shot_auroc_resampler
 
 # Weights of at most this many (resample x row) cells are held at once.
 CHUNK_CELLS = 1 << 21
@@ -59,31 +59,13 @@ class Interval(tuple):
         return self[1]
 
 
-def _zero_shot_auroc_resampler(scores, labels, label_names=None):
-    """``zero_shot_auroc`` (uncertain and blank labels left out) through the multi-label resampler."""
-    from mpma_ds.eval.classification import apply_uncertain_policy
-    from mpma_ds.eval.zeroshot import CHEXPERT_LABELS
-
-    names = CHEXPERT_LABELS if label_names is None else label_names
-    inner = multilabel_auroc_resampler(
-        scores, apply_uncertain_policy(labels, "ignore"), names, prefix="zeroshot_auroc"
-    )
-
-    def resample(weights: np.ndarray) -> dict[str, np.ndarray]:
-        out = inner(weights)
-        out["zeroshot_auroc_mean"] = out.pop("zeroshot_auroc_macro")
-        return out
-
-    return resample
-
-
 # metric function -> resampler factory taking the same arguments (see the module docstring).
 RESAMPLERS: dict[Callable[..., Any], Callable[..., Callable[[np.ndarray], dict[str, np.ndarray]]]] = {
     multilabel_auroc: multilabel_auroc_resampler,
     multiclass_metrics: multiclass_metrics_resampler,
     vqa_accuracy: vqa_accuracy_resampler,
     retrieval_metrics: retrieval_metrics_resampler,
-    zero_shot_auroc: _zero_shot_auroc_resampler,
+    zero_shot_auroc: zero_shot_auroc_resampler,
 }
 
 
@@ -299,7 +281,8 @@ def loggable_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics dict as ``{name: float}`` for a metric logger (MLflow takes scalars only).
 
     ``x_ci95: [lo, hi]`` becomes ``x_ci95_low`` / ``x_ci95_high``; ``bootstrap_skipped: {m: n}`` becomes
-    ``bootstrap_skipped/<m>``; ints become floats; other lists and dicts (``labels_left_out``...) are dropped.
+    ``bootstrap_skipped/<m>``; ints become floats; other lists and dicts (``labels_left_out``...), strings and
+    ``None`` (an undefined metric read back from strict JSON) are dropped.
     """
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -308,7 +291,8 @@ def loggable_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float | np.integer | np.floating):
             out[key] = float(value)
         elif isinstance(value, list | tuple) and len(value) == 2 and "_ci" in key:
-            out[f"{key}_low"], out[f"{key}_high"] = float(value[0]), float(value[1])
+            if value[0] is not None and value[1] is not None:  # [null, null]: undefined (read back from JSON)
+                out[f"{key}_low"], out[f"{key}_high"] = float(value[0]), float(value[1])
         elif key == "bootstrap_skipped" and isinstance(value, Mapping):
             out.update({f"bootstrap_skipped/{m}": float(n) for m, n in value.items()})
     return out

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpma_ds.eval.alignment import evaluate_alignment
+from mpma_ds.eval.alignment import DEFAULT_RESAMPLES, evaluate_alignment
+from mpma_ds.eval.bootstrap import loggable_metrics
+from mpma_ds.eval.zeroshot import DEFAULT_MIN_COUNT
 from mpma_ds.tracking import TrackingConfig, build_logger
 from mpma_ds.training.recipe import RECIPE_FILE
 
 if TYPE_CHECKING:
     from mpma_ds.training.recipe import Recipe
-# Rows of the summary table: (metric key, label).
+# Rows of the summary table: (metric key, label); each printed with its 95 % interval when it has one.
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("i2t_R@1", "image->report R@1"),
     ("i2t_R@5", "image->report R@5"),
@@ -25,6 +27,10 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("t2i_R@1", "report->image R@1"),
     ("t2i_R@5", "report->image R@5"),
     ("t2i_R@10", "report->image R@10"),
+    ("i2t_R@1_abnormal", "image->report R@1, abnormal"),
+    ("i2t_R@5_abnormal", "image->report R@5, abnormal"),
+    ("t2i_R@1_abnormal", "report->image R@1, abnormal"),
+    ("t2i_R@5_abnormal", "report->image R@5, abnormal"),
     ("zeroshot_auroc_mean", "zero-shot AUROC (mean)"),
 )
 
@@ -79,8 +85,11 @@ def evaluate_on_split(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
-) -> dict[str, float]:
-    """One deterministic pass over ``split`` (rank 0 of 1) through ``evaluate_alignment``."""
+    min_count: int = DEFAULT_MIN_COUNT,
+    n_resamples: int = DEFAULT_RESAMPLES,
+) -> dict[str, Any]:
+    """One deterministic pass over ``split`` (rank 0 of 1) through ``evaluate_alignment``, with bootstrap 95 %
+    intervals (``n_resamples``; 0 = none) and zero-shot labels needing ``min_count`` positives and negatives."""
     from mpma_ds.data import build_loader
 
     info = build_loader(
@@ -92,25 +101,52 @@ def evaluate_on_split(
             batches = (b for i, b in zip(range(max_batches), info.loader))
         model.to(device)
         return evaluate_alignment(
-            model, batches, tokenizer=tokenizer, device=device, max_text_len=data_cfg.max_text_len
-        )
+            model, batches, tokenizer=tokenizer, device=device, max_text_len=data_cfg.max_text_len,
+            min_count=min_count, n_resamples=n_resamples,
+        )  # fmt: skip
     finally:
         info.close()
 
 
-def format_table(results: Mapping[str, Mapping[str, float]], rows: Sequence[tuple[str, str]] = TABLE_ROWS) -> str:
-    """A plain-text table: one row per metric, one column per evaluated model (``results`` name -> metrics)."""
+def _cell(metrics: Mapping[str, Any], key: str) -> str:
+    """``0.412 [0.371, 0.455]`` (the value and its 95 % interval), ``0.412`` without one, ``n/a`` without value."""
+    value = metrics.get(key, math.nan)
+    if value is None or math.isnan(value):
+        return "n/a"
+    ci = metrics.get(f"{key}_ci95")
+    if ci is None or any(v is None or math.isnan(v) for v in ci):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]], rows: Sequence[tuple[str, str]] = TABLE_ROWS) -> str:
+    """A plain-text table: one row per metric, one column per evaluated model (``results`` name -> metrics),
+    each value with its bootstrap 95 % interval beside it, then the zero-shot labels left out and why."""
     names = list(results)
     width = max(len(label) for _, label in rows)
-    cols = [max(10, len(n)) for n in names]
+    cells = {name: [_cell(results[name], key) for key, _ in rows] for name in names}
+    cols = [max(10, len(n), *(len(c) for c in cells[n])) for n in names]
     head = " " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))
     lines = [head, "-" * len(head)]
-    for key, label in rows:
-        cells = []
-        for name, c in zip(names, cols):
-            value = results[name].get(key, math.nan)
-            cells.append(("n/a" if value is None or math.isnan(value) else f"{value:.3f}").rjust(c))
-        lines.append(label.ljust(width) + "  " + "  ".join(cells))
+    for i, (_, label) in enumerate(rows):
+        lines.append(label.ljust(width) + "  " + "  ".join(cells[n][i].rjust(c) for n, c in zip(names, cols)))
+    footers: dict[str, list[str]] = {}  # footer text -> the models it applies to (the same split: usually all)
+    for name in names:
+        m = results[name]
+        if "zeroshot_reference" not in m:
+            continue
+        left_out = m.get("zeroshot_labels_left_out") or {}
+        used = int(m.get("zeroshot_labels", 0))
+        text = [
+            f"zero-shot AUROC: mean over {used} of {used + len(left_out)} labels, those with >= "
+            f"{m.get('zeroshot_min_count')} positives and negatives (reference: {m['zeroshot_reference']})"
+        ]
+        text += [f"  left out: {label}: {why}" for label, why in left_out.items()]
+        if m.get("zeroshot_note"):
+            text.append(f"  {m['zeroshot_note']}")
+        footers.setdefault("\n".join(text), []).append(name)
+    for text, which in footers.items():
+        lines.append(text if len(which) == len(names) else f"[{', '.join(which)}] {text}")
     return "\n".join(lines)
 
 
@@ -132,10 +168,14 @@ def run_evaluation(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     mlflow: bool = True,
+    min_count: int = DEFAULT_MIN_COUNT,
+    n_resamples: int = DEFAULT_RESAMPLES,
 ) -> dict[str, Any]:
     """Evaluate an exported model folder (``model``) or a random twin (``random_init`` = architecture name) on
     ``split`` of ``shards``; write ``out_dir/results.json`` + ``metrics.jsonl`` and log an MLflow "eval" run
-    tagged ``mpma.eval_of``. Returns ``{"name", "evaluated", "split", "metrics", "run_id", "out_dir"}``.
+    tagged ``mpma.eval_of``. Returns ``{"name", "evaluated", "split", "metrics", "run_id", "out_dir"}``;
+    ``metrics`` holds each metric's ``<metric>_ci95`` (``n_resamples`` bootstrap resamples; 0 = none) and the
+    zero-shot labels left out (fewer than ``min_count`` positives or negatives) with the reason.
 
     Raises:
         FileNotFoundError / ValueError: missing model, shards, recipe or tokenizer; a tokenizer that does not
@@ -179,9 +219,12 @@ def run_evaluation(
     shard_dir = split_folder(shards, split)
     data_cfg = data_config_for(net.config, recipe=run_recipe, shards=shard_dir, tokenizer=tok_dir, backend=backend)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if min_count < 1 or n_resamples < 0:
+        raise ValueError(f"--min-label-count must be >= 1 and --bootstrap >= 0, got {min_count} and {n_resamples}")
     metrics = evaluate_on_split(
-        net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None
-    )
+        net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None,
+        min_count=min_count, n_resamples=n_resamples,
+    )  # fmt: skip
 
     out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,8 +245,9 @@ def run_evaluation(
         tags.update({"mpma.checkpoint": str(info.get("checkpoint")), "mpma.step": str(step)})
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
     logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),
-                                "tokenizer": str(tok_dir), "batch_size": batch_size}})  # fmt: skip
-    logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                                "tokenizer": str(tok_dir), "batch_size": batch_size, "min_label_count": min_count,
+                                "bootstrap": n_resamples}})  # fmt: skip
+    logger.log_metrics({f"eval/{k}": v for k, v in loggable_metrics(metrics).items()}, step=step)
     result = {
         "name": name,
         "evaluated": evaluated,
@@ -212,7 +256,9 @@ def run_evaluation(
         "run_id": logger.run_id,
         "out_dir": str(out_dir),
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    from mpma_ds.tracking.params import json_safe
+
+    (out_dir / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")  # NaN -> null
     logger.log_artifact(out_dir / "results.json")
     logger.close()
     return result

@@ -71,5 +71,7 @@ class PretrainTask(Task):
             tokenizer=ctx.tokenizer,
             device=ctx.device,
             max_text_len=self.recipe.data.max_text_len,
+            min_count=self.recipe.train.eval_min_label_count,
+            n_resamples=n_resamples,
         )
         return {**metrics, **mlm.result()}

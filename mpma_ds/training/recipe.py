@@ -161,6 +161,10 @@ class TrainConfig(ConfigSection):
     eval_max_batches: int = 0
     """Validation batches per evaluation (0 = the whole split)."""
 
+    eval_min_label_count: int = 20
+    """Pretraining / retrieval evaluation: the zero-shot AUROC counts a CheXpert label only with at least this many
+    positives and this many negatives in the validation pass (the others are listed with the reason)."""
+
     log_every: int = 10
     """Log metrics every N steps (losses are those of the step; rates are averaged since the last log)."""
 
@@ -186,7 +190,8 @@ class TrainConfig(ConfigSection):
     peak (H100/H200 bf16: 989) or, on CPU, a matmul measured at start-up."""
 
     def validate(self) -> None:
-        for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last", "max_nan_steps"):
+        for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last", "max_nan_steps",
+                     "eval_min_label_count"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         nonnegative = ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batch_size")
