@@ -52,6 +52,9 @@ VQA_RECIPE = "finetune_vqa_frozen_tiny"
 # a label counts in the linear probe's test macro AUROC with >= this many positives and negatives (default of
 # --min-label-count): one with 3 moves the mean by chance, not by skill
 LP_MIN_LABEL_COUNT = 10
+# overlays of finding-phrase maps written per model (and side by side, pretrained | random, in eval/grounding/)
+# when the shards carry ground truth
+GROUNDING_OVERLAYS = 6
 
 
 class DemoError(RuntimeError):
@@ -334,15 +337,20 @@ class Demo:
             raise DemoError(f"export failed: {err}; log: {log}") from err
 
     def evaluate(self) -> dict[str, dict[str, float]]:
+        from mpma_ds.eval.grounding import shards_have_truth, write_overlays
         from mpma_ds.eval.split_eval import run_evaluation
 
+        grounding = GROUNDING_OVERLAYS if shards_have_truth(self.out / "shards" / "validate") else None
         common = dict(shards=self.out / "shards", split="validate", tracking_uri=self.tracking_uri,
-                      experiment=EXPERIMENT, batch_size=32)  # fmt: skip
+                      experiment=EXPERIMENT, batch_size=32, grounding=grounding)  # fmt: skip
         pre = run_evaluation(model=self.out / "exported", out_dir=self.out / "eval" / "pretrained",
                              name="pretrained", **common)  # fmt: skip
         rnd = run_evaluation(random_init="mpma_tiny", recipe=self.out / "pretrain" / "recipe.yaml",
                              tokenizer=self.out / "tokenizer", seed=self.args.seed,
                              out_dir=self.out / "eval" / "random-init", name="random-init", **common)  # fmt: skip
+        if grounding is not None:  # the same pairs from both models, side by side
+            write_overlays(self.out / "eval" / "grounding",
+                           {"pretrained": pre["grounding_examples"], "random": rnd["grounding_examples"]})  # fmt: skip
         return {"pretrained": pre["metrics"], "random-init": rnd["metrics"]}
 
     # -- the whole thing ---------------------------------------------------------------------------------------
@@ -363,8 +371,8 @@ class Demo:
                          {"overrides": self.pretrain_overrides(), "ranks": a.num_gpus, **data},
                          self.pretrain, ("pretrain",))  # fmt: skip
         self.stage("export", "export", {"pretrain": pre}, self.export, ("exported",))
-        results = self.stage("evaluate", "evaluation: pretrained vs random twin", {"pretrain": pre}, self.evaluate,
-                             ("eval",))  # fmt: skip
+        results = self.stage("evaluate", "evaluation: pretrained vs random twin",
+                             {"pretrain": pre, "grounding": GROUNDING_OVERLAYS}, self.evaluate, ("eval",))  # fmt: skip
         down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
                           {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions,
                            "min_label_count": a.min_label_count}, self.downstream,
@@ -466,6 +474,9 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
     evals = results["pretrain_eval"]
     pre, rnd = evals["pretrained"], evals["random-init"]
     table = {key: {"pretrained": pre.get(key), "random": rnd.get(key)} for key, _ in TABLE_ROWS}
+    from mpma_ds.eval.grounding import pointing_game_summary
+
+    table["pointing_game"] = pointing_game_summary(pre, rnd)  # None: the shards carry no ground truth
     payload = {"pretrain_eval": table, "linear_probe": results["linear_probe"], "vqa": results["vqa"],
                "runs": results["runs"]}  # fmt: skip
     path = demo.out / RESULTS_FILE
@@ -502,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
           "top K)")  # fmt: skip
     print(format_table(evals))
     print(f"pretrained beats the random twin on {better} of {len(keys)} metrics")
+    if "pointing_game" in pre:
+        from mpma_ds.eval.grounding import format_pointing_game
+
+        print(format_pointing_game(pre, rnd, demo.out / "eval" / "grounding"))
     print("\nlabel efficiency: test split, [95 % bootstrap interval; the difference's is paired: the same test "
           "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= "
           f"{args.min_label_count} positives and negatives) of the frozen image encoder's features; VQA = frozen "

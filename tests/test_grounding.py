@@ -323,3 +323,17 @@ def test_evaluate_cli_grounding_without_truth_is_one_clear_line(shards, tmp_path
     assert code == 2
     assert len(err.splitlines()) == 1 and "--grounding needs ground truth" in err and "truth" in err
     assert not (tmp_path / "e" / "results.json").exists()
+
+
+def test_demo_summary_of_both_models():
+    from mpma_ds.eval.grounding import format_pointing_game, pointing_game_summary
+
+    pre = {"pointing_game": 0.7, "pointing_game_ci95": [0.6, 0.8], "pointing_game_chance": 0.12,
+           "pointing_game_pairs": 40}  # fmt: skip
+    rnd = {"pointing_game": 0.2, "pointing_game_ci95": [0.1, 0.3], "pointing_game_chance": 0.12}
+    assert pointing_game_summary(pre, rnd) == {
+        "pretrained": 0.7, "random": 0.2, "ci95_pretrained": [0.6, 0.8], "ci95_random": [0.1, 0.3], "chance": 0.12}  # fmt: skip
+    assert pointing_game_summary({}, {}) is None  # shards without truth: no entry to fill
+    line = format_pointing_game(pre, rnd, "out/grounding")
+    assert "pretrained 0.700 [0.600, 0.800], random 0.200 [0.100, 0.300], chance (box area) 0.120" in line
+    assert "40 pairs" in line and "out/grounding" in line

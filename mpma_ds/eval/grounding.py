@@ -418,7 +418,7 @@ def save_overlay(
         ax.set_axis_off()
         fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -446,7 +446,8 @@ def write_overlays(
             if (other[j].key, other[j].finding) != (first.key, first.finding):
                 raise ValueError(f"overlay {j}: the models' examples differ ({first.key} vs {other[j].key})")
         panels = [(name or "map", ex[j].grid, ex[j].hit) for name, ex in runs.items()]
-        title = f'{first.key}: "{first.phrase}" ({first.finding})'
+        key = first.key if len(first.key) <= 40 else f"{first.key[:18]}...{first.key[-18:]}"
+        title = f'"{first.phrase}" ({first.finding})\n{key}'
         paths.append(
             save_overlay(Path(folder) / overlay_name(j, first), first.image, first.box, panels, title=title)
         )
@@ -465,3 +466,19 @@ def pointing_game_summary(pretrained: Mapping[str, Any], random: Mapping[str, An
         "ci95_random": random.get("pointing_game_ci95"),
         "chance": pretrained.get("pointing_game_chance", random.get("pointing_game_chance")),
     }
+
+
+def format_pointing_game(pretrained: Mapping[str, Any], random: Mapping[str, Any], overlays: str | Path) -> str:
+    """One line for the demo: both models' pointing game with 95 % intervals, the chance level, the overlays."""
+
+    def cell(m: Mapping[str, Any]) -> str:
+        if m.get("pointing_game") is None:
+            return "n/a"
+        lo, hi = m.get("pointing_game_ci95") or (math.nan, math.nan)
+        return f"{m['pointing_game']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    summary = pointing_game_summary(pretrained, random) or {}
+    pairs = int(pretrained.get("pointing_game_pairs", 0))
+    return (f"pointing game (finding-phrase map maximum inside the drawn box, {pairs} pairs): pretrained "
+            f"{cell(pretrained)}, random {cell(random)}, chance (box area) {summary.get('chance', math.nan):.3f}; "
+            f"overlays in {overlays}")  # fmt: skip
