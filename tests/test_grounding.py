@@ -236,19 +236,20 @@ class BrightnessModel(nn.Module):
         return torch.tensor([1.0, 0.0]).expand(*input_ids.shape, 2)  # (B, L, 2)
 
 
-def _batches(shard_dir: Path, tok: Path, image_size: int = 64):
+def _batches(shard_dir: Path, tok: Path, image_size: int = 64, backend: str = "wds"):
     from mpma_ds.data import build_loader
     from mpma_ds.tokenizer import load_tokenizer
 
     cfg = DataConfig(val_shards=str(shard_dir), tokenizer=str(tok), image_size=image_size, max_text_len=32,
-                     num_workers=0, augment=False)  # fmt: skip
+                     num_workers=0 if backend == "wds" else 1, augment=False, backend=backend)  # fmt: skip
     info = build_loader(cfg, 0, 1, split="validate", batch_size=4, seed=0, train=False)
     return cfg, list(info.loader), load_tokenizer(tok)
 
 
-def test_evaluate_grounding_known_answer_through_the_real_loader(shards, tmp_path):
+@pytest.mark.parametrize("backend", ["wds", "dali"])  # both apply the same eval geometry the boxes follow
+def test_evaluate_grounding_known_answer_through_the_real_loader(shards, tmp_path, backend):
     truth, plain, tok = shards
-    cfg, batches, tokenizer = _batches(truth / "validate", tok)
+    cfg, batches, tokenizer = _batches(truth / "validate", tok, backend=backend)
     found = evaluate_grounding(BrightnessModel(), batches, tokenizer=tokenizer, data_cfg=cfg, n_examples=3,
                                n_resamples=100)  # fmt: skip
     m = found.metrics
