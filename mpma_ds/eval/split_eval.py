@@ -202,6 +202,7 @@ def run_evaluation(
     Raises:
         FileNotFoundError / ValueError: missing model, shards, recipe or tokenizer; a tokenizer that does not
             fit the model.
+        GroundTruthError (a ValueError): ``grounding`` on shards whose samples carry no usable ``truth``.
     """
     from mpma_ds import MPMA, create_model, load_tokenizer
     from mpma_ds.export import load_run_recipe
