@@ -26,6 +26,7 @@ from mpma_ds.eval.grounding import (
     pointing_game,
     pointing_game_with_intervals,
     pointing_hit,
+    stored_sizes,
     write_overlays,
 )
 
@@ -185,8 +186,10 @@ def _write_split(folder: Path, n: int, *, truth: bool, start: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(start, start + n):
+        # width / height: the ORIGINAL image's size, as build_shards writes them (the stored JPEG is smaller)
         meta = {"source": "mimic-cxr", "subject_id": str(100 + i), "study_id": str(500 + i), "view": "PA",
-                "width": STORED[0], "height": STORED[1], "labels": {"Pleural Effusion": 1, "Pneumothorax": 1}}  # fmt: skip
+                "width": 3 * STORED[0], "height": 3 * STORED[1] + 7,
+                "labels": {"Pleural Effusion": 1, "Pneumothorax": 1}}  # fmt: skip
         if truth:
             meta["truth"] = {
                 "Pleural Effusion": {"present": True, "side": "left", "box": BRIGHT},
@@ -250,8 +253,10 @@ def _batches(shard_dir: Path, tok: Path, image_size: int = 64, backend: str = "w
 def test_evaluate_grounding_known_answer_through_the_real_loader(shards, tmp_path, backend):
     truth, plain, tok = shards
     cfg, batches, tokenizer = _batches(truth / "validate", tok, backend=backend)
-    found = evaluate_grounding(BrightnessModel(), batches, tokenizer=tokenizer, data_cfg=cfg, n_examples=3,
-                               n_resamples=100)  # fmt: skip
+    sizes = stored_sizes(truth / "validate")  # read from the JPEGs, not the json's (original) width / height
+    assert sizes == {f"s{i:04d}": STORED for i in range(6)}
+    found = evaluate_grounding(BrightnessModel(), batches, tokenizer=tokenizer, data_cfg=cfg, sizes=sizes,
+                               n_examples=3, n_resamples=100)  # fmt: skip
     m = found.metrics
     assert m["pointing_game/Pleural Effusion"] == 1.0 and m["pointing_game/Pneumothorax"] == 0.0
     assert m["pointing_game"] == 0.5 and m["pointing_game_pairs"] == 12 and m["grounding_images"] == 6
@@ -266,7 +271,7 @@ def test_evaluate_grounding_known_answer_through_the_real_loader(shards, tmp_pat
     assert len(paths) == 3 and all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
     with pytest.raises(ValueError, match="no sample of this split has a 'truth'"):
         evaluate_grounding(BrightnessModel(), _batches(plain / "validate", tok)[1], tokenizer=tokenizer,
-                           data_cfg=cfg)  # fmt: skip
+                           data_cfg=cfg, sizes=stored_sizes(plain / "validate"))  # fmt: skip
 
 
 def test_phrase_maps_average_the_phrase_tokens_maps(shards):

@@ -8,9 +8,9 @@ drawn. Ground truth comes from the sample JSON of synthetic shards:
     meta["truth"] = {"<CheXpert name>": {"present": bool, "side": "left"|"right"|"bilateral"|None,
                                          "box": [x0, y0, x1, y1] | None}, ...}
 
-with ``box`` in integer pixels of the stored JPEG (x1/y1 exclusive) and ``meta["width"]``/``meta["height"]`` the
-stored JPEG's size (written by ``data_tools.build_shards``). Every finding with ``present`` and a ``box`` is one
-(image, finding) pair.
+with ``box`` in integer pixels of the stored JPEG (x1/y1 exclusive). The stored size is read from each JPEG's
+header (`stored_sizes`): the json's ``width``/``height`` are the *original* image's (``shard_format.SIZE_FIELDS``),
+which the build resized. Every finding with ``present`` and a ``box`` is one (image, finding) pair.
 
 Choices (docs/model.md, "Grounding maps"):
 
@@ -32,6 +32,7 @@ Choices (docs/model.md, "Grounding maps"):
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mpma_ds.eval.bootstrap import with_intervals
 
@@ -273,6 +275,28 @@ def _truth_pairs(meta: Mapping[str, Any], key: str) -> list[tuple[str, str | Non
     return pairs
 
 
+def stored_sizes(shards: str | Path) -> dict[str, tuple[int, int]]:
+    """``{sample key: (width, height)}`` of the stored JPEGs of a shard spec (folder, glob, list), from their
+    headers (no pixel decoding): the frame the ``truth`` boxes are in."""
+    from mpma_ds.data.samples import SampleReader
+    from mpma_ds.data.shards import load_shard_index
+
+    index = load_shard_index(str(shards))
+    reader = SampleReader(index)
+    sizes = {}
+    try:
+        for i, (offset, size) in enumerate(index.member("jpg").tolist()):
+            data = reader.read_member(int(index.shard_of[i]), offset, size)
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    sizes[index.keys[i]] = image.size
+            except Exception:  # noqa: BLE001 - a corrupt JPEG: the loader skips that sample too
+                continue
+    finally:
+        reader.close()
+    return sizes
+
+
 @torch.no_grad()
 def evaluate_grounding(
     model: Any,
@@ -280,13 +304,15 @@ def evaluate_grounding(
     *,
     tokenizer: Any,
     data_cfg: Any,
+    sizes: Mapping[str, tuple[int, int]],
     device: Any = "cpu",
     n_examples: int = 0,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> GroundingResult:
     """The pointing game of the phrase maps over one pass of eval-transform batches whose ``meta`` carry
-    ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays.
+    ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
+    stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`).
 
     Returns:
         `pointing_game_with_intervals`'s metrics (its ``bootstrap_*`` entries as ``pointing_game_bootstrap_*``)
@@ -295,7 +321,7 @@ def evaluate_grounding(
 
     Raises:
         GroundTruthError: no sample has ``truth``, none has a present finding with a box, a malformed box, or
-            a sample without the stored ``width``/``height``.
+            a sample with boxes missing from ``sizes``.
     """
     net = _module(model)
     was_training = net.training
@@ -319,13 +345,10 @@ def evaluate_grounding(
                     continue
                 with_truth += 1
                 pairs = _truth_pairs(meta, key)
-                if pairs and not (isinstance(meta.get("width"), int) and isinstance(meta.get("height"), int)):
-                    raise GroundTruthError(
-                        f"sample {key}: its json has truth boxes but no integer width/height of the stored JPEG; "
-                        "rebuild the shards with python -m data_tools.build_shards"
-                    )
+                if pairs and key not in sizes:
+                    raise GroundTruthError(f"sample {key}: truth boxes but no stored image size for it")
                 for name, side, box in pairs:
-                    mapped = eval_box(box, (meta["width"], meta["height"]), data_cfg)
+                    mapped = eval_box(box, sizes[key], data_cfg)
                     if mapped is None:
                         cropped += 1
                         continue

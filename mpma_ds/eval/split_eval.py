@@ -116,8 +116,10 @@ def grounding_on_split(
     """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
     ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
     from mpma_ds.data import build_loader
-    from mpma_ds.eval.grounding import evaluate_grounding
+    from mpma_ds.data.loader import split_shards
+    from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
 
+    sizes = stored_sizes(split_shards(data_cfg, split))
     info = build_loader(
         data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
     )
@@ -127,8 +129,9 @@ def grounding_on_split(
             batches = (b for i, b in zip(range(max_batches), info.loader))
         model.to(device)
         return evaluate_grounding(
-            model, batches, tokenizer=tokenizer, data_cfg=data_cfg, device=device, n_examples=n_examples, seed=seed
-        )
+            model, batches, tokenizer=tokenizer, data_cfg=data_cfg, sizes=sizes, device=device,
+            n_examples=n_examples, seed=seed,
+        )  # fmt: skip
     finally:
         info.close()
 
