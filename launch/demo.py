@@ -67,6 +67,9 @@ PRETRAIN_EVAL_KEYS: tuple[tuple[str, str], ...] = (
     ("zero_shot_auroc", "zeroshot_auroc_mean"),
     *((key, key) for key, _ in TABLE_ROWS if key != "zeroshot_auroc_mean"),
 )
+# overlays of finding-phrase maps written per model (and side by side, pretrained | random, in eval/grounding/)
+# when the shards carry ground truth
+GROUNDING_OVERLAYS = 6
 
 
 class DemoError(RuntimeError):
@@ -350,16 +353,21 @@ class Demo:
             raise DemoError(f"export failed: {err}; log: {log}") from err
 
     def evaluate(self) -> dict[str, dict[str, float]]:
+        from mpma_ds.eval.grounding import shards_have_truth, write_overlays
         from mpma_ds.eval.split_eval import run_evaluation
 
+        grounding = GROUNDING_OVERLAYS if shards_have_truth(self.out / "shards" / "validate") else None
         common = dict(shards=self.out / "shards", split="validate", tracking_uri=self.tracking_uri,
                       experiment=EXPERIMENT, batch_size=32, min_count=self.args.zero_shot_min_count,
-                      n_resamples=1000)  # fmt: skip
+                      n_resamples=1000, grounding=grounding)  # fmt: skip
         pre = run_evaluation(model=self.out / "exported", out_dir=self.out / "eval" / "pretrained",
                              name="pretrained", **common)  # fmt: skip
         rnd = run_evaluation(random_init="mpma_tiny", recipe=self.out / "pretrain" / "recipe.yaml",
                              tokenizer=self.out / "tokenizer", seed=self.args.seed,
                              out_dir=self.out / "eval" / "random-init", name="random-init", **common)  # fmt: skip
+        if grounding is not None:  # the same pairs from both models, side by side
+            write_overlays(self.out / "eval" / "grounding",
+                           {"pretrained": pre["grounding_examples"], "random": rnd["grounding_examples"]})  # fmt: skip
         return {"pretrained": pre["metrics"], "random-init": rnd["metrics"]}
 
     # -- the whole thing ---------------------------------------------------------------------------------------
@@ -381,8 +389,8 @@ class Demo:
                          self.pretrain, ("pretrain",))  # fmt: skip
         self.stage("export", "export", {"pretrain": pre}, self.export, ("exported",))
         results = self.stage("evaluate", "evaluation: pretrained vs random twin",
-                             {"pretrain": pre, "zero_shot_min_count": a.zero_shot_min_count}, self.evaluate,
-                             ("eval",))  # fmt: skip
+                             {"pretrain": pre, "zero_shot_min_count": a.zero_shot_min_count,
+                              "grounding": GROUNDING_OVERLAYS}, self.evaluate, ("eval",))  # fmt: skip
         down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
                           {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions,
                            "min_label_count": a.min_label_count}, self.downstream,
@@ -505,6 +513,9 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
     ({fraction: {pretrained, random, *_ci95, *_subset}}), ``vqa`` ({overall|closed|open: {...}}), ``runs``."""
     evals = results["pretrain_eval"]
     table = pretrain_eval_block(evals["pretrained"], evals["random-init"])
+    from mpma_ds.eval.grounding import pointing_game_summary
+
+    table["pointing_game"] = pointing_game_summary(evals["pretrained"], evals["random-init"])  # None: no truth
     payload = {"pretrain_eval": table, "linear_probe": results["linear_probe"], "vqa": results["vqa"],
                "runs": results["runs"]}  # fmt: skip
     from mpma_ds.tracking.params import json_safe
@@ -538,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(evals))
     clear = [k for k in keys if _beats(pre, rnd, k)]
     print(f"pretrained beats the random twin outside both 95 % intervals on {len(clear)} of {len(keys)} metrics")
+    if "pointing_game" in pre:
+        from mpma_ds.eval.grounding import format_pointing_game
+
+        print(format_pointing_game(pre, rnd, demo.out / "eval" / "grounding"))
     print("\nlabel efficiency: test split, [95 % bootstrap interval; the difference's is paired: the same test "
           "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= "
           f"{args.min_label_count} positives and negatives) of the frozen image encoder's features; VQA = frozen "

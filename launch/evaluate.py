@@ -1,4 +1,5 @@
-"""Evaluate an exported MPMA model (or a randomly initialised twin) on a shard split: image<->report retrieval
+"""Evaluate an exported MPMA model (or a randomly initialised twin) on a shard split: image<->report retrieval,
+zero-shot AUROC and, with --grounding N, the pointing game of finding-phrase maps plus N overlay PNGs.
 
 Installed as ``mpma-evaluate``; the command lives in ``mpma_ds.cli.evaluate``.
 """

@@ -1,11 +1,13 @@
 """Evaluate an exported MPMA model (or a randomly initialised twin) on a shard split: image<->report retrieval
 R@1/5/10 both ways (identical reports merged; also on abnormal studies only) and zero-shot CheXpert AUROC (prompt
-ensembles; labels with >= --min-label-count positives and negatives), each with a bootstrap 95 % interval. Prints
-a table, writes results.json + metrics.jsonl to
+ensembles; labels with >= --min-label-count positives and negatives), each with a bootstrap 95 % interval; with
+--grounding N also the pointing game of finding-phrase maps against the shards' ground-truth boxes, and N overlay
+PNGs. Prints a table, writes results.json + metrics.jsonl to
 --out-dir and logs an "eval" run to MLflow tagged with what it evaluated.
 
     python launch/evaluate.py --model exported/tiny --shards data/shards
     python launch/evaluate.py --random-init mpma_tiny --recipe runs/tiny/recipe.yaml --shards data/shards
+    python launch/evaluate.py --model exported/tiny --shards demo_runs/shards --grounding 8
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
     p.add_argument("--no-mlflow", action="store_true", help="only write the local files")
+    p.add_argument(
+        "--grounding", type=int, metavar="N",
+        help="also play the pointing game against the shards' ground-truth boxes (sample json 'truth', synthetic "
+        "corpus) and write N overlay PNGs (finding phrase map on the film, truth box) to OUT_DIR/grounding/",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -60,16 +67,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpma_ds.eval.split_eval import format_table, run_evaluation
+    from mpma_ds.eval.split_eval import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
     result = run_evaluation(
         shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
         tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
         seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, min_count=args.min_label_count,
-        n_resamples=args.bootstrap,
+        n_resamples=args.bootstrap, grounding=args.grounding,
     )  # fmt: skip
-    print(format_table({result["name"]: result["metrics"]}))
+    metrics = result["metrics"]
+    played = "pointing_game" in metrics
+    print(format_table({result["name"]: metrics}, TABLE_ROWS + (GROUNDING_ROWS if played else ())))
+    if played:
+        print(format_grounding(metrics))
+        n = len(result.get("grounding_examples", []))
+        print(f"grounding overlays: {n} in {Path(result['out_dir']) / 'grounding'}")
     run = f"  (MLflow run {result['run_id']})" if result["run_id"] else ""
     print(f"results: {Path(result['out_dir']) / 'results.json'}{run}")
     return 0

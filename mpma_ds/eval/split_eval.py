@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,11 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("t2i_R@1_abnormal", "report->image R@1, abnormal"),
     ("t2i_R@5_abnormal", "report->image R@5, abnormal"),
     ("zeroshot_auroc_mean", "zero-shot AUROC (mean)"),
+)
+# Rows added when the pointing game was played (``--grounding``).
+GROUNDING_ROWS: tuple[tuple[str, str], ...] = (
+    ("pointing_game", "pointing game"),
+    ("pointing_game_chance", "pointing game chance (box area)"),
 )
 
 
@@ -108,6 +114,63 @@ def evaluate_on_split(
         info.close()
 
 
+def grounding_on_split(
+    model: torch.nn.Module,
+    tokenizer,
+    data_cfg,
+    *,
+    split: str = "validate",
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    n_examples: int = 0,
+    seed: int = 0,
+):
+    """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
+    ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
+    from mpma_ds.data import build_loader
+    from mpma_ds.data.loader import split_shards
+    from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
+
+    sizes = stored_sizes(split_shards(data_cfg, split))
+    info = build_loader(
+        data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
+    )
+    try:
+        batches = info.loader
+        if max_batches:
+            batches = (b for i, b in zip(range(max_batches), info.loader))
+        model.to(device)
+        return evaluate_grounding(
+            model, batches, tokenizer=tokenizer, data_cfg=data_cfg, sizes=sizes, device=device,
+            n_examples=n_examples, seed=seed,
+        )  # fmt: skip
+    finally:
+        info.close()
+
+
+def format_grounding(metrics: Mapping[str, Any]) -> str:
+    """The pointing game's lines under the table: overall and per finding, each with its 95 % interval, the
+    box-area chance level and the number of pairs."""
+    if "pointing_game" not in metrics:
+        return ""
+
+    def cell(key: str) -> str:
+        ci = metrics.get(f"{key}_ci95")
+        band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not any(math.isnan(v) for v in ci) else ""
+        return f"{metrics[key]:.3f}{band}"
+
+    head = (f"pointing game: {cell('pointing_game')} (95 % bootstrap interval) vs chance "
+            f"{metrics['pointing_game_chance']:.3f}, {int(metrics['pointing_game_pairs'])} (image, finding) pairs")  # fmt: skip
+    lines = [head]
+    names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("pointing_game/") and "_ci" not in k)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        lines.append(f"  {name.ljust(width)}  {cell(f'pointing_game/{name}')}  chance "
+                     f"{metrics[f'pointing_game_chance/{name}']:.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _cell(metrics: Mapping[str, Any], key: str) -> str:
     """``0.412 [0.371, 0.455]`` (the value and its 95 % interval), ``0.412`` without one, ``n/a`` without value."""
     value = metrics.get(key, math.nan)
@@ -170,6 +233,7 @@ def run_evaluation(
     mlflow: bool = True,
     min_count: int = DEFAULT_MIN_COUNT,
     n_resamples: int = DEFAULT_RESAMPLES,
+    grounding: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate an exported model folder (``model``) or a random twin (``random_init`` = architecture name) on
     ``split`` of ``shards``; write ``out_dir/results.json`` + ``metrics.jsonl`` and log an MLflow "eval" run
@@ -177,9 +241,14 @@ def run_evaluation(
     ``metrics`` holds each metric's ``<metric>_ci95`` (``n_resamples`` bootstrap resamples; 0 = none) and the
     zero-shot labels left out (fewer than ``min_count`` positives or negatives) with the reason.
 
+    ``grounding`` (N >= 0) also plays the pointing game against the shards' ``truth`` boxes (its metrics join
+    ``metrics``), writes N overlay PNGs to ``out_dir/grounding/`` (logged as MLflow artifacts under
+    ``grounding/``) and returns the N examples under ``"grounding_examples"`` (not in results.json).
+
     Raises:
         FileNotFoundError / ValueError: missing model, shards, recipe or tokenizer; a tokenizer that does not
             fit the model.
+        GroundTruthError (a ValueError): ``grounding`` on shards whose samples carry no usable ``truth``.
     """
     from mpma_ds import MPMA, create_model, load_tokenizer
     from mpma_ds.export import load_run_recipe
@@ -217,6 +286,16 @@ def run_evaluation(
     check_tokenizer_vocab(net, tok)
 
     shard_dir = split_folder(shards, split)
+    if grounding is not None:
+        from mpma_ds.eval.grounding import GroundTruthError, shards_have_truth
+
+        if grounding < 0:
+            raise ValueError(f"--grounding takes the number of overlays to write (>= 0), got {grounding}")
+        if not shards_have_truth(shard_dir):  # before the evaluation pass, not after it
+            raise GroundTruthError(
+                f"--grounding needs ground truth: the samples of {shard_dir} have no 'truth' in their json "
+                "(build shards from a synthetic corpus with python -m data_tools.synth_corpus + build_shards)"
+            )
     data_cfg = data_config_for(net.config, recipe=run_recipe, shards=shard_dir, tokenizer=tok_dir, backend=backend)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if min_count < 1 or n_resamples < 0:
@@ -228,6 +307,17 @@ def run_evaluation(
 
     out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    found = None
+    if grounding is not None:
+        from mpma_ds.eval.grounding import write_overlays
+
+        found = grounding_on_split(
+            net, tok, data_cfg, split=split, batch_size=batch_size, device=device,
+            max_batches=max_batches or None, n_examples=grounding, seed=seed,
+        )  # fmt: skip
+        metrics.update(found.metrics)
+        shutil.rmtree(out_dir / "grounding", ignore_errors=True)  # an earlier run's overlays are not this run's
+        write_overlays(out_dir / "grounding", {name: found.examples})
     # the caller's tracking store (flag, else $MLFLOW_TRACKING_URI, else ./mlflow.db), never the one written
     # in the evaluated folder's recipe: a model from elsewhere must not send results to its old server
     tracking = TrackingConfig(
@@ -248,6 +338,8 @@ def run_evaluation(
                                 "tokenizer": str(tok_dir), "batch_size": batch_size, "min_label_count": min_count,
                                 "bootstrap": n_resamples}})  # fmt: skip
     logger.log_metrics({f"eval/{k}": v for k, v in loggable_metrics(metrics).items()}, step=step)
+    if found is not None and found.examples:  # the overlays under grounding/ (the metrics joined `metrics`)
+        logger.log_artifact(out_dir / "grounding")
     result = {
         "name": name,
         "evaluated": evaluated,
@@ -261,4 +353,6 @@ def run_evaluation(
     (out_dir / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")  # NaN -> null
     logger.log_artifact(out_dir / "results.json")
     logger.close()
+    if found is not None:
+        result["grounding_examples"] = found.examples
     return result

@@ -148,6 +148,47 @@ class MPMA(nn.Module):
         txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(self._pool_text(txt, attention_mask)), dim=-1)
 
+    # ------------------------------------------------------------------------------------------ grounding
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images, unmasked -> (B, Hp, Wp, embed_dim) L2-normalised patch features: the
+        image side of the local alignment (`image_proj` of each patch token, CLS left out, then normalised)."""
+        b, _, h, w = images.shape
+        p = self.config.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
+        patches = self.image_encoder(images)[:, 1:]  # (B, N, Dv), N = Hp * Wp in row-major order
+        return F.normalize(self.image_proj(patches), dim=-1).reshape(b, h // p, w // p, -1)  # (B, Hp, Wp, E)
+
+    def token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids + mask -> (B, L, embed_dim) L2-normalised token features: the text side of the local
+        alignment (`text_proj` of each token of the text encoder's last layer, then normalised). Every position
+        is returned; which ones count (no [CLS]/[SEP]/padding) is the caller's choice."""
+        txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
+        return F.normalize(self.text_proj(txt), dim=-1)  # (B, L, E)
+
+    def grounding(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Token x patch cosine similarity of each image with its own text, on UNMASKED images.
+
+        The same features the local alignment loss scores (`late_interaction_scores`, `forward`): patch tokens
+        through `image_proj`, text tokens through `text_proj`, each L2-normalised, no temperature; with
+        ``align_on: full`` and no masked token they are exactly the loss's inputs. Map ``[b, l]`` says where in
+        image ``b`` token ``l`` of its text points to; rows of [CLS], [SEP] and padding are returned too (the
+        loss leaves them out: see `_alignment_tokens`). Call it in eval mode (no drop-path).
+
+        Args:
+            images: (B, C, H, W) normalised images; H and W divisible by ``patch_size``.
+            input_ids: (B, L) token ids of each image's text.
+            attention_mask: (B, L) 1 on real tokens.
+
+        Returns:
+            (B, L, Hp, Wp) cosine similarities in [-1, 1], Hp = H / patch_size, Wp = W / patch_size.
+        """
+        patches = self.patch_embeddings(images)  # (B, Hp, Wp, E)
+        tokens = self.token_embeddings(input_ids, attention_mask)  # (B, L, E)
+        return torch.einsum("ble,bhwe->blhw", tokens, patches)  # (B, L, Hp, Wp)
+
     # ------------------------------------------------------------------------------------------ fine-tuning
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, vision_width) pooled encoder features of the whole image (no
