@@ -39,7 +39,9 @@ class MPMA(nn.Module):
         self.image_proj = nn.Linear(config.vision_width, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
         self.global_loss = GlobalContrastiveLoss(config.init_temperature, config.max_logit_scale)
-        self.local_loss = LocalAlignmentLoss(config.init_temperature, config.max_logit_scale)
+        self.local_loss = LocalAlignmentLoss(
+            config.init_temperature, config.max_logit_scale, kernel_impl=config.kernel_impl
+        )
         # ... and to the fusion width, plus modality-type embeddings (0 = text, 1 = image).
         self.text_to_fusion = nn.Linear(config.text_width, d)
         self.image_to_fusion = nn.Linear(config.vision_width, d)
