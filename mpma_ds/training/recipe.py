@@ -172,6 +172,12 @@ class TrainConfig(ConfigSection):
     """Activation checkpointing per transformer block (less memory, ~30 % more compute): true / false switch it
     on / off for every stack; null keeps the architecture's own default (``MPMAConfig.grad_checkpointing``)."""
 
+    compile: bool = False
+    """``torch.compile`` every transformer block (ViT, text encoder, MA-CMF fusion, MAE decoder) once, per block
+    (``mpma_ds.training.compile``); works with activation checkpointing and ZeRO-3. Off by default: on CPU the
+    compiled step is not faster for mpma_tiny / mpma_small and the first step pays minutes of compilation
+    (docs/model.md, "Kernels"); on GPUs measure it with ``benchmarks/gpu_check.sh``."""
+
     max_nan_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped; after this many in a row the run saves a
     checkpoint and stops with an error."""
@@ -250,6 +256,8 @@ class Recipe(ConfigSection):
     kind = "pretrain"
 
     def validate(self) -> None:
+        if self.data.dynamic_padding is None:  # resolved once here, so the saved recipe.yaml says which
+            self.data.dynamic_padding = self.kind == "pretrain"
         model = self.model.config
         if self.data.image_size % model.patch_size:
             raise ValueError(
