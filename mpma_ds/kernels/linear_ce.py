@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from mpma_ds.kernels._dispatch import resolve_impl
 
-CE_CHUNK_ELEMS = 1 << 21
+CE_CHUNK_ELEMS = 1 << 20
 """Logit elements (fp32) one vocabulary chunk holds: the chunk width is this over the number of rows, in
-[512, 8192] (8 MiB; the backward holds the chunk and its gradient)."""
+[512, 8192] (4 MiB; the backward holds the chunk and its gradient)."""
 
 
 def linear_cross_entropy(
@@ -153,7 +153,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 g[rows_in, local[rows_in]] -= scale[rows_in]
                 g = g.to(hidden.dtype)
             d_hidden += (g @ w_c.to(g.dtype)).float()
-            if need_w:
+            if need_w and g.dtype == weight.dtype:
+                torch.mm(g.t(), hidden.to(g.dtype), out=d_weight[v0:v1])  # straight into the gradient
+            elif need_w:
                 d_weight[v0:v1] = (g.t() @ hidden.to(g.dtype)).to(weight.dtype)
             if need_b:
                 d_bias[v0:v1] = g.float().sum(0).to(bias.dtype)
