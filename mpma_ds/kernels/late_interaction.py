@@ -13,6 +13,7 @@ The local loss (``mpma_ds.models.losses``) scores pairs with ``0.5 * (t2p + p2t)
 - ``chunked``: pure PyTorch, a custom autograd Function over square blocks of pairs: the forward keeps only
   the (Bt, Bi) results, the backward recomputes each block's similarity and its arg-maxima, so beside the
   inputs, their gradients and the B² scores it never holds more than one block (``CHUNK_ELEMS`` floats);
+  while the arg-maxima of all pairs fit in that budget (small batches) they are kept instead of recomputed;
 - ``triton``: fused kernels (``_triton_late``): one program per pair computes the max over patches (and,
   called with the roles swapped, over tokens) tile by tile without writing the similarity, saving the
   arg-max indices (Bt, Bi, L) and (Bi, Bt, K) for a backward that scatters the gradient with them.
@@ -126,21 +127,29 @@ class _ChunkedLateInteraction(torch.autograd.Function):
         t2p = torch.zeros(bt, bi, dtype=torch.float32, device=text.device)
         p2t = torch.zeros_like(t2p)
         step = _block(l_len, k_len)
+        # the arg-maxima of every pair, kept for the backward only while they fit in one block's budget (small
+        # batches then skip the backward's recomputation; large ones recompute, so memory stays bounded)
+        keep_args = bt * bi * (l_len + k_len) <= CHUNK_ELEMS
+        t_args = torch.empty(bt, bi, l_len, dtype=torch.long, device=text.device) if keep_args else None
+        p_args = torch.empty(bt, bi, k_len, dtype=torch.long, device=text.device) if keep_args else None
         for i0 in range(0, bt, step):
             ti, tmi = text[i0 : i0 + step], text_mask[i0 : i0 + step]
             for j0 in range(0, bi, step):
-                t_max, _, p_max, _ = _block_maxima(ti, tmi, patches[j0 : j0 + step], pm[j0 : j0 + step])
+                t_max, t_arg, p_max, p_arg = _block_maxima(ti, tmi, patches[j0 : j0 + step], pm[j0 : j0 + step])
                 t2p[i0 : i0 + step, j0 : j0 + step] = torch.where(tmi[:, None, :], t_max, 0.0).sum(-1)
                 p2t[i0 : i0 + step, j0 : j0 + step] = torch.where(pm[None, j0 : j0 + step], p_max, 0.0).sum(-1)
+                if keep_args:
+                    t_args[i0 : i0 + step, j0 : j0 + step] = t_arg
+                    p_args[i0 : i0 + step, j0 : j0 + step] = p_arg
         # the empty-side rules: no valid patch -> t2p 0, no valid token -> p2t 0
         t2p = torch.where((n_p > 0)[None, :], t2p / n_t.clamp(min=1)[:, None], 0.0)
         p2t = torch.where((n_t > 0)[:, None], p2t / n_p.clamp(min=1)[None, :], 0.0)
-        ctx.save_for_backward(text, text_mask, patches, pm)
+        ctx.save_for_backward(text, text_mask, patches, pm, t_args, p_args)
         return t2p.to(text.dtype), p2t.to(text.dtype)
 
     @staticmethod
     def backward(ctx, g_t2p, g_p2t):  # noqa: ANN001, ANN205
-        text, text_mask, patches, pm = ctx.saved_tensors
+        text, text_mask, patches, pm, t_args, p_args = ctx.saved_tensors
         bt, l_len, _ = text.shape
         bi, k_len, _ = patches.shape
         n_t = text_mask.sum(-1).float()
@@ -155,7 +164,11 @@ class _ChunkedLateInteraction(torch.autograd.Function):
             ti, tmi = text[i0 : i0 + step], text_mask[i0 : i0 + step]
             for j0 in range(0, bi, step):
                 pj, pmj = patches[j0 : j0 + step], pm[j0 : j0 + step]
-                _, t_arg, _, p_arg = _block_maxima(ti, tmi, pj, pmj)
+                if t_args is not None:
+                    t_arg = t_args[i0 : i0 + step, j0 : j0 + step]
+                    p_arg = p_args[i0 : i0 + step, j0 : j0 + step]
+                else:
+                    _, t_arg, _, p_arg = _block_maxima(ti, tmi, pj, pmj)
                 wt = w_t2p[i0 : i0 + step, j0 : j0 + step, None] * tmi[:, None, :]  # (bi, bj, L)
                 wp = w_p2t[i0 : i0 + step, j0 : j0 + step, None] * pmj[None, :, :]  # (bi, bj, K)
                 # d score / d sim: one weight at each token's arg-max patch and each patch's arg-max token

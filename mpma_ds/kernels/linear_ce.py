@@ -8,7 +8,7 @@ computed them). Three implementations:
   log-softmax and the logits' gradient are each N x V floats;
 - ``chunked``: pure PyTorch, a custom autograd Function over vocabulary chunks with an online log-sum-exp;
   the forward keeps one (N, chunk) block and the per-row log-sum-exp, the backward recomputes each chunk's
-  logits, turns them into the softmax gradient in place and multiplies it out (dh, dW, db per chunk);
+  logits (unless one chunk holds the whole vocabulary: then it keeps that one), turns them into the softmax gradient in place and multiplies it out (dh, dW, db per chunk);
 - ``triton``: the same chunks, the logits' matmul left to cuBLAS, the online log-sum-exp + target pick and
   the softmax-gradient of a chunk each one fused Triton kernel (``_triton_ce``), instead of five passes.
 
@@ -108,9 +108,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         target = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         if use_triton:
             from mpma_ds.kernels._triton_ce import lse_update
+        saved_logits = None
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             logits = F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1]).float()  # (N, C)
+            if width >= vocab:  # one chunk holds the whole vocabulary: keep it, the backward needs no recompute
+                saved_logits = logits
             if use_triton:
                 lse_update(logits, labels, v0, run_max, run_sum, target)
                 continue
@@ -123,6 +126,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         lse = run_max + torch.log(run_sum)  # (N,)
         keep = labels >= 0
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.saved_logits = saved_logits
         ctx.use_triton = use_triton
         return torch.where(keep, lse - target, 0.0).sum() / keep.sum()
 
@@ -142,11 +146,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             w_c = weight[v0:v1]
-            logits = F.linear(hidden, w_c, None if bias is None else bias[v0:v1]).float()  # (N, C)
+            if ctx.saved_logits is not None:
+                logits, ctx.saved_logits = ctx.saved_logits, None  # used (and changed in place) once
+            else:
+                logits = F.linear(hidden, w_c, None if bias is None else bias[v0:v1]).float()  # (N, C)
             if ctx.use_triton:
                 g = softmax_grad(logits, labels, v0, lse, scale, hidden.dtype)  # (N, C) in hidden's dtype
             else:
-                g = torch.exp(logits.sub_(lse[:, None])).mul_(scale[:, None])  # softmax * scale, in place
+                g = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])  # softmax * scale, in place
                 local = labels - v0
                 inside = keep & (local >= 0) & (local < v1 - v0)
                 rows_in = inside.nonzero()[:, 0]
