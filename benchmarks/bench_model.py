@@ -21,7 +21,8 @@ Kernels (issue 14), fp32, on a batch of ragged reports (lengths drawn in [L/3, L
 ``kernel_impl="reference"`` with the text padded to L; "kernels" = ``kernel_impl="auto"`` (chunked on CPU,
 Triton on CUDA) with the text cut to the batch's longest report rounded up to 8 (dynamic padding); with
 ``--compile`` also "kernels+compile" (per-block ``torch.compile``, the first steps compile). Same weights,
-same batch. Writes benchmarks/results/bench_model.json.
+same batch; the settings take turns step by step and each reports the median step (load drift on a shared
+machine then hits them alike). Writes benchmarks/results/bench_model.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -103,11 +105,24 @@ def kernel_rows(name: str, device: torch.device, steps: int, compile_too: bool) 
         settings.append(("kernels+compile", compiled, dynamic))
     for _, model, _ in settings[1:]:
         model.load_state_dict(today.state_dict())
+    # the settings take turns step by step (median of each), so a load change on a shared machine hits all alike
+    opts = {setting: torch.optim.AdamW(model.parameters(), lr=1e-4) for setting, model, _ in settings}
+    times: dict[str, list[float]] = {setting: [] for setting, _, _ in settings}
+    gen = torch.Generator(device=device).manual_seed(0)
+    warmup = 2 if compile_too else 1  # compiled blocks compile (forward, then backward) in the first steps
+    for i in range(steps + warmup):
+        for setting, model, batch in settings:
+            sync(device)
+            t0 = time.perf_counter()
+            model(batch, generator=gen)["loss"].backward()
+            opts[setting].step()
+            opts[setting].zero_grad(set_to_none=True)
+            sync(device)
+            if i >= warmup:
+                times[setting].append(time.perf_counter() - t0)
     rows = []
-    for setting, model, batch in settings:
-        if setting == "kernels+compile":
-            time_steps(model, batch, "fp32", device, 1)  # compile (and recompile for the backward) first
-        sps = time_steps(model, batch, "fp32", device, steps)
+    for setting, _, batch in settings:
+        sps = batch["image"].shape[0] / statistics.median(times[setting])
         rows.append({"model": name, "setting": setting, "text_len": batch["input_ids"].shape[1], "samples_s": sps})
         print(f"  {name} {setting}: {sps:.2f} samples/s (text length {batch['input_ids'].shape[1]})", flush=True)
     for r in rows:

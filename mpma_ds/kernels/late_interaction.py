@@ -129,7 +129,7 @@ class _ChunkedLateInteraction(torch.autograd.Function):
         step = _block(l_len, k_len)
         # the arg-maxima of every pair, kept for the backward only while they fit in one block's budget (small
         # batches then skip the backward's recomputation; large ones recompute, so memory stays bounded)
-        keep_args = bt * bi * (l_len + k_len) <= CHUNK_ELEMS
+        keep_args = 2 * bt * bi * (l_len + k_len) <= CHUNK_ELEMS  # int64: two fp32 slots each
         t_args = torch.empty(bt, bi, l_len, dtype=torch.long, device=text.device) if keep_args else None
         p_args = torch.empty(bt, bi, k_len, dtype=torch.long, device=text.device) if keep_args else None
         for i0 in range(0, bt, step):
