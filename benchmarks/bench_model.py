@@ -15,7 +15,14 @@ Model FLOPs per sample are counted with `torch.utils.flop_counter.FlopCounterMod
 so "achieved" is model FLOP/s (as in MFU) and the ratio is the throughput ratio. The peak is the best
 (N x N) @ (N x N) matmul rate measured in the same run, per precision. Peak memory of one step with
 activation checkpointing on vs off is measured in a fresh subprocess each (CPU: growth of the kernel's
-high-water RSS over the step, reset before it; CUDA: `torch.cuda.max_memory_allocated`). Writes benchmarks/results/bench_model.json.
+high-water RSS over the step, reset before it; CUDA: `torch.cuda.max_memory_allocated`).
+
+Kernels (issue 14), fp32, on a batch of ragged reports (lengths drawn in [L/3, L]): "today" =
+``kernel_impl="reference"`` with the text padded to L; "kernels" = ``kernel_impl="auto"`` (chunked on CPU,
+Triton on CUDA) with the text cut to the batch's longest report rounded up to 8 (dynamic padding); with
+``--compile`` also "kernels+compile" (per-block ``torch.compile``, the first steps compile). Same weights,
+same batch; the settings take turns step by step and each reports the median step (load drift on a shared
+machine then hits them alike). Writes benchmarks/results/bench_model.json.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +68,66 @@ def make_batch(model_name: str, device: torch.device, batch_size: int | None = N
         "mlm_labels": torch.where(selected, ids, torch.full_like(ids, -100)),
     }
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def ragged_batch(model_name: str, device: torch.device) -> tuple[dict, dict]:
+    """(fixed, dynamic): one batch of reports of random lengths in [L/3, L], padded to L and cut to the
+    longest rounded up to 8 (what the loader gives with ``data.dynamic_padding``)."""
+    batch = make_batch(model_name, device)
+    b, length = batch["input_ids"].shape
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(length // 3, length + 1, (b,), generator=g).to(device)
+    real = torch.arange(length, device=device)[None, :] < lengths[:, None]
+    fixed = {
+        "image": batch["image"],
+        "input_ids": batch["input_ids"].masked_fill(~real, 0),
+        "attention_mask": real.long(),
+        "mlm_labels": batch["mlm_labels"].masked_fill(~real, -100),
+    }
+    width = min(length, -(-int(lengths.max()) // 8) * 8)
+    dynamic = {k: (v[:, :width].contiguous() if v.ndim == 2 else v) for k, v in fixed.items()}
+    return fixed, dynamic
+
+
+def kernel_rows(name: str, device: torch.device, steps: int, compile_too: bool) -> list[dict]:
+    """Samples/s of today's code vs the kernels (+ dynamic padding, + compile) on the same ragged batch."""
+    from mpma_ds.training.compile import compile_blocks
+
+    fixed, dynamic = ragged_batch(name, device)
+    today = create_model(name, grad_checkpointing=False, kernel_impl="reference").to(device)
+    settings = [
+        ("today", today, fixed),
+        ("kernels", create_model(name, grad_checkpointing=False).to(device), dynamic),
+    ]
+    if compile_too:
+        compiled = create_model(name, grad_checkpointing=False).to(device)
+        compile_blocks(compiled, True)
+        settings.append(("kernels+compile", compiled, dynamic))
+    for _, model, _ in settings[1:]:
+        model.load_state_dict(today.state_dict())
+    # the settings take turns step by step (median of each), so a load change on a shared machine hits all alike
+    opts = {setting: torch.optim.AdamW(model.parameters(), lr=1e-4) for setting, model, _ in settings}
+    times: dict[str, list[float]] = {setting: [] for setting, _, _ in settings}
+    gen = torch.Generator(device=device).manual_seed(0)
+    warmup = 2 if compile_too else 1  # compiled blocks compile (forward, then backward) in the first steps
+    for i in range(steps + warmup):
+        for setting, model, batch in settings:
+            sync(device)
+            t0 = time.perf_counter()
+            model(batch, generator=gen)["loss"].backward()
+            opts[setting].step()
+            opts[setting].zero_grad(set_to_none=True)
+            sync(device)
+            if i >= warmup:
+                times[setting].append(time.perf_counter() - t0)
+    rows = []
+    for setting, _, batch in settings:
+        sps = batch["image"].shape[0] / statistics.median(times[setting])
+        rows.append({"model": name, "setting": setting, "text_len": batch["input_ids"].shape[1], "samples_s": sps})
+        print(f"  {name} {setting}: {sps:.2f} samples/s (text length {batch['input_ids'].shape[1]})", flush=True)
+    for r in rows:
+        r["vs_today"] = r["samples_s"] / rows[0]["samples_s"]
+    return rows
 
 
 def autocast(dtype: str, device: torch.device):
@@ -160,6 +228,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (best is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernels vs today comparison")
+    parser.add_argument("--only-kernels", action="store_true", help="run only the kernels vs today comparison")
+    parser.add_argument("--compile", action="store_true", help="kernels comparison: add per-block torch.compile")
     parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -173,6 +244,33 @@ def main() -> None:
     peaks = {d: matmul_peak(d, device) for d in args.dtypes}
     for d, p in peaks.items():
         print(f"measured matmul peak {d}: {p / 1e9:.1f} GFLOP/s", flush=True)
+
+    krows = []
+    if not args.no_kernels:
+        for name in args.models:
+            krows += kernel_rows(name, device, args.steps, args.compile)
+        print(f"\n{'model':<12} {'setting':<16} {'text len':>8} {'smp/s':>8} {'vs today':>8}")
+        for r in krows:
+            print(
+                f"{r['model']:<12} {r['setting']:<16} {r['text_len']:>8} {r['samples_s']:>8.2f} {r['vs_today']:>7.2f}x"
+            )
+    if args.only_kernels:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        out = args.out.with_name(args.out.stem + "_kernels.json")
+        out.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "kernels": krows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"\nwrote {out}")
+        return
 
     rows = []
     for name in args.models:
@@ -241,6 +339,7 @@ def main() -> None:
         "matmul_peak_flops": peaks,
         "throughput": rows,
         "memory": mem,
+        "kernels": krows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -28,8 +28,8 @@ class Batch(TypedDict, total=False):
     decode."""
 
     input_ids: torch.Tensor
-    """(B, L) int64 token ids, ``[CLS] ... [SEP]``, truncated and padded to ``max_text_len``; MLM-corrupted
-    where chosen."""
+    """(B, L) int64 token ids, ``[CLS] ... [SEP]``, truncated to ``max_text_len`` and padded to it, or with
+    ``dynamic_padding`` to the batch's longest report rounded up to ``pad_to``; MLM-corrupted where chosen."""
 
     attention_mask: torch.Tensor
     """(B, L) int64, 1 on real tokens, 0 on padding."""

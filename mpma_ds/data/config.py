@@ -46,6 +46,16 @@ class DataConfig(ConfigSection):
     max_text_len: int = 128
     """Tokens per report including ``[CLS]``/``[SEP]``; longer reports are truncated, shorter padded to it."""
 
+    dynamic_padding: bool | None = None
+    """Pad each batch's text only to its longest report, rounded up to a multiple of ``pad_to`` (at most
+    ``max_text_len``), instead of always to ``max_text_len``: less text-encoder and fusion work, and a batch
+    without padding lets attention skip its mask (SDPA's Flash / memory-efficient kernels). The kept columns
+    equal fixed padding's, so losses are the same. ``null``: on in pretraining recipes, off in fine-tuning
+    ones (and for a data section used on its own)."""
+
+    pad_to: int = 8
+    """With ``dynamic_padding``: the multiple the text length is rounded up to (8: tensor-core friendly)."""
+
     mlm_probability: float = 0.15
     """Fraction of (non-special) tokens chosen for MLM, by whole words, in [0, 1). 0 (fine-tuning) masks
     nothing: ``input_ids`` unchanged, ``mlm_labels`` all -100 (no one-word-per-report fallback either)."""
@@ -138,6 +148,7 @@ class DataConfig(ConfigSection):
             "shuffle_buffer": 0,
             "epoch_length": 0,
             "prefetch_batches": 1,
+            "pad_to": 1,
             "synthetic_samples": 1,
         }
         for name, low in lowest.items():

@@ -70,7 +70,13 @@ def whole_word_mask(
 
 
 class ReportEncoder:
-    """Tokenise a batch of reports to fixed length ``max_len`` and apply whole-word MLM masking."""
+    """Tokenise a batch of reports, apply whole-word MLM masking, pad to ``max_len`` or (``pad_to_multiple`` >
+    0) only to the batch's longest report rounded up to a multiple of ``pad_to_multiple`` (at most ``max_len``).
+
+    Dynamic padding cuts the columns after the masking, which always draws at the fixed ``max_len`` shape: a
+    batch's kept columns hold exactly the ids, mask and labels fixed padding gives (the cut ones are padding
+    only), so the masking, and a resumed run, do not depend on the padding mode.
+    """
 
     def __init__(
         self,
@@ -81,7 +87,10 @@ class ReportEncoder:
         mask_fraction: float = 0.8,
         random_fraction: float = 0.1,
         whole_word: bool = True,
+        pad_to_multiple: int = 0,
     ) -> None:
+        if pad_to_multiple < 0:
+            raise ValueError(f"pad_to_multiple must be >= 0 (0 = pad to max_len), got {pad_to_multiple}")
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("whole-word masking needs a fast tokenizer (word_ids()); load it with load_tokenizer")
         if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -94,6 +103,7 @@ class ReportEncoder:
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction
         self.whole_word = whole_word
+        self.pad_to_multiple = pad_to_multiple
         special = set(tokenizer.all_special_ids)
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         self.random_token_ids = torch.tensor(
@@ -127,7 +137,12 @@ class ReportEncoder:
             whole_word=self.whole_word,
             generator=generator,
         )
-        return {"input_ids": corrupted, "attention_mask": attention_mask, "mlm_labels": labels}
+        out = {"input_ids": corrupted, "attention_mask": attention_mask, "mlm_labels": labels}
+        if self.pad_to_multiple:
+            longest = int(attention_mask.sum(dim=1).max()) if len(texts) else 0
+            width = min(self.max_len, -(-max(longest, 1) // self.pad_to_multiple) * self.pad_to_multiple)
+            out = {k: v[:, :width].contiguous() for k, v in out.items()}  # (B, width) each
+        return out
 
 
 def batch_generator(*seed_parts: int) -> torch.Generator:

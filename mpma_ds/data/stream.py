@@ -51,6 +51,7 @@ def encoder_from_config(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> 
         mask_fraction=cfg.mlm_mask_fraction,
         random_fraction=cfg.mlm_random_fraction,
         whole_word=cfg.whole_word_mask,
+        pad_to_multiple=cfg.pad_to if cfg.dynamic_padding else 0,
     )
 
 

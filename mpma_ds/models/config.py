@@ -19,6 +19,7 @@ ATTN_IMPLS = ("sdpa", "eager")
 ALIGN_ON = ("masked", "full")
 GLOBAL_POOLS = ("mean", "cls")
 MEMORY_KV = ("concat", "gated_sum")
+KERNEL_IMPLS = ("auto", "reference", "chunked", "triton")
 
 
 @dataclass
@@ -153,6 +154,11 @@ class MPMAConfig(ConfigSection):
     """The MAE prediction layer runs only on masked patches. False: on all patches (same loss)."""
     grad_checkpointing: bool = True
     """Activation checkpointing per transformer block (non-reentrant); `set_grad_checkpointing` flips it."""
+    kernel_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+    """Implementation of the local late-interaction scores and the MLM cross-entropy (`mpma_ds.kernels`):
+    "auto" = fused Triton kernels on CUDA, the memory-bounded chunked PyTorch path elsewhere; "reference" =
+    the plain PyTorch definition (the whole (B, B, L, K) similarity, the whole (M, V) logits); "chunked";
+    "triton" (on CPU only under TRITON_INTERPRET=1). Same values to rounding, different memory and speed."""
 
     def validate(self) -> None:
         errors = []
@@ -173,6 +179,8 @@ class MPMAConfig(ConfigSection):
             errors.append(f"image_mask_ratio must be in [0, 1), got {self.image_mask_ratio}")
         if self.decoder_width % 4:
             errors.append(f"decoder_width {self.decoder_width} must be divisible by 4 (2-D sin-cos positions)")
+        if self.kernel_impl not in KERNEL_IMPLS:
+            errors.append(f"kernel_impl must be one of {', '.join(KERNEL_IMPLS)}, got {self.kernel_impl!r}")
         if self.memory_slots < 0:
             errors.append(f"memory_slots must be >= 0, got {self.memory_slots}")
         if self.memory_slots > 0 and not 1 <= self.memory_topk <= self.memory_slots:
@@ -234,6 +242,7 @@ EFFICIENCY_FIELDS = frozenset(
         "encoder_visible_only",
         "mlm_masked_only",
         "mim_masked_only",
+        "kernel_impl",
         "image_init_from",
         "text_init_from",
     }

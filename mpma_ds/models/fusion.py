@@ -96,9 +96,9 @@ class FusionLayer(nn.Module):
         self.drop = nn.Dropout(p)
 
     def forward(
-        self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor
+        self, t: torch.Tensor, text_mask: torch.Tensor | None, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """t (B, L, D) text, text_mask (B, L) bool, v (B, N, D) image -> updated (t, v)."""
+        """t (B, L, D) text, text_mask (B, L) bool or None, v (B, N, D) image -> updated (t, v)."""
         t = t + self.drop(self.t_self(self.t_norm1(t), key_mask=text_mask))
         v = v + self.drop(self.v_self(self.v_norm1(v)))
         tn, vn = self.t_norm2(t), self.v_norm2(v)
@@ -121,8 +121,11 @@ class MACMFFusion(nn.Module):
         self.block_checkpointing = False
 
     def forward(
-        self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor
+        self, t: torch.Tensor, text_mask: torch.Tensor | None, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B, L, D), text_mask (B, L) bool or None (no padding), v (B, N, D) -> the two streams, normed."""
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None  # no padding: unmasked attention, so SDPA may use its Flash kernel
         for layer in self.layers:
             if self.block_checkpointing and torch.is_grad_enabled():
                 t, v = checkpoint(layer, t, text_mask, v, use_reentrant=False)

@@ -9,7 +9,25 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mpma_ds.kernels import linear_cross_entropy
 from mpma_ds.models.config import MPMAConfig
+
+
+class VocabProjection(nn.Linear):
+    """The MLM vocabulary projection (an ``nn.Linear``: same parameters, same state-dict names) whose
+    ``loss(h, labels)`` is the mean cross-entropy of its logits without materialising them
+    (`mpma_ds.kernels.linear_cross_entropy`). The loss runs inside this module's own call, so ZeRO-3's
+    per-module hooks gather its (tied) weight around it as they do for a plain linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, *, kernel_impl: str = "auto") -> None:
+        super().__init__(in_features, out_features)
+        self.kernel_impl = kernel_impl
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` None: the logits (..., V); else the mean CE against ``labels`` (-100 = ignored)."""
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, self.bias, labels, impl=self.kernel_impl, ignore_index=-100)
 
 
 class MLMHead(nn.Module):
@@ -19,7 +37,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.fusion_width, cfg.text_width)
         self.norm = nn.LayerNorm(cfg.text_width)
-        self.decoder = nn.Linear(cfg.text_width, cfg.vocab_size)
+        self.decoder = VocabProjection(cfg.text_width, cfg.vocab_size, kernel_impl=cfg.kernel_impl)
         if word_embeddings is not None:
             # The same Parameter object: one tensor in the state dict, gathered once under ZeRO-3.
             self.decoder.weight = word_embeddings.weight
@@ -36,10 +54,9 @@ class MLMHead(nn.Module):
             h, y = hidden[selected], labels[selected]  # (M, D), (M,)
         else:
             h, y = hidden, labels
-        logits = self.logits(h)  # (M, V) or (B, L, V)
-        if not (y != -100).any():
-            return logits.sum() * 0.0  # no masked token: zero loss that still touches the head
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+        # the (M, V) logits are never held whole outside kernel_impl="reference"; no masked token gives a
+        # zero loss that still touches the head
+        return self.decoder(self.norm(F.gelu(self.dense(h))), y)  # scalar fp32
 
 
 class MAEDecoder(nn.Module):

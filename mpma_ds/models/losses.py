@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpma_ds import kernels
+
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """All-gather `x` (B, ...) from every rank into (world*B, ...); gradients flow back to each rank."""
@@ -100,27 +102,21 @@ def global_infonce(
 
 
 def late_interaction_scores(
-    tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor
+    tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor, *, impl: str = "auto"
 ) -> torch.Tensor:
-    """Token-patch late-interaction similarity of every (report i, image j) pair. PyTorch reference.
+    """Token-patch late-interaction similarity of every (report i, image j) pair.
 
     Args:
         tokens: (Bt, L, E) L2-normalised token features.
         token_valid: (Bt, L) bool, the tokens that count (non-special, non-padding).
         patches: (Bi, K, E) L2-normalised patch features.
+        impl: the `mpma_ds.kernels` implementation (``auto``, ``reference``, ``chunked``, ``triton``).
 
     Returns:
         (Bt, Bi): 0.5 * (mean over valid tokens of the max cosine over patches
                         + mean over patches of the max cosine over valid tokens).
     """
-    sim = torch.einsum("ild,jkd->ijlk", tokens, patches)  # (Bt, Bi, L, K)
-    valid = token_valid[:, None, :]  # (Bt, 1, L)
-    n_valid = valid.sum(-1).clamp(min=1)  # (Bt, 1)
-    t2p = (sim.amax(dim=-1) * valid).sum(-1) / n_valid  # (Bt, Bi)
-    neg = torch.finfo(sim.dtype).min
-    p2t_max = sim.masked_fill(~valid[..., None], neg).amax(dim=-2)  # (Bt, Bi, K)
-    has_valid = (valid.sum(-1) > 0)[..., None]  # (Bt, 1, 1): a report with no valid token scores 0
-    p2t = torch.where(has_valid, p2t_max, torch.zeros_like(p2t_max)).mean(-1)  # (Bt, Bi)
+    t2p, p2t = kernels.late_interaction_scores(tokens, token_valid, patches, None, impl=impl)  # (Bt, Bi) each
     return 0.5 * (t2p + p2t)
 
 
@@ -184,9 +180,10 @@ class GlobalContrastiveLoss(nn.Module):
 class LocalAlignmentLoss(nn.Module):
     """Local token-patch alignment: late-interaction scores -> symmetric InfoNCE over the local batch."""
 
-    def __init__(self, init_temperature: float, max_scale: float) -> None:
+    def __init__(self, init_temperature: float, max_scale: float, *, kernel_impl: str = "auto") -> None:
         super().__init__()
         self.logit_scale = LogitScale(init_temperature, max_scale)
+        self.kernel_impl = kernel_impl
 
     def forward(
         self,
@@ -196,5 +193,5 @@ class LocalAlignmentLoss(nn.Module):
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``valid`` (B,) bool: stand-in samples are left out of both directions (not even as negatives)."""
-        scores = late_interaction_scores(tokens, token_valid, patches)  # (B, B)
+        scores = late_interaction_scores(tokens, token_valid, patches, impl=self.kernel_impl)  # (B, B)
         return symmetric_infonce(self.logit_scale().float() * scores.float(), valid=valid)

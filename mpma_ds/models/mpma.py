@@ -39,7 +39,9 @@ class MPMA(nn.Module):
         self.image_proj = nn.Linear(config.vision_width, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
         self.global_loss = GlobalContrastiveLoss(config.init_temperature, config.max_logit_scale)
-        self.local_loss = LocalAlignmentLoss(config.init_temperature, config.max_logit_scale)
+        self.local_loss = LocalAlignmentLoss(
+            config.init_temperature, config.max_logit_scale, kernel_impl=config.kernel_impl
+        )
         # ... and to the fusion width, plus modality-type embeddings (0 = text, 1 = image).
         self.text_to_fusion = nn.Linear(config.text_width, d)
         self.image_to_fusion = nn.Linear(config.vision_width, d)
@@ -124,8 +126,8 @@ class MPMA(nn.Module):
             img = torch.cat([full[:, :1], torch.gather(full[:, 1:], 1, idx)], dim=1)
         else:
             img = self.image_encoder(images, ids_keep)  # (B, 1+K, Dv)
-        txt = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
-        return img, txt
+        txt = self.text_encoder(input_ids=input_ids, attention_mask=_mask_or_none(attention_mask))
+        return img, txt.last_hidden_state  # (B, 1+K, Dv), (B, L, Dt)
 
     def _pool_image(self, img: torch.Tensor) -> torch.Tensor:
         """(B, 1+K, Dv) encoder output -> (B, Dv) pooled feature (`config.global_pool`)."""
@@ -369,6 +371,12 @@ class MPMA(nn.Module):
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         return model
+
+
+def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
+    """``None`` for a padding mask without padding: attention then runs unmasked, which lets SDPA pick its
+    Flash / memory-efficient kernels (a boolean mask rules Flash out) and gives the same values."""
+    return None if bool(mask.all()) else mask
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mpma_ds.training.compile import compile_blocks
 from mpma_ds.training.ds_config import gradient_accumulation_steps, optimizer_offloaded
 from mpma_ds.training.recipe import TrainConfig
 
@@ -137,6 +138,7 @@ def build_engine(
         )
     if cfg.grad_checkpointing is not None and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(cfg.grad_checkpointing)  # off as well as on: the recipe decides
+    compile_blocks(model, cfg.compile)  # per-block torch.compile (train.compile), before ZeRO-3 hooks wrap it
     groups = param_groups(model, cfg.weight_decay, lr=cfg.lr, lr_scales=lr_scales)
     optimizer = build_optimizer(groups, cfg, ds_config)
     steps = cfg.max_steps if max_steps is None else max_steps

@@ -175,6 +175,12 @@ class TrainConfig(ConfigSection):
     """Activation checkpointing per transformer block (less memory, ~30 % more compute): true / false switch it
     on / off for every stack; null keeps the architecture's own default (``MPMAConfig.grad_checkpointing``)."""
 
+    compile: bool = False
+    """``torch.compile`` every transformer block (ViT, text encoder, MA-CMF fusion, MAE decoder) once, per block
+    (``mpma_ds.training.compile``); works with activation checkpointing and ZeRO-3. Off by default: on CPU the
+    compiled step is not faster for mpma_tiny / mpma_small and the first step pays minutes of compilation
+    (docs/model.md, "Kernels"); on GPUs measure it with ``benchmarks/gpu_check.sh``."""
+
     max_nan_steps: int = 5
     """A micro-batch whose loss is NaN/Inf on any rank is skipped, and so is an optimizer step whose gradients
     are NaN/Inf (finite loss, non-finite gradient norm; redone on the next micro-batches); after this many such
@@ -262,6 +268,8 @@ class Recipe(ConfigSection):
     kind = "pretrain"
 
     def validate(self) -> None:
+        if self.data.dynamic_padding is None:  # resolved once here, so the saved recipe.yaml says which
+            self.data.dynamic_padding = self.kind == "pretrain"
         model = self.model.config
         if self.data.image_size % model.patch_size:
             raise ValueError(
