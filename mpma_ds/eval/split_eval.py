@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,23 @@ def data_config_for(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def one_pass(
+    data_cfg, tokenizer, *, split: str, batch_size: int, max_batches: int | None = None
+) -> Iterator[Iterable[dict[str, Any]]]:
+    """One deterministic, unshuffled pass over ``split`` as rank 0 of 1 (the first ``max_batches`` batches when
+    given); the loader is closed when the block ends."""
+    from mpma_ds.data import build_loader
+
+    info = build_loader(
+        data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
+    )
+    try:
+        yield info.loader if not max_batches else (b for _, b in zip(range(max_batches), info.loader))
+    finally:
+        info.close()
+
+
 def evaluate_on_split(
     model: torch.nn.Module,
     tokenizer,
@@ -96,22 +114,12 @@ def evaluate_on_split(
 ) -> dict[str, Any]:
     """One deterministic pass over ``split`` (rank 0 of 1) through ``evaluate_alignment``, with bootstrap 95 %
     intervals (``n_resamples``; 0 = none) and zero-shot labels needing ``min_count`` positives and negatives."""
-    from mpma_ds.data import build_loader
-
-    info = build_loader(
-        data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
-    )
-    try:
-        batches = info.loader
-        if max_batches:
-            batches = (b for i, b in zip(range(max_batches), info.loader))
+    with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_alignment(
             model, batches, tokenizer=tokenizer, device=device, max_text_len=data_cfg.max_text_len,
             min_count=min_count, n_resamples=n_resamples,
         )  # fmt: skip
-    finally:
-        info.close()
 
 
 def grounding_on_split(
@@ -128,25 +136,16 @@ def grounding_on_split(
 ):
     """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
     ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
-    from mpma_ds.data import build_loader
     from mpma_ds.data.loader import split_shards
     from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
 
     sizes = stored_sizes(split_shards(data_cfg, split))
-    info = build_loader(
-        data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
-    )
-    try:
-        batches = info.loader
-        if max_batches:
-            batches = (b for i, b in zip(range(max_batches), info.loader))
+    with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_grounding(
             model, batches, tokenizer=tokenizer, data_cfg=data_cfg, sizes=sizes, device=device,
             n_examples=n_examples, seed=seed,
         )  # fmt: skip
-    finally:
-        info.close()
 
 
 def format_grounding(metrics: Mapping[str, Any]) -> str:
