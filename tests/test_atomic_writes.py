@@ -51,9 +51,9 @@ def test_tokenizer_interrupted_mid_write_leaves_the_previous_folder(tmp_path, mo
 
     monkeypatch.setattr(train_tokenizer_module, "_make_portable", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(shards, out, 300, min_frequency=1)
+        train_tokenizer(shards, out, 300, min_frequency=1, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old tokenizer, whole
     monkeypatch.undo()
-    info = train_tokenizer(shards, out, 300, min_frequency=1)  # a rerun replaces it and cleans up
+    info = train_tokenizer(shards, out, 300, min_frequency=1, overwrite=True)  # a rerun replaces it, cleans up
     assert info["vocab_size"] <= 300 and not (tmp_path / "tokenizer.partial").exists()
     assert (out / "tokenizer.json").read_bytes() != before["tokenizer.json"]

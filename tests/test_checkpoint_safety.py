@@ -218,13 +218,28 @@ def test_evaluate_logs_to_the_callers_tracking_store_not_the_evaluated_recipes(b
 
 
 # ----------------------------------------------------------------------------------------------- slow tests
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs compare bit for bit with runs in a subprocess under OMP_NUM_THREADS=1 (the reference, the
+    killed run): CPU float sums may differ with the intra-op thread count, so this process uses one too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(base, tmp_path_factory) -> Path:
     """An uninterrupted 8-step run, checkpoints every 2 steps (4, 6, 8 kept)."""
-    from mpma_ds.training import load_recipe, train
 
     run = tmp_path_factory.mktemp("reference") / "run"
-    train(load_recipe(TINY_RECIPE, _overrides(base, run)))
+    # in a process like the killed run's (one intra-op thread): CPU float sums may differ with the thread count
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), *_argv(_overrides(base, run))],
+        cwd=run.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 

@@ -178,6 +178,10 @@ def prompt_scores(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch
     return image_emb.float() @ pos_emb.float().T - image_emb.float() @ neg_emb.float().T  # (N, C)
 
 
+def _truth_target(entry: Mapping[str, Any] | None) -> float:
+    return math.nan if not entry else (1.0 if entry.get("present") else 0.0)
+
+
 def reference_targets(
     labels: Any, truths: Sequence[Mapping[str, Any] | None] | None, label_names: Sequence[str] = CHEXPERT_LABELS
 ) -> tuple[np.ndarray, str]:
@@ -192,7 +196,8 @@ def reference_targets(
     """
     y = as_numpy(labels)
     if truths is not None and len(truths) == len(y) and len(y) and all(t for t in truths):
-        out = np.array([[1.0 if t[name]["present"] else 0.0 for name in label_names] for t in truths])
+        # a label the truth does not mention is unknown for that sample (NaN), as a blank report label is
+        out = np.array([[_truth_target(t.get(name)) for name in label_names] for t in truths], dtype=np.float64)
         return out.reshape(len(y), len(label_names)), "truth"
     return apply_uncertain_policy(y, "ignore"), "labels"
 
