@@ -457,9 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_runs", help="working folder (default: demo_runs)")
     p.add_argument("--studies", type=int, default=DEFAULT_STUDIES,
                    help=f"synthetic studies (default: {DEFAULT_STUDIES})")  # fmt: skip
-    # 400: cpu_zero3.json's persistence made a ZeRO-3 step ~1.45x faster (bench_train: 0.48x vs 0.33x plain DP in
-    # one run), so 400 steps take about the time 300 did (docs/training.md)
-    p.add_argument("--steps", type=int, default=400, help="pretraining steps (default: 400)")
+    # 900 (3x the 300 of before): with cpu_zero3.json's persistence a step of the demo's pretraining takes ~0.66 s
+    # on a quiet 2-core machine (was ~2.4 s), so 900 steps take 598 s and the whole demo 741 s (docs/tracking_export_demo.md)
+    p.add_argument("--steps", type=int, default=900, help="pretraining steps (default: 900)")
     p.add_argument("--image-size", type=int, default=128, help="stored image size in px (default: 128)")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="ranks for deepspeed --num_gpus (default: the GPUs, else 2 CPU processes)")  # fmt: skip
