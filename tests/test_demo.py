@@ -113,4 +113,6 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": reused") == 8
-    assert [ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot AUROC (mean)"))] == rows
+    assert [
+        ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot AUROC (mean)"))
+    ] == rows
