@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
+from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides, tiny_shards, tiny_tokenizer
+from train_testdata import pretrain_argv as _argv
 
 from mpma_ds.training import checkpoint as ckpt
 from mpma_ds.training.checkpoint import COMPLETE_FILE, complete_tags
@@ -45,19 +46,12 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
-    base = str(tmp_path_factory.getbasetemp())
-    tiny_shards(base)
-    tiny_tokenizer(base)
-    return base
+    return prepared_base(tmp_path_factory)
 
 
 def _overrides(base: str, out: Path, **extra: object) -> list[str]:
     values: dict[str, object] = {"train.eval_every": 0, "train.keep_last": 3, **extra}
     return tiny_overrides(base, out, **values)
-
-
-def _argv(overrides: list[str], *extra: str) -> list[str]:
-    return ["--config", str(TINY_RECIPE), *extra] + [a for o in overrides for a in ("--set", o)]
 
 
 def _stderr_lines(capsys, prog: str = "pretrain.py") -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
+from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides
 
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import load_recipe
@@ -74,10 +74,7 @@ def _consolidated(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
-    base = str(tmp_path_factory.getbasetemp())
-    tiny_shards(base)
-    tiny_tokenizer(base)
-    return base
+    return prepared_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_testdata import ROOT, TINY_RECIPE, tiny_overrides, tiny_shards, tiny_tokenizer
+from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides
+from train_testdata import pretrain_argv as _argv
 
 from mpma_ds.tasks.pretrain import PretrainTask
 from mpma_ds.tracking import read_metrics_jsonl
@@ -32,14 +33,7 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
-    base = str(tmp_path_factory.getbasetemp())
-    tiny_shards(base)
-    tiny_tokenizer(base)
-    return base
-
-
-def _argv(overrides: list[str], *extra: str) -> list[str]:
-    return ["--config", str(TINY_RECIPE), *extra] + [a for o in overrides for a in ("--set", o)]
+    return prepared_base(tmp_path_factory)
 
 
 class NanGrad(torch.autograd.Function):

@@ -45,6 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "launch" / "configs" / "pretrain_tiny.yaml"
 
 
+def prepared_base(tmp_path_factory) -> str:
+    """The session's base temp folder with the tiny shards and tokenizer built in it (each built once)."""
+    base = str(tmp_path_factory.getbasetemp())
+    tiny_shards(base)
+    tiny_tokenizer(base)
+    return base
+
+
+def pretrain_argv(overrides: list[str], *extra: str) -> list[str]:
+    """``launch/pretrain.py`` arguments: the tiny recipe, ``extra`` flags, then one ``--set`` per override."""
+    return ["--config", str(TINY_RECIPE), *extra] + [a for o in overrides for a in ("--set", o)]
+
+
 def tiny_overrides(base: str, out: Path, **extra: object) -> list[str]:
     """``--set`` overrides that turn pretrain_tiny.yaml into a seconds-long test run on the tiny shards.
 
