@@ -161,7 +161,8 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(one_rank):
     for key in ("loss_mlm", "loss_mim", "loss_local", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
                 "model_flops_per_s", "mfu", "data_wait_frac", "memory_gb", "skipped_samples"):  # fmt: skip
         assert key in mlrun.data.metrics, key
-    assert 0 < mlrun.data.metrics["mfu"] < 1 and mlrun.data.metrics["samples_per_s"] > 0
+    # mfu against a peak measured at start-up: positive, but not bounded by 1 on a loaded CPU (see test_train)
+    assert mlrun.data.metrics["mfu"] > 0 and mlrun.data.metrics["samples_per_s"] > 0
     assert any(k.startswith("eval/i2t_R") for k in mlrun.data.metrics)
     assert "eval/zeroshot_auroc_mean" in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
