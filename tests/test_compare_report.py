@@ -291,3 +291,36 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
     keep.mkdir(exist_ok=True)
     shutil.copy(shot, keep / "compare_report.png")
     print(f"\nscreenshot of the report: {shot} (copied to {keep / 'compare_report.png'})")
+
+
+# ------------------------------------------------------------------------------------------ small pieces
+def test_ema_smoothing_is_debiased_and_skips_nan():
+    from mpma_ds.tracking.report_plots import ema
+
+    assert ema([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    out = ema([4.0, 4.0, float("nan"), 4.0, 0.0], 0.5)
+    assert out[:4] == pytest.approx([4.0, 4.0, 4.0, 4.0])  # a constant stays put (no pull towards 0)
+    # the NaN is skipped: the EMA of 4, 4, 4, 0 (weights 0.5^k on the k-th newest), over the weights' sum
+    assert out[4] == pytest.approx(0.5 * (0 + 0.5 * 4 + 0.25 * 4 + 0.125 * 4) / (1 - 0.5**4))
+
+
+def test_parent_outside_the_store_is_not_nested(tmp_path):
+    """A fine-tuning run from a pretraining run logged elsewhere keeps mpma.pretrain_run but gets no parent tag
+    (MLflow would show an orphan); one in the store gets it."""
+    from mlflow.tracking import MlflowClient
+
+    from mpma_ds.tracking import TrackingConfig, build_logger
+    from mpma_ds.tracking.lineage import lineage_tags
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="lineage", system_metrics=False)
+    first = build_logger(cfg, rank=0, run_dir=tmp_path / "a")
+    first.close()
+    ids = {}
+    for name, parent in (("elsewhere", "0" * 32), ("here", first.run_id)):
+        lg = build_logger(cfg, rank=0, run_dir=tmp_path / name, tags=lineage_tags(parent, "pretrained", "k"))
+        ids[name] = lg.run_id
+        lg.close()
+    client = MlflowClient(cfg.uri)
+    elsewhere, here = (client.get_run(ids[n]).data.tags for n in ("elsewhere", "here"))
+    assert PARENT_TAG not in elsewhere and elsewhere["mpma.pretrain_run"] == "0" * 32
+    assert here[PARENT_TAG] == first.run_id and here[PAIR_TAG] == "k"
