@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             width = args.width
             while True:
                 small = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
-                small = small.quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+                small = small.quantize(colors=256, method=Image.Quantize.FASTOCTREE)
                 out = Path(args.out)
                 small.save(out, format="PNG", optimize=True)
                 if out.stat().st_size <= args.max_kb * 1024 or width < 400:

@@ -23,6 +23,8 @@ from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides, tin
 
 from mpma_ds.tracking.lineage import PAIR_TAG, PARENT_TAG
 
+pytestmark = pytest.mark.slow
+
 EXPERIMENT = "cmp"
 FRACTIONS = ("0.5", "1.0")
 
@@ -152,6 +154,7 @@ def test_pairs_differences_and_intervals(store, report):
 def test_what_changed_between_the_runs(report):
     diffs = {d.kind: d for d in report.diffs}
     ft = diffs["finetune"]
+    assert ft.task == "linear_probe" and ft.title == "fine-tuning: linear_probe" and len(ft.runs) == 4
     assert {"init.from", "data.label_fraction", "train.output_dir", "tracking.run_name"} <= set(ft.differing)
     assert "train.lr" in ft.identical and "train.lr" not in ft.differing
     by_name = dict(zip((r.name for r in ft.runs), range(len(ft.runs))))
@@ -192,13 +195,21 @@ def test_report_files_tables_and_cli(store, report, tmp_path, capsys):
     runs_json = json.loads((out / "runs.json").read_text())
     assert {r["name"]: r["parent"] for r in runs_json}["lp-pretrained-1.0"] == store.pretrain_id
 
-    # the command: --runs by name selects the pretraining run with its children; --filter goes to search_runs
+    # the command: --runs by name selects the pretraining run with its children and their random partners;
+    # by id prefix a fine-tuning run alone (its partner comes along); --filter goes to search_runs
     argv = ["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--bootstrap", "50", "--smooth", "0.5"]
     assert main([*argv, "--runs", "tiny-pretrain", "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
-    assert "pretraining run tiny-pretrain" in printed and "lp-pretrained-0.5" in printed
-    assert "lp-random-0.5" not in printed.split("runs grouped")[1]  # random runs are not children of the run
+    tree = printed.split("runs grouped")[1].split("pretrained vs random")[0]
+    assert "pretraining run tiny-pretrain" in tree and "├─ lp-pretrained-0.5" in tree
+    assert "┆  lp-random-0.5" in tree and "├─ lp-random" not in tree  # partners, never children
     assert f"report: {tmp_path / 'a' / 'report.html'}" in printed
+    assert len(json.loads((tmp_path / "a" / "runs.json").read_text())) == 7
+    one = store.ft[("pretrained", "0.5")]["mlflow_run_id"]
+    assert main([*argv, "--runs", one[:8], "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    names = sorted(r["name"] for r in json.loads((tmp_path / "c" / "runs.json").read_text()))
+    assert names == ["lp-pretrained-0.5", "lp-random-0.5"]
     assert main([*argv, "--filter", "tags.mpma.init = 'random'", "--out", str(tmp_path / "b")]) == 0
     rows = json.loads((tmp_path / "b" / "runs.json").read_text())
     assert sorted(r["name"] for r in rows) == ["eval-rnd-validate", "lp-random-0.5", "lp-random-1.0"]

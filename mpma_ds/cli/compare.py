@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\npretrained vs random (difference [95 % interval], and how the interval was computed):")
         print(format_pairs_table(report.pairs))
     for d in report.diffs:
-        print(f"\n{d.kind} runs: {len(d.differing)} parameter(s) differ, {len(d.identical)} identical"
+        print(f"\n{d.title} runs: {len(d.differing)} parameter(s) differ, {len(d.identical)} identical"
               + (f" ({', '.join(list(d.differing)[:8])}{' ...' if len(d.differing) > 8 else ''})" if d.differing
                  else ""))  # fmt: skip
     print(f"\n{len(report.plots)} figure(s), tables {', '.join(p.name for p in report.tables)} in {out}")

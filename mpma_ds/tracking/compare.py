@@ -194,8 +194,8 @@ def check_readable_store(uri: str) -> None:
 
 
 def _select(runs: list, wanted: Sequence[str], experiment: str) -> list:
-    """The runs named (run name) or identified (full id or an unambiguous prefix of >= 6 characters) by
-    ``wanted``, plus the runs nested under them (children) — in the store's order."""
+    """The runs named (run name) or identified (full id or a prefix of >= 6 characters) by ``wanted``, plus the
+    runs nested under them (children) and the random-init partners of all those — in the store's order."""
     by_id = {r.info.run_id: r for r in runs}
     chosen: dict[str, Any] = {}
     for item in wanted:
@@ -210,6 +210,10 @@ def _select(runs: list, wanted: Sequence[str], experiment: str) -> list:
         chosen.update({r.info.run_id: r for r in hits})
     for r in runs:  # children of a chosen pretraining run
         if r.data.tags.get(PARENT_TAG) in chosen or r.data.tags.get(PRETRAIN_RUN_TAG) in chosen:
+            chosen.setdefault(r.info.run_id, r)
+    pairs = {r.data.tags.get(PAIR_TAG) for r in chosen.values() if r.data.tags.get(INIT_TAG) != "random"}
+    for r in runs:  # and the random-init partners of the chosen runs
+        if r.data.tags.get(INIT_TAG) == "random" and r.data.tags.get(PAIR_TAG) in pairs - {None}:
             chosen.setdefault(r.info.run_id, r)
     return [r for r in runs if r.info.run_id in chosen and r.info.run_id in by_id]
 
@@ -320,23 +324,32 @@ def group_runs(runs: Sequence[RunSummary]) -> list[RunGroup]:
 # ---------------------------------------------------------------------------------------- what changed
 @dataclass
 class ParamDiff:
-    """The params of one kind of run: those that differ (``values[key][i]`` for ``runs[i]``; ``None`` = not
-    logged) and how many are the same in all."""
+    """The params of one kind of run (and task): those that differ (``differing[key][i]`` for ``runs[i]``;
+    ``None`` = not logged) and those the same in all."""
 
     kind: str
+    task: str | None
     runs: list[RunSummary]
     differing: dict[str, list[str | None]]
     identical: dict[str, str]
 
+    @property
+    def title(self) -> str:
+        names = {"pretrain": "pretraining", "eval": "evaluation", "finetune": "fine-tuning"}
+        return names.get(self.kind, self.kind) + (
+            f": {self.task}" if self.task and self.kind == "finetune" else ""
+        )
+
 
 def param_differences(runs: Sequence[RunSummary]) -> list[ParamDiff]:
-    """Per kind of run (pretraining, evaluation, fine-tuning) with at least two runs: the params whose values
-    differ between them, and the identical ones."""
-    by_kind: dict[str, list[RunSummary]] = {}
+    """Per kind of run (pretraining, evaluation; fine-tuning per task) with at least two runs: the params whose
+    values differ between them, and the identical ones."""
+    by_kind: dict[tuple[str, str | None], list[RunSummary]] = {}
     for r in runs:
-        by_kind.setdefault(r.kind, []).append(r)
+        task = r.tags.get("mpma.task") if r.kind == "finetune" else None
+        by_kind.setdefault((r.kind, task), []).append(r)
     out = []
-    for kind, members in by_kind.items():
+    for (kind, task), members in by_kind.items():
         if len(members) < 2:
             continue
         keys = sorted({k for r in members for k in r.params})
@@ -347,7 +360,7 @@ def param_differences(runs: Sequence[RunSummary]) -> list[ParamDiff]:
                 differing[key] = values
             else:
                 identical[key] = values[0]
-        out.append(ParamDiff(kind, list(members), differing, identical))
+        out.append(ParamDiff(kind, task, list(members), differing, identical))
     return out
 
 

@@ -164,6 +164,8 @@ class MLflowMetricLogger(MetricLogger):
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # its INFO lines (started / stopping / no GPU) at every run would bury the progress lines
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
             self._monitor = SystemMetricsMonitor(
                 self.run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=self.uri
             )

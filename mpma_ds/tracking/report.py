@@ -50,6 +50,7 @@ def write_report(
     the tables under ``out_dir``. Raises ``ValueError`` (one line) on bad input, like `load_runs`."""
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"--smooth {smooth}: must be in [0, 1) (the EMA weight of the previous value)")
+    import os
     import tempfile
 
     from mlflow.tracking import MlflowClient
@@ -60,6 +61,7 @@ def write_report(
                               runs=runs, filter_string=filter_string)  # fmt: skip
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact read is noise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(found)

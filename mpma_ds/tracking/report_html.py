@@ -39,7 +39,7 @@ figure{margin:.5em 0}figure img{max-width:100%;border:1px solid #eee}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}.pair{border:1px solid #ddd;padding:6px;border-radius:4px}
 .pair img{width:220px;display:block}.pair .row{display:flex;gap:6px}.cap{font-size:.75em;color:#444;max-width:450px}
 .hit{color:#11703a}.miss{color:#b02020}details{margin:.4em 0}code{background:#f6f6f6;padding:0 3px}
-.empty{color:#777;font-style:italic}
+.empty{color:#777;font-style:italic}.scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -166,7 +166,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, ra
                          for i, c in enumerate(r)) + "</tr>"
         for r in rows
     )  # fmt: skip
-    return f"<table><tr>{th}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{th}</tr>{body}</table></div>"
 
 
 def _runs_section(groups: Sequence[RunGroup], metrics: Sequence[str]) -> str:
@@ -201,8 +201,8 @@ def _runs_section(groups: Sequence[RunGroup], metrics: Sequence[str]) -> str:
     return (
         "<p>Each pretraining run with the evaluation and fine-tuning runs made from its weights (MLflow child runs:"
         " <code>mlflow ui</code> shows the same tree), and each random-init run beside the pretrained run it pairs"
-        f" with (┆: same task, label fraction and seeds, or the same evaluated split).</p><table><tr>{th}</tr>"
-        + "".join(rows) + "</table>"
+        f" with (┆: same task, label fraction and seeds, or the same evaluated split).</p><div class='scroll'><table>"
+        f"<tr>{th}</tr>" + "".join(rows) + "</table></div>"
     )  # fmt: skip
 
 
@@ -252,12 +252,12 @@ def _changes_section(diffs: Sequence[ParamDiff]) -> str:
         rows = [[k, *("—" if v is None else v for v in vals)] for k, vals in d.differing.items()]
         same = _table(["parameter", "value (all runs)"], [[k, v] for k, v in d.identical.items()])
         out.append(
-            f"<h3>{_e(d.kind)} runs ({len(d.runs)}): {len(d.differing)} parameter(s) differ</h3>"
+            f"<h3>{_e(d.title)} ({len(d.runs)} runs): {len(d.differing)} parameter(s) differ</h3>"
             + (_table(head, rows) if rows else '<p class="empty">All logged parameters are the same.</p>')
             + f"<details><summary>{len(d.identical)} identical parameter(s)</summary>{same}</details>"
         )
     return "<p>The logged recipe and DeepSpeed-config parameters (<code>ds.*</code>) that differ between runs of one" \
-           " kind (— : not logged by that run); the identical ones are folded away.</p>" + "".join(out)  # fmt: skip
+           " kind and task (— : not logged by that run); the identical ones are folded away.</p>" + "".join(out)  # fmt: skip
 
 
 def _figure(plots: Mapping[str, Path], name: str, alt: str, empty: str) -> str:

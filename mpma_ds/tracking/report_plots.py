@@ -64,8 +64,11 @@ def _grid(n: int, cols: int = COLS, size: tuple[float, float] = (4.2, 2.9)):
     return fig, list(axes.flat[:n])
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, legend_rows: int = 0) -> Path:
+    """Lay out (room for the title on top and ``legend_rows`` of figure legend below) and write the PNG."""
+    height = fig.get_figheight()
+    bottom = min(0.3, (0.25 * legend_rows + 0.1) / height) if legend_rows else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / height))
     fig.savefig(path, dpi=90)
     _plt().close(fig)
     return path
@@ -94,14 +97,15 @@ def training_grid(runs: Sequence[RunSummary], keys: Sequence[str], path: Path, *
                 ax.plot(steps, values, style, color=colors[r.run_id], label=r.label,
                         marker="o" if len(points) < 3 else None)  # fmt: skip
         ax.set_title(TITLES.get(key, key), fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        # MLflow's system metrics count samples (one every tracking.system_metrics_interval_s), not steps
+        ax.set_xlabel("sample" if key.startswith("system/") else "step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if key == "lr" or (key.startswith("loss") and _spans_decades(runs, key)):
             ax.set_yscale("log")
-    _legend(fig, axes)
+    rows = _legend(fig, axes)
     fig.suptitle(title + (f" (EMA smoothing {smooth:g})" if smooth > 0 else ""), fontsize=11)
-    return _save(fig, path)
+    return _save(fig, path, rows)
 
 
 def _spans_decades(runs: Sequence[RunSummary], key: str) -> bool:
@@ -114,17 +118,19 @@ def _colors(runs: Sequence[RunSummary]) -> dict[str, str]:
     return {r.run_id: palette[i % len(palette)] for i, r in enumerate(runs)}
 
 
-def _legend(fig, axes) -> None:
+def _legend(fig, axes) -> int:
+    """One legend for the figure, below the panels; returns its number of rows."""
     handles, labels = {}, []
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             if label not in handles:
                 handles[label] = h
                 labels.append(label)
-    if labels:
-        fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=min(4, len(labels)),
-                   fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.01))  # fmt: skip
-        fig.subplots_adjust(bottom=0.08 + 0.03 * math.ceil(len(labels) / 4))
+    if not labels:
+        return 0
+    ncol = min(3, len(labels))
+    fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    return math.ceil(len(labels) / ncol)
 
 
 def eval_over_steps(groups: Sequence[RunGroup], path: Path) -> Path | None:
@@ -164,9 +170,9 @@ def eval_over_steps(groups: Sequence[RunGroup], path: Path) -> Path | None:
         ax.set_xlabel("pretraining step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
+    rows = _legend(fig, axes)
     fig.suptitle("evaluation metrics over steps; dashed: the random twin (shaded: its 95 % interval)", fontsize=11)
-    return _save(fig, path)
+    return _save(fig, path, rows)
 
 
 def label_efficiency(pairs: Sequence[PairRow], path: Path) -> Path | None:
