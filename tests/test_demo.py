@@ -63,6 +63,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
                 assert not low or float(low) <= float(value) <= float(high), (label, value, low, high)
     uri = "sqlite:///" + str(out.resolve() / "mlflow.db")
     assert f"mlflow ui --backend-store-uri {uri}" in text
+    report = out.resolve() / "report" / "report.html"  # the comparison report, its path printed
+    assert re.search(rf"^report: +{re.escape(str(report))} ", text, re.M) and report.is_file()
+    assert (out / "report" / "pairs.json").is_file() and (out / "report" / "label_efficiency.png").is_file()
 
     # the run folder, the export and the evaluations are where the demo says
     summary = json.loads((out / "pretrain" / "summary.json").read_text())
@@ -93,6 +96,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
         assert tags["mpma.init"] == ("pretrained" if "pretrained" in name else "random"), name
         if tags["mpma.init"] == "pretrained":
             assert tags["mpma.pretrain_run"] == summary["mlflow_run_id"], name
+            assert tags["mlflow.parentRunId"] == summary["mlflow_run_id"], name  # nested in mlflow ui
+    assert runs["eval-pretrained-validate"].data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
     # results.json holds the three tables, every value a number in [0, 1] (or null where a split has none)
     results = json.loads((out / "results.json").read_text())
     assert set(results["linear_probe"]) == {"0.5", "1.0"} and set(results["vqa"]) >= {"overall", "closed", "open"}

@@ -67,8 +67,8 @@ def _grid(n: int, cols: int = COLS, size: tuple[float, float] = (4.2, 2.9)):
 def _save(fig, path: Path, legend_rows: int = 0) -> Path:
     """Lay out (room for the title on top and ``legend_rows`` of figure legend below) and write the PNG."""
     height = fig.get_figheight()
-    bottom = min(0.3, (0.25 * legend_rows + 0.1) / height) if legend_rows else 0.0
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / height))
+    bottom = min(0.3, (0.18 * legend_rows + 0.05) / height) if legend_rows else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.3 / height))
     fig.savefig(path, dpi=90)
     _plt().close(fig)
     return path
@@ -90,7 +90,7 @@ def training_grid(runs: Sequence[RunSummary], keys: Sequence[str], path: Path, *
                 continue
             steps, values = zip(*points)
             style = "--" if r.init == "random" else "-"
-            if smooth > 0 and len(points) > 2:
+            if smooth > 0 and len(points) > 2 and key != "lr":  # a schedule is not noisy: drawn as is
                 ax.plot(steps, values, color=colors[r.run_id], alpha=0.25, linewidth=0.8)
                 ax.plot(steps, ema(values, smooth), style, color=colors[r.run_id], label=r.label)
             else:
@@ -200,7 +200,10 @@ def label_efficiency(pairs: Sequence[PairRow], path: Path) -> Path | None:
                 ax.plot(x, y, style, marker="o", color=shade,
                         label=f"{side}" + (f" ({group[:6]})" if len(mine) != len(series) else ""))  # fmt: skip
                 bands = [(q[0], q[2]) for q in pts if q[2] is not None]
-                if bands:
+                if len(bands) == 1:  # one label fraction: no band to draw, an error bar instead
+                    (f, (lo, hi)), value = bands[0], next(q[1] for q in pts if q[0] == bands[0][0])
+                    ax.errorbar([f], [value], yerr=[[value - lo], [hi - value]], color=shade, capsize=4)
+                elif bands:
                     ax.fill_between([b[0] for b in bands], [b[1][0] for b in bands], [b[1][1] for b in bands],
                                     color=shade, alpha=0.15, linewidth=0)  # fmt: skip
         ax.set_xscale("log")
