@@ -105,6 +105,15 @@ def test_demo_end_to_end_and_rerun(tmp_path):
         for init in ("pretrained", "random"):
             assert entry[init] is None or 0.0 <= entry[init] <= 1.0, entry
     assert results["linear_probe"]["0.5"]["pretrained_subset"]["fraction"] == 0.5
+    # the comparison report's pairs are the demo's own paired differences, read back from MLflow
+    pairs = json.loads((out / "report" / "pairs.json").read_text())
+    for fraction in ("0.5", "1.0"):
+        (row,) = [r for r in pairs if r["task"] == "linear_probe" and r["label_fraction"] == float(fraction)]
+        entry = results["linear_probe"][fraction]
+        if entry["difference"] is not None:
+            assert row["interval"] == "paired bootstrap"
+            assert row["difference"] == pytest.approx(entry["difference"])
+            assert row["difference_ci95"] == pytest.approx(entry["difference_ci95"])
     assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
     for key in ("zero_shot_auroc", "i2t_R@1_abnormal", "t2i_R@1_abnormal"):
         entry = results["pretrain_eval"][key]
