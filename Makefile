@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mpma-installed
 # resolves the newest releases that satisfy setup.py's lower bounds.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-demo lint format bench clean
+.PHONY: install demo test test-demo lint format bench clean browser report-picture
 
 install: $(STAMP)
 
@@ -42,6 +42,28 @@ test: $(STAMP)
 # the demo at full size with its claim checked: pretrained beats the random twin (about 15 minutes)
 test-demo: $(STAMP)
 	$(PY) -m pytest -m demo_scale tests/test_demo_margins.py
+
+# headless Chromium for tests/test_compare_report.py (the comparison report opened in a real browser) and for
+# report-picture: Debian's `chromium`, installed with apt-get when missing (as root, or through `sudo -n`);
+# where neither works it says so and succeeds: that test then skips with the reason
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "browser: $$(command -v chromium || command -v chromium-browser)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: no apt-get here; install Chromium yourself, or the headless-browser test skips"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+	    || echo "browser: apt-get could not install chromium; the headless-browser test skips"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  (sudo -n apt-get install -y -q chromium || (sudo -n apt-get update -q && sudo -n apt-get install -y -q chromium)) \
+	    || echo "browser: apt-get could not install chromium; the headless-browser test skips"; \
+	else \
+	  echo "browser: not root and no passwordless sudo: cannot install chromium; the headless-browser test skips"; \
+	fi
+
+# README's picture of the comparison report (docs/compare_report.png) from the demo's runs (run `make demo` first)
+report-picture: $(STAMP) browser
+	$(PY) docs/make_report_picture.py --tracking-uri sqlite:///$(CURDIR)/demo_runs/mlflow.db --experiment mpma-demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

@@ -51,6 +51,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "psutil>=5.9",  # MLflow's system metrics (tracking.system_metrics)
         "scikit-learn>=1.4",
         # JPEG / JPEG 2000 codecs that pydicom uses for compressed DICOM transfer syntaxes
         "pylibjpeg>=2.0",

@@ -14,8 +14,8 @@
    (python launch/finetune.py --config launch/configs/finetune_linear_probe_tiny.yaml) and VQA on the synthetic
    VQA-RAD set with the backbone frozen (... finetune_vqa_frozen_tiny.yaml), features extracted once per model
    and cached; run in this process, as launch/finetune.py would
-9. the tables (retrieval / zero-shot; the label-efficiency table), results.json, everything in MLflow, and
-   the `mlflow ui` line.
+9. the tables (retrieval / zero-shot; the label-efficiency table), results.json, everything in MLflow, the
+   comparison report (report/report.html, as launch/compare_runs.py writes it) and the `mlflow ui` line.
 
 Reruns reuse finished stages (each stage records what it was run with); an interrupted pretraining resumes
 from its newest checkpoint. ``--fresh`` starts over.
@@ -523,6 +523,14 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
     return atomic_write_text(demo.out / RESULTS_FILE, json.dumps(json_safe(payload), indent=1, default=str) + "\n")
 
 
+def write_report(demo: Demo) -> Path:
+    """``<out>/report/report.html`` (+ PNGs, CSV / JSON): what ``launch/compare_runs.py`` writes for the demo's
+    experiment."""
+    from mpma_ds.tracking.report import write_report as compare
+
+    return compare(EXPERIMENT, demo.out / "report", tracking_uri=demo.tracking_uri).html
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
@@ -561,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "vqa": {k: results["vqa"][k] for k in ("overall", "closed", "open")}}))  # fmt: skip
     path = write_results(demo, results)
     print(f"\nresults:       {path}")
+    try:
+        report = write_report(demo)
+    except Exception as err:  # the results are written; say why the page is not, in one line
+        print(f"demo: error: the comparison report was not written: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"report:        {report}   (runs grouped, pretrained vs random, curves, grounding; opens offline)")
     print(f"work folder:   {demo.out}  (logs in {demo.logs})")
     print(f"exported model: {demo.out / 'exported'}")
     print(f"MLflow:        mlflow ui --backend-store-uri {demo.tracking_uri}   (experiment {EXPERIMENT!r})")

@@ -63,6 +63,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
                 assert not low or float(low) <= float(value) <= float(high), (label, value, low, high)
     uri = "sqlite:///" + str(out.resolve() / "mlflow.db")
     assert f"mlflow ui --backend-store-uri {uri}" in text
+    report = out.resolve() / "report" / "report.html"  # the comparison report, its path printed
+    assert re.search(rf"^report: +{re.escape(str(report))} ", text, re.M) and report.is_file()
+    assert (out / "report" / "pairs.json").is_file() and (out / "report" / "label_efficiency.png").is_file()
 
     # the run folder, the export and the evaluations are where the demo says
     summary = json.loads((out / "pretrain" / "summary.json").read_text())
@@ -93,6 +96,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
         assert tags["mpma.init"] == ("pretrained" if "pretrained" in name else "random"), name
         if tags["mpma.init"] == "pretrained":
             assert tags["mpma.pretrain_run"] == summary["mlflow_run_id"], name
+            assert tags["mlflow.parentRunId"] == summary["mlflow_run_id"], name  # nested in mlflow ui
+    assert runs["eval-pretrained-validate"].data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
     # results.json holds the three tables, every value a number in [0, 1] (or null where a split has none)
     results = json.loads((out / "results.json").read_text())
     assert set(results["linear_probe"]) == {"0.5", "1.0"} and set(results["vqa"]) >= {"overall", "closed", "open"}
@@ -100,6 +105,15 @@ def test_demo_end_to_end_and_rerun(tmp_path):
         for init in ("pretrained", "random"):
             assert entry[init] is None or 0.0 <= entry[init] <= 1.0, entry
     assert results["linear_probe"]["0.5"]["pretrained_subset"]["fraction"] == 0.5
+    # the comparison report's pairs are the demo's own paired differences, read back from MLflow
+    pairs = json.loads((out / "report" / "pairs.json").read_text())
+    for fraction in ("0.5", "1.0"):
+        (row,) = [r for r in pairs if r["task"] == "linear_probe" and r["label_fraction"] == float(fraction)]
+        entry = results["linear_probe"][fraction]
+        if entry["difference"] is not None:
+            assert row["interval"] == "paired bootstrap"
+            assert row["difference"] == pytest.approx(entry["difference"])
+            assert row["difference_ci95"] == pytest.approx(entry["difference_ci95"])
     assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
     for key in ("zero_shot_auroc", "i2t_R@1_abnormal", "t2i_R@1_abnormal"):
         entry = results["pretrain_eval"][key]

@@ -314,7 +314,11 @@ def test_evaluate_cli_grounding_writes_overlays_metrics_and_mlflow(shards, tmp_p
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("g").experiment_id])[0]
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "grounding")) == [
-        f"grounding/{p.name}" for p in pngs]  # fmt: skip
+        f"grounding/{p.name}" for p in pngs] + ["grounding/overlays.json"]  # fmt: skip
+    index = json.loads((out / "grounding" / "overlays.json").read_text())  # what the comparison's gallery reads
+    assert [e["file"] for e in index] == [p.name for p in pngs]
+    assert all(e["finding"] in ("Pleural Effusion", "Pneumothorax") and set(e["hit"]) == {"random-mpma_tiny"}
+               for e in index)  # fmt: skip
     assert run.data.metrics["eval/pointing_game"] == metrics["pointing_game"]
     assert "eval/pointing_game_ci95_low" in run.data.metrics
 

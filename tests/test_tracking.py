@@ -235,12 +235,15 @@ def test_real_server_then_server_killed_mid_run(tmp_path, mlflow_server):
 
 
 def test_compare_runs_table_plots_and_report(tmp_path):
-    from mpma_ds.tracking.compare import format_runs_table, load_runs, plot_metrics, write_html
+    """Plain runs (no pretraining lineage): the table, the training-curve grid, one group of ungrouped runs."""
+    from mpma_ds.tracking.compare import format_runs_table, load_runs
+    from mpma_ds.tracking.report import write_report
 
     cfg = _sqlite_cfg(tmp_path)
     for name, slope in (("fast", 2.0), ("slow", 1.0)):
         cfg.run_name = name
         lg = build_logger(cfg, rank=0, run_dir=tmp_path / name)
+        lg.log_params({"train": {"lr": slope, "steps": 4}})
         for step in range(1, 5):
             lg.log_metrics({"loss": 10.0 - slope * step, "eval/i2t_R@1": 0.1 * slope}, step=step)
         lg.close()
@@ -252,11 +255,14 @@ def test_compare_runs_table_plots_and_report(tmp_path):
     table = format_runs_table(runs, metrics).splitlines()
     assert table[0].split()[:5] == ["run", "id", "kind", "status", "loss"]
     assert any(line.startswith("fast") and " 2 " in f" {line} " for line in table)
-    plots = plot_metrics(runs, metrics, tmp_path / "cmp")
-    assert [p.name for p in plots] == ["loss.png", "eval_i2t_R_at_1.png"]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
-    report = write_html("test-tracking", runs, metrics, plots, tmp_path / "cmp").read_text()
-    assert "loss.png" in report and "<td>fast</td>" in report
+    report = write_report("test-tracking", tmp_path / "cmp", tracking_uri=cfg.uri, metrics=["loss"], smooth=0.5)
+    assert [p.name for p in report.plots] == ["training_pretrain.png"]
+    assert report.plots[0].read_bytes()[:4] == b"\x89PNG"
+    assert [g.title for g in report.groups] == ["runs without a pretraining parent"] and report.pairs == []
+    (diff,) = report.diffs
+    assert diff.differing == {"train.lr": ["1.0", "2.0"]} and diff.identical == {"train.steps": "4"}
+    page = report.html.read_text()
+    assert "data:image/png;base64," in page and "fast (" in page and "1 parameter(s) differ" in page
     with pytest.raises(ValueError, match="no run of 'test-tracking' has metric"):
         load_runs("test-tracking", tracking_uri=cfg.uri, metrics=["nope"])
     with pytest.raises(ValueError, match="no experiment 'other'"):

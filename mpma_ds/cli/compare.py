@@ -1,7 +1,9 @@
-"""Compare the runs of an MLflow experiment: a table on stdout, one PNG per metric and an HTML report.
+"""Compare the runs of an MLflow experiment: the run tree and the pretrained-vs-random table on stdout, and a
+self-contained report (report.html with every figure embedded, the figures as PNGs, the tables as CSV / JSON).
 
 python launch/compare_runs.py --experiment mpma-demo --tracking-uri sqlite:///$PWD/demo_runs/mlflow.db
-python launch/compare_runs.py --experiment mpma-pretrain --metric loss --metric eval/i2t_R@1
+python launch/compare_runs.py --experiment mpma-pretrain --runs demo-pretrain --runs 3f2a9c01 --smooth 0.6
+python launch/compare_runs.py --experiment mpma-demo --filter "tags.mpma.task = 'linear_probe'"
 """
 
 from __future__ import annotations
@@ -20,42 +22,67 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--metric", action="append", default=[], help="metric to compare (repeatable; default: "
-                   "loss, eval retrieval/AUROC, samples/s where present)")  # fmt: skip
+    p.add_argument("--runs", action="append", default=[], metavar="NAME_OR_ID",
+                   help="compare only these runs (run name, id or an id prefix of >= 6 characters; repeatable), "
+                        "with the runs nested under them")  # fmt: skip
+    p.add_argument("--filter", default="", metavar="FILTER",
+                   help="an MLflow search filter passed to search_runs, e.g. \"params.train.lr = '0.001'\" or "
+                        "\"tags.mpma.kind = 'finetune'\"")  # fmt: skip
+    p.add_argument("--metric", action="append", default=[], help="a column of the runs table (repeatable; "
+                   "default: loss, eval retrieval/AUROC, samples/s where present)")  # fmt: skip
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="EMA smoothing weight of the training curves, in [0, 1) (0.6 is a good start; default 0)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="R",
+        help="resamples of the paired bootstrap intervals (default 1000)",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--max-runs", type=int, default=50, help="newest N runs (default 50)")
-    p.add_argument(
-        "--out", default=None, help="folder for the PNGs and report.html (default: compare/<experiment>)"
-    )
+    p.add_argument("--out", default=None, help="folder for report.html, the PNGs and the tables "
+                   "(default: compare/<experiment>)")  # fmt: skip
     args = p.parse_args(argv)
 
-    from mpma_ds.tracking.compare import (
-        finetune_pairs,
-        format_pairs_table,
-        format_runs_table,
-        load_runs,
-        plot_metrics,
-        write_html,
-    )
+    from mpma_ds.tracking.compare import format_groups, format_runs_table
+    from mpma_ds.tracking.pairs import format_pairs_table
+    from mpma_ds.tracking.report import write_report
 
-    try:
-        runs, metrics = load_runs(args.experiment, tracking_uri=args.tracking_uri, metrics=args.metric,
-                                  max_runs=args.max_runs)  # fmt: skip
-    except ValueError as err:
-        print(f"{prog_name('compare_runs.py')}: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # MLflow's own errors (a store it refuses, a server that does not answer): one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"{prog_name('compare_runs.py')}: error: cannot read the runs: {type(err).__name__}: {first}",
-              file=sys.stderr)  # fmt: skip
+    prog = prog_name("compare_runs.py")
+    if args.bootstrap < 1:
+        print(f"{prog}: error: --bootstrap {args.bootstrap}: must be at least 1", file=sys.stderr)
         return 2
     out = Path(args.out or Path("compare") / args.experiment)
-    print(format_runs_table(runs, metrics))
-    pairs = finetune_pairs(runs)
-    if pairs:
-        print("\nfine-tuning, pretrained vs random init (newest run of each):")
-        print(format_pairs_table(pairs))
-    plots = plot_metrics(runs, metrics, out)
-    report = write_html(args.experiment, runs, metrics, plots, out)
-    print(f"\n{len(plots)} plot(s) and the report: {report}")
+    try:
+        report = write_report(
+            args.experiment, out, tracking_uri=args.tracking_uri, metrics=args.metric, max_runs=args.max_runs,
+            runs=args.runs, filter_string=args.filter, smooth=args.smooth, n_resamples=args.bootstrap,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (
+        Exception
+    ) as err:  # MLflow's own errors (a store it refuses, a bad filter, a server that does not answer)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"{prog}: error: cannot read the runs: {type(err).__name__}: {first}", file=sys.stderr)
+        return 2
+    print(format_runs_table(report.runs, report.metrics))
+    print("\nruns grouped (pretraining run, its evaluation / fine-tuning runs, ┆ random-init partners):")
+    print(format_groups(report.groups))
+    if report.pairs:
+        print("\npretrained vs random (difference [95 % interval], and how the interval was computed):")
+        print(format_pairs_table(report.pairs))
+    for d in report.diffs:
+        print(f"\n{d.title} runs: {len(d.differing)} parameter(s) differ, {len(d.identical)} identical"
+              + (f" ({', '.join(list(d.differing)[:8])}{' ...' if len(d.differing) > 8 else ''})" if d.differing
+                 else ""))  # fmt: skip
+    print(f"\n{len(report.plots)} figure(s), tables {', '.join(p.name for p in report.tables)} in {out}")
+    print(f"report: {report.html}")
     return 0

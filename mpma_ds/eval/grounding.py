@@ -33,6 +33,7 @@ Choices (docs/model.md, "Grounding maps"):
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -448,6 +449,9 @@ def save_overlay(
     return path
 
 
+OVERLAY_INDEX = "overlays.json"
+
+
 def overlay_name(number: int, example: GroundingExample) -> str:
     """``003-<key>-pleural_effusion.png``: sortable, the key and finding readable, safe on any file system."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{example.key}-{example.finding}").strip("_").lower()
@@ -458,7 +462,8 @@ def write_overlays(
     folder: str | Path, examples: Mapping[str, Sequence[GroundingExample]] | Sequence[GroundingExample]
 ) -> list[Path]:
     """One PNG per example under ``folder``; with ``{model name: examples}`` (the same pairs, in the same order,
-    from each model) one panel per model side by side. Returns the files written."""
+    from each model) one panel per model side by side. ``folder/OVERLAY_INDEX`` lists each file's key, finding,
+    phrase and hit per model (what the comparison report's gallery reads). Returns the PNGs written."""
     runs = {"": list(examples)} if not isinstance(examples, Mapping) else {k: list(v) for k, v in examples.items()}
     lists = list(runs.values())
     n = min(len(v) for v in lists) if lists else 0
@@ -474,6 +479,13 @@ def write_overlays(
         paths.append(
             save_overlay(Path(folder) / overlay_name(j, first), first.image, first.box, panels, title=title)
         )
+    index = [
+        {"file": p.name, "key": runs_first.key, "finding": runs_first.finding, "phrase": runs_first.phrase,
+         "hit": {name or "map": bool(ex[j].hit) for name, ex in runs.items()}}
+        for j, (p, runs_first) in enumerate(zip(paths, lists[0] if lists else []))
+    ]  # fmt: skip
+    if paths:
+        (Path(folder) / OVERLAY_INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return paths
 
 

@@ -328,10 +328,18 @@ def run_evaluation(
     tags = {"mpma.kind": "eval", "mpma.eval_of": evaluated, "mpma.split": split, "mpma.shards": str(shard_dir)}
     step = 0
     info_file = model_dir / "export_info.json" if model_dir else None
-    if info_file is not None and info_file.is_file():
-        info = json.loads(info_file.read_text())
+    info = json.loads(info_file.read_text()) if info_file is not None and info_file.is_file() else {}
+    if info:
         step = int(info.get("step") or 0)
         tags.update({"mpma.checkpoint": str(info.get("checkpoint")), "mpma.step": str(step)})
+    from mpma_ds.tracking.lineage import lineage_tags, pair_key_eval
+
+    # nested under the pretraining run the exported folder came from (its export_info.json); a random twin is
+    # matched with the pretrained evaluation of the same split by the pair key
+    init = "pretrained" if model_dir is not None else "random"
+    tags.update(
+        lineage_tags(info.get("mlflow_run_id"), init, pair_key_eval(split, str(Path(shard_dir).resolve())))
+    )
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
     logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),
                                 "tokenizer": str(tok_dir), "batch_size": batch_size, "min_label_count": min_count,

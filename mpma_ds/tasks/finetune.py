@@ -112,16 +112,18 @@ class FinetuneTask(Task):
     # ---------------------------------------------------------------------------------------------- records
     def tags(self, ctx: RunContext) -> dict[str, str]:
         init = self.init_source(ctx)
-        tags = {
+        from mpma_ds.tracking.lineage import lineage_tags, pair_key_finetune
+
+        data = self.recipe.data
+        pair = pair_key_finetune(self.name, data.label_fraction, self.recipe.train.seed, data.label_fraction_seed)
+        return {
             "mpma.kind": "finetune",
             "mpma.task": self.name,
-            "mpma.init": init.label,
             "mpma.init_from": str(init.path) if init.path else "random",
-            "mpma.label_fraction": str(self.recipe.data.label_fraction),
+            "mpma.label_fraction": str(data.label_fraction),
+            # the pretraining run as MLflow parent (the logger drops it when that run is not in its store)
+            **lineage_tags(init.pretrain_run_id, init.label, pair),
         }
-        if init.pretrain_run_id:
-            tags["mpma.pretrain_run"] = str(init.pretrain_run_id)
-        return tags
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         return {

@@ -1,17 +1,35 @@
-"""Compare the runs of an MLflow experiment: a table of final values, one PNG per metric (history over
-steps, one line per run) and an HTML report with both (``launch/compare_runs.py``)."""
+"""Compare the runs of an MLflow experiment (``launch/compare_runs.py``): what a user decides "which run is better,
+and why" on.
+
+- **Runs grouped**: each pretraining run with its evaluation and fine-tuning runs (MLflow's nested-run tag
+  ``mlflow.parentRunId``, set by those runs from the folder they were made from: ``tracking/lineage.py``), and
+  each random-init run beside its pretrained partner (the same ``mpma.pair`` key: task, label fraction, seeds;
+  or the evaluated split).
+- **Pairs**: pretrained vs random per metric, the difference and its 95 % interval: a *paired bootstrap* over
+  the same test samples where both runs logged per-sample predictions (``test_predictions.pt``: the linear probe,
+  classification and VQA), else the normal approximation from the two logged bootstrap intervals
+  (``_ci95_low`` / ``_high``), which ignores that both were scored on the same samples (wider than the paired
+  one); each row says which.
+- **What changed**: the parameters (flattened recipe + DeepSpeed config) that differ between the compared runs
+  of one kind; the identical ones counted and folded away.
+
+``report_plots.py`` draws the figures and ``report_html.py`` writes the page; ``write_report`` does it all.
+"""
 
 from __future__ import annotations
 
-import html
+import csv
+import json
 import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mpma_ds.tracking.base import metric_name
 from mpma_ds.tracking.config import resolve_tracking_uri
+from mpma_ds.tracking.lineage import INIT_TAG, PAIR_TAG, PARENT_TAG, PRETRAIN_RUN_TAG, pair_key_finetune
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -23,85 +41,117 @@ DEFAULT_METRICS = (
     "eval/zeroshot_auroc_mean",
     "samples_per_s",
 )
+# the training curves of the plot grid, in panel order (those no run logged are left out)
+TRAIN_CURVES = (
+    "loss",
+    "loss_mlm",
+    "loss_mim",
+    "loss_global",
+    "loss_local",
+    "loss_itm",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "data_wait_frac",
+    "system/cpu_utilization_percentage",
+    "system/system_memory_usage_percentage",
+)
+# the evaluation metrics compared between a pretrained model and its random twin (pretraining evaluation)
+EVAL_METRICS = (
+    "eval/zeroshot_auroc_mean",
+    "eval/i2t_R_at_1",
+    "eval/t2i_R_at_1",
+    "eval/i2t_R_at_10",
+    "eval/t2i_R_at_10",
+    "eval/i2t_R_at_1_abnormal",
+    "eval/t2i_R_at_1_abnormal",
+    "eval/pointing_game",
+    "eval/mlm_accuracy",
+)
+# The test metrics of a fine-tuning task's pretrained-vs-random comparison, by task; the first is the task's
+# label-efficiency curve.
+PAIR_METRICS: dict[str, tuple[str, ...]] = {
+    "linear_probe": ("test/auroc_macro",),
+    "cls": ("test/auroc_macro",),
+    "vqa": ("test/accuracy_overall", "test/accuracy_closed", "test/accuracy_open"),
+    "retrieval": ("test/rsum", "test/i2t_R_at_1", "test/t2i_R_at_1"),
+    "zero_shot": ("test/zeroshot_auroc_mean", "test/i2t_R_at_1"),
+}
 
 
 @dataclass
 class RunSummary:
-    """One run: its identity, its last value of each metric and (on request) each metric's history."""
+    """One run: identity, tags, params, every metric's last value and (for the plotted ones) its history."""
 
     run_id: str
     name: str
     status: str
     kind: str
     last: dict[str, float]
+    """The compared metrics' last values (the runs table's columns)."""
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
-    """Every metric's last value (``last`` holds only the compared ones)."""
+    """Every metric's last value."""
+    params: dict[str, str] = field(default_factory=dict)
+    start_time: int = 0
+    artifact_uri: str = ""
 
+    @property
+    def parent_id(self) -> str | None:
+        """The pretraining run this one was made from (MLflow parent, else ``mpma.pretrain_run``)."""
+        return self.tags.get(PARENT_TAG) or self.tags.get(PRETRAIN_RUN_TAG) or None
 
-# The test metrics a fine-tuning task's pretrained-vs-random comparison shows, by task.
-PAIR_METRICS: dict[str, tuple[str, ...]] = {
-    "vqa": ("test/accuracy_overall", "test/accuracy_closed", "test/accuracy_open"),
-    "cls": ("test/auroc_macro",),
-    "linear_probe": ("test/auroc_macro",),
-    "retrieval": ("test/i2t_R_at_1", "test/t2i_R_at_1", "test/rsum"),
-    "zero_shot": ("test/zeroshot_auroc_mean", "test/i2t_R_at_1"),
-}
+    @property
+    def init(self) -> str:
+        """``pretrained`` or ``random`` (a pretraining run counts as ``pretrained``)."""
+        if INIT_TAG in self.tags:
+            return self.tags[INIT_TAG]
+        if self.kind == "eval":
+            return "random" if self.tags.get("mpma.eval_of", "").startswith("random-init") else "pretrained"
+        return "pretrained"
+
+    @property
+    def pair(self) -> str | None:
+        """The pair key (``mpma.pair``; derived from older runs' tags and params where it is missing)."""
+        if PAIR_TAG in self.tags:
+            return self.tags[PAIR_TAG]
+        if self.kind == "finetune" and "mpma.task" in self.tags:
+            return pair_key_finetune(self.tags["mpma.task"], self.tags.get("mpma.label_fraction", "1.0"),
+                                     self.params.get("train.seed", "?"),
+                                     self.params.get("data.label_fraction_seed", "?"))  # fmt: skip
+        if self.kind == "eval" and "mpma.split" in self.tags:
+            return f"eval|{self.tags['mpma.split']}|{self.tags.get('mpma.shards', '?')}"
+        return None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.run_id[:6]})"
 
 
 @dataclass
-class PairRow:
-    """A fine-tuning setting (task, label fraction, metric) with its pretrained and random-init values."""
+class RunGroup:
+    """A pretraining run and the runs made from it; ``partners``: random-init runs paired with its children."""
 
-    task: str
-    label_fraction: str
-    metric: str
-    pretrained: float | None
-    random: float | None
+    parent_id: str | None
+    parent: RunSummary | None
+    children: list[RunSummary] = field(default_factory=list)
+    partners: list[RunSummary] = field(default_factory=list)
 
     @property
-    def difference(self) -> float | None:
-        return None if self.pretrained is None or self.random is None else self.pretrained - self.random
+    def title(self) -> str:
+        if self.parent is not None:
+            return f"pretraining run {self.parent.label}"
+        if self.parent_id:
+            return f"pretraining run {self.parent_id[:8]} (not among the compared runs)"
+        return "runs without a pretraining parent"
+
+    @property
+    def runs(self) -> list[RunSummary]:
+        return ([self.parent] if self.parent else []) + self.children + self.partners
 
 
-def finetune_pairs(runs: Sequence[RunSummary]) -> list[PairRow]:
-    """Pretrained and random-init fine-tuning runs side by side (MLflow tags ``mpma.kind=finetune``,
-    ``mpma.task``, ``mpma.init``, ``mpma.label_fraction``); the newest run of each (task, fraction, init)."""
-    newest: dict[tuple[str, str, str], RunSummary] = {}
-    for r in runs:  # newest first
-        if r.kind != "finetune":
-            continue
-        key = (
-            r.tags.get("mpma.task", "?"),
-            r.tags.get("mpma.label_fraction", "1.0"),
-            r.tags.get("mpma.init", "?"),
-        )
-        newest.setdefault(key, r)
-    rows = []
-    for task, fraction in sorted({(t, f) for t, f, _ in newest}, key=lambda k: (k[0], float(k[1] or 1))):
-        pre, rnd = newest.get((task, fraction, "pretrained")), newest.get((task, fraction, "random"))
-        for metric in PAIR_METRICS.get(task, ()):
-            values = [r.final.get(metric) if r is not None else None for r in (pre, rnd)]
-            if any(v is not None for v in values):
-                rows.append(PairRow(task, fraction, metric, *values))
-    return rows
-
-
-def format_pairs_table(rows: Sequence[PairRow]) -> str:
-    """Plain-text table of ``finetune_pairs``: task, label fraction, metric, pretrained, random, difference."""
-    head = ["task", "labels", "metric", "pretrained", "random", "difference"]
-    body = [
-        [r.task, f"{100 * float(r.label_fraction):g} %", r.metric, _fmt(r.pretrained), _fmt(r.random),
-         "-" if r.difference is None else f"{r.difference:+.4g}"]
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in body]
-    return "\n".join(lines)
-
-
+# ------------------------------------------------------------------------------------------------ reading
 def check_readable_store(uri: str) -> None:
     """Refuse a local store that holds no MLflow data, before MLflow would create or migrate one there.
 
@@ -143,17 +193,51 @@ def check_readable_store(uri: str) -> None:
             raise ValueError(f"no MLflow file store at {path} (not a folder); {hint}")
 
 
+def _select(runs: list, wanted: Sequence[str], experiment: str) -> list:
+    """The runs named (run name) or identified (full id or a prefix of >= 6 characters) by ``wanted``, plus the
+    runs nested under them (children) and the random-init partners of all those — in the store's order."""
+    by_id = {r.info.run_id: r for r in runs}
+    chosen: dict[str, Any] = {}
+    for item in wanted:
+        hits = [r for r in runs if r.info.run_name == item or r.info.run_id == item]
+        if not hits and len(item) >= 6:
+            hits = [r for r in runs if r.info.run_id.startswith(item)]
+        if not hits:
+            names = sorted({r.info.run_name or r.info.run_id[:8] for r in runs})
+            more = f" (and {len(names) - 12} more)" if len(names) > 12 else ""
+            raise ValueError(f"no run named or with id {item!r} in experiment {experiment!r}; runs there: "
+                             f"{', '.join(names[:12])}{more}")  # fmt: skip
+        chosen.update({r.info.run_id: r for r in hits})
+    for r in runs:  # children of a chosen pretraining run
+        if r.data.tags.get(PARENT_TAG) in chosen or r.data.tags.get(PRETRAIN_RUN_TAG) in chosen:
+            chosen.setdefault(r.info.run_id, r)
+    pairs = {r.data.tags.get(PAIR_TAG) for r in chosen.values() if r.data.tags.get(INIT_TAG) != "random"}
+    for r in runs:  # and the random-init partners of the chosen runs
+        if r.data.tags.get(INIT_TAG) == "random" and r.data.tags.get(PAIR_TAG) in pairs - {None}:
+            chosen.setdefault(r.info.run_id, r)
+    return [r for r in runs if r.info.run_id in chosen and r.info.run_id in by_id]
+
+
 def load_runs(
-    experiment: str, *, tracking_uri: str | None = None, metrics: Sequence[str] = (), max_runs: int = 50
+    experiment: str,
+    *,
+    tracking_uri: str | None = None,
+    metrics: Sequence[str] = (),
+    max_runs: int = 50,
+    runs: Sequence[str] = (),
+    filter_string: str = "",
 ) -> tuple[list[RunSummary], list[str]]:
-    """The newest ``max_runs`` runs of ``experiment`` and the metric names to show.
+    """The newest ``max_runs`` runs of ``experiment`` (newest first) and the metric names of the runs table.
 
     Args:
         metrics: names to compare (``@`` is accepted: ``eval/i2t_R@1``); empty = the defaults present, else
             every metric the runs hold (up to 8).
+        runs: run names or ids to keep (with the runs nested under them); empty = all.
+        filter_string: an MLflow search filter (``params.train.lr = '0.001'``, ``tags.mpma.kind = 'finetune'``,
+            ``metrics.loss < 2``), passed to ``search_runs``.
     Raises:
         ValueError: ``max_runs`` below 1, a store that is not there or not MLflow's (`check_readable_store`),
-            no such experiment, or it has no runs.
+            no such experiment, it has no runs (or none match), an unknown run or metric name.
     """
     if max_runs < 1:
         raise ValueError(f"--max-runs {max_runs}: must be at least 1")
@@ -166,10 +250,16 @@ def load_runs(
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs)
-    if not runs:
-        raise ValueError(f"experiment {experiment!r} at {uri} has no runs")
-    present = sorted({k for r in runs for k in r.data.metrics})
+    found = client.search_runs([exp.experiment_id], filter_string=filter_string,
+                               order_by=["attributes.start_time DESC"], max_results=max_runs)  # fmt: skip
+    if not found:
+        if filter_string:
+            raise ValueError(f"no run of experiment {experiment!r} at {uri} matches --filter {filter_string!r}")
+        raise ValueError(f"experiment {experiment!r} at {uri} has no runs; run a training or evaluation with "
+                         f"tracking.experiment={experiment} first")  # fmt: skip
+    if runs:
+        found = _select(list(found), runs, experiment)
+    present = sorted({k for r in found for k in r.data.metrics})
     if metrics:
         chosen = [metric_name(m) for m in metrics]
         unknown = [m for m in chosen if m not in present]
@@ -178,11 +268,12 @@ def load_runs(
                              f"known: {', '.join(present[:30])}")  # fmt: skip
     else:
         chosen = [m for m in DEFAULT_METRICS if m in present] or present[:8]
+    plotted = set(chosen) | set(TRAIN_CURVES) | set(EVAL_METRICS)
     summaries = []
-    for r in runs:
+    for r in found:
         hist = {}
-        for key in chosen:
-            if key in r.data.metrics:
+        for key in r.data.metrics:
+            if key in plotted:
                 hist[key] = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
         summaries.append(
             RunSummary(
@@ -192,102 +283,155 @@ def load_runs(
                 kind=r.data.tags.get("mpma.kind", "train"),
                 last={k: v for k, v in r.data.metrics.items() if k in chosen},
                 history=hist,
-                tags={k: v for k, v in r.data.tags.items() if k.startswith("mpma.")},
+                tags={k: v for k, v in r.data.tags.items() if k.startswith("mpma.") or k == PARENT_TAG},
                 final=dict(r.data.metrics),
+                params=dict(r.data.params),
+                start_time=int(r.info.start_time or 0),
+                artifact_uri=r.info.artifact_uri or "",
             )
         )
     return summaries, chosen
 
 
-def format_runs_table(runs: Sequence[RunSummary], metrics: Sequence[str]) -> str:
-    """Plain-text table: one row per run, one column per metric (its last value)."""
-    head = ["run", "id", "kind", "status", *metrics]
-    rows = [[r.name, r.run_id[:8], r.kind, r.status, *(_fmt(r.last.get(m)) for m in metrics)] for r in runs]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------------------------- grouping
+def group_runs(runs: Sequence[RunSummary]) -> list[RunGroup]:
+    """Pretraining runs with their children (newest first), each random-init run beside every group whose
+    pretrained child has its pair key (a random twin is the baseline of every pretraining run it pairs with),
+    and a last group of the runs without a pretraining parent or partner."""
+    groups: dict[str, RunGroup] = {}
+    for r in runs:
+        if r.kind == "pretrain":
+            groups.setdefault(r.run_id, RunGroup(r.run_id, r))
+    for r in runs:
+        parent = r.parent_id
+        if r.kind != "pretrain" and parent:
+            groups.setdefault(parent, RunGroup(parent, None)).children.append(r)
+    placed = {r.run_id for g in groups.values() for r in g.runs}
+    for r in runs:
+        if r.run_id in placed or r.init != "random" or r.pair is None:
+            continue
+        for g in groups.values():
+            if any(c.pair == r.pair and c.init == "pretrained" for c in g.children):
+                g.partners.append(r)
+                placed.add(r.run_id)
+    rest = [r for r in runs if r.run_id not in placed]
+    ordered = sorted(groups.values(), key=lambda g: -(g.parent.start_time if g.parent else 0))
+    if rest:
+        ordered.append(RunGroup(None, None, children=rest))
+    return ordered
 
 
+# ---------------------------------------------------------------------------------------- what changed
+@dataclass
+class ParamDiff:
+    """The params of one kind of run (and task): those that differ (``differing[key][i]`` for ``runs[i]``;
+    ``None`` = not logged) and those the same in all."""
+
+    kind: str
+    task: str | None
+    runs: list[RunSummary]
+    differing: dict[str, list[str | None]]
+    identical: dict[str, str]
+
+    @property
+    def title(self) -> str:
+        names = {"pretrain": "pretraining", "eval": "evaluation", "finetune": "fine-tuning"}
+        return names.get(self.kind, self.kind) + (
+            f": {self.task}" if self.task and self.kind == "finetune" else ""
+        )
+
+
+def param_differences(runs: Sequence[RunSummary]) -> list[ParamDiff]:
+    """Per kind of run (pretraining, evaluation; fine-tuning per task) with at least two runs: the params whose
+    values differ between them, and the identical ones."""
+    by_kind: dict[tuple[str, str | None], list[RunSummary]] = {}
+    for r in runs:
+        task = r.tags.get("mpma.task") if r.kind == "finetune" else None
+        by_kind.setdefault((r.kind, task), []).append(r)
+    out = []
+    for (kind, task), members in by_kind.items():
+        if len(members) < 2:
+            continue
+        keys = sorted({k for r in members for k in r.params})
+        differing, identical = {}, {}
+        for key in keys:
+            values = [r.params.get(key) for r in members]
+            if len(set(values)) > 1:
+                differing[key] = values
+            else:
+                identical[key] = values[0]
+        out.append(ParamDiff(kind, task, list(members), differing, identical))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- tables
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.4g}"
 
 
-def plot_metrics(runs: Sequence[RunSummary], metrics: Sequence[str], out_dir: Path) -> list[Path]:
-    """One PNG per metric: its history over steps, a line (or a point) per run."""
-    import matplotlib
+def _text_table(head: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def format_runs_table(runs: Sequence[RunSummary], metrics: Sequence[str]) -> str:
+    """Plain-text table: one row per run, one column per metric (its last value)."""
+    head = ["run", "id", "kind", "status", *metrics]
+    rows = [[r.name, r.run_id[:8], r.kind, r.status, *(_fmt(r.last.get(m)) for m in metrics)] for r in runs]
+    return _text_table(head, rows)
+
+
+def format_groups(groups: Sequence[RunGroup]) -> str:
+    """The run tree: each pretraining run, its children indented, their random partners marked."""
+    lines = []
+    for g in groups:
+        lines.append(g.title)
+        for r in g.children:
+            lines.append(f"  ├─ {r.label}  {r.kind} {r.init}  {r.tags.get('mpma.task', '')}".rstrip())
+        for r in g.partners:
+            lines.append(f"  ┆  {r.label}  {r.kind} random partner  {r.tags.get('mpma.task', '')}".rstrip())
+    return "\n".join(lines)
+
+
+RUN_FIELDS = ("run_id", "name", "kind", "init", "status", "parent", "pair", "task", "label_fraction")
+
+
+def runs_records(runs: Sequence[RunSummary], groups: Sequence[RunGroup]) -> list[dict[str, Any]]:
+    """One dict per run for CSV / JSON: identity, group (``parent``), kind, init, pair key, every last metric."""
+    group_of = {r.run_id: g.parent_id for g in groups for r in g.runs}
+    out = []
+    for r in runs:
+        record = {"run_id": r.run_id, "name": r.name, "kind": r.kind, "init": r.init, "status": r.status,
+                  "parent": group_of.get(r.run_id) if group_of.get(r.run_id) != r.run_id else None,
+                  "pair": r.pair, "task": r.tags.get("mpma.task"),
+                  "label_fraction": r.tags.get("mpma.label_fraction")}  # fmt: skip
+        record.update({f"metric:{k}": v for k, v in sorted(r.final.items())})
+        out.append(record)
+    return out
+
+
+def write_tables(out_dir: Path, runs_rec: list[dict[str, Any]], pair_rec: list[dict[str, Any]]) -> list[Path]:
+    """``runs.csv`` / ``runs.json`` (one row per run) and ``pairs.csv`` / ``pairs.json`` (one per pair row)."""
+    from mpma_ds.tracking.params import json_safe
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    for key in metrics:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        drawn = 0
-        for r in runs:
-            points = r.history.get(key)
-            if not points:
-                continue
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 3 else None, label=f"{r.name} ({r.run_id[:6]})")
-            drawn += 1
-        if not drawn:
-            plt.close(fig)
-            continue
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = out_dir / (key.replace("/", "_").replace(" ", "_") + ".png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+    for name, records, fixed in (("runs", runs_rec, RUN_FIELDS), ("pairs", pair_rec, ())):
+        columns = list(fixed) + sorted({k for r in records for k in r} - set(fixed))
+        if not fixed and records:
+            columns = list(records[0])
+        path = out_dir / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for r in records:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+        files.append(path)
+        path = out_dir / f"{name}.json"
+        path.write_text(json.dumps(json_safe(records), indent=1) + "\n", encoding="utf-8")
         files.append(path)
     return files
-
-
-def write_html(
-    experiment: str, runs: Sequence[RunSummary], metrics: Sequence[str], plots: Sequence[Path], out_dir: Path
-) -> Path:
-    """``out_dir/report.html``: the table and the plots (linked by relative path)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("run", "id", "kind", "status", *metrics))
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(str(x))}</td>"
-            for x in (r.name, r.run_id[:8], r.kind, r.status, *(_fmt(r.last.get(m)) for m in metrics))
-        )
-        + "</tr>"
-        for r in runs
-    )
-    imgs = "".join(
-        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></figure>' for p in plots
-    )
-    pairs = finetune_pairs(runs)
-    if pairs:
-        cells = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
-                p.task, f"{100 * float(p.label_fraction):g} %", p.metric, _fmt(p.pretrained), _fmt(p.random),
-                "-" if p.difference is None else f"{p.difference:+.4g}")) + "</tr>"
-            for p in pairs
-        )  # fmt: skip
-        heads = "".join(
-            f"<th>{h}</th>" for h in ("task", "labels", "metric", "pretrained", "random", "difference")
-        )
-        imgs = f"<h2>Fine-tuning: pretrained vs random init</h2><table><tr>{heads}</tr>{cells}</table>" + imgs
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
-        "figure{display:inline-block;margin:0.5em}</style></head><body>"
-        f"<h1>MLflow experiment {html.escape(experiment)}</h1><table><tr>{head}</tr>{body}</table>{imgs}"
-        "</body></html>"
-    )
-    path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path

@@ -30,12 +30,21 @@ class TrackingConfig(ConfigSection):
     run_name: str | None = None
     """MLflow run name; ``None`` lets MLflow pick one."""
 
-    system_metrics: bool = False
-    """Also log CPU/GPU/memory system metrics through MLflow's sampler (needs psutil; pynvml for GPUs)."""
+    system_metrics: bool = True
+    """Also log CPU / memory / disk / network (and, with ``pynvml``, GPU) system metrics through MLflow's
+    sampler (``system/...``, shown on the run's "System metrics" tab); needs ``psutil``. Off where MLflow's
+    monitor is not available (one log line says why)."""
+
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metric samples (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides)."""
 
     def validate(self) -> None:
         if not self.experiment.strip():
             raise ValueError(f"tracking.experiment must be a non-empty string, got {self.experiment!r}")
+        if not self.system_metrics_interval_s > 0:
+            raise ValueError(
+                f"tracking.system_metrics_interval_s must be > 0 seconds, got {self.system_metrics_interval_s}"
+            )
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

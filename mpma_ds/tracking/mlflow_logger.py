@@ -23,6 +23,7 @@ from typing import Any
 
 from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl, warn_once
 from mpma_ds.tracking.config import TrackingConfig, default_artifact_location, resolve_tracking_uri
+from mpma_ds.tracking.lineage import PARENT_TAG
 from mpma_ds.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, chunked, flatten_params
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class MLflowMetricLogger(MetricLogger):
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
         if cfg.system_metrics:
-            self._start_system_metrics(resume=run_id is not None)
+            self._start_system_metrics(resume=run_id is not None, interval=cfg.system_metrics_interval_s)
 
     # -- setup -------------------------------------------------------------------------------------------
     def _open_run(self, cfg: TrackingConfig, run_id: str | None, tags: dict[str, str]) -> str:
@@ -136,16 +137,40 @@ class MLflowMetricLogger(MetricLogger):
                     self.client.update_run(run_id, status="RUNNING")
                 return run_id
         experiment_id = get_or_create_experiment(self.client, cfg.experiment, self.uri)
+        parent = tags.get(PARENT_TAG)
+        if parent and not self._run_exists(parent):
+            # a pretraining run logged to another store: the link stays in mpma.pretrain_run, the tree needs both
+            # runs in one store
+            log.info("parent run %s is not in %s; the run is not nested under it", parent, self.uri)
+            tags.pop(PARENT_TAG)
         run = self.client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
         return run.info.run_id
 
-    def _start_system_metrics(self, resume: bool) -> None:
+    def _run_exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except MlflowException:
+            return False
+
+    def _start_system_metrics(self, resume: bool, interval: float = 10.0) -> None:
+        """MLflow's system-metrics sampler on this run (``system/cpu_utilization_percentage`` ...)."""
+        try:
+            import psutil  # noqa: F401 - MLflow's CPU / memory monitor needs it
+        except ImportError:
+            log.info("system metrics are off: psutil is not installed (pip install psutil)")
+            return
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            # its INFO lines (started / stopping / no GPU) at every run would bury the progress lines
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=self.uri
+            )
             self._monitor.start()
-        except Exception as err:  # noqa: BLE001 - optional (needs psutil)
+        except Exception as err:  # noqa: BLE001 - optional: an MLflow without the monitor
             log.warning("system metrics are off: %s", _short(err))
             self._monitor = None
 

@@ -537,6 +537,7 @@ class Trainer:
         metrics["test/step"] = float(self.best["step"] if self.best else self.step)
         if predictions and self.ctx.rank == 0:  # per-sample outputs, for paired comparisons between runs
             torch.save(predictions, self.out / PREDICTIONS_FILE)
+            self.logger.log_artifact(self.out / PREDICTIONS_FILE)  # compare_runs' paired intervals read it
         self._log_eval(metrics)
         return metrics
 

@@ -1,0 +1,207 @@
+"""Pretrained vs random-init pairs of a comparison: one row per metric, the difference and its 95 % interval —
+a paired bootstrap over the per-sample test predictions both runs logged (``test_predictions.pt``: linear
+probe, classification, VQA), else the normal approximation from the two runs' own logged intervals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpma_ds.tracking.compare import EVAL_METRICS, PAIR_METRICS, RunGroup, RunSummary, _text_table
+
+PREDICTIONS_FILE = "test_predictions.pt"  # the trainer's per-sample test outputs (training/run_folder.py)
+PAIRED = "paired bootstrap"
+FROM_INTERVALS = "from the two intervals"
+
+
+@dataclass
+class PairRow:
+    """One metric of a pretrained run beside its random-init partner."""
+
+    group: str
+    kind: str
+    """``eval`` (pretraining evaluation) or ``finetune``."""
+    task: str
+    label_fraction: float | None
+    metric: str
+    pretrained: float | None
+    random: float | None
+    pretrained_ci95: list[float] | None
+    random_ci95: list[float] | None
+    difference: float | None
+    difference_ci95: list[float] | None
+    interval: str
+    """How ``difference_ci95`` was computed: ``PAIRED``, ``FROM_INTERVALS`` or ``none``."""
+    pretrained_run: str
+    random_run: str | None
+    pair: str
+
+    @property
+    def setting(self) -> str:
+        if self.label_fraction is None:
+            return self.task
+        return f"{self.task} @ {100 * self.label_fraction:g} % labels"
+
+
+def _ci(run: RunSummary, metric: str) -> list[float] | None:
+    lo, hi = run.final.get(f"{metric}_ci95_low"), run.final.get(f"{metric}_ci95_high")
+    return None if lo is None or hi is None else [lo, hi]
+
+
+def interval_from_two(
+    pre: float, rnd: float, ci_pre: Sequence[float] | None, ci_rnd: Sequence[float] | None
+) -> list[float] | None:
+    """The difference's 95 % interval from the two models' own intervals, normal approximation: half-widths
+    added in quadrature (``d ± sqrt(h1² + h2²)``). It treats the two estimates as independent; scored on the same
+    samples they are positively correlated, so this is wider than the paired bootstrap's (conservative)."""
+    if ci_pre is None or ci_rnd is None:
+        return None
+    h1, h2 = (float(ci_pre[1]) - float(ci_pre[0])) / 2, (float(ci_rnd[1]) - float(ci_rnd[0])) / 2
+    half = math.hypot(h1, h2)
+    d = pre - rnd
+    return [d - half, d + half]
+
+
+class PredictionStore:
+    """Per-sample test predictions of fine-tuning runs: the logged artifact, else the run folder's file."""
+
+    def __init__(self, client: Any, work: Path) -> None:
+        self.client = client
+        self.work = work
+        self._cache: dict[str, Any] = {}
+
+    def get(self, run: RunSummary) -> Any | None:
+        if run.run_id in self._cache:
+            return self._cache[run.run_id]
+        import torch
+
+        path = None
+        try:
+            if self.client is not None:
+                names = {a.path for a in self.client.list_artifacts(run.run_id)}
+                if PREDICTIONS_FILE in names:
+                    dest = self.work / run.run_id
+                    dest.mkdir(parents=True, exist_ok=True)
+                    path = Path(self.client.download_artifacts(run.run_id, PREDICTIONS_FILE, str(dest)))
+        except Exception:  # noqa: BLE001 - an artifact store we cannot read: try the run folder
+            path = None
+        if path is None:
+            folder = run.params.get("train.output_dir")
+            candidate = Path(folder) / PREDICTIONS_FILE if folder else None
+            path = candidate if candidate is not None and candidate.is_file() else None
+        value = torch.load(path, weights_only=True) if path is not None else None
+        self._cache[run.run_id] = value
+        return value
+
+
+def paired_interval(
+    task: str, metric: str, pre: Any, rnd: Any, *, min_each: int = 1, n_resamples: int = 1000
+) -> tuple[float, list[float]] | None:
+    """``(difference, [low, high])`` of ``metric`` by a paired bootstrap over the two runs' per-sample test
+    predictions (the same samples, in the same order); ``None`` when the task or predictions do not allow it."""
+    from mpma_ds.eval.bootstrap import paired_difference
+
+    if pre is None or rnd is None or list(pre.get("keys", [])) != list(rnd.get("keys", [1])):
+        return None
+    key = metric.split("/", 1)[1]
+    if task == "vqa" and key.startswith("accuracy_") and "predicted" in pre:
+        from mpma_ds.eval.vqa import vqa_accuracy
+
+        if list(pre["answer_vocab"]) != list(rnd["answer_vocab"]):
+            return None
+        arrays = [(p["predicted"], p["gold"], p["types"]) for p in (pre, rnd)]
+        found = paired_difference(vqa_accuracy, *arrays, keys=[key], n_resamples=n_resamples,
+                                  answer_vocab=pre["answer_vocab"])  # fmt: skip
+    elif key == "auroc_macro" and pre.get("multilabel", True) and "scores" in pre:
+        from mpma_ds.eval.classification import multilabel_auroc
+
+        arrays = [(p["scores"].numpy(), p["targets"].numpy()) for p in (pre, rnd)]
+        found = paired_difference(multilabel_auroc, *arrays, keys=[key], n_resamples=n_resamples,
+                                  names=pre["names"], min_each=min_each)  # fmt: skip
+    else:
+        return None
+    d, ci = found[key]["difference"], found[key]["difference_ci95"]
+    if d is None or ci is None or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (d, *ci)):
+        return None
+    return float(d), [float(ci[0]), float(ci[1])]
+
+
+def _newest(runs: Iterable[RunSummary]) -> dict[str, RunSummary]:
+    """The newest run of each pair key."""
+    out: dict[str, RunSummary] = {}
+    for r in sorted(runs, key=lambda r: -r.start_time):
+        if r.pair is not None:
+            out.setdefault(r.pair, r)
+    return out
+
+
+def pair_rows(
+    groups: Sequence[RunGroup], *, predictions: PredictionStore | None = None, n_resamples: int = 1000
+) -> list[PairRow]:
+    """Every pretrained child of every group beside its random partner (the newest run of each pair key), one
+    row per compared metric; pretrained runs without a partner get a row with ``random`` empty."""
+    rows: list[PairRow] = []
+    for g in groups:
+        if g.parent_id is None:
+            continue
+        pre_runs = _newest(c for c in g.children if c.init == "pretrained")
+        rnd_runs = _newest(g.partners)
+        order = sorted(pre_runs.values(), key=lambda r: (r.kind != "eval", r.tags.get("mpma.task", ""),
+                                                         float(r.tags.get("mpma.label_fraction", 1.0))))  # fmt: skip
+        for pre in order:
+            rnd = rnd_runs.get(pre.pair or "")
+            if pre.kind == "eval":
+                task, fraction = f"evaluation ({pre.tags.get('mpma.split', '?')})", None
+                metrics = [m for m in EVAL_METRICS if m in pre.final]
+            else:
+                task = pre.tags.get("mpma.task", "?")
+                fraction = float(pre.tags.get("mpma.label_fraction", 1.0))
+                metrics = [m for m in PAIR_METRICS.get(task, ()) if m in pre.final]
+            for metric in metrics:
+                a = pre.final.get(metric)
+                b = rnd.final.get(metric) if rnd is not None else None
+                ci_a, ci_b = _ci(pre, metric), _ci(rnd, metric) if rnd is not None else None
+                diff, ci, how = None, None, "none"
+                if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
+                    diff = a - b
+                    paired = None
+                    if pre.kind == "finetune" and predictions is not None:
+                        min_each = int(float(pre.params.get("task.cls.min_label_count", 1)))
+                        paired = paired_interval(task, metric, predictions.get(pre), predictions.get(rnd),
+                                                 min_each=min_each, n_resamples=n_resamples)  # fmt: skip
+                    if paired is not None:
+                        diff, ci = paired
+                        how = PAIRED
+                    else:
+                        ci = interval_from_two(a, b, ci_a, ci_b)
+                        how = FROM_INTERVALS if ci is not None else "none"
+                rows.append(PairRow(
+                    group=g.parent_id, kind=pre.kind, task=task, label_fraction=fraction, metric=metric,
+                    pretrained=a, random=b, pretrained_ci95=ci_a, random_ci95=ci_b, difference=diff,
+                    difference_ci95=ci, interval=how, pretrained_run=pre.run_id,
+                    random_run=rnd.run_id if rnd is not None else None, pair=pre.pair or "",
+                ))  # fmt: skip
+    return rows
+
+
+def _fmt_ci(value: float | None, ci: Sequence[float] | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+PAIR_HEAD = ("setting", "metric", "pretrained", "random", "difference [95 %]", "interval")
+
+
+def pair_cells(p: PairRow) -> list[str]:
+    return [p.setting, p.metric, _fmt_ci(p.pretrained, p.pretrained_ci95), _fmt_ci(p.random, p.random_ci95),
+            _fmt_ci(p.difference, p.difference_ci95, signed=True), p.interval]  # fmt: skip
+
+
+def format_pairs_table(rows: Sequence[PairRow]) -> str:
+    """Plain-text table of ``pair_rows``."""
+    return _text_table(PAIR_HEAD, [pair_cells(p) for p in rows])
