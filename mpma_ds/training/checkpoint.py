@@ -6,6 +6,9 @@ Layout under ``<output_dir>/checkpoints/``::
         rank_state_00000.pt             per rank: data-loader position + RNG states (python, numpy, torch)
         complete.json                   written by rank 0 after every rank finished: step, model, world, and
                                         the size + sha256 of every file in the folder
+        universal/                      made on the first resume on another world size (ZeRO-3): DeepSpeed's
+                                        universal checkpoint of this step (``ds_to_universal``), cached; its
+                                        files are added to complete.json's digests when the conversion ends
     latest                              the newest complete tag (moved last, atomically)
     best.json                           fine-tuning: the tag with the best validation metric (never pruned)
 
@@ -17,6 +20,11 @@ and sha256 that ``complete.json`` recorded when this system wrote it (``verify_c
 own loads (which pass ``weights_only=False``) run under ``safe_torch_load``: ``weights_only=True`` with an
 allow-list of the few DeepSpeed classes its files hold. A damaged newest checkpoint is skipped by
 ``--resume auto`` (one warning), an explicitly named one is refused with one line.
+
+Resuming on another world size (``ensure_universal`` + ``load_checkpoint(universal=True)``): rank 0 converts the
+ZeRO-3 partitions with DeepSpeed's ``ds_to_universal`` into ``universal/`` (once; later resumes reuse it), every
+rank loads its new partition with DeepSpeed's universal loader, and the data position of every loader stream is
+taken from the old ranks' ``rank_state`` files (``mpma_ds.data.plan.reshard_positions``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,11 @@ TAG_PREFIX = "step_"
 COMPLETE_FILE = "complete.json"
 LATEST_FILE = "latest"
 BEST_FILE = "best.json"
+UNIVERSAL_DIR = "universal"
+"""Sub-folder of a checkpoint holding its DeepSpeed universal form (made on the first resume on another world
+size)."""
+UNIVERSAL_KEY = "universal"
+"""``complete.json`` key recorded when ``universal/`` is complete: world size converted from, seconds, bytes."""
 
 
 FILES_KEY = "files"
@@ -156,6 +169,8 @@ def verify_checkpoint(tag_dir: str | Path, meta: dict[str, Any] | None = None) -
         for p in tag_dir.rglob("*")
         if p.is_file() and p.name != COMPLETE_FILE and not p.name.endswith(".tmp")
     }
+    if UNIVERSAL_KEY not in meta:  # a conversion that was interrupted before it was recorded: never loaded
+        present = {rel for rel in present if not rel.startswith(UNIVERSAL_DIR + "/")}
     extra = sorted(present - set(recorded))
     if extra:
         raise DamagedCheckpointError(
@@ -295,11 +310,14 @@ def check_compatible(
     world_size: int,
     task: str = "pretrain",
     task_arch: dict[str, Any] | None = None,
-) -> None:
-    """Refuse a checkpoint of another architecture, task or world size before anything is loaded.
+    zero_stage: int | None = None,
+) -> bool:
+    """Refuse a checkpoint of another architecture or task before anything is loaded; return True when it was
+    written by another world size (the resume then goes through DeepSpeed's universal checkpoint).
 
     ``meta`` is the checkpoint's ``complete.json``; ``model_config`` the architecture this run builds (compared
-    field by field with ``architecture_difference``); ``task``/``task_arch`` the fine-tuning head it adds.
+    field by field with ``architecture_difference``); ``task``/``task_arch`` the fine-tuning head it adds;
+    ``zero_stage`` this run's ZeRO stage: another world size is resumed for ZeRO-3 checkpoints into ZeRO-3 runs.
     """
     where = meta.get("tag", "checkpoint")
     differ = architecture_difference(meta.get("model_config") or {}, model_config)
@@ -315,11 +333,107 @@ def check_compatible(
             f"checkpoint {where} was written by task {saved_task!r} ({meta.get('task_arch') or {}}), this run is "
             f"{task!r} ({task_arch or {}}); start a new train.output_dir"
         )
-    if int(meta.get("world_size", world_size)) != world_size:
+    saved_world = int(meta.get("world_size", world_size))
+    if saved_world == world_size:
+        return False
+    saved_stage = int(meta.get("zero_stage", -1))
+    if saved_stage != 3 or (zero_stage is not None and zero_stage != 3):
         raise ResumeError(
-            f"checkpoint {where} was written by {meta.get('world_size')} ranks; resume it with the same number "
-            f"of ranks (now {world_size}) or export it with launch/export.py"
+            f"checkpoint {where} was written by {saved_world} ranks under ZeRO-{saved_stage}; this run has "
+            f"{world_size} ranks under ZeRO-{zero_stage}: another number of ranks is resumed only from a ZeRO-3 "
+            f"checkpoint into a ZeRO-3 run; resume on {saved_world} ranks or export it with launch/export.py"
         )
+    return True
+
+
+def saved_world_size(meta: dict[str, Any], default: int) -> int:
+    """The world size that wrote a checkpoint (``default`` for one that did not record it)."""
+    return int(meta.get("world_size", default))
+
+
+def ensure_universal(tag_dir: str | Path, *, rank: int) -> Path:
+    """``tag_dir/universal``, DeepSpeed's universal form of a ZeRO-3 checkpoint, made by rank 0 when missing.
+
+    Collective (every rank calls it; the others wait at a barrier, which ``train.collective_timeout_s`` bounds).
+    The conversion (``deepspeed.checkpoint.ds_to_universal``, serial, its loads under ``safe_torch_load``) writes
+    into ``checkpoints/.universal-step_N/`` and is moved into place when complete; then ``complete.json`` is
+    rewritten atomically with the new files' sizes and sha256 and a ``universal`` record (world size converted
+    from, seconds, bytes). A conversion killed half-way leaves nothing that is ever loaded: its folder is not
+    recorded, ``verify_checkpoint`` ignores it and the next resume converts again.
+    """
+    tag_dir = Path(tag_dir)
+    out = tag_dir / UNIVERSAL_DIR
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            meta = read_meta(tag_dir)
+            if UNIVERSAL_KEY not in meta:
+                _convert_to_universal(tag_dir, meta)
+        except (OSError, RuntimeError, ValueError, AssertionError, KeyError) as err:
+            failure = err
+    failed = all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0]))
+    if failed.item():
+        detail = " ".join(str(failure).split())[:200] if failure is not None else "see rank 0"
+        raise ResumeError(
+            f"could not convert checkpoint {tag_dir} to DeepSpeed's universal form for another world size "
+            f"({detail}); resume on {read_meta(tag_dir).get('world_size')} ranks"
+        ) from failure
+    return out
+
+
+def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    staging = tag_dir.parent / f".{UNIVERSAL_DIR}-{tag_dir.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(tag_dir / UNIVERSAL_DIR, ignore_errors=True)  # an interrupted conversion's leftovers
+    staging.mkdir(parents=True)
+    target = staging / UNIVERSAL_DIR
+    args = argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()):
+        ds_to_universal(args)
+    fsync_tree(target)
+    seconds = time.perf_counter() - start
+    os.replace(target, tag_dir / UNIVERSAL_DIR)
+    shutil.rmtree(staging, ignore_errors=True)  # DeepSpeed's latest_universal pointer
+    added = {f"{UNIVERSAL_DIR}/{rel}": info for rel, info in file_manifest(tag_dir / UNIVERSAL_DIR).items()}
+    record = {
+        "from_world_size": meta.get("world_size"),
+        "seconds": round(seconds, 3),
+        "bytes": sum(info["size"] for info in added.values()),
+        "files": len(added),
+    }
+    files = dict(meta.get(FILES_KEY) or {})
+    files.update(added)
+    meta = dict(meta, **{FILES_KEY: files, UNIVERSAL_KEY: record})
+    atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(meta, indent=1, default=str))
+
+
+class _Quiet:
+    """A stdout that drops DeepSpeed's converter progress prints (the trainer prints one line instead)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def read_rank_states(tag_dir: str | Path, world_size: int) -> list[dict[str, Any]]:
+    """The ``rank_state`` of every rank that wrote ``tag_dir`` (``world_size`` of them), in rank order."""
+    states = []
+    for rank in range(world_size):
+        file = rank_state_file(Path(tag_dir), rank)
+        if not file.is_file():
+            raise ResumeError(f"{file} is missing; the checkpoint is incomplete, resume from another one")
+        states.append(torch.load(file, map_location="cpu", weights_only=True))
+    return states
 
 
 def rng_state() -> dict[str, Any]:
@@ -497,7 +611,13 @@ def mark_best(
 
 
 def load_checkpoint(
-    engine: DeepSpeedEngine, tag_dir: str | Path, *, rank: int, full_state: bool = True, verify: bool = True
+    engine: DeepSpeedEngine,
+    tag_dir: str | Path,
+    *,
+    rank: int,
+    full_state: bool = True,
+    verify: bool = True,
+    universal: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine``; return ``(client_state, rank_state)``.
 
@@ -506,11 +626,16 @@ def load_checkpoint(
     Weights, optimizer and scheduler are always loaded (a weights-only load is not consistent under every ZeRO
     stage); ``full_state`` also reads this rank's loader/RNG state (resume). False: the best checkpoint for the
     final test evaluation (``rank_state`` is then ``{}``). ``verify``: check the recorded sizes and hashes first.
+    ``universal``: load ``tag_dir/universal`` (``ensure_universal``) with DeepSpeed's universal loader, which
+    re-partitions weights and Adam moments for this world size; ``rank_state`` is then ``{}`` (the caller remaps
+    the old ranks' states with ``read_rank_states``).
     Collective: every rank calls it with the same ``tag_dir``.
     """
     tag_dir = Path(tag_dir)
     if verify:  # False: find_checkpoint has just verified it
         verify_checkpoint(tag_dir)
+    if universal:
+        return _load_universal(engine, tag_dir), {}
     with safe_torch_load(tag_dir):
         path, client_state = engine.load_checkpoint(
             str(tag_dir.parent),
@@ -527,3 +652,52 @@ def load_checkpoint(
         raise ResumeError(f"{file} is missing; the checkpoint was written by fewer ranks")
     rank_state = torch.load(file, map_location="cpu", weights_only=True)
     return client_state or {}, rank_state
+
+
+def _load_universal(engine: DeepSpeedEngine, tag_dir: Path) -> dict[str, Any]:
+    """DeepSpeed's universal load of ``tag_dir/universal`` into a ZeRO-3 engine of any world size.
+
+    ``load_universal`` is switched on only for this call (DeepSpeed reads it from the engine's config; left on, a
+    later load of a regular checkpoint in the same process, e.g. the best one for the final test, would look for
+    a universal one). DeepSpeed 0.19's ZeRO-3 universal loader gives every optimizer parameter group the
+    hyper-parameters of group 0 (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``): weight decay would
+    then reach the norms, biases and embeddings that group 1 exempts. Each group's own values are put back from
+    the converted optimizer state, which keeps them in group order. It also hands every group the same ``step``
+    tensor, which torch's AdamW increments in place once per group: with two groups Adam's step count (and so
+    its bias correction) would run twice as fast after the resume. Each group gets its own copy.
+    """
+    source = tag_dir / UNIVERSAL_DIR
+    optim_file = source / "zero" / "optimizer_state.pt"
+    config = engine._config  # noqa: SLF001 - DeepSpeed reads load_universal from here at load time
+    was = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        with safe_torch_load(source):
+            path, client_state = engine.load_checkpoint(
+                str(tag_dir), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            saved_groups = torch.load(optim_file, map_location="cpu")["optimizer_state_dict"]["param_groups"]
+    finally:
+        config.load_universal_checkpoint = was
+    if path is None:
+        raise ResumeError(f"DeepSpeed could not load the universal checkpoint {source}; it is damaged")
+    groups = _base_optimizer(engine).param_groups
+    if len(saved_groups) != len(groups):
+        raise ResumeError(
+            f"checkpoint {tag_dir.name} has {len(saved_groups)} optimizer parameter groups, this run builds "
+            f"{len(groups)}; resume with the recipe it was trained with"
+        )
+    for group, saved in zip(groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    for state in _base_optimizer(engine).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()  # one tensor per group (see above)
+    return client_state or {}
+
+
+def _base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
