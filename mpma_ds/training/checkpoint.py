@@ -396,8 +396,8 @@ def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )  # fmt: skip
     start = time.perf_counter()
-    with safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()):
-        ds_to_universal(args)
+    with safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()), contextlib.redirect_stderr(_Quiet()):
+        ds_to_universal(args)  # its prints and progress bars: the trainer prints one line instead
     fsync_tree(target)
     seconds = time.perf_counter() - start
     os.replace(target, tag_dir / UNIVERSAL_DIR)
@@ -416,7 +416,7 @@ def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
 
 
 class _Quiet:
-    """A stdout that drops DeepSpeed's converter progress prints (the trainer prints one line instead)."""
+    """A stream that drops DeepSpeed's converter prints and progress bars (failures still raise)."""
 
     def write(self, text: str) -> int:
         return len(text)

@@ -157,9 +157,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- build
     def _resolve(self, resume: str | None, overwrite: bool = False) -> tuple[RunContext, Path | None]:
         """Every check that bad input can fail, in order of cost, before any process group exists."""
-        rank, world, local_rank = world_info()
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         try:
+            rank, world, local_rank = world_info()
+            device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
             resume_dir = meta = None
             if resume:
                 resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir, set_aside=rank == 0)
