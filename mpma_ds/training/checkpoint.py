@@ -676,7 +676,10 @@ def _load_universal(engine: DeepSpeedEngine, tag_dir: Path) -> dict[str, Any]:
             path, client_state = engine.load_checkpoint(
                 str(tag_dir), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True
             )
-            saved_groups = torch.load(optim_file, map_location="cpu")["optimizer_state_dict"]["param_groups"]
+            # mmap: the file holds rank 0's whole optimizer state (GBs); only the groups are read here
+            saved = torch.load(optim_file, map_location="cpu", mmap=True)
+            saved_groups = saved["optimizer_state_dict"]["param_groups"]
+            del saved
     finally:
         config.load_universal_checkpoint = was
     if path is None:
