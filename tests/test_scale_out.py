@@ -92,7 +92,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys() and len(a) > 50
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return max(float((a[k] - b[k]).detach().abs().max()) for k in a)
 
 
 def _rollback(src: Path, dst: Path, step: int) -> Path:
@@ -115,19 +115,10 @@ def base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def two_ranks(base, tmp_path_factory) -> Path:
-    """One node, 2 ranks: ``deepspeed --num_gpus 2``, 8 steps, checkpoints at 4 and 8."""
+    """One node, 2 ranks: ``deepspeed --num_gpus 2``, 8 steps, checkpoints at 4 and 8 — the uninterrupted
+    reference of every comparison here."""
     root = tmp_path_factory.mktemp("two_ranks")
     _launch_two_ranks(_overrides(base, root / "run"), root / "log.txt")
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
-def one_rank(base, tmp_path_factory) -> Path:
-    """The same run in this process: 1 rank × 2 accumulation steps."""
-    from mpma_ds.training import train
-
-    root = tmp_path_factory.mktemp("one_rank")
-    train(load_recipe(TINY_RECIPE, _overrides(base, root / "run")))
     return root / "run"
 
 
@@ -240,14 +231,15 @@ def test_two_ranks_resumed_on_one_rank_continue_the_uninterrupted_run(two_to_one
         for key in ("exp_avg", "exp_avg_sq"):
             a, b = (torch.load(moments[k] / name / f"{key}.pt", weights_only=False) for k in moments)
             a, b = (x["param"] if isinstance(x, dict) else x for x in (a, b))
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-9), (name, key)
+            # relative to the tensor's scale: rows that never saw a gradient hold ~1e-12 either way
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-12, (name, key)
     state = {k: torch.load(moments[k] / "optimizer_state.pt", weights_only=False) for k in moments}
     steps = {k: [float(s["step"]) for s in v["optimizer_state_dict"]["state"].values()] for k, v in state.items()}
     assert steps["resumed"] == steps["reference"] == [float(STEPS)] * 2
 
 
 @pytest.mark.slow
-def test_one_rank_resumed_on_two_ranks_continues_the_mlflow_run(one_to_two, one_rank):
+def test_one_rank_resumed_on_two_ranks_continues_the_mlflow_run(one_to_two, two_ranks):
     from mlflow.tracking import MlflowClient
 
     run, uri, log = one_to_two
@@ -255,12 +247,14 @@ def test_one_rank_resumed_on_two_ranks_continues_the_mlflow_run(one_to_two, one_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["accumulation"] == 1
     assert summary["start_step"] == HALF and summary["step"] == STEPS
-    resumed, reference = _losses(run), _losses(one_rank)
+    # the uninterrupted reference: the same recipe on 2 ranks (1 rank × 2 accumulation steps and 2 ranks train
+    # bit-identically here, see test_distributed.py and the 2 → 1 test)
+    resumed, reference = _losses(run), _losses(two_ranks)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=LOSS_RTOL), (step, resumed, reference)
-    assert _losses(run, "lr") == pytest.approx(_losses(one_rank, "lr"), rel=1e-9)
-    assert _max_diff(_weights(run, STEPS), _weights(one_rank, STEPS)) <= WEIGHT_ATOL
+    assert _losses(run, "lr") == pytest.approx(_losses(two_ranks, "lr"), rel=1e-9)
+    assert _max_diff(_weights(run, STEPS), _weights(two_ranks, STEPS)) <= WEIGHT_ATOL
     # one MLflow run, continued by the 2-rank job, with each step once
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test-scale").experiment_id])
@@ -422,3 +416,33 @@ def test_node_launcher_checks_its_node_rank(tmp_path):
         bad = run(**extra)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, bad.stderr)
+
+
+def test_a_resume_on_more_ranks_lowers_the_micro_batch_with_one_warning():
+    from mpma_ds.training.trainer import Trainer
+
+    trainer = object.__new__(Trainer)  # only the batch arithmetic of a resume, no run
+    trainer.cfg = load_recipe(None, ["train.global_batch_size=32", "train.micro_batch_size=8"]).train
+    with pytest.warns(ckpt.CheckpointWarning) as seen:
+        trainer._elastic_batch(16, 2)
+    assert len(seen) == 1 and str(seen[0].message) == (
+        "the checkpoint was written by 2 ranks, this run has 16: train.micro_batch_size 8 -> 2 keeps "
+        "train.global_batch_size=32 (2 x 1 accumulation x 16 ranks)"
+    )
+    assert (trainer.cfg.micro_batch_size, trainer.cfg.eval_batch_size) == (2, 8)
+    assert gradient_accumulation_steps(trainer.cfg, 16) == 1
+
+
+def test_only_zero3_checkpoints_change_world_size():
+    from mpma_ds.models import get_model_config
+
+    config = get_model_config("mpma_tiny")
+    meta = {"tag": "step_00000004", "model_name": "mpma_tiny", "model_config": config.architecture(),
+            "task": "pretrain", "world_size": 2, "zero_stage": 3}  # fmt: skip
+    same = dict(model_name="mpma_tiny", model_config=config, zero_stage=3)
+    assert ckpt.check_compatible(meta, world_size=2, **same) is False
+    assert ckpt.check_compatible(meta, world_size=4, **same) is True
+    with pytest.raises(ckpt.ResumeError, match=r"written by 2 ranks under ZeRO-2; this run has 4 ranks"):
+        ckpt.check_compatible(dict(meta, zero_stage=2), world_size=4, **dict(same, zero_stage=2))
+    with pytest.raises(ckpt.ResumeError, match=r"only from a ZeRO-3 checkpoint into a ZeRO-3 run"):
+        ckpt.check_compatible(meta, world_size=1, **dict(same, zero_stage=2))
