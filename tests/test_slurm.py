@@ -150,6 +150,8 @@ def test_hostfile_reads_back_through_deepspeeds_own_parser(range_slurm, nodes):
 
 def test_master_port_follows_the_job_id_and_nccl_errors_end_the_job(fake_slurm):
     env, _ = fake_slurm
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"):  # set by in-process runs
+        env.pop(name, None)
     ports = []
     for job in ("4242", "4243"):
         res = _run(dict(env, SLURM_JOB_ID=job), "--config", "x.yaml")
