@@ -29,7 +29,7 @@ from mpma_ds.config import ConfigError
 from mpma_ds.data.plan import reshard_positions
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import load_recipe
+from mpma_ds.training import load_recipe, reshard
 from mpma_ds.training.distributed import free_port
 from mpma_ds.training.ds_config import elastic_micro_batch, gradient_accumulation_steps
 
@@ -239,7 +239,7 @@ def test_two_ranks_resumed_on_one_rank_continue_the_uninterrupted_run(two_to_one
     for name, source in (("resumed", run), ("reference", two_ranks)):
         copy = tmp_path / name / ckpt.tag_for(STEPS)
         shutil.copytree(source / "checkpoints" / ckpt.tag_for(STEPS), copy)
-        moments[name] = ckpt.ensure_universal(copy, rank=0) / "zero"
+        moments[name] = reshard.ensure_universal(copy, rank=0) / "zero"
     params = sorted(p.name for p in moments["reference"].iterdir() if p.is_dir())
     assert len(params) > 50
 
@@ -293,7 +293,7 @@ def test_universal_conversion_is_reused_and_checked(two_to_one):
     run, _ = two_to_one
     tag_dir = run / "checkpoints" / ckpt.tag_for(HALF)
     before = (tag_dir / ckpt.COMPLETE_FILE).read_bytes()
-    ckpt.ensure_universal(tag_dir, rank=0)  # cached: nothing converted or rewritten
+    reshard.ensure_universal(tag_dir, rank=0)  # cached: nothing converted or rewritten
     assert (tag_dir / ckpt.COMPLETE_FILE).read_bytes() == before
     # a changed file of the conversion is damage like any other
     victim = next((tag_dir / "universal" / "zero").glob("*/exp_avg.pt"))
@@ -308,7 +308,7 @@ def test_universal_conversion_is_reused_and_checked(two_to_one):
     meta[ckpt.FILES_KEY] = {k: v for k, v in meta[ckpt.FILES_KEY].items() if not k.startswith("universal/")}
     (tag_dir / ckpt.COMPLETE_FILE).write_text(json.dumps(meta))
     assert ckpt.verify_checkpoint(tag_dir)
-    ckpt.ensure_universal(tag_dir, rank=0)
+    reshard.ensure_universal(tag_dir, rank=0)
     assert ckpt.verify_checkpoint(tag_dir) and ckpt.UNIVERSAL_KEY in ckpt.read_meta(tag_dir)
 
 
@@ -440,18 +440,17 @@ def test_node_launcher_checks_its_node_rank(tmp_path):
 
 
 def test_a_resume_on_more_ranks_lowers_the_micro_batch_with_one_warning():
-    from mpma_ds.training.trainer import Trainer
-
-    trainer = object.__new__(Trainer)  # only the batch arithmetic of a resume, no run
-    trainer.cfg = load_recipe(None, ["train.global_batch_size=32", "train.micro_batch_size=8"]).train
+    cfg = load_recipe(None, ["train.global_batch_size=32", "train.micro_batch_size=8"]).train
     with pytest.warns(ckpt.CheckpointWarning) as seen:
-        trainer._elastic_batch(16, 2)
+        reshard.elastic_batch(cfg, 16, 2)
     assert len(seen) == 1 and str(seen[0].message) == (
         "the checkpoint was written by 2 ranks, this run has 16: train.micro_batch_size 8 -> 2 keeps "
         "train.global_batch_size=32 (2 x 1 accumulation x 16 ranks)"
     )
-    assert (trainer.cfg.micro_batch_size, trainer.cfg.eval_batch_size) == (2, 8)
-    assert gradient_accumulation_steps(trainer.cfg, 16) == 1
+    assert (cfg.micro_batch_size, cfg.eval_batch_size) == (2, 8)
+    assert gradient_accumulation_steps(cfg, 16) == 1
+    reshard.elastic_batch(cfg, 8, 16)  # 2 × 2 × 8 = 32: the micro-batch that runs now fits, nothing to say
+    assert cfg.micro_batch_size == 2
 
 
 def test_only_zero3_checkpoints_change_world_size():

@@ -21,10 +21,8 @@ own loads (which pass ``weights_only=False``) run under ``safe_torch_load``: ``w
 allow-list of the few DeepSpeed classes its files hold. A damaged newest checkpoint is skipped by
 ``--resume auto`` (one warning), an explicitly named one is refused with one line.
 
-Resuming on another world size (``ensure_universal`` + ``load_checkpoint(universal=True)``): rank 0 converts the
-ZeRO-3 partitions with DeepSpeed's ``ds_to_universal`` into ``universal/`` (once; later resumes reuse it), every
-rank loads its new partition with DeepSpeed's universal loader, and the data position of every loader stream is
-taken from the old ranks' ``rank_state`` files (``mpma_ds.data.plan.reshard_positions``).
+A checkpoint of another world size is resumed through DeepSpeed's universal checkpoint:
+``mpma_ds.training.reshard``.
 """
 
 from __future__ import annotations
@@ -346,96 +344,6 @@ def check_compatible(
     return True
 
 
-def saved_world_size(meta: dict[str, Any], default: int) -> int:
-    """The world size that wrote a checkpoint (``default`` for one that did not record it)."""
-    return int(meta.get("world_size", default))
-
-
-def ensure_universal(tag_dir: str | Path, *, rank: int) -> Path:
-    """``tag_dir/universal``, DeepSpeed's universal form of a ZeRO-3 checkpoint, made by rank 0 when missing.
-
-    Collective (every rank calls it; the others wait at a barrier, which ``train.collective_timeout_s`` bounds).
-    The conversion (``deepspeed.checkpoint.ds_to_universal``, serial, its loads under ``safe_torch_load``) writes
-    into ``checkpoints/.universal-step_N/`` and is moved into place when complete; then ``complete.json`` is
-    rewritten atomically with the new files' sizes and sha256 and a ``universal`` record (world size converted
-    from, seconds, bytes). A conversion killed half-way leaves nothing that is ever loaded: its folder is not
-    recorded, ``verify_checkpoint`` ignores it and the next resume converts again.
-    """
-    tag_dir = Path(tag_dir)
-    out = tag_dir / UNIVERSAL_DIR
-    failure: BaseException | None = None
-    if rank == 0:
-        try:
-            meta = read_meta(tag_dir)
-            if UNIVERSAL_KEY not in meta:
-                _convert_to_universal(tag_dir, meta)
-        except (OSError, RuntimeError, ValueError, AssertionError, KeyError) as err:
-            failure = err
-    failed = all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0]))
-    if failed.item():
-        detail = " ".join(str(failure).split())[:200] if failure is not None else "see rank 0"
-        raise ResumeError(
-            f"could not convert checkpoint {tag_dir} to DeepSpeed's universal form for another world size "
-            f"({detail}); resume on {read_meta(tag_dir).get('world_size')} ranks"
-        ) from failure
-    return out
-
-
-def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    staging = tag_dir.parent / f".{UNIVERSAL_DIR}-{tag_dir.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(tag_dir / UNIVERSAL_DIR, ignore_errors=True)  # an interrupted conversion's leftovers
-    staging.mkdir(parents=True)
-    target = staging / UNIVERSAL_DIR
-    args = argparse.Namespace(
-        input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False,
-    )  # fmt: skip
-    start = time.perf_counter()
-    with safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()), contextlib.redirect_stderr(_Quiet()):
-        ds_to_universal(args)  # its prints and progress bars: the trainer prints one line instead
-    fsync_tree(target)
-    seconds = time.perf_counter() - start
-    os.replace(target, tag_dir / UNIVERSAL_DIR)
-    shutil.rmtree(staging, ignore_errors=True)  # DeepSpeed's latest_universal pointer
-    added = {f"{UNIVERSAL_DIR}/{rel}": info for rel, info in file_manifest(tag_dir / UNIVERSAL_DIR).items()}
-    record = {
-        "from_world_size": meta.get("world_size"),
-        "seconds": round(seconds, 3),
-        "bytes": sum(info["size"] for info in added.values()),
-        "files": len(added),
-    }
-    files = dict(meta.get(FILES_KEY) or {})
-    files.update(added)
-    meta = dict(meta, **{FILES_KEY: files, UNIVERSAL_KEY: record})
-    atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(meta, indent=1, default=str))
-
-
-class _Quiet:
-    """A stream that drops DeepSpeed's converter prints and progress bars (failures still raise)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-def read_rank_states(tag_dir: str | Path, world_size: int) -> list[dict[str, Any]]:
-    """The ``rank_state`` of every rank that wrote ``tag_dir`` (``world_size`` of them), in rank order."""
-    states = []
-    for rank in range(world_size):
-        file = rank_state_file(Path(tag_dir), rank)
-        if not file.is_file():
-            raise ResumeError(f"{file} is missing; the checkpoint is incomplete, resume from another one")
-        states.append(torch.load(file, map_location="cpu", weights_only=True))
-    return states
-
-
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in a ``torch.load(weights_only=True)``-safe form."""
     np_state = np.random.get_state()
@@ -617,7 +525,6 @@ def load_checkpoint(
     rank: int,
     full_state: bool = True,
     verify: bool = True,
-    universal: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine``; return ``(client_state, rank_state)``.
 
@@ -626,16 +533,12 @@ def load_checkpoint(
     Weights, optimizer and scheduler are always loaded (a weights-only load is not consistent under every ZeRO
     stage); ``full_state`` also reads this rank's loader/RNG state (resume). False: the best checkpoint for the
     final test evaluation (``rank_state`` is then ``{}``). ``verify``: check the recorded sizes and hashes first.
-    ``universal``: load ``tag_dir/universal`` (``ensure_universal``) with DeepSpeed's universal loader, which
-    re-partitions weights and Adam moments for this world size; ``rank_state`` is then ``{}`` (the caller remaps
-    the old ranks' states with ``read_rank_states``).
+    A checkpoint of another world size is loaded by ``reshard.load_universal`` instead.
     Collective: every rank calls it with the same ``tag_dir``.
     """
     tag_dir = Path(tag_dir)
     if verify:  # False: find_checkpoint has just verified it
         verify_checkpoint(tag_dir)
-    if universal:
-        return _load_universal(engine, tag_dir), {}
     with safe_torch_load(tag_dir):
         path, client_state = engine.load_checkpoint(
             str(tag_dir.parent),
@@ -652,55 +555,3 @@ def load_checkpoint(
         raise ResumeError(f"{file} is missing; the checkpoint was written by fewer ranks")
     rank_state = torch.load(file, map_location="cpu", weights_only=True)
     return client_state or {}, rank_state
-
-
-def _load_universal(engine: DeepSpeedEngine, tag_dir: Path) -> dict[str, Any]:
-    """DeepSpeed's universal load of ``tag_dir/universal`` into a ZeRO-3 engine of any world size.
-
-    ``load_universal`` is switched on only for this call (DeepSpeed reads it from the engine's config; left on, a
-    later load of a regular checkpoint in the same process, e.g. the best one for the final test, would look for
-    a universal one). DeepSpeed 0.19's ZeRO-3 universal loader gives every optimizer parameter group the
-    hyper-parameters of group 0 (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``): weight decay would
-    then reach the norms, biases and embeddings that group 1 exempts. Each group's own values are put back from
-    the converted optimizer state, which keeps them in group order. It also hands every group the same ``step``
-    tensor, which torch's AdamW increments in place once per group: with two groups Adam's step count (and so
-    its bias correction) would run twice as fast after the resume. Each group gets its own copy.
-    """
-    source = tag_dir / UNIVERSAL_DIR
-    optim_file = source / "zero" / "optimizer_state.pt"
-    config = engine._config  # noqa: SLF001 - DeepSpeed reads load_universal from here at load time
-    was = config.load_universal_checkpoint
-    config.load_universal_checkpoint = True
-    try:
-        with safe_torch_load(source):
-            path, client_state = engine.load_checkpoint(
-                str(tag_dir), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            # mmap: the file holds rank 0's whole optimizer state (GBs); only the groups are read here
-            saved = torch.load(optim_file, map_location="cpu", mmap=True)
-            saved_groups = saved["optimizer_state_dict"]["param_groups"]
-            del saved
-    finally:
-        config.load_universal_checkpoint = was
-    if path is None:
-        raise ResumeError(f"DeepSpeed could not load the universal checkpoint {source}; it is damaged")
-    groups = _base_optimizer(engine).param_groups
-    if len(saved_groups) != len(groups):
-        raise ResumeError(
-            f"checkpoint {tag_dir.name} has {len(saved_groups)} optimizer parameter groups, this run builds "
-            f"{len(groups)}; resume with the recipe it was trained with"
-        )
-    for group, saved in zip(groups, saved_groups):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-    for state in _base_optimizer(engine).state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()  # one tensor per group (see above)
-    return client_state or {}
-
-
-def _base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's ZeRO wrapper."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from mpma_ds.config import ConfigError, to_dict
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
+from mpma_ds.training import reshard
 from mpma_ds.training.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
@@ -44,7 +44,6 @@ from mpma_ds.training.distributed import (
 )
 from mpma_ds.training.ds_config import (
     compute_dtype,
-    elastic_micro_batch,
     gradient_accumulation_steps,
     load_ds_config,
     resolve_ds_config,
@@ -164,38 +163,21 @@ class Trainer:
             if resume:
                 resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir, set_aside=rank == 0)
                 meta = ckpt.read_meta(resume_dir) if resume_dir is not None else None
-            if meta is not None and ckpt.saved_world_size(meta, world) != world:
-                self._elastic_batch(world, ckpt.saved_world_size(meta, world))
+            if meta is not None and reshard.saved_world_size(meta, world) != world:
+                reshard.elastic_batch(self.cfg, world, reshard.saved_world_size(meta, world))
             accumulation = gradient_accumulation_steps(self.cfg, world)
             ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
             ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
             self.task.resolve(ctx)
             if meta is not None:
-                reshard = ckpt.check_compatible(
+                resharded = ckpt.check_compatible(
                     meta, model_name=self.recipe.model.name, model_config=ctx.model_config, world_size=world,
                     task=self.task.name, task_arch=self.task.architecture(ctx), zero_stage=zero_stage(ds_config),
                 )  # fmt: skip
-                self.reshard_from = ckpt.saved_world_size(meta, world) if reshard else None
+                self.reshard_from = reshard.saved_world_size(meta, world) if resharded else None
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
         return ctx, resume_dir
-
-    def _elastic_batch(self, world: int, saved_world: int) -> None:
-        """Resuming on another world size: keep the recipe's global batch; lower the micro-batch where the
-        recipe's does not divide ``global / world`` (the accumulation steps make up the rest)."""
-        micro = elastic_micro_batch(self.cfg, world)
-        if micro == self.cfg.micro_batch_size:
-            return
-        warnings.warn(
-            f"the checkpoint was written by {saved_world} ranks, this run has {world}: train.micro_batch_size "
-            f"{self.cfg.micro_batch_size} -> {micro} keeps train.global_batch_size={self.cfg.global_batch_size} "
-            f"({micro} x {self.cfg.global_batch_size // (micro * world)} accumulation x {world} ranks)",
-            ckpt.CheckpointWarning,
-            stacklevel=3,
-        )
-        if not self.cfg.eval_batch_size:
-            self.cfg.eval_batch_size = self.cfg.micro_batch_size  # evaluation batches stay what they were
-        self.cfg.micro_batch_size = micro
 
     def _fresh_folder(self, rank: int, overwrite: bool) -> None:
         """A fresh start: refuse a folder that holds another run, or (``overwrite``) remove that run first."""
@@ -308,8 +290,8 @@ class Trainer:
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
-        if self.reshard_from is not None:
-            self._resume_resharded(Path(tag_dir))
+        if self.reshard_from is not None:  # another world size: DeepSpeed's universal checkpoint
+            reshard.resume_resharded(self, Path(tag_dir))
             return
         # find_checkpoint verified the files in _resolve
         client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank, verify=False)
@@ -318,38 +300,6 @@ class Trainer:
             loader.load_state_dict(state)
         self.iters = [iter(loader.loader) for loader in self.loaders]
         ckpt.set_rng_state(rank_state["rng"])
-
-    def _resume_resharded(self, tag_dir: Path) -> None:
-        """Continue a ZeRO-3 checkpoint written by ``reshard_from`` ranks on this world size: DeepSpeed's universal
-        checkpoint (converted once, cached in ``tag_dir/universal``) re-partitions weights and Adam moments; each
-        loader stream takes the position of the same data rank (``reshard_positions``); rank ``r`` takes the RNG
-        state of old rank ``r mod N`` (masks and data order do not depend on it: they are seeded per step and
-        data rank)."""
-        from mpma_ds.data.plan import reshard_positions
-
-        ctx = self.ctx
-        if ctx.rank == 0:
-            warnings.warn(
-                f"resuming {tag_dir.name}, written by {self.reshard_from} ranks, on {ctx.world_size}: through "
-                f"DeepSpeed's universal checkpoint ({tag_dir / ckpt.UNIVERSAL_DIR})",
-                ckpt.CheckpointWarning,
-                stacklevel=3,
-            )
-        ckpt.ensure_universal(tag_dir, rank=ctx.rank)
-        client, _ = ckpt.load_checkpoint(self.engine, tag_dir, rank=ctx.rank, verify=False, universal=True)
-        self.load_state_dict(client)
-        old = ckpt.read_rank_states(tag_dir, self.reshard_from)
-        try:
-            positions = reshard_positions(
-                [state for rank_state in old for state in rank_state["loaders"]], ctx.data_ranks,
-                [ctx.rank * ctx.accumulation + a for a in range(ctx.accumulation)],
-            )  # fmt: skip
-            for loader, state in zip(self.loaders, positions):
-                loader.load_state_dict(state)
-        except ValueError as err:
-            raise ckpt.ResumeError(f"checkpoint {tag_dir.name}: {_one_line(err)}") from err
-        self.iters = [iter(loader.loader) for loader in self.loaders]
-        ckpt.set_rng_state(old[ctx.rank % len(old)]["rng"])
 
     # ---------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict[str, float]:
