@@ -17,7 +17,13 @@ def prog_name(script: str) -> str:
 
 
 def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of the launcher's world, or a process whose RANK / WORLD_SIZE make no world (it reports its own
+    bad input: no rank 0 would)."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return True
+    return rank == 0 or not 0 <= rank < world
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

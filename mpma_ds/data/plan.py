@@ -256,3 +256,33 @@ class EpochStream:
         if self._active is not None:
             self._stop(self._active)
             self._active = None
+
+
+def reshard_positions(states: list[dict[str, Any]], data_ranks: int, wanted: list[int]) -> list[dict[str, Any]]:
+    """Loader positions for data ranks ``wanted`` of a run with ``data_ranks`` streams, from ``states`` (the
+    saved position of every data rank of the run that wrote a checkpoint, in data-rank order).
+
+    Same number of data ranks (the micro-batch did not change, only the ranks × accumulation split): each
+    stream's own position, unchanged — the resumed run reads exactly the samples, in the order, that the
+    uninterrupted run would have read. Another number (the micro-batch was lowered to fit the new world size):
+    every stream continues at the same epoch and batch index; since micro-batch × data ranks is the global batch
+    on both sides, that is the same number of samples into the epoch (the epoch still ends at the same step),
+    but the epoch's remaining samples are those of the new split, not exactly the ones the old split had left.
+    """
+    if not states:
+        raise ValueError("the checkpoint holds no loader position")
+    epochs = {(int(s["epoch"]), int(s["batch_in_epoch"])) for s in states}
+    if len(epochs) != 1:
+        raise ValueError(f"the checkpoint's loader positions disagree between data ranks: {sorted(epochs)}")
+    if len(states) == data_ranks:
+        return [dict(states[d]) for d in wanted]
+    total: Counter = Counter()
+    for state in states:
+        total.update(state.get("skipped", {}))
+    out = []
+    for d in wanted:
+        state = {k: v for k, v in states[min(d, len(states) - 1)].items() if k != "dali_checkpoint"}
+        # the skip counters are summed into data rank 0, so the run's total stays what it was
+        state.update(rank=d, world_size=data_ranks, skipped=dict(total) if d == 0 else {})
+        out.append(state)
+    return out

@@ -6,6 +6,9 @@ Layout under ``<output_dir>/checkpoints/``::
         rank_state_00000.pt             per rank: data-loader position + RNG states (python, numpy, torch)
         complete.json                   written by rank 0 after every rank finished: step, model, world, and
                                         the size + sha256 of every file in the folder
+        universal/                      made on the first resume on another world size (ZeRO-3): DeepSpeed's
+                                        universal checkpoint of this step (``ds_to_universal``), cached; its
+                                        files are added to complete.json's digests when the conversion ends
     latest                              the newest complete tag (moved last, atomically)
     best.json                           fine-tuning: the tag with the best validation metric (never pruned)
 
@@ -17,6 +20,9 @@ and sha256 that ``complete.json`` recorded when this system wrote it (``verify_c
 own loads (which pass ``weights_only=False``) run under ``safe_torch_load``: ``weights_only=True`` with an
 allow-list of the few DeepSpeed classes its files hold. A damaged newest checkpoint is skipped by
 ``--resume auto`` (one warning), an explicitly named one is refused with one line.
+
+A checkpoint of another world size is resumed through DeepSpeed's universal checkpoint:
+``mpma_ds.training.reshard``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ TAG_PREFIX = "step_"
 COMPLETE_FILE = "complete.json"
 LATEST_FILE = "latest"
 BEST_FILE = "best.json"
+UNIVERSAL_DIR = "universal"
+"""Sub-folder of a checkpoint holding its DeepSpeed universal form (made on the first resume on another world
+size)."""
+UNIVERSAL_KEY = "universal"
+"""``complete.json`` key recorded when ``universal/`` is complete: world size converted from, seconds, bytes."""
 
 
 FILES_KEY = "files"
@@ -156,6 +167,8 @@ def verify_checkpoint(tag_dir: str | Path, meta: dict[str, Any] | None = None) -
         for p in tag_dir.rglob("*")
         if p.is_file() and p.name != COMPLETE_FILE and not p.name.endswith(".tmp")
     }
+    if UNIVERSAL_KEY not in meta:  # a conversion that was interrupted before it was recorded: never loaded
+        present = {rel for rel in present if not rel.startswith(UNIVERSAL_DIR + "/")}
     extra = sorted(present - set(recorded))
     if extra:
         raise DamagedCheckpointError(
@@ -295,11 +308,14 @@ def check_compatible(
     world_size: int,
     task: str = "pretrain",
     task_arch: dict[str, Any] | None = None,
-) -> None:
-    """Refuse a checkpoint of another architecture, task or world size before anything is loaded.
+    zero_stage: int | None = None,
+) -> bool:
+    """Refuse a checkpoint of another architecture or task before anything is loaded; return True when it was
+    written by another world size (the resume then goes through DeepSpeed's universal checkpoint).
 
     ``meta`` is the checkpoint's ``complete.json``; ``model_config`` the architecture this run builds (compared
-    field by field with ``architecture_difference``); ``task``/``task_arch`` the fine-tuning head it adds.
+    field by field with ``architecture_difference``); ``task``/``task_arch`` the fine-tuning head it adds;
+    ``zero_stage`` this run's ZeRO stage: another world size is resumed for ZeRO-3 checkpoints into ZeRO-3 runs.
     """
     where = meta.get("tag", "checkpoint")
     differ = architecture_difference(meta.get("model_config") or {}, model_config)
@@ -315,11 +331,17 @@ def check_compatible(
             f"checkpoint {where} was written by task {saved_task!r} ({meta.get('task_arch') or {}}), this run is "
             f"{task!r} ({task_arch or {}}); start a new train.output_dir"
         )
-    if int(meta.get("world_size", world_size)) != world_size:
+    saved_world = int(meta.get("world_size", world_size))
+    if saved_world == world_size:
+        return False
+    saved_stage = int(meta.get("zero_stage", -1))
+    if saved_stage != 3 or (zero_stage is not None and zero_stage != 3):
         raise ResumeError(
-            f"checkpoint {where} was written by {meta.get('world_size')} ranks; resume it with the same number "
-            f"of ranks (now {world_size}) or export it with launch/export.py"
+            f"checkpoint {where} was written by {saved_world} ranks under ZeRO-{saved_stage}; this run has "
+            f"{world_size} ranks under ZeRO-{zero_stage}: another number of ranks is resumed only from a ZeRO-3 "
+            f"checkpoint into a ZeRO-3 run; resume on {saved_world} ranks or export it with launch/export.py"
         )
+    return True
 
 
 def rng_state() -> dict[str, Any]:
@@ -497,7 +519,12 @@ def mark_best(
 
 
 def load_checkpoint(
-    engine: DeepSpeedEngine, tag_dir: str | Path, *, rank: int, full_state: bool = True, verify: bool = True
+    engine: DeepSpeedEngine,
+    tag_dir: str | Path,
+    *,
+    rank: int,
+    full_state: bool = True,
+    verify: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine``; return ``(client_state, rank_state)``.
 
@@ -506,6 +533,7 @@ def load_checkpoint(
     Weights, optimizer and scheduler are always loaded (a weights-only load is not consistent under every ZeRO
     stage); ``full_state`` also reads this rank's loader/RNG state (resume). False: the best checkpoint for the
     final test evaluation (``rank_state`` is then ``{}``). ``verify``: check the recorded sizes and hashes first.
+    A checkpoint of another world size is loaded by ``reshard.load_universal`` instead.
     Collective: every rank calls it with the same ``tag_dir``.
     """
     tag_dir = Path(tag_dir)

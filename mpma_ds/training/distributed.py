@@ -40,12 +40,24 @@ def is_collective_timeout(err: BaseException) -> bool:
 
 
 def world_info() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the launcher's environment (1 process when unset)."""
-    return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    """``(rank, world_size, local_rank)`` from the launcher's environment (1 process when unset).
+
+    Raises:
+        ValueError: one line when the launcher's numbers do not make a world (a rank outside ``[0, WORLD_SIZE)``,
+            e.g. a node rank beyond the hostfile's nodes, or a value that is not a number).
+    """
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as err:
+        raise ValueError(f"the launcher's RANK / WORLD_SIZE / LOCAL_RANK are not integers ({err})") from None
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ValueError(
+            f"the launcher's RANK={rank} is outside WORLD_SIZE={world} (LOCAL_RANK={local_rank}); check the node "
+            "rank against the hostfile's nodes (0..nodes-1) and the slots per node"
+        )
+    return rank, world, local_rank
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -67,14 +67,46 @@ def load_ds_config(spec: str | Path) -> dict[str, Any]:
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Accumulation steps so that micro × accumulation × world = global batch; ``ConfigError`` otherwise."""
+    """Accumulation steps so that micro × accumulation × world = global batch; ``ConfigError`` otherwise (the
+    message names the micro-batch that would fit, or says that no micro-batch fits that many ranks)."""
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step != 0:
-        raise ConfigError(
+        head = (
             f"train.global_batch_size={cfg.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{cfg.micro_batch_size} × world size {world_size} = {per_step}; change one of them"
+            f"{cfg.micro_batch_size} × world size {world_size} = {per_step}"
         )
+        try:
+            fits = elastic_micro_batch(cfg, world_size)
+        except ConfigError as err:
+            raise ConfigError(f"{head}: {err}") from None
+        raise ConfigError(f"{head}; change one of them (train.micro_batch_size={fits} fits)")
     return cfg.global_batch_size // per_step
+
+
+def check_world_fits(cfg: TrainConfig, world_size: int) -> None:
+    """``ConfigError`` when the global batch cannot be split evenly over ``world_size`` ranks (more ranks than
+    samples per step, or a remainder): the hostfile / ``--num_gpus`` names more slots than the recipe can use."""
+    if world_size > cfg.global_batch_size:
+        raise ConfigError(
+            f"{world_size} ranks (launcher slots: hostfile slots × nodes, or --num_gpus) are more than "
+            f"train.global_batch_size={cfg.global_batch_size} samples per step can feed; use at most "
+            f"{cfg.global_batch_size} ranks or raise train.global_batch_size"
+        )
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.global_batch_size} cannot be split evenly over {world_size} ranks "
+            "(launcher slots: hostfile slots × nodes, or --num_gpus); use a number of ranks that divides it"
+        )
+
+
+def elastic_micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    """The micro-batch that keeps the recipe's global batch on ``world_size`` ranks: the recipe's own when
+    micro × world divides the global batch, else the largest divisor of ``global / world`` below it (the
+    accumulation steps make up the rest). ``ConfigError`` when the global batch does not split over the ranks.
+    """
+    check_world_fits(cfg, world_size)
+    per_rank = cfg.global_batch_size // world_size
+    return max(m for m in range(1, min(cfg.micro_batch_size, per_rank) + 1) if per_rank % m == 0)
 
 
 def resolve_ds_config(config: dict[str, Any], cfg: TrainConfig, world_size: int) -> dict[str, Any]:

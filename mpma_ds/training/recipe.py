@@ -86,7 +86,9 @@ class TrainConfig(ConfigSection):
     """Samples per optimizer step over all ranks; must equal micro_batch_size × accumulation × world size."""
 
     micro_batch_size: int = 8
-    """Samples per forward/backward on one rank; gradient accumulation makes up the rest of the global batch."""
+    """Samples per forward/backward on one rank; gradient accumulation makes up the rest of the global batch.
+    A resume on another world size lowers it when it does not divide ``global_batch_size / world size``
+    (docs/training.md, "Scaling")."""
 
     max_steps: int = 1000
     """Optimizer steps to train for (the run ends with a checkpoint at this step); 0 = no training, only the

@@ -31,6 +31,7 @@ from mpma_ds.config import ConfigError, to_dict
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
+from mpma_ds.training import reshard
 from mpma_ds.training.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
@@ -129,6 +130,7 @@ class Trainer:
         self.nan_total = 0
         self.grad_skipped = 0
         self.last_eval: dict[str, Any] = {}
+        self.reshard_from: int | None = None  # world size of a checkpoint resumed on another one
         self.ctx, resume_dir = self._resolve(resume, overwrite)
         self.resumed = resume_dir is not None
         try:
@@ -154,22 +156,25 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- build
     def _resolve(self, resume: str | None, overwrite: bool = False) -> tuple[RunContext, Path | None]:
         """Every check that bad input can fail, in order of cost, before any process group exists."""
-        rank, world, local_rank = world_info()
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         try:
+            rank, world, local_rank = world_info()
+            device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+            resume_dir = meta = None
+            if resume:
+                resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir, set_aside=rank == 0)
+                meta = ckpt.read_meta(resume_dir) if resume_dir is not None else None
+            if meta is not None and reshard.saved_world_size(meta, world) != world:
+                reshard.elastic_batch(self.cfg, world, reshard.saved_world_size(meta, world))
             accumulation = gradient_accumulation_steps(self.cfg, world)
             ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
             ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
             self.task.resolve(ctx)
-            resume_dir = None
-            if resume:
-                resume_dir = ckpt.find_checkpoint(resume, self.cfg.output_dir, set_aside=rank == 0)
-                if resume_dir is not None:
-                    ckpt.check_compatible(
-                        ckpt.read_meta(resume_dir), model_name=self.recipe.model.name,
-                        model_config=ctx.model_config, world_size=world, task=self.task.name,
-                        task_arch=self.task.architecture(ctx),
-                    )  # fmt: skip
+            if meta is not None:
+                resharded = ckpt.check_compatible(
+                    meta, model_name=self.recipe.model.name, model_config=ctx.model_config, world_size=world,
+                    task=self.task.name, task_arch=self.task.architecture(ctx), zero_stage=zero_stage(ds_config),
+                )  # fmt: skip
+                self.reshard_from = reshard.saved_world_size(meta, world) if resharded else None
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
         return ctx, resume_dir
@@ -285,6 +290,9 @@ class Trainer:
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
+        if self.reshard_from is not None:  # another world size: DeepSpeed's universal checkpoint
+            reshard.resume_resharded(self, Path(tag_dir))
+            return
         # find_checkpoint verified the files in _resolve
         client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank, verify=False)
         self.load_state_dict(client)
