@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mpma_ds import create_model, load_tokenizer
@@ -88,7 +89,24 @@ def run_variant(overrides: dict, args: argparse.Namespace, cfg: DataConfig, tok,
         model, mlm.stream(val.loader), tokenizer=tok, device="cpu", max_text_len=cfg.max_text_len
     )
     res.update(mlm.result())
-    return {**res, "train_seconds": seconds, "final_loss": loss.item()}
+    rows = {kind: mlm.per_sample(kind).tolist() for kind in ("all", "findings")}
+    return {**res, "train_seconds": seconds, "final_loss": loss.item(), "mlm_rows": rows}
+
+
+def mlm_accuracy(rows) -> dict[str, float]:
+    """Masked-token accuracy of (N, 2) per-sample (correct, masked) counts."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    total = rows[:, 1].sum()
+    return {"acc": rows[:, 0].sum() / total if total else float("nan")}
+
+
+def paired_mlm_difference(a: dict, b: dict, kind: str, n_resamples: int = 1000) -> dict:
+    """Variant a - variant b in masked-token accuracy (``kind``: "all" / "findings") with a paired bootstrap 95 %
+    interval over the validation samples (the same masked tokens for both: the eval pass is deterministic)."""
+    from mpma_ds.eval.bootstrap import paired_difference
+
+    rows_a, rows_b = np.asarray(a["mlm_rows"][kind]), np.asarray(b["mlm_rows"][kind])
+    return paired_difference(mlm_accuracy, [rows_a], [rows_b], keys=["acc"], n_resamples=n_resamples)["acc"]
 
 
 def synthetic_data(work: Path, studies: int, image_size: int, seed: int) -> tuple[Path, Path]:
@@ -160,6 +178,15 @@ def run_all(args: argparse.Namespace, variants: dict, shards: Path, tokenizer: P
     for name, r in results.items():
         cells = "".join(f"{r[c]:>14.3f} ({r[c] / max(base[c], 1e-9):4.2f}x)" for c in columns)
         print(f"{name:<24}{cells}{r['train_seconds']:>10.0f}")
+    if args.ablation == "memory":  # is the difference outside the noise? paired over the same masked tokens
+        for name in args.variants[1:]:
+            for kind, key in (("findings", "mlm_acc_findings"), ("all", "mlm_acc")):
+                d = paired_mlm_difference(results[name], base, kind)
+                results[name][f"{key}_minus_baseline"] = d
+                lo, hi = d["difference_ci95"]
+                print(
+                    f"{key}: {name} - {args.variants[0]} = {d['difference']:+.3f} [paired 95 %: {lo:+.3f}, {hi:+.3f}]"
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
 

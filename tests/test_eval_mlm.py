@@ -75,7 +75,11 @@ def test_accuracy_counts_masked_tokens_of_valid_rows():
     result = acc.result()
     # valid rows: 5 masked tokens, the two "small" right; finding-word tokens: small, pleural, small, ##thorax
     assert result == {"mlm_acc": 2 / 5, "mlm_tokens": 5.0, "mlm_acc_findings": 2 / 4, "mlm_tokens_findings": 4.0}
+    # per valid sample (the stand-ins left out), what a paired bootstrap of two models resamples
+    assert acc.per_sample("all").tolist() == [[1, 3], [1, 2]]
+    assert acc.per_sample("findings").tolist() == [[1, 2], [1, 2]]
     assert model.training  # put back as it was
     empty = MaskedTokenAccuracy(model, tok, "cpu")
     list(empty.stream([dict(batch, valid=torch.zeros(4, dtype=torch.bool))]))
+    assert empty.per_sample().shape == (0, 2)
     assert empty.result()["mlm_tokens"] == 0 and empty.result()["mlm_acc"] != empty.result()["mlm_acc"]  # NaN

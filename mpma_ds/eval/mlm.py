@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 FINDING_WORDS: frozenset[str] = frozenset(
@@ -76,6 +77,9 @@ class MaskedTokenAccuracy:
         self.model = model if hasattr(model, "masked_token_predictions") else model.module
         self.tokenizer, self.device, self.words = tokenizer, device, words
         self.counts = {"all": [0, 0], "findings": [0, 0]}  # [correct, total]
+        # per evaluated sample, in pass order: (correct, total) of each kind; what a paired bootstrap of two
+        # models on the same masked tokens resamples (`per_sample`)
+        self.rows: dict[str, list[tuple[int, int]]] = {"all": [], "findings": []}
 
     @torch.no_grad()
     def update(self, batch: Mapping[str, Any]) -> None:
@@ -83,6 +87,8 @@ class MaskedTokenAccuracy:
         keep = torch.as_tensor(batch.get("valid", [True] * labels.shape[0]), dtype=torch.bool).cpu()
         masked = (labels != -100).cpu() & keep[:, None]  # (B, L)
         if not masked.any():
+            for key in self.rows:
+                self.rows[key] += [(0, 0)] * int(keep.sum())
             return
         net = self.model
         was_training = net.training
@@ -102,12 +108,21 @@ class MaskedTokenAccuracy:
         for key, sel in (("all", masked), ("findings", finding)):
             self.counts[key][0] += int(correct[sel].sum())
             self.counts[key][1] += int(sel.sum())
+            hits, total = (correct & sel).sum(dim=1), sel.sum(dim=1)  # (B,) each
+            self.rows[key] += [(int(hits[i]), int(total[i])) for i in keep.nonzero().flatten().tolist()]
 
     def stream(self, batches: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
         for batch in batches:
             if "mlm_labels" in batch:
                 self.update(batch)
             yield batch
+
+    def per_sample(self, kind: str = "findings") -> np.ndarray:
+        """(N, 2) int64 (correct, masked) counts of ``kind`` ("all" or "findings") per evaluated sample, in pass
+        order (a deterministic eval pass masks the same tokens for every model: rows pair up across models)."""
+        import numpy as np
+
+        return np.asarray(self.rows[kind], dtype=np.int64).reshape(-1, 2)
 
     def result(self) -> dict[str, float]:
         """Accuracies (NaN when no token of that kind was masked) and the token counts behind them."""
