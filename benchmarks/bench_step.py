@@ -7,8 +7,9 @@ which 10 are [MASK]ed, ``model(batch)["loss"].backward()``, AdamW, under bf16 au
 open_clip's ``create_model("ViT-B-16")`` (random weights, nothing downloaded), batch 8, 224 px, context 77,
 ``ClipLoss``, bf16 autocast, AdamW: ``pip install .[bench]``.
 
-For each model and variant ("before" = the settings of before issue 15, "after" = today's defaults, optionally
-``align_on: full``) it prints one table row per part of the step:
+For each model and variant ("before" = the settings of before issue 15: checkpointing on, SDPA, torch's default
+AdamW; "after" = today's defaults with ``AdamW(fused=True)``; "+full" / "+full_image" = with that ``align_on``)
+it prints one table row per part of the step (each open_clip step uses the AdamW of the rows it is compared with):
 
 - time: one step under ``torch.profiler``. The forward of each part is the time inside a ``record_function``
   range that module hooks open around it (nested parts are subtracted from their parent); its backward is the
@@ -515,6 +516,7 @@ def timed_turns(settings: list[Setting], steps: int, warmup: int = 1) -> None:
             sync(_device(s.model))
             if i >= warmup:
                 s.times.append(time.perf_counter() - t0)
+                print(f"  step {i - warmup + 1}/{steps} {s.label}: {s.times[-1]:.2f} s", flush=True)
 
 
 def _device(model: nn.Module) -> torch.device:
