@@ -147,7 +147,7 @@ class MPMAConfig(ConfigSection):
     """Attention kernel everywhere: "sdpa" (`torch.nn.functional.scaled_dot_product_attention`), "eager"
     (explicit softmax(QK^T)V) or "auto": SDPA on CUDA, eager on CPU, following the device the model is moved to
     (`MPMA.set_attn_impl`). On CPU SDPA's flash kernel is slower than the explicit matmuls at MPMA's sequence
-    lengths (64-325 tokens; its bf16 backward ~3x, benchmarks/bench_step.py). Same values to rounding."""
+    lengths (64-325 tokens; docs/model.md, "Step cost"). Same values to rounding."""
     encoder_visible_only: bool = True
     """The ViT runs on visible patches only (MAE). False: it runs on all patches and the visible ones
     are picked afterwards (baseline; more compute, slightly different numbers)."""

@@ -65,7 +65,6 @@ class MPMA(nn.Module):
         nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
         nn.init.zeros_(self.mlm_head.decoder.bias)
         self.set_grad_checkpointing(config.grad_checkpointing)
-        self.attn_impl = ""
         self.set_attn_impl(config.attn_impl)
 
     # ------------------------------------------------------------------------------------------ switches
