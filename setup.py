@@ -62,6 +62,8 @@ setup(
     extras_require={
         # CUDA 12 users: pip install nvidia-dali-cuda120 instead (see README)
         "dali": ["nvidia-dali-cuda130>=1.40"],
+        # benchmark only: benchmarks/bench_step.py times open_clip's ViT-B/16 step beside MPMA's (random weights)
+        "bench": ["open_clip_torch>=2.24"],
         "dev": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",

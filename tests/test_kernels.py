@@ -180,6 +180,25 @@ def test_linear_ce_chunked_matches_reference(monkeypatch, bias, dtype):
     _assert_close(got, _ce_reference(*inputs, dtype), FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_ce_chunked_under_autocast(monkeypatch, bias):
+    """fp32 weights, bf16 autocast (how a plain-PyTorch bf16 step runs the MLM head): the backward, which runs
+    outside autocast, recomputes the chunks' logits in bf16 as the forward did (it mixed dtypes and raised),
+    and matches the reference under the same autocast."""
+    monkeypatch.setattr(lce, "CE_CHUNK_ELEMS", 13 * 600)  # 3 chunks: the backward recomputes each
+    hidden, weight, bias_, labels = _ce_inputs(bias=bias)
+    results = []
+    for impl in ("reference", "chunked"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        b = None if bias_ is None else bias_.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = kernels.linear_cross_entropy(h.to(torch.bfloat16), w, b, labels, impl=impl)
+        loss.backward()
+        assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+        results.append([loss] + [x.grad for x in (h, w, b) if x is not None])
+    _assert_close(results[1], results[0], BF16_TOL)
+
+
 def test_linear_ce_leading_shape_and_no_target():
     hidden, weight, bias, labels = _ce_inputs(rows=12)
     flat = kernels.linear_cross_entropy(hidden, weight, bias, labels, impl="chunked")

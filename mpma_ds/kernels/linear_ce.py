@@ -92,6 +92,10 @@ def _zero_touching(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return zero if bias is None else zero + bias.sum().float() * 0.0
 
 
+def _autocast_on(t: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
 def _chunk_width(rows: int, vocab: int) -> int:
     return min(vocab, max(512, min(8192, CE_CHUNK_ELEMS // max(1, rows))))
 
@@ -109,6 +113,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if use_triton:
             from mpma_ds.kernels._triton_ce import lse_update
         saved_logits = None
+        # Under autocast F.linear runs in the autocast dtype (bf16 inputs, whatever `weight` is); the backward runs
+        # outside autocast, so it casts to the dtype the forward's matmul used to recompute the same logits.
+        ctx.mm_dtype = torch.get_autocast_dtype(hidden.device.type) if _autocast_on(hidden) else hidden.dtype
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             logits = F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1]).float()  # (N, C)
@@ -149,7 +156,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if ctx.saved_logits is not None:
                 logits, ctx.saved_logits = ctx.saved_logits, None  # used (and changed in place) once
             else:
-                logits = F.linear(hidden, w_c, None if bias is None else bias[v0:v1]).float()  # (N, C)
+                cd = ctx.mm_dtype
+                b_c = None if bias is None else bias[v0:v1].to(cd)
+                logits = F.linear(hidden.to(cd), w_c.to(cd), b_c).float()  # (N, C), as the forward computed it
             if ctx.use_triton:
                 g = softmax_grad(logits, labels, v0, lse, scale, hidden.dtype)  # (N, C) in hidden's dtype
             else:

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from mpma_ds.config import ConfigSection, build
 
 TEXT_ARCHS = ("bert", "roberta")
-ATTN_IMPLS = ("sdpa", "eager")
-ALIGN_ON = ("masked", "full")
+ATTN_IMPLS = ("auto", "sdpa", "eager")
+ALIGN_ON = ("masked", "full", "full_image")
 GLOBAL_POOLS = ("mean", "cls")
 MEMORY_KV = ("concat", "gated_sum")
 KERNEL_IMPLS = ("auto", "reference", "chunked", "triton")
@@ -105,9 +105,11 @@ class MPMAConfig(ConfigSection):
     """Width of the normalised GLA embeddings (`encode_image` / `encode_text` output)."""
 
     # ---------------------------------------------------------------- GLA alignment
-    align_on: Literal["masked", "full"] = "masked"
+    align_on: Literal["masked", "full", "full_image"] = "masked"
     """Which unimodal features GLA aligns: "masked" = those of the masked pass (no extra cost),
-    "full" = an extra pass of both encoders on the unmasked image and report."""
+    "full" = an extra pass of both encoders on the unmasked image and report, "full_image" = an extra pass of
+    the image encoder only: the unmasked image against the report's features of the masked pass (its [MASK]
+    tokens are left out of the local term anyway, `local_exclude_masked_tokens`); saves the second text pass."""
     global_pool: Literal["mean", "cls"] = "mean"
     """How the pooled features of the global loss and `encode_image`/`encode_text` are taken: "mean" =
     mean over the (visible) patch tokens and the attended report tokens, "cls" = the [CLS] token.
@@ -141,9 +143,11 @@ class MPMAConfig(ConfigSection):
     """Stochastic depth rate of the ViT."""
 
     # ---------------------------------------------------------------- efficiency switches
-    attn_impl: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel everywhere: "sdpa" (`torch.nn.functional.scaled_dot_product_attention`) or
-    "eager" (explicit softmax(QK^T)V, the benchmark baseline)."""
+    attn_impl: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel everywhere: "sdpa" (`torch.nn.functional.scaled_dot_product_attention`), "eager"
+    (explicit softmax(QK^T)V) or "auto": SDPA on CUDA, eager on CPU, following the device the model is moved to
+    (`MPMA.set_attn_impl`). On CPU SDPA's flash kernel is slower than the explicit matmuls at MPMA's sequence
+    lengths (64-325 tokens; docs/model.md, "Step cost"). Same values to rounding."""
     encoder_visible_only: bool = True
     """The ViT runs on visible patches only (MAE). False: it runs on all patches and the visible ones
     are picked afterwards (baseline; more compute, slightly different numbers)."""
@@ -152,8 +156,10 @@ class MPMAConfig(ConfigSection):
     loss then ignores unmasked ones (same value, the baseline)."""
     mim_masked_only: bool = True
     """The MAE prediction layer runs only on masked patches. False: on all patches (same loss)."""
-    grad_checkpointing: bool = True
-    """Activation checkpointing per transformer block (non-reentrant); `set_grad_checkpointing` flips it."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing per transformer block (non-reentrant); `set_grad_checkpointing` flips it. Off by
+    default: recomputing every block's forward costs about a third more step time, and memory needs it only at
+    scale (``recipes/pretrain_base.yaml`` turns it on for its GPU batch; ``train.grad_checkpointing``)."""
     kernel_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
     """Implementation of the local late-interaction scores and the MLM cross-entropy (`mpma_ds.kernels`):
     "auto" = fused Triton kernels on CUDA, the memory-bounded chunked PyTorch path elsewhere; "reference" =
@@ -179,6 +185,10 @@ class MPMAConfig(ConfigSection):
             errors.append(f"image_mask_ratio must be in [0, 1), got {self.image_mask_ratio}")
         if self.decoder_width % 4:
             errors.append(f"decoder_width {self.decoder_width} must be divisible by 4 (2-D sin-cos positions)")
+        if self.attn_impl not in ATTN_IMPLS:
+            errors.append(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
+        if self.align_on not in ALIGN_ON:
+            errors.append(f"align_on must be one of {', '.join(ALIGN_ON)}, got {self.align_on!r}")
         if self.kernel_impl not in KERNEL_IMPLS:
             errors.append(f"kernel_impl must be one of {', '.join(KERNEL_IMPLS)}, got {self.kernel_impl!r}")
         if self.memory_slots < 0:

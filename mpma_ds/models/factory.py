@@ -35,8 +35,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         embed_dim=256,
     ),
     # Trains at several steps/s on 2 CPU cores; expects a tokenizer of <= 4096 tokens
-    # (`data_tools.train_tokenizer --vocab-size 4096`). Checkpointing off: memory is not the limit there
-    # and recomputation would cost a third more time.
+    # (`data_tools.train_tokenizer --vocab-size 4096`).
     "mpma_tiny": dict(
         image_size=128,
         patch_size=16,
@@ -58,7 +57,6 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         decoder_layers=1,
         decoder_heads=4,
         embed_dim=128,
-        grad_checkpointing=False,
     ),
 }
 # The M3AE ablation of each size: plain co-attention, no memory.

@@ -73,8 +73,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_layers)
         )
-        for blk in self.blocks:
-            blk.attn.fused_attn = cfg.attn_impl == "sdpa"
+        self.set_attn_impl("eager" if cfg.attn_impl == "auto" else cfg.attn_impl)
         self.norm = nn.LayerNorm(d)
         self.pred = nn.Linear(d, cfg.patch_size**2 * cfg.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -83,6 +82,10 @@ class MAEDecoder(nn.Module):
         nn.init.zeros_(self.pred.bias)
         self.masked_only = cfg.mim_masked_only
         self.block_checkpointing = False
+
+    def set_attn_impl(self, impl: str) -> None:
+        for blk in self.blocks:
+            blk.attn.fused_attn = impl == "sdpa"
 
     def forward(
         self, x: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor, grid: tuple[int, int]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mpma_ds.models.config import MPMAConfig
-from mpma_ds.models.fusion import MACMFFusion
+from mpma_ds.models.config import ATTN_IMPLS, MPMAConfig
+from mpma_ds.models.fusion import MACMFFusion, MultiHeadAttention
 from mpma_ds.models.heads import MAEDecoder, MLMHead
 from mpma_ds.models.image_encoder import build_image_encoder, patchify, random_masking, save_timm_local_dir
 from mpma_ds.models.losses import GlobalContrastiveLoss, LocalAlignmentLoss, masked_patch_mse
@@ -65,6 +65,7 @@ class MPMA(nn.Module):
         nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
         nn.init.zeros_(self.mlm_head.decoder.bias)
         self.set_grad_checkpointing(config.grad_checkpointing)
+        self.set_attn_impl(config.attn_impl)
 
     # ------------------------------------------------------------------------------------------ switches
     def set_distributed(self, rank: int, world_size: int) -> None:
@@ -91,6 +92,32 @@ class MPMA(nn.Module):
         else:
             text.gradient_checkpointing_disable()
         self.grad_checkpointing = enable
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every attention in place: "sdpa", "eager" or "auto" (SDPA when the parameters are on CUDA,
+        eager elsewhere; re-decided whenever the model is moved, see `_apply`). Same weights, same values to
+        rounding."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
+        self._attn_choice = impl
+        if impl == "auto":
+            param = next(self.parameters(), None)
+            impl = "sdpa" if param is not None and param.device.type == "cuda" else "eager"
+        for stack in (self.image_encoder, self.mae_decoder):
+            if stack is not None:
+                stack.set_attn_impl(impl)
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.attn_impl = impl
+        if self.text_encoder is not None and self.text_encoder.config._attn_implementation != impl:
+            self.text_encoder.set_attn_implementation(impl)
+        self.attn_impl = impl
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 -- nn.Module's hook for .to() / .cuda() / .cpu()
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_attn_choice", None) == "auto":
+            self.set_attn_impl("auto")  # follow the device
+        return out
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay: norms, biases, embeddings, tokens, memory, temperatures."""
@@ -267,6 +294,8 @@ class MPMA(nn.Module):
         if cfg.align_on == "full":
             full_ids = torch.where(mlm_labels != -100, mlm_labels, input_ids)
             img_a, txt_a = self._unimodal(images, full_ids, attention_mask, None)
+        elif cfg.align_on == "full_image":  # the unmasked image against the masked pass's report features
+            img_a, txt_a = self.image_encoder(images), txt
         else:
             img_a, txt_a = img, txt
         img_emb = F.normalize(self.image_proj(self._pool_image(img_a)), dim=-1)  # (B, E)
