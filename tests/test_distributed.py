@@ -20,9 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides
+from train_testdata import (
+    ROOT,
+    TINY_RECIPE,
+    consolidated_weights,
+    prepared_base,
+    step_metric,
+    tiny_overrides,
+    wait_ok,
+)
 
-from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import load_recipe
 from mpma_ds.training.checkpoint import COMPLETE_FILE, complete_tags
 from mpma_ds.training.distributed import free_port
@@ -50,28 +57,6 @@ def _launch(overrides: list[str], log: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert rc == 0, f"launcher exited {rc}:\n" + log.read_text()[-4000:]
-
-
-def _losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    rows = [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if key in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
-    return {r["step"]: r[key] for r in rows}
-
-
-def _consolidated(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
     return prepared_base(tmp_path_factory)
@@ -95,7 +80,7 @@ def one_rank(base, tmp_path_factory):
 def two_ranks(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_ranks")
     proc = _launch(tiny_overrides(base, root / "run"), root / "log.txt")
-    _wait(proc, root / "log.txt")
+    wait_ok(proc, root / "log.txt", timeout=400)
     return root / "run"
 
 
@@ -113,7 +98,7 @@ def killed_and_resumed(base, tmp_path_factory):
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         latest = run / "checkpoints" / "latest"
-        logged = _losses(run) if (run / "metrics.jsonl").exists() else {}
+        logged = step_metric(run) if (run / "metrics.jsonl").exists() else {}
         if latest.exists() and latest.read_text().strip() >= "step_00000004" and max(logged, default=0) >= 5:
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = max(logged)
@@ -124,7 +109,7 @@ def killed_and_resumed(base, tmp_path_factory):
         "the run was not killed mid-way:\n" + ((root / "log1.txt").read_text()[-3000:])
     )
     proc = _launch(overrides, root / "log2.txt", "--resume", "auto")
-    _wait(proc, root / "log2.txt")
+    wait_ok(proc, root / "log2.txt", timeout=400)
     return run, uri, killed_at
 
 
@@ -132,7 +117,7 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(one_rank):
     from mlflow.tracking import MlflowClient
 
     run, summary, uri = one_rank
-    losses = _losses(run)
+    losses = step_metric(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = losses[1], sum(losses[s] for s in (STEPS - 1, STEPS)) / 2
     assert last < 0.93 * first, losses  # loss falls (10.8 -> 9.6 seen)
@@ -192,7 +177,7 @@ def test_real_launcher_two_ranks_each_hold_half_the_parameters(two_ranks):
 def test_one_rank_and_two_ranks_agree_on_the_first_losses(one_rank, two_ranks):
     run1, _, _ = one_rank
     for key in ("loss", "loss_mlm", "loss_mim", "loss_local"):
-        one, two = _losses(run1, key), _losses(two_ranks, key)
+        one, two = step_metric(run1, key), step_metric(two_ranks, key)
         assert one[1] == pytest.approx(two[1], rel=FIRST_STEP_RTOL), key
         for step in range(1, COMPARED_STEPS + 1):
             assert one[step] == pytest.approx(two[step], rel=FIRST_STEPS_RTOL), (key, step, one, two)
@@ -204,12 +189,12 @@ def test_kill_9_and_resume_auto_equals_the_uninterrupted_run(killed_and_resumed,
     run, uri, killed_at = killed_and_resumed
     assert 5 <= killed_at < STEPS
     # the final consolidated fp32 weights are bit-identical to the uninterrupted run's (tolerance: exact)
-    resumed, reference = _consolidated(run, STEPS), _consolidated(two_ranks, STEPS)
+    resumed, reference = consolidated_weights(run, STEPS), consolidated_weights(two_ranks, STEPS)
     assert resumed.keys() == reference.keys() and len(resumed) > 50
     mismatched = [k for k in reference if not torch.equal(resumed[k], reference[k])]
     assert not mismatched, mismatched[:5]
     # so are the logged losses, and metrics.jsonl holds each step once
-    assert _losses(run) == _losses(two_ranks)
+    assert step_metric(run) == step_metric(two_ranks)
     # one MLflow run, continued, with each step once
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test-resume").experiment_id])

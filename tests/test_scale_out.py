@@ -16,14 +16,22 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_testdata import ROOT, TINY_RECIPE, prepared_base, pretrain_argv, tiny_overrides
+from train_testdata import (
+    ROOT,
+    TINY_RECIPE,
+    consolidated_weights,
+    prepared_base,
+    pretrain_argv,
+    step_metric,
+    tiny_overrides,
+    wait_ok,
+)
 
 from mpma_ds.config import ConfigError
 from mpma_ds.data.plan import reshard_positions
@@ -65,31 +73,9 @@ def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     )
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 500) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert rc == 0, f"{log.name}: exited {rc}:\n" + log.read_text()[-4000:]
-
-
 def _launch_two_ranks(overrides: list[str], log: Path, *extra: str) -> None:
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py"]
-    _wait(_start(cmd + pretrain_argv(overrides, *extra), log), log)
-
-
-def _losses(run: Path, key: str = "loss") -> dict[int, float]:
-    rows = [r for r in read_metrics_jsonl(run / "metrics.jsonl") if key in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
-    return {r["step"]: r[key] for r in rows}
-
-
-def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=ckpt.tag_for(step))
+    wait_ok(_start(cmd + pretrain_argv(overrides, *extra), log), log, timeout=500)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -154,7 +140,7 @@ def two_nodes(base, tmp_path_factory) -> tuple[Path, list[str]]:
             (_start(["bash", str(NODE_SH), *argv], root / f"node{node}.txt", env), root / f"node{node}.txt")
         )
     for proc, log in procs:
-        _wait(proc, log)
+        wait_ok(proc, log, timeout=500)
     return root / "run", [log.read_text() for _, log in procs]
 
 
@@ -205,11 +191,11 @@ def test_two_node_launchers_equal_one_node_with_two_ranks(two_nodes, two_ranks):
         assert f"--no_ssh --node_rank {node}" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["accumulation"] == 1 and summary["step"] == STEPS
-    nodes, one_node = _losses(run), _losses(two_ranks)
+    nodes, one_node = step_metric(run), step_metric(two_ranks)
     assert sorted(nodes) == list(range(1, STEPS + 1))
     for step in nodes:
         assert nodes[step] == pytest.approx(one_node[step], rel=LOSS_RTOL), (step, nodes, one_node)
-    assert _max_diff(_weights(run, STEPS), _weights(two_ranks, STEPS)) <= WEIGHT_ATOL
+    assert _max_diff(consolidated_weights(run, STEPS), consolidated_weights(two_ranks, STEPS)) <= WEIGHT_ATOL
     ckpt_dir = run / "checkpoints" / ckpt.tag_for(STEPS)
     assert len(list(ckpt_dir.glob("*optim_states.pt"))) == 2  # each node's rank saved its ZeRO-3 partition
     assert json.loads((ckpt_dir / ckpt.COMPLETE_FILE).read_text())["world_size"] == 2
@@ -223,11 +209,11 @@ def test_two_ranks_resumed_on_one_rank_continue_the_uninterrupted_run(two_to_one
     assert summary["start_step"] == HALF and summary["step"] == STEPS
     # the step, the lr schedule and the losses of steps 5..8 are those of the run that never stopped
     for key in ("loss", "lr", "loss_mlm", "loss_mim"):
-        resumed, reference = _losses(run, key), _losses(two_ranks, key)
+        resumed, reference = step_metric(run, key), step_metric(two_ranks, key)
         assert sorted(resumed) == list(range(1, STEPS + 1))
         for step in range(HALF + 1, STEPS + 1):
             assert resumed[step] == pytest.approx(reference[step], rel=LOSS_RTOL), (key, step)
-    assert _max_diff(_weights(run, STEPS), _weights(two_ranks, STEPS)) <= WEIGHT_ATOL
+    assert _max_diff(consolidated_weights(run, STEPS), consolidated_weights(two_ranks, STEPS)) <= WEIGHT_ATOL
     # the conversion is cached in the checkpoint and covered by its digests
     tag_dir = run / "checkpoints" / ckpt.tag_for(HALF)
     meta = ckpt.read_meta(tag_dir)
@@ -270,12 +256,12 @@ def test_one_rank_resumed_on_two_ranks_continues_the_mlflow_run(one_to_two, two_
     assert summary["start_step"] == HALF and summary["step"] == STEPS
     # the uninterrupted reference: the same recipe on 2 ranks (1 rank × 2 accumulation steps and 2 ranks train
     # bit-identically here, see test_distributed.py and the 2 → 1 test)
-    resumed, reference = _losses(run), _losses(two_ranks)
+    resumed, reference = step_metric(run), step_metric(two_ranks)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=LOSS_RTOL), (step, resumed, reference)
-    assert _losses(run, "lr") == pytest.approx(_losses(two_ranks, "lr"), rel=1e-9)
-    assert _max_diff(_weights(run, STEPS), _weights(two_ranks, STEPS)) <= WEIGHT_ATOL
+    assert step_metric(run, "lr") == pytest.approx(step_metric(two_ranks, "lr"), rel=1e-9)
+    assert _max_diff(consolidated_weights(run, STEPS), consolidated_weights(two_ranks, STEPS)) <= WEIGHT_ATOL
     # one MLflow run, continued by the 2-rank job, with each step once
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test-scale").experiment_id])

@@ -7,11 +7,18 @@ A tiny synthetic MIMIC-CXR-JPG corpus → shards (data_tools.build_shards) → a
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
 from pathlib import Path
+
+import torch
 
 from data_tools.build_shards import build_shards
 from data_tools.synth.corpus import generate_corpus
 from data_tools.train_tokenizer import train_tokenizer
+from mpma_ds.tracking import read_metrics_jsonl
+from mpma_ds.training.checkpoint import tag_for
 
 STUDIES = 48
 SEED = 5
@@ -90,3 +97,29 @@ def tiny_overrides(base: str, out: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def wait_ok(proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait for a launcher started in its own session; on timeout kill its whole group (every rank); exit 0
+    or fail with the log's tail."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, f"{log.name}: exited {rc}:\n" + log.read_text()[-4000:]
+
+
+def step_metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """``{step: value}`` of one metric from a run's metrics.jsonl, failing if a step was logged twice."""
+    rows = [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if key in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
+    return {r["step"]: r[key] for r in rows}
+
+
+def consolidated_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a run's ZeRO checkpoint at ``step``, gathered by DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag_for(step))

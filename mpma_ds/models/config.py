@@ -223,6 +223,12 @@ class MPMAConfig(ConfigSection):
         return max(1, int(n * (1.0 - self.image_mask_ratio)))
 
     @property
+    def build_attn_impl(self) -> str:
+        """The attention the sub-modules are built with: `attn_impl`, with "auto" as "eager" (a model is built on
+        the CPU; `MPMA` re-decides "auto" whenever it is moved, `MPMA.set_attn_impl`)."""
+        return "eager" if self.attn_impl == "auto" else self.attn_impl
+
+    @property
     def init_logit_scale(self) -> float:
         return math.log(1.0 / self.init_temperature)
 

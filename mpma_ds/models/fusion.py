@@ -83,7 +83,7 @@ class FusionLayer(nn.Module):
     def __init__(self, cfg: MPMAConfig) -> None:
         super().__init__()
         d, h, p = cfg.fusion_width, cfg.fusion_heads, cfg.dropout
-        impl = "eager" if cfg.attn_impl == "auto" else cfg.attn_impl  # "auto": MPMA switches it on .to
+        impl = cfg.build_attn_impl
         hidden = int(d * cfg.fusion_mlp_ratio)
         self.t_norm1, self.t_self = nn.LayerNorm(d), MultiHeadAttention(d, h, dropout=p, attn_impl=impl)
         self.t_norm2, self.t_cross = nn.LayerNorm(d), MultiHeadAttention(d, h, dropout=p, attn_impl=impl)

@@ -73,7 +73,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_layers)
         )
-        self.set_attn_impl("eager" if cfg.attn_impl == "auto" else cfg.attn_impl)
+        self.set_attn_impl(cfg.build_attn_impl)
         self.norm = nn.LayerNorm(d)
         self.pred = nn.Linear(d, cfg.patch_size**2 * cfg.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)

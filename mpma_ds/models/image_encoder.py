@@ -102,7 +102,7 @@ def build_image_encoder(cfg: MPMAConfig) -> MaskedVisionTransformer:
         drop_path_rate=cfg.drop_path,
     )
     vit = MaskedVisionTransformer(**model_args)
-    vit.set_attn_impl("eager" if cfg.attn_impl == "auto" else cfg.attn_impl)  # "auto": MPMA switches it on .to
+    vit.set_attn_impl(cfg.build_attn_impl)
     if cfg.image_init_from:
         load_timm_weights(vit, cfg.image_init_from)
     return vit

@@ -74,7 +74,7 @@ def build_text_encoder(cfg: MPMAConfig) -> PreTrainedModel:
             cfg.text_init_from,
             add_pooling_layer=False,
             local_files_only=True,
-            attn_implementation=_hf_attn(cfg.attn_impl),
+            attn_implementation=cfg.build_attn_impl,
             hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout,
         )
@@ -82,13 +82,8 @@ def build_text_encoder(cfg: MPMAConfig) -> PreTrainedModel:
             raise ValueError(f"text_init_from={cfg.text_init_from} built {type(model).__name__}, not {model_cls}")
         return model
     return model_cls._from_config(
-        text_hf_config(cfg), attn_implementation=_hf_attn(cfg.attn_impl), add_pooling_layer=False
+        text_hf_config(cfg), attn_implementation=cfg.build_attn_impl, add_pooling_layer=False
     )
-
-
-def _hf_attn(impl: str) -> str:
-    """`transformers`' name for ``MPMAConfig.attn_impl`` at build time ("auto": built for CPU, switched on ``.to``)."""
-    return "eager" if impl == "auto" else impl
 
 
 def tokenizer_vocab_size(tokenizer: Any) -> int:
