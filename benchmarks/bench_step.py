@@ -23,13 +23,17 @@ it prints one table row per part of the step (each open_clip step uses the AdamW
 
 Samples/s come from un-profiled steps, the models taking turns step by step (median of each), so load on a
 shared machine hits every setting alike; the ratio to open_clip (run with the same AdamW and the same malloc
-settings, switched before each step) is printed, and the minor page faults of each step. Writes
+settings) is printed, and the minor page faults of each step. The malloc settings are the process's: each round
+runs the settings with glibc's first, then those that keep freed memory, and a step right after a switch is run
+untimed first (it pays the switch: the pages glibc handed back fault in again, or the kept ones are handed
+back), so each timed step is one of its setting's steady state. Writes
 benchmarks/results/bench_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -76,10 +80,25 @@ def variant_adamw(variant: str) -> str:
     return ADAMW.get(variant.split("+")[0], "fused")
 
 
+GLIBC_MALLOC = "+glibc_malloc"
+
+
+def malloc_twin(setting: Setting, variant: str) -> Setting:
+    """``setting``'s model, batch and optimizer run as ``variant`` ("...+glibc_malloc": with glibc's malloc
+    settings): the two rows share one model (the weights they step do not change what a step costs), so a run
+    holds one copy of the model and its AdamW state, not two."""
+    twin = copy.copy(setting)
+    mpma = hasattr(setting.model, "fusion")
+    twin.label = f"{setting.label.rsplit(' ', 1)[0]} {variant}" if mpma else f"{setting.label}, glibc malloc"
+    twin.keep_host_memory = variant_keeps_host_memory(variant)
+    twin.times, twin.faults = [], []
+    return twin
+
+
 def variant_keeps_host_memory(variant: str) -> bool:
     """Whether a variant's steps keep freed host memory (``build_engine`` on CPU since issue 15): not "before",
     not "+glibc_malloc"."""
-    return not (variant.startswith("before") or variant.endswith("+glibc_malloc"))
+    return not (variant.startswith("before") or variant.endswith(GLIBC_MALLOC))
 
 
 ROWS = (
@@ -543,9 +562,14 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def timed_turns(settings: list[Setting], steps: int, warmup: int = 1) -> None:
     """``steps`` timed steps of each setting, taking turns step by step (after ``warmup`` untimed ones)."""
+    settings = sorted(settings, key=lambda s: s.keep_host_memory)  # one switch of malloc settings each way a round
+    mode = None
     for i in range(warmup + steps):
         for s in settings:
             s.use_malloc_settings()
+            if s.keep_host_memory != mode:
+                s.step()  # the switch's cost, untimed
+                mode = s.keep_host_memory
             sync(_device(s.model))
             faults = _minor_faults()
             t0 = time.perf_counter()
@@ -613,13 +637,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peak_before = matmul_peak("bf16", device, seconds=args.peak_seconds)
 
-    settings = [mpma_setting(m, v, device, overrides=overrides) for m in args.models for v in args.variants]
+    built: dict[tuple[str, str], Setting] = {}
+    settings = []
+    for m in args.models:
+        for v in sorted(args.variants, key=lambda v: v.endswith(GLIBC_MALLOC)):  # the twins after their models
+            twin = built.get(
+                (m, v.removesuffix(GLIBC_MALLOC))
+            )  # the same model with build_engine's malloc settings
+            settings.append(malloc_twin(twin, v) if twin else mpma_setting(m, v, device, overrides=overrides))
+            built[(m, v)] = settings[-1]
     clips: dict[tuple[str, bool], Setting] = {}  # (AdamW, keep host memory) -> open_clip run that way
     if not args.no_open_clip:
         for adamw, keep in sorted(
             {(s.adamw, s.keep_host_memory) for s in settings}, key=lambda k: (k[0], not k[1])
         ):
-            oc = open_clip_setting(device, adamw, keep)
+            twin = clips.get((adamw, True))
+            oc = malloc_twin(twin, GLIBC_MALLOC) if twin else open_clip_setting(device, adamw, keep)
             if oc is None:
                 print("open_clip is not installed (pip install .[bench]); its step is skipped", file=sys.stderr)
                 break
