@@ -6,8 +6,9 @@ when enough is free there. A CPU training step allocates and frees the same larg
 mpma_base's tied 50265 x 768 word-embedding gradient is 154 MB (twice: the embedding's and the MLM head's,
 then their sum), the MAE decoder's (8, 16, 325, 325) attention scores 54 MB — so every step touches those
 pages afresh and takes a minor page fault per 4 KiB: ~300 k faults (1.2 GB) per mpma_base step measured on
-our CPU, a third of its time (benchmarks/bench_step.py, docs/model.md "Step cost (issue 15)"); open_clip's
-ViT-B/16 step, with no block over 32 MiB, takes none. With mmap off and trimming off, freed blocks stay in
+our CPU VM, costing from a third of its time to nothing measurable as the VM's free memory went
+(benchmarks/bench_step.py, docs/model.md "Step cost (issue 15)"); open_clip's ViT-B/16 step, with no block
+over 32 MiB, took none in the same process. With mmap off and trimming off, freed blocks stay in
 the heap and the next step reuses them: the process keeps its peak resident set instead of returning it
 between steps, which is what jemalloc and tcmalloc (the allocators PyTorch's CPU performance guide suggests)
 do too.
