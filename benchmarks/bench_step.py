@@ -8,7 +8,9 @@ open_clip's ``create_model("ViT-B-16")`` (random weights, nothing downloaded), b
 ``ClipLoss``, bf16 autocast, AdamW: ``pip install .[bench]``.
 
 For each model and variant ("before" = the settings of before issue 15: checkpointing on, SDPA, torch's default
-AdamW; "after" = today's defaults with ``AdamW(fused=True)``; "+full" / "+full_image" = with that ``align_on``)
+AdamW, glibc's malloc settings; "after" = today's defaults as ``build_engine`` runs them on a CPU: ``AdamW(fused=True)``
+and the host memory a step frees kept for the next (`mpma_ds.training.host_memory`); "after+glibc_malloc" = the
+same with glibc's settings, i.e. before that; "+full" / "+full_image" = with that ``align_on``)
 it prints one table row per part of the step (each open_clip step uses the AdamW of the rows it is compared with):
 
 - time: one step under ``torch.profiler``. The forward of each part is the time inside a ``record_function``
@@ -20,15 +22,21 @@ it prints one table row per part of the step (each open_clip step uses the AdamW
 - share of the step and achieved FLOP/s, also as a fraction of the bf16 matmul peak measured in the same run.
 
 Samples/s come from un-profiled steps, the models taking turns step by step (median of each), so load on a
-shared machine hits every setting alike; the ratio to open_clip is printed. Writes
+shared machine hits every setting alike; the ratio to open_clip (run with the same AdamW and the same malloc
+settings) is printed, and the minor page faults of each step. The malloc settings are the process's: each round
+runs the settings with glibc's first, then those that keep freed memory, and a step right after a switch is run
+untimed first (it pays the switch: the pages glibc handed back fault in again, or the kept ones are handed
+back), so each timed step is one of its setting's steady state. Writes
 benchmarks/results/bench_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -46,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import matmul_peak, sync  # noqa: E402 -- the same peak bench_model measures
 
 from mpma_ds.models import MPMA, MPMAConfig, get_model_config  # noqa: E402
+from mpma_ds.training.host_memory import keep_freed_host_memory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -57,6 +66,7 @@ BEFORE = dict(grad_checkpointing=True, attn_impl="sdpa")
 VARIANTS: dict[str, dict[str, Any]] = {
     "before": BEFORE,
     "after": {},
+    "after+glibc_malloc": {},
     "before+full": {**BEFORE, "align_on": "full"},
     "after+full": dict(align_on="full"),
     "after+full_image": dict(align_on="full_image"),
@@ -68,6 +78,27 @@ ADAMW = {"before": "default"}
 
 def variant_adamw(variant: str) -> str:
     return ADAMW.get(variant.split("+")[0], "fused")
+
+
+GLIBC_MALLOC = "+glibc_malloc"
+
+
+def malloc_twin(setting: Setting, variant: str) -> Setting:
+    """``setting``'s model, batch and optimizer run as ``variant`` ("...+glibc_malloc": with glibc's malloc
+    settings): the two rows share one model (the weights they step do not change what a step costs), so a run
+    holds one copy of the model and its AdamW state, not two."""
+    twin = copy.copy(setting)
+    mpma = hasattr(setting.model, "fusion")
+    twin.label = f"{setting.label.rsplit(' ', 1)[0]} {variant}" if mpma else f"{setting.label}, glibc malloc"
+    twin.keep_host_memory = variant_keeps_host_memory(variant)
+    twin.times, twin.faults = [], []
+    return twin
+
+
+def variant_keeps_host_memory(variant: str) -> bool:
+    """Whether a variant's steps keep freed host memory (``build_engine`` on CPU since issue 15): not "before",
+    not "+glibc_malloc"."""
+    return not (variant.startswith("before") or variant.endswith(GLIBC_MALLOC))
 
 
 ROWS = (
@@ -272,8 +303,10 @@ class Setting:
     loss_fn: Callable[[], torch.Tensor]
     batch_size: int
     adamw: str = "fused"
+    keep_host_memory: bool = True
     optimizer: torch.optim.Optimizer = field(init=False)
     times: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.adamw not in ("default", "fused"):
@@ -284,6 +317,10 @@ class Setting:
     def forward(self) -> torch.Tensor:
         with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16):
             return self.loss_fn()
+
+    def use_malloc_settings(self) -> None:
+        """This setting's malloc settings, process-wide: set before each of its steps (outside the timing)."""
+        keep_freed_host_memory(self.keep_host_memory)
 
     def step(self, ranges: bool = False) -> None:
         rf = torch.profiler.record_function if ranges else _null_range
@@ -317,7 +354,14 @@ def mpma_setting(
     batch = {k: v.to(device) for k, v in make_batch(cfg).items()}
     gen = torch.Generator(device=device).manual_seed(seed)
     loss = lambda: model(batch, generator=gen)["loss"]  # noqa: E731
-    return Setting(f"{model_name} {variant}", model, loss, BATCH, adamw=variant_adamw(variant))
+    return Setting(
+        f"{model_name} {variant}",
+        model,
+        loss,
+        BATCH,
+        adamw=variant_adamw(variant),
+        keep_host_memory=variant_keeps_host_memory(variant),
+    )
 
 
 def variant_overrides(model_name: str, variant: str) -> dict[str, Any]:
@@ -330,7 +374,7 @@ def variant_overrides(model_name: str, variant: str) -> dict[str, Any]:
     return out
 
 
-def open_clip_setting(device: torch.device, adamw: str = "fused") -> Setting | None:
+def open_clip_setting(device: torch.device, adamw: str = "fused", keep_host_memory: bool = True) -> Setting | None:
     """open_clip ViT-B/16 at 224 px, context 77, ClipLoss, random weights; None when open_clip is missing."""
     try:
         import open_clip
@@ -346,7 +390,15 @@ def open_clip_setting(device: torch.device, adamw: str = "fused") -> Setting | N
     def loss_fn() -> torch.Tensor:
         return loss(*model(images, text)[:3])
 
-    return Setting(f"open_clip ViT-B-16 {adamw} AdamW", model, loss_fn, BATCH, adamw=adamw)
+    malloc = "" if keep_host_memory else ", glibc malloc"
+    return Setting(
+        f"open_clip ViT-B-16 {adamw} AdamW{malloc}",
+        model,
+        loss_fn,
+        BATCH,
+        adamw=adamw,
+        keep_host_memory=keep_host_memory,
+    )
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -355,6 +407,7 @@ def step_flops(setting: Setting) -> dict[str, float]:
 
     Model FLOPs: checkpointing is switched off for the count, so a block's recomputation is not counted."""
     model = setting.model
+    setting.use_malloc_settings()
     checkpointing = getattr(model, "grad_checkpointing", False)
     if checkpointing:
         model.set_grad_checkpointing(False)
@@ -377,6 +430,7 @@ def step_flops(setting: Setting) -> dict[str, float]:
 def profile_step(setting: Setting) -> dict[str, dict[str, float]]:
     """Seconds of forward and backward per table row over one profiled step, plus the optimizer and the total."""
     instrument = StepInstrument(setting.model, ranges=True) if hasattr(setting.model, "fusion") else None
+    setting.use_malloc_settings()
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             setting.step(ranges=True)
@@ -508,15 +562,31 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def timed_turns(settings: list[Setting], steps: int, warmup: int = 1) -> None:
     """``steps`` timed steps of each setting, taking turns step by step (after ``warmup`` untimed ones)."""
+    settings = sorted(settings, key=lambda s: s.keep_host_memory)  # one switch of malloc settings each way a round
+    mode = None
     for i in range(warmup + steps):
         for s in settings:
+            s.use_malloc_settings()
+            if s.keep_host_memory != mode:
+                s.step()  # the switch's cost, untimed
+                mode = s.keep_host_memory
             sync(_device(s.model))
+            faults = _minor_faults()
             t0 = time.perf_counter()
             s.step()
             sync(_device(s.model))
             if i >= warmup:
                 s.times.append(time.perf_counter() - t0)
-                print(f"  step {i - warmup + 1}/{steps} {s.label}: {s.times[-1]:.2f} s", flush=True)
+                s.faults.append(_minor_faults() - faults)
+                print(
+                    f"  step {i - warmup + 1}/{steps} {s.label}: {s.times[-1]:.2f} s, {s.faults[-1]} page faults",
+                    flush=True,
+                )
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (a page touched for the first time since it was mapped)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -567,21 +637,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peak_before = matmul_peak("bf16", device, seconds=args.peak_seconds)
 
-    settings = [mpma_setting(m, v, device, overrides=overrides) for m in args.models for v in args.variants]
-    clips: dict[str, Setting] = {}
+    built: dict[tuple[str, str], Setting] = {}
+    settings = []
+    for m in args.models:
+        for v in sorted(args.variants, key=lambda v: v.endswith(GLIBC_MALLOC)):  # the twins after their models
+            twin = built.get(
+                (m, v.removesuffix(GLIBC_MALLOC))
+            )  # the same model with build_engine's malloc settings
+            settings.append(malloc_twin(twin, v) if twin else mpma_setting(m, v, device, overrides=overrides))
+            built[(m, v)] = settings[-1]
+    clips: dict[tuple[str, bool], Setting] = {}  # (AdamW, keep host memory) -> open_clip run that way
     if not args.no_open_clip:
-        for adamw in sorted({s.adamw for s in settings}):
-            oc = open_clip_setting(device, adamw)
+        for adamw, keep in sorted(
+            {(s.adamw, s.keep_host_memory) for s in settings}, key=lambda k: (k[0], not k[1])
+        ):
+            twin = clips.get((adamw, True))
+            oc = malloc_twin(twin, GLIBC_MALLOC) if twin else open_clip_setting(device, adamw, keep)
             if oc is None:
                 print("open_clip is not installed (pip install .[bench]); its step is skipped", file=sys.stderr)
                 break
-            clips[adamw] = oc
+            clips[(adamw, keep)] = oc
     everyone = settings + list(clips.values())
 
     tables = {}
     if not args.no_table:
         for s in everyone:
             tables[s.label] = {"flops": step_flops(s)}  # FLOPs of every model (open_clip's: the total)
+            s.use_malloc_settings()
             s.step()  # warm-up
             if s in settings:
                 tables[s.label]["times"] = times = profile_step(s)
@@ -593,7 +675,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for s in everyone:
         sec = statistics.median(s.times)
-        entry = {"setting": s.label, "samples_s": s.batch_size / sec, "step_s": sec, "step_times_s": s.times}
+        entry = {
+            "setting": s.label,
+            "samples_s": s.batch_size / sec,
+            "step_s": sec,
+            "step_times_s": s.times,
+            "page_faults": statistics.median(s.faults),
+            "keep_host_memory": s.keep_host_memory,
+        }
         if s.label in tables:
             t = tables[s.label]
             entry["gflop_per_sample"] = t["flops"]["Global"] / s.batch_size / 1e9
@@ -605,20 +694,22 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
 
     print(
-        f"\n{'setting':<34} {'samples/s':>9} {'step s':>7} {'GFLOP/smp':>9} {'GFLOP/s':>8} {'of peak':>7} {'vs oc':>6}"
+        f"\n{'setting':<48} {'samples/s':>9} {'step s':>7} {'faults':>7} {'GFLOP/smp':>9} {'GFLOP/s':>8} "
+        f"{'of peak':>7} {'vs oc':>6}"
     )
     by_label = {r["setting"]: r for r in results}
     for s, r in zip(everyone, results, strict=True):
         r["adamw"] = s.adamw
-        if s.adamw in clips:  # against open_clip with the same AdamW
-            r["vs_open_clip"] = r["samples_s"] / by_label[clips[s.adamw].label]["samples_s"]
+        oc = clips.get((s.adamw, s.keep_host_memory))
+        if oc is not None:  # against open_clip with the same AdamW and malloc settings
+            r["vs_open_clip"] = r["samples_s"] / by_label[oc.label]["samples_s"]
         vs = f"{r['vs_open_clip']:>5.2f}x" if "vs_open_clip" in r else "     -"
         gf = (
             f"{r['gflop_per_sample']:>9.1f} {r['achieved_gflop_s']:>8.1f} {r['of_peak']:>7.1%}"
             if "of_peak" in r
             else ""
         )
-        print(f"{r['setting']:<34} {r['samples_s']:>9.3f} {r['step_s']:>7.2f} {gf} {vs}")
+        print(f"{r['setting']:<48} {r['samples_s']:>9.3f} {r['step_s']:>7.2f} {r['page_faults']:>7.0f} {gf} {vs}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -633,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
+    keep_freed_host_memory(False)  # leave the process with glibc's settings (a caller's, e.g. a test run's)
     return 0
 
 

@@ -111,13 +111,15 @@ def test_profiled_rows_add_up_to_the_step():
 
 def test_script_writes_its_table(tmp_path, capsys):
     out = tmp_path / "step.json"
-    argv = ["--models", "mpma_tiny", "--variants", "after", "--steps", "1", "--no-open-clip", "--out", str(out)]
-    argv += ["--peak-seconds", "0.2"]
+    argv = ["--models", "mpma_tiny", "--variants", "after", "after+glibc_malloc", "--steps", "1", "--no-open-clip"]
+    argv += ["--out", str(out), "--peak-seconds", "0.2"]
     argv += ["--override", *(f"{k}={v}" for k, v in ONE_LAYER.items())]
     assert bench_step.main(argv) == 0
     report = json.loads(out.read_text())
-    (result,) = report["results"]
+    result, glibc = report["results"]
     assert result["setting"] == "mpma_tiny after" and result["samples_s"] > 0 and len(result["step_times_s"]) == 1
+    assert result["keep_host_memory"] and not glibc["keep_host_memory"]  # build_engine's CPU setting, and before
+    assert result["page_faults"] >= 0 and glibc["page_faults"] >= 0
     parts = [r["part"] for r in result["table"]]
     assert parts[-1] == "total" and "image encoder" in parts and "optimizer (AdamW)" in parts
     assert report["matmul_peak_bf16_flops"] > 0 and 0 < result["of_peak"] < 1

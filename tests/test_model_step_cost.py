@@ -1,5 +1,6 @@
 """The step-cost switches of issue 15: ``attn_impl: auto`` follows the device and computes SDPA's values,
-``align_on: full_image`` is ``full`` without the second text pass, checkpointing is off unless asked for."""
+``align_on: full_image`` is ``full`` without the second text pass, checkpointing is off unless asked for, the
+patch embedding's matmul is timm's convolution."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from model_testdata import gen, make_batch
 
 from mpma_ds.models import create_model, get_model_config
 from mpma_ds.models.fusion import MultiHeadAttention
+from mpma_ds.models.image_encoder import PatchConv2d
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +99,25 @@ def test_checkpointing_is_off_by_default_and_on_in_the_base_recipe():
         assert get_model_config(name).grad_checkpointing is False
     recipe = yaml.safe_load((REPO / "mpma_ds" / "recipes" / "pretrain_base.yaml").read_text())
     assert recipe["train"]["grad_checkpointing"] is True  # the GPU recipe at batch scale turns it on
+
+
+@pytest.mark.parametrize(("chans", "size"), [(1, 32), (3, 48), (3, 40)])  # 40: not divisible, the conv itself
+def test_patch_matmul_is_the_convolution(chans, size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(chans, 24, 16, stride=16)
+    patch = PatchConv2d.from_conv(conv)
+    assert isinstance(patch, PatchConv2d) and patch.weight is conv.weight and patch.bias is conv.bias
+    x = torch.randn(2, chans, size, size)
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=16)
+    got = patch(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (g_want,) = torch.autograd.grad((want * want).sum(), conv.weight)
+    (g_got,) = torch.autograd.grad((got * got).sum(), patch.weight)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
+    assert PatchConv2d.from_conv(torch.nn.Conv2d(chans, 8, 3, padding=1)).__class__ is torch.nn.Conv2d
+
+
+def test_image_encoder_state_dict_is_timms():
+    model = create_model("mpma_tiny")
+    assert isinstance(model.image_encoder.patch_embed.proj, PatchConv2d)
+    assert model.image_encoder.state_dict()["patch_embed.proj.weight"].ndim == 4

@@ -7,7 +7,8 @@ computed them). Three implementations:
 - ``reference``: ``F.linear`` + ``F.cross_entropy`` on the whole (N, V) matrix — its fp32 copy, the saved
   log-softmax and the logits' gradient are each N x V floats;
 - ``chunked``: pure PyTorch, a custom autograd Function over vocabulary chunks with an online log-sum-exp;
-  the forward keeps one (N, chunk) block and the per-row log-sum-exp, the backward recomputes each chunk's
+  the forward keeps one (N, chunk) block and the per-row log-sum-exp (and under autocast the weight, cast once
+  to the compute dtype for every chunk of both passes), the backward recomputes each chunk's
   logits (unless one chunk holds the whole vocabulary: then it keeps that one), turns them into the softmax gradient in place and multiplies it out (dh, dW, db per chunk);
 - ``triton``: the same chunks, the logits' matmul left to cuBLAS, the online log-sum-exp + target pick and
   the softmax-gradient of a chunk each one fused Triton kernel (``_triton_ce``), instead of five passes.
@@ -113,12 +114,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if use_triton:
             from mpma_ds.kernels._triton_ce import lse_update
         saved_logits = None
-        # Under autocast F.linear runs in the autocast dtype (bf16 inputs, whatever `weight` is); the backward runs
-        # outside autocast, so it casts to the dtype the forward's matmul used to recompute the same logits.
-        ctx.mm_dtype = torch.get_autocast_dtype(hidden.device.type) if _autocast_on(hidden) else hidden.dtype
+        # Under autocast F.linear runs in the autocast dtype (bf16 inputs, whatever `weight` is). The operands are
+        # cast to it here once — not per chunk by autocast, and twice more per chunk in the backward, which runs
+        # outside autocast — and the backward reuses the cast weight (V x D in bf16 beside the fp32 one).
+        cd = torch.get_autocast_dtype(hidden.device.type) if _autocast_on(hidden) else hidden.dtype
+        w_mm, h_mm = weight.to(cd), hidden.to(cd)  # no copy outside autocast
+        b_mm = None if bias is None else bias.to(cd)
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
-            logits = F.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1]).float()  # (N, C)
+            logits = F.linear(h_mm, w_mm[v0:v1], None if b_mm is None else b_mm[v0:v1]).float()  # (N, C)
             if width >= vocab:  # one chunk holds the whole vocabulary: keep it, the backward needs no recompute
                 saved_logits = logits
             if use_triton:
@@ -133,6 +137,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         lse = run_max + torch.log(run_sum)  # (N,)
         keep = labels >= 0
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.mm_operands = (w_mm, h_mm, b_mm)  # the inputs themselves when no cast was needed
         ctx.saved_logits = saved_logits
         ctx.use_triton = use_triton
         return torch.where(keep, lse - target, 0.0).sum() / keep.sum()
@@ -150,15 +155,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
         d_bias = torch.empty_like(bias) if need_b else None
         if ctx.use_triton:
             from mpma_ds.kernels._triton_ce import softmax_grad
+        w_mm, h_mm, b_mm = ctx.mm_operands
+        ctx.mm_operands = None
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
-            w_c = weight[v0:v1]
+            w_c = w_mm[v0:v1]
             if ctx.saved_logits is not None:
                 logits, ctx.saved_logits = ctx.saved_logits, None  # used (and changed in place) once
             else:
-                cd = ctx.mm_dtype
-                b_c = None if bias is None else bias[v0:v1].to(cd)
-                logits = F.linear(hidden.to(cd), w_c.to(cd), b_c).float()  # (N, C), as the forward computed it
+                b_c = None if b_mm is None else b_mm[v0:v1]
+                logits = F.linear(h_mm, w_c, b_c).float()  # (N, C), as the forward computed it
             if ctx.use_triton:
                 g = softmax_grad(logits, labels, v0, lse, scale, hidden.dtype)  # (N, C) in hidden's dtype
             else:
@@ -168,11 +174,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 rows_in = inside.nonzero()[:, 0]
                 g[rows_in, local[rows_in]] -= scale[rows_in]
                 g = g.to(hidden.dtype)
-            d_hidden += (g @ w_c.to(g.dtype)).float()
+            w_g = w_c if w_c.dtype == g.dtype else weight[v0:v1].to(g.dtype)  # fp32 hidden: the fp32 weight
+            d_hidden += (g @ w_g).float()
+            h_g = h_mm if h_mm.dtype == g.dtype else hidden.to(g.dtype)
             if need_w and g.dtype == weight.dtype:
-                torch.mm(g.t(), hidden.to(g.dtype), out=d_weight[v0:v1])  # straight into the gradient
+                torch.mm(g.t(), h_g, out=d_weight[v0:v1])  # straight into the gradient
             elif need_w:
-                d_weight[v0:v1] = (g.t() @ hidden.to(g.dtype)).to(weight.dtype)
+                d_weight[v0:v1].copy_(g.t() @ h_g)  # cast while copying, not into a temporary first
             if need_b:
                 d_bias[v0:v1] = g.float().sum(0).to(bias.dtype)
         return d_hidden.to(hidden.dtype), d_weight, d_bias, None, None
