@@ -43,10 +43,15 @@ ABLATIONS = {
         "memory (MA-CMF)": {"global_pool": "mean", "align_on": "full"},
         "no memory (slots 0)": {"global_pool": "mean", "align_on": "full", "memory_slots": 0},
     },
+    "stem": {
+        "linear patches (ViT)": {"global_pool": "mean", "align_on": "full", "patch_stem": "linear"},
+        "conv stem": {"global_pool": "mean", "align_on": "full", "patch_stem": "conv"},
+    },
 }
 COLUMNS = {
     "gla": ("i2t_R@10", "t2i_R@10", "zeroshot_auroc_mean"),
     "memory": ("mlm_acc_findings", "mlm_acc", "i2t_R@1", "i2t_R@10", "t2i_R@10", "zeroshot_auroc_mean"),
+    "stem": ("zeroshot_auroc_mean", "i2t_R@1_abnormal", "i2t_R@10", "t2i_R@10", "mlm_acc_findings"),
 }
 
 

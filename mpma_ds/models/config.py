@@ -16,6 +16,7 @@ from mpma_ds.config import ConfigSection, build
 
 TEXT_ARCHS = ("bert", "roberta")
 ATTN_IMPLS = ("auto", "sdpa", "eager")
+PATCH_STEMS = ("linear", "conv")
 ALIGN_ON = ("masked", "full", "full_image")
 GLOBAL_POOLS = ("mean", "cls")
 MEMORY_KV = ("concat", "gated_sum")
@@ -34,6 +35,15 @@ class MPMAConfig(ConfigSection):
     """ViT patch side in pixels."""
     in_chans: int = 1
     """Image channels: 1 (grayscale shards, the default) or 3."""
+    patch_stem: Literal["linear", "conv"] = "linear"
+    """How pixels become patch tokens: "linear" = the ViT's one `patch_size`-strided projection (ViT, M3AE);
+    "conv" = a stack of stride-2 3x3 convolutions (GroupNorm + GELU) down to the patch grid, then a 1x1
+    projection (Xiao et al. 2021, "Early convolutions help transformers see better"). The stem sees across
+    patch borders, so in the masked pass the pixels of masked patches are zeroed before it (nothing of them
+    leaks into the visible tokens, as ConvMAE masks its convolutions). "conv" is what makes a 2-layer ViT
+    trained from scratch on a few thousand films see findings of one or two patches (`mpma_tiny`, docs/model.md);
+    `patch_size` must then be a power of two >= 4. The exported timm folder names the registered architecture
+    `mpma_vit_conv_stem` (`import mpma_ds` registers it)."""
     vision_width: int = 768
     """ViT embedding width."""
     vision_layers: int = 12
@@ -179,6 +189,10 @@ class MPMAConfig(ConfigSection):
             w, h = getattr(self, width), getattr(self, heads)
             if h <= 0 or w % h:
                 errors.append(f"{width} {w} is not divisible by {heads} {h}")
+        if self.patch_stem not in PATCH_STEMS:
+            errors.append(f"patch_stem must be one of {', '.join(PATCH_STEMS)}, got {self.patch_stem!r}")
+        elif self.patch_stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            errors.append(f"patch_stem 'conv' needs a power-of-two patch_size >= 4, got {self.patch_size}")
         if self.in_chans not in (1, 3):
             errors.append(f"in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.image_mask_ratio < 1.0:

@@ -2,20 +2,23 @@
 
 The class only adds a masked `forward` to timm's ViT (and runs its patch embedding as one matmul, `PatchConv2d`),
 so its state dict is exactly a timm ViT's and the weights export to a timm `local-dir:` folder
-(`save_timm_local_dir`).
+(`save_timm_local_dir`). With `patch_stem: conv` the ViT's patch projection is a small convolutional stem
+(`ConvStemPatchEmbed`, a timm `PatchEmbed`); that ViT is registered with timm as `mpma_vit_conv_stem`, so its
+exported folder loads with `timm.create_model("local-dir:...")` too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
-from timm.models import VisionTransformer
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models import VisionTransformer, build_model_with_cfg, register_model
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +27,51 @@ from mpma_ds.models.config import MPMAConfig
 
 # timm architecture name recorded in the exported config.json; `model_args` override its sizes.
 TIMM_ARCHITECTURE = "vit_base_patch16_224"
+# ... and the one of a ViT whose patches come from the convolutional stem (registered below).
+TIMM_CONV_STEM_ARCHITECTURE = "mpma_vit_conv_stem"
+
+
+class ConvStem(nn.Sequential):
+    """Pixels -> patch grid by log2(patch_size) stride-2 3x3 convolutions (GroupNorm, GELU), widths doubling up to
+    `embed_dim`, then a 1x1 projection: (B, C, H, W) -> (B, embed_dim, H / patch, W / patch)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        steps = int(math.log2(patch_size))
+        widths = [max(embed_dim >> (steps - 1 - i), 8) for i in range(steps)]
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [
+                nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(1, width),
+                nn.GELU(),
+            ]
+            in_chans = width
+        super().__init__(*layers, nn.Conv2d(in_chans, embed_dim, 1))
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's `PatchEmbed` (same arguments, grid, output formats) with `ConvStem` as its projection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"the conv stem needs square patches, got {self.patch_size}")
+        self.proj = ConvStem(self.proj.in_channels, self.proj.out_channels, self.patch_size[0])
+
+
+@register_model
+def mpma_vit_conv_stem(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """timm entry of a ViT with MPMA's convolutional patch stem (`patch_stem: conv`); sizes come in `kwargs`."""
+    kwargs.setdefault("pretrained_cfg", {"input_size": (kwargs.get("in_chans", 3), 224, 224)})
+    return build_model_with_cfg(VisionTransformer, TIMM_CONV_STEM_ARCHITECTURE, pretrained,
+                                embed_layer=ConvStemPatchEmbed, **kwargs)  # fmt: skip
+
+
+def visible_pixels(ids_keep: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(B, K) visible patch indices -> (B, 1, gh * p, gw * p) float mask, 1 on the pixels of visible patches."""
+    keep = torch.zeros(ids_keep.shape[0], grid[0] * grid[1], device=ids_keep.device)
+    keep.scatter_(1, ids_keep, 1.0)
+    return F.interpolate(keep.view(-1, 1, *grid), scale_factor=patch_size, mode="nearest")
 
 
 def random_masking(
@@ -97,7 +145,8 @@ class MaskedVisionTransformer(VisionTransformer):
         super().__init__(**kwargs)
         self.timm_model_args = dict(kwargs)
         self.block_checkpointing = False
-        self.patch_embed.proj = PatchConv2d.from_conv(self.patch_embed.proj)
+        if isinstance(self.patch_embed.proj, nn.Conv2d):  # the linear stem (the conv stem is no patch conv)
+            self.patch_embed.proj = PatchConv2d.from_conv(self.patch_embed.proj)
 
     def set_attn_impl(self, impl: str) -> None:
         for blk in self.blocks:
@@ -105,6 +154,11 @@ class MaskedVisionTransformer(VisionTransformer):
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Encode (B, C, H, W) images; with `ids_keep` (B, K) only those patches. Returns (B, 1+K, D)."""
+        if ids_keep is not None and isinstance(self.patch_embed, ConvStemPatchEmbed):
+            # the stem's receptive field crosses patch borders: masked patches' pixels must not reach visible tokens
+            p = self.patch_embed.patch_size[0]
+            grid = (images.shape[-2] // p, images.shape[-1] // p)
+            images = images * visible_pixels(ids_keep, grid, p).to(images.dtype)
         x = self.patch_embed(images)  # (B, gh, gw, D)
         x = self._pos_embed(x)  # (B, 1+N, D) with CLS, positions added
         if ids_keep is not None:
@@ -133,6 +187,8 @@ def build_image_encoder(cfg: MPMAConfig) -> MaskedVisionTransformer:
         dynamic_img_size=True,
         drop_path_rate=cfg.drop_path,
     )
+    if cfg.patch_stem == "conv":
+        model_args["embed_layer"] = ConvStemPatchEmbed
     vit = MaskedVisionTransformer(**model_args)
     vit.set_attn_impl(cfg.build_attn_impl)
     if cfg.image_init_from:
@@ -173,10 +229,11 @@ def save_timm_local_dir(vit: MaskedVisionTransformer, folder: str | Path, state:
     """Write `folder/config.json` + `model.safetensors` so `timm.create_model("local-dir:folder")` rebuilds it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    args = {k: v for k, v in vit.timm_model_args.items() if k != "drop_path_rate"}
+    args = {k: v for k, v in vit.timm_model_args.items() if k not in ("drop_path_rate", "embed_layer")}
     in_chans, size = args["in_chans"], args["img_size"]
+    conv_stem = vit.timm_model_args.get("embed_layer") is ConvStemPatchEmbed
     config = {
-        "architecture": TIMM_ARCHITECTURE,
+        "architecture": TIMM_CONV_STEM_ARCHITECTURE if conv_stem else TIMM_ARCHITECTURE,
         "num_classes": 0,
         "num_features": args["embed_dim"],
         "global_pool": "token",
@@ -191,7 +248,7 @@ def save_timm_local_dir(vit: MaskedVisionTransformer, folder: str | Path, state:
             "std": [0.5] * in_chans,
             "num_classes": 0,
             "pool_size": None,
-            "first_conv": "patch_embed.proj",
+            "first_conv": "patch_embed.proj.0" if conv_stem else "patch_embed.proj",
             "classifier": "head",
         },
     }
