@@ -44,7 +44,7 @@ def test_masked_pixels_do_not_reach_visible_tokens():
         # ... while the full pass does see them (the receptive field is wider than a patch)
         assert not torch.allclose(vit(noisy), vit(images))
     # the linear stem needs no zeroing: a patch's token only ever saw its own pixels
-    linear = create_model("mpma_tiny").eval().image_encoder
+    linear = create_model("mpma_tiny", patch_stem="linear").eval().image_encoder
     with torch.no_grad():
         torch.testing.assert_close(linear(noisy, ids_keep), linear(images, ids_keep), rtol=0, atol=0)
 

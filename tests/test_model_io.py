@@ -65,7 +65,8 @@ def test_round_trip_identical_outputs(saved):
 def test_image_encoder_loads_in_timm(saved):
     model, folder = saved
     vit = timm.create_model(f"local-dir:{folder / 'image_encoder'}", pretrained=True).eval()
-    assert type(vit).__name__ == "VisionTransformer" and vit.patch_embed.proj.in_channels == 1
+    first_conv = next(m for m in vit.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
+    assert type(vit).__name__ == "VisionTransformer" and first_conv.in_channels == 1
     images = make_batch(2, 8, seed=2)["image"]
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(images), model.image_encoder(images))
@@ -128,9 +129,9 @@ def test_image_init_from_three_channel_timm_checkpoint(tmp_path):
     """A 3-channel timm ViT at another resolution initialises a 1-channel model: patch weights summed,
     position embeddings interpolated."""
     torch.manual_seed(0)
-    src = create_model("mpma_tiny", in_chans=3, image_size=64).image_encoder
+    src = create_model("mpma_tiny", in_chans=3, image_size=64, patch_stem="linear").image_encoder
     save_timm_local_dir(src, tmp_path / "vit3", src.state_dict())
-    model = create_model("mpma_tiny", image_init_from=str(tmp_path / "vit3"))
+    model = create_model("mpma_tiny", image_init_from=str(tmp_path / "vit3"), patch_stem="linear")
     w3 = src.patch_embed.proj.weight
     torch.testing.assert_close(model.image_encoder.patch_embed.proj.weight, w3.sum(dim=1, keepdim=True))
     torch.testing.assert_close(model.image_encoder.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)

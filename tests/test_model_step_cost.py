@@ -118,6 +118,6 @@ def test_patch_matmul_is_the_convolution(chans, size):
 
 
 def test_image_encoder_state_dict_is_timms():
-    model = create_model("mpma_tiny")
+    model = create_model("mpma_tiny", patch_stem="linear")
     assert isinstance(model.image_encoder.patch_embed.proj, PatchConv2d)
     assert model.image_encoder.state_dict()["patch_embed.proj.weight"].ndim == 4

@@ -207,9 +207,10 @@ def load_timm_weights(vit: MaskedVisionTransformer, source: str | Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"image_init_from={source}: no model.safetensors there; give a timm local-dir")
     state = load_file(str(file))
-    key = "patch_embed.proj.weight"
-    if key in state and state[key].shape[1] != vit.patch_embed.proj.in_channels:
-        state[key] = adapt_input_conv(vit.patch_embed.proj.in_channels, state[key])
+    in_chans = vit.timm_model_args["in_chans"]
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.0.weight"):  # the linear stem's, the conv stem's first
+        if key in state and state[key].shape[1] != in_chans:
+            state[key] = adapt_input_conv(in_chans, state[key])
     if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
         old_tokens = state["pos_embed"].shape[1] - vit.num_prefix_tokens
         old = int(round(old_tokens**0.5))
