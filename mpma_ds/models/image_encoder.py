@@ -208,7 +208,10 @@ def load_timm_weights(vit: MaskedVisionTransformer, source: str | Path) -> None:
         raise FileNotFoundError(f"image_init_from={source}: no model.safetensors there; give a timm local-dir")
     state = load_file(str(file))
     in_chans = vit.timm_model_args["in_chans"]
-    for key in ("patch_embed.proj.weight", "patch_embed.proj.0.weight"):  # the linear stem's, the conv stem's first
+    for key in (
+        "patch_embed.proj.weight",
+        "patch_embed.proj.0.weight",
+    ):  # the linear stem's, the conv stem's first
         if key in state and state[key].shape[1] != in_chans:
             state[key] = adapt_input_conv(in_chans, state[key])
     if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
