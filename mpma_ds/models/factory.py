@@ -39,8 +39,6 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mpma_tiny": dict(
         image_size=128,
         patch_size=16,
-        # a 2-layer ViT from scratch needs the convolutional stem to see one- and two-patch findings (docs/model.md)
-        patch_stem="conv",
         vision_width=128,
         vision_layers=2,
         vision_heads=4,
