@@ -12,6 +12,8 @@ finding words, `mpma_ds.eval.mlm`) on the validation split. The first variant is
 setting, is the baseline). `--ablation memory` trains the demo's setting (mean pooling, alignment on the
 full pass) with MA-CMF's memory and without it (`memory_slots: 0`): the same initial weights for every
 shared parameter, the same batches, image masks and dropout draws, so the memory is the only difference.
+`--ablation stem` trains the same setting with the ViT's linear patch projection and with the convolutional
+stem (`patch_stem: conv`, docs/model.md).
 Without `--shards`/`--tokenizer` a synthetic corpus of `--studies` studies is generated, sharded and
 tokenised in a temporary folder first (the demo's pipeline at `--image-size`).
 """
