@@ -221,6 +221,16 @@ def peak_memory(model_name: str, checkpointing: bool, device: torch.device) -> f
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def run_info(device: torch.device) -> dict:
+    """Where a benchmark ran: device, CPU, torch version and threads (the head of each results JSON)."""
+    return {
+        "device": str(device),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mpma_tiny", "mpma_small"])
@@ -331,10 +341,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": str(device),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **run_info(device),
         "flop_count": "torch.utils.flop_counter.FlopCounterMode, forward+backward of the efficient model",
         "matmul_peak_flops": peaks,
         "throughput": rows,

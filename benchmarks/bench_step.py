@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -51,7 +50,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import matmul_peak, sync  # noqa: E402 -- the same peak bench_model measures
+from bench_model import matmul_peak, run_info, sync  # noqa: E402 -- the same peak bench_model measures
 
 from mpma_ds.models import MPMA, MPMAConfig, get_model_config  # noqa: E402
 from mpma_ds.training.host_memory import keep_freed_host_memory  # noqa: E402
@@ -713,10 +712,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": str(device),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **run_info(device),
         "step": f"batch {BATCH}, {TEXT_LEN} text tokens ({N_MASKED} masked), bf16 autocast, AdamW",
         "flop_count": "torch.utils.flop_counter.FlopCounterMode, forward+backward, model FLOPs (no recompute)",
         "matmul_peak_bf16_flops": peak,
