@@ -40,14 +40,14 @@ from data_tools.shard_build.finish import build_summary, finish_build, format_su
 from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
 from data_tools.shard_build.writer import ShardWriter
-from data_tools.sources import FORMATS, VQA_FORMATS, scan_source
+from data_tools.sources import formats, scan_source, source_kind
 from data_tools.sources.common import KNOWN_VIEWS, ScanOptions, SourceError
 from data_tools.sources.dicom import CHEST_BODY_PARTS, PROJECTION_MODALITIES
 from data_tools.sources.images import ImageOptions
 from data_tools.sources.report_text import DEFAULT_SECTIONS, SECTION_SYNONYMS
 from data_tools.sources.vqa import VQA_LANGS
 
-__all__ = ["FORMATS", "STATE_DIR", "BuildError", "build_parser", "build_shards", "format_summary", "main"]
+__all__ = ["STATE_DIR", "BuildError", "build_parser", "build_shards", "format_summary", "main"]
 
 
 def build_shards(
@@ -87,8 +87,10 @@ def build_shards(
         BuildError: bad arguments, an unreadable input, or an output folder holding another build.
     """
     t0 = time.perf_counter()
-    if fmt not in FORMATS:
-        raise BuildError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        vqa = source_kind(fmt) == "vqa"
+    except SourceError as exc:
+        raise BuildError(str(exc)) from None
     input_path, out = Path(input_path).resolve(), Path(output).resolve()
     if not input_path.exists():
         raise BuildError(f"--input {input_path} does not exist")
@@ -109,7 +111,6 @@ def build_shards(
         raise BuildError(f"unknown --sections {unknown}; choose from {', '.join(sorted(known_sections))}")
     if vqa_lang not in VQA_LANGS:
         raise BuildError(f"unknown --vqa-lang {vqa_lang!r}; choose one of {', '.join(VQA_LANGS)}")
-    vqa = fmt in VQA_FORMATS
     views_t = tuple(v.upper() for v in views) if views and not vqa else None
     scan_opts = ScanOptions(tuple(sections), views_t, min_words, val_fraction, test_fraction,
                             str(image_dir) if image_dir else None)  # fmt: skip
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "SLAKE visual question answering set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--format", required=True, help=f"input format: {', '.join(FORMATS)}")
+    p.add_argument(
+        "--format", required=True, help=f"input format: {', '.join(formats())} (and installed plugins')"
+    )
     p.add_argument(
         "--input", required=True, help="corpus folder (mimic-cxr, iu-xray, vqa-rad, slake) or manifest file"
     )

@@ -51,6 +51,15 @@ class ConfigSection:
     """
 
     SECTION: ClassVar[str] = ""
+    OPEN: ClassVar[str] = ""
+    """The name of a ``dict`` field holding *open* subsections: keys beyond the fixed fields whose classes
+    ``open_sections()`` names (e.g. ``task.<option section>`` of whichever tasks are registered). In YAML they
+    sit beside the fixed keys; ``to_dict`` writes them back there."""
+
+    @classmethod
+    def open_sections(cls) -> Mapping[str, type]:
+        """The open subsections this section accepts, by key (with ``OPEN`` set)."""
+        return {}
 
     def __post_init__(self) -> None:
         check_types(self, prefix=self.SECTION)
@@ -192,7 +201,12 @@ def build(
         raise ConfigError(_where(f"{prefix or 'the config'} must be a mapping of keys, got {values!r}", source))
     hints = _hints(cls)
     values = {_field_name(str(k)): v for k, v in values.items()}
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != getattr(cls, "OPEN", "")}
+    open_values: dict[str, Any] = {}
+    if getattr(cls, "OPEN", ""):
+        open_classes = cls.open_sections()  # type: ignore[attr-defined]
+        open_values = {k: values[k] for k in values if k not in known and k in open_classes}
+        known.update({k: None for k in open_classes})  # listed among the valid keys
     unknown = sorted(_key_name(k) for k in set(values) - set(known))
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
@@ -200,10 +214,15 @@ def build(
         kind = f"{what} key" if what else "key"
         valid = ", ".join(sorted(map(_key_name, known)))
         raise ConfigError(_where(f"unknown {kind} {names}; valid keys{where}: {valid}", source))
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in values.items():
         key = f"{prefix}.{_key_name(name)}" if prefix else _key_name(name)
-        kwargs[name] = convert(value, hints[name], key, source=source, what=what)
+        if name in open_values:
+            kwargs.setdefault(cls.OPEN, {})[name] = convert(
+                value, open_classes[name], key, source=source, what=what
+            )  # type: ignore[attr-defined]
+        else:
+            kwargs[name] = convert(value, hints[name], key, source=source, what=what)
     try:
         # the given keys are set before __init__ runs the value rules, which may ask for them (task.<other>)
         instance = cls.__new__(cls)
@@ -304,7 +323,11 @@ def load_config(
 def to_dict(value: Any) -> Any:
     """A config as plain nested dicts/lists/scalars (YAML/JSON-safe)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {_key_name(f.name): to_dict(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        open_field = getattr(value, "OPEN", "")
+        out = {_key_name(f.name): to_dict(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        if open_field:  # open subsections sit beside the fixed keys, as they were given
+            out.update(out.pop(open_field))
+        return out
     if isinstance(value, (list, tuple)):
         return [to_dict(v) for v in value]
     if isinstance(value, Mapping):

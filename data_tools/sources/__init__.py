@@ -1,4 +1,4 @@
-"""The corpus formats `build_shards` reads (SPEC §4.1), one reader module each, behind `scan_source`.
+"""The corpus formats `build_shards` reads (SPEC §4.1), one reader module each, registered in `SOURCES`.
 
 - `mimic-cxr`: `data_tools.sources.mimic.scan_mimic_cxr`
 - `iu-xray`: `data_tools.sources.iu.scan_iu_xray`
@@ -14,12 +14,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.sources.common import ScanOptions, SourceError, SourceScan
+from data_tools.registry import RegistryError
+from data_tools.sources.common import SOURCES, ScanOptions, SourceError, SourceScan
 
-VQA_FORMATS: tuple[str, ...] = ("vqa-rad", "slake")
-"""Formats of VQA sets: samples are questions, `<key>.json` holds `shard_format.VQA_FIELDS`."""
-FORMATS: tuple[str, ...] = ("mimic-cxr", "iu-xray", "manifest", *VQA_FORMATS)
-"""The `--format` values, in the order `--help` lists them."""
+__all__ = ["SOURCES", "formats", "scan_source", "source_kind"]
+
+
+def formats(kind: str | None = None) -> list[str]:
+    """The registered ``--format`` names (of one ``kind``: ``report`` or ``vqa``), plugins included."""
+    return [e.name for e in SOURCES if kind is None or e.meta.get("kind") == kind]
+
+
+def source_kind(fmt: str) -> str:
+    """``report`` or ``vqa``: what the samples of format ``fmt`` are.
+
+    Raises:
+        SourceError: ``fmt`` is not a registered format (the message lists those that are).
+    """
+    try:
+        return SOURCES.get(fmt).meta.get("kind", "report")
+    except RegistryError as err:
+        raise SourceError(f"unknown --format: {err}") from None
 
 
 def scan_source(fmt: str, input_path: Path, scan_opts: ScanOptions, *, vqa_lang: str = "en") -> SourceScan:
@@ -30,21 +45,5 @@ def scan_source(fmt: str, input_path: Path, scan_opts: ScanOptions, *, vqa_lang:
     Raises:
         SourceError: an unknown format or an input that cannot be read at all.
     """
-    # Readers are imported on demand: a build of one format never imports the others' dependencies.
-    if fmt == "mimic-cxr":
-        from data_tools.sources.mimic import scan_mimic_cxr
-
-        return scan_mimic_cxr(input_path, scan_opts)
-    if fmt == "iu-xray":
-        from data_tools.sources.iu import scan_iu_xray
-
-        return scan_iu_xray(input_path, scan_opts)
-    if fmt == "manifest":
-        from data_tools.sources.manifest import scan_manifest
-
-        return scan_manifest(input_path, scan_opts)
-    if fmt in VQA_FORMATS:
-        from data_tools.sources.vqa import scan_vqa
-
-        return scan_vqa(fmt, input_path, vqa_lang)
-    raise SourceError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    source_kind(fmt)  # an unknown name: one line listing the registered ones
+    return SOURCES[fmt](input_path, scan_opts, vqa_lang)

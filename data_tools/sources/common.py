@@ -13,8 +13,28 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
+from data_tools.registry import Registry
 from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.sources.report_text import DEFAULT_SECTIONS, count_words
+
+SOURCES: Registry = Registry(
+    "source format",
+    "mpma_ds.sources",
+    builtins=(
+        "data_tools.sources.mimic",
+        "data_tools.sources.iu",
+        "data_tools.sources.manifest",
+        "data_tools.sources.vqa",
+    ),
+)
+"""The corpus formats ``build_shards --format`` reads, by name. A reader registers itself where it is defined::
+
+    @SOURCES.register("mimic-cxr", kind="report")
+    def scan_mimic_cxr(root: Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan: ...
+
+``kind`` is what its samples are: ``report`` (image-report pairs, ``shard_format.REPORT_FIELDS``) or ``vqa``
+(questions, ``shard_format.VQA_FIELDS``). Another package adds a reader through the ``mpma_ds.sources``
+entry-point group."""
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 KNOWN_VIEWS: tuple[str, ...] = (

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from data_tools.sources.common import (
     IMAGE_SUFFIXES,
+    SOURCES,
     Reject,
     ScanOptions,
     SourceError,
@@ -105,7 +106,8 @@ def _image_index(image_dir: Path) -> dict[str, Path]:
     return found
 
 
-def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
+@SOURCES.register("iu-xray", kind="report")
+def scan_iu_xray(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """Plan every referenced image of the collection with its report text and a patient-hash split."""
     root = Path(root)
     if not root.is_dir():

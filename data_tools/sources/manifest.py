@@ -23,6 +23,7 @@ from pathlib import Path
 
 from data_tools.shard_format import CHEXPERT_LABELS
 from data_tools.sources.common import (
+    SOURCES,
     Reject,
     ScanOptions,
     SourceError,
@@ -116,7 +117,8 @@ def _labels(row: dict, path: Path, lineno: int) -> dict:
     return labels
 
 
-def scan_manifest(path: str | Path, opts: ScanOptions) -> SourceScan:
+@SOURCES.register("manifest", kind="report")
+def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """Plan one sample per manifest row."""
     path = Path(path)
     if not path.is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 from data_tools.shard_format import CHEXPERT_LABELS, TRUTH_FIELD, check_truth
 from data_tools.sources.common import (
     IMAGE_SUFFIXES,
+    SOURCES,
     Reject,
     ScanOptions,
     SourceError,
@@ -96,7 +97,8 @@ def _strip_prefix(name: str, prefix: str) -> str:
     return name[1:] if name.startswith(prefix) and name[1:].isdigit() else name
 
 
-def scan_mimic_cxr(root: str | Path, opts: ScanOptions) -> SourceScan:
+@SOURCES.register("mimic-cxr", kind="report")
+def scan_mimic_cxr(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """Plan every image of a MIMIC-CXR tree, with its report, split, view and CheXpert labels."""
     root = Path(root)
     files = root / "files"

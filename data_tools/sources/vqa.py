@@ -22,7 +22,9 @@ from pathlib import Path
 
 from data_tools.shard_format import ANSWER_TYPES, normalize_answer
 from data_tools.sources.common import (
+    SOURCES,
     Reject,
+    ScanOptions,
     SourceError,
     SourceItem,
     SourceScan,
@@ -186,3 +188,15 @@ def scan_vqa(fmt: str, root: str | Path, lang: str = "en") -> SourceScan:
         )
     scan.items = dedupe_keys(planned, scan.rejects)
     return scan
+
+
+@SOURCES.register("vqa-rad", kind="vqa")
+def scan_vqa_rad(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
+    """VQA-RAD's release (one sample per question); ``opts`` does not apply to questions."""
+    return scan_vqa("vqa-rad", root, vqa_lang)
+
+
+@SOURCES.register("slake", kind="vqa")
+def scan_slake(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
+    """SLAKE's release (one sample per question, ``q_lang`` filtered by ``vqa_lang``)."""
+    return scan_vqa("slake", root, vqa_lang)

@@ -4,8 +4,8 @@
     python launch/finetune.py --config finetune_linear_probe_tiny --set data.label_fraction=0.01
     python launch/finetune.py --config finetune_cls_tiny --task cls --set init.from=random
 
-Tasks: vqa, cls, linear_probe, retrieval, zero_shot (the recipe's task.name; --task must agree with it or sets
-it). The run folder holds recipe.yaml, checkpoints/ (the best one kept), metrics.jsonl and summary.json with the
+Tasks: vqa, cls, linear_probe, retrieval, zero_shot and those installed plugins register (``--list-tasks``; the
+recipe's task.name; --task must agree with it). The run folder holds recipe.yaml, checkpoints/ (the best one kept), metrics.jsonl and summary.json with the
 validation-best and final test metrics (bootstrap 95 % intervals beside them).
 """
 
@@ -19,12 +19,27 @@ SCRIPT = "finetune.py"
 
 @ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks.config import FINETUNE_TASKS
+    from mpma_ds.tasks.registry import TASKS, finetune_task_names
 
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=FINETUNE_TASKS, help="the task (must agree with the recipe's task.name)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--task", help="the task (must agree with the recipe's task.name); see --list-tasks")
+    parser.add_argument(
+        "--list-tasks", action="store_true", help="list the registered tasks (plugins too) and exit"
+    )
+    if argv is None or "--list-tasks" not in argv:
+        args = parser.parse_args(argv)
+    else:  # --config is not needed to list
+        args = parser.parse_args(["--config", "-", *argv])
+    if args.list_tasks:
+        for entry in TASKS:
+            if entry.obj.kind == "finetune":
+                sections = ", ".join(f"task.{k}" for k in entry.meta.get("sections", {})) or "-"
+                print(f"{entry.name:<16} {entry.plugin or 'mpma_ds':<20} options: {sections}")
+        return 0
+    if args.task is not None and args.task not in finetune_task_names():
+        error(prog, f"unknown --task {args.task!r}; {TASKS.describe()}")
+        return 2
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe
     from mpma_ds.training.recipe import FinetuneRecipe

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpma_ds.config import ConfigSection
-
-BACKENDS = ("dali", "wds", "synthetic")
+from mpma_ds.data.backends import BACKENDS
 
 
 @dataclass
@@ -137,7 +136,7 @@ class DataConfig(ConfigSection):
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise ValueError(f"data.backend {self.backend!r} is not a data backend; {BACKENDS.describe()}")
         if self.dali_decode not in ("auto", "cpu", "mixed"):
             raise ValueError(f"data.dali_decode must be auto, cpu or mixed, got {self.dali_decode!r}")
         lowest = {

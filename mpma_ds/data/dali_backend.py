@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from data_tools.shard_format import SAMPLE_MEMBERS, format_index, index_path
+from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import MadeBatch, rank_range, seeded_rng, shard_order
 from mpma_ds.data.samples import SampleError, decode_meta, decode_text
@@ -89,6 +90,7 @@ def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
     return out
 
 
+@BACKENDS.register("dali")
 class DaliStream(ShardStream):
     """Batches from webdataset shards read and decoded by DALI pipelines."""
 

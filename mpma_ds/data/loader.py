@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.batch import Batch
 from mpma_ds.data.config import DataConfig
 
@@ -125,20 +126,9 @@ def build_loader(
         rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed, train=train,
         split=split, label_fraction=fraction, label_fraction_seed=fraction_seed,
     )  # fmt: skip
-    if cfg.backend == "synthetic":
-        from mpma_ds.data.synthetic import SyntheticStream
-
-        stream: Any = SyntheticStream(cfg, **common)
-    elif cfg.backend == "wds":
-        from mpma_ds.data.wds_backend import WdsStream
-
-        stream = WdsStream(cfg, split_shards(cfg, split), **common)
-    elif cfg.backend == "dali":
-        from mpma_ds.data.dali_backend import DaliStream
-
-        stream = DaliStream(cfg, split_shards(cfg, split), **common)
-    else:  # DataConfig validates the name; this guards direct attribute edits
-        raise ValueError(f"unknown data.backend {cfg.backend!r}")
+    stream_cls = BACKENDS[cfg.backend]  # DataConfig validated the name
+    shards = "" if getattr(stream_cls, "makes_own_samples", False) else split_shards(cfg, split)
+    stream: Any = stream_cls(cfg, shards, **common)
     return LoaderInfo(
         loader=stream, num_samples=stream.num_samples, steps_per_epoch=stream.steps_per_epoch, subset=stream.subset
     )

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.batch import make_batch
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, seeded_rng, steps_per_epoch
@@ -89,14 +90,18 @@ def synthetic_sample(index: int, split: str, size: int) -> tuple[np.ndarray, str
     return image, text, meta
 
 
+@BACKENDS.register("synthetic")
 class SyntheticStream(EpochStream):
     """In-memory batches with the exact batch contract; see the module docstring."""
 
     backend = "synthetic"
 
+    makes_own_samples = True  # build_loader passes no shards
+
     def __init__(
         self,
         cfg: DataConfig,
+        shards: str = "",
         *,
         split: str,
         rank: int,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import MadeBatch, epoch_batches, seeded_rng
 from mpma_ds.data.samples import SampleReader, decode_image, decode_meta, decode_text
@@ -70,6 +71,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+@BACKENDS.register("wds")
 class WdsStream(ShardStream):
     """Batches from webdataset shards with PIL decode in DataLoader workers."""
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -70,6 +72,16 @@ class Task:
     loss_keys: ClassVar[tuple[str, ...]] = ("loss",)
     default_best_metric: ClassVar[str] = ""
     """Validation metric that picks the best checkpoint when ``train.best_metric`` is empty ("" = none)."""
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
+    """The test metrics (no ``test/`` prefix) two runs of the task are compared on, the first being its
+    label-efficiency curve; the Trainer writes them as the run's ``mpma.headline_metrics`` tag, which the
+    comparison report reads (nothing in ``tracking`` lists tasks)."""
+    pairing: ClassVar[str] = ""
+    """How two runs are compared sample by sample: a paired statistic registered in ``mpma_ds.eval.paired``
+    (``vqa_accuracy``, ``multilabel_auroc``, a plugin's own), fed the ``keep`` outputs of ``evaluate``; "" = from
+    the two runs' own intervals. Written as the ``mpma.pairing`` tag."""
+    title: ClassVar[str] = ""
+    """What the first headline metric is, for figures ("linear probe AUROC"); "" = the task's name."""
     test_after_training: ClassVar[bool] = True
     """Evaluate the best (else last) checkpoint on the test split at the end, when ``data.test_shards`` is set."""
 
@@ -165,6 +177,12 @@ class Task:
     def tags(self, ctx: RunContext) -> dict[str, str]:
         """MLflow tags of the run (``mpma.kind``, ``mpma.task``, ``mpma.init`` ...)."""
         return {"mpma.kind": self.kind, "mpma.task": self.name}
+
+    def comparison_tags(self) -> dict[str, str]:
+        """The tags the comparison report pairs a fine-tuning run by: its headline test metrics and pairing."""
+        if self.kind != "finetune":
+            return {}
+        return {HEADLINE_TAG: ",".join(f"test/{m}" for m in self.headline_metrics), PAIRING_TAG: self.pairing}
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         """Task facts for ``summary.json`` / ``results.json`` (answer set, label fraction ...)."""

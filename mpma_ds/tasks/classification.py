@@ -8,6 +8,7 @@ per-label AUROC), or multi-class from one field of the sample JSON (accuracy, ma
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,19 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.config import ConfigSection
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas, warn_rank0
+from mpma_ds.tasks.registry import TASKS
 
 if TYPE_CHECKING:
-    from mpma_ds.tasks.config import ClsOptions
     from mpma_ds.training.recipe import FinetuneRecipe
+
+
+UNCERTAIN = ("ignore", "zeros", "ones")
+"""What an uncertain (-1) CheXpert label may become (``task.cls.uncertain``)."""
 
 
 class Labels:
     """The label rules of a classification recipe: which targets a batch gives, the loss, the metrics."""
 
     def __init__(self, options: ClsOptions, classes: Sequence[str] | None = None) -> None:
-        from data_tools.shard_format import CHEXPERT_LABELS
 
         self.options = options
         self.multilabel = options.labels == "chexpert"
@@ -54,7 +60,6 @@ class Labels:
 
     def targets_from_metas(self, metas: Sequence[dict[str, Any]]) -> np.ndarray:
         """The same targets for sample JSONs (label counts before training, cached features)."""
-        from data_tools.shard_format import CHEXPERT_LABELS
         from mpma_ds.data.batch import labels_vector
 
         if self.multilabel:
@@ -200,8 +205,58 @@ def evaluate_classifier(
     return labels.metrics(all_scores.numpy(), all_targets.numpy(), n_resamples=n_resamples)
 
 
+@dataclass
+class ClsOptions(ConfigSection):
+    """``task.cls`` (also read by ``linear_probe``): which labels, and what an uncertain label means."""
+
+    SECTION = "task.cls"
+
+    labels: str = "chexpert"
+    """``chexpert``: multi-label over the CheXpert-14 labels of MIMIC shards (``labels`` in each sample's JSON);
+    ``column``: multi-class from one field of the sample JSON (``label_column``)."""
+
+    label_names: list[str] = field(default_factory=list)
+    """``chexpert``: the labels to train and report (empty = all 14)."""
+
+    uncertain: str = "ignore"
+    """``chexpert``: what an uncertain (-1) label becomes: ``ignore`` (left out of loss and AUROC), ``zeros`` or
+    ``ones`` (the CheXpert U-Zeros / U-Ones policies). A blank label is always ignored."""
+
+    label_column: str = ""
+    """``column``: the sample-JSON field holding each sample's class (e.g. ``view``)."""
+
+    classes: list[str] = field(default_factory=list)
+    """``column``: the class names, in order; empty = the distinct values of the training split, sorted. A value
+    outside the list is skipped and counted."""
+
+    min_label_count: int = 1
+    """``chexpert``: a label enters the macro AUROC of a split only when that split holds at least this many
+    positive and this many negative labelled samples (the others are listed in ``labels_left_out``): a label
+    with 3 positives moves the mean by chance, not by skill."""
+
+    def validate(self) -> None:
+        if self.labels not in ("chexpert", "column"):
+            raise ValueError(f"task.cls.labels must be chexpert or column, got {self.labels!r}")
+        if self.uncertain not in UNCERTAIN:
+            raise ValueError(f"task.cls.uncertain must be one of {', '.join(UNCERTAIN)}, got {self.uncertain!r}")
+        if self.min_label_count < 1:
+            raise ValueError(f"task.cls.min_label_count must be >= 1, got {self.min_label_count}")
+        if self.labels == "column" and not self.label_column:
+            raise ValueError("task.cls.labels=column needs task.cls.label_column (a field of the sample JSON)")
+
+        unknown = sorted(set(self.label_names) - set(CHEXPERT_LABELS))
+        if unknown:
+            raise ValueError(
+                f"task.cls.label_names: unknown {unknown}; the CheXpert labels are {list(CHEXPERT_LABELS)}"
+            )
+
+
+@TASKS.register("cls", sections={"cls": ClsOptions})
 class ClassificationTask(FinetuneTask):
     name = "cls"
+    headline_metrics = ("auroc_macro",)
+    pairing = "multilabel_auroc"
+    title = "classification AUROC"
     default_best_metric = "auroc_macro"
     backbone_parts = ("image_encoder",)
 
@@ -218,7 +273,6 @@ class ClassificationTask(FinetuneTask):
         return dict(batch, targets=self.labels.targets(batch))
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from data_tools.shard_format import CHEXPERT_LABELS
         from mpma_ds.training.metrics import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)

@@ -11,16 +11,19 @@ shard loader would; the head sees features standardised with the statistics of t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mpma_ds.config import ConfigSection
 from mpma_ds.tasks.base import RunContext
-from mpma_ds.tasks.classification import LinearHead, evaluate_classifier, resolve_labels
+from mpma_ds.tasks.classification import ClsOptions, LinearHead, evaluate_classifier, resolve_labels
 from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import FinetuneTask
+from mpma_ds.tasks.registry import TASKS
 
 
 class ProbeHead(StandardisedHead):
@@ -35,8 +38,23 @@ class ProbeHead(StandardisedHead):
         return {"loss": self.labels.loss(self.logits(batch), batch["targets"], batch["valid"])}
 
 
+@dataclass
+class LinearProbeOptions(ConfigSection):
+    """``task.linear_probe``: frozen image encoder, its features extracted once and cached, a linear head."""
+
+    SECTION = "task.linear_probe"
+
+    cache_dir: str = ""
+    """Where the extracted features are kept, keyed by the weights, shards and preprocessing they came from
+    (runs at several label fractions share them); empty = ``<train.output_dir>/features``."""
+
+
+@TASKS.register("linear_probe", sections={"cls": ClsOptions, "linear_probe": LinearProbeOptions})
 class LinearProbeTask(FinetuneTask):
     name = "linear_probe"
+    headline_metrics = ("auroc_macro",)
+    pairing = "multilabel_auroc"
+    title = "linear probe AUROC"
     default_best_metric = "auroc_macro"
     backbone_parts = ("image_encoder",)
 

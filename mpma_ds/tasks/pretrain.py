@@ -10,8 +10,10 @@ from typing import Any
 from torch import nn
 
 from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.tasks.registry import TASKS
 
 
+@TASKS.register("pretrain")
 class PretrainTask(Task):
     """MPMA pretraining: the engine wraps ``MPMA`` itself (consolidated keys are ``MPMA.state_dict()`` keys)."""
 

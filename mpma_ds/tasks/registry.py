@@ -1,46 +1,71 @@
-"""Which class runs which task: ``build_task(recipe)`` picks it by ``recipe.task.name`` (a pretraining recipe
-has no ``task``). Each task class lives in its own module and is imported on demand."""
+"""The task registry: every task registers itself where its class is defined, with the recipe sections it reads::
+
+    @TASKS.register("vqa", sections={"vqa": VQAOptions})
+    class VQATask(FinetuneTask): ...
+
+A task of another package registers through the ``mpma_ds.tasks`` entry-point group (``examples/plugin_task``);
+``build_task(recipe)`` picks the class by ``recipe.task.name`` (a pretraining recipe has no ``task``).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mpma_ds.tasks.config import FINETUNE_TASKS
+from data_tools.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
     from mpma_ds.tasks.base import Task
     from mpma_ds.training.recipe import Recipe
 
-__all__ = ["FINETUNE_TASKS", "build_task", "task_class"]
+__all__ = ["TASKS", "build_task", "finetune_task_names", "task_class", "task_sections"]
+
+TASKS: Registry[type[Task]] = Registry(
+    "task",
+    "mpma_ds.tasks",
+    builtins=(
+        "mpma_ds.tasks.pretrain",
+        "mpma_ds.tasks.vqa",
+        "mpma_ds.tasks.classification",
+        "mpma_ds.tasks.linear_probe",
+        "mpma_ds.tasks.retrieval",
+        "mpma_ds.tasks.zero_shot",
+    ),
+)
+"""Every task by name. Register with ``@TASKS.register(name, sections={key: OptionsClass})``: ``sections`` are
+the ``task.<key>`` recipe sections the task reads (two tasks may share one, with the same class)."""
+
+
+def finetune_task_names() -> list[str]:
+    """The registered fine-tuning tasks (everything but pretraining), plugins included."""
+    return [e.name for e in TASKS if e.obj.kind == "finetune"]
+
+
+def task_sections() -> dict[str, type]:
+    """Every ``task.<key>`` option section some registered task reads, by key.
+
+    Raises:
+        RegistryError: two tasks declare the same key with different classes.
+    """
+    sections: dict[str, type] = {}
+    owner: dict[str, str] = {}
+    for entry in TASKS:
+        for key, cls in entry.meta.get("sections", {}).items():
+            if sections.setdefault(key, cls) is not cls:
+                raise RegistryError(
+                    f"task {entry.name!r} declares section task.{key} as {cls.__qualname__}, but task "
+                    f"{owner[key]!r} declares it as {sections[key].__qualname__}; rename one of them"
+                )
+            owner.setdefault(key, entry.name)
+    return sections
 
 
 def task_class(name: str) -> type[Task]:
-    """The class of task ``name`` (imported on demand: each lives in its own module)."""
-    if name == "pretrain":
-        from mpma_ds.tasks.pretrain import PretrainTask
+    """The class of task ``name``.
 
-        return PretrainTask
-    if name == "vqa":
-        from mpma_ds.tasks.vqa import VQATask
-
-        return VQATask
-    if name == "cls":
-        from mpma_ds.tasks.classification import ClassificationTask
-
-        return ClassificationTask
-    if name == "linear_probe":
-        from mpma_ds.tasks.linear_probe import LinearProbeTask
-
-        return LinearProbeTask
-    if name == "retrieval":
-        from mpma_ds.tasks.retrieval import RetrievalTask
-
-        return RetrievalTask
-    if name == "zero_shot":
-        from mpma_ds.tasks.zero_shot import ZeroShotTask
-
-        return ZeroShotTask
-    raise ValueError(f"unknown task {name!r}; choose one of pretrain, {', '.join(FINETUNE_TASKS)}")
+    Raises:
+        RegistryError: ``name`` is not registered (the message lists what is).
+    """
+    return TASKS[name]
 
 
 def build_task(recipe: Recipe) -> Task:

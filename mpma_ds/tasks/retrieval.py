@@ -5,14 +5,17 @@ ways (one image per distinct report, ties counting against the query) and zero-s
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpma_ds.config import ConfigSection
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask
+from mpma_ds.tasks.registry import TASKS
 
 
 class AlignmentModel(BackboneModule):
@@ -47,8 +50,30 @@ class AlignmentModel(BackboneModule):
         return out
 
 
+@dataclass
+class RetrievalOptions(ConfigSection):
+    """``task.retrieval``: fine-tune the global image-report alignment; R@K both ways."""
+
+    SECTION = "task.retrieval"
+
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """The K of R@K."""
+
+    w_local: float = 0.0
+    """Also fine-tune the local token-patch alignment with this weight (0 = the global InfoNCE only)."""
+
+    def validate(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"task.retrieval.ks must be positive integers, got {self.ks}")
+        if self.w_local < 0:
+            raise ValueError(f"task.retrieval.w_local must be >= 0, got {self.w_local}")
+
+
+@TASKS.register("retrieval", sections={"retrieval": RetrievalOptions})
 class RetrievalTask(FinetuneTask):
     name = "retrieval"
+    headline_metrics = ("rsum", "i2t_R_at_1", "t2i_R_at_1")
+    title = "retrieval RSUM"
     default_best_metric = "rsum"
 
     @property

@@ -9,15 +9,18 @@ and the qid in ``<key>.json``; the loader passes the JSON through as ``batch["me
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpma_ds.config import ConfigSection
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas
+from mpma_ds.tasks.registry import TASKS
 
 
 class VQAHead(nn.Sequential):
@@ -75,8 +78,46 @@ class FrozenVQAHead(StandardisedHead):
     forward = VQAModel.forward
 
 
+@dataclass
+class VQAOptions(ConfigSection):
+    """``task.vqa``: M3AE's VQA recipe — fused image + question → Linear-LN-GELU-Linear over the answer set."""
+
+    SECTION = "task.vqa"
+
+    answer_set: str = "train"
+    """``train``: the answers of the training split (test answers never seen in training count as wrong and are
+    reported as ``unseen_answers``); ``all``: M3AE's set of every split's answers (named in the results)."""
+
+    loss: str = "bce"
+    """``bce``: binary cross-entropy over the answer set with (soft) one-hot targets, scaled by the answer
+    count (M3AE); ``ce``: softmax cross-entropy."""
+
+    head_hidden: int = 0
+    """Hidden width of the head; 0 = twice the fusion width (the width of the fused representation)."""
+
+    freeze_backbone: bool = False
+    """False: M3AE's recipe, everything fine-tuned. True: the backbone frozen, the fused image + question
+    representation of every question extracted once and cached (as ``linear_probe`` does with image features),
+    only the head trained — what pretraining bought the fused representation, at a fraction of the cost."""
+
+    cache_dir: str = ""
+    """``freeze_backbone``: where the fused features are cached; empty = ``<train.output_dir>/features``."""
+
+    def validate(self) -> None:
+        if self.answer_set not in ("train", "all"):
+            raise ValueError(f"task.vqa.answer_set must be train or all, got {self.answer_set!r}")
+        if self.loss not in ("bce", "ce"):
+            raise ValueError(f"task.vqa.loss must be bce or ce, got {self.loss!r}")
+        if self.head_hidden < 0:
+            raise ValueError(f"task.vqa.head_hidden must be >= 0, got {self.head_hidden}")
+
+
+@TASKS.register("vqa", sections={"vqa": VQAOptions})
 class VQATask(FinetuneTask):
     name = "vqa"
+    headline_metrics = ("accuracy_overall", "accuracy_closed", "accuracy_open")
+    pairing = "vqa_accuracy"
+    title = "VQA accuracy"
     default_best_metric = "accuracy_overall"
     backbone_parts = (
         "image_encoder",

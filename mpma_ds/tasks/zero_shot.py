@@ -11,11 +11,15 @@ from torch import nn
 
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import FinetuneTask
-from mpma_ds.tasks.retrieval import AlignmentModel, alignment_metrics
+from mpma_ds.tasks.registry import TASKS
+from mpma_ds.tasks.retrieval import AlignmentModel, RetrievalOptions, alignment_metrics
 
 
+@TASKS.register("zero_shot", sections={"retrieval": RetrievalOptions})
 class ZeroShotTask(FinetuneTask):
     name = "zero_shot"
+    headline_metrics = ("zeroshot_auroc_mean", "i2t_R_at_1")
+    title = "zero-shot AUROC"
     default_best_metric = ""
     backbone_parts = ("image_encoder", "text_encoder", "image_proj", "text_proj", "global_loss")
 

@@ -10,6 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from data_tools.registry import Registry
+
+TRACKERS: Registry = Registry("tracking backend", "mpma_ds.trackers", builtins=("mpma_ds.tracking.mlflow_logger",))
+"""Tracking backends by name (``tracking.backends``). A backend is a ``MetricLogger`` subclass built on rank 0 as
+``cls(cfg, run_id=..., tags=..., metrics_file=...)`` (``cfg``: the recipe's ``TrackingConfig``; ``run_id``: the
+run to continue on resume, from the checkpoint; ``metrics_file``: the run's ``metrics.jsonl``, for backfills)
+with an ``active`` attribute (False: it could not start; the run goes on without it). It registers itself with
+``@TRACKERS.register("name")``; a plugin's through the ``mpma_ds.trackers`` entry-point group."""
+
 _BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 

@@ -68,15 +68,6 @@ EVAL_METRICS = (
     "eval/pointing_game",
     "eval/mlm_accuracy",
 )
-# The test metrics of a fine-tuning task's pretrained-vs-random comparison, by task; the first is the task's
-# label-efficiency curve.
-PAIR_METRICS: dict[str, tuple[str, ...]] = {
-    "linear_probe": ("test/auroc_macro",),
-    "cls": ("test/auroc_macro",),
-    "vqa": ("test/accuracy_overall", "test/accuracy_closed", "test/accuracy_open"),
-    "retrieval": ("test/rsum", "test/i2t_R_at_1", "test/t2i_R_at_1"),
-    "zero_shot": ("test/zeroshot_auroc_mean", "test/i2t_R_at_1"),
-}
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpma_ds.config import ConfigSection
+from mpma_ds.tracking.base import TRACKERS
 
 DEFAULT_DB_NAME = "mlflow.db"
 
@@ -18,7 +19,12 @@ class TrackingConfig(ConfigSection):
     SECTION = "tracking"
 
     enabled: bool = True
-    """Log to MLflow. ``False`` keeps only the local ``metrics.jsonl`` in the run folder."""
+    """Log to the tracking backends. ``False`` keeps only the local ``metrics.jsonl`` in the run folder."""
+
+    backends: list[str] = field(default_factory=lambda: ["mlflow"])
+    """The tracking backends a run logs to (rank 0), each registered in ``mpma_ds.tracking.base.TRACKERS``:
+    ``mlflow`` or one an installed plugin adds (``mpma_ds.trackers`` entry points). The settings below are
+    MLflow's; the first backend that opens a run owns the run id a resume continues."""
 
     uri: str | None = None
     """MLflow tracking URI (``sqlite:///path.db``, ``http://127.0.0.1:5000``, ``file:///dir``). ``None``:
@@ -39,6 +45,11 @@ class TrackingConfig(ConfigSection):
     """Seconds between two system-metric samples (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides)."""
 
     def validate(self) -> None:
+        if not self.backends and self.enabled:
+            raise ValueError("tracking.backends is empty: name one (mlflow), or set tracking.enabled: false")
+        for name in self.backends:
+            if name not in TRACKERS:
+                raise ValueError(f"tracking.backends: {name!r} is not a tracking backend; {TRACKERS.describe()}")
         if not self.experiment.strip():
             raise ValueError(f"tracking.experiment must be a non-empty string, got {self.experiment!r}")
         if not self.system_metrics_interval_s > 0:

@@ -18,6 +18,11 @@ PARENT_TAG = "mlflow.parentRunId"
 PRETRAIN_RUN_TAG = "mpma.pretrain_run"
 PAIR_TAG = "mpma.pair"
 INIT_TAG = "mpma.init"
+HEADLINE_TAG = "mpma.headline_metrics"
+"""A fine-tuning run's headline test metrics, comma-separated, first = its label-efficiency curve (the task's
+``headline_metrics``, written by the Trainer): what the comparison report pairs it on."""
+PAIRING_TAG = "mpma.pairing"
+"""The paired statistic two runs of the task are compared by (``mpma_ds.eval.paired``); "" = their intervals."""
 
 
 def pair_key_finetune(task: str, label_fraction: float | str, seed: int | str, subset_seed: int | str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl  # noqa: F401 - re-exported
+from mpma_ds.tracking.base import TRACKERS, MetricLogger, clean_metrics, read_metrics_jsonl  # noqa: F401 - re-exported
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.tracking.params import flatten_params
 
@@ -210,12 +210,10 @@ def build_logger(
     # server was down finds it there
     jsonl = JsonlMetricLogger(run_dir, resume=resume)
     loggers: list[MetricLogger] = []
-    if cfg.enabled:
-        from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
-
-        mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags, metrics_file=jsonl.path)
-        if mlf.active:
-            loggers.append(mlf)
+    for name in cfg.backends if cfg.enabled else ():
+        backend = TRACKERS[name](cfg, run_id=run_id, tags=tags, metrics_file=jsonl.path)
+        if backend.active:
+            loggers.append(backend)
     loggers.insert(0, jsonl)
     if console_steps is not None:
         loggers.append(ConsoleLogger(console_steps))

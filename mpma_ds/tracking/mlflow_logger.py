@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl, warn_once
+from mpma_ds.tracking.base import TRACKERS, MetricLogger, clean_metrics, read_metrics_jsonl, warn_once
 from mpma_ds.tracking.config import TrackingConfig, default_artifact_location, resolve_tracking_uri
 from mpma_ds.tracking.lineage import PARENT_TAG
 from mpma_ds.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, chunked, flatten_params
@@ -58,6 +58,7 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
     return exp.experiment_id
 
 
+@TRACKERS.register("mlflow")
 class MLflowMetricLogger(MetricLogger):
     """Logs to one MLflow run; ``active`` is False when the store could not be reached at start.
 

@@ -5,16 +5,28 @@ probe, classification, VQA), else the normal approximation from the two runs' ow
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.tracking.compare import EVAL_METRICS, PAIR_METRICS, RunGroup, RunSummary, _text_table
+from mpma_ds.eval.paired import PAIRED_STATISTICS
+from mpma_ds.tracking.compare import EVAL_METRICS, RunGroup, RunSummary, _text_table
+from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
 
 PREDICTIONS_FILE = "test_predictions.pt"  # the trainer's per-sample test outputs (training/run_folder.py)
 PAIRED = "paired bootstrap"
 FROM_INTERVALS = "from the two intervals"
+# Runs logged before the Trainer wrote mpma.headline_metrics / mpma.pairing: what their tasks compared on, so old
+# experiments still read. A task of today declares both itself (Task.headline_metrics, Task.pairing).
+LEGACY_PAIR_METRICS: dict[str, tuple[str, ...]] = {
+    "linear_probe": ("test/auroc_macro",),
+    "cls": ("test/auroc_macro",),
+    "vqa": ("test/accuracy_overall", "test/accuracy_closed", "test/accuracy_open"),
+    "retrieval": ("test/rsum", "test/i2t_R_at_1", "test/t2i_R_at_1"),
+    "zero_shot": ("test/zeroshot_auroc_mean", "test/i2t_R_at_1"),
+}
+LEGACY_PAIRING = {"linear_probe": "multilabel_auroc", "cls": "multilabel_auroc", "vqa": "vqa_accuracy"}
 
 
 @dataclass
@@ -44,6 +56,9 @@ class PairRow:
         if self.label_fraction is None:
             return self.task
         return f"{self.task} @ {100 * self.label_fraction:g} % labels"
+
+    headline: bool = False
+    """The run's first headline metric (its label-efficiency curve)."""
 
 
 def _ci(run: RunSummary, metric: str) -> list[float] | None:
@@ -98,35 +113,38 @@ class PredictionStore:
 
 
 def paired_interval(
-    task: str, metric: str, pre: Any, rnd: Any, *, min_each: int = 1, n_resamples: int = 1000
+    pairing: str, metric: str, pre: Any, rnd: Any, *, params: Mapping[str, str], n_resamples: int = 1000
 ) -> tuple[float, list[float]] | None:
-    """``(difference, [low, high])`` of ``metric`` by a paired bootstrap over the two runs' per-sample test
-    predictions (the same samples, in the same order); ``None`` when the task or predictions do not allow it."""
-    from mpma_ds.eval.bootstrap import paired_difference
-
+    """``(difference, [low, high])`` of ``metric`` by the paired statistic ``pairing`` (``mpma.pairing``: a name in
+    ``mpma_ds.eval.paired.PAIRED_STATISTICS``) over the two runs' per-sample test predictions (the same samples, in
+    the same order); ``None`` when the task or predictions do not allow it."""
+    if not pairing or pairing not in PAIRED_STATISTICS:
+        return None
     if pre is None or rnd is None or list(pre.get("keys", [])) != list(rnd.get("keys", [1])):
         return None
     key = metric.split("/", 1)[1]
-    if task == "vqa" and key.startswith("accuracy_") and "predicted" in pre:
-        from mpma_ds.eval.vqa import vqa_accuracy
-
-        if list(pre["answer_vocab"]) != list(rnd["answer_vocab"]):
-            return None
-        arrays = [(p["predicted"], p["gold"], p["types"]) for p in (pre, rnd)]
-        found = paired_difference(vqa_accuracy, *arrays, keys=[key], n_resamples=n_resamples,
-                                  answer_vocab=pre["answer_vocab"])  # fmt: skip
-    elif key == "auroc_macro" and pre.get("multilabel", True) and "scores" in pre:
-        from mpma_ds.eval.classification import multilabel_auroc
-
-        arrays = [(p["scores"].numpy(), p["targets"].numpy()) for p in (pre, rnd)]
-        found = paired_difference(multilabel_auroc, *arrays, keys=[key], n_resamples=n_resamples,
-                                  names=pre["names"], min_each=min_each)  # fmt: skip
-    else:
+    found = PAIRED_STATISTICS[pairing](pre, rnd, key, params, n_resamples)
+    if found is None:
         return None
     d, ci = found[key]["difference"], found[key]["difference_ci95"]
     if d is None or ci is None or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (d, *ci)):
         return None
     return float(d), [float(ci[0]), float(ci[1])]
+
+
+def headline_metrics(run: RunSummary) -> tuple[str, ...]:
+    """The test metrics a fine-tuning run compares on: its ``mpma.headline_metrics`` tag (written by the Trainer
+    from the task's declaration), or for a run logged before that tag existed, the table those runs had."""
+    tag = run.tags.get(HEADLINE_TAG)
+    if tag is not None:
+        return tuple(m for m in tag.split(",") if m)
+    return LEGACY_PAIR_METRICS.get(run.tags.get("mpma.task", ""), ())
+
+
+def pairing(run: RunSummary) -> str:
+    """The run's paired statistic (``mpma.pairing``; legacy runs: by task)."""
+    tag = run.tags.get(PAIRING_TAG)
+    return tag if tag is not None else LEGACY_PAIRING.get(run.tags.get("mpma.task", ""), "")
 
 
 def _newest(runs: Iterable[RunSummary]) -> dict[str, RunSummary]:
@@ -159,7 +177,7 @@ def pair_rows(
             else:
                 task = pre.tags.get("mpma.task", "?")
                 fraction = float(pre.tags.get("mpma.label_fraction", 1.0))
-                metrics = [m for m in PAIR_METRICS.get(task, ()) if m in pre.final]
+                metrics = [m for m in headline_metrics(pre) if m in pre.final]
             for metric in metrics:
                 a = pre.final.get(metric)
                 b = rnd.final.get(metric) if rnd is not None else None
@@ -169,9 +187,14 @@ def pair_rows(
                     diff = a - b
                     paired = None
                     if pre.kind == "finetune" and predictions is not None:
-                        min_each = int(float(pre.params.get("task.cls.min_label_count", 1)))
-                        paired = paired_interval(task, metric, predictions.get(pre), predictions.get(rnd),
-                                                 min_each=min_each, n_resamples=n_resamples)  # fmt: skip
+                        paired = paired_interval(
+                            pairing(pre),
+                            metric,
+                            predictions.get(pre),
+                            predictions.get(rnd),
+                            params=pre.params,
+                            n_resamples=n_resamples,
+                        )
                     if paired is not None:
                         diff, ci = paired
                         how = PAIRED
@@ -183,6 +206,7 @@ def pair_rows(
                     pretrained=a, random=b, pretrained_ci95=ci_a, random_ci95=ci_b, difference=diff,
                     difference_ci95=ci, interval=how, pretrained_run=pre.run_id,
                     random_run=rnd.run_id if rnd is not None else None, pair=pre.pair or "",
+                    headline=pre.kind == "finetune" and metric == next(iter(headline_metrics(pre)), None),
                 ))  # fmt: skip
     return rows
 

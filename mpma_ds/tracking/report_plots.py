@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpma_ds.tracking.compare import EVAL_METRICS, PAIR_METRICS, TRAIN_CURVES, RunGroup, RunSummary
+from mpma_ds.tracking.compare import EVAL_METRICS, TRAIN_CURVES, RunGroup, RunSummary
 from mpma_ds.tracking.pairs import PairRow
 
 TITLES = {
@@ -176,10 +176,9 @@ def eval_over_steps(groups: Sequence[RunGroup], path: Path) -> Path | None:
 
 
 def label_efficiency(pairs: Sequence[PairRow], path: Path) -> Path | None:
-    """Per downstream task: its first metric (``PAIR_METRICS``) against the label fraction (log axis),
+    """Per downstream task: its first headline metric (``PairRow.headline``) against the label fraction (log axis),
     pretrained (solid) and random init (dashed), each with its 95 % interval as a band."""
-    rows = [p for p in pairs if p.kind == "finetune" and p.label_fraction is not None
-            and p.metric == PAIR_METRICS.get(p.task, ("",))[0]]  # fmt: skip
+    rows = [p for p in pairs if p.headline and p.label_fraction is not None]
     tasks = list(dict.fromkeys(p.task for p in rows))
     if not tasks:
         return None
