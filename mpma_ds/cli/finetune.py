@@ -11,6 +11,8 @@ validation-best and final test metrics (bootstrap 95 % intervals beside them).
 
 from __future__ import annotations
 
+import sys
+
 from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name
 from mpma_ds.cli.pretrain import build_parser, run_training
 
@@ -27,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--list-tasks", action="store_true", help="list the registered tasks (plugins too) and exit"
     )
-    if argv is None or "--list-tasks" not in argv:
-        args = parser.parse_args(argv)
-    else:  # --config is not needed to list
-        args = parser.parse_args(["--config", "-", *argv])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --config is not needed to list the tasks
+    args = parser.parse_args(["--config", "-", *argv] if "--list-tasks" in argv else argv)
     if args.list_tasks:
         for entry in TASKS:
             if entry.obj.kind == "finetune":

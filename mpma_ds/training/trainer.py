@@ -413,8 +413,9 @@ class Trainer:
         was_training = module.training
         module.eval()
         try:
+            # the one place eval batches reach the device, inputs in the engine's compute dtype: tasks score
             batches = (
-                self.task.to_model(b)
+                _to_device(self.task.to_model(b), self.ctx.device, self.image_dtype)
                 for i, b in enumerate(loader.loader)
                 if not (self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches)
             )
