@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetune_testdata import ft_shards, pretrained, prepare
+from finetune_testdata import ft_shards, prepare, pretrained
 from train_testdata import IMAGE_SIZE, ROOT, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
