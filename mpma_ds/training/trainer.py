@@ -413,7 +413,6 @@ class Trainer:
         was_training = module.training
         module.eval()
         try:
-            # the one place eval batches reach the device, inputs in the engine's compute dtype: tasks score
             batches = (
                 _to_device(self.task.to_model(b), self.ctx.device, self.image_dtype)
                 for i, b in enumerate(loader.loader)
