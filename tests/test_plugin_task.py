@@ -45,7 +45,7 @@ def test_list_tasks_shows_the_plugin_and_an_unknown_task_names_it(installed, tmp
     unknown = _run([str(BIN / "mpma-finetune"), "--config", "finetune_cls_tiny", "--task", "no_such"], tmp_path,
                    installed)  # fmt: skip
     assert unknown.returncode == 2
-    assert "view_position (plugin mpma-view-task)" in unknown.stderr
+    assert "choose one of vqa, cls" in unknown.stderr and "view_position (plugin mpma-view-task)" in unknown.stderr
     assert "Traceback" not in unknown.stderr
 
 

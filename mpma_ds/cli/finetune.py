@@ -21,7 +21,7 @@ SCRIPT = "finetune.py"
 
 @ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks.registry import TASKS, finetune_task_names
+    from mpma_ds.tasks.registry import TASKS, finetune_task_names, unknown_task
 
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{entry.name:<16} {entry.plugin or 'mpma_ds':<20} options: {sections}")
         return 0
     if args.task is not None and args.task not in finetune_task_names():
-        error(prog, f"unknown --task {args.task!r}; {TASKS.describe()}")
+        error(prog, f"--task: {unknown_task(args.task)}")
         return 2
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe

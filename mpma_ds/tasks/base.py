@@ -51,8 +51,14 @@ class RunContext:
     """The backbone architecture (set by ``Task.resolve``)."""
     tokenizer: PreTrainedTokenizerFast | None = None
     """The tokenizer (set by ``Task.resolve``)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Whatever a task resolved that later hooks need (answer set, init source ...)."""
+    init: Any = None
+    """Where the backbone's weights come from (``mpma_ds.tasks.init.InitSource``; fine-tuning, set by ``resolve``)."""
+    tokenizer_dir: str = ""
+    """The tokenizer folder (fine-tuning, set by ``resolve``)."""
+    subset: Any = None
+    """The label-fraction subset the training streams read (``mpma_ds.data.subsets``), for the run's summary."""
+    feature_files: dict[str, str] = field(default_factory=dict)
+    """Frozen-backbone tasks: the cached feature file of each split."""
 
     @property
     def output_dir(self) -> Path:

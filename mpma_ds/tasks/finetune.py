@@ -51,7 +51,7 @@ class FinetuneTask(Task):
         from mpma_ds.tokenizer import load_tokenizer
 
         init = resolve_init(self.recipe)
-        ctx.extras["init"] = init
+        ctx.init = init
         ctx.model_config = init.config
         tok_dir = self.recipe.data.tokenizer or (str(init.tokenizer_dir) if init.tokenizer_dir else "")
         if not tok_dir:
@@ -59,7 +59,7 @@ class FinetuneTask(Task):
                 "data.tokenizer is empty and init.from brings no tokenizer: set data.tokenizer to a tokenizer folder"
             )
         ctx.tokenizer = load_tokenizer(tok_dir)
-        ctx.extras["tokenizer_dir"] = tok_dir
+        ctx.tokenizer_dir = tok_dir
         check_tokenizer_vocab(ctx.model_config, ctx.tokenizer)
         for name in ("train_shards", "val_shards"):
             if not getattr(self.recipe.data, name) and (name == "train_shards" or self.wants_validation()):
@@ -72,7 +72,7 @@ class FinetuneTask(Task):
         """The task's own input checks (answer set, label columns ...); default: none."""
 
     def init_source(self, ctx: RunContext) -> InitSource:
-        return ctx.extras["init"]
+        return ctx.init
 
     def backbone(self, ctx: RunContext) -> MPMA:
         """The backbone with ``init.from``'s weights, cut down to ``backbone_parts``."""
@@ -127,12 +127,12 @@ class FinetuneTask(Task):
             "init": self.init_source(ctx).describe(),
             "label_fraction": self.recipe.data.label_fraction,
             "label_fraction_seed": self.recipe.data.label_fraction_seed,
-            "subset": ctx.extras.get("subset"),
+            "subset": ctx.subset,
         }
 
     def build_loaders(self, ctx: RunContext):
         loaders, val = super().build_loaders(ctx)
-        ctx.extras["subset"] = getattr(loaders[0], "subset", None)
+        ctx.subset = getattr(loaders[0], "subset", None)
         return loaders, val
 
 
