@@ -46,5 +46,5 @@ def scan_source(fmt: str, input_path: Path, scan_opts: ScanOptions, *, vqa_lang:
     if fmt in VQA_FORMATS:
         from data_tools.sources.vqa import scan_vqa
 
-        return scan_vqa(fmt, input_path, vqa_lang)
+        return scan_vqa(fmt, input_path, vqa_lang, scan_opts.follow_outside_links)
     raise SourceError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -27,8 +27,9 @@ from data_tools.sources.common import (
     empty_labels,
     hash_split,
     make_key,
+    outside_link,
 )
-from data_tools.sources.report_text import decode_report, extract_report_text, section_name
+from data_tools.sources.report_text import NotText, decode_report, extract_report_text, section_name
 
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 
@@ -63,7 +64,10 @@ def parse_iu_xml(path: str | Path) -> IUReport:
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as exc:
-        text, encoding = decode_report(raw)
+        try:
+            text, encoding = decode_report(raw)
+        except NotText as exc2:
+            raise SourceError(f"{path}: not an XML report: {exc2}") from None
         if encoding is None:  # UTF-8 all right: the XML itself is broken
             raise SourceError(f"{path}: not well-formed XML ({exc})") from None
         # Bytes in another encoding than the declared (or default UTF-8) one: decoded as such, the
@@ -119,8 +123,11 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
     images = _image_index(image_dir)
     scan = SourceScan()
     for xml_path in _xml_files(root):
-        report = parse_iu_xml(xml_path)
         rel_xml = str(xml_path.relative_to(root))
+        if (link := outside_link(xml_path, root)) and not opts.follow_outside_links:
+            scan.rejects.append(Reject(rel_xml, "symlink_outside_input", f"report is {link}", "report"))
+            continue
+        report = parse_iu_xml(xml_path)
         if report.encoding:
             scan.decoded.setdefault(report.encoding, []).append(rel_xml)
         if not report.image_ids:
@@ -142,6 +149,9 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
                 continue
             if problem:
                 scan.rejects.append(Reject(rel, problem[0], problem[1], key=key, split=split))
+                continue
+            if (link := outside_link(image, image_dir)) and not opts.follow_outside_links:
+                scan.rejects.append(Reject(rel, "symlink_outside_input", f"image is {link}", key=key, split=split))
                 continue
             meta = {
                 "source": "iu-xray",
