@@ -70,6 +70,9 @@ class Task:
     loss_keys: ClassVar[tuple[str, ...]] = ("loss",)
     default_best_metric: ClassVar[str] = ""
     """Validation metric that picks the best checkpoint when ``train.best_metric`` is empty ("" = none)."""
+    shard_kind: ClassVar[str] = "report"
+    """What the task's shards hold (``data_tools.shard_format.SHARD_KINDS``): ``report`` or ``vqa``; shards of
+    another kind are refused before the first step (``mpma_ds.data.preflight``)."""
     test_after_training: ClassVar[bool] = True
     """Evaluate the best (else last) checkpoint on the test split at the end, when ``data.test_shards`` is set."""
 

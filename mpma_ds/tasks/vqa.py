@@ -77,6 +77,7 @@ class FrozenVQAHead(StandardisedHead):
 
 class VQATask(FinetuneTask):
     name = "vqa"
+    shard_kind = "vqa"
     default_best_metric = "accuracy_overall"
     backbone_parts = (
         "image_encoder",
