@@ -9,8 +9,9 @@ once):
   recursively; an unknown key or a value of the wrong type is one ``ConfigError`` line that names the dotted
   key (``train.lr``) and the file it came from;
 - type checks and light coercions (``3e-4`` read by YAML as a string → float, ``2`` → ``2.0`` for a float
-  field, a list → tuple) also run when a section is constructed directly in Python
-  (``MPMAConfig(vocab_size="x")`` fails the same way), because ``ConfigSection.__post_init__`` runs them;
+  field, a list → tuple; NaN and ±inf are refused in every float field) also run when a section is
+  constructed directly in Python (``MPMAConfig(vocab_size="x")`` fails the same way), because
+  ``ConfigSection.__post_init__`` runs them;
 - ``load_yaml`` / ``apply_overrides`` / ``load_config``: the file and the ``--set`` overrides merged into one
   tree before anything is built; an empty file is refused as empty;
 - ``to_dict`` / ``save_config``: the resolved config as plain YAML-safe data (the run folder's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 import os
 import types
 import typing
@@ -123,14 +125,19 @@ def convert(value: Any, tp: Any, key: str, *, source: str | None = None, what: s
             return int(value)
         raise ConfigError(_where(f"{key} must be an integer, got {value!r}", source))
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(_where(f"{key} must be a number, got {value!r}", source))
+        if number is None:
+            raise ConfigError(_where(f"{key} must be a number, got {value!r}", source))
+        if not math.isfinite(number):  # .nan / .inf would reach the optimiser or a schedule as poison
+            raise ConfigError(_where(f"{key} must be a finite number, got {value!r}", source))
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -96,8 +96,9 @@ class TrainConfig(ConfigSection):
 
     epochs: float = 0.0
     """> 0: train for this many passes over the training split (after ``data.label_fraction``), i.e.
-    ``max_steps = ceil(epochs × steps per epoch)`` — the usual unit of fine-tuning. Not together with an
-    explicit ``max_steps`` > 0."""
+    ``max_steps = ceil(epochs × steps per epoch)`` — the usual unit of fine-tuning. An explicit ``max_steps``
+    > 0 (``--set train.max_steps=20``) wins over it, as in Hugging Face's Trainer; the run says so when it
+    starts."""
 
     lr: float = 1.5e-4
     """Peak learning rate (after warm-up)."""
@@ -267,6 +268,9 @@ class Recipe(ConfigSection):
     ``train_batch_size``, ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps`` and
     ``gradient_clipping`` may be ``"auto"`` (filled from ``train``)."""
 
+    notes: list[str] = field(default_factory=list, init=False, compare=False, repr=False)
+    """Lines about how the recipe was resolved, printed at the start of the run (not part of the recipe)."""
+
     kind = "pretrain"
 
     def validate(self) -> None:
@@ -286,10 +290,13 @@ class Recipe(ConfigSection):
                 f"{model.max_text_len}; lower data.max_text_len"
             )
         if self.train.epochs > 0 and self.train.max_steps > 0 and "max_steps" in given_keys(self.train):
-            raise ValueError(
-                f"train.epochs={self.train.epochs} and train.max_steps={self.train.max_steps} both set the length "
-                "of the run; set one of them (train.max_steps=0 to use epochs, train.epochs=0 to use max_steps)"
+            # the Hugging Face Trainer's convention, which users bring: max_steps > 0 wins over epochs. Resolved
+            # once here, so the saved recipe.yaml (and a resume from it) says which.
+            self.notes.append(
+                f"train.max_steps={self.train.max_steps} wins over train.epochs={self.train.epochs} (as in Hugging "
+                "Face's Trainer): the run trains for max_steps; set train.max_steps=0 to train by epochs"
             )
+            self.train.epochs = 0.0
 
 
 @dataclass
