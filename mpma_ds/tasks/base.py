@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mpma_ds.data.preflight import check_run_inputs
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -83,6 +85,13 @@ class Task:
     def resolve(self, ctx: RunContext) -> None:
         """Set ``ctx.model_config`` and ``ctx.tokenizer`` and check every input; raise on bad input."""
         raise NotImplementedError
+
+    def check_inputs(self) -> None:
+        """Every shard set the run will read (train, validation, test) exists, is indexed and holds
+        ``shard_kind``: called first by ``resolve``, so a wrong path is found before the first step, not after
+        the last (``mpma_ds.data.preflight``)."""
+        check_run_inputs(self.recipe, kind=self.shard_kind, reader=f"task {self.name}",
+                         validation=self.wants_validation(), test=self.test_after_training)  # fmt: skip
 
     def architecture(self, ctx: RunContext) -> dict[str, Any] | None:
         """What a checkpoint must agree with besides the backbone (e.g. the answer-set size); None: nothing."""

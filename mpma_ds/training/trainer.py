@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
-from mpma_ds.data.preflight import check_run_inputs
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
@@ -169,8 +168,6 @@ class Trainer:
             accumulation = gradient_accumulation_steps(self.cfg, world)
             ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
             ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
-            check_run_inputs(self.recipe, kind=self.task.shard_kind, reader=f"task {self.task.name}",
-                             validation=self.task.wants_validation(), test=self.task.test_after_training)  # fmt: skip
             self.task.resolve(ctx)
             if meta is not None:
                 resharded = ckpt.check_compatible(
