@@ -300,9 +300,27 @@ def load_config(
     cls: type[T], path: str | os.PathLike[str] | None, overrides: Iterable[str] = (), *, what: str = "recipe"
 ) -> T:
     """Parse ``path`` (``None``: all defaults), merge ``overrides``, build ``cls`` once."""
+    overrides = list(overrides)
     tree: dict[str, Any] = load_yaml(path, what=what) if path is not None else {}
     tree = apply_overrides(tree, overrides)
-    return build(cls, tree, source=str(path) if path is not None else None, what=what)
+    source = str(path) if path is not None else None
+    try:
+        return build(cls, tree, source=source, what=what)
+    except ConfigError as err:
+        raise blame_override(err, overrides, source) from err
+
+
+def blame_override(err: ConfigError, overrides: Iterable[str], source: str | None) -> ConfigError:
+    """``err`` saying ``(from --set key=value)`` instead of ``(in FILE)`` when its key came from ``--set``: the
+    file does not hold the bad value, the command line does."""
+    message = str(err)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key and (message.startswith((f"{key} ", f"{key}:")) or f"key {key};" in message):
+            if source and message.endswith(f" (in {source})"):
+                message = message[: -len(f" (in {source})")]
+            return ConfigError(f"{message} (from --set {text})")
+    return err
 
 
 # --------------------------------------------------------------------------------------------- back to plain data

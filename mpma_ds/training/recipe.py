@@ -26,6 +26,7 @@ from mpma_ds.config import (
     ConfigError,
     ConfigSection,
     apply_overrides,
+    blame_override,
     build,
     given_keys,
     load_yaml,
@@ -342,6 +343,7 @@ def load_recipe(
     Raises:
         ConfigError: missing/empty/unreadable file, unknown key, wrong type or bad value (names the key).
     """
+    overrides = list(overrides)
     tree: dict[str, Any] = {}
     recipe_dir = None
     source = None
@@ -352,7 +354,10 @@ def load_recipe(
     tree = apply_overrides(tree, overrides)
     if cls is None:
         cls = FinetuneRecipe if "task" in tree else Recipe  # type: ignore[assignment]
-    recipe = build(cls, tree, source=source, what="recipe")
+    try:
+        recipe = build(cls, tree, source=source, what="recipe")
+    except ConfigError as err:
+        raise blame_override(err, overrides, source) from err
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))
         check_output_dir(recipe.train.output_dir)
