@@ -244,6 +244,29 @@ def test_symlinks_leading_outside_the_input_are_rejected_unless_followed(tmp_pat
     assert [r["reason"] for r in _rejects(tmp_path / "o3")] == ["symlink_outside_input"]
 
 
+def test_iu_xray_links_outside_and_two_files_of_one_image_id(tmp_path, capsys):
+    root = tmp_path / "iu"
+    xmls = root / "ecgen-radiology"
+    xmls.mkdir(parents=True)
+    for n in (1, 2):
+        (tmp_path / f"{n}.xml").write_text(
+            f'<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="CXR{n}"/>'
+            '<AbstractText Label="FINDINGS">Heart size is normal. Lungs are clear.</AbstractText>'
+            f'<parentImage id="CXR{n}_IM-1"/></eCitation>'
+        )
+    (xmls / "1.xml").symlink_to(tmp_path / "1.xml")  # a report from outside the input
+    (xmls / "2.xml").write_text((tmp_path / "2.xml").read_text())
+    (root / "images").mkdir()
+    _film(root / "images" / "CXR2_IM-1.png", 1)
+    _film(root / "images" / "CXR2_IM-1.jpg", 2)
+    rc, stdout, _ = _build(capsys, root, tmp_path / "o", fmt="iu-xray")
+    assert rc == 0
+    assert [(r["input"], r["reason"]) for r in _rejects(tmp_path / "o")] == [
+        ("ecgen-radiology/1.xml", "symlink_outside_input")
+    ]
+    assert "1 image id(s) have more than one file" in stdout and "CXR2_IM-1.jpg (not CXR2_IM-1.png)" in stdout
+
+
 def test_output_inside_the_input_is_refused(tmp_path, capsys):
     corpus = _mimic(tmp_path / "c")
     rc, _, err = _build(capsys, corpus, corpus / "shards")

@@ -99,13 +99,25 @@ def _xml_files(root: Path) -> list[Path]:
     return xmls
 
 
-def _image_index(image_dir: Path) -> dict[str, Path]:
-    """`{image id: file}` for the images of a folder (first suffix in IMAGE_SUFFIXES order wins)."""
+def _image_index(image_dir: Path, notes: list[str] | None = None) -> dict[str, Path]:
+    """`{image id: file}` for the images of a folder (first suffix in IMAGE_SUFFIXES order wins; `notes` gets
+    one line naming how many ids have more than one file, and which file was used for one of them)."""
     found: dict[str, Path] = {}
+    others: dict[str, list[str]] = {}
     rank = {s: i for i, s in enumerate(IMAGE_SUFFIXES)}
     for p in sorted(image_dir.iterdir(), key=lambda p: (p.stem, rank.get(p.suffix.lower(), 99))):
-        if p.is_file() and p.suffix.lower() in rank and p.stem not in found:
-            found[p.stem] = p
+        if p.is_file() and p.suffix.lower() in rank:
+            if p.stem in found:
+                others.setdefault(p.stem, []).append(p.name)
+            else:
+                found[p.stem] = p
+    if others and notes is not None:
+        stem = sorted(others)[0]
+        notes.append(
+            f"{len(others)} image id(s) have more than one file in {image_dir}; the first of "
+            f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} is used, e.g. {found[stem].name} "
+            f"(not {', '.join(others[stem])})"
+        )
     return found
 
 
@@ -120,8 +132,8 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions) -> SourceScan:
         image_dir = root / "images" if (root / "images").is_dir() else root
     if not image_dir.is_dir():
         raise SourceError(f"image folder {image_dir} does not exist; pass --image-dir")
-    images = _image_index(image_dir)
     scan = SourceScan()
+    images = _image_index(image_dir, scan.notes)
     for xml_path in _xml_files(root):
         rel_xml = str(xml_path.relative_to(root))
         if (link := outside_link(xml_path, root)) and not opts.follow_outside_links:
