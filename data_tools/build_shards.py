@@ -134,6 +134,11 @@ def build_shards(
         raise BuildError(
             f"cannot read input {where}: {exc.strerror or exc}; check the file under --input"
         ) from None
+    if links := [r for r in scan.rejects if r.reason == "symlink_outside_input"]:
+        scan.notes.append(
+            f"{len(links)} input(s) are symbolic links leading outside --input and were rejected, e.g. "
+            f"{links[0].input}; pass --follow-outside-links if that is where your corpus lives"
+        )
 
     if vqa:  # only what decides a VQA build's bytes
         options = {"format": fmt, "shard_size": shard_size, "vqa_lang": vqa_lang, **asdict(image_opts)}

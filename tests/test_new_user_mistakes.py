@@ -222,8 +222,9 @@ def test_symlinks_leading_outside_the_input_are_rejected_unless_followed(tmp_pat
     image1.symlink_to(outside / "film.png")
     inside = corpus / "files" / "p10" / "p10000003" / "s50000003" / "img9.png"
     inside.symlink_to(corpus / "files" / "p10" / "p10000003" / "s50000003" / "img2.png")  # inside: fine
-    rc, _, _ = _build(capsys, corpus, tmp_path / "o")
+    rc, stdout, _ = _build(capsys, corpus, tmp_path / "o")
     assert rc == 0
+    assert "2 input(s) are symbolic links leading outside --input" in stdout and "--follow-outside-links" in stdout
     reasons = {r["input"].rsplit("/", 1)[-1]: r["reason"] for r in _rejects(tmp_path / "o")}
     assert reasons == {"img0.png": "symlink_outside_input", "img1.png": "symlink_outside_input"}
     assert not any("tcp" in t for t in _texts(tmp_path / "o").values())
