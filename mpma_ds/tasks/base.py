@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mpma_ds.data.preflight import check_run_inputs
 from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ class Task:
     the two runs' own intervals. Written as the ``mpma.pairing`` tag."""
     title: ClassVar[str] = ""
     """What the first headline metric is, for figures ("linear probe AUROC"); "" = the task's name."""
+    shard_kind: ClassVar[str] = "report"
+    """What the task's shards hold (``data_tools.shard_format.SHARD_KINDS``): ``report`` or ``vqa``; shards of
+    another kind are refused before the first step (``mpma_ds.data.preflight``)."""
     test_after_training: ClassVar[bool] = True
     """Evaluate the best (else last) checkpoint on the test split at the end, when ``data.test_shards`` is set."""
 
@@ -98,6 +102,13 @@ class Task:
     def resolve(self, ctx: RunContext) -> None:
         """Set ``ctx.model_config`` and ``ctx.tokenizer`` and check every input; raise on bad input."""
         raise NotImplementedError
+
+    def check_inputs(self) -> None:
+        """Every shard set the run will read (train, validation, test) exists, is indexed and holds
+        ``shard_kind``: called first by ``resolve``, so a wrong path is found before the first step, not after
+        the last (``mpma_ds.data.preflight``)."""
+        check_run_inputs(self.recipe, kind=self.shard_kind, reader=f"task {self.name}",
+                         validation=self.wants_validation(), test=self.test_after_training)  # fmt: skip
 
     def architecture(self, ctx: RunContext) -> dict[str, Any] | None:
         """What a checkpoint must agree with besides the backbone (e.g. the answer-set size); None: nothing."""

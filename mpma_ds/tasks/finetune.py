@@ -50,6 +50,7 @@ class FinetuneTask(Task):
         from mpma_ds.tasks.init import resolve_init
         from mpma_ds.tokenizer import load_tokenizer
 
+        self.check_inputs()
         init = resolve_init(self.recipe)
         ctx.init = init
         ctx.model_config = init.config

@@ -118,6 +118,7 @@ class VQATask(FinetuneTask):
     headline_metrics = ("accuracy_overall", "accuracy_closed", "accuracy_open")
     pairing = "vqa_accuracy"
     title = "VQA accuracy"
+    shard_kind = "vqa"
     default_best_metric = "accuracy_overall"
     backbone_parts = (
         "image_encoder",
