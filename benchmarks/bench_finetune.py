@@ -117,7 +117,7 @@ def _sync(device: torch.device) -> None:
 def extraction_rate(model: str, data: dict[str, Path], work: Path, ds_config: str) -> float:
     """Images/s of the linear probe's one-off feature pass over the training split: a Trainer build with an empty
     feature cache minus a build that finds it (decode and the frozen encoder's forward)."""
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     recipe = recipe_for("linear_probe", model, data, work / f"{model}-extract", ds_config)
     seconds = []
@@ -130,7 +130,7 @@ def extraction_rate(model: str, data: dict[str, Path], work: Path, ds_config: st
 
 
 def bench_task(task: str, model: str, data: dict[str, Path], work: Path, steps: int, ds_config: str) -> dict:
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     _, micro, _ = MODEL_SETTINGS[model]
     recipe = recipe_for(task, model, data, work / f"{model}-{task}", ds_config)

@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.eval.split_eval import TABLE_ROWS
+from mpma_ds.distributed import free_port
 from mpma_ds.eval.zeroshot import DEFAULT_MIN_COUNT
 from mpma_ds.fileio import atomic_write_text
-from mpma_ds.training.distributed import free_port
+from mpma_ds.runner.evaluate import TABLE_ROWS
 
 LAUNCH = Path(__file__).resolve().parent  # the launch/ scripts beside this one
 REPO = LAUNCH.parent
@@ -252,8 +252,8 @@ class Demo:
         ``python launch/finetune.py --config <recipe> --set ...`` runs (no interpreter start, no launcher: the
         heads on cached features take seconds, a launcher's start-up would cost more than the training)."""
         from mpma_ds.recipes import find_recipe
+        from mpma_ds.runner.trainer import train
         from mpma_ds.training.recipe import FinetuneRecipe, load_recipe
-        from mpma_ds.training.trainer import train
 
         log = self.logs / f"finetune-{tag}.log"
         try:
@@ -321,7 +321,7 @@ class Demo:
 
         from mpma_ds.eval import multilabel_auroc, vqa_accuracy
         from mpma_ds.eval.bootstrap import paired_difference
-        from mpma_ds.training.trainer import PREDICTIONS_FILE
+        from mpma_ds.runner.trainer import PREDICTIONS_FILE
 
         tags = [f"{task}-{init}" + (f"-{fraction}" if fraction else "") for init in INITS]
         pre, rnd = (torch.load(self.out / "finetune" / t / PREDICTIONS_FILE, weights_only=True) for t in tags)
@@ -342,7 +342,7 @@ class Demo:
     def export(self) -> None:
         # what `python launch/export.py --checkpoint pretrain --out exported --overwrite` runs, in this process
         # (one interpreter start fewer; the evaluation below needs the same imports)
-        from mpma_ds.export import ExportError, export_checkpoint
+        from mpma_ds.runner.export import ExportError, export_checkpoint
 
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / "export.log"
@@ -354,7 +354,7 @@ class Demo:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         from mpma_ds.eval.grounding import shards_have_truth, write_overlays
-        from mpma_ds.eval.split_eval import run_evaluation
+        from mpma_ds.runner.evaluate import run_evaluation
 
         grounding = GROUNDING_OVERLAYS if shards_have_truth(self.out / "shards" / "validate") else None
         common = dict(shards=self.out / "shards", split="validate", tracking_uri=self.tracking_uri,
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: interrupted; run it again to continue where it stopped", file=sys.stderr)
         return 130
     from mpma_ds.eval import format_label_efficiency
-    from mpma_ds.eval.split_eval import format_table
+    from mpma_ds.runner.evaluate import format_table
 
     evals = results["pretrain_eval"]
     pre, rnd = evals["pretrained"], evals["random-init"]

@@ -28,7 +28,7 @@ from mpma_ds.eval import (
     zero_shot_auroc,
 )
 from mpma_ds.eval.retrieval import retrieval_metrics_resampler
-from mpma_ds.eval.split_eval import format_table
+from mpma_ds.runner.evaluate import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = math.nan

@@ -205,7 +205,7 @@ def test_early_stopping_stops_and_the_test_metrics_are_the_best_checkpoints(base
     """best_metric=labels_used never improves after the first evaluation, so with early_stopping=2 the run
     stops at the third evaluation (step 6 of 20); the best checkpoint (step 2) is kept beside the last and the
     test metrics are exactly those of the step-2 weights evaluated again, not of the last ones."""
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     out = tmp_path / "run"
     # a high rate: the weights of step 6 give other test AUROCs than those of step 2
@@ -242,7 +242,7 @@ def test_resume_auto_continues_a_fine_tuning_run(base, tmp_path, monkeypatch):
     stopped ends: the same losses at every step, the same test metrics, one MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     uri = pretrained(base).tracking_uri
     extra = {"train.schedule": "constant", "train.warmup_steps": 0, "train.save_every": 2, "train.keep_last": 2,

@@ -190,7 +190,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 @pytest.mark.gpu
 def test_gpu_bf16_zero3_run_trains(base, tmp_path):
     """On CUDA: zero3_bf16.json, FusedAdam, bf16 inputs, NCCL group of one — a few steps that lower the loss."""
-    from mpma_ds.training import train
+    from mpma_ds.runner.trainer import train
 
     overrides = tiny_overrides(
         base,

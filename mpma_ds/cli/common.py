@@ -60,7 +60,7 @@ def ends_without_teardown(main: Callable[[list[str] | None], int]) -> Callable[[
     def wrapper(argv: list[str] | None = None) -> int:
         code = main(argv)
         if "LOCAL_RANK" in os.environ and "MPMA_DS_SET_ENV" not in os.environ:
-            from mpma_ds.training.distributed import close_distributed
+            from mpma_ds.distributed import close_distributed
 
             close_distributed()
             sys.stdout.flush()

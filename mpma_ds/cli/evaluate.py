@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpma_ds.eval.split_eval import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
+    from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
     result = run_evaluation(
         shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,

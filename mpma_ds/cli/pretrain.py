@@ -88,9 +88,9 @@ def _main_thread() -> bool:
 
 def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     """``train(recipe)`` with every way it can end turned into an exit code and at most one stderr line."""
+    from mpma_ds.distributed import CollectiveTimeoutError
+    from mpma_ds.runner.trainer import NonFiniteLossError, SetupError, train
     from mpma_ds.training.checkpoint import CheckpointSaveError
-    from mpma_ds.training.distributed import CollectiveTimeoutError
-    from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     try:
         with run_guard(prog):

@@ -219,7 +219,7 @@ class ClassificationTask(FinetuneTask):
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
         from data_tools.shard_format import CHEXPERT_LABELS
-        from mpma_ds.training.metrics import sample_batch
+        from mpma_ds.data.batch import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
         batch.update(valid=torch.ones(1, dtype=torch.bool), labels=torch.zeros(1, len(CHEXPERT_LABELS)), meta=[{}])

@@ -164,7 +164,7 @@ def split_features(
     Collective: every rank calls it. ``encoder()`` builds the frozen backbone (called only when some rank has
     to extract); ``featurize(encoder, batch)`` makes a batch's features.
     """
-    from mpma_ds.training.distributed import barrier, broadcast_object
+    from mpma_ds.distributed import barrier, broadcast_object
 
     path = cache_dir / fingerprint(task, ctx, split, spec, kind) / f"{split}.pt"
     if not broadcast_object(path.is_file()):  # rank 0 decides: every rank takes the same branch

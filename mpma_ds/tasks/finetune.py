@@ -13,7 +13,7 @@ from mpma_ds.tasks.base import RunContext, Task
 
 if TYPE_CHECKING:
     from mpma_ds.models import MPMA
-    from mpma_ds.tasks.init import InitSource
+    from mpma_ds.runner.init import InitSource
     from mpma_ds.training.recipe import FinetuneRecipe
 
 HEAD_PREFIX = "head."
@@ -51,7 +51,7 @@ class FinetuneTask(Task):
     # ---------------------------------------------------------------------------------------------- setup
     def resolve(self, ctx: RunContext) -> None:
         from mpma_ds.models import check_tokenizer_vocab
-        from mpma_ds.tasks.init import resolve_init
+        from mpma_ds.runner.init import resolve_init
         from mpma_ds.tokenizer import load_tokenizer
 
         init = resolve_init(self.recipe)
@@ -80,7 +80,7 @@ class FinetuneTask(Task):
 
     def backbone(self, ctx: RunContext) -> MPMA:
         """The backbone with ``init.from``'s weights, cut down to ``backbone_parts``."""
-        from mpma_ds.tasks.init import load_backbone
+        from mpma_ds.runner.init import load_backbone
 
         model = load_backbone(self.init_source(ctx))
         model.set_distributed(ctx.rank, ctx.world_size)

@@ -47,7 +47,7 @@ class PretrainTask(Task):
         return model
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from mpma_ds.training.metrics import sample_batch
+        from mpma_ds.data.batch import sample_batch
 
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
 

@@ -67,7 +67,7 @@ class RetrievalTask(FinetuneTask):
         return AlignmentModel(self.backbone(ctx), self.recipe.task.retrieval.w_local)
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from mpma_ds.training.metrics import sample_batch
+        from mpma_ds.data.batch import sample_batch
 
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer, batch_size=2)  # InfoNCE needs 2
 

@@ -152,7 +152,7 @@ class VQATask(FinetuneTask):
     def flops_batch(self, ctx: RunContext) -> dict[str, Any] | None:
         if self.frozen:
             return None  # a head on cached features: nothing worth counting
-        from mpma_ds.training.metrics import sample_batch
+        from mpma_ds.data.batch import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
         batch.update(valid=torch.ones(1, dtype=torch.bool), meta=[{"answer": self.answers[0]}])

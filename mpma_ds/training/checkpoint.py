@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mpma_ds.distributed import all_reduce_sum, barrier
 from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.models.config import MPMAConfig, architecture_difference
-from mpma_ds.training.distributed import all_reduce_sum, barrier
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpma_ds.distributed import all_reduce_sum
 from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training.distributed import all_reduce_sum
 from mpma_ds.training.ds_config import elastic_micro_batch
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from mpma_ds.runner.trainer import Trainer
     from mpma_ds.training.recipe import TrainConfig
-    from mpma_ds.training.trainer import Trainer
 
 
 def saved_world_size(meta: dict[str, Any], default: int) -> int:

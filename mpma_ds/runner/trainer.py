@@ -28,11 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
-from mpma_ds.fileio import atomic_write_text
-from mpma_ds.tasks.base import RunContext, Task
-from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import reshard
-from mpma_ds.training.distributed import (
+from mpma_ds.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
     all_reduce_sum,
@@ -42,6 +38,10 @@ from mpma_ds.training.distributed import (
     is_collective_timeout,
     world_info,
 )
+from mpma_ds.fileio import atomic_write_text
+from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.training import checkpoint as ckpt
+from mpma_ds.training import reshard
 from mpma_ds.training.ds_config import (
     compute_dtype,
     gradient_accumulation_steps,

@@ -106,7 +106,7 @@ def resolve_init(recipe: FinetuneRecipe) -> InitSource:
             "exported", path, _with_recipe_overrides(saved, recipe, spec),
             tok if (tok / "tokenizer.json").is_file() else None, info.get("mlflow_run_id"), info.get("step"),
         )  # fmt: skip
-    from mpma_ds.export import ExportError, check_complete, find_tag_dir, read_run_recipe, resolve_tokenizer
+    from mpma_ds.runner.export import ExportError, check_complete, find_tag_dir, read_run_recipe, resolve_tokenizer
 
     try:
         tag_dir = find_tag_dir(path)
@@ -142,7 +142,7 @@ def load_backbone(source: InitSource) -> MPMA:
                 f"unexpected {sorted(unexpected)[:4]}"
             )
         return model
-    from mpma_ds.export import consolidated_weights
+    from mpma_ds.runner.export import consolidated_weights
 
     state = consolidated_weights(source.path)
     expected = model.state_dict()
