@@ -135,3 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             f"done: step {summary['step']}, run folder {recipe.train.output_dir}, checkpoint {summary['checkpoint']}"
         )
     return 0
+
+
+if __name__ == "__main__":  # deepspeed --module mpma_ds.cli.pretrain (the demo's pretraining stage)
+    sys.exit(main())
