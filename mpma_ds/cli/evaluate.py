@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,7 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=prog_name("evaluate.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="exported model folder (launch/export.py --out)")
+    which.add_argument(
+        "--model", help="exported model folder (launch/export.py --out) or a pretraining run folder"
+    )
     which.add_argument("--random-init", metavar="NAME", help="a randomly initialised model of this architecture")
     p.add_argument(
         "--shards", required=True, help="shard build folder (holding validate/ ...) or one split folder"
@@ -67,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
-
     result = run_evaluation(
         shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
         tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
