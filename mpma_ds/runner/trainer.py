@@ -38,10 +38,16 @@ from mpma_ds.distributed import (
     is_collective_timeout,
     world_info,
 )
+from mpma_ds.eval import loggable_metrics
 from mpma_ds.fileio import atomic_write_text
+from mpma_ds.models.flops import training_flops_per_sample
 from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.tasks.registry import build_task
+from mpma_ds.tracking import build_logger, flatten_params
+from mpma_ds.tracking.params import json_safe
 from mpma_ds.training import checkpoint as ckpt
 from mpma_ds.training import reshard
+from mpma_ds.training.checkpoint import rng_state
 from mpma_ds.training.ds_config import (
     compute_dtype,
     gradient_accumulation_steps,
@@ -49,6 +55,7 @@ from mpma_ds.training.ds_config import (
     resolve_ds_config,
     zero_stage,
 )
+from mpma_ds.training.engine import build_engine, engine_memory
 from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
@@ -64,7 +71,9 @@ if TYPE_CHECKING:
 
     from mpma_ds.tracking import MetricLogger
 
-_SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
+# Bad input: one line and exit 2 (SetupError). A TypeError or KeyError is a bug in the code, not in the recipe:
+# it keeps its traceback (exit 1).
+_SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, OSError)
 
 
 class SetupError(ValueError):
@@ -111,8 +120,6 @@ class Trainer:
     def __init__(
         self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None, overwrite: bool = False
     ) -> None:
-        from mpma_ds.tasks.registry import build_task
-
         self.recipe = recipe
         self.task = task if task is not None else build_task(recipe)
         self.cfg = recipe.train
@@ -195,9 +202,6 @@ class Trainer:
             clear_run(self.out)
 
     def _build_engine(self) -> None:
-        from mpma_ds.models.flops import training_flops_per_sample
-        from mpma_ds.training.engine import build_engine
-
         ctx = self.ctx
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         try:
@@ -225,8 +229,6 @@ class Trainer:
     def _start_logging(self) -> MetricLogger:
         """The run's logger on every rank: rank 0 opens (or, resuming, continues) the MLflow run and logs the
         flattened recipe + DeepSpeed config and both files; the run id is broadcast to the other ranks."""
-        from mpma_ds.tracking import build_logger, flatten_params
-
         ctx = self.ctx
         tags = self.task.tags(ctx)
         logger = None
@@ -278,8 +280,6 @@ class Trainer:
 
     def save(self, step: int | None = None) -> Path:
         """A checkpoint of ``step`` (default: now) on every rank; complete only when every rank wrote it."""
-        from mpma_ds.training.checkpoint import rng_state
-
         step = self.step if step is None else step
         return ckpt.save_checkpoint(
             self.engine, self.out / "checkpoints", step, rank=self.ctx.rank,
@@ -427,8 +427,6 @@ class Trainer:
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def _log_eval(self, metrics: dict[str, Any]) -> None:
-        from mpma_ds.eval import loggable_metrics
-
         self.logger.log_metrics(loggable_metrics(metrics), step=self.step)
 
     def _track_best(self, metrics: dict[str, float]) -> bool:
@@ -520,8 +518,6 @@ class Trainer:
             **self.task.summary(ctx),
         }
         if ctx.rank == 0:
-            from mpma_ds.tracking.params import json_safe
-
             text = json.dumps(json_safe(summary), indent=1, default=str)
             atomic_write_text(self.out / SUMMARY_FILE, text)
             self.logger.log_artifact(self.out / SUMMARY_FILE)
@@ -529,8 +525,6 @@ class Trainer:
         return summary
 
     def _memory(self) -> dict[str, float]:
-        from mpma_ds.training.engine import engine_memory
-
         return engine_memory(self.engine)
 
     def _final_test(self) -> dict[str, Any] | None:
