@@ -4,7 +4,7 @@
 
 mpma_tiny (the default) takes under a minute on 2 CPU cores; mpma_small about 10 minutes there (--steps 8).
 
-For each model, every row is the real ``Trainer`` (``mpma_ds.training.Trainer``: the task's module under
+For each model, every row is the real ``Trainer`` (``mpma_ds.runner.trainer.Trainer``: the task's module under
 ``deepspeed.initialize``, the same DeepSpeed config for all rows, ``--ds-config``, default ``cpu_zero2``) built
 from the shipped recipe of its task, with the same micro-batch and image size (the text length is each recipe's
 ``data.max_text_len``, printed: the loader pads to it), from a random init, activation checkpointing off:

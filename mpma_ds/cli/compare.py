@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.tracking.compare import format_groups, format_runs_table
+from mpma_ds.tracking.pairs import format_pairs_table
+from mpma_ds.tracking.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for report.html, the PNGs and the tables "
                    "(default: compare/<experiment>)")  # fmt: skip
     args = p.parse_args(argv)
-
-    from mpma_ds.tracking.compare import format_groups, format_runs_table
-    from mpma_ds.tracking.pairs import format_pairs_table
-    from mpma_ds.tracking.report import write_report
 
     prog = prog_name("compare_runs.py")
     if args.bootstrap < 1:

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name
 from mpma_ds.cli.pretrain import build_parser, run_training
+from mpma_ds.recipes import find_recipe
+from mpma_ds.tasks.config import FINETUNE_TASKS
+from mpma_ds.training import RecipeError, load_recipe
+from mpma_ds.training.recipe import FinetuneRecipe
 
 SCRIPT = "finetune.py"
 
 
 @ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks.config import FINETUNE_TASKS
-
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=FINETUNE_TASKS, help="the task (must agree with the recipe's task.name)")
     args = parser.parse_args(argv)
-    from mpma_ds.recipes import find_recipe
-    from mpma_ds.training import RecipeError, load_recipe
-    from mpma_ds.training.recipe import FinetuneRecipe
 
     try:
         overrides = list(args.overrides)

@@ -11,6 +11,10 @@ from transformers import PreTrainedTokenizerFast
 
 from mpma_ds.data.batch import Batch
 from mpma_ds.data.config import DataConfig
+from mpma_ds.data.dali_backend import DaliStream
+from mpma_ds.data.synthetic import SyntheticStream
+from mpma_ds.data.wds_backend import WdsStream
+from mpma_ds.tokenizer import load_tokenizer
 
 
 class BatchStream(Protocol):
@@ -117,7 +121,6 @@ def build_loader(
     if tokenizer is None:
         if not cfg.tokenizer:
             raise ValueError("data.tokenizer is empty: set it to a tokenizer folder (data_tools.train_tokenizer)")
-        from mpma_ds.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     fraction, fraction_seed = label_fraction_of(cfg, split)
@@ -126,16 +129,10 @@ def build_loader(
         split=split, label_fraction=fraction, label_fraction_seed=fraction_seed,
     )  # fmt: skip
     if cfg.backend == "synthetic":
-        from mpma_ds.data.synthetic import SyntheticStream
-
         stream: Any = SyntheticStream(cfg, **common)
     elif cfg.backend == "wds":
-        from mpma_ds.data.wds_backend import WdsStream
-
         stream = WdsStream(cfg, split_shards(cfg, split), **common)
     elif cfg.backend == "dali":
-        from mpma_ds.data.dali_backend import DaliStream
-
         stream = DaliStream(cfg, split_shards(cfg, split), **common)
     else:  # DataConfig validates the name; this guards direct attribute edits
         raise ValueError(f"unknown data.backend {cfg.backend!r}")

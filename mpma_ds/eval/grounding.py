@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mpma_ds.data.samples import SampleReader, decode_meta
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.transforms import eval_geometry
 from mpma_ds.eval.bootstrap import with_intervals
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
@@ -87,8 +90,6 @@ def eval_box(box: Sequence[float], stored_size: tuple[int, int], data_cfg: Any) 
         stored_size: ``(width, height)`` of the stored JPEG.
         data_cfg: the loader's `DataConfig` (``image_size``, ``eval_crop_fraction``).
     """
-    from mpma_ds.data.transforms import eval_geometry
-
     width, height = stored_size
     new_h, new_w, top, left = eval_geometry(data_cfg, width, height)
     sx, sy = new_w / width, new_h / height
@@ -279,9 +280,6 @@ def _truth_pairs(meta: Mapping[str, Any], key: str) -> list[tuple[str, str | Non
 def stored_sizes(shards: str | Path) -> dict[str, tuple[int, int]]:
     """``{sample key: (width, height)}`` of the stored JPEGs of a shard spec (folder, glob, list), from their
     headers (no pixel decoding): the frame the ``truth`` boxes are in."""
-    from mpma_ds.data.samples import SampleReader
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(str(shards))
     reader = SampleReader(index)
     sizes = {}
@@ -395,9 +393,6 @@ def evaluate_grounding(
 def shards_have_truth(shard_dir: str | Path) -> bool:
     """Whether the first readable sample of a shard folder has ``truth`` in its json (a cheap check before a
     whole evaluation pass; a synthetic build writes it for every sample or none)."""
-    from mpma_ds.data.samples import SampleReader, decode_meta
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(str(shard_dir))
     reader = SampleReader(index)
     try:
@@ -420,6 +415,7 @@ def save_overlay(
         panels: ``(label, (Hp, Wp) map, hit)`` per model, drawn side by side.
         title: the figure's title (the phrase).
     """
+    # matplotlib: heavy (about a second to import) and needed for the overlay PNGs only
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle

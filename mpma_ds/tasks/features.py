@@ -25,8 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpma_ds.data import build_loader
 from mpma_ds.data.loader import LoaderInfo
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
+from mpma_ds.data.shards import resolve_shards
+from mpma_ds.data.subsets import meta_subject, split_subset
+from mpma_ds.distributed import barrier, broadcast_object
 
 if TYPE_CHECKING:
     from mpma_ds.tasks.base import RunContext
@@ -113,8 +117,6 @@ def feature_loader(
 
 def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind: str) -> str:
     """What the ``kind`` features of ``split`` depend on (see the module docstring)."""
-    from mpma_ds.data.shards import resolve_shards
-
     data = task.recipe.data
     init = task.init_source(ctx)
     weights: Any = "random"
@@ -164,8 +166,6 @@ def split_features(
     Collective: every rank calls it. ``encoder()`` builds the frozen backbone (called only when some rank has
     to extract); ``featurize(encoder, batch)`` makes a batch's features.
     """
-    from mpma_ds.distributed import barrier, broadcast_object
-
     path = cache_dir / fingerprint(task, ctx, split, spec, kind) / f"{split}.pt"
     if not broadcast_object(path.is_file()):  # rank 0 decides: every rank takes the same branch
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +189,6 @@ def split_features(
 def _extract(
     task: FinetuneTask, ctx: RunContext, encoder: nn.Module, featurize: Featurizer, split: str, dim: int
 ) -> dict[str, Any]:
-    from mpma_ds.data import build_loader
-
     # the whole split, whatever the run's label fraction: the cache serves every fraction, which then selects
     # its patients from the cached rows
     whole = dataclasses.replace(task.recipe.data, label_fraction=1.0)
@@ -214,8 +212,6 @@ def _extract(
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' shares of a split as one set, sorted by sample key (independent of the world size)."""
-    from mpma_ds.data.subsets import meta_subject
-
     keys = [k for p in parts for k in p["keys"]]
     metas = [m for p in parts for m in p["metas"]]
     feats = torch.cat([p["features"] for p in parts])
@@ -287,8 +283,6 @@ def frozen_splits(
     """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
     when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
     (patient level, recorded in ``ctx.extras["subset"]``), one loader per accumulation step."""
-    from mpma_ds.data.subsets import split_subset
-
     data, cfg = task.recipe.data, task.recipe.train
     encoder = FrozenEncoder(task, ctx)
     cached: dict[str, dict[str, Any]] = {}

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from mpma_ds.tracking.base import MetricLogger, clean_metrics, read_metrics_jsonl  # noqa: F401 - re-exported
 from mpma_ds.tracking.config import TrackingConfig
+from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
 from mpma_ds.tracking.params import flatten_params
 
 METRICS_FILE = "metrics.jsonl"
@@ -211,8 +212,6 @@ def build_logger(
     jsonl = JsonlMetricLogger(run_dir, resume=resume)
     loggers: list[MetricLogger] = []
     if cfg.enabled:
-        from mpma_ds.tracking.mlflow_logger import MLflowMetricLogger
-
         mlf = MLflowMetricLogger(cfg, run_id=run_id, tags=tags, metrics_file=jsonl.path)
         if mlf.active:
             loggers.append(mlf)

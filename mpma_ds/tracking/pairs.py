@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mpma_ds.eval.bootstrap import paired_difference
+from mpma_ds.eval.classification import multilabel_auroc
+from mpma_ds.eval.vqa import vqa_accuracy
 from mpma_ds.tracking.compare import EVAL_METRICS, PAIR_METRICS, RunGroup, RunSummary, _text_table
 
 PREDICTIONS_FILE = "test_predictions.pt"  # the trainer's per-sample test outputs (training/run_folder.py)
@@ -76,7 +81,6 @@ class PredictionStore:
     def get(self, run: RunSummary) -> Any | None:
         if run.run_id in self._cache:
             return self._cache[run.run_id]
-        import torch
 
         path = None
         try:
@@ -102,22 +106,16 @@ def paired_interval(
 ) -> tuple[float, list[float]] | None:
     """``(difference, [low, high])`` of ``metric`` by a paired bootstrap over the two runs' per-sample test
     predictions (the same samples, in the same order); ``None`` when the task or predictions do not allow it."""
-    from mpma_ds.eval.bootstrap import paired_difference
-
     if pre is None or rnd is None or list(pre.get("keys", [])) != list(rnd.get("keys", [1])):
         return None
     key = metric.split("/", 1)[1]
     if task == "vqa" and key.startswith("accuracy_") and "predicted" in pre:
-        from mpma_ds.eval.vqa import vqa_accuracy
-
         if list(pre["answer_vocab"]) != list(rnd["answer_vocab"]):
             return None
         arrays = [(p["predicted"], p["gold"], p["types"]) for p in (pre, rnd)]
         found = paired_difference(vqa_accuracy, *arrays, keys=[key], n_resamples=n_resamples,
                                   answer_vocab=pre["answer_vocab"])  # fmt: skip
     elif key == "auroc_macro" and pre.get("multilabel", True) and "scores" in pre:
-        from mpma_ds.eval.classification import multilabel_auroc
-
         arrays = [(p["scores"].numpy(), p["targets"].numpy()) for p in (pre, rnd)]
         found = paired_difference(multilabel_auroc, *arrays, keys=[key], n_resamples=n_resamples,
                                   names=pre["names"], min_each=min_each)  # fmt: skip

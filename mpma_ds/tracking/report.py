@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mpma_ds.tracking import report_html, report_plots
 from mpma_ds.tracking.compare import (
     ParamDiff,
     RunGroup,
@@ -50,12 +53,7 @@ def write_report(
     the tables under ``out_dir``. Raises ``ValueError`` (one line) on bad input, like `load_runs`."""
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"--smooth {smooth}: must be in [0, 1) (the EMA weight of the previous value)")
-    import os
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
-    from mpma_ds.tracking import report_html, report_plots
+    from mlflow.tracking import MlflowClient  # mlflow: heavy, imported when a report is written only
 
     found, chosen = load_runs(experiment, tracking_uri=tracking_uri, metrics=metrics, max_runs=max_runs,
                               runs=runs, filter_string=filter_string)  # fmt: skip

@@ -4,6 +4,7 @@ it opens offline and can be mailed), and the grounding gallery it shows."""
 from __future__ import annotations
 
 import base64
+import datetime
 import html
 import io
 import json
@@ -13,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.eval.grounding import OVERLAY_INDEX
 from mpma_ds.tracking.compare import ParamDiff, RunGroup, RunSummary, _fmt
 from mpma_ds.tracking.pairs import PAIR_HEAD, PAIRED, PairRow, pair_cells
 
@@ -76,8 +81,6 @@ class Gallery:
 def _finding_from_name(stem: str) -> str:
     """The finding at the end of an overlay name (``003-<key>-pleural_effusion``) for runs logged before
     ``overlays.json`` existed: the longest CheXpert label whose slug ends the name."""
-    from data_tools.shard_format import CHEXPERT_LABELS
-
     slugs = sorted(((re.sub(r"[^a-z0-9]+", "_", n.lower()), n) for n in CHEXPERT_LABELS), key=lambda s: -len(s[0]))
     for slug, name in slugs:
         if stem.lower().endswith(slug):
@@ -87,8 +90,6 @@ def _finding_from_name(stem: str) -> str:
 
 def read_overlays(client: Any, run: RunSummary, work: Path) -> list[Overlay]:
     """The overlays an evaluation run logged under ``grounding/`` (``[]`` when it logged none)."""
-    from mpma_ds.eval.grounding import OVERLAY_INDEX
-
     try:
         names = [a.path for a in client.list_artifacts(run.run_id, "grounding")]
     except Exception:  # noqa: BLE001 - an artifact store we cannot read: no gallery for this run
@@ -139,8 +140,6 @@ def grounding_gallery(client: Any, groups: Sequence[RunGroup], work: Path) -> li
 
 def thumbnail(png: bytes, width: int = THUMB_PX) -> bytes:
     """``png`` scaled down to ``width`` pixels wide (kept when smaller), as PNG bytes."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(png)) as im:
         im = im.convert("RGB")
         if im.width > width:
@@ -311,8 +310,6 @@ def write_html(
     smooth: float = 0.0,
 ) -> Path:
     """The report page at ``path``: every section of ``SECTIONS``, images embedded."""
-    import datetime
-
     body = {
         "runs": _runs_section(groups, metrics),
         "pairs": _pairs_section(pairs, groups),

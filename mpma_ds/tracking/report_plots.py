@@ -45,7 +45,7 @@ def ema(values: Sequence[float], weight: float) -> list[float]:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy (about a second to import): only when a report draws its plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,6 +4,7 @@ exact resume, the DeepSpeed JSON. The ``Trainer`` that drives them sits above, i
 ``deepspeed`` is imported lazily (inside ``build_engine``), so reading a recipe stays cheap.
 """
 
+from mpma_ds.training.engine import build_engine
 from mpma_ds.training.recipe import (
     RECIPE_FILE,
     ModelSection,
@@ -26,12 +27,3 @@ __all__ = [
     "recipe_to_dict",
     "save_recipe",
 ]
-
-
-def __getattr__(name: str):
-    # build_engine pulls in deepspeed (heavy, optional on a machine that only reads recipes): on first use only.
-    if name == "build_engine":
-        from mpma_ds.training.engine import build_engine
-
-        return build_engine
-    raise AttributeError(name)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -262,8 +263,6 @@ def find_checkpoint(spec: str, output_dir: str | Path, *, set_aside: bool = Fals
 
 def safe_globals() -> list[Any]:
     """The classes of ``SAFE_GLOBALS_NAMES`` that this DeepSpeed has (for ``torch.serialization.safe_globals``)."""
-    import importlib
-
     found = []
     for name in SAFE_GLOBALS_NAMES:
         module, _, attr = name.rpartition(".")

@@ -22,6 +22,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from mpma_ds.config import (
     ConfigError,
     ConfigSection,
@@ -32,6 +34,8 @@ from mpma_ds.config import (
     to_dict,
 )
 from mpma_ds.data.config import DataConfig
+from mpma_ds.fileio import atomic_write_text
+from mpma_ds.models import get_model_config
 from mpma_ds.tasks.config import InitSection, TaskSection
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.training.ds_config import find_ds_config
@@ -71,8 +75,6 @@ class ModelSection(ConfigSection):
     @cached_property
     def config(self):  # -> MPMAConfig
         """The ``MPMAConfig`` this section names, built once."""
-        from mpma_ds.models import get_model_config
-
         return get_model_config(self.name, **self.overrides)
 
 
@@ -377,10 +379,6 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe as YAML (the run folder's ``recipe.yaml``), atomically and fsynced."""
-    import yaml
-
-    from mpma_ds.fileio import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

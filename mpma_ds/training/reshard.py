@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpma_ds.data.plan import reshard_positions
 from mpma_ds.distributed import all_reduce_sum
 from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.training import checkpoint as ckpt
@@ -73,7 +74,7 @@ def ensure_universal(tag_dir: str | Path, *, rank: int) -> Path:
 
 
 def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: on a reshard only
 
     staging = tag_dir.parent / f".{ckpt.UNIVERSAL_DIR}-{tag_dir.name}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -205,8 +206,6 @@ def resume_resharded(trainer: Trainer, tag_dir: Path) -> None:
     moments; each loader stream takes the position of the same data rank (``reshard_positions``); rank ``r``
     takes the RNG state of old rank ``r mod N`` (masks and data order do not depend on it: they are seeded per
     step and data rank)."""
-    from mpma_ds.data.plan import reshard_positions
-
     ctx = trainer.ctx
     if ctx.rank == 0:
         warnings.warn(
