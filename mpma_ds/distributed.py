@@ -16,9 +16,15 @@ import torch
 import torch.distributed as dist
 
 _SINGLE_PROCESS_ENV = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GLOO_SOCKET_IFNAME",
     "NCCL_SOCKET_IFNAME",
-)  # fmt: skip
+)
 LOOPBACK_IFNAME = "lo"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
@@ -145,12 +151,24 @@ def close_distributed() -> None:
     # ... and caches the groups it derived from the old world; forget them too (private module state).
     from deepspeed.utils import groups  # deepspeed: heavy, imported when a group is torn down only
 
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mpu", "mesh_device"):  # fmt: skip
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+        "mpu",
+        "mesh_device",
+    ):
         if hasattr(groups, name):
             setattr(groups, name, None)
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):  # fmt: skip
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
         if isinstance(getattr(groups, name, None), dict):
             getattr(groups, name).clear()
     for key in filter(None, os.environ.pop("MPMA_DS_SET_ENV", "").split(",")):

@@ -125,9 +125,16 @@ def build_loader(
         tokenizer = load_tokenizer(cfg.tokenizer)
     fraction, fraction_seed = label_fraction_of(cfg, split)
     common = dict(
-        rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed, train=train,
-        split=split, label_fraction=fraction, label_fraction_seed=fraction_seed,
-    )  # fmt: skip
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        seed=seed,
+        train=train,
+        split=split,
+        label_fraction=fraction,
+        label_fraction_seed=fraction_seed,
+    )
     if cfg.backend == "synthetic":
         stream: Any = SyntheticStream(cfg, **common)
     elif cfg.backend == "wds":

@@ -170,9 +170,17 @@ def evaluate_alignment(
             scores = prompt_scores(image_emb, pos, neg)  # (N, C)
             truths = truths_of(metas)
         metrics = alignment_metrics(
-            image_emb, text_emb, texts, scores=scores, labels=label_tensor, truths=truths, ks=ks,
-            label_names=label_names, min_count=min_count, n_resamples=n_resamples,
-        )  # fmt: skip
+            image_emb,
+            text_emb,
+            texts,
+            scores=scores,
+            labels=label_tensor,
+            truths=truths,
+            ks=ks,
+            label_names=label_names,
+            min_count=min_count,
+            n_resamples=n_resamples,
+        )
         if keep_embeddings is not None:
             keep_embeddings.update(image=image_emb, text=text_emb, texts=texts)
             if labels:

@@ -150,27 +150,70 @@ class Demo:
     def corpus(self) -> None:
         dest = self.out / "corpus"
         shutil.rmtree(dest, ignore_errors=True)
-        self.command("synth_corpus", [self.python, "-m", "data_tools.synth_corpus", "--out", str(dest),
-                                      "--studies", str(self.args.studies), "--seed", str(self.args.seed),
-                                      # films a little over the shard size: rendering is most of this stage
-                                      "--min-size", str(2 * self.args.image_size),
-                                      "--max-size", str(2 * self.args.image_size + 64),
-                                      "--eval-fraction", str(self.args.eval_fraction),
-                                      "--workers", "2"])  # fmt: skip
+        self.command(
+            "synth_corpus",
+            [
+                self.python,
+                "-m",
+                "data_tools.synth_corpus",
+                "--out",
+                str(dest),
+                "--studies",
+                str(self.args.studies),
+                "--seed",
+                str(self.args.seed),
+                # films a little over the shard size: rendering is most of this stage
+                "--min-size",
+                str(2 * self.args.image_size),
+                "--max-size",
+                str(2 * self.args.image_size + 64),
+                "--eval-fraction",
+                str(self.args.eval_fraction),
+                "--workers",
+                "2",
+            ],
+        )
 
     def shards(self) -> dict[str, Any]:
-        self.command("build_shards", [self.python, "-m", "data_tools.build_shards", "--format", "mimic-cxr",
-                                      "--input", str(self.out / "corpus"), "--output", str(self.out / "shards"),
-                                      "--image-size", str(self.args.image_size), "--workers", "2",
-                                      "--no-progress"])  # fmt: skip
+        self.command(
+            "build_shards",
+            [
+                self.python,
+                "-m",
+                "data_tools.build_shards",
+                "--format",
+                "mimic-cxr",
+                "--input",
+                str(self.out / "corpus"),
+                "--output",
+                str(self.out / "shards"),
+                "--image-size",
+                str(self.args.image_size),
+                "--workers",
+                "2",
+                "--no-progress",
+            ],
+        )
         manifest = json.loads((self.out / "shards" / "manifest.json").read_text())
         return {"counts": manifest.get("counts")}
 
     def tokenizer(self) -> None:
         # --overwrite: a rerun of this stage replaces what an interrupted run left in the folder
-        self.command("train_tokenizer", [self.python, "-m", "data_tools.train_tokenizer", "--shards",
-                                         str(self.out / "shards"), "--out", str(self.out / "tokenizer"),
-                                         "--vocab-size", "4096", "--overwrite"])  # fmt: skip
+        self.command(
+            "train_tokenizer",
+            [
+                self.python,
+                "-m",
+                "data_tools.train_tokenizer",
+                "--shards",
+                str(self.out / "shards"),
+                "--out",
+                str(self.out / "tokenizer"),
+                "--vocab-size",
+                "4096",
+                "--overwrite",
+            ],
+        )
 
     def pretrain_overrides(self) -> list[str]:
         steps = self.args.steps
@@ -190,15 +233,33 @@ class Demo:
             "tracking.run_name=demo-pretrain",
         ]
 
-    def launch(self, name: str, module: str, config: str, overrides: list[str], run_dir: Path, total: int,
-               extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    def launch(
+        self,
+        name: str,
+        module: str,
+        config: str,
+        overrides: list[str],
+        run_dir: Path,
+        total: int,
+        extra: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
         """``deepspeed --num_gpus N --module <module> --config <config> --set ...`` (what ``deepspeed
         launch/pretrain.py`` runs) with a progress bar read from the run's metrics.jsonl; returns its
         summary.json."""
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
-        cmd = [str(Path(self.python).with_name("deepspeed")), "--num_gpus", str(self.args.num_gpus),
-               "--master_port", str(free_port()), "--module", module, "--config", config, *extra]  # fmt: skip
+        cmd = [
+            str(Path(self.python).with_name("deepspeed")),
+            "--num_gpus",
+            str(self.args.num_gpus),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            module,
+            "--config",
+            config,
+            *extra,
+        ]
         for item in overrides:
             cmd += ["--set", item]
         env = dict(os.environ)
@@ -221,22 +282,61 @@ class Demo:
         return json.loads(summary_file.read_text())
 
     def pretrain(self) -> dict[str, Any]:
-        summary = self.launch("pretraining", "mpma_ds.cli.pretrain", "pretrain_tiny", self.pretrain_overrides(),
-                              self.out / "pretrain", self.args.steps, ("--resume", "auto"))  # fmt: skip
-        return {"step": summary.get("step"), "samples_per_s": summary.get("samples_per_s"),
-                "mlflow_run_id": summary.get("mlflow_run_id")}  # fmt: skip
+        summary = self.launch(
+            "pretraining",
+            "mpma_ds.cli.pretrain",
+            "pretrain_tiny",
+            self.pretrain_overrides(),
+            self.out / "pretrain",
+            self.args.steps,
+            ("--resume", "auto"),
+        )
+        return {
+            "step": summary.get("step"),
+            "samples_per_s": summary.get("samples_per_s"),
+            "mlflow_run_id": summary.get("mlflow_run_id"),
+        }
 
     def vqa_set(self) -> dict[str, Any]:
         dest, shards = self.out / "vqa", self.out / "vqa_shards"
         shutil.rmtree(dest, ignore_errors=True)
-        self.command("synth_vqa", [self.python, "-m", "data_tools.synth_vqa", "--corpus", str(self.out / "corpus"),
-                                   "--out", str(dest), "--seed", str(self.args.seed),
-                                   "--image-size", str(2 * self.args.image_size),
-                                   "--questions-per-image", str(self.args.vqa_questions)])  # fmt: skip
-        self.command("build_vqa_shards", [self.python, "-m", "data_tools.build_shards", "--format", "vqa-rad",
-                                          "--input", str(dest), "--output", str(shards),
-                                          "--image-size", str(self.args.image_size), "--workers", "2",
-                                          "--no-progress"])  # fmt: skip
+        self.command(
+            "synth_vqa",
+            [
+                self.python,
+                "-m",
+                "data_tools.synth_vqa",
+                "--corpus",
+                str(self.out / "corpus"),
+                "--out",
+                str(dest),
+                "--seed",
+                str(self.args.seed),
+                "--image-size",
+                str(2 * self.args.image_size),
+                "--questions-per-image",
+                str(self.args.vqa_questions),
+            ],
+        )
+        self.command(
+            "build_vqa_shards",
+            [
+                self.python,
+                "-m",
+                "data_tools.build_shards",
+                "--format",
+                "vqa-rad",
+                "--input",
+                str(dest),
+                "--output",
+                str(shards),
+                "--image-size",
+                str(self.args.image_size),
+                "--workers",
+                "2",
+                "--no-progress",
+            ],
+        )
         return {"counts": json.loads((shards / "manifest.json").read_text()).get("counts")}
 
     # -- downstream --------------------------------------------------------------------------------------------
@@ -297,8 +397,11 @@ class Demo:
                 entry[f"{init}_ci95"] = test.get("test/auroc_macro_ci95")
                 entry[f"{init}_subset"] = summary.get("subset")
                 out["runs"][f"linear_probe-{init}-{fraction}"] = summary.get("mlflow_run_id")
-                print(f"      linear probe {init:<10} {float(fraction):>5.0%} labels: test AUROC "
-                      f"{_fmt(entry[init])}", flush=True)  # fmt: skip
+                print(
+                    f"      linear probe {init:<10} {float(fraction):>5.0%} labels: test AUROC "
+                    f"{_fmt(entry[init])}",
+                    flush=True,
+                )
         for fraction in fractions:
             out["linear_probe"][fraction].update(self.paired("linear_probe", fraction, "auroc_macro"))
         for init in INITS:
@@ -311,9 +414,11 @@ class Demo:
             out["vqa"]["questions"] = test.get("test/questions")
             out["vqa"]["unseen_answers"] = test.get("test/unseen_answers")
             out["runs"][f"vqa-{init}"] = summary.get("mlflow_run_id")
-            print(f"      VQA {init:<10} test accuracy {_fmt(test.get('test/accuracy_overall'))} (CLOSED "
-                  f"{_fmt(test.get('test/accuracy_closed'))}, OPEN {_fmt(test.get('test/accuracy_open'))})",
-                  flush=True)  # fmt: skip
+            print(
+                f"      VQA {init:<10} test accuracy {_fmt(test.get('test/accuracy_overall'))} (CLOSED "
+                f"{_fmt(test.get('test/accuracy_closed'))}, OPEN {_fmt(test.get('test/accuracy_open'))})",
+                flush=True,
+            )
         for kind in ("overall", "closed", "open"):
             out["vqa"][kind].update(self.paired("vqa", None, f"accuracy_{kind}"))
         return out
@@ -346,17 +451,33 @@ class Demo:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         grounding = GROUNDING_OVERLAYS if shards_have_truth(self.out / "shards" / "validate") else None
-        common = dict(shards=self.out / "shards", split="validate", tracking_uri=self.tracking_uri,
-                      experiment=EXPERIMENT, batch_size=32, min_count=self.args.zero_shot_min_count,
-                      n_resamples=1000, grounding=grounding)  # fmt: skip
-        pre = run_evaluation(model=self.out / "exported", out_dir=self.out / "eval" / "pretrained",
-                             name="pretrained", **common)  # fmt: skip
-        rnd = run_evaluation(random_init="mpma_tiny", recipe=self.out / "pretrain" / "recipe.yaml",
-                             tokenizer=self.out / "tokenizer", seed=self.args.seed,
-                             out_dir=self.out / "eval" / "random-init", name="random-init", **common)  # fmt: skip
+        common = dict(
+            shards=self.out / "shards",
+            split="validate",
+            tracking_uri=self.tracking_uri,
+            experiment=EXPERIMENT,
+            batch_size=32,
+            min_count=self.args.zero_shot_min_count,
+            n_resamples=1000,
+            grounding=grounding,
+        )
+        pre = run_evaluation(
+            model=self.out / "exported", out_dir=self.out / "eval" / "pretrained", name="pretrained", **common
+        )
+        rnd = run_evaluation(
+            random_init="mpma_tiny",
+            recipe=self.out / "pretrain" / "recipe.yaml",
+            tokenizer=self.out / "tokenizer",
+            seed=self.args.seed,
+            out_dir=self.out / "eval" / "random-init",
+            name="random-init",
+            **common,
+        )
         if grounding is not None:  # the same pairs from both models, side by side
-            write_overlays(self.out / "eval" / "grounding",
-                           {"pretrained": pre["grounding_examples"], "random": rnd["grounding_examples"]})  # fmt: skip
+            write_overlays(
+                self.out / "eval" / "grounding",
+                {"pretrained": pre["grounding_examples"], "random": rnd["grounding_examples"]},
+            )
         return {"pretrained": pre["metrics"], "random-init": rnd["metrics"]}
 
     # -- the whole thing ---------------------------------------------------------------------------------------
@@ -370,20 +491,37 @@ class Demo:
         counts = self.stage("shards", "shards", data, self.shards, ("shards",))
         print(f"      samples per split: {counts['counts']}", flush=True)
         self.stage("tokenizer", "tokenizer", data, self.tokenizer, ("tokenizer",))
-        vqa = self.stage("vqa_set", "synthetic VQA-RAD set + VQA shards", {**data, "questions": a.vqa_questions},
-                         self.vqa_set, ("vqa", "vqa_shards"))  # fmt: skip
+        vqa = self.stage(
+            "vqa_set",
+            "synthetic VQA-RAD set + VQA shards",
+            {**data, "questions": a.vqa_questions},
+            self.vqa_set,
+            ("vqa", "vqa_shards"),
+        )
         print(f"      questions per split: {vqa['counts']}", flush=True)
-        pre = self.stage("pretrain", f"pretraining mpma_tiny, {a.steps} steps on {a.num_gpus} ranks (ZeRO-3)",
-                         {"overrides": self.pretrain_overrides(), "ranks": a.num_gpus, **data},
-                         self.pretrain, ("pretrain",))  # fmt: skip
+        pre = self.stage(
+            "pretrain",
+            f"pretraining mpma_tiny, {a.steps} steps on {a.num_gpus} ranks (ZeRO-3)",
+            {"overrides": self.pretrain_overrides(), "ranks": a.num_gpus, **data},
+            self.pretrain,
+            ("pretrain",),
+        )
         self.stage("export", "export", {"pretrain": pre}, self.export, ("exported",))
-        results = self.stage("evaluate", "evaluation: pretrained vs random twin",
-                             {"pretrain": pre, "zero_shot_min_count": a.zero_shot_min_count,
-                              "grounding": GROUNDING_OVERLAYS}, self.evaluate, ("eval",))  # fmt: skip
-        down = self.stage("downstream", "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
-                          {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions,
-                           "min_label_count": a.min_label_count}, self.downstream,
-                          ("finetune", "feature_cache"), resumable=False)  # fmt: skip
+        results = self.stage(
+            "evaluate",
+            "evaluation: pretrained vs random twin",
+            {"pretrain": pre, "zero_shot_min_count": a.zero_shot_min_count, "grounding": GROUNDING_OVERLAYS},
+            self.evaluate,
+            ("eval",),
+        )
+        down = self.stage(
+            "downstream",
+            "downstream: linear probe at 1/10/100 % labels and VQA, pretrained vs random",
+            {"pretrain": pre, "vqa": vqa, "fractions": a.label_fractions, "min_label_count": a.min_label_count},
+            self.downstream,
+            ("finetune", "feature_cache"),
+            resumable=False,
+        )
         return {"pretrain_eval": results, **down}
 
 
@@ -440,8 +578,12 @@ def pretrain_eval_block(pre: dict[str, Any], rnd: dict[str, Any]) -> dict[str, A
     size and the zero-shot labels left out of each model's mean (``zero_shot_labels_left_out``)."""
     block: dict[str, Any] = {}
     for out_key, key in PRETRAIN_EVAL_KEYS:
-        block[out_key] = {"pretrained": pre.get(key), "random": rnd.get(key),
-                          "ci95_pretrained": pre.get(f"{key}_ci95"), "ci95_random": rnd.get(f"{key}_ci95")}  # fmt: skip
+        block[out_key] = {
+            "pretrained": pre.get(key),
+            "random": rnd.get(key),
+            "ci95_pretrained": pre.get(f"{key}_ci95"),
+            "ci95_random": rnd.get(f"{key}_ci95"),
+        }
     block["zero_shot_labels_left_out"] = pre.get("zeroshot_labels_left_out")
     block["zero_shot_reference"] = pre.get("zeroshot_reference")
     for key in ("eval_samples", "retrieval_pairs", "retrieval_abnormal_images"):
@@ -455,8 +597,12 @@ def write_results(demo: Demo, results: dict[str, Any]) -> Path:
     evals = results["pretrain_eval"]
     table = pretrain_eval_block(evals["pretrained"], evals["random-init"])
     table["pointing_game"] = pointing_game_summary(evals["pretrained"], evals["random-init"])  # None: no truth
-    payload = {"pretrain_eval": table, "linear_probe": results["linear_probe"], "vqa": results["vqa"],
-               "runs": results["runs"]}  # fmt: skip
+    payload = {
+        "pretrain_eval": table,
+        "linear_probe": results["linear_probe"],
+        "vqa": results["vqa"],
+        "runs": results["runs"],
+    }
     return atomic_write_text(demo.out / RESULTS_FILE, json.dumps(json_safe(payload), indent=1, default=str) + "\n")
 
 

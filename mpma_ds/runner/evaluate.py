@@ -89,9 +89,14 @@ def data_config_for(
         )
     chosen = backend or ("wds" if base.backend == "synthetic" else base.backend)  # evaluation reads shards
     return dataclasses.replace(
-        base, train_shards=str(shards), val_shards=str(shards), test_shards=str(shards), label_fraction=1.0,
-        tokenizer=str(tokenizer), backend=chosen,
-    )  # fmt: skip
+        base,
+        train_shards=str(shards),
+        val_shards=str(shards),
+        test_shards=str(shards),
+        label_fraction=1.0,
+        tokenizer=str(tokenizer),
+        backend=chosen,
+    )
 
 
 @contextlib.contextmanager
@@ -126,9 +131,14 @@ def evaluate_on_split(
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_alignment(
-            model, batches, tokenizer=tokenizer, device=device, max_text_len=data_cfg.max_text_len,
-            min_count=min_count, n_resamples=n_resamples,
-        )  # fmt: skip
+            model,
+            batches,
+            tokenizer=tokenizer,
+            device=device,
+            max_text_len=data_cfg.max_text_len,
+            min_count=min_count,
+            n_resamples=n_resamples,
+        )
 
 
 def grounding_on_split(
@@ -149,9 +159,15 @@ def grounding_on_split(
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_grounding(
-            model, batches, tokenizer=tokenizer, data_cfg=data_cfg, sizes=sizes, device=device,
-            n_examples=n_examples, seed=seed,
-        )  # fmt: skip
+            model,
+            batches,
+            tokenizer=tokenizer,
+            data_cfg=data_cfg,
+            sizes=sizes,
+            device=device,
+            n_examples=n_examples,
+            seed=seed,
+        )
 
 
 def format_grounding(metrics: Mapping[str, Any]) -> str:
@@ -165,14 +181,18 @@ def format_grounding(metrics: Mapping[str, Any]) -> str:
         band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not any(math.isnan(v) for v in ci) else ""
         return f"{metrics[key]:.3f}{band}"
 
-    head = (f"pointing game: {cell('pointing_game')} (95 % bootstrap interval) vs chance "
-            f"{metrics['pointing_game_chance']:.3f}, {int(metrics['pointing_game_pairs'])} (image, finding) pairs")  # fmt: skip
+    head = (
+        f"pointing game: {cell('pointing_game')} (95 % bootstrap interval) vs chance "
+        f"{metrics['pointing_game_chance']:.3f}, {int(metrics['pointing_game_pairs'])} (image, finding) pairs"
+    )
     lines = [head]
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("pointing_game/") and "_ci" not in k)
     width = max((len(n) for n in names), default=0)
     for name in names:
-        lines.append(f"  {name.ljust(width)}  {cell(f'pointing_game/{name}')}  chance "
-                     f"{metrics[f'pointing_game_chance/{name}']:.3f}")  # fmt: skip
+        lines.append(
+            f"  {name.ljust(width)}  {cell(f'pointing_game/{name}')}  chance "
+            f"{metrics[f'pointing_game_chance/{name}']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -297,18 +317,32 @@ def run_evaluation(
     if min_count < 1 or n_resamples < 0:
         raise ValueError(f"--min-label-count must be >= 1 and --bootstrap >= 0, got {min_count} and {n_resamples}")
     metrics = evaluate_on_split(
-        net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None,
-        min_count=min_count, n_resamples=n_resamples,
-    )  # fmt: skip
+        net,
+        tok,
+        data_cfg,
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        max_batches=max_batches or None,
+        min_count=min_count,
+        n_resamples=n_resamples,
+    )
 
     out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
     found = None
     if grounding is not None:
         found = grounding_on_split(
-            net, tok, data_cfg, split=split, batch_size=batch_size, device=device,
-            max_batches=max_batches or None, n_examples=grounding, seed=seed,
-        )  # fmt: skip
+            net,
+            tok,
+            data_cfg,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            max_batches=max_batches or None,
+            n_examples=grounding,
+            seed=seed,
+        )
         metrics.update(found.metrics)
         shutil.rmtree(out_dir / "grounding", ignore_errors=True)  # an earlier run's overlays are not this run's
         write_overlays(out_dir / "grounding", {name: found.examples})
@@ -333,9 +367,19 @@ def run_evaluation(
         lineage_tags(source.pretrain_run_id, source.label, pair_key_eval(split, str(Path(shard_dir).resolve())))
     )
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
-    logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),
-                                "tokenizer": str(tok_dir), "batch_size": batch_size, "min_label_count": min_count,
-                                "bootstrap": n_resamples}})  # fmt: skip
+    logger.log_params(
+        {
+            "eval": {
+                "model": evaluated,
+                "split": split,
+                "shards": str(shard_dir),
+                "tokenizer": str(tok_dir),
+                "batch_size": batch_size,
+                "min_label_count": min_count,
+                "bootstrap": n_resamples,
+            }
+        }
+    )
     logger.log_metrics({f"eval/{k}": v for k, v in loggable_metrics(metrics).items()}, step=step)
     if found is not None and found.examples:  # the overlays under grounding/ (the metrics joined `metrics`)
         logger.log_artifact(out_dir / "grounding")

@@ -164,9 +164,11 @@ def load_pretraining_checkpoint(checkpoint: str | Path):
     config = recipe.model.config
     try:
         check_same_architecture(
-            meta.get("model_config"), config, where=f"checkpoint {tag_dir.name}",
+            meta.get("model_config"),
+            config,
+            where=f"checkpoint {tag_dir.name}",
             fix=f"was {recipe_path} edited after training?",
-        )  # fmt: skip
+        )
     except ValueError as err:
         raise ExportError(str(err)) from err
     model = MPMA(config)

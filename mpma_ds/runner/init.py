@@ -58,8 +58,12 @@ class InitSource:
         return "random" if self.kind == "random" else "pretrained"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path) if self.path else None, "step": self.step,
-                "pretrain_run_id": self.pretrain_run_id}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "path": str(self.path) if self.path else None,
+            "step": self.step,
+            "pretrain_run_id": self.pretrain_run_id,
+        }
 
 
 def parameter_shapes(config: MPMAConfig) -> dict[str, tuple[int, ...]]:
@@ -139,9 +143,13 @@ def resolve_source(
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         tok = path / "text_encoder"
         return InitSource(
-            "exported", path, adapt(saved), tok if (tok / "tokenizer.json").is_file() else None,
-            info.get("mlflow_run_id"), info.get("step"),
-        )  # fmt: skip
+            "exported",
+            path,
+            adapt(saved),
+            tok if (tok / "tokenizer.json").is_file() else None,
+            info.get("mlflow_run_id"),
+            info.get("step"),
+        )
     try:
         tag_dir = find_tag_dir(path)
         meta = check_complete(tag_dir)

@@ -69,16 +69,26 @@ class FeatureStream(EpochStream):
         n = len(features)
         self.counts = [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
         super().__init__(
-            train=train, seed=seed, rank=rank, world_size=world_size, steps=steps_per_epoch(n, world_size, batch_size),
-            num_samples=n, subset=subset,
-        )  # fmt: skip
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(n, world_size, batch_size),
+            num_samples=n,
+            subset=subset,
+        )
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         ids, valid = epoch_batches(
-            self.counts, epoch=epoch if self.train else 0, seed=self.seed, rank=self.rank,
-            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
+            self.counts,
+            epoch=epoch if self.train else 0,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            train=self.train,
             shuffle_buffer=len(self.features),
-        )  # fmt: skip
+        )
         for number in range(start_batch, len(ids)):
             rows = ids[number].tolist()
             index = torch.from_numpy(ids[number])
@@ -108,10 +118,17 @@ def feature_loader(
     pick = rows if rows is not None else torch.arange(len(cached["features"]))
     index = pick.tolist()
     stream = FeatureStream(
-        cached["features"][pick], cached["targets"][pick], [cached["keys"][i] for i in index],
-        [cached["metas"][i] for i in index], rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        train=train, subset=subset,
-    )  # fmt: skip
+        cached["features"][pick],
+        cached["targets"][pick],
+        [cached["keys"][i] for i in index],
+        [cached["metas"][i] for i in index],
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        train=train,
+        subset=subset,
+    )
     return LoaderInfo(stream, stream.num_samples, stream.steps_per_epoch, stream.subset)
 
 
@@ -194,9 +211,15 @@ def _extract(
     whole = dataclasses.replace(task.recipe.data, label_fraction=1.0)
     cfg = task.recipe.train
     info = build_loader(
-        whole, ctx.rank, ctx.world_size, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-        tokenizer=ctx.tokenizer, seed=cfg.seed, train=False,
-    )  # fmt: skip
+        whole,
+        ctx.rank,
+        ctx.world_size,
+        split=split,
+        batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        tokenizer=ctx.tokenizer,
+        seed=cfg.seed,
+        train=False,
+    )
     feats, keys, metas = [], [], []
     try:
         for batch in info.loader:
@@ -288,8 +311,17 @@ def frozen_splits(
     cached: dict[str, dict[str, Any]] = {}
     for split, spec in {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}.items():
         if spec and (split != "validate" or task.wants_validation()):
-            found = split_features(task, ctx, split, spec, kind=kind, cache_dir=cache_dir, encoder=encoder,
-                                   featurize=featurize, dim=dim)  # fmt: skip
+            found = split_features(
+                task,
+                ctx,
+                split,
+                spec,
+                kind=kind,
+                cache_dir=cache_dir,
+                encoder=encoder,
+                featurize=featurize,
+                dim=dim,
+            )
             cached[split] = dict(found, targets=targets(found["metas"]))
     train = cached["train"]
     keep, subset = split_subset(train["subjects"], data.label_fraction, data.label_fraction_seed, split="train")
@@ -306,7 +338,7 @@ def frozen_splits(
             seed=cfg.seed,
             train=True,
             subset=subset,
-        )  # fmt: skip
+        )
         for a in range(ctx.accumulation)
     ]
     val = feature_eval_loader(cached["validate"], cfg) if "validate" in cached else None
@@ -315,8 +347,14 @@ def frozen_splits(
 
 def feature_eval_loader(cached: dict[str, Any], cfg: Any) -> LoaderInfo:
     """One split's cached features in order, whole on every rank (the heads are tiny; evaluation is not split)."""
-    return feature_loader(cached, rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-                          seed=cfg.seed, train=False)  # fmt: skip
+    return feature_loader(
+        cached,
+        rank=0,
+        world_size=1,
+        batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        seed=cfg.seed,
+        train=False,
+    )
 
 
 def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -200,8 +200,14 @@ class TrainConfig(ConfigSection):
     peak (H100/H200 bf16: 989) or, on CPU, a matmul measured at start-up."""
 
     def validate(self) -> None:
-        for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last", "max_nan_steps",
-                     "eval_min_label_count"):  # fmt: skip
+        for name in (
+            "global_batch_size",
+            "micro_batch_size",
+            "log_every",
+            "keep_last",
+            "max_nan_steps",
+            "eval_min_label_count",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         nonnegative = ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batch_size")

@@ -82,9 +82,14 @@ def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
     staging.mkdir(parents=True)
     target = staging / ckpt.UNIVERSAL_DIR
     args = argparse.Namespace(
-        input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False,
-    )  # fmt: skip
+        input_folder=str(tag_dir),
+        output_folder=str(target),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     start = time.perf_counter()
     with ckpt.safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()), contextlib.redirect_stderr(_Quiet()):
         ds_to_universal(args)  # its prints and progress bars: the trainer prints one line instead
@@ -219,9 +224,10 @@ def resume_resharded(trainer: Trainer, tag_dir: Path) -> None:
     old = read_rank_states(tag_dir, trainer.reshard_from)
     try:
         positions = reshard_positions(
-            [state for rank_state in old for state in rank_state["loaders"]], ctx.data_ranks,
+            [state for rank_state in old for state in rank_state["loaders"]],
+            ctx.data_ranks,
             [ctx.rank * ctx.accumulation + a for a in range(ctx.accumulation)],
-        )  # fmt: skip
+        )
         for loader, state in zip(trainer.loaders, positions):
             loader.load_state_dict(state)
     except ValueError as err:
