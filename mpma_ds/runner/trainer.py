@@ -178,9 +178,14 @@ class Trainer:
             self.task.resolve(ctx)
             if meta is not None:
                 resharded = ckpt.check_compatible(
-                    meta, model_name=self.recipe.model.name, model_config=ctx.model_config, world_size=world,
-                    task=self.task.name, task_arch=self.task.architecture(ctx), zero_stage=zero_stage(ds_config),
-                )  # fmt: skip
+                    meta,
+                    model_name=self.recipe.model.name,
+                    model_config=ctx.model_config,
+                    world_size=world,
+                    task=self.task.name,
+                    task_arch=self.task.architecture(ctx),
+                    zero_stage=zero_stage(ds_config),
+                )
                 self.reshard_from = reshard.saved_world_size(meta, world) if resharded else None
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
@@ -212,9 +217,13 @@ class Trainer:
         self.flops_per_sample = training_flops_per_sample(model, sample, seed=self.cfg.seed) if sample else 0.0
         model.to(ctx.device)
         self.engine, _, self.scheduler = build_engine(
-            model, self.cfg, ctx.ds_config, world_size=ctx.world_size, max_steps=self.max_steps,
+            model,
+            self.cfg,
+            ctx.ds_config,
+            world_size=ctx.world_size,
+            max_steps=self.max_steps,
             lr_scales=self.task.lr_scales(model),
-        )  # fmt: skip
+        )
         peak = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else device_peak_flops(ctx.device)
         self.meter = StepMeter(flops_per_sample=self.flops_per_sample, peak_flops=peak * ctx.world_size)
         self.image_dtype = compute_dtype(ctx.ds_config)
@@ -234,9 +243,14 @@ class Trainer:
         logger = None
         if ctx.rank == 0:
             logger = build_logger(
-                self.recipe.tracking, rank=0, run_dir=self.out, run_id=self.run_id, tags=tags,
-                console_steps=self.max_steps, resume=self.resumed,
-            )  # fmt: skip
+                self.recipe.tracking,
+                rank=0,
+                run_dir=self.out,
+                run_id=self.run_id,
+                tags=tags,
+                console_steps=self.max_steps,
+                resume=self.resumed,
+            )
             self.run_id = logger.run_id
         self.run_id = broadcast_object(self.run_id)
         if ctx.rank != 0:
@@ -282,11 +296,15 @@ class Trainer:
         """A checkpoint of ``step`` (default: now) on every rank; complete only when every rank wrote it."""
         step = self.step if step is None else step
         return ckpt.save_checkpoint(
-            self.engine, self.out / "checkpoints", step, rank=self.ctx.rank,
+            self.engine,
+            self.out / "checkpoints",
+            step,
+            rank=self.ctx.rank,
             client_state=dict(self.state_dict(), step=step),
             rank_state={"loaders": [ld.state_dict() for ld in self.loaders], "rng": rng_state()},
-            meta=self._meta(), keep_last=self.cfg.keep_last,
-        )  # fmt: skip
+            meta=self._meta(),
+            keep_last=self.cfg.keep_last,
+        )
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
@@ -480,8 +498,14 @@ class Trainer:
                 self.save()
                 last_saved = self.step
                 if improved:
-                    ckpt.mark_best(self.out / "checkpoints", self.step, self.best_metric, self.best["value"],
-                                   rank=ctx.rank, keep_last=cfg.keep_last)  # fmt: skip
+                    ckpt.mark_best(
+                        self.out / "checkpoints",
+                        self.step,
+                        self.best_metric,
+                        self.best["value"],
+                        rank=ctx.rank,
+                        keep_last=cfg.keep_last,
+                    )
             if stop:
                 stopped_early = True
                 break
