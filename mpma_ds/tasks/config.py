@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.config import ConfigSection, given_keys
 
 UNCERTAIN = ("ignore", "zeros", "ones")
@@ -95,7 +96,6 @@ class ClsOptions(ConfigSection):
             raise ValueError(f"task.cls.min_label_count must be >= 1, got {self.min_label_count}")
         if self.labels == "column" and not self.label_column:
             raise ValueError("task.cls.labels=column needs task.cls.label_column (a field of the sample JSON)")
-        from data_tools.shard_format import CHEXPERT_LABELS
 
         unknown = sorted(set(self.label_names) - set(CHEXPERT_LABELS))
         if unknown:

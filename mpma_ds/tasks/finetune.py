@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.models import check_tokenizer_vocab
 from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.tokenizer import load_tokenizer
+from mpma_ds.tracking.lineage import lineage_tags, pair_key_finetune
 
 if TYPE_CHECKING:
     from mpma_ds.models import MPMA
@@ -50,9 +55,8 @@ class FinetuneTask(Task):
 
     # ---------------------------------------------------------------------------------------------- setup
     def resolve(self, ctx: RunContext) -> None:
-        from mpma_ds.models import check_tokenizer_vocab
+        # up the ladder (tasks -> runner): the one known exception, KNOWN_UPWARD_IMPORTS in tests/test_structure.py
         from mpma_ds.runner.init import resolve_init
-        from mpma_ds.tokenizer import load_tokenizer
 
         init = resolve_init(self.recipe)
         ctx.extras["init"] = init
@@ -112,7 +116,6 @@ class FinetuneTask(Task):
     # ---------------------------------------------------------------------------------------------- records
     def tags(self, ctx: RunContext) -> dict[str, str]:
         init = self.init_source(ctx)
-        from mpma_ds.tracking.lineage import lineage_tags, pair_key_finetune
 
         data = self.recipe.data
         pair = pair_key_finetune(self.name, data.label_fraction, self.recipe.train.seed, data.label_fraction_seed)
@@ -159,9 +162,6 @@ def read_split_metas(spec: str) -> list[dict[str, Any]]:
     """The sample JSON of every readable sample of a shard set, in index order (small reads at the ``.idx``
     offsets; the images are not touched). A JSON that does not parse is ``{}`` (the loader skips and counts
     that sample)."""
-    from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(spec)
     at = index.member("json")  # (N, 2): offset, size
     reader = SampleReader(index)

@@ -9,12 +9,16 @@ and the qid in ``<key>.json``; the loader passes the JSON through as ``batch["me
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpma_ds.data.batch import sample_batch
+from mpma_ds.eval import vqa_accuracy, with_intervals
+from mpma_ds.eval.vqa import answer_indices, build_answer_vocab, soft_answer_targets
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas
@@ -88,8 +92,6 @@ class VQATask(FinetuneTask):
     )
 
     def check(self, ctx: RunContext) -> None:
-        from mpma_ds.eval.vqa import build_answer_vocab
-
         data, options = self.recipe.data, self.recipe.task.vqa
         splits = {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}
         answers: dict[str, list[str]] = {}
@@ -120,9 +122,6 @@ class VQATask(FinetuneTask):
     def build_loaders(self, ctx: RunContext):
         if not self.frozen:
             return super().build_loaders(ctx)
-        from pathlib import Path
-
-        from mpma_ds.eval.vqa import answer_indices
 
         frozen = frozen_splits(
             self, ctx, kind="fused", dim=2 * ctx.model_config.fusion_width,
@@ -152,15 +151,12 @@ class VQATask(FinetuneTask):
     def flops_batch(self, ctx: RunContext) -> dict[str, Any] | None:
         if self.frozen:
             return None  # a head on cached features: nothing worth counting
-        from mpma_ds.data.batch import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
         batch.update(valid=torch.ones(1, dtype=torch.bool), meta=[{"answer": self.answers[0]}])
         return self.to_model(batch)
 
     def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from mpma_ds.eval.vqa import answer_indices, soft_answer_targets
-
         gold = [str(m.get("answer", "")) for m in batch["meta"]]
         batch = dict(batch)
         batch["answer_ids"] = torch.from_numpy(answer_indices(gold, self.answers))  # (B,)
@@ -177,8 +173,6 @@ class VQATask(FinetuneTask):
         n_resamples: int = 0,
         keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from mpma_ds.eval import vqa_accuracy, with_intervals
-
         dtype = next(module.parameters()).dtype
         predicted, gold, types, keys = [], [], [], []
         for batch in batches:
