@@ -308,14 +308,24 @@ class Trainer:
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
+        ctx = self.ctx
         if self.reshard_from is not None:  # another world size: DeepSpeed's universal checkpoint
-            reshard.resume_resharded(self, Path(tag_dir))
-            return
-        # find_checkpoint verified the files in _resolve
-        client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank, verify=False)
+            client, rank_state = reshard.load_resharded(
+                self.engine,
+                Path(tag_dir),
+                saved_world=self.reshard_from,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                accumulation=ctx.accumulation,
+            )
+        else:  # find_checkpoint verified the files in _resolve
+            client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=ctx.rank, verify=False)
         self.load_state_dict(client)
-        for loader, state in zip(self.loaders, rank_state["loaders"]):
-            loader.load_state_dict(state)
+        try:
+            for loader, state in zip(self.loaders, rank_state["loaders"]):
+                loader.load_state_dict(state)
+        except ValueError as err:  # a loader position this run cannot take: bad input, one line
+            raise ckpt.ResumeError(f"checkpoint {Path(tag_dir).name}: {' '.join(str(err).split())}") from err
         self.iters = [iter(loader.loader) for loader in self.loaders]
         ckpt.set_rng_state(rank_state["rng"])
 

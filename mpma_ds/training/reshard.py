@@ -3,8 +3,10 @@
     ensure_universal(tag_dir, rank=r)        rank 0 converts step_N once (``ds_to_universal``) into step_N/universal/,
                                              recorded in complete.json's digests; every rank waits for it
     load_universal(engine, tag_dir)          DeepSpeed's ZeRO-3 universal load, re-partitioned for this world
-    resume_resharded(trainer, tag_dir)       the whole resume: the above, the loader positions of every data
-                                             rank (``mpma_ds.data.plan.reshard_positions``), RNG, client state
+    load_resharded(engine, tag_dir, ...)     the whole load: the above, plus this rank's loader positions (those of
+                                             its data ranks, ``mpma_ds.data.plan.reshard_positions``) and RNG;
+                                             returns what ``checkpoint.load_checkpoint`` does, so the Trainer
+                                             restores both the same way
     elastic_batch(cfg, world, saved_world)   the recipe's global batch on the new world (micro-batch lowered only
                                              where it must be)
 
@@ -34,7 +36,6 @@ from mpma_ds.training.ds_config import elastic_micro_batch
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from mpma_ds.runner.trainer import Trainer
     from mpma_ds.training.recipe import TrainConfig
 
 
@@ -205,32 +206,31 @@ def elastic_batch(cfg: TrainConfig, world: int, saved_world: int) -> None:
     cfg.micro_batch_size = micro
 
 
-def resume_resharded(trainer: Trainer, tag_dir: Path) -> None:
-    """Continue a ZeRO-3 checkpoint written by ``trainer.reshard_from`` ranks on this world size: DeepSpeed's
-    universal checkpoint (converted once, cached in ``tag_dir/universal``) re-partitions weights and Adam
-    moments; each loader stream takes the position of the same data rank (``reshard_positions``); rank ``r``
-    takes the RNG state of old rank ``r mod N`` (masks and data order do not depend on it: they are seeded per
-    step and data rank)."""
-    ctx = trainer.ctx
-    if ctx.rank == 0:
+def load_resharded(
+    engine: DeepSpeedEngine, tag_dir: Path, *, saved_world: int, rank: int, world_size: int, accumulation: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a ZeRO-3 checkpoint written by ``saved_world`` ranks on this world size: DeepSpeed's universal
+    checkpoint (converted once, cached in ``tag_dir/universal``) re-partitions weights and Adam moments into
+    ``engine``. Returns ``(client_state, rank_state)`` like ``checkpoint.load_checkpoint``: ``rank_state``'s
+    ``loaders`` are the positions of this rank's data ranks (``reshard_positions``), its ``rng`` that of old
+    rank ``rank mod saved_world`` (masks and data order do not depend on it: they are seeded per step and data
+    rank)."""
+    if rank == 0:
         warnings.warn(
-            f"resuming {tag_dir.name}, written by {trainer.reshard_from} ranks, on {ctx.world_size}: through "
-            f"DeepSpeed's universal checkpoint ({tag_dir / ckpt.UNIVERSAL_DIR})",
+            f"resuming {tag_dir.name}, written by {saved_world} ranks, on {world_size}: through DeepSpeed's "
+            f"universal checkpoint ({tag_dir / ckpt.UNIVERSAL_DIR})",
             ckpt.CheckpointWarning,
             stacklevel=3,
         )
-    ensure_universal(tag_dir, rank=ctx.rank)
-    trainer.load_state_dict(load_universal(trainer.engine, tag_dir))
-    old = read_rank_states(tag_dir, trainer.reshard_from)
+    ensure_universal(tag_dir, rank=rank)
+    client = load_universal(engine, tag_dir)
+    old = read_rank_states(tag_dir, saved_world)
     try:
         positions = reshard_positions(
             [state for rank_state in old for state in rank_state["loaders"]],
-            ctx.data_ranks,
-            [ctx.rank * ctx.accumulation + a for a in range(ctx.accumulation)],
+            world_size * accumulation,
+            [rank * accumulation + a for a in range(accumulation)],
         )
-        for loader, state in zip(trainer.loaders, positions):
-            loader.load_state_dict(state)
     except ValueError as err:
         raise ckpt.ResumeError(f"checkpoint {tag_dir.name}: {' '.join(str(err).split())}") from err
-    trainer.iters = [iter(loader.loader) for loader in trainer.loaders]
-    ckpt.set_rng_state(old[ctx.rank % len(old)]["rng"])
+    return client, {"loaders": positions, "rng": old[rank % len(old)]["rng"]}
