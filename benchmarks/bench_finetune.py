@@ -4,7 +4,7 @@
 
 mpma_tiny (the default) takes under a minute on 2 CPU cores; mpma_small about 10 minutes there (--steps 8).
 
-For each model, every row is the real ``Trainer`` (``mpma_ds.training.Trainer``: the task's module under
+For each model, every row is the real ``Trainer`` (``mpma_ds.runner.trainer.Trainer``: the task's module under
 ``deepspeed.initialize``, the same DeepSpeed config for all rows, ``--ds-config``, default ``cpu_zero2``) built
 from the shipped recipe of its task, with the same micro-batch and image size (the text length is each recipe's
 ``data.max_text_len``, printed: the loader pads to it), from a random init, activation checkpointing off:
@@ -117,7 +117,7 @@ def _sync(device: torch.device) -> None:
 def extraction_rate(model: str, data: dict[str, Path], work: Path, ds_config: str) -> float:
     """Images/s of the linear probe's one-off feature pass over the training split: a Trainer build with an empty
     feature cache minus a build that finds it (decode and the frozen encoder's forward)."""
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     recipe = recipe_for("linear_probe", model, data, work / f"{model}-extract", ds_config)
     seconds = []
@@ -130,7 +130,7 @@ def extraction_rate(model: str, data: dict[str, Path], work: Path, ds_config: st
 
 
 def bench_task(task: str, model: str, data: dict[str, Path], work: Path, steps: int, ds_config: str) -> dict:
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     _, micro, _ = MODEL_SETTINGS[model]
     recipe = recipe_for(task, model, data, work / f"{model}-{task}", ds_config)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpma_ds.training.distributed import free_port
+from mpma_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -95,7 +95,7 @@ def probe_auroc(features: np.ndarray, truths: Sequence[Mapping[str, Any]], label
 
 
 def load_split(args: argparse.Namespace, model: Any, tok: Any, recipe: Any) -> dict[str, Any]:
-    from mpma_ds.eval.split_eval import data_config_for, one_pass, split_folder
+    from mpma_ds.runner.evaluate import data_config_for, one_pass, split_folder
 
     shard_dir = split_folder(args.shards, args.split)
     cfg = data_config_for(model.config, recipe=recipe, shards=shard_dir, tokenizer=args.tok_dir, backend="wds")
@@ -134,7 +134,7 @@ def main() -> None:
     args = p.parse_args()
 
     from mpma_ds import MPMA, create_model, load_tokenizer
-    from mpma_ds.export import load_run_recipe
+    from mpma_ds.runner.export import load_run_recipe
 
     folder = Path(args.model)
     recipe = load_run_recipe(folder / "recipe.yaml") if (folder / "recipe.yaml").is_file() else None

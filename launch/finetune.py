@@ -1,7 +1,7 @@
 """Fine-tune MPMA on a downstream task: ``deepspeed [--num_gpus N] launch/finetune.py --config YAML [--set ...]``.
 
 Also runs as one plain process (``python launch/finetune.py ...``) and installed as ``mpma-finetune``; the
-command lives in ``mpma_ds.cli.finetune``, the loop in ``mpma_ds.training.Trainer``, each task in
+command lives in ``mpma_ds.cli.finetune``, the loop in ``mpma_ds.runner.trainer.Trainer``, each task in
 ``mpma_ds.tasks``.
 """
 

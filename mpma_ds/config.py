@@ -22,10 +22,13 @@ This module imports nothing from the rest of ``mpma_ds``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import keyword
 import math
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -374,10 +377,6 @@ def save_config(config: Any, path: str | os.PathLike[str]) -> Path:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring (the string literal under it), read from the source: for ``--help`` and docs."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

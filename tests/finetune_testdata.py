@@ -78,8 +78,9 @@ class Pretrained:
 @functools.cache
 def pretrained(base: str) -> Pretrained:
     """A 4-step mpma_tiny pretraining run (one process, ZeRO-3, MLflow to sqlite) and its export."""
-    from mpma_ds.export import export_checkpoint
-    from mpma_ds.training import load_recipe, train
+    from mpma_ds.runner.export import export_checkpoint
+    from mpma_ds.runner.trainer import train
+    from mpma_ds.training import load_recipe
 
     root = Path(base) / "finetune-data" / "pretrain"
     uri = f"sqlite:///{root / 'mlflow.db'}"

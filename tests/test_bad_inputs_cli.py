@@ -15,8 +15,8 @@ from mpma_ds.cli import compare as compare_cli
 from mpma_ds.cli import evaluate as evaluate_cli
 from mpma_ds.cli import pretrain as pretrain_cli
 from mpma_ds.data.loader import split_shards
-from mpma_ds.eval.split_eval import data_config_for
-from mpma_ds.export import load_run_recipe
+from mpma_ds.runner.evaluate import data_config_for
+from mpma_ds.runner.export import load_run_recipe
 
 
 def _one_error_line(err: str, *needles: str) -> None:

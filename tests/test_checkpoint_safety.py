@@ -173,7 +173,7 @@ def test_existing_run_folder_is_refused_without_resume(base, tmp_path, capsys):
 def test_single_process_rendezvous_listens_only_on_loopback():
     import psutil
 
-    from mpma_ds.training.distributed import close_distributed, init_distributed
+    from mpma_ds.distributed import close_distributed, init_distributed
 
     assert init_distributed(30.0)
     try:
@@ -188,7 +188,7 @@ def test_evaluate_logs_to_the_callers_tracking_store_not_the_evaluated_recipes(b
     """The evaluated folder's recipe.yaml names another store; results go to the caller's (flag, else env)."""
     from mlflow.tracking import MlflowClient
 
-    from mpma_ds.eval.split_eval import run_evaluation
+    from mpma_ds.runner.evaluate import run_evaluation
     from mpma_ds.training import load_recipe
     from mpma_ds.training.recipe import save_recipe
 

@@ -42,10 +42,11 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    from mpma_ds.eval.split_eval import run_evaluation
-    from mpma_ds.export import export_checkpoint
     from mpma_ds.recipes import find_recipe
-    from mpma_ds.training import load_recipe, train
+    from mpma_ds.runner.evaluate import run_evaluation
+    from mpma_ds.runner.export import export_checkpoint
+    from mpma_ds.runner.trainer import train
+    from mpma_ds.training import load_recipe
     from mpma_ds.training.recipe import FinetuneRecipe
 
     base = prepared_base(tmp_path_factory)

@@ -38,8 +38,8 @@ def test_compiled_zero3_steps_match_eager(monkeypatch):
     from mpma_ds.training import compile as compile_mod
 
     monkeypatch.setattr(compile_mod, "COMPILE_KWARGS", {"backend": "aot_eager"})
+    from mpma_ds.distributed import close_distributed, init_distributed
     from mpma_ds.training import build_engine
-    from mpma_ds.training.distributed import close_distributed, init_distributed
     from mpma_ds.training.ds_config import load_ds_config, resolve_ds_config
     from mpma_ds.training.recipe import TrainConfig
 

@@ -30,9 +30,9 @@ from train_testdata import (
     wait_ok,
 )
 
+from mpma_ds.distributed import free_port
 from mpma_ds.training import load_recipe
 from mpma_ds.training.checkpoint import COMPLETE_FILE, complete_tags
-from mpma_ds.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -65,7 +65,7 @@ def base(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def one_rank(base, tmp_path_factory):
     """In-process ``train()``: 1 rank, 2 accumulation steps, MLflow to a sqlite store."""
-    from mpma_ds.training import train
+    from mpma_ds.runner.trainer import train
 
     root = tmp_path_factory.mktemp("one_rank")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from model_testdata import gen, make_batch
 
+from mpma_ds.distributed import close_distributed, init_distributed
 from mpma_ds.models import create_model
-from mpma_ds.training.distributed import close_distributed, init_distributed
 from mpma_ds.training.ds_config import load_ds_config, resolve_ds_config
 from mpma_ds.training.recipe import TrainConfig
 

@@ -5,10 +5,8 @@ constant metric), the printed table, results.json's pretrain_eval block and the 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.cli.demo import beats, parse_args
 from mpma_ds.eval import (
     abnormal_rows,
     alignment_metrics,
@@ -28,7 +27,8 @@ from mpma_ds.eval import (
     zero_shot_auroc,
 )
 from mpma_ds.eval.retrieval import retrieval_metrics_resampler
-from mpma_ds.eval.split_eval import format_table
+from mpma_ds.runner.demo import MIN_VALIDATION_IMAGES, pretrain_eval_block
+from mpma_ds.runner.evaluate import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = math.nan
@@ -235,40 +235,30 @@ def test_format_table_prints_the_interval_beside_each_value_and_the_labels_left_
     assert both.count("left out: Fracture") == 1 and "[pretrained]" not in both
 
 
-def _demo_module():
-    spec = importlib.util.spec_from_file_location("demo_launch", REPO / "launch" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo_launch"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_demo_writes_pretrain_eval_in_the_agreed_shape():
-    demo = _demo_module()
     pre = {"zeroshot_auroc_mean": 0.9, "zeroshot_auroc_mean_ci95": [0.85, 0.94], "i2t_R@1_abnormal": 0.4,
            "i2t_R@1_abnormal_ci95": [0.3, 0.5], "t2i_R@1_abnormal": 0.35, "t2i_R@1_abnormal_ci95": [0.3, 0.4],
            "eval_samples": 547}  # fmt: skip
     rnd = {"zeroshot_auroc_mean": 0.5, "zeroshot_auroc_mean_ci95": [0.45, 0.55], "i2t_R@1_abnormal": 0.01,
            "i2t_R@1_abnormal_ci95": [0.0, 0.02]}  # fmt: skip
-    block = demo.pretrain_eval_block(pre, rnd)
+    block = pretrain_eval_block(pre, rnd)
     assert block["zero_shot_auroc"] == {"pretrained": 0.9, "random": 0.5, "ci95_pretrained": [0.85, 0.94],
                                         "ci95_random": [0.45, 0.55]}  # fmt: skip
     assert block["i2t_R@1_abnormal"]["ci95_random"] == [0.0, 0.02]
     assert set(block["t2i_R@1_abnormal"]) == {"pretrained", "random", "ci95_pretrained", "ci95_random"}
     assert block["eval_samples"] == 547
-    assert demo._beats(pre, rnd, "zeroshot_auroc_mean") and not demo._beats(pre, rnd, "t2i_R@1_abnormal")
+    assert beats(pre, rnd, "zeroshot_auroc_mean") and not beats(pre, rnd, "t2i_R@1_abnormal")
 
 
 def test_the_demos_validation_split_holds_at_least_500_images():
     from data_tools.synth.corpus import plan_corpus
 
-    demo = _demo_module()
-    args = demo.parse_args([])
+    args = parse_args([])
     plans = plan_corpus(args.studies, args.seed, min_size=2 * args.image_size, max_size=2 * args.image_size + 64,
                         lateral_fraction=0.6, with_faults=False, eval_fraction=args.eval_fraction)  # fmt: skip
     # build_shards keeps the frontal films (PA / AP): one per study
     frontal = [im for p in plans if p.split == "validate" for im in p.images if im.view != "LATERAL"]
-    assert len(frontal) >= demo.MIN_VALIDATION_IMAGES, len(frontal)
+    assert len(frontal) >= MIN_VALIDATION_IMAGES, len(frontal)
 
 
 def test_evaluate_cli_prints_intervals_and_writes_them_with_the_labels_left_out(

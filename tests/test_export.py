@@ -33,9 +33,10 @@ def trained(tmp_path_factory):
     import deepspeed.utils.groups as ds_groups
 
     from mpma_ds import create_model, load_tokenizer
-    from mpma_ds.training import build_engine, load_recipe, train
+    from mpma_ds.distributed import init_distributed
+    from mpma_ds.runner.trainer import train
+    from mpma_ds.training import build_engine, load_recipe
     from mpma_ds.training.checkpoint import load_checkpoint
-    from mpma_ds.training.distributed import init_distributed
     from mpma_ds.training.ds_config import load_ds_config, resolve_ds_config
 
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
@@ -97,7 +98,7 @@ def test_export_round_trip(trained, tmp_path):
     import transformers
 
     from mpma_ds import MPMA
-    from mpma_ds.export import export_checkpoint
+    from mpma_ds.runner.export import export_checkpoint
 
     out = export_checkpoint(trained["run"], tmp_path / "exported")  # the run folder: its latest checkpoint
     model = MPMA.from_pretrained(out).eval()
@@ -153,7 +154,7 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 def test_export_bad_input(trained, tmp_path):
-    from mpma_ds.export import ExportError, export_checkpoint
+    from mpma_ds.runner.export import ExportError, export_checkpoint
 
     with pytest.raises(ExportError, match="does not exist"):
         export_checkpoint(tmp_path / "nope", tmp_path / "o")

@@ -205,7 +205,7 @@ def test_early_stopping_stops_and_the_test_metrics_are_the_best_checkpoints(base
     """best_metric=labels_used never improves after the first evaluation, so with early_stopping=2 the run
     stops at the third evaluation (step 6 of 20); the best checkpoint (step 2) is kept beside the last and the
     test metrics are exactly those of the step-2 weights evaluated again, not of the last ones."""
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     out = tmp_path / "run"
     # a high rate: the weights of step 6 give other test AUROCs than those of step 2
@@ -242,7 +242,7 @@ def test_resume_auto_continues_a_fine_tuning_run(base, tmp_path, monkeypatch):
     stopped ends: the same losses at every step, the same test metrics, one MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer
 
     uri = pretrained(base).tracking_uri
     extra = {"train.schedule": "constant", "train.warmup_steps": 0, "train.save_every": 2, "train.keep_last": 2,
@@ -375,14 +375,14 @@ BAD_INPUT = {
     "another architecture": ("cls", [], {"model.name": "mpma_tiny"}, "{nomem}", "init.from {nomem} holds another architecture than model.name=mpma_tiny (differs in memory_slots"),
     "missing init folder": ("cls", [], {}, "{base}/nowhere", "init.from {base}/nowhere does not exist"),
     "tokenizer larger than the vocabulary": ("cls", [], {"data.tokenizer": "{minilm}"}, None, "tokenizer {minilm} has 30522 tokens but the model's vocab_size is 4096"),
-    "split without samples": ("cls", [], {"data.val_shards": "{empty}"}, None, "no shard-*.tar in {empty}"),
+    "split without samples": ("cls", [], {"data.val_shards": "{empty}"}, None, "data.val_shards: no shard-*.tar in {empty}"),
     "masked text": ("cls", [], {"data.mlm_probability": 0.15}, None, "fine-tuning reads unmasked text: set data.mlm_probability: 0"),
     "zero_shot with steps": ("zero_shot", [], {"train.max_steps": 3}, None, "task zero_shot does not train: set train.max_steps: 0"),
     "options of another task": ("cls", [], {"task.vqa.loss": "ce"}, None, "task.vqa options are set but task.name is 'cls'"),
     "fewer samples than data ranks (shards)": ("cls", [], {"data.label_fraction": 0.01, "data.label_fraction_seed": "{one_seed}"}, None, "1 samples (data.label_fraction=0.01 keeps 1) cannot feed 2 data ranks"),
     "fewer samples than data ranks (features)": ("linear_probe", [], {"data.label_fraction": 0.01, "data.label_fraction_seed": "{one_seed}"}, None, "1 samples (data.label_fraction=0.01 keeps 1) cannot feed 2 data ranks"),
-    "report shards to vqa": ("vqa", [], "reports", None, "the train shards {reports}/train hold no VQA answers"),
-    "vqa shards to cls": ("cls", [], "vqa", None, "the train shards {vqa}/train hold no CheXpert labels"),
+    "report shards to vqa": ("vqa", [], "reports", None, "data.train_shards: {reports}/train/shard-000000.tar holds image-report pairs"),
+    "vqa shards to cls": ("cls", [], "vqa", None, "data.train_shards: {vqa}/train/shard-000000.tar holds image-question-answer"),
 }  # fmt: skip
 KNOWN_BUGS: dict[str, str] = {}
 

@@ -37,8 +37,8 @@ from finetune_testdata import (
     split_counts,
 )
 
+from mpma_ds.distributed import free_port
 from mpma_ds.tracking import read_metrics_jsonl
-from mpma_ds.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from mpma_ds.training.distributed import free_port
+from mpma_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,7 @@ CONSOLE_SCRIPTS = (
     "mpma-export",
     "mpma-evaluate",
     "mpma-compare",
+    "mpma-demo",
     "mpma-synth-corpus",
     "mpma-synth-vqa",
     "mpma-build-shards",

@@ -175,7 +175,7 @@ def test_an_invalid_row_on_one_rank_is_no_negative_on_the_other():
     the other rank's stand-in rows are not among the negatives."""
     import torch.multiprocessing as mp
 
-    from mpma_ds.training.distributed import free_port
+    from mpma_ds.distributed import free_port
 
     img, txt = _embeddings(8, seed=4)
     valid = torch.tensor([True, True, True, True, True, False, True, False])  # rank 1 holds two stand-ins

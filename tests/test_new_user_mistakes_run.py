@@ -22,9 +22,9 @@ from mpma_ds.cli import compare as compare_cli
 from mpma_ds.cli import evaluate as evaluate_cli
 from mpma_ds.cli import finetune as finetune_cli
 from mpma_ds.cli import pretrain as pretrain_cli
-from mpma_ds.eval.split_eval import canonical_split
 from mpma_ds.models import MPMAConfig
 from mpma_ds.recipes import find_recipe
+from mpma_ds.runner.evaluate import canonical_split
 from mpma_ds.training import RecipeError, load_recipe
 from mpma_ds.training.recipe import FinetuneRecipe
 

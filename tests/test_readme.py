@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mpma_ds.training.distributed import free_port
+from mpma_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

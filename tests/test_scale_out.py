@@ -35,10 +35,10 @@ from train_testdata import (
 
 from mpma_ds.config import ConfigError
 from mpma_ds.data.plan import reshard_positions
+from mpma_ds.distributed import free_port
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training import checkpoint as ckpt
 from mpma_ds.training import load_recipe, reshard
-from mpma_ds.training.distributed import free_port
 from mpma_ds.training.ds_config import elastic_micro_batch, gradient_accumulation_steps
 
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -147,7 +147,7 @@ def two_nodes(base, tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def two_to_one(base, two_ranks, tmp_path_factory) -> tuple[Path, dict]:
     """``two_ranks`` as it was at its step-4 checkpoint, resumed here on 1 rank (``--resume auto``)."""
-    from mpma_ds.training import train
+    from mpma_ds.runner.trainer import train
 
     run = _rollback(two_ranks, tmp_path_factory.mktemp("two_to_one") / "run", HALF)
     with _one_thread(), pytest.warns(ckpt.CheckpointWarning, match="written by 2 ranks, on 1"):
@@ -159,8 +159,7 @@ def two_to_one(base, two_ranks, tmp_path_factory) -> tuple[Path, dict]:
 def one_to_two(base, tmp_path_factory) -> tuple[Path, str, str]:
     """A 1-rank run (in this process, MLflow to sqlite) stopped by an interrupt at step 5, after its step-4
     checkpoint, then resumed by ``deepspeed --num_gpus 2 ... --resume auto``: 2 ranks, the same MLflow run."""
-    from mpma_ds.training import train
-    from mpma_ds.training.trainer import Trainer
+    from mpma_ds.runner.trainer import Trainer, train
 
     root = tmp_path_factory.mktemp("one_to_two")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mpma_ds.distributed import free_port
 from mpma_ds.tracking import (
     TrackingConfig,
     TrackingWarning,
@@ -25,7 +26,6 @@ from mpma_ds.tracking import (
     resolve_tracking_uri,
 )
 from mpma_ds.tracking.params import MAX_PARAM_VALUE_CHARS
-from mpma_ds.training.distributed import free_port
 
 RECIPE = {
     "model": {"name": "mpma_tiny", "overrides": {"memory_slots": 16}},

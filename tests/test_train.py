@@ -113,6 +113,24 @@ def test_resume_of_a_missing_checkpoint_fails(base, tmp_path, capsys):
     assert "no such checkpoint folder" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("bug", [TypeError("resolve() got an unexpected keyword argument 'x'"), KeyError("x")])
+def test_a_programming_error_in_a_task_is_a_traceback_not_a_bad_recipe_line(
+    base, tmp_path, monkeypatch, capsys, bug
+):
+    """Bad input is one line and exit 2; a bug in a task's setup (a TypeError, a KeyError) is not bad input: it
+    propagates with its traceback (exit 1 from the interpreter) instead of passing for a bad recipe."""
+
+    def broken(self, ctx):
+        raise bug
+
+    monkeypatch.setattr(PretrainTask, "resolve", broken)
+    with pytest.raises(type(bug)) as raised:
+        pretrain.main(_argv(tiny_overrides(base, tmp_path / "run")))
+    assert raised.value is bug
+    assert "error:" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_exit_code_and_single_stderr_line_in_a_real_process(base, tmp_path):
     overrides = tiny_overrides(base, tmp_path / "run", **{"train.global_batch_size": 6})
     proc = subprocess.run(
@@ -190,7 +208,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 @pytest.mark.gpu
 def test_gpu_bf16_zero3_run_trains(base, tmp_path):
     """On CUDA: zero3_bf16.json, FusedAdam, bf16 inputs, NCCL group of one — a few steps that lower the loss."""
-    from mpma_ds.training import train
+    from mpma_ds.runner.trainer import train
 
     overrides = tiny_overrides(
         base,

@@ -19,10 +19,10 @@ import torch
 from train_testdata import ROOT, TINY_RECIPE, prepared_base, tiny_overrides
 from train_testdata import pretrain_argv as _argv
 
+from mpma_ds.distributed import free_port
 from mpma_ds.tasks.pretrain import PretrainTask
 from mpma_ds.tracking import read_metrics_jsonl
 from mpma_ds.training.checkpoint import complete_tags
-from mpma_ds.training.distributed import free_port
 
 sys.path.insert(0, str(ROOT / "launch"))
 import pretrain  # noqa: E402
@@ -121,7 +121,7 @@ HANG = """
 import os
 if os.environ.get("RANK") == "1":
     import time
-    from mpma_ds.training import trainer as _trainer
+    from mpma_ds.runner import trainer as _trainer
     _real = _trainer.Trainer.train_step
     def _hang(self):
         if self.step + 1 == 3:  # rank 1 stops taking part in collectives before step 3
@@ -199,7 +199,8 @@ class Server:
 def test_mlflow_server_killed_and_restarted_mid_run_gets_every_step_once(base, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mpma_ds.training import load_recipe, train
+    from mpma_ds.runner.trainer import train
+    from mpma_ds.training import load_recipe
 
     server = Server(tmp_path)
     server.start()

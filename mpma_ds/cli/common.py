@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mpma_ds.distributed import close_distributed
+
 
 def prog_name(script: str) -> str:
     """``script`` (``pretrain.py``), or the console script's own name when run as one (``mpma-pretrain``)."""
@@ -60,8 +62,6 @@ def ends_without_teardown(main: Callable[[list[str] | None], int]) -> Callable[[
     def wrapper(argv: list[str] | None = None) -> int:
         code = main(argv)
         if "LOCAL_RANK" in os.environ and "MPMA_DS_SET_ENV" not in os.environ:
-            from mpma_ds.training.distributed import close_distributed
-
             close_distributed()
             sys.stdout.flush()
             sys.stderr.flush()

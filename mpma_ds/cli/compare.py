@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.tracking.compare import format_groups, format_runs_table
+from mpma_ds.tracking.pairs import format_pairs_table
+from mpma_ds.tracking.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +25,28 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--runs", action="append", default=[], metavar="NAME_OR_ID",
-                   help="compare only these runs (run name, id or an id prefix of >= 6 characters; repeatable), "
-                        "with the runs nested under them")  # fmt: skip
-    p.add_argument("--filter", default="", metavar="FILTER",
-                   help="an MLflow search filter passed to search_runs, e.g. \"params.train.lr = '0.001'\" or "
-                        "\"tags.mpma.kind = 'finetune'\"")  # fmt: skip
-    p.add_argument("--metric", action="append", default=[], help="a column of the runs table (repeatable; "
-                   "default: loss, eval retrieval/AUROC, samples/s where present)")  # fmt: skip
+    p.add_argument(
+        "--runs",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID",
+        help="compare only these runs (run name, id or an id prefix of >= 6 characters; repeatable), "
+        "with the runs nested under them",
+    )
+    p.add_argument(
+        "--filter",
+        default="",
+        metavar="FILTER",
+        help="an MLflow search filter passed to search_runs, e.g. \"params.train.lr = '0.001'\" or "
+        "\"tags.mpma.kind = 'finetune'\"",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="a column of the runs table (repeatable; "
+        "default: loss, eval retrieval/AUROC, samples/s where present)",
+    )
     p.add_argument(
         "--smooth",
         type=float,
@@ -46,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--max-runs", type=int, default=50, help="newest N runs (default 50)")
-    p.add_argument("--out", default=None, help="folder for report.html, the PNGs and the tables "
-                   "(default: compare/<experiment>)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for report.html, the PNGs and the tables (default: compare/<experiment>)",
+    )
     args = p.parse_args(argv)
-
-    from mpma_ds.tracking.compare import format_groups, format_runs_table
-    from mpma_ds.tracking.pairs import format_pairs_table
-    from mpma_ds.tracking.report import write_report
 
     prog = prog_name("compare_runs.py")
     if args.bootstrap < 1:
@@ -61,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path("compare") / args.experiment)
     try:
         report = write_report(
-            args.experiment, out, tracking_uri=args.tracking_uri, metrics=args.metric, max_runs=args.max_runs,
-            runs=args.runs, filter_string=args.filter, smooth=args.smooth, n_resamples=args.bootstrap,
-        )  # fmt: skip
+            args.experiment,
+            out,
+            tracking_uri=args.tracking_uri,
+            metrics=args.metric,
+            max_runs=args.max_runs,
+            runs=args.runs,
+            filter_string=args.filter,
+            smooth=args.smooth,
+            n_resamples=args.bootstrap,
+        )
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -80,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\npretrained vs random (difference [95 % interval], and how the interval was computed):")
         print(format_pairs_table(report.pairs))
     for d in report.diffs:
-        print(f"\n{d.title} runs: {len(d.differing)} parameter(s) differ, {len(d.identical)} identical"
-              + (f" ({', '.join(list(d.differing)[:8])}{' ...' if len(d.differing) > 8 else ''})" if d.differing
-                 else ""))  # fmt: skip
+        print(
+            f"\n{d.title} runs: {len(d.differing)} parameter(s) differ, {len(d.identical)} identical"
+            + (
+                f" ({', '.join(list(d.differing)[:8])}{' ...' if len(d.differing) > 8 else ''})"
+                if d.differing
+                else ""
+            )
+        )
     print(f"\n{len(report.plots)} figure(s), tables {', '.join(p.name for p in report.tables)} in {out}")
     print(f"report: {report.html}")
     return 0

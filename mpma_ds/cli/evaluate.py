@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,23 +25,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=prog_name("evaluate.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="exported model folder (launch/export.py --out)")
+    which.add_argument(
+        "--model", help="exported model folder (launch/export.py --out) or a pretraining run folder"
+    )
     which.add_argument("--random-init", metavar="NAME", help="a randomly initialised model of this architecture")
     p.add_argument(
         "--shards", required=True, help="shard build folder (holding validate/ ...) or one split folder"
     )
     p.add_argument("--split", default="validate", help="split to evaluate (default: validate)")
-    p.add_argument("--recipe", help="training recipe YAML: preprocessing and, with --random-init, model overrides "
-                   "(default: the model folder's recipe.yaml)")  # fmt: skip
+    p.add_argument(
+        "--recipe",
+        help="training recipe YAML: preprocessing and, with --random-init, model overrides "
+        "(default: the model folder's recipe.yaml)",
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL/text_encoder, else the recipe's)")
     p.add_argument("--backend", choices=("wds", "dali"), help="loader backend (default: the recipe's, else wds)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = the whole split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.add_argument("--min-label-count", type=int, default=20, metavar="N",
-                   help="zero-shot AUROC only over labels with >= N positives and N negatives (default 20)")  # fmt: skip
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="R",
-                   help="bootstrap resamples of the 95 %% intervals beside each metric (0 = none; default 1000)")  # fmt: skip
+    p.add_argument(
+        "--min-label-count",
+        type=int,
+        default=20,
+        metavar="N",
+        help="zero-shot AUROC only over labels with >= N positives and N negatives (default 20)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="R",
+        help="bootstrap resamples of the 95 %% intervals beside each metric (0 = none; default 1000)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--out-dir", help="where results.json and metrics.jsonl go (default: eval_results/<name>-<split>)"
@@ -50,10 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
     p.add_argument("--no-mlflow", action="store_true", help="only write the local files")
     p.add_argument(
-        "--grounding", type=int, metavar="N",
+        "--grounding",
+        type=int,
+        metavar="N",
         help="also play the pointing game against the shards' ground-truth boxes (sample json 'truth', synthetic "
         "corpus) and write N overlay PNGs (finding phrase map on the film, truth box) to OUT_DIR/grounding/",
-    )  # fmt: skip
+    )
     return p.parse_args(argv)
 
 
@@ -67,15 +85,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpma_ds.eval.split_eval import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
-
     result = run_evaluation(
-        shards=args.shards, model=args.model, random_init=args.random_init, split=args.split, recipe=args.recipe,
-        tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
-        seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, mlflow=not args.no_mlflow, min_count=args.min_label_count,
-        n_resamples=args.bootstrap, grounding=args.grounding,
-    )  # fmt: skip
+        shards=args.shards,
+        model=args.model,
+        random_init=args.random_init,
+        split=args.split,
+        recipe=args.recipe,
+        tokenizer=args.tokenizer,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        seed=args.seed,
+        device=args.device,
+        out_dir=args.out_dir,
+        name=args.name,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        mlflow=not args.no_mlflow,
+        min_count=args.min_label_count,
+        n_resamples=args.bootstrap,
+        grounding=args.grounding,
+    )
     metrics = result["metrics"]
     played = "pointing_game" in metrics
     print(format_table({result["name"]: metrics}, TABLE_ROWS + (GROUNDING_ROWS if played else ())))

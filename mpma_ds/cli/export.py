@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.runner.export import ExportError, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
-
-    from mpma_ds.export import ExportError, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)

@@ -15,13 +15,16 @@ import sys
 
 from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name
 from mpma_ds.cli.pretrain import build_parser, run_training
+from mpma_ds.recipes import find_recipe
+from mpma_ds.tasks.registry import TASKS, finetune_task_names, unknown_task
+from mpma_ds.training import RecipeError, load_recipe
+from mpma_ds.training.recipe import FinetuneRecipe
 
 SCRIPT = "finetune.py"
 
 
 @ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks.registry import TASKS, finetune_task_names, unknown_task
 
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
@@ -41,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.task is not None and args.task not in finetune_task_names():
         error(prog, f"--task: {unknown_task(args.task)}")
         return 2
-    from mpma_ds.recipes import find_recipe
-    from mpma_ds.training import RecipeError, load_recipe
-    from mpma_ds.training.recipe import FinetuneRecipe
 
     try:
         overrides = list(args.overrides)

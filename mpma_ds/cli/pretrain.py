@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -24,6 +25,11 @@ from mpma_ds.cli.common import (
     is_rank0,
     prog_name,
 )
+from mpma_ds.distributed import CollectiveTimeoutError
+from mpma_ds.recipes import find_recipe
+from mpma_ds.runner.trainer import NonFiniteLossError, SetupError, train
+from mpma_ds.training import RecipeError, load_recipe
+from mpma_ds.training.checkpoint import CheckpointSaveError, CheckpointWarning
 
 SCRIPT = "pretrain.py"
 
@@ -56,7 +62,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def run_guard(prog: str) -> Iterator[None]:
     """While a run trains: SIGTERM (SLURM's preemption / time limit, ``kill``) raises ``KeyboardInterrupt`` like
     Ctrl-C, so the run ends KILLED in MLflow; warnings about skipped checkpoints print as one line."""
-    from mpma_ds.training.checkpoint import CheckpointWarning
 
     def on_term(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt(f"signal {signum}")
@@ -81,16 +86,11 @@ def run_guard(prog: str) -> Iterator[None]:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     """``train(recipe)`` with every way it can end turned into an exit code and at most one stderr line."""
-    from mpma_ds.training.checkpoint import CheckpointSaveError
-    from mpma_ds.training.distributed import CollectiveTimeoutError
-    from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     if is_rank0():
         for note in getattr(recipe, "notes", ()):
@@ -119,8 +119,6 @@ def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
 def main(argv: list[str] | None = None) -> int:
     prog = prog_name(SCRIPT)
     args = build_parser(prog, "Pretrain MPMA (DeepSpeed ZeRO, MLflow tracking).").parse_args(argv)
-    from mpma_ds.recipes import find_recipe
-    from mpma_ds.training import RecipeError, load_recipe
 
     try:
         overrides = args.overrides + (
@@ -138,3 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"done: step {summary['step']}, run folder {recipe.train.output_dir}, checkpoint {summary['checkpoint']}"
         )
     return 0
+
+
+if __name__ == "__main__":  # deepspeed --module mpma_ds.cli.pretrain (the demo's pretraining stage)
+    sys.exit(main())

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.batch import Batch
 from mpma_ds.data.config import DataConfig
+from mpma_ds.tokenizer import load_tokenizer
 
 
 class BatchStream(Protocol):
@@ -118,14 +119,20 @@ def build_loader(
     if tokenizer is None:
         if not cfg.tokenizer:
             raise ValueError("data.tokenizer is empty: set it to a tokenizer folder (data_tools.train_tokenizer)")
-        from mpma_ds.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     fraction, fraction_seed = label_fraction_of(cfg, split)
     common = dict(
-        rank=rank, world_size=world_size, batch_size=batch_size, tokenizer=tokenizer, seed=seed, train=train,
-        split=split, label_fraction=fraction, label_fraction_seed=fraction_seed,
-    )  # fmt: skip
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        seed=seed,
+        train=train,
+        split=split,
+        label_fraction=fraction,
+        label_fraction_seed=fraction_seed,
+    )
     stream_cls = BACKENDS[cfg.backend]  # DataConfig validated the name
     shards = "" if getattr(stream_cls, "makes_own_samples", False) else split_shards(cfg, split)
     stream: Any = stream_cls(cfg, shards, **common)

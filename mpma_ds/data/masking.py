@@ -7,6 +7,7 @@ tokenizer folder works.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -147,7 +148,5 @@ class ReportEncoder:
 
 def batch_generator(*seed_parts: int) -> torch.Generator:
     """A torch generator seeded from several integers (seed, epoch, rank, batch ...), independent of workers."""
-    import numpy as np
-
     value = int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in seed_parts]).generate_state(1)[0])
     return torch.Generator().manual_seed(value)

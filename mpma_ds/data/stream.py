@@ -112,9 +112,14 @@ def collate_rows(
 ) -> Batch:
     """`make_batch` over ``rows`` with their ``images`` (decoded, transformed: (C, S, S) each or (B, C, S, S))."""
     return make_batch(
-        images, [r.text for r in rows], [r.meta for r in rows], [r.key for r in rows], [r.valid for r in rows],
-        encoder, gen,
-    )  # fmt: skip
+        images,
+        [r.text for r in rows],
+        [r.meta for r in rows],
+        [r.key for r in rows],
+        [r.valid for r in rows],
+        encoder,
+        gen,
+    )
 
 
 class ShardStream(EpochStream):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.retrieval import DEFAULT_KS, retrieval_metrics
 from mpma_ds.eval.zeroshot import (
     DEFAULT_MIN_COUNT,
@@ -75,8 +76,6 @@ def alignment_metrics(
         ``retrieval_metrics`` (with ``*_abnormal`` when labels are known) + ``zero_shot_auroc``'s keys, each
         metric followed by ``<metric>_ci95: [low, high]`` when ``n_resamples`` > 0, and ``bootstrap_resamples``.
     """
-    from mpma_ds.eval.bootstrap import with_intervals
-
     abnormal = abnormal_rows(labels, truths, label_names) if labels is not None else None
     kw = dict(ks=ks, texts=list(texts), abnormal=abnormal)
     if n_resamples:
@@ -171,9 +170,17 @@ def evaluate_alignment(
             scores = prompt_scores(image_emb, pos, neg)  # (N, C)
             truths = truths_of(metas)
         metrics = alignment_metrics(
-            image_emb, text_emb, texts, scores=scores, labels=label_tensor, truths=truths, ks=ks,
-            label_names=label_names, min_count=min_count, n_resamples=n_resamples,
-        )  # fmt: skip
+            image_emb,
+            text_emb,
+            texts,
+            scores=scores,
+            labels=label_tensor,
+            truths=truths,
+            ks=ks,
+            label_names=label_names,
+            min_count=min_count,
+            n_resamples=n_resamples,
+        )
         if keep_embeddings is not None:
             keep_embeddings.update(image=image_emb, text=text_emb, texts=texts)
             if labels:

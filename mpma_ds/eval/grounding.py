@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mpma_ds.data.samples import SampleReader, decode_meta
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.transforms import eval_geometry
 from mpma_ds.eval.bootstrap import with_intervals
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
@@ -87,8 +90,6 @@ def eval_box(box: Sequence[float], stored_size: tuple[int, int], data_cfg: Any) 
         stored_size: ``(width, height)`` of the stored JPEG.
         data_cfg: the loader's `DataConfig` (``image_size``, ``eval_crop_fraction``).
     """
-    from mpma_ds.data.transforms import eval_geometry
-
     width, height = stored_size
     new_h, new_w, top, left = eval_geometry(data_cfg, width, height)
     sx, sy = new_w / width, new_h / height
@@ -279,9 +280,6 @@ def _truth_pairs(meta: Mapping[str, Any], key: str) -> list[tuple[str, str | Non
 def stored_sizes(shards: str | Path) -> dict[str, tuple[int, int]]:
     """``{sample key: (width, height)}`` of the stored JPEGs of a shard spec (folder, glob, list), from their
     headers (no pixel decoding): the frame the ``truth`` boxes are in."""
-    from mpma_ds.data.samples import SampleReader
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(str(shards))
     reader = SampleReader(index)
     sizes = {}
@@ -369,8 +367,11 @@ def evaluate_grounding(
                 findings.append(name)
                 if len(examples) < n_examples:
                     pixels = images[i, 0].float().cpu() * std[0] + mean[0]  # (H, W) back to [0, 1]
-                    examples.append(GroundingExample(key, name, phrase, pixels.clamp(0, 1).numpy(),
-                                                     grid.numpy(), tuple(mapped), hit))  # fmt: skip
+                    examples.append(
+                        GroundingExample(
+                            key, name, phrase, pixels.clamp(0, 1).numpy(), grid.numpy(), tuple(mapped), hit
+                        )
+                    )
     finally:
         net.train(was_training)
     if with_truth == 0:
@@ -395,9 +396,6 @@ def evaluate_grounding(
 def shards_have_truth(shard_dir: str | Path) -> bool:
     """Whether the first readable sample of a shard folder has ``truth`` in its json (a cheap check before a
     whole evaluation pass; a synthetic build writes it for every sample or none)."""
-    from mpma_ds.data.samples import SampleReader, decode_meta
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(str(shard_dir))
     reader = SampleReader(index)
     try:
@@ -408,9 +406,13 @@ def shards_have_truth(shard_dir: str | Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------- overlays
 def save_overlay(
-    path: str | Path, image: np.ndarray, box: Sequence[float], panels: Sequence[tuple[str, np.ndarray, bool]],
-    *, title: str = "",
-) -> Path:  # fmt: skip
+    path: str | Path,
+    image: np.ndarray,
+    box: Sequence[float],
+    panels: Sequence[tuple[str, np.ndarray, bool]],
+    *,
+    title: str = "",
+) -> Path:
     """A PNG of the film with each panel's map as a heat overlay, the truth box and the map's maximum.
 
     Args:
@@ -420,6 +422,7 @@ def save_overlay(
         panels: ``(label, (Hp, Wp) map, hit)`` per model, drawn side by side.
         title: the figure's title (the phrase).
     """
+    # matplotlib: heavy (about a second to import) and needed for the overlay PNGs only
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -431,8 +434,15 @@ def save_overlay(
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, w, h, 0))
         lo, hi = float(grid.min()), float(grid.max())
-        heat = ax.imshow(grid, cmap="jet", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear",
-                         vmin=lo, vmax=hi if hi > lo else lo + 1e-6)  # fmt: skip
+        heat = ax.imshow(
+            grid,
+            cmap="jet",
+            alpha=0.45,
+            extent=(0, w, h, 0),
+            interpolation="bilinear",
+            vmin=lo,
+            vmax=hi if hi > lo else lo + 1e-6,
+        )
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
         hp, wp = grid.shape
@@ -480,10 +490,15 @@ def write_overlays(
             save_overlay(Path(folder) / overlay_name(j, first), first.image, first.box, panels, title=title)
         )
     index = [
-        {"file": p.name, "key": runs_first.key, "finding": runs_first.finding, "phrase": runs_first.phrase,
-         "hit": {name or "map": bool(ex[j].hit) for name, ex in runs.items()}}
+        {
+            "file": p.name,
+            "key": runs_first.key,
+            "finding": runs_first.finding,
+            "phrase": runs_first.phrase,
+            "hit": {name or "map": bool(ex[j].hit) for name, ex in runs.items()},
+        }
         for j, (p, runs_first) in enumerate(zip(paths, lists[0] if lists else []))
-    ]  # fmt: skip
+    ]
     if paths:
         (Path(folder) / OVERLAY_INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return paths
@@ -514,6 +529,8 @@ def format_pointing_game(pretrained: Mapping[str, Any], random: Mapping[str, Any
 
     summary = pointing_game_summary(pretrained, random) or {}
     pairs = int(pretrained.get("pointing_game_pairs", 0))
-    return (f"pointing game (finding-phrase map maximum inside the drawn box, {pairs} pairs): pretrained "
-            f"{cell(pretrained)}, random {cell(random)}, chance (box area) {summary.get('chance', math.nan):.3f}; "
-            f"overlays in {overlays}")  # fmt: skip
+    return (
+        f"pointing game (finding-phrase map maximum inside the drawn box, {pairs} pairs): pretrained "
+        f"{cell(pretrained)}, random {cell(random)}, chance (box area) {summary.get('chance', math.nan):.3f}; "
+        f"overlays in {overlays}"
+    )

@@ -120,8 +120,6 @@ class MaskedTokenAccuracy:
     def per_sample(self, kind: str = "findings") -> np.ndarray:
         """(N, 2) int64 (correct, masked) counts of ``kind`` ("all" or "findings") per evaluated sample, in pass
         order (a deterministic eval pass masks the same tokens for every model: rows pair up across models)."""
-        import numpy as np
-
         return np.asarray(self.rows[kind], dtype=np.int64).reshape(-1, 2)
 
     def result(self) -> dict[str, float]:

@@ -70,7 +70,7 @@ def late_interaction_scores(
         return late_interaction_reference(text, text_mask, patches, patch_mask)
     if impl == "chunked":
         return _ChunkedLateInteraction.apply(text, text_mask, patches, patch_mask)
-    from mpma_ds.kernels._triton_late import TritonLateInteraction
+    from mpma_ds.kernels._triton_late import TritonLateInteraction  # imports triton: optional, GPU only
 
     return TritonLateInteraction.apply(text, text_mask, patches, patch_mask)
 

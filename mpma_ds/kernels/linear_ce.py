@@ -112,7 +112,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         run_sum = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         target = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         if use_triton:
-            from mpma_ds.kernels._triton_ce import lse_update
+            from mpma_ds.kernels._triton_ce import lse_update  # imports triton: optional, GPU only
         saved_logits = None
         # Under autocast F.linear runs in the autocast dtype (bf16 inputs, whatever `weight` is). The operands are
         # cast to it here once — not per chunk by autocast, and twice more per chunk in the backward, which runs
@@ -154,7 +154,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         d_weight = torch.empty_like(weight) if need_w else None
         d_bias = torch.empty_like(bias) if need_b else None
         if ctx.use_triton:
-            from mpma_ds.kernels._triton_ce import softmax_grad
+            from mpma_ds.kernels._triton_ce import softmax_grad  # imports triton: optional, GPU only
         w_mm, h_mm, b_mm = ctx.mm_operands
         ctx.mm_operands = None
         for v0 in range(0, vocab, width):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mpma_ds.data import build_loader
 from mpma_ds.data.preflight import check_run_inputs
 from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
 
@@ -116,8 +117,6 @@ class Task:
 
     def build_loaders(self, ctx: RunContext) -> tuple[list[LoaderInfo], LoaderInfo | None]:
         """``(train streams, validation stream or None)``; default: shards through ``mpma_ds.data.build_loader``."""
-        from mpma_ds.data import build_loader
-
         recipe, cfg = self.recipe, self.recipe.train
         loaders = []
         try:
@@ -146,8 +145,6 @@ class Task:
 
     def eval_loader(self, ctx: RunContext, split: str) -> LoaderInfo:
         """One deterministic pass over ``split``, the whole split on every rank (data rank 0 of 1)."""
-        from mpma_ds.data import build_loader
-
         cfg = self.recipe.train
         return build_loader(
             self.recipe.data, 0, 1, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,

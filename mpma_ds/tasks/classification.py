@@ -18,6 +18,9 @@ from torch import nn
 
 from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.config import ConfigSection
+from mpma_ds.data.batch import labels_vector, sample_batch
+from mpma_ds.data.subsets import meta_subject, patient_subset
+from mpma_ds.eval import apply_uncertain_policy, multiclass_metrics, multilabel_auroc, with_intervals
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas, warn_rank0
 from mpma_ds.tasks.registry import TASKS
@@ -34,7 +37,6 @@ class Labels:
     """The label rules of a classification recipe: which targets a batch gives, the loss, the metrics."""
 
     def __init__(self, options: ClsOptions, classes: Sequence[str] | None = None) -> None:
-
         self.options = options
         self.multilabel = options.labels == "chexpert"
         if self.multilabel:
@@ -51,8 +53,6 @@ class Labels:
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, C) float 1/0/NaN (multi-label, uncertain policy applied) or (B,) int64 class id, -1 = none."""
-        from mpma_ds.eval import apply_uncertain_policy
-
         if self.multilabel:
             labels = torch.as_tensor(batch["labels"], dtype=torch.float32)[:, self.columns]  # (B, C)
             return apply_uncertain_policy(labels, self.options.uncertain)
@@ -62,8 +62,6 @@ class Labels:
 
     def targets_from_metas(self, metas: Sequence[dict[str, Any]]) -> np.ndarray:
         """The same targets for sample JSONs (label counts before training, cached features)."""
-        from mpma_ds.data.batch import labels_vector
-
         if self.multilabel:
             rows = np.stack([labels_vector(m) for m in metas]) if metas else np.zeros((0, len(CHEXPERT_LABELS)))
             return self.targets({"labels": torch.from_numpy(rows.astype(np.float32))}).numpy()
@@ -83,8 +81,6 @@ class Labels:
         return (rows * known).sum() / known.sum().clamp(min=1)
 
     def metrics(self, scores: np.ndarray, targets: np.ndarray, *, n_resamples: int = 0) -> dict[str, Any]:
-        from mpma_ds.eval import multiclass_metrics, multilabel_auroc, with_intervals
-
         if self.multilabel:
             fn, arrays = multilabel_auroc, (scores, targets)
             kwargs: dict[str, Any] = {"names": self.names, "min_each": self.options.min_label_count}
@@ -98,8 +94,6 @@ class Labels:
     def check_subset(self, ctx: RunContext, metas: Sequence[dict[str, Any]], recipe: FinetuneRecipe) -> dict:
         """Label counts of the training subset (``data.label_fraction``); a label without positives is named in
         a warning (its AUROC cannot improve from training)."""
-        from mpma_ds.data.subsets import meta_subject, patient_subset
-
         data = recipe.data
         subjects = [meta_subject(m, str(i)) for i, m in enumerate(metas)]
         keep = patient_subset(subjects, data.label_fraction, data.label_fraction_seed)
@@ -274,8 +268,6 @@ class ClassificationTask(FinetuneTask):
         return dict(batch, targets=self.labels.targets(batch))
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from mpma_ds.training.metrics import sample_batch
-
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
         batch.update(valid=torch.ones(1, dtype=torch.bool), labels=torch.zeros(1, len(CHEXPERT_LABELS)), meta=[{}])
         return self.to_model(batch)

@@ -25,8 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpma_ds.data import build_loader
 from mpma_ds.data.loader import LoaderInfo
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
+from mpma_ds.data.shards import resolve_shards
+from mpma_ds.data.subsets import meta_subject, split_subset
+from mpma_ds.distributed import barrier, broadcast_object
 
 if TYPE_CHECKING:
     from mpma_ds.tasks.base import RunContext
@@ -65,16 +69,26 @@ class FeatureStream(EpochStream):
         n = len(features)
         self.counts = [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
         super().__init__(
-            train=train, seed=seed, rank=rank, world_size=world_size, steps=steps_per_epoch(n, world_size, batch_size),
-            num_samples=n, subset=subset,
-        )  # fmt: skip
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            steps=steps_per_epoch(n, world_size, batch_size),
+            num_samples=n,
+            subset=subset,
+        )
 
     def _epoch_iter(self, epoch: int, start_batch: int) -> Iterator[MadeBatch]:
         ids, valid = epoch_batches(
-            self.counts, epoch=epoch if self.train else 0, seed=self.seed, rank=self.rank,
-            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
+            self.counts,
+            epoch=epoch if self.train else 0,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            train=self.train,
             shuffle_buffer=len(self.features),
-        )  # fmt: skip
+        )
         for number in range(start_batch, len(ids)):
             rows = ids[number].tolist()
             index = torch.from_numpy(ids[number])
@@ -104,17 +118,22 @@ def feature_loader(
     pick = rows if rows is not None else torch.arange(len(cached["features"]))
     index = pick.tolist()
     stream = FeatureStream(
-        cached["features"][pick], cached["targets"][pick], [cached["keys"][i] for i in index],
-        [cached["metas"][i] for i in index], rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        train=train, subset=subset,
-    )  # fmt: skip
+        cached["features"][pick],
+        cached["targets"][pick],
+        [cached["keys"][i] for i in index],
+        [cached["metas"][i] for i in index],
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        train=train,
+        subset=subset,
+    )
     return LoaderInfo(stream, stream.num_samples, stream.steps_per_epoch, stream.subset)
 
 
 def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind: str) -> str:
     """What the ``kind`` features of ``split`` depend on (see the module docstring)."""
-    from mpma_ds.data.shards import resolve_shards
-
     data = task.recipe.data
     init = task.init_source(ctx)
     weights: Any = "random"
@@ -164,8 +183,6 @@ def split_features(
     Collective: every rank calls it. ``encoder()`` builds the frozen backbone (called only when some rank has
     to extract); ``featurize(encoder, batch)`` makes a batch's features.
     """
-    from mpma_ds.training.distributed import barrier, broadcast_object
-
     path = cache_dir / fingerprint(task, ctx, split, spec, kind) / f"{split}.pt"
     if not broadcast_object(path.is_file()):  # rank 0 decides: every rank takes the same branch
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,16 +206,20 @@ def split_features(
 def _extract(
     task: FinetuneTask, ctx: RunContext, encoder: nn.Module, featurize: Featurizer, split: str, dim: int
 ) -> dict[str, Any]:
-    from mpma_ds.data import build_loader
-
     # the whole split, whatever the run's label fraction: the cache serves every fraction, which then selects
     # its patients from the cached rows
     whole = dataclasses.replace(task.recipe.data, label_fraction=1.0)
     cfg = task.recipe.train
     info = build_loader(
-        whole, ctx.rank, ctx.world_size, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-        tokenizer=ctx.tokenizer, seed=cfg.seed, train=False,
-    )  # fmt: skip
+        whole,
+        ctx.rank,
+        ctx.world_size,
+        split=split,
+        batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        tokenizer=ctx.tokenizer,
+        seed=cfg.seed,
+        train=False,
+    )
     feats, keys, metas = [], [], []
     try:
         for batch in info.loader:
@@ -214,8 +235,6 @@ def _extract(
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' shares of a split as one set, sorted by sample key (independent of the world size)."""
-    from mpma_ds.data.subsets import meta_subject
-
     keys = [k for p in parts for k in p["keys"]]
     metas = [m for p in parts for m in p["metas"]]
     feats = torch.cat([p["features"] for p in parts])
@@ -287,15 +306,22 @@ def frozen_splits(
     """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
     when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
     (patient level, recorded in ``ctx.subset``), one loader per accumulation step."""
-    from mpma_ds.data.subsets import split_subset
-
     data, cfg = task.recipe.data, task.recipe.train
     encoder = FrozenEncoder(task, ctx)
     cached: dict[str, dict[str, Any]] = {}
     for split, spec in {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}.items():
         if spec and (split != "validate" or task.wants_validation()):
-            found = split_features(task, ctx, split, spec, kind=kind, cache_dir=cache_dir, encoder=encoder,
-                                   featurize=featurize, dim=dim)  # fmt: skip
+            found = split_features(
+                task,
+                ctx,
+                split,
+                spec,
+                kind=kind,
+                cache_dir=cache_dir,
+                encoder=encoder,
+                featurize=featurize,
+                dim=dim,
+            )
             cached[split] = dict(found, targets=targets(found["metas"]))
     train = cached["train"]
     keep, subset = split_subset(train["subjects"], data.label_fraction, data.label_fraction_seed, split="train")
@@ -312,7 +338,7 @@ def frozen_splits(
             seed=cfg.seed,
             train=True,
             subset=subset,
-        )  # fmt: skip
+        )
         for a in range(ctx.accumulation)
     ]
     val = feature_eval_loader(cached["validate"], cfg) if "validate" in cached else None
@@ -321,8 +347,14 @@ def frozen_splits(
 
 def feature_eval_loader(cached: dict[str, Any], cfg: Any) -> LoaderInfo:
     """One split's cached features in order, whole on every rank (the heads are tiny; evaluation is not split)."""
-    return feature_loader(cached, rank=0, world_size=1, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-                          seed=cfg.seed, train=False)  # fmt: skip
+    return feature_loader(
+        cached,
+        rank=0,
+        world_size=1,
+        batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        seed=cfg.seed,
+        train=False,
+    )
 
 
 def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.models import check_tokenizer_vocab
 from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.tokenizer import load_tokenizer
+from mpma_ds.tracking.lineage import lineage_tags, pair_key_finetune
 
 if TYPE_CHECKING:
     from mpma_ds.models import MPMA
-    from mpma_ds.tasks.init import InitSource
+    from mpma_ds.runner.init import InitSource
     from mpma_ds.training.recipe import FinetuneRecipe
 
 HEAD_PREFIX = "head."
@@ -46,13 +51,12 @@ class FinetuneTask(Task):
 
     # ---------------------------------------------------------------------------------------------- setup
     def resolve(self, ctx: RunContext) -> None:
-        from mpma_ds.models import check_tokenizer_vocab
-        from mpma_ds.tasks.init import resolve_init
-        from mpma_ds.tokenizer import load_tokenizer
-
         self.check_inputs()
-        init = resolve_init(self.recipe)
-        ctx.init = init
+        init = ctx.init
+        if init is None:  # a bug of the caller, not bad input
+            raise RuntimeError(
+                "RunContext.init is unset: the runner resolves init.from and hands the task its source"
+            )
         ctx.model_config = init.config
         tok_dir = self.recipe.data.tokenizer or (str(init.tokenizer_dir) if init.tokenizer_dir else "")
         if not tok_dir:
@@ -77,9 +81,7 @@ class FinetuneTask(Task):
 
     def backbone(self, ctx: RunContext) -> MPMA:
         """The backbone with ``init.from``'s weights, cut down to ``backbone_parts``."""
-        from mpma_ds.tasks.init import load_backbone
-
-        model = load_backbone(self.init_source(ctx))
+        model = self.init_source(ctx).load()
         model.set_distributed(ctx.rank, ctx.world_size)
         return model.retain(self.backbone_parts)
 
@@ -110,7 +112,6 @@ class FinetuneTask(Task):
     # ---------------------------------------------------------------------------------------------- records
     def tags(self, ctx: RunContext) -> dict[str, str]:
         init = self.init_source(ctx)
-        from mpma_ds.tracking.lineage import lineage_tags, pair_key_finetune
 
         data = self.recipe.data
         pair = pair_key_finetune(self.name, data.label_fraction, self.recipe.train.seed, data.label_fraction_seed)
@@ -141,9 +142,6 @@ def read_split_metas(spec: str) -> list[dict[str, Any]]:
     """The sample JSON of every readable sample of a shard set, in index order (small reads at the ``.idx``
     offsets; the images are not touched). A JSON that does not parse is ``{}`` (the loader skips and counts
     that sample)."""
-    from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
-    from mpma_ds.data.shards import load_shard_index
-
     index = load_shard_index(spec)
     at = index.member("json")  # (N, 2): offset, size
     reader = SampleReader(index)

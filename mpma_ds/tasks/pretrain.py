@@ -9,8 +9,13 @@ from typing import Any
 
 from torch import nn
 
+from mpma_ds.data.batch import sample_batch
+from mpma_ds.eval import evaluate_alignment
+from mpma_ds.eval.mlm import MaskedTokenAccuracy
+from mpma_ds.models import MPMA, check_tokenizer_vocab
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.tasks.registry import TASKS
+from mpma_ds.tokenizer import load_tokenizer
 
 
 @TASKS.register("pretrain")
@@ -23,9 +28,6 @@ class PretrainTask(Task):
     test_after_training = False
 
     def resolve(self, ctx: RunContext) -> None:
-        from mpma_ds.models import check_tokenizer_vocab
-        from mpma_ds.tokenizer import load_tokenizer
-
         self.check_inputs()
         ctx.model_config = self.recipe.model.config
         if not self.recipe.data.tokenizer:
@@ -43,15 +45,11 @@ class PretrainTask(Task):
         return tuple(k for k in self.loss_keys if k != "loss_itm" or with_itm)
 
     def build_model(self, ctx: RunContext) -> nn.Module:
-        from mpma_ds.models import MPMA
-
         model = MPMA(ctx.model_config)
         model.set_distributed(ctx.rank, ctx.world_size)
         return model
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from mpma_ds.training.metrics import sample_batch
-
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
 
     def evaluate(
@@ -63,9 +61,6 @@ class PretrainTask(Task):
         n_resamples: int = 0,
         keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from mpma_ds.eval import evaluate_alignment
-        from mpma_ds.eval.mlm import MaskedTokenAccuracy
-
         # masked-token accuracy (overall and on finding words) scored as the same pass goes by
         mlm = MaskedTokenAccuracy(module, ctx.tokenizer, ctx.device)
         metrics = evaluate_alignment(

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from mpma_ds.config import ConfigSection
+from mpma_ds.data.batch import sample_batch
+from mpma_ds.eval import evaluate_alignment
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask
 from mpma_ds.tasks.registry import TASKS
@@ -87,8 +89,6 @@ class RetrievalTask(FinetuneTask):
         return AlignmentModel(self.backbone(ctx), self.recipe.task.retrieval.w_local)
 
     def flops_batch(self, ctx: RunContext) -> dict[str, Any]:
-        from mpma_ds.training.metrics import sample_batch
-
         return sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer, batch_size=2)  # InfoNCE needs 2
 
     def evaluate(
@@ -107,8 +107,6 @@ def alignment_metrics(
     task: FinetuneTask, module: nn.Module, batches: Iterable[dict[str, Any]], ctx: RunContext, *, n_resamples: int
 ) -> dict[str, Any]:
     """R@K both ways (+ ``rsum``, their sum) and zero-shot AUROC; with intervals on each when asked."""
-    from mpma_ds.eval import evaluate_alignment
-
     ks = tuple(task.recipe.task.retrieval.ks)
     metrics = dict(
         evaluate_alignment(

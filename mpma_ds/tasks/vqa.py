@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.config import ConfigSection
+from mpma_ds.data.batch import sample_batch
+from mpma_ds.eval import vqa_accuracy, with_intervals
+from mpma_ds.eval.vqa import answer_indices, build_answer_vocab, soft_answer_targets
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.features import StandardisedHead, feature_eval_loader, frozen_splits
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas
@@ -130,8 +134,6 @@ class VQATask(FinetuneTask):
     )
 
     def check(self, ctx: RunContext) -> None:
-        from mpma_ds.eval.vqa import build_answer_vocab
-
         data, options = self.recipe.data, self.recipe.task.vqa
         splits = {"train": data.train_shards, "validate": data.val_shards, "test": data.test_shards}
         answers: dict[str, list[str]] = {}
@@ -162,9 +164,6 @@ class VQATask(FinetuneTask):
     def build_loaders(self, ctx: RunContext):
         if not self.frozen:
             return super().build_loaders(ctx)
-        from pathlib import Path
-
-        from mpma_ds.eval.vqa import answer_indices
 
         frozen = frozen_splits(
             self, ctx, kind="fused", dim=2 * ctx.model_config.fusion_width,
@@ -194,15 +193,12 @@ class VQATask(FinetuneTask):
     def flops_batch(self, ctx: RunContext) -> dict[str, Any] | None:
         if self.frozen:
             return None  # a head on cached features: nothing worth counting
-        from mpma_ds.training.metrics import sample_batch
 
         batch = sample_batch(self.recipe.data, ctx.model_config, ctx.tokenizer)
         batch.update(valid=torch.ones(1, dtype=torch.bool), meta=[{"answer": self.answers[0]}])
         return self.to_model(batch)
 
     def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from mpma_ds.eval.vqa import answer_indices, soft_answer_targets
-
         gold = [str(m.get("answer", "")) for m in batch["meta"]]
         batch = dict(batch)
         batch["answer_ids"] = torch.from_numpy(answer_indices(gold, self.answers))  # (B,)
@@ -219,8 +215,6 @@ class VQATask(FinetuneTask):
         n_resamples: int = 0,
         keep: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from mpma_ds.eval import vqa_accuracy, with_intervals
-
         dtype = next(module.parameters()).dtype
         predicted, gold, types, keys = [], [], [], []
         for batch in batches:

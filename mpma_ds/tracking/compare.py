@@ -30,6 +30,7 @@ from typing import Any
 from mpma_ds.tracking.base import metric_name
 from mpma_ds.tracking.config import resolve_tracking_uri
 from mpma_ds.tracking.lineage import INIT_TAG, PAIR_TAG, PARENT_TAG, PRETRAIN_RUN_TAG, pair_key_finetune
+from mpma_ds.tracking.params import json_safe
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -419,8 +420,6 @@ def runs_records(runs: Sequence[RunSummary], groups: Sequence[RunGroup]) -> list
 
 def write_tables(out_dir: Path, runs_rec: list[dict[str, Any]], pair_rec: list[dict[str, Any]]) -> list[Path]:
     """``runs.csv`` / ``runs.json`` (one row per run) and ``pairs.csv`` / ``pairs.json`` (one per pair row)."""
-    from mpma_ds.tracking.params import json_safe
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for name, records, fixed in (("runs", runs_rec, RUN_FIELDS), ("pairs", pair_rec, ())):

@@ -3,7 +3,7 @@ fine-tuning runs made from its weights (MLflow's nested-run tag, so ``mlflow ui`
 a random initialisation is matched with its pretrained partner by a *pair key* (what must be equal for the two
 to be compared: the task, the label fraction, the seeds, the evaluated split).
 
-Tags written by the fine-tuning trainer (``tasks/finetune.py``) and the evaluation (``eval/split_eval.py``):
+Tags written by the fine-tuning trainer (``tasks/finetune.py``) and the evaluation (``runner/evaluate.py``):
 
 - ``mlflow.parentRunId``: the pretraining run (only when it is in the same store; else left out);
 - ``mpma.pretrain_run``: the same id, kept even when the parent is elsewhere;

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+# mlflow is imported inside the methods: heavy (seconds to import) and only rank 0 with tracking on needs it.
 from mpma_ds.tracking.base import TRACKERS, MetricLogger, clean_metrics, read_metrics_jsonl, warn_once
 from mpma_ds.tracking.config import TrackingConfig, default_artifact_location, resolve_tracking_uri
 from mpma_ds.tracking.lineage import PARENT_TAG

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mpma_ds.eval.paired import PAIRED_STATISTICS
 from mpma_ds.tracking.compare import EVAL_METRICS, RunGroup, RunSummary, _text_table
 from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
@@ -91,7 +93,6 @@ class PredictionStore:
     def get(self, run: RunSummary) -> Any | None:
         if run.run_id in self._cache:
             return self._cache[run.run_id]
-        import torch
 
         path = None
         try:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mpma_ds.tracking import report_html, report_plots
 from mpma_ds.tracking.compare import (
     ParamDiff,
     RunGroup,
@@ -50,15 +53,16 @@ def write_report(
     the tables under ``out_dir``. Raises ``ValueError`` (one line) on bad input, like `load_runs`."""
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"--smooth {smooth}: must be in [0, 1) (the EMA weight of the previous value)")
-    import os
-    import tempfile
+    from mlflow.tracking import MlflowClient  # mlflow: heavy, imported when a report is written only
 
-    from mlflow.tracking import MlflowClient
-
-    from mpma_ds.tracking import report_html, report_plots
-
-    found, chosen = load_runs(experiment, tracking_uri=tracking_uri, metrics=metrics, max_runs=max_runs,
-                              runs=runs, filter_string=filter_string)  # fmt: skip
+    found, chosen = load_runs(
+        experiment,
+        tracking_uri=tracking_uri,
+        metrics=metrics,
+        max_runs=max_runs,
+        runs=runs,
+        filter_string=filter_string,
+    )
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact read is noise
@@ -72,7 +76,17 @@ def write_report(
     plots = report_plots.draw_all(found, groups, pairs, out, smooth=smooth)
     tables = write_tables(out, runs_records(found, groups), [asdict(p) for p in pairs])
     html = report_html.write_html(
-        out / "report.html", experiment=experiment, uri=uri, runs=found, metrics=chosen, groups=groups,
-        pairs=pairs, diffs=diffs, plots=plots, gallery=gallery, filter_string=filter_string, smooth=smooth,
-    )  # fmt: skip
+        out / "report.html",
+        experiment=experiment,
+        uri=uri,
+        runs=found,
+        metrics=chosen,
+        groups=groups,
+        pairs=pairs,
+        diffs=diffs,
+        plots=plots,
+        gallery=gallery,
+        filter_string=filter_string,
+        smooth=smooth,
+    )
     return Report(html, list(plots.values()), tables, found, groups, pairs, diffs, chosen, uri)

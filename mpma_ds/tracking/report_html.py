@@ -4,6 +4,7 @@ it opens offline and can be mailed), and the grounding gallery it shows."""
 from __future__ import annotations
 
 import base64
+import datetime
 import html
 import io
 import json
@@ -13,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.eval.grounding import OVERLAY_INDEX
 from mpma_ds.tracking.compare import ParamDiff, RunGroup, RunSummary, _fmt
 from mpma_ds.tracking.pairs import PAIR_HEAD, PAIRED, PairRow, pair_cells
 
@@ -76,8 +81,6 @@ class Gallery:
 def _finding_from_name(stem: str) -> str:
     """The finding at the end of an overlay name (``003-<key>-pleural_effusion``) for runs logged before
     ``overlays.json`` existed: the longest CheXpert label whose slug ends the name."""
-    from data_tools.shard_format import CHEXPERT_LABELS
-
     slugs = sorted(((re.sub(r"[^a-z0-9]+", "_", n.lower()), n) for n in CHEXPERT_LABELS), key=lambda s: -len(s[0]))
     for slug, name in slugs:
         if stem.lower().endswith(slug):
@@ -87,8 +90,6 @@ def _finding_from_name(stem: str) -> str:
 
 def read_overlays(client: Any, run: RunSummary, work: Path) -> list[Overlay]:
     """The overlays an evaluation run logged under ``grounding/`` (``[]`` when it logged none)."""
-    from mpma_ds.eval.grounding import OVERLAY_INDEX
-
     try:
         names = [a.path for a in client.list_artifacts(run.run_id, "grounding")]
     except Exception:  # noqa: BLE001 - an artifact store we cannot read: no gallery for this run
@@ -99,16 +100,25 @@ def read_overlays(client: Any, run: RunSummary, work: Path) -> list[Overlay]:
     index_file = folder / OVERLAY_INDEX
     index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else None
     if index is None:
-        index = [{"file": p.name, "key": p.stem, "finding": _finding_from_name(p.stem), "phrase": "", "hit": {}}
-                 for p in sorted(folder.glob("*.png"))]  # fmt: skip
+        index = [
+            {"file": p.name, "key": p.stem, "finding": _finding_from_name(p.stem), "phrase": "", "hit": {}}
+            for p in sorted(folder.glob("*.png"))
+        ]
     out = []
     for entry in index:
         png = folder / entry["file"]
         if not png.is_file():
             continue
         hits = list((entry.get("hit") or {}).values())
-        out.append(Overlay(entry["key"], entry["finding"], entry.get("phrase", ""), hits[0] if hits else None,
-                           png.read_bytes()))  # fmt: skip
+        out.append(
+            Overlay(
+                entry["key"],
+                entry["finding"],
+                entry.get("phrase", ""),
+                hits[0] if hits else None,
+                png.read_bytes(),
+            )
+        )
     return out
 
 
@@ -139,8 +149,6 @@ def grounding_gallery(client: Any, groups: Sequence[RunGroup], work: Path) -> li
 
 def thumbnail(png: bytes, width: int = THUMB_PX) -> bytes:
     """``png`` scaled down to ``width`` pixels wide (kept when smaller), as PNG bytes."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(png)) as im:
         im = im.convert("RGB")
         if im.width > width:
@@ -162,10 +170,11 @@ def _e(x: Any) -> str:
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, raw: bool = False) -> str:
     th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(head))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c if raw else _e(c)}</td>'
-                         for i, c in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="{"l" if i < left else ""}">{c if raw else _e(c)}</td>' for i, c in enumerate(r))
+        + "</tr>"
         for r in rows
-    )  # fmt: skip
+    )
     return f"<div class='scroll'><table><tr>{th}</tr>{body}</table></div>"
 
 
@@ -175,8 +184,11 @@ def _runs_section(groups: Sequence[RunGroup], metrics: Sequence[str]) -> str:
     rows = []
     for g in groups:
         rows.append(f'<tr class="group"><td colspan="{len(head)}">{_e(g.title)}</td></tr>')
-        members = ([(g.parent, "")] if g.parent else []) + [(c, "├ ") for c in g.children] + [
-            (p, "┆ ") for p in g.partners]  # fmt: skip
+        members = (
+            ([(g.parent, "")] if g.parent else [])
+            + [(c, "├ ") for c in g.children]
+            + [(p, "┆ ") for p in g.partners]
+        )
         for r, mark in members:
             setting = r.tags.get("mpma.task", "")
             if "mpma.label_fraction" in r.tags:
@@ -203,7 +215,7 @@ def _runs_section(groups: Sequence[RunGroup], metrics: Sequence[str]) -> str:
         " <code>mlflow ui</code> shows the same tree), and each random-init run beside the pretrained run it pairs"
         f" with (┆: same task, label fraction and seeds, or the same evaluated split).</p><div class='scroll'><table>"
         f"<tr>{th}</tr>" + "".join(rows) + "</table></div>"
-    )  # fmt: skip
+    )
 
 
 def _diff_class(p: PairRow) -> str:
@@ -256,8 +268,10 @@ def _changes_section(diffs: Sequence[ParamDiff]) -> str:
             + (_table(head, rows) if rows else '<p class="empty">All logged parameters are the same.</p>')
             + f"<details><summary>{len(d.identical)} identical parameter(s)</summary>{same}</details>"
         )
-    return "<p>The logged recipe and DeepSpeed-config parameters (<code>ds.*</code>) that differ between runs of one" \
-           " kind and task (— : not logged by that run); the identical ones are folded away.</p>" + "".join(out)  # fmt: skip
+    return (
+        "<p>The logged recipe and DeepSpeed-config parameters (<code>ds.*</code>) that differ between runs of one"
+        " kind and task (— : not logged by that run); the identical ones are folded away.</p>" + "".join(out)
+    )
 
 
 def _figure(plots: Mapping[str, Path], name: str, alt: str, empty: str) -> str:
@@ -269,8 +283,10 @@ def _figure(plots: Mapping[str, Path], name: str, alt: str, empty: str) -> str:
 
 def _gallery_section(galleries: Sequence[Gallery], runs: Sequence[RunSummary]) -> str:
     if not galleries:
-        return ('<p class="empty">No evaluation run logged grounding overlays (run <code>launch/evaluate.py'
-                " --grounding N</code> on shards with ground truth).</p>")  # fmt: skip
+        return (
+            '<p class="empty">No evaluation run logged grounding overlays (run <code>launch/evaluate.py'
+            " --grounding N</code> on shards with ground truth).</p>"
+        )
     names = {r.run_id: r.label for r in runs}
     out = []
     for g in galleries:
@@ -283,16 +299,25 @@ def _gallery_section(galleries: Sequence[Gallery], runs: Sequence[RunSummary]) -
                 for side, o in (("pretrained", item.pretrained), ("random", item.random)):
                     if o is None:
                         continue
-                    verdict = "" if o.hit is None else (" <span class='hit'>hit</span>" if o.hit
-                                                        else " <span class='miss'>miss</span>")  # fmt: skip
-                    panels.append(f"<div>{_img(thumbnail(o.png), f'{side}: {item.finding} {item.key}')}"
-                                  f"<div class='cap'>{side}{verdict}</div></div>")  # fmt: skip
+                    verdict = (
+                        ""
+                        if o.hit is None
+                        else (" <span class='hit'>hit</span>" if o.hit else " <span class='miss'>miss</span>")
+                    )
+                    panels.append(
+                        f"<div>{_img(thumbnail(o.png), f'{side}: {item.finding} {item.key}')}"
+                        f"<div class='cap'>{side}{verdict}</div></div>"
+                    )
                 phrase = f"“{_e(item.phrase)}” · " if item.phrase else ""
-                cards.append(f"<div class='pair'><div class='row'>{''.join(panels)}</div>"
-                             f"<div class='cap'>{phrase}{_e(item.key)}</div></div>")  # fmt: skip
+                cards.append(
+                    f"<div class='pair'><div class='row'>{''.join(panels)}</div>"
+                    f"<div class='cap'>{phrase}{_e(item.key)}</div></div>"
+                )
             out.append(f"<h4>{_e(finding)} ({len(items)})</h4><div class='gallery'>{''.join(cards)}</div>")
-    return ("<p>The finding phrase's map (local alignment) over the film; green box: where the finding was drawn;"
-            " ×: the map's maximum (the pointing game's hit or miss).</p>" + "".join(out))  # fmt: skip
+    return (
+        "<p>The finding phrase's map (local alignment) over the film; green box: where the finding was drawn;"
+        " ×: the map's maximum (the pointing game's hit or miss).</p>" + "".join(out)
+    )
 
 
 def write_html(
@@ -311,8 +336,6 @@ def write_html(
     smooth: float = 0.0,
 ) -> Path:
     """The report page at ``path``: every section of ``SECTIONS``, images embedded."""
-    import datetime
-
     body = {
         "runs": _runs_section(groups, metrics),
         "pairs": _pairs_section(pairs, groups),
@@ -320,9 +343,7 @@ def write_html(
         "training": _figure(
             plots, "training_pretrain", "pretraining curves", "No pretraining run logged training curves."
         )
-        + _figure(
-            plots, "training_finetune", "fine-tuning curves", "No fine-tuning run logged training curves."
-        ),  # fmt: skip
+        + _figure(plots, "training_finetune", "fine-tuning curves", "No fine-tuning run logged training curves."),
         "evaluation": _figure(
             plots,
             "eval_over_steps",

@@ -45,7 +45,7 @@ def ema(values: Sequence[float], weight: float) -> list[float]:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy (about a second to import): only when a report draws its plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,8 +74,9 @@ def _save(fig, path: Path, legend_rows: int = 0) -> Path:
     return path
 
 
-def training_grid(runs: Sequence[RunSummary], keys: Sequence[str], path: Path, *, smooth: float,
-                  title: str) -> Path | None:  # fmt: skip
+def training_grid(
+    runs: Sequence[RunSummary], keys: Sequence[str], path: Path, *, smooth: float, title: str
+) -> Path | None:
     """One panel per metric of ``keys`` some run logged (over steps), a line per run; ``smooth`` > 0 draws the
     EMA over the raw curve (kept faint)."""
     present = [k for k in keys if any(len(r.history.get(k, ())) > 0 for r in runs)]
@@ -94,8 +95,14 @@ def training_grid(runs: Sequence[RunSummary], keys: Sequence[str], path: Path, *
                 ax.plot(steps, values, color=colors[r.run_id], alpha=0.25, linewidth=0.8)
                 ax.plot(steps, ema(values, smooth), style, color=colors[r.run_id], label=r.label)
             else:
-                ax.plot(steps, values, style, color=colors[r.run_id], label=r.label,
-                        marker="o" if len(points) < 3 else None)  # fmt: skip
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=colors[r.run_id],
+                    label=r.label,
+                    marker="o" if len(points) < 3 else None,
+                )
         ax.set_title(TITLES.get(key, key), fontsize=10)
         # MLflow's system metrics count samples (one every tracking.system_metrics_interval_s), not steps
         ax.set_xlabel("sample" if key.startswith("system/") else "step", fontsize=8)
@@ -138,9 +145,14 @@ def eval_over_steps(groups: Sequence[RunGroup], path: Path) -> Path | None:
     its evaluation run's value as a star at the evaluated step, and the random twin's value as a dashed
     horizontal baseline with its 95 % interval shaded."""
     with_parent = [g for g in groups if g.parent is not None]
-    keys = [k for k in EVAL_METRICS
-            if any(g.parent.history.get(k) or any(k in c.final for c in g.children if c.kind == "eval")
-                   for g in with_parent)]  # fmt: skip
+    keys = [
+        k
+        for k in EVAL_METRICS
+        if any(
+            g.parent.history.get(k) or any(k in c.final for c in g.children if c.kind == "eval")
+            for g in with_parent
+        )
+    ]
     if not keys:
         return None
     fig, axes = _grid(len(keys))
@@ -151,13 +163,27 @@ def eval_over_steps(groups: Sequence[RunGroup], path: Path) -> Path | None:
             points = g.parent.history.get(key) or []
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, "-", color=color, marker="o" if len(points) < 4 else None, markersize=3,
-                        label=f"{g.parent.label} (in-training validation)")  # fmt: skip
+                ax.plot(
+                    steps,
+                    values,
+                    "-",
+                    color=color,
+                    marker="o" if len(points) < 4 else None,
+                    markersize=3,
+                    label=f"{g.parent.label} (in-training validation)",
+                )
             for c in g.children:
                 if c.kind == "eval" and c.init == "pretrained" and key in c.final:
                     step = int(float(c.tags.get("mpma.step", 0) or 0)) or (points[-1][0] if points else 0)
-                    ax.plot([step], [c.final[key]], marker="*", markersize=11, color=color, linestyle="none",
-                            label=f"{c.label} (evaluation)")  # fmt: skip
+                    ax.plot(
+                        [step],
+                        [c.final[key]],
+                        marker="*",
+                        markersize=11,
+                        color=color,
+                        linestyle="none",
+                        label=f"{c.label} (evaluation)",
+                    )
             for p in g.partners:
                 if p.kind == "eval" and key in p.final:
                     baselines.setdefault(p.run_id, p)
@@ -189,22 +215,37 @@ def label_efficiency(pairs: Sequence[PairRow], path: Path) -> Path | None:
             series = sorted((p for p in mine if p.group == group), key=lambda p: p.label_fraction)
             color = f"C{i % 10}"
             for side, style in (("pretrained", "-"), ("random", "--")):
-                pts = [(p.label_fraction, getattr(p, side), getattr(p, f"{side}_ci95")) for p in series
-                       if getattr(p, side) is not None]  # fmt: skip
+                pts = [
+                    (p.label_fraction, getattr(p, side), getattr(p, f"{side}_ci95"))
+                    for p in series
+                    if getattr(p, side) is not None
+                ]
                 if not pts:
                     continue
                 x = [q[0] for q in pts]
                 y = [q[1] for q in pts]
                 shade = color if side == "pretrained" else "0.4"
-                ax.plot(x, y, style, marker="o", color=shade,
-                        label=f"{side}" + (f" ({group[:6]})" if len(mine) != len(series) else ""))  # fmt: skip
+                ax.plot(
+                    x,
+                    y,
+                    style,
+                    marker="o",
+                    color=shade,
+                    label=f"{side}" + (f" ({group[:6]})" if len(mine) != len(series) else ""),
+                )
                 bands = [(q[0], q[2]) for q in pts if q[2] is not None]
                 if len(bands) == 1:  # one label fraction: no band to draw, an error bar instead
                     (f, (lo, hi)), value = bands[0], next(q[1] for q in pts if q[0] == bands[0][0])
                     ax.errorbar([f], [value], yerr=[[value - lo], [hi - value]], color=shade, capsize=4)
                 elif bands:
-                    ax.fill_between([b[0] for b in bands], [b[1][0] for b in bands], [b[1][1] for b in bands],
-                                    color=shade, alpha=0.15, linewidth=0)  # fmt: skip
+                    ax.fill_between(
+                        [b[0] for b in bands],
+                        [b[1][0] for b in bands],
+                        [b[1][1] for b in bands],
+                        color=shade,
+                        alpha=0.15,
+                        linewidth=0,
+                    )
         ax.set_xscale("log")
         fractions = sorted({p.label_fraction for p in mine})
         ax.set_xticks(fractions, [f"{100 * f:g} %" for f in fractions])
@@ -219,8 +260,14 @@ def label_efficiency(pairs: Sequence[PairRow], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def draw_all(runs: Sequence[RunSummary], groups: Sequence[RunGroup], pairs: Sequence[PairRow], out: Path, *,
-             smooth: float = 0.0) -> dict[str, Path]:  # fmt: skip
+def draw_all(
+    runs: Sequence[RunSummary],
+    groups: Sequence[RunGroup],
+    pairs: Sequence[PairRow],
+    out: Path,
+    *,
+    smooth: float = 0.0,
+) -> dict[str, Path]:
     """Every figure that has data, as PNGs under ``out``: ``{section: path}``."""
     out.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -230,14 +277,14 @@ def draw_all(runs: Sequence[RunSummary], groups: Sequence[RunGroup], pairs: Sequ
             out / "training_pretrain.png",
             smooth=smooth,
             title="pretraining: losses, schedule and throughput",
-        ),  # fmt: skip
+        ),
         "training_finetune": training_grid(
             [r for r in runs if r.kind == "finetune"],
             FINETUNE_CURVES,
             out / "training_finetune.png",
             smooth=smooth,
             title="fine-tuning (dashed: random init)",
-        ),  # fmt: skip
+        ),
         "eval_over_steps": eval_over_steps(groups, out / "eval_over_steps.png"),
         "label_efficiency": label_efficiency(pairs, out / "label_efficiency.png"),
     }

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -44,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mpma_ds.distributed import all_reduce_sum, barrier
 from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.models.config import MPMAConfig, architecture_difference
-from mpma_ds.training.distributed import all_reduce_sum, barrier
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -262,8 +263,6 @@ def find_checkpoint(spec: str, output_dir: str | Path, *, set_aside: bool = Fals
 
 def safe_globals() -> list[Any]:
     """The classes of ``SAFE_GLOBALS_NAMES`` that this DeepSpeed has (for ``torch.serialization.safe_globals``)."""
-    import importlib
-
     found = []
     for name in SAFE_GLOBALS_NAMES:
         module, _, attr = name.rpartition(".")

@@ -10,6 +10,7 @@ module (MPMA itself or a fine-tuning task around it).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mpma_ds.models.fusion import FusionLayer
@@ -47,7 +48,6 @@ def compile_blocks(model: nn.Module, enable: bool, **compile_kwargs) -> int:
     """
     if not enable:
         return 0
-    import torch
 
     count = 0
     for block in transformer_blocks(model):

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+# deepspeed is imported inside build_engine / build_optimizer: heavy (seconds to import), so reading a recipe or
+# a checkpoint's metadata does not pay for it.
 from mpma_ds.training.compile import compile_blocks
 from mpma_ds.training.ds_config import gradient_accumulation_steps, optimizer_offloaded
 from mpma_ds.training.host_memory import keep_freed_host_memory

@@ -5,7 +5,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Any
 
 import torch
 
@@ -90,22 +89,3 @@ class StepMeter:
         }
         self._reset()
         return out
-
-
-def sample_batch(data_cfg: Any, model_cfg: Any, tokenizer: Any, batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """A batch of the shapes training sees (for counting FLOPs before the engine exists): full-length text with
-    ``mlm_probability`` of the tokens masked."""
-    length = data_cfg.max_text_len
-    size = data_cfg.image_size
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, max(6, len(tokenizer)), (batch_size, length), generator=gen)
-    mlm_labels = torch.full_like(input_ids, -100)
-    chosen = torch.rand(batch_size, length, generator=gen) < data_cfg.mlm_probability
-    chosen[:, 1] = True  # at least one masked token
-    mlm_labels[chosen] = input_ids[chosen]
-    return {
-        "image": torch.randn(batch_size, model_cfg.in_chans, size, size, generator=gen),
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mlm_labels": mlm_labels,
-    }

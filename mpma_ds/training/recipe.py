@@ -22,6 +22,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from mpma_ds.config import (
     ConfigError,
     ConfigSection,
@@ -33,6 +35,8 @@ from mpma_ds.config import (
     to_dict,
 )
 from mpma_ds.data.config import DataConfig
+from mpma_ds.fileio import atomic_write_text
+from mpma_ds.models import get_model_config
 from mpma_ds.tasks.config import InitSection, TaskSection
 from mpma_ds.tracking.config import TrackingConfig
 from mpma_ds.training.ds_config import find_ds_config
@@ -72,8 +76,6 @@ class ModelSection(ConfigSection):
     @cached_property
     def config(self):  # -> MPMAConfig
         """The ``MPMAConfig`` this section names, built once."""
-        from mpma_ds.models import get_model_config
-
         return get_model_config(self.name, **self.overrides)
 
 
@@ -200,8 +202,14 @@ class TrainConfig(ConfigSection):
     peak (H100/H200 bf16: 989) or, on CPU, a matmul measured at start-up."""
 
     def validate(self) -> None:
-        for name in ("global_batch_size", "micro_batch_size", "log_every", "keep_last", "max_nan_steps",
-                     "eval_min_label_count"):  # fmt: skip
+        for name in (
+            "global_batch_size",
+            "micro_batch_size",
+            "log_every",
+            "keep_last",
+            "max_nan_steps",
+            "eval_min_label_count",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         nonnegative = ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batch_size")
@@ -389,10 +397,6 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe as YAML (the run folder's ``recipe.yaml``), atomically and fsynced."""
-    import yaml
-
-    from mpma_ds.fileio import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -3,8 +3,10 @@
     ensure_universal(tag_dir, rank=r)        rank 0 converts step_N once (``ds_to_universal``) into step_N/universal/,
                                              recorded in complete.json's digests; every rank waits for it
     load_universal(engine, tag_dir)          DeepSpeed's ZeRO-3 universal load, re-partitioned for this world
-    resume_resharded(trainer, tag_dir)       the whole resume: the above, the loader positions of every data
-                                             rank (``mpma_ds.data.plan.reshard_positions``), RNG, client state
+    load_resharded(engine, tag_dir, ...)     the whole load: the above, plus this rank's loader positions (those of
+                                             its data ranks, ``mpma_ds.data.plan.reshard_positions``) and RNG;
+                                             returns what ``checkpoint.load_checkpoint`` does, so the Trainer
+                                             restores both the same way
     elastic_batch(cfg, world, saved_world)   the recipe's global batch on the new world (micro-batch lowered only
                                              where it must be)
 
@@ -25,16 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpma_ds.data.plan import reshard_positions
+from mpma_ds.distributed import all_reduce_sum
 from mpma_ds.fileio import atomic_write_text, fsync_tree
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training.distributed import all_reduce_sum
 from mpma_ds.training.ds_config import elastic_micro_batch
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from mpma_ds.training.recipe import TrainConfig
-    from mpma_ds.training.trainer import Trainer
 
 
 def saved_world_size(meta: dict[str, Any], default: int) -> int:
@@ -73,7 +75,7 @@ def ensure_universal(tag_dir: str | Path, *, rank: int) -> Path:
 
 
 def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: on a reshard only
 
     staging = tag_dir.parent / f".{ckpt.UNIVERSAL_DIR}-{tag_dir.name}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -81,9 +83,14 @@ def _convert_to_universal(tag_dir: Path, meta: dict[str, Any]) -> None:
     staging.mkdir(parents=True)
     target = staging / ckpt.UNIVERSAL_DIR
     args = argparse.Namespace(
-        input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False,
-    )  # fmt: skip
+        input_folder=str(tag_dir),
+        output_folder=str(target),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     start = time.perf_counter()
     with ckpt.safe_torch_load(tag_dir), contextlib.redirect_stdout(_Quiet()), contextlib.redirect_stderr(_Quiet()):
         ds_to_universal(args)  # its prints and progress bars: the trainer prints one line instead
@@ -199,33 +206,31 @@ def elastic_batch(cfg: TrainConfig, world: int, saved_world: int) -> None:
     cfg.micro_batch_size = micro
 
 
-def resume_resharded(trainer: Trainer, tag_dir: Path) -> None:
-    """Continue a ZeRO-3 checkpoint written by ``trainer.reshard_from`` ranks on this world size: DeepSpeed's
-    universal checkpoint (converted once, cached in ``tag_dir/universal``) re-partitions weights and Adam
-    moments; each loader stream takes the position of the same data rank (``reshard_positions``); rank ``r``
-    takes the RNG state of old rank ``r mod N`` (masks and data order do not depend on it: they are seeded per
-    step and data rank)."""
-    from mpma_ds.data.plan import reshard_positions
-
-    ctx = trainer.ctx
-    if ctx.rank == 0:
+def load_resharded(
+    engine: DeepSpeedEngine, tag_dir: Path, *, saved_world: int, rank: int, world_size: int, accumulation: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a ZeRO-3 checkpoint written by ``saved_world`` ranks on this world size: DeepSpeed's universal
+    checkpoint (converted once, cached in ``tag_dir/universal``) re-partitions weights and Adam moments into
+    ``engine``. Returns ``(client_state, rank_state)`` like ``checkpoint.load_checkpoint``: ``rank_state``'s
+    ``loaders`` are the positions of this rank's data ranks (``reshard_positions``), its ``rng`` that of old
+    rank ``rank mod saved_world`` (masks and data order do not depend on it: they are seeded per step and data
+    rank)."""
+    if rank == 0:
         warnings.warn(
-            f"resuming {tag_dir.name}, written by {trainer.reshard_from} ranks, on {ctx.world_size}: through "
-            f"DeepSpeed's universal checkpoint ({tag_dir / ckpt.UNIVERSAL_DIR})",
+            f"resuming {tag_dir.name}, written by {saved_world} ranks, on {world_size}: through DeepSpeed's "
+            f"universal checkpoint ({tag_dir / ckpt.UNIVERSAL_DIR})",
             ckpt.CheckpointWarning,
             stacklevel=3,
         )
-    ensure_universal(tag_dir, rank=ctx.rank)
-    trainer.load_state_dict(load_universal(trainer.engine, tag_dir))
-    old = read_rank_states(tag_dir, trainer.reshard_from)
+    ensure_universal(tag_dir, rank=rank)
+    client = load_universal(engine, tag_dir)
+    old = read_rank_states(tag_dir, saved_world)
     try:
         positions = reshard_positions(
-            [state for rank_state in old for state in rank_state["loaders"]], ctx.data_ranks,
-            [ctx.rank * ctx.accumulation + a for a in range(ctx.accumulation)],
-        )  # fmt: skip
-        for loader, state in zip(trainer.loaders, positions):
-            loader.load_state_dict(state)
+            [state for rank_state in old for state in rank_state["loaders"]],
+            world_size * accumulation,
+            [rank * accumulation + a for a in range(accumulation)],
+        )
     except ValueError as err:
         raise ckpt.ResumeError(f"checkpoint {tag_dir.name}: {' '.join(str(err).split())}") from err
-    trainer.iters = [iter(loader.loader) for loader in trainer.loaders]
-    ckpt.set_rng_state(old[ctx.rank % len(old)]["rng"])
+    return client, {"loaders": positions, "rng": old[rank % len(old)]["rng"]}

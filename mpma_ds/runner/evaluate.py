@@ -9,19 +9,32 @@ import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from data_tools.shard_format import SPLIT_SYNONYMS, SPLITS, wrong_kind
+from mpma_ds.data import DataConfig, build_loader
+from mpma_ds.data.loader import split_shards
 from mpma_ds.eval.alignment import DEFAULT_RESAMPLES, evaluate_alignment
 from mpma_ds.eval.bootstrap import loggable_metrics
+from mpma_ds.eval.grounding import (
+    GroundTruthError,
+    evaluate_grounding,
+    shards_have_truth,
+    stored_sizes,
+    write_overlays,
+)
 from mpma_ds.eval.zeroshot import DEFAULT_MIN_COUNT
+from mpma_ds.models import check_tokenizer_vocab, get_model_config
+from mpma_ds.runner.export import INFO_FILE, load_run_recipe
+from mpma_ds.runner.init import load_backbone, resolve_source
+from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.tracking import TrackingConfig, build_logger
-from mpma_ds.training.recipe import RECIPE_FILE
+from mpma_ds.tracking.lineage import lineage_tags, pair_key_eval
+from mpma_ds.tracking.params import json_safe
+from mpma_ds.training.recipe import RECIPE_FILE, Recipe
 
-if TYPE_CHECKING:
-    from mpma_ds.training.recipe import Recipe
 # Rows of the summary table: (metric key, label); each printed with its 95 % interval when it has one.
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("i2t_R@1", "image->report R@1"),
@@ -91,8 +104,6 @@ def data_config_for(
     """The eval ``DataConfig``: the training recipe's preprocessing (size, channels, normalisation, text length)
     when known, else the model's own sizes; every split pointed at ``shards`` (the loader picks the recipe's
     train shards for ``split="train"`` otherwise), read whole (no label-fraction subset)."""
-    from mpma_ds.data import DataConfig
-
     if recipe is not None:
         base = recipe.data
     else:
@@ -103,9 +114,14 @@ def data_config_for(
         )
     chosen = backend or ("wds" if base.backend == "synthetic" else base.backend)  # evaluation reads shards
     return dataclasses.replace(
-        base, train_shards=str(shards), val_shards=str(shards), test_shards=str(shards), label_fraction=1.0,
-        tokenizer=str(tokenizer), backend=chosen,
-    )  # fmt: skip
+        base,
+        train_shards=str(shards),
+        val_shards=str(shards),
+        test_shards=str(shards),
+        label_fraction=1.0,
+        tokenizer=str(tokenizer),
+        backend=chosen,
+    )
 
 
 @contextlib.contextmanager
@@ -114,8 +130,6 @@ def one_pass(
 ) -> Iterator[Iterable[dict[str, Any]]]:
     """One deterministic, unshuffled pass over ``split`` as rank 0 of 1 (the first ``max_batches`` batches when
     given); the loader is closed when the block ends."""
-    from mpma_ds.data import build_loader
-
     info = build_loader(
         data_cfg, 0, 1, split=split, batch_size=batch_size, tokenizer=tokenizer, seed=0, train=False
     )
@@ -142,9 +156,14 @@ def evaluate_on_split(
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_alignment(
-            model, batches, tokenizer=tokenizer, device=device, max_text_len=data_cfg.max_text_len,
-            min_count=min_count, n_resamples=n_resamples,
-        )  # fmt: skip
+            model,
+            batches,
+            tokenizer=tokenizer,
+            device=device,
+            max_text_len=data_cfg.max_text_len,
+            min_count=min_count,
+            n_resamples=n_resamples,
+        )
 
 
 def grounding_on_split(
@@ -161,16 +180,19 @@ def grounding_on_split(
 ):
     """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
     ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
-    from mpma_ds.data.loader import split_shards
-    from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
-
     sizes = stored_sizes(split_shards(data_cfg, split))
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         model.to(device)
         return evaluate_grounding(
-            model, batches, tokenizer=tokenizer, data_cfg=data_cfg, sizes=sizes, device=device,
-            n_examples=n_examples, seed=seed,
-        )  # fmt: skip
+            model,
+            batches,
+            tokenizer=tokenizer,
+            data_cfg=data_cfg,
+            sizes=sizes,
+            device=device,
+            n_examples=n_examples,
+            seed=seed,
+        )
 
 
 def format_grounding(metrics: Mapping[str, Any]) -> str:
@@ -184,14 +206,18 @@ def format_grounding(metrics: Mapping[str, Any]) -> str:
         band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not any(math.isnan(v) for v in ci) else ""
         return f"{metrics[key]:.3f}{band}"
 
-    head = (f"pointing game: {cell('pointing_game')} (95 % bootstrap interval) vs chance "
-            f"{metrics['pointing_game_chance']:.3f}, {int(metrics['pointing_game_pairs'])} (image, finding) pairs")  # fmt: skip
+    head = (
+        f"pointing game: {cell('pointing_game')} (95 % bootstrap interval) vs chance "
+        f"{metrics['pointing_game_chance']:.3f}, {int(metrics['pointing_game_pairs'])} (image, finding) pairs"
+    )
     lines = [head]
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("pointing_game/") and "_ci" not in k)
     width = max((len(n) for n in names), default=0)
     for name in names:
-        lines.append(f"  {name.ljust(width)}  {cell(f'pointing_game/{name}')}  chance "
-                     f"{metrics[f'pointing_game_chance/{name}']:.3f}")  # fmt: skip
+        lines.append(
+            f"  {name.ljust(width)}  {cell(f'pointing_game/{name}')}  chance "
+            f"{metrics[f'pointing_game_chance/{name}']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -274,10 +300,6 @@ def run_evaluation(
             fit the model.
         GroundTruthError (a ValueError): ``grounding`` on shards whose samples carry no usable ``truth``.
     """
-    from mpma_ds import MPMA, create_model, load_tokenizer
-    from mpma_ds.export import load_run_recipe
-    from mpma_ds.models import check_tokenizer_vocab
-
     split = canonical_split(split)  # the shards are checked before any model is loaded
     shard_dir = split_folder(shards, split)
     if problem := wrong_kind(shard_dir, "report", "launch/evaluate.py"):
@@ -289,23 +311,20 @@ def run_evaluation(
     run_recipe = load_run_recipe(recipe_path) if recipe_path and recipe_path.is_file() else None
 
     if model_dir is not None:
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model folder {model_dir} does not exist; export one with launch/export.py")
-        net = MPMA.from_pretrained(model_dir)
+        source = resolve_source(model_dir, what="--model")
         evaluated = str(model_dir.resolve())
         default_name = model_dir.name
     else:
         same = run_recipe is not None and run_recipe.model.name == random_init
         overrides = dict(run_recipe.model.overrides) if same else {}
-        torch.manual_seed(seed)
-        net = create_model(random_init, **overrides)
+        source = resolve_source("random", random_config=get_model_config(random_init, **overrides))
         evaluated = f"random-init:{random_init}:seed={seed}"
         default_name = f"random-{random_init}"
     name = name or default_name
+    torch.manual_seed(seed)
+    net = load_backbone(source)
 
-    tok_dir = tokenizer
-    if tok_dir is None and model_dir is not None and (model_dir / "text_encoder" / "tokenizer.json").is_file():
-        tok_dir = model_dir / "text_encoder"
+    tok_dir = tokenizer or source.tokenizer_dir
     if tok_dir is None and run_recipe is not None:
         tok_dir = run_recipe.data.tokenizer
     if not tok_dir:
@@ -314,8 +333,6 @@ def run_evaluation(
     check_tokenizer_vocab(net, tok)
 
     if grounding is not None:
-        from mpma_ds.eval.grounding import GroundTruthError, shards_have_truth
-
         if grounding < 0:
             raise ValueError(f"--grounding takes the number of overlays to write (>= 0), got {grounding}")
         if not shards_have_truth(shard_dir):  # before the evaluation pass, not after it
@@ -328,20 +345,32 @@ def run_evaluation(
     if min_count < 1 or n_resamples < 0:
         raise ValueError(f"--min-label-count must be >= 1 and --bootstrap >= 0, got {min_count} and {n_resamples}")
     metrics = evaluate_on_split(
-        net, tok, data_cfg, split=split, batch_size=batch_size, device=device, max_batches=max_batches or None,
-        min_count=min_count, n_resamples=n_resamples,
-    )  # fmt: skip
+        net,
+        tok,
+        data_cfg,
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        max_batches=max_batches or None,
+        min_count=min_count,
+        n_resamples=n_resamples,
+    )
 
     out_dir = Path(out_dir or Path("eval_results") / f"{name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
     found = None
     if grounding is not None:
-        from mpma_ds.eval.grounding import write_overlays
-
         found = grounding_on_split(
-            net, tok, data_cfg, split=split, batch_size=batch_size, device=device,
-            max_batches=max_batches or None, n_examples=grounding, seed=seed,
-        )  # fmt: skip
+            net,
+            tok,
+            data_cfg,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            max_batches=max_batches or None,
+            n_examples=grounding,
+            seed=seed,
+        )
         metrics.update(found.metrics)
         shutil.rmtree(out_dir / "grounding", ignore_errors=True)  # an earlier run's overlays are not this run's
         write_overlays(out_dir / "grounding", {name: found.examples})
@@ -354,24 +383,31 @@ def run_evaluation(
         run_name=f"eval-{name}-{split}",
     )
     tags = {"mpma.kind": "eval", "mpma.eval_of": evaluated, "mpma.split": split, "mpma.shards": str(shard_dir)}
-    step = 0
-    info_file = model_dir / "export_info.json" if model_dir else None
-    info = json.loads(info_file.read_text()) if info_file is not None and info_file.is_file() else {}
-    if info:
-        step = int(info.get("step") or 0)
+    step = int(source.step or 0)
+    if source.kind == "run":
+        tags.update({"mpma.checkpoint": str(source.path), "mpma.step": str(step)})
+    elif source.kind == "exported" and (source.path / INFO_FILE).is_file():
+        info = json.loads((source.path / INFO_FILE).read_text(encoding="utf-8"))
         tags.update({"mpma.checkpoint": str(info.get("checkpoint")), "mpma.step": str(step)})
-    from mpma_ds.tracking.lineage import lineage_tags, pair_key_eval
-
-    # nested under the pretraining run the exported folder came from (its export_info.json); a random twin is
+    # nested under the pretraining run the weights came from (export_info.json, complete.json); a random twin is
     # matched with the pretrained evaluation of the same split by the pair key
-    init = "pretrained" if model_dir is not None else "random"
     tags.update(
-        lineage_tags(info.get("mlflow_run_id"), init, pair_key_eval(split, str(Path(shard_dir).resolve())))
+        lineage_tags(source.pretrain_run_id, source.label, pair_key_eval(split, str(Path(shard_dir).resolve())))
     )
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
-    logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),
-                                "tokenizer": str(tok_dir), "batch_size": batch_size, "min_label_count": min_count,
-                                "bootstrap": n_resamples}})  # fmt: skip
+    logger.log_params(
+        {
+            "eval": {
+                "model": evaluated,
+                "split": split,
+                "shards": str(shard_dir),
+                "tokenizer": str(tok_dir),
+                "batch_size": batch_size,
+                "min_label_count": min_count,
+                "bootstrap": n_resamples,
+            }
+        }
+    )
     logger.log_metrics({f"eval/{k}": v for k, v in loggable_metrics(metrics).items()}, step=step)
     if found is not None and found.examples:  # the overlays under grounding/ (the metrics joined `metrics`)
         logger.log_artifact(out_dir / "grounding")
@@ -383,8 +419,6 @@ def run_evaluation(
         "run_id": logger.run_id,
         "out_dir": str(out_dir),
     }
-    from mpma_ds.tracking.params import json_safe
-
     (out_dir / "results.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")  # NaN -> null
     logger.log_artifact(out_dir / "results.json")
     logger.close()

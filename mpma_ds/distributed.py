@@ -13,11 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 _SINGLE_PROCESS_ENV = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GLOO_SOCKET_IFNAME",
     "NCCL_SOCKET_IFNAME",
-)  # fmt: skip
+)
 LOOPBACK_IFNAME = "lo"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
@@ -77,8 +84,7 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> bool:
 
     Returns True when this call created the group; the caller then calls ``close_distributed()``.
     """
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # heavy (seconds to import): only when a group is made
 
     if dist.is_available() and dist.is_initialized():
         return False
@@ -124,7 +130,6 @@ def _unlink_shm_buffers() -> None:
     others' files, so after a barrier the names can go: the mappings live on until the processes end, and a
     run killed later leaves nothing behind either.
     """
-    import torch.distributed as dist
     from deepspeed.comm import comm as ds_comm  # the module that holds `cdb` (the package re-exports a copy)
 
     # DeepSpeed's own condition for making the files, the same on every rank (the barrier needs all of them)
@@ -138,21 +143,32 @@ def _unlink_shm_buffers() -> None:
 
 def close_distributed() -> None:
     """Destroy the group ``init_distributed`` created and undo its environment (in-process runs, tests)."""
-    import torch.distributed as dist
     from deepspeed.comm import comm as ds_comm  # the module that holds `cdb` (the package re-exports a copy)
 
     if dist.is_initialized():
         dist.destroy_process_group()
     ds_comm.cdb = None  # DeepSpeed keeps its own handle; a later init must make a fresh one
     # ... and caches the groups it derived from the old world; forget them too (private module state).
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups  # deepspeed: heavy, imported when a group is torn down only
 
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mpu", "mesh_device"):  # fmt: skip
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+        "mpu",
+        "mesh_device",
+    ):
         if hasattr(groups, name):
             setattr(groups, name, None)
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):  # fmt: skip
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
         if isinstance(getattr(groups, name, None), dict):
             getattr(groups, name).clear()
     for key in filter(None, os.environ.pop("MPMA_DS_SET_ENV", "").split(",")):
@@ -160,14 +176,12 @@ def close_distributed() -> None:
 
 
 def is_multi_process() -> bool:
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` of rank ``src`` on every rank (a no-op in one process)."""
-    import torch.distributed as dist
 
     box = [value]
     if is_multi_process():
@@ -177,7 +191,6 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a small CPU tensor over ranks (through the GPU when the group is NCCL); returns a CPU tensor."""
-    import torch.distributed as dist
 
     if is_multi_process():
         if torch.cuda.is_available():
@@ -190,7 +203,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_objects(value: Any) -> list[Any]:
     """``[value of rank 0, value of rank 1, ...]`` on every rank."""
-    import torch.distributed as dist
 
     if not is_multi_process():
         return [value]
@@ -200,7 +212,6 @@ def all_gather_objects(value: Any) -> list[Any]:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

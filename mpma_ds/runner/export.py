@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mpma_ds.models import MPMA
+from mpma_ds.models.config import check_same_architecture
+from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.checkpoint import (
     COMPLETE_FILE,
     LATEST_FILE,
@@ -127,6 +132,7 @@ def consolidated_weights(tag_dir: Path) -> dict[str, Any]:
     unpickled with ``weights_only=True`` (``safe_torch_load``): a damaged or crafted file is an ``ExportError``
     and nothing in it runs.
     """
+    # deepspeed: heavy (seconds to import); an exported folder is used without it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -147,11 +153,6 @@ def load_pretraining_checkpoint(checkpoint: str | Path):
         ExportError: missing/incomplete checkpoint, missing recipe, a fine-tuning run, weights that do not match
             the recorded architecture.
     """
-    import torch
-
-    from mpma_ds.models import MPMA
-    from mpma_ds.models.config import check_same_architecture
-
     tag_dir = find_tag_dir(checkpoint)
     meta = check_complete(tag_dir)
     recipe, recipe_path = read_run_recipe(tag_dir)
@@ -163,9 +164,11 @@ def load_pretraining_checkpoint(checkpoint: str | Path):
     config = recipe.model.config
     try:
         check_same_architecture(
-            meta.get("model_config"), config, where=f"checkpoint {tag_dir.name}",
+            meta.get("model_config"),
+            config,
+            where=f"checkpoint {tag_dir.name}",
             fix=f"was {recipe_path} edited after training?",
-        )  # fmt: skip
+        )
     except ValueError as err:
         raise ExportError(str(err)) from err
     model = MPMA(config)
@@ -200,8 +203,6 @@ def export_checkpoint(
         ExportError: a missing/incomplete checkpoint, a missing recipe or tokenizer, weights that do not
             match the architecture, or an existing ``out`` without ``overwrite``.
     """
-    from mpma_ds.tokenizer import load_tokenizer
-
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; pass --overwrite or another --out")

@@ -28,11 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
-from mpma_ds.fileio import atomic_write_text
-from mpma_ds.tasks.base import RunContext, Task
-from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import reshard
-from mpma_ds.training.distributed import (
+from mpma_ds.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
     all_reduce_sum,
@@ -42,6 +38,17 @@ from mpma_ds.training.distributed import (
     is_collective_timeout,
     world_info,
 )
+from mpma_ds.eval import loggable_metrics
+from mpma_ds.fileio import atomic_write_text
+from mpma_ds.models.flops import training_flops_per_sample
+from mpma_ds.runner.init import resolve_init
+from mpma_ds.tasks.base import RunContext, Task
+from mpma_ds.tasks.registry import build_task
+from mpma_ds.tracking import build_logger, flatten_params
+from mpma_ds.tracking.params import json_safe
+from mpma_ds.training import checkpoint as ckpt
+from mpma_ds.training import reshard
+from mpma_ds.training.checkpoint import rng_state
 from mpma_ds.training.ds_config import (
     compute_dtype,
     gradient_accumulation_steps,
@@ -49,8 +56,9 @@ from mpma_ds.training.ds_config import (
     resolve_ds_config,
     zero_stage,
 )
+from mpma_ds.training.engine import build_engine, engine_memory
 from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
-from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
+from mpma_ds.training.recipe import RECIPE_FILE, FinetuneRecipe, Recipe, save_recipe
 from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
     DS_CONFIG_FILE,
     PREDICTIONS_FILE,
@@ -64,7 +72,9 @@ if TYPE_CHECKING:
 
     from mpma_ds.tracking import MetricLogger
 
-_SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
+# Bad input: one line and exit 2 (SetupError). A TypeError or KeyError is a bug in the code, not in the recipe:
+# it keeps its traceback (exit 1).
+_SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, OSError)
 
 
 class SetupError(ValueError):
@@ -111,8 +121,6 @@ class Trainer:
     def __init__(
         self, recipe: Recipe, task: Task | None = None, *, resume: str | None = None, overwrite: bool = False
     ) -> None:
-        from mpma_ds.tasks.registry import build_task
-
         self.recipe = recipe
         self.task = task if task is not None else build_task(recipe)
         self.cfg = recipe.train
@@ -168,12 +176,19 @@ class Trainer:
             accumulation = gradient_accumulation_steps(self.cfg, world)
             ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
             ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
+            if isinstance(self.recipe, FinetuneRecipe):  # the runner resolves init.from; the task builds on it
+                ctx.init = resolve_init(self.recipe)
             self.task.resolve(ctx)
             if meta is not None:
                 resharded = ckpt.check_compatible(
-                    meta, model_name=self.recipe.model.name, model_config=ctx.model_config, world_size=world,
-                    task=self.task.name, task_arch=self.task.architecture(ctx), zero_stage=zero_stage(ds_config),
-                )  # fmt: skip
+                    meta,
+                    model_name=self.recipe.model.name,
+                    model_config=ctx.model_config,
+                    world_size=world,
+                    task=self.task.name,
+                    task_arch=self.task.architecture(ctx),
+                    zero_stage=zero_stage(ds_config),
+                )
                 self.reshard_from = reshard.saved_world_size(meta, world) if resharded else None
         except _SETUP_ERRORS as err:
             raise SetupError(_one_line(err)) from err
@@ -195,9 +210,6 @@ class Trainer:
             clear_run(self.out)
 
     def _build_engine(self) -> None:
-        from mpma_ds.models.flops import training_flops_per_sample
-        from mpma_ds.training.engine import build_engine
-
         ctx = self.ctx
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         try:
@@ -208,9 +220,13 @@ class Trainer:
         self.flops_per_sample = training_flops_per_sample(model, sample, seed=self.cfg.seed) if sample else 0.0
         model.to(ctx.device)
         self.engine, _, self.scheduler = build_engine(
-            model, self.cfg, ctx.ds_config, world_size=ctx.world_size, max_steps=self.max_steps,
+            model,
+            self.cfg,
+            ctx.ds_config,
+            world_size=ctx.world_size,
+            max_steps=self.max_steps,
             lr_scales=self.task.lr_scales(model),
-        )  # fmt: skip
+        )
         peak = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else device_peak_flops(ctx.device)
         self.meter = StepMeter(flops_per_sample=self.flops_per_sample, peak_flops=peak * ctx.world_size)
         self.image_dtype = compute_dtype(ctx.ds_config)
@@ -225,16 +241,19 @@ class Trainer:
     def _start_logging(self) -> MetricLogger:
         """The run's logger on every rank: rank 0 opens (or, resuming, continues) the MLflow run and logs the
         flattened recipe + DeepSpeed config and both files; the run id is broadcast to the other ranks."""
-        from mpma_ds.tracking import build_logger, flatten_params
-
         ctx = self.ctx
         tags = {**self.task.tags(ctx), **self.task.comparison_tags()}
         logger = None
         if ctx.rank == 0:
             logger = build_logger(
-                self.recipe.tracking, rank=0, run_dir=self.out, run_id=self.run_id, tags=tags,
-                console_steps=self.max_steps, resume=self.resumed,
-            )  # fmt: skip
+                self.recipe.tracking,
+                rank=0,
+                run_dir=self.out,
+                run_id=self.run_id,
+                tags=tags,
+                console_steps=self.max_steps,
+                resume=self.resumed,
+            )
             self.run_id = logger.run_id
         self.run_id = broadcast_object(self.run_id)
         if ctx.rank != 0:
@@ -278,26 +297,38 @@ class Trainer:
 
     def save(self, step: int | None = None) -> Path:
         """A checkpoint of ``step`` (default: now) on every rank; complete only when every rank wrote it."""
-        from mpma_ds.training.checkpoint import rng_state
-
         step = self.step if step is None else step
         return ckpt.save_checkpoint(
-            self.engine, self.out / "checkpoints", step, rank=self.ctx.rank,
+            self.engine,
+            self.out / "checkpoints",
+            step,
+            rank=self.ctx.rank,
             client_state=dict(self.state_dict(), step=step),
             rank_state={"loaders": [ld.state_dict() for ld in self.loaders], "rng": rng_state()},
-            meta=self._meta(), keep_last=self.cfg.keep_last,
-        )  # fmt: skip
+            meta=self._meta(),
+            keep_last=self.cfg.keep_last,
+        )
 
     def resume(self, tag_dir: str | Path) -> None:
         """Continue from checkpoint ``tag_dir``: weights, optimizer, schedule, data position, RNG, best so far."""
+        ctx = self.ctx
         if self.reshard_from is not None:  # another world size: DeepSpeed's universal checkpoint
-            reshard.resume_resharded(self, Path(tag_dir))
-            return
-        # find_checkpoint verified the files in _resolve
-        client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=self.ctx.rank, verify=False)
+            client, rank_state = reshard.load_resharded(
+                self.engine,
+                Path(tag_dir),
+                saved_world=self.reshard_from,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                accumulation=ctx.accumulation,
+            )
+        else:  # find_checkpoint verified the files in _resolve
+            client, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, rank=ctx.rank, verify=False)
         self.load_state_dict(client)
-        for loader, state in zip(self.loaders, rank_state["loaders"]):
-            loader.load_state_dict(state)
+        try:
+            for loader, state in zip(self.loaders, rank_state["loaders"]):
+                loader.load_state_dict(state)
+        except ValueError as err:  # a loader position this run cannot take: bad input, one line
+            raise ckpt.ResumeError(f"checkpoint {Path(tag_dir).name}: {' '.join(str(err).split())}") from err
         self.iters = [iter(loader.loader) for loader in self.loaders]
         ckpt.set_rng_state(rank_state["rng"])
 
@@ -427,8 +458,6 @@ class Trainer:
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def _log_eval(self, metrics: dict[str, Any]) -> None:
-        from mpma_ds.eval import loggable_metrics
-
         self.logger.log_metrics(loggable_metrics(metrics), step=self.step)
 
     def _track_best(self, metrics: dict[str, float]) -> bool:
@@ -482,8 +511,14 @@ class Trainer:
                 self.save()
                 last_saved = self.step
                 if improved:
-                    ckpt.mark_best(self.out / "checkpoints", self.step, self.best_metric, self.best["value"],
-                                   rank=ctx.rank, keep_last=cfg.keep_last)  # fmt: skip
+                    ckpt.mark_best(
+                        self.out / "checkpoints",
+                        self.step,
+                        self.best_metric,
+                        self.best["value"],
+                        rank=ctx.rank,
+                        keep_last=cfg.keep_last,
+                    )
             if stop:
                 stopped_early = True
                 break
@@ -520,8 +555,6 @@ class Trainer:
             **self.task.summary(ctx),
         }
         if ctx.rank == 0:
-            from mpma_ds.tracking.params import json_safe
-
             text = json.dumps(json_safe(summary), indent=1, default=str)
             atomic_write_text(self.out / SUMMARY_FILE, text)
             self.logger.log_artifact(self.out / SUMMARY_FILE)
@@ -529,8 +562,6 @@ class Trainer:
         return summary
 
     def _memory(self) -> dict[str, float]:
-        from mpma_ds.training.engine import engine_memory
-
         return engine_memory(self.engine)
 
     def _final_test(self) -> dict[str, Any] | None:
