@@ -31,7 +31,7 @@ from mpma_ds.config import ConfigError, to_dict
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import reshard
+from mpma_ds.training import data_skips, reshard
 from mpma_ds.training.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
@@ -138,6 +138,7 @@ class Trainer:
             try:
                 self.loaders, self.val_loader = self.task.build_loaders(self.ctx)
                 self.max_steps, self.eval_every = self.cfg.steps_for(self.loaders[0].steps_per_epoch)
+                skip_note = data_skips.check_at_start(self.loaders, recipe.data.max_skipped_fraction)
             except _SETUP_ERRORS as err:
                 raise SetupError(_one_line(err)) from err
             self._build_engine()
@@ -149,6 +150,10 @@ class Trainer:
             if resume is None:  # after every input check, before the first write into the folder
                 self._fresh_folder(self.ctx.rank, overwrite)
             self.logger = self._start_logging()
+            if self.ctx.rank == 0:
+                data_skips.show_at_start(skip_note, self.loaders, self.logger, self.step)
+                if resume_dir is not None:
+                    print(f"resumed from {resume_dir} at step {self.step} of {self.max_steps}", flush=True)
         except BaseException:
             self.close("FAILED")
             raise
@@ -383,8 +388,14 @@ class Trainer:
             optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
-        skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
-        skipped = all_reduce_sum(skipped)
+        read_here, at_start = data_skips.split_counts(self.loaders)  # at start: the same on every rank
+        read = float(all_reduce_sum(torch.tensor([float(read_here)])).item())
+        skipped = torch.tensor(read + at_start)
+        try:
+            samples_read = self.step * self.cfg.global_batch_size
+            data_skips.check_while_reading(read, samples_read, self.recipe.data.max_skipped_fraction)
+        except ValueError as err:
+            raise SetupError(str(err)) from err
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             **losses,
@@ -393,6 +404,7 @@ class Trainer:
             **self.meter.rates(),
             "memory_gb": memory_gb(self.ctx.device),
             "skipped_samples": float(skipped.item()),
+            "skipped_while_reading": read,
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
             "epoch": float(self.loaders[0].stats().get("epoch", 0)),
@@ -465,6 +477,9 @@ class Trainer:
             losses = self.train_step()
             if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                 self._log_step(losses)
+            elif self.step == start_step + 1 and ctx.rank == 0:  # a sign of life before the first logged step
+                print(f"step {self.step}/{self.max_steps} done in {time.perf_counter() - t_start:.1f} s (the first "
+                      f"includes start-up); progress every train.log_every={cfg.log_every} steps", flush=True)  # fmt: skip
             evaluate_now = self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps)
             improved = False
             if evaluate_now:
