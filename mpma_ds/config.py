@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -271,6 +272,39 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return tree
 
 
+def build_with_overrides(
+    cls: type[T], tree: Mapping[str, Any], overrides: Iterable[str], *, source: str | None, what: str = ""
+) -> T:
+    """``build`` of ``tree`` (a file's values with ``overrides`` applied): an error about a key that a ``--set``
+    gave names that ``--set``, not the file, as where the value came from."""
+    try:
+        return build(cls, tree, source=source, what=what)
+    except ConfigError as err:
+        raise blame_overrides(err, overrides, source) from err
+
+
+def blame_overrides(err: ConfigError, overrides: Iterable[str], source: str | None) -> ConfigError:
+    """``err`` with ``(in FILE)`` replaced by ``(from --set KEY=VALUE)`` when the key it names came from a
+    ``--set`` (the value in the file was replaced); ``err`` itself otherwise."""
+    message = str(err)
+
+    def names(text: str) -> list[str]:  # the key, its last part, and the keys of a mapping it sets
+        path, value = parse_override(text)
+        return [".".join(path), path[-1], *(map(str, value) if isinstance(value, Mapping) else ())]
+
+    def said(name: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message) is not None or f".{name}" in message
+
+    named = [text for text in overrides if "=" in text and any(said(n) for n in names(text))]
+    if not named:
+        return err
+    sets = ", ".join(f"--set {text}" for text in named)
+    suffix = f" (in {source})" if source else ""
+    if suffix and message.endswith(suffix):
+        message = message[: -len(suffix)]
+    return ConfigError(f"{message} (from {sets})")
+
+
 def load_yaml(path: str | os.PathLike[str], *, what: str = "recipe", hint: str = "") -> dict[str, Any]:
     """Read a YAML file that must hold a non-empty mapping; ``ConfigError`` naming the file otherwise."""
     file = Path(path)
@@ -294,8 +328,9 @@ def load_config(
 ) -> T:
     """Parse ``path`` (``None``: all defaults), merge ``overrides``, build ``cls`` once."""
     tree: dict[str, Any] = load_yaml(path, what=what) if path is not None else {}
+    overrides = list(overrides)
     tree = apply_overrides(tree, overrides)
-    return build(cls, tree, source=str(path) if path is not None else None, what=what)
+    return build_with_overrides(cls, tree, overrides, source=str(path) if path is not None else None, what=what)
 
 
 # --------------------------------------------------------------------------------------------- back to plain data
