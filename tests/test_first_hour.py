@@ -124,3 +124,25 @@ def test_an_empty_shard_is_named_empty_not_missing_its_index(tmp_path):
     (tmp_path / "shard-000000.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"shard-000000.tar is empty \(0 bytes"):
         resolve_shards(str(tmp_path))
+
+
+def test_the_cpu_comm_op_is_kept_per_environment_and_its_build_is_known(tmp_path, monkeypatch):
+    """A first CPU run sat silent for minutes while DeepSpeed compiled its all-reduce op, and every other
+    checkout's environment rebuilt it in torch's shared folder; the op now lives in the environment (built by
+    `make install`) and a run says when it has to compile it."""
+    import sys
+
+    from mpma_ds.training import distributed as dist_mod
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    dist_mod.use_environment_extensions_dir()
+    if sys.prefix != sys.base_prefix:  # a virtual environment (make install's .venv)
+        assert dist_mod.extensions_dir() == Path(sys.prefix) / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dist_mod.use_environment_extensions_dir()  # a folder the user set is kept
+    assert dist_mod.extensions_dir() == tmp_path and not dist_mod.cpu_comm_op_built()
+    (tmp_path / dist_mod.SHM_OP).mkdir()
+    (tmp_path / dist_mod.SHM_OP / f"{dist_mod.SHM_OP}.so").write_bytes(b"\x7fELF")
+    assert dist_mod.cpu_comm_op_built()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "build_cpu_comm_op()" in makefile.split("touch $(STAMP)")[0]  # compiled at install
