@@ -260,6 +260,7 @@ def test_printed_load_lines_give_the_trained_weights(trained, tmp_path):
     for key, value in got_image.items():
         assert torch.equal(value, ref_image[key]), f"image_encoder {key} is not the trained weight"
     ref_text = trained_model.text_encoder.state_dict()
+    assert set(namespace["text_encoder"].state_dict()) == set(ref_text)  # no pooler added with random weights
     for key, value in namespace["text_encoder"].state_dict().items():
         assert torch.equal(value, ref_text[key]), f"text_encoder {key} is not the trained weight"
     for key, value in namespace["model"].state_dict().items():

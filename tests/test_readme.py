@@ -46,6 +46,26 @@ def readme_python(readme: Path = ROOT / "README.md") -> str:
     return text.split(PYTHON_SECTION, 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
+def readme_load_hints(readme: Path = ROOT / "README.md") -> list[str]:
+    """The Python calls the example block gives, as comments, for loading the exported folder (in order: MPMA,
+    transformers, timm)."""
+    text = readme.read_text(encoding="utf-8").split(SECTION, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [
+        ln.removeprefix("#").strip() for ln in text.splitlines() if ln.startswith("#    ") and "exported" in ln
+    ]
+
+
+HINTS_CHECK = """import mpma_ds, timm, torch, transformers
+model, text, vit = {0}, {1}, {2}
+for part, loaded in (("image_encoder", vit), ("text_encoder", text)):
+    ours = getattr(model, part).state_dict()
+    assert set(loaded.state_dict()) == set(ours), part
+    assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items()), part
+print("hints load the exported weights")
+"""
+"""The README's load hints run as written; each encoder must hold the MPMA folder's weights (an exported run's)."""
+
+
 def run_readme_python(cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The README's Python example run in ``cwd`` by this interpreter, as a user pastes it into a file."""
     script = cwd / "readme_example.py"
@@ -102,6 +122,11 @@ def test_readme_commands_parse_and_chain():
     assert twin[twin.index("--recipe") + 1] == "demo_runs/pretrain_tiny/recipe.yaml"
     compare = [c for c in commands if c[:2] == ["python", "launch/compare_runs.py"]][0]
     assert compare[compare.index("--experiment") + 1] == "mpma-demo"
+    hints = readme_load_hints()
+    assert [h.split("(")[0] for h in hints] == [
+        "mpma_ds.MPMA.from_pretrained", "transformers.AutoModel.from_pretrained", "timm.create_model"
+    ]  # fmt: skip
+    assert "pretrained=True" in hints[2] and "add_pooling_layer=False" in hints[1]  # else random weights
 
 
 def test_readme_python_example_runs_against_an_exported_folder(tmp_path):
@@ -122,6 +147,10 @@ def test_readme_python_example_runs_against_an_exported_folder(tmp_path):
     res = run_readme_python(tmp_path, env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mpma_tiny" in res.stdout and "tensor([[" in res.stdout  # the model list and the 2 x 2 similarities
+    # the block's load hints, as written, give the folder's weights (no random pooler, no random ViT)
+    res = subprocess.run([sys.executable, "-c", HINTS_CHECK.format(*readme_load_hints())], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "hints load the exported weights" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked files")
@@ -168,6 +197,9 @@ def test_readme_example_block_runs_in_order(tmp_path):
     pairs = json.loads((runs / "compare" / "pairs.json").read_text())
     evals = [p for p in pairs if p["kind"] == "eval"]
     assert evals and all(p["random_run"] and p["random"] is not None for p in evals), evals
-    # the Python example, as written, against what the block wrote
+    # the Python example and the load hints, as written, against what the block wrote
     res = run_readme_python(repo, env)
     assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-c", HINTS_CHECK.format(*readme_load_hints())], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "hints load the exported weights" in res.stdout, res.stderr[-3000:]

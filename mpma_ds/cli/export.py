@@ -4,7 +4,8 @@
 
 OUT loads with ``mpma_ds.MPMA.from_pretrained(OUT)``, ``transformers.AutoModel.from_pretrained(OUT/text_encoder)``
 (tokenizer beside it) and ``timm.create_model("local-dir:OUT/image_encoder", pretrained=True)`` (without
-``pretrained=True`` timm builds the architecture with random weights). ``--overwrite`` replaces a previous export
+``pretrained=True`` timm builds the architecture with random weights; the printed text encoder line passes
+``add_pooling_layer=False``: MPMA has no pooler, so transformers would add a random one). ``--overwrite`` replaces a previous export
 only; an ``--out`` that is, contains or lies inside a run or checkpoint folder is refused.
 """
 
@@ -53,7 +54,7 @@ def load_lines(out: Path) -> list[str]:
     return [
         "import mpma_ds, timm, transformers",
         f"model = mpma_ds.MPMA.from_pretrained({str(out)!r})",
-        f"text_encoder = transformers.AutoModel.from_pretrained({text!r})",
+        f"text_encoder = transformers.AutoModel.from_pretrained({text!r}, add_pooling_layer=False)",
         f"tokenizer = transformers.AutoTokenizer.from_pretrained({text!r})",
         f"image_encoder = timm.create_model({image!r}, pretrained=True)",
     ]
