@@ -478,8 +478,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                 self._log_step(losses)
             elif self.step == start_step + 1 and ctx.rank == 0:  # a sign of life before the first logged step
-                print(f"step {self.step}/{self.max_steps} done in {time.perf_counter() - t_start:.1f} s (the first "
-                      f"includes start-up); progress every train.log_every={cfg.log_every} steps", flush=True)  # fmt: skip
+                print(f"step {self.step}/{self.max_steps} done in {time.perf_counter() - t_start:.1f} s; progress "
+                      f"every train.log_every={cfg.log_every} steps", flush=True)  # fmt: skip
             evaluate_now = self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps)
             improved = False
             if evaluate_now:
