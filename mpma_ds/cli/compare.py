@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.tracking.config import resolve_tracking_uri
+from mpma_ds.tracking.mlflow_logger import HTTP_ENV_DEFAULTS
 
 SERVER_ATTEMPTS = 3
 """Tries to reach an MLflow server (``http(s)://``) before reading: 1 s, then 2 s apart, each with a 5 s timeout."""
@@ -91,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         where = "is a file" if blocked == out else f"lies under {blocked}, a file"
         print(f"{prog}: error: --out {out} {where}; give a folder for the report", file=sys.stderr)
         return 2
-    from mpma_ds.tracking.config import resolve_tracking_uri
-    from mpma_ds.tracking.mlflow_logger import HTTP_ENV_DEFAULTS
-
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_ENV_DEFAULTS.items():  # bounded: MLflow's defaults retry for minutes

@@ -89,13 +89,14 @@ def _main_thread() -> bool:
 def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     """``train(recipe)`` with every way it can end turned into an exit code and at most one stderr line."""
     from mpma_ds.training.checkpoint import CheckpointSaveError
+    from mpma_ds.training.data_skips import TooManySkipped
     from mpma_ds.training.distributed import CollectiveTimeoutError
     from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
     try:
         with run_guard(prog):
             return 0, train(recipe, resume=args.resume, overwrite=args.overwrite)
-    except SetupError as err:
+    except (SetupError, TooManySkipped) as err:  # bad input: before the first step, or unreadable data found later
         error(prog, err)
         return 2, None
     except NonFiniteLossError as err:

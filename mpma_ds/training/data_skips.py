@@ -9,8 +9,16 @@ console and logged to MLflow per shard, and a run whose skips pass the fraction 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
+
+import torch
+
+from mpma_ds.training.distributed import all_reduce_sum
+
+
+class TooManySkipped(ValueError):
+    """More unreadable samples than ``data.max_skipped_fraction`` of those read: the run stops (one line, exit 2)."""
+
 
 MIN_SAMPLES_READ = 100
 """Samples read before the while-reading fraction is checked: one bad JPEG in the first batch of 4 is not 25 %."""
@@ -51,23 +59,30 @@ def shard_metrics(loaders: list[Any]) -> dict[str, float]:
     }
 
 
-def show_at_start(note: str | None, loaders: list[Any], logger: Any, step: int) -> None:
-    """Rank 0: the shards with unreadable samples on the console (stderr) and, per shard, in MLflow."""
-    if note is None:
-        return
-    print(f"warning: {note}", file=sys.stderr, flush=True)
-    logger.log_metrics(shard_metrics(loaders), step=step)
+def loader_metrics(loaders: list[Any], samples_read: int, data: Any) -> dict[str, float]:
+    """The loaders' counters for a logged step: ``skipped_samples`` (all ranks; the index's skips once),
+    ``skipped_while_reading`` and ``epoch``, after ``check_while_reading`` against ``data.max_skipped_fraction``
+    (collective: every rank calls it at the same step).
+
+    Raises:
+        TooManySkipped: past the fraction of the samples read (the same on every rank).
+    """
+    read_here, at_start = split_counts(loaders)  # at start: the same on every rank
+    read = float(all_reduce_sum(torch.tensor([float(read_here)])).item())
+    check_while_reading(read, samples_read, data.max_skipped_fraction)
+    epoch = float(loaders[0].stats().get("epoch", 0))
+    return {"skipped_samples": read + at_start, "skipped_while_reading": read, "epoch": epoch}
 
 
 def check_while_reading(read_skipped: float, samples_read: int, max_fraction: float) -> None:
     """Stop a run whose loaders skipped more than ``max_fraction`` of the samples read so far.
 
     Raises:
-        ValueError: one line with the count and what to do.
+        TooManySkipped: one line with the count and what to do.
     """
     if samples_read < MIN_SAMPLES_READ or read_skipped <= max_fraction * samples_read:
         return
-    raise ValueError(
+    raise TooManySkipped(
         f"{int(read_skipped)} of the {samples_read} samples read so far were unreadable and skipped "
         f"({read_skipped / samples_read:.1%}, above data.max_skipped_fraction={max_fraction}; skipped_* in "
         "metrics.jsonl gives the reasons): check the shards with python -m data_tools.verify_shards and rebuild "

@@ -31,7 +31,7 @@ from mpma_ds.config import ConfigError, to_dict
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import data_skips, reshard
+from mpma_ds.training import data_skips, notices, reshard
 from mpma_ds.training.distributed import (
     CollectiveTimeoutError,
     all_gather_objects,
@@ -150,10 +150,7 @@ class Trainer:
             if resume is None:  # after every input check, before the first write into the folder
                 self._fresh_folder(self.ctx.rank, overwrite)
             self.logger = self._start_logging()
-            if self.ctx.rank == 0:
-                data_skips.show_at_start(skip_note, self.loaders, self.logger, self.step)
-                if resume_dir is not None:
-                    print(f"resumed from {resume_dir} at step {self.step} of {self.max_steps}", flush=True)
+            notices.announce_start(self, skip_note, resume_dir)
         except BaseException:
             self.close("FAILED")
             raise
@@ -388,14 +385,6 @@ class Trainer:
             optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
-        read_here, at_start = data_skips.split_counts(self.loaders)  # at start: the same on every rank
-        read = float(all_reduce_sum(torch.tensor([float(read_here)])).item())
-        skipped = torch.tensor(read + at_start)
-        try:
-            samples_read = self.step * self.cfg.global_batch_size
-            data_skips.check_while_reading(read, samples_read, self.recipe.data.max_skipped_fraction)
-        except ValueError as err:
-            raise SetupError(str(err)) from err
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             **losses,
@@ -403,11 +392,9 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             **self.meter.rates(),
             "memory_gb": memory_gb(self.ctx.device),
-            "skipped_samples": float(skipped.item()),
-            "skipped_while_reading": read,
+            **data_skips.loader_metrics(self.loaders, self.step * self.cfg.global_batch_size, self.recipe.data),
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
-            "epoch": float(self.loaders[0].stats().get("epoch", 0)),
         }
         self.logger.log_metrics(metrics, step=self.step)
 
@@ -477,9 +464,7 @@ class Trainer:
             losses = self.train_step()
             if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                 self._log_step(losses)
-            elif self.step == start_step + 1 and ctx.rank == 0:  # a sign of life before the first logged step
-                print(f"step {self.step}/{self.max_steps} done in {time.perf_counter() - t_start:.1f} s; progress "
-                      f"every train.log_every={cfg.log_every} steps", flush=True)  # fmt: skip
+            notices.first_step(self, start_step, cfg.log_every)
             evaluate_now = self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps)
             improved = False
             if evaluate_now:
