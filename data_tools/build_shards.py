@@ -98,8 +98,10 @@ def build_shards(
     input_path, out = Path(input_path).resolve(), Path(output).resolve()
     if not input_path.exists():
         raise BuildError(f"--input {input_path} does not exist")
-    if shard_size < 1 or image_size < 8 or workers < 1 or min_words < 0:
-        raise BuildError("--shard-size, --workers must be >= 1, --image-size >= 8, --min-words >= 0")
+    for flag, value, low in (("--shard-size", shard_size, 1), ("--workers", workers, 1), ("--image-size", image_size, 8),
+                             ("--min-words", min_words, 0)):  # fmt: skip
+        if value < low:
+            raise BuildError(f"{flag} {value} is below {low}; give {flag} >= {low}")
     if not 0 <= val_fraction + test_fraction < 1 or min(val_fraction, test_fraction) < 0:
         raise BuildError("--val-fraction and --test-fraction must be >= 0 with a sum below 1")
     if not 1 <= jpeg_quality <= 100:

@@ -67,12 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.workers < 1:  # the rule build_shards has: refused, not clamped
+        print(f"synth_corpus: error: --workers {args.workers} is below 1; give --workers >= 1", file=sys.stderr)
+        return 2
     try:
         summary = generate_corpus(
             args.out, args.studies, args.seed, with_faults=args.with_faults, min_size=args.min_size,
             max_size=args.max_size, lateral_fraction=args.lateral_fraction, eval_fraction=args.eval_fraction,
             normal_rate=args.normal_rate, negation_rates=parse_negation_rates(args.negation_rates),
-            workers=max(1, args.workers),
+            workers=args.workers,
             progress=True,
         )  # fmt: skip
     except (ValueError, OSError) as exc:

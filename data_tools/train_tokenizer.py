@@ -139,8 +139,17 @@ def _make_portable(out: Path) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
+TOKENIZER_FILES = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "training_info.json",
+     "added_tokens.json", "vocab.txt", "chat_template.jinja"}
+)  # fmt: skip
+"""What a tokenizer folder holds: ``--overwrite`` replaces a folder holding only these (``tokenizer.json`` among
+them), never one with other files (the whole folder is swapped for the new one)."""
+
+
 def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that is a file, lies under a file, or is a non-empty folder (unless ``overwrite``)."""
+    """Refuse an ``--out`` that is a file, lies under a file, is a non-empty folder (unless ``overwrite``), or
+    holds anything but a tokenizer (``overwrite`` deletes the folder it replaces)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder; choose another --out")
     parent = out
@@ -154,6 +163,14 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
             f"--out {out} already holds {what}; refusing to replace it (models trained with it would read "
             "other token ids): choose a new folder or pass --overwrite"
         )
+    if out.is_dir() and any(out.iterdir()):  # --overwrite replaces a tokenizer folder, never other files
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
+        if foreign or not (out / "tokenizer.json").is_file():
+            what = f"it also holds {', '.join(foreign[:4])}" if foreign else "it has no tokenizer.json"
+            raise FileExistsError(
+                f"--out {out} is not a tokenizer folder ({what}); --overwrite replaces only a folder this tool "
+                "wrote: choose another --out"
+            )
 
 
 def train_tokenizer(

@@ -28,6 +28,7 @@ import inspect
 import keyword
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -300,6 +301,39 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return tree
 
 
+def build_with_overrides(
+    cls: type[T], tree: Mapping[str, Any], overrides: Iterable[str], *, source: str | None, what: str = ""
+) -> T:
+    """``build`` of ``tree`` (a file's values with ``overrides`` applied): an error about a key that a ``--set``
+    gave names that ``--set``, not the file, as where the value came from."""
+    try:
+        return build(cls, tree, source=source, what=what)
+    except ConfigError as err:
+        raise blame_overrides(err, overrides, source) from err
+
+
+def blame_overrides(err: ConfigError, overrides: Iterable[str], source: str | None) -> ConfigError:
+    """``err`` with ``(in FILE)`` replaced by ``(from --set KEY=VALUE)`` when the key it names came from a
+    ``--set`` (the value in the file was replaced); ``err`` itself otherwise."""
+    message = str(err)
+
+    def names(text: str) -> list[str]:  # the key, its last part, and the keys of a mapping it sets
+        path, value = parse_override(text)
+        return [".".join(path), path[-1], *(map(str, value) if isinstance(value, Mapping) else ())]
+
+    def said(name: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message) is not None or f".{name}" in message
+
+    named = [text for text in overrides if "=" in text and any(said(n) for n in names(text))]
+    if not named:
+        return err
+    sets = ", ".join(f"--set {text}" for text in named)
+    suffix = f" (in {source})" if source else ""
+    if suffix and message.endswith(suffix):
+        message = message[: -len(suffix)]
+    return ConfigError(f"{message} (from {sets})")
+
+
 def load_yaml(path: str | os.PathLike[str], *, what: str = "recipe", hint: str = "") -> dict[str, Any]:
     """Read a YAML file that must hold a non-empty mapping; ``ConfigError`` naming the file otherwise."""
     file = Path(path)
@@ -324,25 +358,9 @@ def load_config(
     """Parse ``path`` (``None``: all defaults), merge ``overrides``, build ``cls`` once."""
     overrides = list(overrides)
     tree: dict[str, Any] = load_yaml(path, what=what) if path is not None else {}
+    overrides = list(overrides)
     tree = apply_overrides(tree, overrides)
-    source = str(path) if path is not None else None
-    try:
-        return build(cls, tree, source=source, what=what)
-    except ConfigError as err:
-        raise blame_override(err, overrides, source) from err
-
-
-def blame_override(err: ConfigError, overrides: Iterable[str], source: str | None) -> ConfigError:
-    """``err`` saying ``(from --set key=value)`` instead of ``(in FILE)`` when its key came from ``--set``: the
-    file does not hold the bad value, the command line does."""
-    message = str(err)
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if key and (message.startswith((f"{key} ", f"{key}:")) or f"key {key};" in message):
-            if source and message.endswith(f" (in {source})"):
-                message = message[: -len(f" (in {source})")]
-            return ConfigError(f"{message} (from --set {text})")
-    return err
+    return build_with_overrides(cls, tree, overrides, source=str(path) if path is not None else None, what=what)
 
 
 # --------------------------------------------------------------------------------------------- back to plain data

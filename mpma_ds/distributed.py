@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,71 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> bool:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     elif torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    use_environment_extensions_dir()
+    if not torch.cuda.is_available() and os.environ.get("LOCAL_RANK", "0") == "0" and not cpu_comm_op_built():
+        print(f"building DeepSpeed's CPU all-reduce op ({SHM_OP}): once per environment, 1-4 minutes on a busy "
+              f"machine; later runs reuse it from {extensions_dir()} (make install builds it ahead)",
+              file=sys.stderr, flush=True)  # fmt: skip
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     _unlink_shm_buffers()
     return True
+
+
+SHM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU all-reduce op, JIT-compiled by ``deepspeed.init_distributed`` on a machine without CUDA."""
+
+
+def use_environment_extensions_dir() -> None:
+    """JIT-built ops go to ``<environment>/torch_extensions`` (unless ``$TORCH_EXTENSIONS_DIR`` says otherwise):
+    torch's shared default folder is rebuilt whenever another checkout's environment (other source paths) used
+    it last, minutes each time; one folder per environment is built once (by ``make install``) and kept."""
+    own = Path(sys.prefix) / "torch_extensions"
+    if (
+        "TORCH_EXTENSIONS_DIR" not in os.environ
+        and sys.prefix != sys.base_prefix
+        and os.access(sys.prefix, os.W_OK)
+    ):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(own)
+
+
+def extensions_dir() -> Path:
+    """Where torch keeps JIT-built ops: ``$TORCH_EXTENSIONS_DIR``, else torch's default root + its build folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    accel = (
+        f"rocm{torch.version.hip}"
+        if torch.version.hip
+        else f"cu{torch.version.cuda}"
+        if torch.version.cuda
+        else "cpu"
+    )
+    return (
+        Path(get_default_build_root())
+        / f"py{sys.version_info.major}{sys.version_info.minor}_{accel.replace('.', '')}"
+    )
+
+
+def cpu_comm_op_built() -> bool:
+    """Whether a build of the CPU all-reduce op is there to load (a first run on this machine compiles it)."""
+    return any(extensions_dir().glob(f"{SHM_OP}*/{SHM_OP}*.so"))
+
+
+def build_cpu_comm_op() -> Path | None:
+    """Compile the CPU all-reduce op now (``make install``), so the first run does not sit silent for minutes
+    compiling it; ``None`` on a machine with CUDA (NCCL there) or where DeepSpeed has no such op."""
+    if torch.cuda.is_available():
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    use_environment_extensions_dir()
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    builder.load()
+    return extensions_dir()
 
 
 SHM_DIR = Path("/dev/shm")

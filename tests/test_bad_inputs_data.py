@@ -177,7 +177,7 @@ def test_latin1_csv_manifest_is_one_line(tmp_path, capsys):
             '{"image": "a.png", "text": "Heart size normal lungs clear"}\n{"image": ',
             "line 2 is not valid JSON",
         ),
-        ("m.csv", 'image,text\na.png,"Heart size normal lungs clear\n', "not valid CSV"),
+        ("m.csv", 'image,text\na.png,"Heart size normal lungs clear\n', "line 2 opens a quoted cell"),
         ("m.csv", "image,text\na.png,Heart size normal,lungs clear\n", "row 1 has more cells"),
     ],
 )

@@ -283,6 +283,12 @@ def test_bad_invocations_fail_with_one_clear_line(corpus, ref, tmp_path, capsys)
     assert build_files(out) == before  # the finished build was not touched
     with pytest.raises(BuildError, match="--shard-size"):
         build_shards("mimic-cxr", corpus, tmp_path / "o4", shard_size=0)
+    # one option at a time, named with its value (it was one line covering four options)
+    for kwargs, line in (({"workers": 0}, "--workers 0 is below 1"), ({"image_size": 4}, "--image-size 4 is below 8"),
+                         ({"min_words": -1}, "--min-words -1 is below 0")):  # fmt: skip
+        with pytest.raises(BuildError) as err:
+            build_shards("mimic-cxr", corpus, tmp_path / "o4", **kwargs)
+        assert str(err.value).startswith(line) and "--shard-size" not in str(err.value), err.value
     # The real CLI: exit status and stderr of a separate process.
     proc = subprocess.run(
         [sys.executable, "-m", "data_tools.build_shards", "--format", "manifest", "--input", str(tmp_path / "x.csv"),

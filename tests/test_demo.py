@@ -6,6 +6,7 @@ the `mlflow ui` line are printed, results.json and MLflow hold every run, and a 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -123,6 +124,15 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     # the linear probes of one model shared one feature extraction per split; frozen VQA cached its own
     assert len(list((out / "feature_cache").glob("*/train.pt"))) == 4  # (image, fused) x (pretrained, random)
 
+    # the compare line the demo prints for a user to paste runs as printed (from the repository root, with the
+    # environment's `python` first on PATH) and rewrites the same report
+    (line,) = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("compare runs:")]
+    report.unlink()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    pasted = subprocess.run(line, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert pasted.returncode == 0, pasted.stderr[-3000:]
+    assert report.is_file() and f"report: {report}" in pasted.stdout
+
     # a rerun reuses every stage and prints the same tables
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -130,3 +140,20 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert [
         ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot AUROC (mean)"))
     ] == rows
+
+
+def test_fresh_never_deletes_a_folder_that_is_not_a_demos(tmp_path):
+    """`--fresh` deletes --out: pointed at a folder of the user's (no .stages/ or logs/), it is refused with one
+    line and nothing is deleted (it used to remove the whole folder)."""
+    mine = tmp_path / "mine"
+    (mine / "run" / "checkpoints").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "demo.py"), "--out", str(mine), "--fresh"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("demo: error:")]
+    assert res.returncode == 1 and len(errors) == 1, res.stderr[-2000:]
+    assert "not a demo's work folder" in errors[0]
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "run" / "checkpoints").is_dir()
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "run"]

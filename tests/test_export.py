@@ -191,3 +191,80 @@ def test_export_bad_input(trained, tmp_path):
     with pytest.raises(ExportError, match="--overwrite"):
         export_checkpoint(trained["run"], tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_export_never_deletes_what_it_did_not_write(trained, tmp_path):
+    """`--out RUN --overwrite` used to exit 0 leaving RUN holding only the export (checkpoints, metrics, summary
+    gone). Now an --out that is, contains or lies inside a run or checkpoint folder is refused with one line, and
+    --overwrite replaces only a folder that export wrote."""
+    from mpma_ds.runner.export import ExportError, export_checkpoint
+
+    run = shutil.copytree(trained["run"], tmp_path / "work" / "run")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert "metrics.jsonl" in before and "summary.json" in before
+
+    line = _error_line(_cli("--checkpoint", str(run), "--out", str(run), "--overwrite"))
+    assert "is the run folder" in line and str(run) in line
+    for out, words in (
+        (run / "exported", "lies inside the run folder"),
+        (run / "checkpoints", "lies inside the run folder"),
+        (tmp_path / "work", "contains the run folder"),
+    ):
+        with pytest.raises(ExportError, match=words):
+            export_checkpoint(run, out, overwrite=True)
+    # another run's folder (not the one exported) and a folder inside it
+    other = shutil.copytree(trained["run"], tmp_path / "other")
+    for out in (other, other / "checkpoints" / trained["tag"].name, other / "sub"):
+        with pytest.raises(ExportError, match="run or checkpoint folder"):
+            export_checkpoint(run, out, overwrite=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert not (run / "exported").exists() and not (other / "sub").exists()
+
+    # --overwrite on a folder of the user's: refused, the file kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not a previous export"):
+        export_checkpoint(run, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    # a previous export is what --overwrite replaces; with a file of the user's added, it is refused
+    out = export_checkpoint(run, tmp_path / "exported")
+    (out / "model.safetensors").write_bytes(b"stale")
+    out = export_checkpoint(run, tmp_path / "exported", overwrite=True)
+    assert (out / "model.safetensors").stat().st_size > 1000
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="keep.txt"):
+        export_checkpoint(run, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_printed_load_lines_give_the_trained_weights(trained, tmp_path):
+    """The lines export prints for a user to paste are run exactly as printed: each object holds the
+    checkpoint's trained weights (the printed timm line once lacked pretrained=True: 30 random tensors)."""
+    from mpma_ds.runner.export import load_pretraining_checkpoint
+
+    out = tmp_path / "exported"
+    res = _cli("--checkpoint", str(trained["run"]), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.split("load it in Python with:\n", 1)[1].splitlines()
+    code = "\n".join(ln[2:] for ln in lines if ln.startswith("  "))
+    assert "pretrained=True" in code and code.count("\n") >= 3
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 -- the printed lines, as a user pastes them
+    trained_model = load_pretraining_checkpoint(trained["run"])[0]
+    ref_image = trained_model.image_encoder.state_dict()
+    got_image = namespace["image_encoder"].state_dict()
+    assert set(got_image) == set(ref_image)
+    for key, value in got_image.items():
+        assert torch.equal(value, ref_image[key]), f"image_encoder {key} is not the trained weight"
+    ref_text = trained_model.text_encoder.state_dict()
+    assert set(namespace["text_encoder"].state_dict()) == set(ref_text)  # no pooler added with random weights
+    for key, value in namespace["text_encoder"].state_dict().items():
+        assert torch.equal(value, ref_text[key]), f"text_encoder {key} is not the trained weight"
+    for key, value in namespace["model"].state_dict().items():
+        assert torch.equal(value, trained_model.state_dict()[key]), f"model {key} is not the trained weight"
+    enc = namespace["tokenizer"](["small left pleural effusion."], return_tensors="pt")
+    assert enc["input_ids"].shape[1] > 2

@@ -388,8 +388,14 @@ def test_cli_help_errors_and_no_overwrite(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
     assert main(["--out", str(tmp_path / "ok"), "--studies", "3", "--seed", "1"]) == 0
     assert "label prevalence" in capsys.readouterr().out
-    # Rerunning over its own earlier output regenerates it in place.
+    # Rerunning over its own earlier output regenerates it in place, and says so.
     assert main(["--out", str(tmp_path / "ok"), "--studies", "2", "--seed", "1"]) == 0
+    assert f"replacing the synthetic corpus in {tmp_path / 'ok'}" in capsys.readouterr().err
+    # --workers 0 is refused, as build_shards refuses it (it used to be clamped to 1 here)
+    assert main(["--out", str(tmp_path / "w"), "--studies", "2", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["synth_corpus: error: --workers 0 is below 1; give --workers >= 1"]
+    assert not (tmp_path / "w").exists()
     assert len(list((tmp_path / "ok").glob("files/p*/p*/s*.txt"))) == 2
 
 

@@ -152,7 +152,12 @@ def test_cli_help_and_errors(tmp_path, capsys, corpus):
     )
     (tmp_path / "not_a_corpus").mkdir()
     assert main(["--corpus", str(tmp_path / "not_a_corpus"), "--out", str(tmp_path / "o")]) == 2
-    assert "has no synth_truth.jsonl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no synth_truth.jsonl" in err and "older synth_corpus" not in err
+    # a corpus folder that does not exist: said so, not "regenerate older corpora"
+    assert main(["--corpus", str(tmp_path / "MISSING"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MISSING does not exist" in err[0] and "regenerate" not in err[0], err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     assert main(["--corpus", str(corpus), "--out", str(tmp_path / "busy")]) == 2

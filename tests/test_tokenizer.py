@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,23 @@ def test_cli(shards, tmp_path, capsys):
     )
     assert "trained on 200 reports" in capsys.readouterr().out
     assert len(mpma_ds.load_tokenizer(tmp_path / "o")) <= 300
+
+
+def test_overwrite_replaces_only_a_tokenizer_folder(shards, tok_dir, tmp_path):
+    """--overwrite swaps the whole --out folder for the new tokenizer: it used to delete whatever the folder held
+    (`--out demo_runs --overwrite` took every run with it). Now it replaces a tokenizer folder only."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a tokenizer folder \(it also holds notes.txt\)"):
+        train_tokenizer(shards, mine, VOCAB, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    old = tmp_path / "old"
+    shutil.copytree(tok_dir, old)
+    (old / "tokenizer.json").write_text("{}")  # a stale tokenizer: replaced
+    train_tokenizer(shards, old, VOCAB, overwrite=True)
+    assert len(mpma_ds.load_tokenizer(old)) <= VOCAB
+    (old / "run").mkdir()  # a run someone put inside: the folder is no longer only a tokenizer
+    assert main(["--shards", str(shards), "--out", str(old), "--vocab-size", "300", "--overwrite"]) == 2
+    assert (old / "run").is_dir()

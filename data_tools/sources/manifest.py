@@ -19,6 +19,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -47,6 +48,26 @@ from data_tools.sources.report_text import extract_report_text, has_section_head
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "img")
 TEXT_COLUMNS = ("text", "report", "caption", "findings")
 SUBJECT_COLUMNS = ("subject_id", "patient_id", "subject", "patient")
+
+
+def _unclosed_quote_line(text: str) -> int | None:
+    """The line where a quoted CSV cell opens and never closes (``None`` if every quote closes): the csv module
+    reads on to the end of the file and reports where it stopped, not where the quote was opened."""
+    line, opened, quoted, start_of_cell, prev = 1, None, False, True, ""
+    for char in text:
+        if quoted:
+            if char == '"':
+                quoted = False  # a doubled "" re-opens on its second quote below
+        elif char == '"' and start_of_cell:
+            quoted, opened = True, line
+        elif char == '"' and not start_of_cell and opened is not None and prev == '"':
+            quoted = True  # the second quote of a doubled "" inside a quoted cell
+        if char == "\n":
+            line += 1
+        if not quoted:
+            start_of_cell = char in ",\t\n"
+        prev = char
+    return opened if quoted else None
 
 
 def read_manifest_rows(path: Path) -> list[dict]:
@@ -95,6 +116,12 @@ def read_manifest_rows(path: Path) -> list[dict]:
         try:
             rows = list(reader)
         except csv.Error as exc:
+            opened = _unclosed_quote_line(text)
+            if opened is not None:
+                raise SourceError(
+                    f'{path}: line {opened} opens a quoted cell that is never closed (a stray "); close the quote '
+                    'or double it ("") inside a quoted cell'
+                ) from None
             raise SourceError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
         for lineno, row in enumerate(rows, start=1):
             if None in row:  # csv puts the cells beyond the header under the key None
@@ -179,8 +206,13 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
         if image_id:
             first_row_of[("image_id", image_id)] = lineno
         if not image.is_file():
+            why = (
+                "is a folder, not an image file" if image.is_dir()
+                else f"is a broken symbolic link (to {os.readlink(image)})" if image.is_symlink()
+                else "does not exist"
+            )  # fmt: skip
             scan.rejects.append(
-                Reject(image_value, "missing_image", f"row {lineno}: {image} does not exist", key=key, split=split)
+                Reject(image_value, "missing_image", f"row {lineno}: {image} {why}", key=key, split=split)
             )
             continue
         if (link := outside_link(image, base)) and not opts.follow_outside_links:

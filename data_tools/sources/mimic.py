@@ -127,6 +127,10 @@ def _scan_study(
     study = _strip_prefix(study_name, "s")
     images = sorted(p for p in study_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     report_path = study_dir.with_name(study_name + ".txt")
+    for link in sorted(study_dir.iterdir()):  # an image that is a link to nothing: named, not "no image"
+        if link.is_symlink() and not link.exists() and link.suffix.lower() in IMAGE_SUFFIXES:
+            detail = f"{link.name} is a broken symbolic link (to {os.readlink(link)})"
+            scan.rejects.append(Reject(str(link.relative_to(root)), "missing_image", detail, "image"))
     if not images:
         if report_path.is_file():
             rel = str(report_path.relative_to(root))

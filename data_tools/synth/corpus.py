@@ -26,6 +26,7 @@ import io
 import json
 import multiprocessing
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +294,9 @@ def _prepare_output(out: Path) -> None:
             raise ValueError(
                 f"--out {out} is not empty and holds no synth_corpus.json; give a new or empty folder"
             )
-        shutil.rmtree(out / "files", ignore_errors=True)  # a previous synthetic corpus: regenerate it in place
+        # a previous synthetic corpus: regenerate it in place, and say so (it used to go without a word)
+        print(f"synth_corpus: replacing the synthetic corpus in {out}", file=sys.stderr, flush=True)
+        shutil.rmtree(out / "files", ignore_errors=True)
         for name in ("synth_faults.json", "synth_corpus.json", TRUTH_FILE):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

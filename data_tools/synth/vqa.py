@@ -122,11 +122,19 @@ def read_truth(corpus: Path) -> list[dict]:
         ValueError: not a synthetic corpus, or one written before the generator recorded its truth.
     """
     path = corpus / TRUTH_FILE
-    if not path.is_file():
+    if not corpus.exists():
         raise ValueError(
-            f"--corpus {corpus} has no {TRUTH_FILE}: give a folder made by python -m data_tools.synth_corpus "
-            "(regenerate older corpora: the generator now records what each film shows)"
+            f"--corpus {corpus} does not exist; make one with python -m data_tools.synth_corpus --out {corpus}"
         )
+    if not corpus.is_dir():
+        raise ValueError(f"--corpus {corpus} is a file; give the folder python -m data_tools.synth_corpus wrote")
+    if not path.is_file():
+        older = (corpus / "synth_corpus.json").is_file()
+        raise ValueError(
+            f"--corpus {corpus} has no {TRUTH_FILE}: "
+            + ("it was made by an older synth_corpus, which did not record what each film shows; regenerate it"
+               if older else "give a folder made by python -m data_tools.synth_corpus")
+        )  # fmt: skip
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     split_csv = corpus / "mimic-cxr-2.0.0-split.csv.gz"
     if not split_csv.is_file():

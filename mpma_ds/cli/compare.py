@@ -9,13 +9,42 @@ python launch/compare_runs.py --experiment mpma-demo --filter "tags.mpma.task = 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
 from mpma_ds.tracking.compare import format_groups, format_runs_table
+from mpma_ds.tracking.config import resolve_tracking_uri
+from mpma_ds.tracking.mlflow_logger import HTTP_ENV_DEFAULTS
 from mpma_ds.tracking.pairs import format_pairs_table
 from mpma_ds.tracking.report import write_report
+
+SERVER_ATTEMPTS = 3
+"""Tries to reach an MLflow server (``http(s)://``) before reading: 1 s, then 2 s apart, each with a 5 s timeout."""
+
+
+def server_unreachable(uri: str, prog: str, attempts: int = SERVER_ATTEMPTS, timeout: float = 5.0) -> str | None:
+    """Why the MLflow server at ``uri`` cannot be reached (``None`` when it answers), trying ``attempts`` times
+    with a line on stderr per retry: MLflow's own client retries a refused connection for minutes in silence."""
+    reason = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None  # something answers (a proxy without /health): let MLflow's client talk to it
+        except (urllib.error.URLError, OSError) as err:
+            why = getattr(err, "reason", err)
+            reason = str(getattr(why, "strerror", None) or why)
+        if attempt < attempts:
+            print(f"{prog}: {uri} does not answer ({reason}); retry {attempt}/{attempts - 1} in {attempt} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(attempt)
+    return reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: --bootstrap {args.bootstrap}: must be at least 1", file=sys.stderr)
         return 2
     out = Path(args.out or Path("compare") / args.experiment)
+    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        where = "is a file" if blocked == out else f"lies under {blocked}, a file"
+        print(f"{prog}: error: --out {out} {where}; give a folder for the report", file=sys.stderr)
+        return 2
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_ENV_DEFAULTS.items():  # bounded: MLflow's defaults retry for minutes
+            os.environ.setdefault(key, value)
+        print(f"{prog}: reading the runs of {args.experiment!r} from {uri} ...", file=sys.stderr, flush=True)
+        reason = server_unreachable(uri, prog)
+        if reason is not None:
+            print(f"{prog}: error: cannot reach the MLflow server at {uri} ({reason}, {SERVER_ATTEMPTS} tries); "
+                  "start it (mlflow server --host 127.0.0.1 --port PORT) or check --tracking-uri / "
+                  "$MLFLOW_TRACKING_URI", file=sys.stderr)  # fmt: skip
+            return 2
     try:
         report = write_report(
             args.experiment,

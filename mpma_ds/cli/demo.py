@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow:        mlflow ui --backend-store-uri {demo.tracking_uri}   (experiment {EXPERIMENT!r})")
     print(
         f"compare runs:  python launch/compare_runs.py --experiment {EXPERIMENT} "
-        f"--tracking-uri {demo.tracking_uri}"
+        f"--tracking-uri {demo.tracking_uri} --out {demo.out / 'report'}"
     )
     print(f"total {time.monotonic() - start:.0f} s")
     return 0

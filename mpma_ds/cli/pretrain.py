@@ -30,6 +30,7 @@ from mpma_ds.recipes import find_recipe
 from mpma_ds.runner.trainer import NonFiniteLossError, SetupError, train
 from mpma_ds.training import RecipeError, load_recipe
 from mpma_ds.training.checkpoint import CheckpointSaveError, CheckpointWarning
+from mpma_ds.training.data_skips import TooManySkipped
 
 SCRIPT = "pretrain.py"
 
@@ -98,7 +99,7 @@ def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     try:
         with run_guard(prog):
             return 0, train(recipe, resume=args.resume, overwrite=args.overwrite)
-    except SetupError as err:
+    except (SetupError, TooManySkipped) as err:  # bad input: before the first step, or unreadable data found later
         error(prog, err)
         return 2, None
     except NonFiniteLossError as err:

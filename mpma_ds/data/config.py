@@ -134,6 +134,12 @@ class DataConfig(ConfigSection):
     label_fraction_seed: int = 0
     """Picks which patients a ``label_fraction`` below 1 keeps; the same seed keeps nested subsets."""
 
+    max_skipped_fraction: float = 0.01
+    """Most samples a run may skip as unreadable (a truncated shard, a damaged JPEG), as a fraction in [0, 1]:
+    of the samples the shards' indexes list (checked when the loader is built, naming each shard) and of the
+    samples read so far (checked at every logged step). Above it the run stops with one line; below, every
+    shard with skips is named on the console and logged to MLflow. 1 never stops."""
+
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend {self.backend!r} is not a data backend; {BACKENDS.describe()}")
@@ -186,6 +192,8 @@ class DataConfig(ConfigSection):
             raise ValueError(f"data.image_std must be > 0, got {list(self.image_std)}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` expanded to ``in_chans`` values each."""

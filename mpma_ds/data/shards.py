@@ -53,6 +53,8 @@ class ShardIndex:
     """Samples each shard's ``.idx`` lists (``counts()`` is less where some were left out)."""
     skipped: Counter = field(default_factory=Counter)
     """Samples left out at start, by reason (``truncated``, ``bad_offset``, ``missing_jpg``, ``missing_txt``)."""
+    skipped_by_shard: dict[int, Counter] = field(default_factory=dict)
+    """The same per shard (its number in ``paths``), for the shards with any."""
 
     @property
     def num_samples(self) -> int:
@@ -84,7 +86,36 @@ class ShardIndex:
             self.layout[keep],
             self.listed,
             Counter(self.skipped),
+            {k: Counter(v) for k, v in self.skipped_by_shard.items()},
         )
+
+    def unreadable(self) -> list[tuple[Path, int, int, Counter]]:
+        """``(shard, skipped, listed, reasons)`` of every shard whose index lists samples left out at start."""
+        return [
+            (self.paths[k], sum(c.values()), self.listed[k], c) for k, c in sorted(self.skipped_by_shard.items())
+        ]
+
+    def check_skipped(self, max_fraction: float) -> str | None:
+        """A one-line note naming the shards whose index lists unreadable samples (``None`` when none do).
+
+        Raises:
+            ValueError: more than ``max_fraction`` of the listed samples are unreadable (``data.max_skipped_fraction``).
+        """
+        bad = self.unreadable()
+        if not bad:
+            return None
+        skipped, listed = sum(b[1] for b in bad), max(sum(self.listed), 1)
+        names = "; ".join(
+            f"{path.name} {n} of {of} ({', '.join(f'{r} {c}' for r, c in sorted(why.items()))})"
+            for path, n, of, why in bad
+        )
+        line = f"{skipped} of {listed} samples in {self.paths[0].parent} are unreadable and skipped: {names}"
+        if skipped / listed > max_fraction:
+            raise ValueError(
+                f"{line}; that is {skipped / listed:.1%}, above data.max_skipped_fraction={max_fraction}: check "
+                "them with python -m data_tools.verify_shards and rebuild, or raise data.max_skipped_fraction"
+            )
+        return line
 
 
 def resolve_shards(spec: str) -> list[Path]:
@@ -116,6 +147,11 @@ def resolve_shards(spec: str) -> list[Path]:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} does not exist (from data shards {spec!r})")
+        if path.stat().st_size == 0:  # said before its index: an empty file is the fault, not the .idx
+            raise FileNotFoundError(
+                f"shard {path} is empty (0 bytes; an interrupted copy or write): copy it again or rebuild the "
+                "shards with python -m data_tools.build_shards"
+            )
         if not index_path(path).is_file():
             raise FileNotFoundError(
                 f"shard {path} has no index {index_path(path).name}: create it with `wds2idx {path}` "
@@ -132,6 +168,7 @@ def load_shard_index(spec: str) -> ShardIndex:
     layout: list[list[int]] = []
     listed: list[int] = []
     skipped: Counter = Counter()
+    by_shard: dict[int, Counter] = {}
     for shard_no, path in enumerate(paths):
         size = path.stat().st_size
         entries = read_index(index_path(path))
@@ -139,12 +176,16 @@ def load_shard_index(spec: str) -> ShardIndex:
         for key, members in entries:
             found = {ext: (off, n) for ext, off, n in members}
             missing = [e for e in REQUIRED_MEMBERS if e not in found]
+            reason = None
             if missing:
-                skipped[f"missing_{missing[0]}"] += 1
+                reason = f"missing_{missing[0]}"
             elif any(off < 0 or n < 0 or off % TAR_BLOCK for off, n in found.values()):
-                skipped["bad_offset"] += 1  # a damaged or hand-edited index: tar data starts on a 512-byte block
+                reason = "bad_offset"  # a damaged or hand-edited index: tar data starts on a 512-byte block
             elif any(off + n > size for off, n in found.values()):
-                skipped["truncated"] += 1
+                reason = "truncated"
+            if reason is not None:
+                skipped[reason] += 1
+                by_shard.setdefault(shard_no, Counter())[reason] += 1
             else:
                 keys.append(key)
                 shard_of.append(shard_no)
@@ -152,5 +193,6 @@ def load_shard_index(spec: str) -> ShardIndex:
     if not keys:
         raise FileNotFoundError(f"the shards of {spec!r} hold no readable samples (skipped: {dict(skipped)})")
     return ShardIndex(
-        paths, keys, np.asarray(shard_of, dtype=np.int32), np.asarray(layout, dtype=np.int64), listed, skipped
-    )
+        paths, keys, np.asarray(shard_of, dtype=np.int32), np.asarray(layout, dtype=np.int64), listed, skipped,
+        by_shard,
+    )  # fmt: skip

@@ -486,6 +486,11 @@ class Demo:
     def run(self) -> dict[str, dict[str, float]]:
         a = self.args
         if a.fresh and self.out.exists():
+            if not (self.marks.is_dir() or self.logs.is_dir()) and any(self.out.iterdir()):
+                raise DemoError(  # not a demo's work folder: never delete it
+                    f"--fresh deletes --out {self.out}, which holds files but no {self.marks.name}/ or "
+                    f"{self.logs.name}/ (it is not a demo's work folder); choose another --out"
+                )
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         data = {"studies": a.studies, "seed": a.seed, "image_size": a.image_size, "eval": a.eval_fraction}

@@ -37,8 +37,14 @@ from mpma_ds.training.checkpoint import (
     verify_checkpoint,
 )
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, load_recipe
+from mpma_ds.training.run_folder import existing_run
 
 INFO_FILE = "export_info.json"
+EXPORT_NAMES = frozenset(
+    {"config.json", "model.safetensors", "text_encoder", "image_encoder", RECIPE_FILE, INFO_FILE}
+)
+"""Every name ``export_checkpoint`` writes into its output folder: ``overwrite`` replaces a folder holding only
+these (with ``export_info.json``), and nothing else."""
 
 
 class ExportError(ValueError):
@@ -189,6 +195,55 @@ def load_pretraining_checkpoint(checkpoint: str | Path):
     return model, tag_dir, meta, recipe
 
 
+def _is_run_or_checkpoint(path: Path) -> bool:
+    """``path`` is a training run folder (checkpoints, metrics, a summary), a ``checkpoints/`` folder or a tag."""
+    if existing_run(path) or (path / COMPLETE_FILE).exists() or (path / LATEST_FILE).is_file():
+        return True
+    return path.name.startswith(TAG_PREFIX) and path.parent.name == "checkpoints"
+
+
+def check_output_folder(out: Path, tag_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` whose writing could delete what export did not write: one that is, contains or lies
+    inside a run or checkpoint folder, a file, or an existing folder that is not a previous export (with
+    ``overwrite``) or not empty (without)."""
+    res = out.resolve()
+    run_dir = tag_dir.resolve().parent.parent
+    if res == run_dir or run_dir.is_relative_to(res) or res.is_relative_to(run_dir):
+        how = "is" if res == run_dir else "contains" if run_dir.is_relative_to(res) else "lies inside"
+        raise ExportError(
+            f"--out {out} {how} the run folder {run_dir} being exported; export writes a folder of its own "
+            "(e.g. --out exported/NAME)"
+        )
+    for parent in (res, *res.parents):
+        if parent.is_dir() and _is_run_or_checkpoint(parent):
+            how = "is" if parent == res else "lies inside"
+            raise ExportError(
+                f"--out {out} {how} the run or checkpoint folder {parent}; choose a folder outside any run"
+            )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder for the export")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; pass --overwrite or another --out")
+    foreign = [n for n in names if n not in EXPORT_NAMES]
+    if INFO_FILE not in names or foreign:
+        what = f"it also holds {', '.join(foreign[:4])}" if foreign else f"it has no {INFO_FILE}"
+        raise ExportError(
+            f"--out {out} is not a previous export ({what}); --overwrite replaces only a folder export wrote: "
+            "choose another --out"
+        )
+
+
+def _remove_export(folder: Path) -> None:
+    """Delete ``folder`` if it holds nothing but what export writes (a previous export, or its ``.partial``)."""
+    if folder.is_dir() and all(p.name in EXPORT_NAMES for p in folder.iterdir()):
+        shutil.rmtree(folder)
+    elif folder.exists():
+        raise ExportError(f"{folder} is in the way and is not an export; move it away and export again")
+
+
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -198,15 +253,15 @@ def export_checkpoint(
         checkpoint: a run folder, its ``checkpoints/`` folder or one ``step_*`` tag folder.
         out: the folder to create; written beside as ``<out>.partial`` and renamed when complete.
         tokenizer: tokenizer folder to copy beside the text encoder (default: the recipe's ``data.tokenizer``).
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` that holds a previous export (only what export writes).
     Raises:
         ExportError: a missing/incomplete checkpoint, a missing recipe or tokenizer, weights that do not
-            match the architecture, or an existing ``out`` without ``overwrite``.
+            match the architecture, an existing ``out`` without ``overwrite`` or that is not an export, or an
+            ``out`` that is, contains or lies inside a run or checkpoint folder.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass --overwrite or another --out")
     tag_dir = find_tag_dir(checkpoint)
+    check_output_folder(out, tag_dir, overwrite)
     check_complete(tag_dir)
     recipe, recipe_path = read_run_recipe(tag_dir)
     run_dir = recipe_path.parent
@@ -220,7 +275,7 @@ def export_checkpoint(
     model, tag_dir, meta, _ = load_pretraining_checkpoint(tag_dir)
 
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove_export(partial)
     model.save_pretrained(partial)
     tok.save_pretrained(str(partial / "text_encoder"))
     shutil.copyfile(recipe_path, partial / RECIPE_FILE)
@@ -236,6 +291,6 @@ def export_checkpoint(
     }
     (partial / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     if out.exists():
-        shutil.rmtree(out)
+        _remove_export(out)
     partial.rename(out)
     return out

@@ -47,7 +47,7 @@ from mpma_ds.tasks.registry import build_task
 from mpma_ds.tracking import build_logger, flatten_params
 from mpma_ds.tracking.params import json_safe
 from mpma_ds.training import checkpoint as ckpt
-from mpma_ds.training import reshard
+from mpma_ds.training import data_skips, notices, reshard
 from mpma_ds.training.checkpoint import rng_state
 from mpma_ds.training.ds_config import (
     compute_dtype,
@@ -146,6 +146,7 @@ class Trainer:
             try:
                 self.loaders, self.val_loader = self.task.build_loaders(self.ctx)
                 self.max_steps, self.eval_every = self.cfg.steps_for(self.loaders[0].steps_per_epoch)
+                skip_note = data_skips.check_at_start(self.loaders, recipe.data.max_skipped_fraction)
             except _SETUP_ERRORS as err:
                 raise SetupError(_one_line(err)) from err
             self._build_engine()
@@ -157,6 +158,7 @@ class Trainer:
             if resume is None:  # after every input check, before the first write into the folder
                 self._fresh_folder(self.ctx.rank, overwrite)
             self.logger = self._start_logging()
+            notices.announce_start(self, skip_note, resume_dir)
         except BaseException:
             self.close("FAILED")
             raise
@@ -176,6 +178,7 @@ class Trainer:
             accumulation = gradient_accumulation_steps(self.cfg, world)
             ds_config = resolve_ds_config(load_ds_config(self.recipe.deepspeed_config), self.cfg, world)
             ctx = RunContext(self.recipe, rank, world, accumulation, ds_config, device)
+            self.task.check_inputs()  # the shards, cheapest first
             if isinstance(self.recipe, FinetuneRecipe):  # the runner resolves init.from; the task builds on it
                 ctx.init = resolve_init(self.recipe)
             self.task.resolve(ctx)
@@ -414,8 +417,6 @@ class Trainer:
             optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
-        skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
-        skipped = all_reduce_sum(skipped)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             **losses,
@@ -423,10 +424,9 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             **self.meter.rates(),
             "memory_gb": memory_gb(self.ctx.device),
-            "skipped_samples": float(skipped.item()),
+            **data_skips.loader_metrics(self.loaders, self.step * self.cfg.global_batch_size, self.recipe.data),
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
-            "epoch": float(self.loaders[0].stats().get("epoch", 0)),
         }
         self.logger.log_metrics(metrics, step=self.step)
 
@@ -494,6 +494,7 @@ class Trainer:
             losses = self.train_step()
             if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                 self._log_step(losses)
+            notices.first_step(self, start_step, cfg.log_every)
             evaluate_now = self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps)
             improved = False
             if evaluate_now:

@@ -54,7 +54,7 @@ class RunContext:
     tokenizer: PreTrainedTokenizerFast | None = None
     """The tokenizer (set by ``Task.resolve``)."""
     init: Any = None
-    """Where the backbone's weights come from (``mpma_ds.tasks.init.InitSource``; fine-tuning, set by ``resolve``)."""
+    """Where the backbone's weights come from (``mpma_ds.runner.init.InitSource``; fine-tuning, set by ``resolve``)."""
     tokenizer_dir: str = ""
     """The tokenizer folder (fine-tuning, set by ``resolve``)."""
     subset: Any = None
@@ -106,10 +106,15 @@ class Task:
 
     def check_inputs(self) -> None:
         """Every shard set the run will read (train, validation, test) exists, is indexed and holds
-        ``shard_kind``: called first by ``resolve``, so a wrong path is found before the first step, not after
-        the last (``mpma_ds.data.preflight``)."""
-        check_run_inputs(self.recipe, kind=self.shard_kind, reader=f"task {self.name}",
-                         validation=self.wants_validation(), test=self.test_after_training)  # fmt: skip
+        ``shard_kind``: the runner calls it first, before ``init.from`` is resolved and ``resolve`` runs, so a
+        wrong path is found before the first step, not after the last (``mpma_ds.data.preflight``)."""
+        check_run_inputs(
+            self.recipe,
+            kind=self.shard_kind,
+            reader=f"task {self.name}",
+            validation=self.wants_validation(),
+            test=self.test_after_training,
+        )
 
     def architecture(self, ctx: RunContext) -> dict[str, Any] | None:
         """What a checkpoint must agree with besides the backbone (e.g. the answer-set size); None: nothing."""

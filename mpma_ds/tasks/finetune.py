@@ -51,7 +51,6 @@ class FinetuneTask(Task):
 
     # ---------------------------------------------------------------------------------------------- setup
     def resolve(self, ctx: RunContext) -> None:
-        self.check_inputs()
         init = ctx.init
         if init is None:  # a bug of the caller, not bad input
             raise RuntimeError(

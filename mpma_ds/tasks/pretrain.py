@@ -28,7 +28,6 @@ class PretrainTask(Task):
     test_after_training = False
 
     def resolve(self, ctx: RunContext) -> None:
-        self.check_inputs()
         ctx.model_config = self.recipe.model.config
         if not self.recipe.data.tokenizer:
             raise ValueError("data.tokenizer is empty: set it to a tokenizer folder (data_tools.train_tokenizer)")

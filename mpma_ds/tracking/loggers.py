@@ -98,7 +98,7 @@ class JsonlMetricLogger(MetricLogger):
 
 class ConsoleLogger(MetricLogger):
     """One line per training log on stdout (rank 0): ``step 40/300 | loss 3.2104 | lr 1.20e-04 | 41.2
-    samples/s | ETA 1m03s``, and evaluation results as ``eval @ step 100: val/accuracy 0.731 ...``.
+    samples/s | ETA 1m03s`` (``| 24 skipped`` once the loaders skipped unreadable samples), and evaluation results as ``eval @ step 100: val/accuracy 0.731 ...``.
 
     Args:
         total_steps: the run's last step (for the ETA); 0 = unknown.
@@ -126,6 +126,8 @@ class ConsoleLogger(MetricLogger):
             parts.append(f"lr {values['lr']:.2e}")
             if "samples_per_s" in values:
                 parts.append(f"{values['samples_per_s']:.1f} samples/s")
+            if values.get("skipped_samples"):
+                parts.append(f"{int(values['skipped_samples'])} skipped")
             eta = self._eta(step)
             if eta:
                 parts.append(f"ETA {eta}")

@@ -28,8 +28,7 @@ from mpma_ds.config import (
     ConfigError,
     ConfigSection,
     apply_overrides,
-    blame_override,
-    build,
+    build_with_overrides,
     given_keys,
     load_yaml,
     to_dict,
@@ -359,13 +358,11 @@ def load_recipe(
         tree = load_yaml(path, what="recipe", hint="pass one of launch/configs/*.yaml to --config")
         recipe_dir = Path(path).resolve().parent
         source = str(path)
+    overrides = list(overrides)
     tree = apply_overrides(tree, overrides)
     if cls is None:
         cls = FinetuneRecipe if "task" in tree else Recipe  # type: ignore[assignment]
-    try:
-        recipe = build(cls, tree, source=source, what="recipe")
-    except ConfigError as err:
-        raise blame_override(err, overrides, source) from err
+    recipe = build_with_overrides(cls, tree, overrides, source=source, what="recipe")
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))
         check_output_dir(recipe.train.output_dir)
