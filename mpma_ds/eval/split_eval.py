@@ -249,9 +249,9 @@ def run_evaluation(
             fit the model.
         GroundTruthError (a ValueError): ``grounding`` on shards whose samples carry no usable ``truth``.
     """
-    from mpma_ds import MPMA, create_model, load_tokenizer
     from mpma_ds.export import load_run_recipe
-    from mpma_ds.models import check_tokenizer_vocab
+    from mpma_ds.models import MPMA, check_tokenizer_vocab, create_model
+    from mpma_ds.tokenizer import load_tokenizer
 
     model_dir = Path(model) if model else None
     recipe_path = Path(recipe) if recipe else (model_dir / RECIPE_FILE if model_dir else None)
