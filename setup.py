@@ -28,6 +28,7 @@ setup(
             "mpma-export = mpma_ds.cli.export:main",
             "mpma-evaluate = mpma_ds.cli.evaluate:main",
             "mpma-compare = mpma_ds.cli.compare:main",
+            "mpma-predict = mpma_ds.cli.predict:main",
             "mpma-synth-corpus = data_tools.synth_corpus:main",
             "mpma-synth-vqa = data_tools.synth_vqa:main",
             "mpma-build-shards = data_tools.build_shards:main",
