@@ -4,7 +4,8 @@ The records are inlined as JSON; the thumbnails and overlays are the PNG / JPEG 
 (``thumbs/``, ``overlays/``), referenced by relative paths, so the folder opens from disk (``file://``) or any
 static host. The page: a grid of films; a finding selector and a minimum-value slider (probability when the run
 was calibrated, else zero-shot score) that filter and sort the grid; a click on a film opens its panel — the
-overlays per phrase (a button each) and every label's score and probability.
+overlays per phrase (a button each) and every label's score and probability. ``index.html#film=<key>`` opens
+with that film's panel open.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ function openFilm(i){
 }
 document.getElementById('close').onclick = () => document.getElementById('detail').style.display='none';
 sel.oninput = render; rng.oninput = render; render();
+const asked = location.hash.match(/^#film=(.+)$/);  // index.html#film=<key> opens that film
+if (asked) { const i = recs.findIndex(r => r.key === decodeURIComponent(asked[1])); if (i >= 0) openFilm(i); }
 """
 
 
