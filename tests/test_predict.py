@@ -168,6 +168,10 @@ def test_nothing_scored_exits_non_zero(films, model_dir, tmp_path):
     bad = [str(films / n) for n in ("ct_slice.dcm", "truncated.jpg", "notes.txt")]
     rc, stdout, stderr = run_cli("--model", str(model_dir), *bad, "--out", str(tmp_path / "o"), "--workers", "0")
     assert rc == 1 and "none of the 3 file(s) could be scored" in stderr and "skipped 3 file(s)" in stdout
+    # the reason names the flag that widens the rule, and the flag works as build_shards' does
+    rc, stdout, _ = run_cli("--model", str(model_dir), bad[0], "--out", str(tmp_path / "ct"), "--workers", "0",
+                            "--modalities", "all", "--max-findings", "0")  # fmt: skip
+    assert rc == 0 and "scored 1 film(s)" in stdout
     rc, _, stderr = run_cli("--model", str(tmp_path / "nope"), *bad, "--out", str(tmp_path / "o"))
     assert rc == 2 and "does not exist" in stderr and len(stderr.strip().splitlines()) == 1
     rc, _, stderr = run_cli(

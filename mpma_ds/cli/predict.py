@@ -20,7 +20,14 @@ import json
 import sys
 from pathlib import Path
 
+from data_tools.sources.dicom import CHEST_BODY_PARTS, PROJECTION_MODALITIES
 from mpma_ds.cli.common import prog_name
+
+
+def _all_or_tuple(text: str) -> tuple[str, ...] | None:
+    """``all`` / ``any`` / empty -> None (no check), else the comma-separated values, upper case."""
+    values = tuple(sorted({v.strip().upper() for v in text.split(",") if v.strip()}))
+    return None if text.strip().lower() in ("all", "any", "") else values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a label is calibrated with >= N positives and N negatives (default 10)")  # fmt: skip
     p.add_argument("--calibration", metavar="FILE", help="use this calibration.json (default: the model folder's)")
     p.add_argument("--no-calibration", action="store_true", help="scores only, even when a calibration exists")
+    p.add_argument("--modalities", default=",".join(PROJECTION_MODALITIES),
+                   help="DICOM: accepted Modality values, projection radiographs by default ('all' accepts any)")  # fmt: skip
+    p.add_argument("--body-parts", default=",".join(CHEST_BODY_PARTS),
+                   help="DICOM: a BodyPartExamined tag, where present, must contain one of these ('all': no check)")  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, prog: str) -> int:
     from mpma_ds.model_card import card_summary
     from mpma_ds.predict.calibration import CALIBRATION_FILE, fit_calibration, format_calibration
-    from mpma_ds.predict.inputs import expand_inputs
+    from mpma_ds.predict.inputs import DecodeRules, expand_inputs
     from mpma_ds.predict.predictor import Predictor
     from mpma_ds.predict.run import PredictOptions, predict_files
 
@@ -106,6 +117,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
             f"--model {model_dir} does not exist; give an exported folder or a pretraining run"
         )
     labels, prompts = read_label_file(args.labels) if args.labels else (None, {})
+    rules = DecodeRules(modalities=_all_or_tuple(args.modalities), body_parts=_all_or_tuple(args.body_parts))
     out = Path(args.out)
     files, problems = expand_inputs(args.inputs)
     files = [f for f in files if out.resolve() not in f.resolve().parents]  # never our own outputs
@@ -142,7 +154,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
 
     opts = PredictOptions(phrases=list(dict.fromkeys(args.phrase)), ground_findings=args.max_findings > 0,
                           threshold=args.threshold, max_findings=args.max_findings, batch_size=args.batch_size,
-                          workers=args.workers)  # fmt: skip
+                          workers=args.workers, rules=rules)  # fmt: skip
     result = predict_files(
         predictor, files, out, opts, summary=summary, progress=not args.no_progress, report=warn
     )

@@ -15,13 +15,13 @@ import glob
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from data_tools.sources.common import ImageRejected
+from data_tools.sources.dicom import CHEST_BODY_PARTS, PROJECTION_MODALITIES
 from data_tools.sources.images import ImageOptions, encode_image
 
 DISPLAY_SIZE = 512
@@ -100,8 +100,20 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def load_film(path: str | Path, *, display_size: int = DISPLAY_SIZE, min_size: int = 64,
-              max_aspect: float = 3.0) -> Film:  # fmt: skip
+@dataclass(frozen=True)
+class DecodeRules:
+    """What `load_film` accepts: `build_shards`' defaults (``--min-size``, ``--max-aspect``, ``--modalities``,
+    ``--body-parts``)."""
+
+    min_size: int = 64
+    max_aspect: float = 3.0
+    modalities: tuple[str, ...] | None = PROJECTION_MODALITIES
+    """Accepted DICOM `Modality` values (None: any)."""
+    body_parts: tuple[str, ...] | None = CHEST_BODY_PARTS
+    """A present DICOM `BodyPartExamined` must contain one of these (None: no check)."""
+
+
+def load_film(path: str | Path, rules: DecodeRules = DecodeRules(), *, display_size: int = DISPLAY_SIZE) -> Film:
     """Decode one film by `build_shards`'s rules (see the module docstring).
 
     Raises:
@@ -109,16 +121,8 @@ def load_film(path: str | Path, *, display_size: int = DISPLAY_SIZE, min_size: i
             JPEG: ``corrupt_image``; a text file: ``not_an_image``).
     """
     path = Path(path)
-    encoded = encode_image(path, ImageOptions(image_size=display_size, min_size=min_size, max_aspect=max_aspect))
+    opts = ImageOptions(display_size, 90, rules.min_size, rules.max_aspect, rules.modalities, rules.body_parts)
+    encoded = encode_image(path, opts)
     with Image.open(io.BytesIO(encoded.jpeg)) as img:
         image = img.convert("L")
     return Film(path, film_key(path), image, encoded.width, encoded.height, encoded.view)
-
-
-def iter_films(paths: Iterable[Path], **kw) -> Iterable[tuple[Path, Film | None, ImageRejected | None]]:
-    """``(path, film, None)`` per readable file, ``(path, None, rejection)`` per unreadable one."""
-    for path in paths:
-        try:
-            yield path, load_film(path, **kw), None
-        except ImageRejected as err:
-            yield path, None, err

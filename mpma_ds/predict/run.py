@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from data_tools.sources.common import ImageRejected
-from mpma_ds.predict.inputs import Film, load_film
+from mpma_ds.predict.inputs import DecodeRules, Film, load_film
 from mpma_ds.predict.overlays import map_peak, phrase_slug, save_overlay, save_thumbnail
 from mpma_ds.predict.predictor import Predictor
 from mpma_ds.predict.viewer import write_viewer
@@ -49,6 +49,8 @@ class PredictOptions:
     batch_size: int = 16
     workers: int = 2
     """Decoding processes (0: in this process)."""
+    rules: DecodeRules = field(default_factory=DecodeRules)
+    """What a film must be (DICOM modalities, body parts, size, aspect): build_shards' defaults."""
 
 
 @dataclass
@@ -66,8 +68,8 @@ class RunResult:
 class _Films(torch.utils.data.Dataset):
     """Decodes one film (`load_film`) and makes its eval tensor in a loader worker."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[Path], transform: Callable, rules: DecodeRules) -> None:
+        self.paths, self.transform, self.rules = list(paths), transform, rules
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,7 +77,7 @@ class _Films(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Path, Film | None, torch.Tensor | None, tuple[str, str] | None]:
         path = self.paths[i]
         try:
-            film = load_film(path)
+            film = load_film(path, self.rules)
         except ImageRejected as err:
             return path, None, None, (err.reason, err.detail)
         return path, film, self.transform(film.image), None
@@ -156,7 +158,7 @@ def predict_files(
     skipped: list[dict[str, str]] = []
     new: list[dict[str, Any]] = []
     loader = torch.utils.data.DataLoader(
-        _Films(todo, predictor.transform), batch_size=opts.batch_size, num_workers=opts.workers if todo else 0,
+        _Films(todo, predictor.transform, opts.rules), batch_size=opts.batch_size, num_workers=opts.workers if todo else 0,
         collate_fn=_as_list, shuffle=False,
     )  # fmt: skip
     start = time.perf_counter()
