@@ -15,7 +15,7 @@ Without --model it makes its own: a synthetic corpus (--studies), shards at --im
 mpma_tiny pretrained --steps steps in this process (the demo recipe, one rank), exported. JSON goes to
 ``benchmarks/results/bench_predict.json``.
 
-    python benchmarks/bench_predict.py [--studies 600] [--steps 200] [--films 120]
+    python benchmarks/bench_predict.py [--studies 900] [--steps 200] [--films 120] [--keep DIR]
     python benchmarks/bench_predict.py --model demo_runs/exported --shards demo_runs/shards
 """
 
@@ -44,10 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def make_model(work: Path, studies: int, steps: int, image_size: int) -> tuple[Path, Path, Path]:
+def make_model(
+    work: Path, studies: int, steps: int, image_size: int, eval_fraction: float
+) -> tuple[Path, Path, Path]:
     """``(exported model, shards, corpus)``: a synthetic corpus, its shards and tokenizer, mpma_tiny pretrained."""
     corpus, shards, tok = work / "corpus", work / "shards", work / "tokenizer"
-    generate_corpus(corpus, studies, 0, min_size=2 * image_size, max_size=2 * image_size + 64)
+    generate_corpus(corpus, studies, 0, min_size=2 * image_size, max_size=2 * image_size + 64,
+                    eval_fraction=eval_fraction)  # fmt: skip
     build_shards("mimic-cxr", corpus, shards, image_size=image_size, workers=1, progress=False,
                  val_fraction=0.2, test_fraction=0.2)  # fmt: skip
     train_tokenizer(shards, tok, 4096)
@@ -71,21 +74,25 @@ def main() -> None:
     p.add_argument("--model", help="an exported model (default: pretrain one here)")
     p.add_argument("--shards", help="its labelled shards (with validate/ and test/)")
     p.add_argument("--films", type=int, default=120, help="original films mpma-predict reads (default 120)")
-    p.add_argument("--studies", type=int, default=600)
+    p.add_argument("--studies", type=int, default=900)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-fraction", type=float, default=0.3,
+                   help="patients in each of validate and test (the corpus's split file; default 0.3)")  # fmt: skip
+    p.add_argument("--keep", help="keep the corpus, shards and model made here in this folder")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         if args.model:
             model, shards = Path(args.model), Path(args.shards)
             corpus = Path(json.loads((shards / "manifest.json").read_text())["source"]["input"])
         else:
-            model, shards, corpus = make_model(work, args.studies, args.steps, args.image_size)
+            model, shards, corpus = make_model(work, args.studies, args.steps, args.image_size, args.eval_fraction)
         prep_s = time.perf_counter() - t0
         predictor = Predictor(model, device=args.device, calibration=None)
         predictor.data_cfg.num_workers = args.workers  # the eval loader's workers = mpma-predict's
@@ -125,7 +132,8 @@ def main() -> None:
         (RESULTS / "bench_predict.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"results: {RESULTS / 'bench_predict.json'}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from mpma_ds.eval.alignment import encode_texts
 from mpma_ds.eval.grounding import finding_phrase, phrase_tokens
 from mpma_ds.eval.zeroshot import ensemble_embeddings, prompt_scores, prompts_for
 from mpma_ds.models import MPMA, check_tokenizer_vocab
+from mpma_ds.predict.calibration import Calibration, load_calibration, model_fingerprint
 from mpma_ds.predict.inputs import DISPLAY_SIZE, Film, film_key, load_film
 from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.recipe import RECIPE_FILE
@@ -165,13 +166,12 @@ class Predictor:
         prompts: Mapping[str, Any] | None = None,
         calibration: Any = "auto",
     ) -> None:
-        from mpma_ds.predict.calibration import Calibration, load_calibration
-
         net, tok, source = load_model(model, tokenizer)
         self.device = resolve_device(device)
         self.model = net.to(self.device)
         self.tokenizer = tok
         self.source = source
+        self._model_fingerprint: str | None = None
         self.data_cfg = source.data_cfg
         self.labels = list(labels or CHEXPERT_LABELS)
         self.prompts = dict(prompts or {})
@@ -197,9 +197,9 @@ class Predictor:
     def fingerprint(self) -> dict[str, Any]:
         """What a prediction depends on besides the film: the model (config + weights size + step), labels, prompts
         (a calibration or an earlier run's results are reused only when this matches)."""
-        from mpma_ds.predict.calibration import model_fingerprint
-
-        return {"model": model_fingerprint(self.source.path), "labels": self.labels,
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.source.path)
+        return {"model": self._model_fingerprint, "labels": self.labels,
                 "prompts": {k: [list(v[0]), list(v[1])] for k, v in zip(self.labels, prompts_for(self.labels, self.prompts))}}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ scores
