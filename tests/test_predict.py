@@ -305,3 +305,25 @@ def test_import_mpma_ds_stays_light_and_predictor_is_exported():
             "assert 'Predictor' in mpma_ds.__all__")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
     assert math.isfinite(sigmoid(np.array([1e9]))[0])
+
+
+def test_user_labels_file_and_the_api_gives_the_cli_records(films, model_dir, tmp_path):
+    labels = {"Edema": {"positive": ["Pulmonary edema."], "negative": ["No edema."]},
+              "Granuloma": {"positive": ["A calcified granuloma."], "negative": ["No granuloma."]}}  # fmt: skip
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    film = sorted(films.glob("*.jpg"))[1]
+    rc, _, stderr = run_cli("--model", str(model_dir), str(film), "--out", str(tmp_path / "o"), "--workers", "0",
+                            "--labels", str(tmp_path / "labels.json"), "--max-findings", "0")  # fmt: skip
+    assert rc == 0, stderr
+    (rec,) = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert list(rec["scores"]) == ["Edema", "Granuloma"] and rec["overlays"] == []
+    prompts = {k: (v["positive"], v["negative"]) for k, v in labels.items()}
+    api = mpma_ds.Predictor(model_dir, device="cpu", labels=list(labels), prompts=prompts, calibration=None)
+    (same,) = api.predict(str(film))
+    assert {
+        k: same[k] for k in ("file", "key", "width", "height", "view", "scores", "probabilities", "findings")
+    } == {k: rec[k] for k in ("file", "key", "width", "height", "view", "scores", "probabilities", "findings")}
+    (tmp_path / "bad.json").write_text(json.dumps({"Edema": {"positive": ["x"]}}))
+    rc, _, stderr = run_cli("--model", str(model_dir), str(film), "--out", str(tmp_path / "o2"),
+                            "--labels", str(tmp_path / "bad.json"))  # fmt: skip
+    assert rc == 2 and "'Edema' needs 'positive' and 'negative'" in stderr
