@@ -44,6 +44,7 @@ const recs = DATA.records, calibrated = DATA.calibrated, labels = DATA.labels;
 const sel = document.getElementById('finding'), rng = document.getElementById('min'),
       out = document.getElementById('minval'), grid = document.getElementById('grid'),
       count = document.getElementById('count');
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 function value(r, l){ const v = calibrated ? (r.probabilities||{})[l] : r.scores[l]; return v==null ? NaN : v; }
 function best(r){ let b = null; for (const l of labels){ if (l==='No Finding') continue; const v = value(r,l);
   if (!isNaN(v) && (b===null || v>b[1])) b=[l,v]; } return b; }
@@ -59,8 +60,8 @@ function render(){
   for (const [r,i] of shown){
     const c = document.createElement('div'); c.className='card'; c.dataset.index=i; c.dataset.key=r.key;
     const b = l==='*' ? best(r) : [l, value(r,l)];
-    c.innerHTML = `<img alt="${r.key}" src="${r.thumb}"><div class="name">${r.name}</div>` +
-      `<div class="top">${b ? b[0]+': '+b[1].toFixed(3) : ''}</div>`;
+    c.innerHTML = `<img loading="lazy" alt="${r.key}" src="${r.thumb}"><div class="name">${esc(r.name)}</div>` +
+      `<div class="top">${b ? esc(b[0])+': '+b[1].toFixed(3) : ''}</div>`;
     c.onclick = () => openFilm(i); grid.appendChild(c);
   }
   count.textContent = `${shown.length} of ${recs.length} films`;
@@ -77,7 +78,7 @@ function openFilm(i){
   if (!(r.overlays||[]).length) show(null, null);
   const rows = labels.map(l => { const s=r.scores[l], p=(r.probabilities||{})[l];
     const pos = r.findings.includes(l) ? ' class="pos"' : '';
-    return `<tr${pos}><td>${l}</td><td>${s.toFixed(3)}</td><td>${p==null?'':p.toFixed(3)}</td></tr>`; });
+    return `<tr${pos}><td>${esc(l)}</td><td>${s.toFixed(3)}</td><td>${p==null?'':p.toFixed(3)}</td></tr>`; });
   document.getElementById('dscores').innerHTML =
     `<tr><th>label</th><th>score</th><th>${calibrated?'probability':''}</th></tr>` + rows.join('');
 }
