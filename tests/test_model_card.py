@@ -17,6 +17,8 @@ from mpma_ds.export import export_checkpoint
 from mpma_ds.model_card import card_summary
 from mpma_ds.training import load_recipe, train
 
+pytestmark = pytest.mark.slow  # a 2-step DeepSpeed pretraining run and its export: ~1 min on 2 busy cores
+
 
 @pytest.fixture(scope="module")
 def run_and_export(tmp_path_factory):
