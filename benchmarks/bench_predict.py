@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--repeat", type=int, default=3, help="throughput rounds, the median reported (default 3)")
     args = p.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_predict_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -102,30 +104,36 @@ def main() -> None:
         print(format_calibration(cal))
 
         films = sorted(corpus.rglob("*.jpg"))[: args.films]
-        rates = {}
-        for name, opts in (
-            ("mpma-predict, scores only", PredictOptions(ground_findings=False, max_findings=0)),
-            ("mpma-predict, + overlays (1 phrase, <= 3 findings)",
-             PredictOptions(phrases=["pleural effusion"], max_findings=3)),
-        ):  # fmt: skip
-            opts.batch_size, opts.workers = args.batch_size, args.workers
-            out = work / f"pred-{len(rates)}"
-            res = predict_files(predictor, films, out, opts, progress=False, report=lambda _: None)
-            rates[name] = {
-                "films_per_s": res.scored / res.seconds,
-                "films": res.scored,
-                "skipped": len(res.skipped),
-            }
-        rate, n = loader_rate(predictor, shards, "validate", args.batch_size)
-        rates["evaluation loader (wds) + encode_image + prompt scores"] = {"films_per_s": rate, "films": n}
+        variants = {
+            "mpma-predict, scores only": dict(ground_findings=False, max_findings=0),
+            "mpma-predict, + overlays (1 phrase, <= 3 findings)": dict(
+                phrases=["pleural effusion"], max_findings=3
+            ),
+        }
+        loader_name = "evaluation loader (wds) + encode_image + prompt scores"
+        runs: dict[str, list[float]] = {name: [] for name in [*variants, loader_name]}
+        counts: dict[str, int] = {}
+        for round_ in range(args.repeat):  # round-robin, so that a busy spell of the machine hits every row
+            for name, kw in variants.items():
+                opts = PredictOptions(batch_size=args.batch_size, workers=args.workers, **kw)
+                out = work / f"pred-{round_}-{len(runs[name])}-{name[-8:].strip()}"
+                res = predict_files(predictor, films, out, opts, progress=False, report=lambda _: None)
+                runs[name].append(res.scored / res.seconds)
+                counts[name] = res.scored
+                shutil.rmtree(out, ignore_errors=True)
+            rate, counts[loader_name] = loader_rate(predictor, shards, "validate", args.batch_size)
+            runs[loader_name].append(rate)
+        rates = {name: {"films_per_s": statistics.median(v), "runs": v, "films": counts[name]}
+                 for name, v in runs.items()}  # fmt: skip
         device = str(predictor.device)
         print(f"\nthroughput on {platform.node()} ({device}, {torch.get_num_threads()} threads, batch "
               f"{args.batch_size}, {args.workers} workers):")  # fmt: skip
         for name, r in rates.items():
-            print(f"  {name:<58} {r['films_per_s']:8.1f} films/s  ({r['films']} films)")
+            each = ", ".join(f"{v:.1f}" for v in r["runs"])
+            print(f"  {name:<58} {r['films_per_s']:8.1f} films/s  ({r['films']} films; runs: {each})")
         result = {"calibration": {"ece": cal.ece, "fitted_on": cal.fitted_on, "left_out": cal.left_out,
                                   "method": cal.method}, "throughput": rates, "device": device,
-                  "batch_size": args.batch_size, "workers": args.workers, "model": str(model),
+                  "batch_size": args.batch_size, "workers": args.workers, "repeat": args.repeat, "model": str(model),
                   "shards": str(shards), "steps": None if args.model else args.steps,
                   "studies": None if args.model else args.studies, "prepare_s": prep_s}  # fmt: skip
         RESULTS.mkdir(parents=True, exist_ok=True)
