@@ -70,12 +70,16 @@ def build_shards(
     vqa_lang: str = "en",
     modalities: tuple[str, ...] | list[str] | None = PROJECTION_MODALITIES,
     body_parts: tuple[str, ...] | list[str] | None = CHEST_BODY_PARTS,
+    allow_shared_patients: bool = False,
+    follow_outside_links: bool = False,
     progress: bool = True,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
 
-    `sections`, `views`, `min_words`, `val_fraction`, `test_fraction` and `image_dir` do not apply to
-    the VQA formats (their splits are the dataset's own files); `vqa_lang` applies only to `slake`.
+    `sections`, `views`, `min_words`, `val_fraction`, `test_fraction`, `image_dir` and `allow_shared_patients`
+    do not apply to the VQA formats (their splits are the dataset's own files); `vqa_lang` applies only to
+    `slake`. `follow_outside_links` reads reports / images that are symbolic links leading outside the input
+    (rejected as `symlink_outside_input` otherwise).
 
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
@@ -113,16 +117,33 @@ def build_shards(
         raise BuildError(f"unknown --vqa-lang {vqa_lang!r}; choose one of {', '.join(VQA_LANGS)}")
     views_t = tuple(v.upper() for v in views) if views and not vqa else None
     scan_opts = ScanOptions(tuple(sections), views_t, min_words, val_fraction, test_fraction,
-                            str(image_dir) if image_dir else None)  # fmt: skip
+                            str(image_dir) if image_dir else None, allow_shared_patients,
+                            follow_outside_links)  # fmt: skip
     image_opts = ImageOptions(image_size, jpeg_quality, min_size, max_aspect, modalities_t, body_parts_t)
+    if input_path.is_dir() and out.is_relative_to(input_path):
+        raise BuildError(
+            f"--output {out} lies inside --input {input_path}: a later build would read its own shards; "
+            "choose an --output outside the input folder"
+        )
     _check_output_path(out)
     try:
         scan = scan_source(fmt, input_path, scan_opts, vqa_lang=vqa_lang)
     except SourceError as exc:
         raise BuildError(str(exc)) from None
+    except OSError as exc:  # an input that cannot be read (a FIFO, permissions, an I/O error): not the output
+        where = exc.filename or input_path
+        raise BuildError(
+            f"cannot read input {where}: {exc.strerror or exc}; check the file under --input"
+        ) from None
+    if links := [r for r in scan.rejects if r.reason == "symlink_outside_input"]:
+        scan.notes.append(
+            f"{len(links)} input(s) are symbolic links leading outside --input and were rejected, e.g. "
+            f"{links[0].input}; pass --follow-outside-links if that is where your corpus lives"
+        )
 
     if vqa:  # only what decides a VQA build's bytes
         options = {"format": fmt, "shard_size": shard_size, "vqa_lang": vqa_lang, **asdict(image_opts)}
+        options["follow_outside_links"] = follow_outside_links
     else:
         options = {"format": fmt, "shard_size": shard_size, **asdict(scan_opts), **asdict(image_opts)}
         options["sections"], options["views"] = list(scan_opts.sections), list(views_t) if views_t else None
@@ -245,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(CHEST_BODY_PARTS),
         help="DICOM: a BodyPartExamined tag, where present, must contain one of these ('all' skips the check)",
     )
+    p.add_argument(
+        "--allow-shared-patients",
+        action="store_true",
+        help="accept a split file that puts one patient in two splits (refused by default: leakage)",
+    )
+    p.add_argument(
+        "--follow-outside-links",
+        action="store_true",
+        help="read reports / images that are symbolic links leading outside --input (rejected by default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -276,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             vqa_lang=args.vqa_lang,
             modalities=_all_or_list(args.modalities),
             body_parts=_all_or_list(args.body_parts),
+            allow_shared_patients=args.allow_shared_patients,
+            follow_outside_links=args.follow_outside_links,
             progress=not args.no_progress,
         )
     except BuildError as exc:

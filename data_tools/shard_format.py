@@ -19,6 +19,7 @@ offset + 512) and members are listed in tar order. Older DALI releases write `v1
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tarfile
@@ -46,7 +47,20 @@ LABEL_VALUES: tuple[int | None, ...] = (1, 0, -1, None)
 """What a label may hold in `<key>.json`: positive, negative, uncertain, unknown/blank."""
 
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
-"""Split names (MIMIC-CXR's), in the order builds list them; other plain words are allowed after these."""
+"""Split names (MIMIC-CXR's), in the order builds list them."""
+
+SPLIT_SYNONYMS: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "validate": "validate",
+    "val": "validate",
+    "valid": "validate",
+    "validation": "validate",
+    "dev": "validate",
+    "test": "test",
+    "testing": "test",
+}
+"""Split spellings a split file, a manifest or a command may use -> the name of `SPLITS` they mean."""
 
 SAMPLE_MEMBERS: tuple[str, ...] = ("jpg", "txt", "json")
 """The members of every sample, image-report and VQA alike (a built shard holds exactly these)."""
@@ -307,3 +321,69 @@ def parse_index(text: str, path: str | Path | None = None) -> list[tuple[str, li
 def read_index(path: str | Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
     """`parse_index` of the file at `path` (errors name the file)."""
     return parse_index(Path(path).read_text(encoding="utf-8"), path)
+
+
+# ---------------------------------------------------------------------------------------------- what a build holds
+
+SHARD_KINDS: dict[str, str] = {
+    "report": "image-report pairs: python -m data_tools.build_shards --format mimic-cxr (or iu-xray, manifest)",
+    "vqa": "image-question-answer samples: python -m data_tools.build_shards --format vqa-rad (or slake)",
+}
+"""What a build holds (`manifest.json`'s `kind`) -> what that is and the command that builds it."""
+
+
+def kind_of_format(fmt: str | None) -> str | None:
+    """The kind of build a `--format` (or a sample's `source`) makes; None when unknown."""
+    if fmt in VQA_SOURCES:
+        return "vqa"
+    if fmt in ("mimic-cxr", "iu-xray", "manifest"):
+        return "report"
+    return None
+
+
+def build_manifest_of(path: str | Path) -> Path | None:
+    """The `manifest.json` of the build holding `path` (a shard tar, a split folder or the build folder)."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent) if path.is_dir() else (path.parent, path.parent.parent):
+        candidate = folder / "manifest.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build_kind(manifest_path: str | Path) -> str | None:
+    """`manifest.json`'s `kind`; for a build written before it was recorded, the kind of its `source.format`;
+    None when the file cannot be read or says neither."""
+    try:
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("kind") in SHARD_KINDS:
+        return manifest["kind"]
+    return kind_of_format((manifest.get("source") or {}).get("format"))
+
+
+def wrong_kind(paths: list[str | Path] | str | Path, expected: str, reader: str) -> str | None:
+    """One line when the build holding `paths` is not of kind `expected`, else None (also when no manifest
+    says: shards copied without their manifest are read as they are).
+
+    Args:
+        paths: shard tars or folders of one shard set.
+        expected: a key of `SHARD_KINDS`.
+        reader: who reads them, for the message (`pretraining`, `train_tokenizer`, `task vqa`).
+    """
+    seen: set[Path] = set()
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        manifest = build_manifest_of(path)
+        if manifest is None or manifest in seen:
+            continue
+        seen.add(manifest)
+        kind = build_kind(manifest)
+        if kind is not None and kind != expected:
+            return (
+                f"{path} holds {SHARD_KINDS[kind].split(':')[0]} ({manifest} says kind {kind}), but {reader} reads "
+                f"{SHARD_KINDS[expected]}"
+            )
+    return None

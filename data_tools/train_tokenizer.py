@@ -39,6 +39,8 @@ from tokenizers import (
 )
 from tqdm import tqdm
 
+from data_tools.shard_format import wrong_kind
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 #: De-identification marks kept as one token each (after lower-casing, ``XXXX`` reads ``xxxx``).
 DEID_TOKENS = ("___", "xxxx")
@@ -184,6 +186,8 @@ def train_tokenizer(
     if vocab_size < minimum:
         raise ValueError(f"--vocab-size {vocab_size} is too small: the special tokens alone need {minimum}")
     shard_paths = find_train_shards(shards)
+    if problem := wrong_kind(shard_paths, "report", "train_tokenizer"):
+        raise TokenizerDataError(problem)
     reports = list(iter_reports(shard_paths, progress=progress))
     if not reports:
         raise TokenizerDataError(

@@ -122,12 +122,21 @@ def _check_sample(where: str, members: dict[str, bytes], split: str, image_size:
     return problems
 
 
+def _plain_member_name(name: str) -> bool:
+    """A member name build_shards writes: one `<key>.<ext>`, no folder, no `..`, not absolute."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and ".." not in name
+
+
 def _check_shard(root: Path, info: dict, image_size: int | None, keys: set[str], report: VerifyReport) -> None:
     name = info.get("name", "?")
     tar_path, idx_path = root / name, root / info.get("index", "?")
     problems = report.problems
-    if not tar_path.is_file():
+    if not tar_path.exists():
         problems.append(f"{name}: listed in manifest.json but missing")
+        return
+    if not tar_path.is_file():
+        what = "a FIFO" if tar_path.is_fifo() else "a folder" if tar_path.is_dir() else "not a regular file"
+        problems.append(f"{name}: {what}, not a shard file; rebuild the shards (its samples are not counted)")
         return
     size = tar_path.stat().st_size
     report.bytes += size
@@ -143,6 +152,12 @@ def _check_shard(root: Path, info: dict, image_size: int | None, keys: set[str],
             for member in tar:
                 if not member.isreg():
                     problems.append(f"{name}: member {member.name!r} is not a regular file")
+                    continue
+                if not _plain_member_name(member.name):
+                    problems.append(
+                        f"{name}: member {member.name!r} is not a plain <key>.<ext> name (a path, absolute or "
+                        "with '..', would write outside the folder it is extracted to)"
+                    )
                     continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
@@ -191,7 +206,18 @@ def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
     """
     root = Path(root)
     manifest_path = root / "manifest.json"
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; give the build_shards --output folder")
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root} is a file, not a folder; give the build_shards --output folder (the one holding manifest.json)"
+        )
     if not manifest_path.is_file():
+        if (root.parent / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"{root} has no manifest.json: it looks like a split folder of the build {root.parent}; "
+                "verify that folder"
+            )
         raise FileNotFoundError(f"{root} has no manifest.json: not a finished build_shards output")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -9,8 +9,9 @@ once):
   recursively; an unknown key or a value of the wrong type is one ``ConfigError`` line that names the dotted
   key (``train.lr``) and the file it came from;
 - type checks and light coercions (``3e-4`` read by YAML as a string → float, ``2`` → ``2.0`` for a float
-  field, a list → tuple) also run when a section is constructed directly in Python
-  (``MPMAConfig(vocab_size="x")`` fails the same way), because ``ConfigSection.__post_init__`` runs them;
+  field, a list → tuple; NaN and ±inf are refused in every float field) also run when a section is
+  constructed directly in Python (``MPMAConfig(vocab_size="x")`` fails the same way), because
+  ``ConfigSection.__post_init__`` runs them;
 - ``load_yaml`` / ``apply_overrides`` / ``load_config``: the file and the ``--set`` overrides merged into one
   tree before anything is built; an empty file is refused as empty;
 - ``to_dict`` / ``save_config``: the resolved config as plain YAML-safe data (the run folder's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 import os
 import types
 import typing
@@ -132,14 +134,19 @@ def convert(value: Any, tp: Any, key: str, *, source: str | None = None, what: s
             return int(value)
         raise ConfigError(_where(f"{key} must be an integer, got {value!r}", source))
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(_where(f"{key} must be a number, got {value!r}", source))
+        if number is None:
+            raise ConfigError(_where(f"{key} must be a number, got {value!r}", source))
+        if not math.isfinite(number):  # .nan / .inf would reach the optimiser or a schedule as poison
+            raise ConfigError(_where(f"{key} must be a finite number, got {value!r}", source))
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -312,9 +319,27 @@ def load_config(
     cls: type[T], path: str | os.PathLike[str] | None, overrides: Iterable[str] = (), *, what: str = "recipe"
 ) -> T:
     """Parse ``path`` (``None``: all defaults), merge ``overrides``, build ``cls`` once."""
+    overrides = list(overrides)
     tree: dict[str, Any] = load_yaml(path, what=what) if path is not None else {}
     tree = apply_overrides(tree, overrides)
-    return build(cls, tree, source=str(path) if path is not None else None, what=what)
+    source = str(path) if path is not None else None
+    try:
+        return build(cls, tree, source=source, what=what)
+    except ConfigError as err:
+        raise blame_override(err, overrides, source) from err
+
+
+def blame_override(err: ConfigError, overrides: Iterable[str], source: str | None) -> ConfigError:
+    """``err`` saying ``(from --set key=value)`` instead of ``(in FILE)`` when its key came from ``--set``: the
+    file does not hold the bad value, the command line does."""
+    message = str(err)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key and (message.startswith((f"{key} ", f"{key}:")) or f"key {key};" in message):
+            if source and message.endswith(f" (in {source})"):
+                message = message[: -len(f" (in {source})")]
+            return ConfigError(f"{message} (from --set {text})")
+    return err
 
 
 # --------------------------------------------------------------------------------------------- back to plain data

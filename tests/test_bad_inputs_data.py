@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_tools import build_shards as build_cli
 from data_tools import verify_shards as verify_cli
-from data_tools.sources.report_text import decode_report
+from data_tools.sources.report_text import NotText, decode_report
 
 REPORT = "FINAL REPORT\n\nFINDINGS: Heart size is normal. Lungs are clear.\n\nIMPRESSION: No acute process.\n"
 
@@ -241,8 +241,10 @@ def test_decode_report_never_yields_replacement_characters():
     assert decode_report(text.encode("utf-16")) == (text, "utf-16")
     latin1 = "Épanchement \x81 léger".encode("latin-1")  # 0x81 is undefined in cp1252
     assert decode_report(latin1) == ("Épanchement \x81 léger", "latin-1")
-    for raw in (text.encode("cp1252"), latin1, bytes(range(256))):
+    for raw in (text.encode("cp1252"), latin1, bytes(range(128, 256))):
         assert "\ufffd" not in decode_report(raw)[0]
+    with pytest.raises(NotText):  # control bytes and NULs: not a report at all (issue 26)
+        decode_report(bytes(range(256)))
 
 
 def test_non_utf8_mimic_reports_are_decoded_with_a_note(tmp_path, capsys):

@@ -273,7 +273,7 @@ def test_bad_invocations_fail_with_one_clear_line(corpus, ref, tmp_path, capsys)
         (["--format", "iu-xray", "--input", str(corpus), "--output", str(tmp_path / "o3")], "no report XML"),
         (["--format", "mimic-cxr", "--input", str(corpus), "--output", str(out), "--views", "all",
           "--shard-size", str(SHARD_SIZE), "--image-size", "128"], "image_size: 96 there vs 128 now"),
-        (["--format", "mimic-cxr", "--input", str(corpus), "--output", str(corpus)], "holds no mpma-ds build"),
+        (["--format", "mimic-cxr", "--input", str(corpus), "--output", str(corpus)], "lies inside --input"),
     ]  # fmt: skip
     before = build_files(out)
     for argv, message in cases:

@@ -81,7 +81,7 @@ def test_iu_xray_build_pairs_reports_with_images(iu_root):
             made.append(image_id)
     n_empty_images = sum(len(reports[s].image_ids) for s in empty[:2])
 
-    out = iu_root / "shards"
+    out = iu_root.parent / f"{iu_root.name}-shards"  # outside the input (issue 26)
     summary = build_shards("iu-xray", iu_root, out, image_size=64, shard_size=10, progress=False)
     n_written = len(made) - n_empty_images
     assert summary["written"] == n_written == 24

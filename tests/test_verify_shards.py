@@ -125,4 +125,4 @@ def test_cli_exit_codes_and_output(ref, build, tmp_path, capsys):
         [sys.executable, "-m", "data_tools.verify_shards", str(tmp_path / "empty")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no manifest.json" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "empty does not exist" in proc.stderr

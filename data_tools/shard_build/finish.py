@@ -9,7 +9,7 @@ from pathlib import Path
 from data_tools import __version__
 from data_tools.shard_build.plan import PlannedShard
 from data_tools.shard_build.resume import write_json_atomic
-from data_tools.shard_format import SPLITS
+from data_tools.shard_format import SPLITS, kind_of_format
 from data_tools.sources.common import SourceScan
 
 
@@ -28,6 +28,7 @@ def finish_build(out: Path, identity: dict, scan: SourceScan, plan: list[Planned
         "tool": "data_tools.build_shards",
         "version": __version__,
         **identity,
+        "kind": kind_of_format(identity["source"]["format"]),
         "inputs": {"images": written + image_rejects, "reports_without_images": len(rejects) - image_rejects},
         "written": written,
         "rejected": image_rejects,

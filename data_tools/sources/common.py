@@ -10,12 +10,14 @@ problems (corrupt files, no codec, size) are found later by the workers, as `Ima
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from data_tools.registry import Registry
-from data_tools.shard_format import CHEXPERT_LABELS
-from data_tools.sources.report_text import DEFAULT_SECTIONS, count_words
+from data_tools.shard_format import CHEXPERT_LABELS, SPLIT_SYNONYMS
+from data_tools.sources.report_text import DEFAULT_SECTIONS, count_content_words
 
 SOURCES: Registry = Registry(
     "source format",
@@ -74,6 +76,11 @@ class ScanOptions:
     """Share of patients hashed into `test` when no official split exists."""
     image_dir: str | None = None
     """iu-xray only: folder holding the images (default: `<input>/images`, else `<input>`)."""
+    allow_shared_patients: bool = False
+    """Accept a split file that puts one patient in two splits (leakage between them); refused by default."""
+    follow_outside_links: bool = False
+    """Read reports / images that are symbolic links leading outside the input tree; rejected by default
+    (`symlink_outside_input`)."""
 
 
 @dataclass
@@ -167,17 +174,69 @@ def hash_split(patient_id: str, val_fraction: float, test_fraction: float) -> st
 
 
 def normalize_split(value: str) -> str:
-    """Map common split spellings to MIMIC's names (`val`, `valid`, `validation`, `dev` -> `validate`)."""
-    v = value.strip().lower()
-    if v in ("val", "valid", "validation", "dev", "validate"):
-        return "validate"
-    if v in ("train", "training"):
-        return "train"
-    if v in ("test", "testing"):
-        return "test"
-    if not v or not re.fullmatch(r"[a-z0-9_\-]+", v):
-        raise ValueError(f"split name {value!r} is not a plain word")
-    return v
+    """Map a split spelling to MIMIC's names (`val`, `valid`, `validation`, `dev` -> `validate`, ...).
+
+    Raises:
+        ValueError: any other name (a typo such as `tset` would otherwise make a split of its own).
+    """
+    v = str(value).strip().lower()
+    if v in SPLIT_SYNONYMS:
+        return SPLIT_SYNONYMS[v]
+    raise ValueError(
+        f"split name {value!r} is not one of train, validate, test (also accepted: "
+        f"{', '.join(k for k, v in SPLIT_SYNONYMS.items() if k != v)})"
+    )
+
+
+def parse_id(value) -> str:
+    """A numeric id as written by any tool: `"50000001"`, `50000001`, `"50000001.0"` (pandas re-saving an
+    integer column that has a blank) -> `"50000001"`; other text is returned stripped."""
+    text = str(value if value is not None else "").strip()
+    if _FLOAT_ID.fullmatch(text):
+        return text.split(".", 1)[0]
+    return text
+
+
+_FLOAT_ID = re.compile(r"[0-9]+\.0*")
+
+
+def check_patient_splits(items: list[SourceItem], allow: bool, where: str) -> str | None:
+    """A note (`allow`) or raises `SourceError` when a patient's samples lie in more than one split.
+
+    Args:
+        items: the planned samples (their `meta["subject_id"]` and split).
+        allow: `--allow-shared-patients`: warn instead of refusing.
+        where: the file that decided the splits, for the message.
+    """
+    splits: dict[str, set[str]] = {}
+    for item in items:
+        subject = item.meta.get("subject_id")
+        if subject:
+            splits.setdefault(subject, set()).add(item.split)
+    shared = sorted(s for s, found in splits.items() if len(found) > 1)
+    if not shared:
+        return None
+    example = f"{shared[0]} in {', '.join(sorted(splits[shared[0]]))}"
+    message = f"{len(shared)} patient(s) appear in more than one split of {where} (e.g. {example})"
+    if allow:
+        return f"{message}: kept as asked (--allow-shared-patients); their splits are not independent"
+    raise SourceError(
+        f"{message}: that leaks patients between splits; fix the split file, or pass --allow-shared-patients "
+        "to build it anyway"
+    )
+
+
+def outside_link(path: Path, root: Path) -> str | None:
+    """Why `path` (under `root` as written) must not be read: it is, or passes through, a symbolic link that
+    leads outside `root`; None when it stays inside (or is not under `root` at all)."""
+    written = Path(os.path.abspath(path))
+    top = Path(os.path.abspath(root))
+    if not written.is_relative_to(top):
+        return None
+    real = Path(os.path.realpath(written))
+    if real.is_relative_to(Path(os.path.realpath(top))):
+        return None
+    return f"a symbolic link to {real}, outside the input {top} (--follow-outside-links reads it)"
 
 
 def make_key(*parts: str, max_len: int = 80) -> str:
@@ -193,9 +252,14 @@ def check_report(text: str, min_words: int) -> tuple[str, str] | None:
     """`(reason, detail)` if a report text cannot be used, else None."""
     if not text:
         return "empty_report", "the report has no text in the wanted sections"
-    words = count_words(text)
+    words = count_content_words(text)
+    if words == 0:
+        return "empty_report", "no words beyond de-identification marks (___, XXXX) and punctuation"
     if words < min_words:
-        return "report_too_short", f"{words} words, below --min-words {min_words}"
+        return (
+            "report_too_short",
+            f"{words} words (de-identification marks not counted), below --min-words {min_words}",
+        )
     return None
 
 

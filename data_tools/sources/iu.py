@@ -28,8 +28,9 @@ from data_tools.sources.common import (
     empty_labels,
     hash_split,
     make_key,
+    outside_link,
 )
-from data_tools.sources.report_text import decode_report, extract_report_text, section_name
+from data_tools.sources.report_text import NotText, decode_report, extract_report_text, section_name
 
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 
@@ -64,7 +65,10 @@ def parse_iu_xml(path: str | Path) -> IUReport:
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as exc:
-        text, encoding = decode_report(raw)
+        try:
+            text, encoding = decode_report(raw)
+        except NotText as exc2:
+            raise SourceError(f"{path}: not an XML report: {exc2}") from None
         if encoding is None:  # UTF-8 all right: the XML itself is broken
             raise SourceError(f"{path}: not well-formed XML ({exc})") from None
         # Bytes in another encoding than the declared (or default UTF-8) one: decoded as such, the
@@ -96,13 +100,25 @@ def _xml_files(root: Path) -> list[Path]:
     return xmls
 
 
-def _image_index(image_dir: Path) -> dict[str, Path]:
-    """`{image id: file}` for the images of a folder (first suffix in IMAGE_SUFFIXES order wins)."""
+def _image_index(image_dir: Path, notes: list[str] | None = None) -> dict[str, Path]:
+    """`{image id: file}` for the images of a folder (first suffix in IMAGE_SUFFIXES order wins; `notes` gets
+    one line naming how many ids have more than one file, and which file was used for one of them)."""
     found: dict[str, Path] = {}
+    others: dict[str, list[str]] = {}
     rank = {s: i for i, s in enumerate(IMAGE_SUFFIXES)}
     for p in sorted(image_dir.iterdir(), key=lambda p: (p.stem, rank.get(p.suffix.lower(), 99))):
-        if p.is_file() and p.suffix.lower() in rank and p.stem not in found:
-            found[p.stem] = p
+        if p.is_file() and p.suffix.lower() in rank:
+            if p.stem in found:
+                others.setdefault(p.stem, []).append(p.name)
+            else:
+                found[p.stem] = p
+    if others and notes is not None:
+        stem = sorted(others)[0]
+        notes.append(
+            f"{len(others)} image id(s) have more than one file in {image_dir}; the first of "
+            f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} is used, e.g. {found[stem].name} "
+            f"(not {', '.join(others[stem])})"
+        )
     return found
 
 
@@ -118,11 +134,14 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> S
         image_dir = root / "images" if (root / "images").is_dir() else root
     if not image_dir.is_dir():
         raise SourceError(f"image folder {image_dir} does not exist; pass --image-dir")
-    images = _image_index(image_dir)
     scan = SourceScan()
+    images = _image_index(image_dir, scan.notes)
     for xml_path in _xml_files(root):
-        report = parse_iu_xml(xml_path)
         rel_xml = str(xml_path.relative_to(root))
+        if (link := outside_link(xml_path, root)) and not opts.follow_outside_links:
+            scan.rejects.append(Reject(rel_xml, "symlink_outside_input", f"report is {link}", "report"))
+            continue
+        report = parse_iu_xml(xml_path)
         if report.encoding:
             scan.decoded.setdefault(report.encoding, []).append(rel_xml)
         if not report.image_ids:
@@ -144,6 +163,9 @@ def scan_iu_xray(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> S
                 continue
             if problem:
                 scan.rejects.append(Reject(rel, problem[0], problem[1], key=key, split=split))
+                continue
+            if (link := outside_link(image, image_dir)) and not opts.follow_outside_links:
+                scan.rejects.append(Reject(rel, "symlink_outside_input", f"image is {link}", key=key, split=split))
                 continue
             meta = {
                 "source": "iu-xray",

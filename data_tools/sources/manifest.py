@@ -19,6 +19,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 
 from data_tools.shard_format import CHEXPERT_LABELS
@@ -29,12 +30,15 @@ from data_tools.sources.common import (
     SourceError,
     SourceItem,
     SourceScan,
+    check_patient_splits,
     check_report,
     dedupe_keys,
     empty_labels,
     hash_split,
     make_key,
     normalize_split,
+    outside_link,
+    parse_id,
     parse_label,
     view_allowed,
 )
@@ -50,7 +54,10 @@ def read_manifest_rows(path: Path) -> list[dict]:
     raw = path.read_bytes()
     name = path.name.lower()
     if name.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SourceError(f"{path}: not a readable gzip file ({exc}); re-download it, or gunzip it") from None
         name = name[:-3]
     try:
         text = raw.decode("utf-8-sig")
@@ -143,7 +150,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
         if not image_value:
             raise SourceError(f"{path}: row {lineno} has an empty {image_col!r}")
         image = Path(image_value) if Path(image_value).is_absolute() else base / image_value
-        subject = str(row.get(subject_col) or "").strip() if subject_col else ""
+        subject = parse_id(row.get(subject_col)) if subject_col else ""
         if row.get("split") not in (None, ""):
             try:
                 split = normalize_split(str(row["split"]))
@@ -176,6 +183,10 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
                 Reject(image_value, "missing_image", f"row {lineno}: {image} does not exist", key=key, split=split)
             )
             continue
+        if (link := outside_link(image, base)) and not opts.follow_outside_links:
+            detail = f"row {lineno}: {image_value} is {link}"
+            scan.rejects.append(Reject(image_value, "symlink_outside_input", detail, key=key, split=split))
+            continue
         if problem := check_report(text, opts.min_words):
             scan.rejects.append(
                 Reject(image_value, problem[0], f"row {lineno}: {problem[1]}", key=key, split=split)
@@ -198,4 +209,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
             SourceItem(key=key, image_path=str(image.resolve()), input=image_value, text=text, meta=meta)
         )
     scan.items = dedupe_keys(scan.items, scan.rejects)
+    if "split" in columns and subject_col:
+        if note := check_patient_splits(scan.items, opts.allow_shared_patients, path.name):
+            scan.notes.append(note)
     return scan

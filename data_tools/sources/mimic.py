@@ -11,14 +11,11 @@ With `synth_truth.jsonl` present (`data_tools.synth_corpus` writes it) every sam
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
 import os
 from pathlib import Path
 
-from data_tools.shard_format import CHEXPERT_LABELS, TRUTH_FIELD, check_truth
+from data_tools.shard_format import TRUTH_FIELD, check_truth
 from data_tools.sources.common import (
     IMAGE_SUFFIXES,
     SOURCES,
@@ -27,41 +24,17 @@ from data_tools.sources.common import (
     SourceError,
     SourceItem,
     SourceScan,
+    check_patient_splits,
     check_report,
     dedupe_keys,
     empty_labels,
     hash_split,
     make_key,
-    normalize_split,
-    parse_label,
+    outside_link,
     view_allowed,
 )
-from data_tools.sources.report_text import decode_report, extract_report_text
-
-
-def find_table(root: Path, stem: str) -> Path | None:
-    """`root/<stem>.csv.gz` or `root/<stem>.csv`, whichever exists."""
-    for suffix in (".csv.gz", ".csv"):
-        path = root / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def read_table(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a (gzipped) CSV as dicts; a missing required column is a `SourceError`."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise SourceError(f"{path}: not a readable gzip file ({exc}); re-download or gunzip it") from None
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
-    if missing:
-        raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
-    return list(reader)
-
+from data_tools.sources.mimic_tables import MimicTables, read_tables
+from data_tools.sources.report_text import NotText, decode_report, extract_report_text
 
 TRUTH_FILE = "synth_truth.jsonl"
 """The synthetic corpus's ground truth at the corpus root (`data_tools.synth.corpus.TRUTH_FILE`)."""
@@ -107,28 +80,7 @@ def scan_mimic_cxr(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") ->
             f"{root} has no files/ folder: not a MIMIC-CXR tree (expected files/pNN/pSUBJECT/sSTUDY/)"
         )
 
-    split_by_dicom: dict[str, str] = {}
-    split_by_subject: dict[str, str] = {}
-    if path := find_table(root, "mimic-cxr-2.0.0-split"):
-        for row in read_table(path, ("dicom_id", "subject_id", "split")):
-            try:
-                split = normalize_split(row["split"])
-            except ValueError as exc:
-                raise SourceError(f"{path}: {exc}") from None
-            split_by_dicom[row["dicom_id"]] = split
-            split_by_subject.setdefault(row["subject_id"], split)
-    view_by_dicom: dict[str, str] = {}
-    if path := find_table(root, "mimic-cxr-2.0.0-metadata"):
-        for row in read_table(path, ("dicom_id", "ViewPosition")):
-            view_by_dicom[row["dicom_id"]] = row["ViewPosition"].strip().upper()
-    labels_by_study: dict[tuple[str, str], dict] = {}
-    if path := find_table(root, "mimic-cxr-2.0.0-chexpert"):
-        for row in read_table(path, ("subject_id", "study_id", *CHEXPERT_LABELS)):
-            try:
-                labels = {name: parse_label(row[name]) for name in CHEXPERT_LABELS}
-            except ValueError as exc:
-                raise SourceError(f"{path}: study {row['study_id']}: {exc}") from None
-            labels_by_study[(row["subject_id"], row["study_id"])] = labels
+    tables = read_tables(root)
     truth_by_dicom = read_truth(root / TRUTH_FILE) if (root / TRUTH_FILE).is_file() else {}
 
     scan = SourceScan()
@@ -150,9 +102,14 @@ def scan_mimic_cxr(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") ->
                         Reject(rel, "report_without_images", "no image folder for this report", "report")
                     )
             for study_name in sorted(study_dirs):
-                _scan_study(root, subject_dir / study_name, subject, study_name, opts, scan, split_by_dicom,
-                            split_by_subject, view_by_dicom, labels_by_study, truth_by_dicom)  # fmt: skip
+                _scan_study(
+                    root, subject_dir / study_name, subject, study_name, opts, scan, tables, truth_by_dicom
+                )
     scan.items = dedupe_keys(scan.items, scan.rejects)
+    tables.check_matches(scan)
+    if tables.split_path:
+        if note := check_patient_splits(scan.items, opts.allow_shared_patients, tables.split_path.name):
+            scan.notes.append(note)
     scan.note_decoded()
     return scan
 
@@ -164,10 +121,7 @@ def _scan_study(
     study_name: str,
     opts: ScanOptions,
     scan: SourceScan,
-    split_by_dicom: dict[str, str],
-    split_by_subject: dict[str, str],
-    view_by_dicom: dict[str, str],
-    labels_by_study: dict[tuple[str, str], dict],
+    tables: MimicTables,
     truth_by_dicom: dict[str, dict],
 ) -> None:
     study = _strip_prefix(study_name, "s")
@@ -178,27 +132,52 @@ def _scan_study(
             rel = str(report_path.relative_to(root))
             scan.rejects.append(Reject(rel, "report_without_images", "the study folder holds no image", "report"))
         return
+    tables.studies_seen.add((subject, study))
     problem = None
     text = ""
     if not report_path.is_file():
         problem = ("missing_report", f"no report {report_path.relative_to(root)}")
+    elif (link := outside_link(report_path, root)) and not opts.follow_outside_links:
+        problem = ("symlink_outside_input", f"report {report_path.relative_to(root)} is {link}")
     else:
-        raw_report, encoding = decode_report(report_path.read_bytes())
-        if encoding:
-            scan.decoded.setdefault(encoding, []).append(str(report_path.relative_to(root)))
-        text = extract_report_text(raw_report, opts.sections)
-        problem = check_report(text, opts.min_words)
-    labels = labels_by_study.get((subject, study)) or empty_labels()
+        try:
+            raw_report, encoding = decode_report(report_path.read_bytes())
+        except NotText as exc:
+            problem = ("report_not_text", f"report {report_path.relative_to(root)}: {exc}")
+        else:
+            if encoding:
+                scan.decoded.setdefault(encoding, []).append(str(report_path.relative_to(root)))
+            text = extract_report_text(raw_report, opts.sections)
+            problem = check_report(text, opts.min_words)
+    labels = tables.labels_by_study.get((subject, study))
+    if labels is not None:
+        tables.studies_labelled.add((subject, study))
+    labels = labels or empty_labels()
+    kept_by_id: dict[str, Path] = {}  # dicom_id -> the image kept (first in sorted order)
     for image in images:
         dicom_id = image.stem
+        tables.dicoms_seen.add(dicom_id)
         rel = str(image.relative_to(root))
         key = make_key(f"p{subject}", f"s{study}", dicom_id)
-        split = split_by_dicom.get(dicom_id) or split_by_subject.get(subject)
+        split = tables.split_by_dicom.get(dicom_id) or tables.split_by_subject.get(subject)
         split = split or hash_split(subject, opts.val_fraction, opts.test_fraction)
-        view = view_by_dicom.get(dicom_id) or None
+        view = tables.view_by_dicom.get(dicom_id) or None
         if problem:
             scan.rejects.append(Reject(rel, problem[0], problem[1], key=key, split=split))
             continue
+        if dicom_id in kept_by_id:
+            detail = (
+                f"dicom_id {dicom_id} again in this study: {kept_by_id[dicom_id].name} is kept, this one is not"
+            )
+            scan.rejects.append(Reject(rel, "duplicate_image", detail, key=key, split=split))
+            continue
+        if conflict := tables.conflicts.get(dicom_id) or tables.conflicts.get(f"p{subject}/s{study}"):
+            scan.rejects.append(Reject(rel, "conflicting_metadata", conflict, key=key, split=split))
+            continue
+        if (link := outside_link(image, root)) and not opts.follow_outside_links:
+            scan.rejects.append(Reject(rel, "symlink_outside_input", f"image is {link}", key=key, split=split))
+            continue
+        kept_by_id[dicom_id] = image
         if not view_allowed(view, opts.views):
             detail = f"view {view} not in --views {','.join(opts.views or ())}"
             scan.rejects.append(Reject(rel, "view_filtered", detail, key=key, split=split))

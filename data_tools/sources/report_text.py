@@ -114,18 +114,51 @@ _VIEW_HEADER_RE = re.compile(
 DEFAULT_SECTIONS: tuple[str, ...] = ("findings", "impression")
 
 
+class NotText(ValueError):
+    """A report file whose bytes are not text (an image, an archive, random bytes): never stored as a report."""
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """`utf-16-le` / `utf-16-be` when the bytes look like UTF-16 text without a byte-order mark (ASCII-range
+    text leaves every other byte zero), else None."""
+    head = raw[:4096]
+    if len(head) < 4 or len(head) % 2:
+        return None
+    even, odd = head[0::2], head[1::2]
+    for zeros, codec in ((odd, "utf-16-le"), (even, "utf-16-be")):
+        if zeros.count(0) >= 0.9 * len(zeros):
+            try:
+                raw.decode(codec)
+            except UnicodeDecodeError:
+                return None
+            return codec
+    return None
+
+
+_CONTROL = set(range(0, 32)) - {9, 10, 12, 13}
+
+
 def decode_report(raw: bytes) -> tuple[str, str | None]:
     """A report file's bytes -> `(text, encoding used when it was not UTF-8)`; never a U+FFFD.
 
-    UTF-8 (with or without a BOM) and BOM-marked UTF-16 are read as such; other bytes are decoded as
-    cp1252 (the Windows superset of Latin-1 that old report exports use), else as Latin-1, which
-    decodes any byte. The caller warns about the second value.
+    UTF-8 (with or without a BOM) and UTF-16 (with a BOM, or without one when every other byte is zero) are
+    read as such; other bytes are decoded as cp1252 (the Windows superset of Latin-1 that old report exports
+    use), else as Latin-1, which decodes any byte. The caller warns about the second value.
+
+    Raises:
+        NotText: bytes that are not text in any of these (NUL bytes, many control bytes): a binary file.
     """
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             return raw.decode("utf-16"), "utf-16"
         except UnicodeDecodeError:
             pass
+    if codec := _utf16_without_bom(raw):
+        return raw.decode(codec), codec
+    head = raw[:4096]
+    control = sum(b in _CONTROL for b in head)
+    if b"\0" in head or control > max(2, len(head) // 100):
+        raise NotText(f"binary data, not text ({control} control bytes in the first {len(head)})")
     try:
         return raw.decode("utf-8-sig"), None
     except UnicodeDecodeError:
@@ -235,8 +268,18 @@ def extract_report_text(text: str, sections: tuple[str, ...] | list[str] = DEFAU
 
 
 def count_words(text: str) -> int:
-    """Whitespace-separated words, the unit of `--min-words`."""
+    """Whitespace-separated words."""
     return len(text.split())
+
+
+_DEID = re.compile(r"_{2,}|\bX{2,}\b")
+_HAS_WORD = re.compile(r"\w", re.UNICODE)
+
+
+def count_content_words(text: str) -> int:
+    """Words that carry content, the unit of `--min-words`: de-identification marks (`___` in MIMIC, `XXXX` in
+    Indiana) and tokens without a letter or digit (`-`, `.`) do not count."""
+    return sum(1 for word in _DEID.sub(" ", text).split() if _HAS_WORD.search(word.replace("_", "")))
 
 
 def has_section_headers(text: str) -> bool:

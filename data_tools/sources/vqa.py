@@ -17,6 +17,7 @@ no split at all (`SourceScan.notes` says so), never an invented one. The report 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from data_tools.sources.common import (
     dedupe_keys,
     empty_labels,
     make_key,
+    outside_link,
 )
 
 VQA_LANGS: tuple[str, ...] = ("en", "zh", "all")
@@ -90,7 +92,9 @@ def read_split_file(path: Path) -> list:
     return entries
 
 
-def _plan_entry(layout: VqaLayout, root: Path, split: str, where: str, entry, lang: str) -> SourceItem | Reject:
+def _plan_entry(
+    layout: VqaLayout, root: Path, split: str, where: str, entry, lang: str, follow_links: bool = False
+) -> SourceItem | Reject:
     """One QA entry -> its planned sample, or the reject that says why it is left out."""
 
     def reject(reason: str, detail: str, key: str | None = None) -> Reject:
@@ -115,9 +119,12 @@ def _plan_entry(layout: VqaLayout, root: Path, split: str, where: str, entry, la
         return reject("bad_answer_type", detail, key)
     image_name = str(entry[layout.image_field]).strip()
     images = root / layout.image_dir
-    image = (images / image_name).resolve()
-    if not image.is_relative_to(images.resolve()):
+    written = images / image_name
+    if not Path(os.path.abspath(written)).is_relative_to(os.path.abspath(images)):
         return reject("bad_image_name", f"qid {qid}: {image_name!r} points outside {layout.image_dir}/", key)
+    if (link := outside_link(written, root)) and not follow_links:
+        return reject("symlink_outside_input", f"qid {qid}: {layout.image_dir}/{image_name} is {link}", key)
+    image = written.resolve()
     if not image.is_file():
         return reject("missing_image", f"qid {qid}: {layout.image_dir}/{image_name} does not exist", key)
     image_id = _text(entry.get(layout.image_id_field)) if layout.image_id_field else ""
@@ -143,13 +150,14 @@ def _plan_entry(layout: VqaLayout, root: Path, split: str, where: str, entry, la
     return SourceItem(key, str(image), f"{layout.image_dir}/{image_name}", question, meta)
 
 
-def scan_vqa(fmt: str, root: str | Path, lang: str = "en") -> SourceScan:
+def scan_vqa(fmt: str, root: str | Path, lang: str = "en", follow_outside_links: bool = False) -> SourceScan:
     """Plan one sample per QA entry of a VQA-RAD (`fmt="vqa-rad"`) or SLAKE (`fmt="slake"`) folder.
 
     Args:
         fmt: `vqa-rad` or `slake`.
         root: the dataset folder.
         lang: keep questions whose `q_lang` is this (`en`, `zh`), or `all`.
+        follow_outside_links: read images that are symbolic links leading outside `root`.
 
     Raises:
         SourceError: not a folder of that layout, a split file that is not a JSON list, or a language
@@ -173,7 +181,7 @@ def scan_vqa(fmt: str, root: str | Path, lang: str = "en") -> SourceScan:
             scan.notes.append(f"no {name} in the input: no {split} split (none is made up)")
             continue
         for i, entry in enumerate(read_split_file(path)):
-            result = _plan_entry(layout, root, split, f"{name}[{i}]", entry, lang)
+            result = _plan_entry(layout, root, split, f"{name}[{i}]", entry, lang, follow_outside_links)
             if isinstance(entry, dict):
                 langs.add(_text(entry.get("q_lang")) or "en")
             if isinstance(result, SourceItem):
@@ -193,10 +201,10 @@ def scan_vqa(fmt: str, root: str | Path, lang: str = "en") -> SourceScan:
 @SOURCES.register("vqa-rad", kind="vqa")
 def scan_vqa_rad(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """VQA-RAD's release (one sample per question); ``opts`` does not apply to questions."""
-    return scan_vqa("vqa-rad", root, vqa_lang)
+    return scan_vqa("vqa-rad", root, vqa_lang, opts.follow_outside_links)
 
 
 @SOURCES.register("slake", kind="vqa")
 def scan_slake(root: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """SLAKE's release (one sample per question, ``q_lang`` filtered by ``vqa_lang``)."""
-    return scan_vqa("slake", root, vqa_lang)
+    return scan_vqa("slake", root, vqa_lang, opts.follow_outside_links)

@@ -11,6 +11,8 @@ validation-best and final test metrics (bootstrap 95 % intervals beside them).
 
 from __future__ import annotations
 
+import sys
+
 from mpma_ds.cli.common import ends_without_teardown, error, is_rank0, prog_name
 from mpma_ds.cli.pretrain import build_parser, run_training
 
@@ -19,7 +21,7 @@ SCRIPT = "finetune.py"
 
 @ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
-    from mpma_ds.tasks.registry import TASKS, finetune_task_names
+    from mpma_ds.tasks.registry import TASKS, finetune_task_names, unknown_task
 
     prog = prog_name(SCRIPT)
     parser = build_parser(prog, __doc__.split("\n\n")[0])
@@ -27,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--list-tasks", action="store_true", help="list the registered tasks (plugins too) and exit"
     )
-    if argv is None or "--list-tasks" not in argv:
-        args = parser.parse_args(argv)
-    else:  # --config is not needed to list
-        args = parser.parse_args(["--config", "-", *argv])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --config is not needed to list the tasks
+    args = parser.parse_args(["--config", "-", *argv] if "--list-tasks" in argv else argv)
     if args.list_tasks:
         for entry in TASKS:
             if entry.obj.kind == "finetune":
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{entry.name:<16} {entry.plugin or 'mpma_ds':<20} options: {sections}")
         return 0
     if args.task is not None and args.task not in finetune_task_names():
-        error(prog, f"unknown --task {args.task!r}; {TASKS.describe()}")
+        error(prog, f"--task: {unknown_task(args.task)}")
         return 2
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training import RecipeError, load_recipe

@@ -92,6 +92,9 @@ def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     from mpma_ds.training.distributed import CollectiveTimeoutError
     from mpma_ds.training.trainer import NonFiniteLossError, SetupError, train
 
+    if is_rank0():
+        for note in getattr(recipe, "notes", ()):
+            print(f"{prog}: note: {note}", file=sys.stderr, flush=True)
     try:
         with run_guard(prog):
             return 0, train(recipe, resume=args.resume, overwrite=args.overwrite)

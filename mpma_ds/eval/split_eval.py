@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data_tools.shard_format import SPLIT_SYNONYMS, SPLITS, wrong_kind
 from mpma_ds.eval.alignment import DEFAULT_RESAMPLES, evaluate_alignment
 from mpma_ds.eval.bootstrap import loggable_metrics
 from mpma_ds.eval.zeroshot import DEFAULT_MIN_COUNT
@@ -42,17 +43,41 @@ GROUNDING_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
+def canonical_split(split: str) -> str:
+    """``train``, ``validate`` or ``test`` for a split name or a usual synonym; ValueError listing them else."""
+    canonical = SPLIT_SYNONYMS.get(str(split).strip().lower())
+    if canonical is None:
+        raise ValueError(
+            f"--split {split!r} is not a split name; use one of {', '.join(SPLITS)} (or "
+            f"{', '.join(k for k, v in SPLIT_SYNONYMS.items() if k != v)})"
+        )
+    return canonical
+
+
 def split_folder(shards: str | Path, split: str) -> Path:
-    """``shards/<split>`` when the build root is given, else ``shards`` itself (already a split folder)."""
+    """``shards/<split>`` when the build root is given, else ``shards`` itself (already a split folder).
+
+    ``split`` is one of ``train``, ``validate``, ``test`` or a usual synonym (``val``, ``valid``, ``validation``,
+    ``training``, ...).
+
+    Raises:
+        ValueError: an unknown split name, or a split folder of another split than ``split``.
+        FileNotFoundError: no such folder, or it holds neither the split nor shards.
+    """
+    canonical = canonical_split(split)
     root = Path(shards)
     if not root.is_dir():
         raise FileNotFoundError(f"shard folder {root} does not exist; build shards with data_tools.build_shards")
-    for name in (split, "validate" if split in ("val", "valid") else split):
-        if (root / name).is_dir():
-            return root / name
+    if (root / canonical).is_dir():
+        return root / canonical
     if any(root.glob("shard-*.tar")):
+        if root.name in SPLITS and root.name != canonical:
+            raise ValueError(
+                f"--shards {root} is the {root.name} split but --split is {split}; give the build folder "
+                f"{root.parent} or --split {root.name}"
+            )
         return root
-    raise FileNotFoundError(f"{root} holds no {split}/ folder and no shard-*.tar files")
+    raise FileNotFoundError(f"{root} holds no {canonical}/ folder and no shard-*.tar files")
 
 
 def data_config_for(
@@ -253,6 +278,10 @@ def run_evaluation(
     from mpma_ds.models import MPMA, check_tokenizer_vocab, create_model
     from mpma_ds.tokenizer import load_tokenizer
 
+    split = canonical_split(split)  # the shards are checked before any model is loaded
+    shard_dir = split_folder(shards, split)
+    if problem := wrong_kind(shard_dir, "report", "launch/evaluate.py"):
+        raise ValueError(problem)
     model_dir = Path(model) if model else None
     recipe_path = Path(recipe) if recipe else (model_dir / RECIPE_FILE if model_dir else None)
     if recipe and not recipe_path.is_file():
@@ -284,7 +313,6 @@ def run_evaluation(
     tok = load_tokenizer(tok_dir)
     check_tokenizer_vocab(net, tok)
 
-    shard_dir = split_folder(shards, split)
     if grounding is not None:
         from mpma_ds.eval.grounding import GroundTruthError, shards_have_truth
 

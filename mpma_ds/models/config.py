@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from mpma_ds.config import ConfigSection, build
+from mpma_ds.models.registry import IMAGE_ENCODERS
 
 TEXT_ARCHS = ("bert", "roberta")
 ATTN_IMPLS = ("auto", "sdpa", "eager")
@@ -35,6 +36,10 @@ class MPMAConfig(ConfigSection):
     """ViT patch side in pixels."""
     in_chans: int = 1
     """Image channels: 1 (grayscale shards, the default) or 3."""
+    image_arch: str = "vit"
+    """The image tower, a name registered in ``mpma_ds.models.registry.IMAGE_ENCODERS``: ``vit`` (MPMA's masked
+    ViT) or one a plugin registers (``mpma_ds.models`` entry points)."""
+
     patch_stem: Literal["linear", "conv"] = "linear"
     """How pixels become patch tokens: "linear" = the ViT's one `patch_size`-strided projection (ViT, M3AE);
     "conv" = a stack of stride-2 3x3 convolutions (GroupNorm + GELU) down to the patch grid, then a 1x1
@@ -189,6 +194,8 @@ class MPMAConfig(ConfigSection):
             w, h = getattr(self, width), getattr(self, heads)
             if h <= 0 or w % h:
                 errors.append(f"{width} {w} is not divisible by {heads} {h}")
+        if self.image_arch not in IMAGE_ENCODERS:
+            errors.append(f"image_arch {self.image_arch!r} is not an image encoder; {IMAGE_ENCODERS.describe()}")
         if self.patch_stem not in PATCH_STEMS:
             errors.append(f"patch_stem must be one of {', '.join(PATCH_STEMS)}, got {self.patch_stem!r}")
         elif self.patch_stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):

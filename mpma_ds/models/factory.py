@@ -6,6 +6,7 @@ from typing import Any
 
 from mpma_ds.models.config import MPMAConfig, check_known_fields
 from mpma_ds.models.mpma import MPMA
+from mpma_ds.models.registry import MODELS, register_architecture
 
 # Each architecture is a set of overrides of the `MPMAConfig` defaults (which are `mpma_base`).
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -63,17 +64,21 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
 _ARCHITECTURES.update({f"{k}_nomem": {**v, "memory_slots": 0} for k, v in list(_ARCHITECTURES.items())})
 
 
+for _name, _overrides in _ARCHITECTURES.items():
+    register_architecture(_name, **_overrides)
+
+
 def list_models() -> list[str]:
-    """Names accepted by `create_model`."""
-    return sorted(_ARCHITECTURES)
+    """Names accepted by `create_model` (plugins' architectures included)."""
+    return sorted(MODELS.names())
 
 
 def get_model_config(name: str, **overrides: Any) -> MPMAConfig:
     """The `MPMAConfig` of architecture `name` with `overrides` applied (unknown keys are an error)."""
-    if name not in _ARCHITECTURES:
+    if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; choose one of {list_models()}")
     check_known_fields(overrides, context=f"{name} override")
-    return MPMAConfig(**{**_ARCHITECTURES[name], **overrides})
+    return MPMAConfig(**{**MODELS[name], **overrides})
 
 
 def create_model(name: str, **overrides: Any) -> MPMA:

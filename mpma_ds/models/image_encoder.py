@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mpma_ds.models.config import MPMAConfig
+from mpma_ds.models.registry import IMAGE_ENCODERS
 
 # timm architecture name recorded in the exported config.json; `model_args` override its sizes.
 TIMM_ARCHITECTURE = "vit_base_patch16_224"
@@ -173,7 +174,14 @@ class MaskedVisionTransformer(VisionTransformer):
         return self.norm(x)  # (B, 1+K, D)
 
 
-def build_image_encoder(cfg: MPMAConfig) -> MaskedVisionTransformer:
+def build_image_encoder(cfg: MPMAConfig) -> nn.Module:
+    """The image tower ``cfg.image_arch`` names (``IMAGE_ENCODERS``)."""
+    return IMAGE_ENCODERS[cfg.image_arch](cfg)
+
+
+@IMAGE_ENCODERS.register("vit")
+def build_vit(cfg: MPMAConfig) -> MaskedVisionTransformer:
+    """MPMA's masked ViT (timm's ``VisionTransformer``; linear or convolutional patch stem)."""
     model_args = dict(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,34 @@ from mpma_ds.models.text_encoder import build_text_encoder, resolve_text_init
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+_ENCODER_TOP = 64  # depth above any encoder block index (ViT-B and RoBERTa-base have 12)
+_FUSION_TOP = 32  # fusion norms above any fusion layer
+
+
+def _block_index(inner: str, stacks: tuple[str, ...]) -> int | None:
+    """The block index in a parameter name under one of ``stacks`` (``blocks.3.attn.qkv.weight`` -> 3)."""
+    parts = inner.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in stacks and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+class AlignmentFeatures(NamedTuple):
+    """What ``MPMA.alignment_features`` returns (embeddings L2-normalised, ``embed_dim`` wide)."""
+
+    image: torch.Tensor
+    """(B, E) global image embeddings."""
+    text: torch.Tensor
+    """(B, E) global report embeddings."""
+    patches: torch.Tensor | None = None
+    """(B, N, E) patch embeddings (``local``)."""
+    tokens: torch.Tensor | None = None
+    """(B, L, E) token embeddings (``local``)."""
+    token_mask: torch.Tensor | None = None
+    """(B, L) bool: the tokens of the local alignment (no [CLS], [SEP], padding)."""
 
 
 class MPMA(nn.Module):
@@ -217,6 +245,54 @@ class MPMA(nn.Module):
         patches = self.patch_embeddings(images)  # (B, Hp, Wp, E)
         tokens = self.token_embeddings(input_ids, attention_mask)  # (B, L, E)
         return torch.einsum("ble,bhwe->blhw", tokens, patches)  # (B, L, Hp, Wp)
+
+    # ------------------------------------------------------------------------------------------ alignment
+    def alignment_features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, local: bool = False
+    ) -> AlignmentFeatures:
+        """Unmasked images and their texts in one pass through both encoders -> the global embeddings (what
+        ``global_loss`` scores) and, with ``local``, the patch and token embeddings with the tokens that take
+        part in the local alignment (what ``local_loss`` scores). What retrieval-style tasks train on."""
+        img, txt = self._unimodal(images, input_ids, attention_mask, None)  # (B, 1+N, Dv), (B, L, Dt)
+        image = F.normalize(self.image_proj(self._pool_image(img)), dim=-1)  # (B, E)
+        text = F.normalize(self.text_proj(self._pool_text(txt, attention_mask)), dim=-1)  # (B, E)
+        if not local:
+            return AlignmentFeatures(image, text)
+        patches = F.normalize(self.image_proj(img[:, 1:]), dim=-1)  # (B, N, E)
+        tokens = F.normalize(self.text_proj(txt), dim=-1)  # (B, L, E)
+        token_mask = self._alignment_tokens(attention_mask, torch.full_like(input_ids, -100))  # (B, L)
+        return AlignmentFeatures(image, text, patches, tokens, token_mask)
+
+    # ------------------------------------------------------------------------------------------ structure
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks of every stack the model still holds, bottom up (ViT, text encoder, fusion,
+        MAE decoder): what ``torch.compile`` wraps one by one and activation checkpointing splits at."""
+        blocks: list[nn.Module] = []
+        if self.image_encoder is not None:
+            blocks += list(self.image_encoder.blocks)
+        if self.text_encoder is not None:
+            blocks += list(self.text_encoder.encoder.layer)
+        if self.fusion is not None:
+            blocks += list(self.fusion.layers)
+        if self.mae_decoder is not None:
+            blocks += list(self.mae_decoder.blocks)
+        return blocks
+
+    def depth_of(self, name: str) -> int:
+        """The depth of parameter ``name`` (as ``named_parameters`` gives it) for layer-wise learning-rate decay:
+        0 for the embeddings, 1 + block index inside an encoder, the encoders' final norms and the projections
+        above every encoder block, the fusion layers above those (their norms on top). Larger is nearer the head.
+        """
+        component, _, inner = name.partition(".")
+        if component in ("image_encoder", "text_encoder"):
+            block = _block_index(inner, ("blocks", "layer"))
+            if block is None:
+                return 0 if any(k in inner for k in ("embed", "cls_token", "pos_embed")) else _ENCODER_TOP
+            return 1 + block
+        if component == "fusion":
+            block = _block_index(inner, ("layers",))
+            return _ENCODER_TOP + 1 + (block if block is not None else _FUSION_TOP)
+        return _ENCODER_TOP  # projections, modality embeddings, temperatures
 
     # ------------------------------------------------------------------------------------------ fine-tuning
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

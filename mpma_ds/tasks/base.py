@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mpma_ds.data.preflight import check_run_inputs
 from mpma_ds.tracking.lineage import HEADLINE_TAG, PAIRING_TAG
 
 if TYPE_CHECKING:
@@ -51,8 +52,14 @@ class RunContext:
     """The backbone architecture (set by ``Task.resolve``)."""
     tokenizer: PreTrainedTokenizerFast | None = None
     """The tokenizer (set by ``Task.resolve``)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Whatever a task resolved that later hooks need (answer set, init source ...)."""
+    init: Any = None
+    """Where the backbone's weights come from (``mpma_ds.tasks.init.InitSource``; fine-tuning, set by ``resolve``)."""
+    tokenizer_dir: str = ""
+    """The tokenizer folder (fine-tuning, set by ``resolve``)."""
+    subset: Any = None
+    """The label-fraction subset the training streams read (``mpma_ds.data.subsets``), for the run's summary."""
+    feature_files: dict[str, str] = field(default_factory=dict)
+    """Frozen-backbone tasks: the cached feature file of each split."""
 
     @property
     def output_dir(self) -> Path:
@@ -82,6 +89,9 @@ class Task:
     the two runs' own intervals. Written as the ``mpma.pairing`` tag."""
     title: ClassVar[str] = ""
     """What the first headline metric is, for figures ("linear probe AUROC"); "" = the task's name."""
+    shard_kind: ClassVar[str] = "report"
+    """What the task's shards hold (``data_tools.shard_format.SHARD_KINDS``): ``report`` or ``vqa``; shards of
+    another kind are refused before the first step (``mpma_ds.data.preflight``)."""
     test_after_training: ClassVar[bool] = True
     """Evaluate the best (else last) checkpoint on the test split at the end, when ``data.test_shards`` is set."""
 
@@ -92,6 +102,13 @@ class Task:
     def resolve(self, ctx: RunContext) -> None:
         """Set ``ctx.model_config`` and ``ctx.tokenizer`` and check every input; raise on bad input."""
         raise NotImplementedError
+
+    def check_inputs(self) -> None:
+        """Every shard set the run will read (train, validation, test) exists, is indexed and holds
+        ``shard_kind``: called first by ``resolve``, so a wrong path is found before the first step, not after
+        the last (``mpma_ds.data.preflight``)."""
+        check_run_inputs(self.recipe, kind=self.shard_kind, reader=f"task {self.name}",
+                         validation=self.wants_validation(), test=self.test_after_training)  # fmt: skip
 
     def architecture(self, ctx: RunContext) -> dict[str, Any] | None:
         """What a checkpoint must agree with besides the backbone (e.g. the answer-set size); None: nothing."""

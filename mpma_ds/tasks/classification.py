@@ -42,6 +42,8 @@ class Labels:
             self.columns = [list(CHEXPERT_LABELS).index(n) for n in self.names]
         else:
             self.names = list(classes or options.classes)
+        self.train_positives: dict[str, int] = {}
+        """Positive training samples of each label / class in the label-fraction subset (``check_subset``)."""
 
     @property
     def num_outputs(self) -> int:
@@ -140,8 +142,7 @@ def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
             "blank): cls and linear_probe need labelled shards, e.g. MIMIC-CXR built with its "
             "mimic-cxr-2.0.0-chexpert.csv, or task.cls.labels=column with a label_column"
         )
-    ctx.extras["label_counts"] = labels.check_subset(ctx, metas, task.recipe)
-    ctx.extras["labels"] = labels.names
+    labels.train_positives = labels.check_subset(ctx, metas, task.recipe)
     return labels
 
 
@@ -291,4 +292,8 @@ class ClassificationTask(FinetuneTask):
         return evaluate_classifier(module, batches, self.labels, ctx, n_resamples=n_resamples, keep=keep)
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
-        return {**super().summary(ctx), "labels": self.labels.names, "train_positives": ctx.extras["label_counts"]}
+        return {
+            **super().summary(ctx),
+            "labels": self.labels.names,
+            "train_positives": self.labels.train_positives,
+        }

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpma_ds.config import ConfigSection
-from mpma_ds.tasks.registry import TASKS, finetune_task_names, task_sections
+from mpma_ds.tasks.registry import TASKS, finetune_task_names, task_sections, unknown_task
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TaskSection(ConfigSection):
 
     def validate(self) -> None:
         if self.name not in finetune_task_names():
-            raise ValueError(f"unknown task {self.name!r}; {TASKS.describe()}")
+            raise ValueError(unknown_task(self.name))
         if self.bootstrap < 0:
             raise ValueError(f"task.bootstrap must be >= 0, got {self.bootstrap}")
         reads = TASKS.get(self.name).meta.get("sections", {})

@@ -136,7 +136,7 @@ def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind
         "preprocessing": {k: getattr(data, k) for k in preprocessing},
     }
     if kind != "image":  # the text is read too
-        tok = Path(str(ctx.extras.get("tokenizer_dir", "")))
+        tok = Path(ctx.tokenizer_dir)
         tok_file = tok / "tokenizer.json"
         identity["text"] = {
             "max_text_len": data.max_text_len,
@@ -181,7 +181,7 @@ def split_features(
             for f in files:
                 f.unlink(missing_ok=True)
         barrier()
-    ctx.extras.setdefault("feature_files", {})[split] = str(path)
+    ctx.feature_files[split] = str(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -286,7 +286,7 @@ def frozen_splits(
 ) -> FrozenSplits:
     """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
     when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
-    (patient level, recorded in ``ctx.extras["subset"]``), one loader per accumulation step."""
+    (patient level, recorded in ``ctx.subset``), one loader per accumulation step."""
     from mpma_ds.data.subsets import split_subset
 
     data, cfg = task.recipe.data, task.recipe.train
@@ -300,7 +300,7 @@ def frozen_splits(
     train = cached["train"]
     keep, subset = split_subset(train["subjects"], data.label_fraction, data.label_fraction_seed, split="train")
     rows = subset_rows(keep)
-    ctx.extras["subset"] = subset
+    ctx.subset = subset
     mean, std = standardiser(train["features"][rows])
     loaders = [
         feature_loader(

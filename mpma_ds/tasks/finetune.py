@@ -3,7 +3,6 @@ rates with a head multiplier, the sample JSONs of a split, and the MLflow tags /
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,9 +16,6 @@ if TYPE_CHECKING:
     from mpma_ds.training.recipe import FinetuneRecipe
 
 HEAD_PREFIX = "head."
-_LAYER = re.compile(r"(?:blocks|layer|layers)\.(\d+)\.")
-ENCODER_TOP = 64  # depth above any encoder block index (ViT-B and RoBERTa-base have 12)
-FUSION_TOP = 32  # fusion norms above any fusion layer
 
 
 class BackboneModule(nn.Module):
@@ -54,8 +50,9 @@ class FinetuneTask(Task):
         from mpma_ds.tasks.init import resolve_init
         from mpma_ds.tokenizer import load_tokenizer
 
+        self.check_inputs()
         init = resolve_init(self.recipe)
-        ctx.extras["init"] = init
+        ctx.init = init
         ctx.model_config = init.config
         tok_dir = self.recipe.data.tokenizer or (str(init.tokenizer_dir) if init.tokenizer_dir else "")
         if not tok_dir:
@@ -63,7 +60,7 @@ class FinetuneTask(Task):
                 "data.tokenizer is empty and init.from brings no tokenizer: set data.tokenizer to a tokenizer folder"
             )
         ctx.tokenizer = load_tokenizer(tok_dir)
-        ctx.extras["tokenizer_dir"] = tok_dir
+        ctx.tokenizer_dir = tok_dir
         check_tokenizer_vocab(ctx.model_config, ctx.tokenizer)
         for name in ("train_shards", "val_shards"):
             if not getattr(self.recipe.data, name) and (name == "train_shards" or self.wants_validation()):
@@ -76,7 +73,7 @@ class FinetuneTask(Task):
         """The task's own input checks (answer set, label columns ...); default: none."""
 
     def init_source(self, ctx: RunContext) -> InitSource:
-        return ctx.extras["init"]
+        return ctx.init
 
     def backbone(self, ctx: RunContext) -> MPMA:
         """The backbone with ``init.from``'s weights, cut down to ``backbone_parts``."""
@@ -98,7 +95,8 @@ class FinetuneTask(Task):
         if cfg.head_lr_mult == 1.0 and cfg.layer_decay == 1.0:
             return None
         names = [n for n, p in module.named_parameters() if p.requires_grad]
-        depth = {n: backbone_depth(n) for n in names if not n.startswith(HEAD_PREFIX)}
+        backbone = getattr(module, "backbone", None)
+        depth = {n: backbone.depth_of(n.removeprefix("backbone.")) for n in names if not n.startswith(HEAD_PREFIX)}
         levels = {d: i for i, d in enumerate(sorted(set(depth.values())))}  # consecutive: 0 .. top-1
         top = len(levels)
         scales = {}
@@ -130,29 +128,13 @@ class FinetuneTask(Task):
             "init": self.init_source(ctx).describe(),
             "label_fraction": self.recipe.data.label_fraction,
             "label_fraction_seed": self.recipe.data.label_fraction_seed,
-            "subset": ctx.extras.get("subset"),
+            "subset": ctx.subset,
         }
 
     def build_loaders(self, ctx: RunContext):
         loaders, val = super().build_loaders(ctx)
-        ctx.extras["subset"] = getattr(loaders[0], "subset", None)
+        ctx.subset = getattr(loaders[0], "subset", None)
         return loaders, val
-
-
-def backbone_depth(name: str) -> int:
-    """The depth of backbone parameter ``name`` (``backbone.image_encoder.blocks.3.attn...``) for layer-wise lr
-    decay: 0 for embeddings / tokens, 1 + block index inside an encoder, encoders' final norms and projections
-    above them, fusion layers above those."""
-    inner = name.split(".", 1)[1] if name.startswith("backbone.") else name
-    component = inner.split(".", 1)[0]
-    match = _LAYER.search(inner)
-    if component in ("image_encoder", "text_encoder"):
-        if match is None:
-            return 0 if ("embed" in inner or "cls_token" in inner or "pos_embed" in inner) else ENCODER_TOP
-        return 1 + int(match.group(1))
-    if component == "fusion":
-        return ENCODER_TOP + 1 + (int(match.group(1)) if match else FUSION_TOP)
-    return ENCODER_TOP  # projections, modality embeddings, temperatures
 
 
 def read_split_metas(spec: str) -> list[dict[str, Any]]:

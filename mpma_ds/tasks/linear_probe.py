@@ -100,6 +100,6 @@ class LinearProbeTask(FinetuneTask):
         return {
             **super().summary(ctx),
             "labels": self.labels.names,
-            "train_positives": ctx.extras["label_counts"],
-            "feature_files": ctx.extras.get("feature_files"),
+            "train_positives": self.labels.train_positives,
+            "feature_files": ctx.feature_files or None,
         }

@@ -26,6 +26,7 @@ class PretrainTask(Task):
         from mpma_ds.models import check_tokenizer_vocab
         from mpma_ds.tokenizer import load_tokenizer
 
+        self.check_inputs()
         ctx.model_config = self.recipe.model.config
         if not self.recipe.data.tokenizer:
             raise ValueError("data.tokenizer is empty: set it to a tokenizer folder (data_tools.train_tokenizer)")

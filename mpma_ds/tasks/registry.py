@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from mpma_ds.tasks.base import Task
     from mpma_ds.training.recipe import Recipe
 
-__all__ = ["TASKS", "build_task", "finetune_task_names", "task_class", "task_sections"]
+__all__ = ["TASKS", "build_task", "finetune_task_names", "task_class", "task_sections", "unknown_task"]
 
 TASKS: Registry[type[Task]] = Registry(
     "task",
@@ -38,6 +38,12 @@ the ``task.<key>`` recipe sections the task reads (two tasks may share one, with
 def finetune_task_names() -> list[str]:
     """The registered fine-tuning tasks (everything but pretraining), plugins included."""
     return [e.name for e in TASKS if e.obj.kind == "finetune"]
+
+
+def unknown_task(name: str) -> str:
+    """The one line for a fine-tuning task name that is not registered: the registered ones, plugins named."""
+    names = [f"{e.name} (plugin {e.plugin})" if e.plugin else e.name for e in TASKS if e.obj.kind == "finetune"]
+    return f"unknown task {name!r}; choose one of {', '.join(names)}"
 
 
 def task_sections() -> dict[str, type]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds.config import ConfigSection
@@ -35,17 +34,13 @@ class AlignmentModel(BackboneModule):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         net = self.backbone
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        img, txt = net._unimodal(batch["image"], ids, mask, None)  # (B, 1+N, Dv), (B, L, Dt)
-        img_emb = F.normalize(net.image_proj(net._pool_image(img)), dim=-1)  # (B, E)
-        txt_emb = F.normalize(net.text_proj(net._pool_text(txt, mask)), dim=-1)  # (B, E)
-        loss_global = net.global_loss(img_emb, txt_emb, net.rank, net.world_size)
+        f = net.alignment_features(
+            batch["image"], batch["input_ids"], batch["attention_mask"], local=self.w_local > 0
+        )
+        loss_global = net.global_loss(f.image, f.text, net.rank, net.world_size)
         out = {"loss": loss_global, "loss_global": loss_global}
         if self.w_local > 0:
-            patches = F.normalize(net.image_proj(img[:, 1:]), dim=-1)  # (B, N, E)
-            tokens = F.normalize(net.text_proj(txt), dim=-1)  # (B, L, E)
-            no_labels = torch.full_like(ids, -100)
-            out["loss_local"] = net.local_loss(tokens, net._alignment_tokens(mask, no_labels), patches)
+            out["loss_local"] = net.local_loss(f.tokens, f.token_mask, f.patches)
             out["loss"] = loss_global + self.w_local * out["loss_local"]
         return out
 

@@ -118,6 +118,7 @@ class VQATask(FinetuneTask):
     headline_metrics = ("accuracy_overall", "accuracy_closed", "accuracy_open")
     pairing = "vqa_accuracy"
     title = "VQA accuracy"
+    shard_kind = "vqa"
     default_best_metric = "accuracy_overall"
     backbone_parts = (
         "image_encoder",
@@ -146,12 +147,12 @@ class VQATask(FinetuneTask):
                 )
             answers[split] = [str(m["answer"]) for m in metas if str(m.get("answer") or "").strip()]
         vocab = build_answer_vocab(answers, mode=options.answer_set)
-        ctx.extras["answers"] = self.answers = vocab
-        ctx.extras["answer_counts"] = {split: len(a) for split, a in answers.items()}
+        self.answers = vocab
+        self.answer_counts = {split: len(a) for split, a in answers.items()}
 
     def architecture(self, ctx: RunContext) -> dict[str, Any]:
         options = self.recipe.task.vqa
-        return {"answers": len(ctx.extras["answers"]), "head_hidden": options.head_hidden, "loss": options.loss,
+        return {"answers": len(self.answers), "head_hidden": options.head_hidden, "loss": options.loss,
                 "freeze_backbone": options.freeze_backbone}  # fmt: skip
 
     @property
@@ -249,8 +250,8 @@ class VQATask(FinetuneTask):
         return {
             **super().summary(ctx),
             "answer_set": self.recipe.task.vqa.answer_set,
-            "answers": len(ctx.extras["answers"]),
-            "questions_read": ctx.extras.get("answer_counts"),
+            "answers": len(self.answers),
+            "questions_read": self.answer_counts,
             "freeze_backbone": self.frozen,
-            "feature_files": ctx.extras.get("feature_files"),
+            "feature_files": ctx.feature_files or None,
         }

@@ -147,7 +147,8 @@ def check_readable_store(uri: str) -> None:
     """Refuse a local store that holds no MLflow data, before MLflow would create or migrate one there.
 
     A comparison only reads: a ``sqlite:///`` path must be an existing SQLite file with MLflow's tables, a
-    file store an existing folder. Servers (``http://``, ...) are left to MLflow.
+    file store an existing folder; another scheme must be one MLflow reads. Servers (``http://``, ...) are left to
+    MLflow.
 
     Raises:
         ValueError: one line naming the path and what to pass instead.
@@ -182,6 +183,17 @@ def check_readable_store(uri: str) -> None:
         path = Path(uri[len("file://") :] if uri.startswith("file://") else uri.removeprefix("file:"))
         if not path.is_dir():
             raise ValueError(f"no MLflow file store at {path} (not a folder); {hint}")
+        return
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] not in MLFLOW_SCHEMES:
+        raise ValueError(
+            f"--tracking-uri {uri}: MLflow reads no {scheme}:// store; use one of "
+            f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)} (or a folder path); {hint}"
+        )
+
+
+MLFLOW_SCHEMES: tuple[str, ...] = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+"""URI schemes MLflow's tracking client opens (SQLAlchemy drivers as ``postgresql+psycopg2``)."""
 
 
 def _select(runs: list, wanted: Sequence[str], experiment: str) -> list:

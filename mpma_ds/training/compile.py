@@ -22,7 +22,12 @@ BLOCK_CLASS_NAMES = ("Block", "FusionLayer", "BertLayer", "RobertaLayer")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every transformer block of ``model``, outermost first (a block inside a block is not listed)."""
+    """Every transformer block of ``model``: the ``repeated_blocks()`` of each backbone it holds (the backbone
+    interface: ``MPMA.repeated_blocks``), else — for a module that does not declare its blocks — the blocks
+    found by class name, outermost first (a block inside a block is not listed)."""
+    declared = [m for m in model.modules() if callable(getattr(m, "repeated_blocks", None))]
+    if declared:
+        return [block for m in declared for block in m.repeated_blocks()]
     found: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():

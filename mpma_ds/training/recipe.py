@@ -26,6 +26,7 @@ from mpma_ds.config import (
     ConfigError,
     ConfigSection,
     apply_overrides,
+    blame_override,
     build,
     given_keys,
     load_yaml,
@@ -96,8 +97,9 @@ class TrainConfig(ConfigSection):
 
     epochs: float = 0.0
     """> 0: train for this many passes over the training split (after ``data.label_fraction``), i.e.
-    ``max_steps = ceil(epochs × steps per epoch)`` — the usual unit of fine-tuning. Not together with an
-    explicit ``max_steps`` > 0."""
+    ``max_steps = ceil(epochs × steps per epoch)`` — the usual unit of fine-tuning. An explicit ``max_steps``
+    > 0 (``--set train.max_steps=20``) wins over it, as in Hugging Face's Trainer; the run says so when it
+    starts."""
 
     lr: float = 1.5e-4
     """Peak learning rate (after warm-up)."""
@@ -267,6 +269,9 @@ class Recipe(ConfigSection):
     ``train_batch_size``, ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps`` and
     ``gradient_clipping`` may be ``"auto"`` (filled from ``train``)."""
 
+    notes: list[str] = field(default_factory=list, init=False, compare=False, repr=False)
+    """Lines about how the recipe was resolved, printed at the start of the run (not part of the recipe)."""
+
     kind = "pretrain"
 
     def validate(self) -> None:
@@ -286,10 +291,13 @@ class Recipe(ConfigSection):
                 f"{model.max_text_len}; lower data.max_text_len"
             )
         if self.train.epochs > 0 and self.train.max_steps > 0 and "max_steps" in given_keys(self.train):
-            raise ValueError(
-                f"train.epochs={self.train.epochs} and train.max_steps={self.train.max_steps} both set the length "
-                "of the run; set one of them (train.max_steps=0 to use epochs, train.epochs=0 to use max_steps)"
+            # the Hugging Face Trainer's convention, which users bring: max_steps > 0 wins over epochs. Resolved
+            # once here, so the saved recipe.yaml (and a resume from it) says which.
+            self.notes.append(
+                f"train.max_steps={self.train.max_steps} wins over train.epochs={self.train.epochs} (as in Hugging "
+                "Face's Trainer): the run trains for max_steps; set train.max_steps=0 to train by epochs"
             )
+            self.train.epochs = 0.0
 
 
 @dataclass
@@ -335,6 +343,7 @@ def load_recipe(
     Raises:
         ConfigError: missing/empty/unreadable file, unknown key, wrong type or bad value (names the key).
     """
+    overrides = list(overrides)
     tree: dict[str, Any] = {}
     recipe_dir = None
     source = None
@@ -345,7 +354,10 @@ def load_recipe(
     tree = apply_overrides(tree, overrides)
     if cls is None:
         cls = FinetuneRecipe if "task" in tree else Recipe  # type: ignore[assignment]
-    recipe = build(cls, tree, source=source, what="recipe")
+    try:
+        recipe = build(cls, tree, source=source, what="recipe")
+    except ConfigError as err:
+        raise blame_override(err, overrides, source) from err
     if check_files:
         recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=recipe_dir))
         check_output_dir(recipe.train.output_dir)

@@ -414,7 +414,7 @@ class Trainer:
         module.eval()
         try:
             batches = (
-                self.task.to_model(b)
+                _to_device(self.task.to_model(b), self.ctx.device, self.image_dtype)
                 for i, b in enumerate(loader.loader)
                 if not (self.cfg.eval_max_batches and i >= self.cfg.eval_max_batches)
             )
