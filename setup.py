@@ -29,6 +29,7 @@ setup(
             "mpma-evaluate = mpma_ds.cli.evaluate:main",
             "mpma-compare = mpma_ds.cli.compare:main",
             "mpma-demo = mpma_ds.cli.demo:main",
+            "mpma-predict = mpma_ds.cli.predict:main",
             "mpma-synth-corpus = data_tools.synth_corpus:main",
             "mpma-synth-vqa = data_tools.synth_vqa:main",
             "mpma-build-shards = data_tools.build_shards:main",

@@ -50,6 +50,7 @@ CONSOLE_SCRIPTS = (
     "mpma-evaluate",
     "mpma-compare",
     "mpma-demo",
+    "mpma-predict",
     "mpma-synth-corpus",
     "mpma-synth-vqa",
     "mpma-build-shards",

@@ -42,12 +42,14 @@ LADDER: tuple[tuple[str, ...], ...] = (
     ("mpma_ds.config", "mpma_ds.fileio", "mpma_ds.distributed", "mpma_ds.tokenizer", "mpma_ds.kernels",
      "mpma_ds.recipes"),
     ("mpma_ds.models", "mpma_ds.data"),  # plain-PyTorch MPMA; shards -> batches
-    ("mpma_ds", "mpma_ds.eval"),  # the public API (SPEC 5a); metrics as pure functions
+    ("mpma_ds.eval",),  # metrics as pure functions
     ("mpma_ds.tracking",),  # MLflow + metrics.jsonl, run lineage, the comparison report
     ("mpma_ds.tasks",),  # what a run optimises and measures: batch -> loss, metrics
     ("mpma_ds.training",),  # the engine: recipe, build_engine (DeepSpeed), checkpoints, resharding
     ("mpma_ds.runner",),  # the Trainer, init.from, export, evaluation, the demo's stages
+    ("mpma_ds.predict",),  # a model used on a user's films: findings, calibration, overlays, viewer
     ("mpma_ds.cli",),  # argument parsing and exit codes of the console scripts
+    ("mpma_ds",),  # the public API (SPEC 5a): what it re-exports, Predictor on first use
 )  # fmt: skip
 # Function-level imports that point up the ladder today, (module, imported module). The list only shrinks: an
 # entry whose import is gone must be deleted. (Empty: the runner resolves init.from and hands a fine-tuning task

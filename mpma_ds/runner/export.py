@@ -7,6 +7,7 @@ The output is ``MPMA.save_pretrained`` layout::
     OUT/image_encoder/                           ->  timm.create_model("local-dir:OUT/image_encoder")
     OUT/recipe.yaml                              the training recipe (evaluation reads its preprocessing)
     OUT/export_info.json                         which checkpoint, step, MLflow run, when
+    OUT/README.md                                the model card (mpma_ds.runner.model_card)
 
 The weights are DeepSpeed's own consolidation (``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``):
 the fp32 master copy, merged over every rank's partition. ``load_pretraining_checkpoint`` gives the same
@@ -26,6 +27,7 @@ import torch
 
 from mpma_ds.models import MPMA
 from mpma_ds.models.config import check_same_architecture
+from mpma_ds.runner.model_card import write_model_card
 from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.checkpoint import (
     COMPLETE_FILE,
@@ -290,6 +292,7 @@ def export_checkpoint(
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (partial / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_model_card(partial, model=model, recipe=recipe, run_dir=run_dir, info=info)  # README.md
     if out.exists():
         _remove_export(out)
     partial.rename(out)
