@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mpma_ds.eval.split_eval import data_config_for
-from mpma_ds.models import MPMA, create_model
+from mpma_ds.models import MPMA, MPMAConfig, create_model
 from mpma_ds.tasks.init import InitSource, load_backbone
 from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.recipe import RECIPE_FILE
@@ -37,6 +37,12 @@ class BenchModel:
     info: dict[str, Any]
 
 
+def _arch_digest(net: MPMA) -> str:
+    return hashlib.sha256(json.dumps(net.config.architecture(), sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -46,7 +52,11 @@ def _file_digest(path: Path) -> str:
 
 
 def load_model(spec: str, *, tokenizer: str | None = None, seed: int = 0, name: str | None = None) -> BenchModel:
-    """Build the model of ``spec``; ``FileNotFoundError`` / ``ValueError`` (one line) when it cannot be."""
+    """Build the model of ``spec``; ``FileNotFoundError`` / ``ValueError`` (one line) when it cannot be.
+
+    ``random:<arch>`` is a registered architecture at its defaults; ``random:<exported folder>`` is that folder's
+    twin: its architecture (sizes included), its recipe's preprocessing and its tokenizer, freshly initialised
+    with ``seed`` — what a pretrained model is compared with."""
     from mpma_ds.export import ExportError, check_complete, find_tag_dir, load_run_recipe, read_run_recipe
     from mpma_ds.export import resolve_tokenizer as run_tokenizer
 
@@ -55,8 +65,18 @@ def load_model(spec: str, *, tokenizer: str | None = None, seed: int = 0, name: 
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
         torch.manual_seed(seed)
-        net = create_model(arch)
-        kind, tok_dir, weights = "random", tokenizer, f"random:{arch}:seed={seed}"
+        folder = Path(arch)
+        if (folder / "config.json").is_file():  # the twin of an exported folder: its architecture and recipe
+            meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            net = MPMA(MPMAConfig.from_dict(meta["config"], context=str(folder / "config.json")))
+            if (folder / RECIPE_FILE).is_file():
+                recipe = load_run_recipe(folder / RECIPE_FILE)
+            arch = folder.resolve().name
+            tok = folder / "text_encoder"
+            tokenizer = tokenizer or (str(tok) if (tok / "tokenizer.json").is_file() else None)
+        else:
+            net = create_model(arch)
+        kind, tok_dir, weights = "random", tokenizer, f"random:{_arch_digest(net)}:seed={seed}"
         default_name = f"random-{arch}"
         if not tok_dir:
             raise ValueError(

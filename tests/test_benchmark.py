@@ -1,0 +1,212 @@
+"""``mpma-benchmark`` end to end: NIH, CheXpert 5x200 and RSNA laid out for real ids (their real label rows, boxes
+and ids, synthetic 64 px films; RSNA as DICOMs with pydicom-data's real chest CR among them), an exported tiny
+model and its random twin run through the ``cxr-core`` suite: results.json, intervals, paired differences, the
+reference column, MLflow parent + child runs, the feature cache, skipped datasets and the page in headless
+Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_benchmark_readers import TABLES
+from train_testdata import ROOT, tiny_tokenizer
+
+import mpma_ds
+from data_tools.synth.bench_layout import layout_all
+from mpma_ds.cli.benchmark import main
+
+pytestmark = pytest.mark.slow
+IMAGES = 100
+SIZE = 64
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    root = base / "bench"
+    tok = tiny_tokenizer(str(base))
+    exported = root / "exported"
+    torch.manual_seed(1)
+    mpma_ds.create_model("mpma_tiny", image_size=SIZE).save_pretrained(exported)
+    shutil.copytree(tok, exported / "text_encoder", dirs_exist_ok=True)
+    layout_all(TABLES, root / "data", n=IMAGES, size=SIZE, seed=0)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    argv = ["--model", str(exported), "--model", f"random:{exported}", "--suite", "cxr-core",
+            "--data-root", str(root / "data"), "--out", str(root / "out"), "--tracking-uri", uri, "--bootstrap", "200",
+            "--workers", "0", "--min-label-count", "3", "--batch-size", "32"]  # fmt: skip
+    return root, argv, uri
+
+
+@pytest.fixture(scope="module")
+def first(bench):
+    root, argv, uri = bench
+    rc = main(argv)
+    assert rc == 0
+    return json.loads((root / "out" / "results.json").read_text())
+
+
+def test_every_cxr_core_entry_ran_for_both_models(first):
+    assert first["skipped"] == {}
+    expected = {"nih-cxr14": {"zero_shot", "grounding"}, "chexpert-5x200": {"zero_shot_accuracy"},
+                "rsna-pneumonia": {"zero_shot", "linear_probe"}}  # fmt: skip
+    assert {d: set(p) for d, p in first["entries"].items()} == expected
+    for dataset, protocols in first["entries"].items():
+        for protocol, block in protocols.items():
+            assert set(block["models"]) == {"exported", "random-exported"}, (dataset, protocol)
+            assert re.fullmatch(r"[0-9a-f]{16}", block["split_checksum"])
+            for m in block["models"].values():
+                assert "error" not in m, (dataset, protocol, m)
+                assert m["info"]["images_rejected"] == 0  # every PNG, JPEG and DICOM decoded
+
+
+def test_metrics_have_intervals_and_the_paired_difference_is_b_minus_a(first):
+    zs = first["entries"]["nih-cxr14"]["zero_shot"]
+    a, b = (zs["models"][n]["metrics"] for n in ("exported", "random-exported"))
+    for m in (a, b):
+        lo, hi = m["zeroshot_auroc_mean_ci95"]
+        assert 0 <= lo <= m["zeroshot_auroc_mean"] <= hi <= 1
+    d = zs["paired"]["random-exported - exported"]["zeroshot_auroc_mean"]
+    assert d["difference"] == pytest.approx(b["zeroshot_auroc_mean"] - a["zeroshot_auroc_mean"])
+    lo, hi = d["difference_ci95"]
+    assert lo <= d["difference"] <= hi
+    acc = first["entries"]["chexpert-5x200"]["zero_shot_accuracy"]
+    assert acc["images"] == 100 and all(0 <= m["metrics"]["accuracy"] <= 1 for m in acc["models"].values())
+
+
+def test_grounding_is_scored_on_the_real_boxes(first):
+    g = first["entries"]["nih-cxr14"]["grounding"]
+    counts = first["datasets"]["nih-cxr14"]["counts"]
+    assert g["images"] == counts["images_with_boxes"] == IMAGES // 3
+    a, b = (g["models"][n]["metrics"] for n in ("exported", "random-exported"))
+    # the chance level is the boxes' share of the input: a property of the data, equal for both models
+    assert a["pointing_game_chance"] == b["pointing_game_chance"] and 0 < a["pointing_game_chance"] < 0.5
+    for m in (a, b):
+        assert 0 <= m["pointing_game"] <= 1 and 0 <= m["miou"] <= 1 and m["cnr"] >= 0
+        assert m["pairs"] >= g["images"]
+
+
+def test_linear_probe_fractions_have_checksums_and_references_sit_apart(first):
+    lp = first["entries"]["rsna-pneumonia"]["linear_probe"]
+    info = lp["models"]["exported"]["info"]["split_checksums"]
+    assert set(info) == {"@1%", "@10%", "@100%"}
+    assert info["@100%"]["images"] == first["datasets"]["rsna-pneumonia"]["counts"]["splits"]["train"]
+    assert info["@1%"]["checksum"] == lp["models"]["random-exported"]["info"]["split_checksums"]["@1%"]["checksum"]
+    refs = first["references"]["rsna-pneumonia"]["linear_probe"]
+    assert refs and all(r["label"] == "published, not reproduced here" and r["source"] for r in refs)
+    # never in our own metrics
+    assert not any(r["model"] in json.dumps(lp["models"]) for r in refs)
+
+
+def test_mlflow_parent_per_model_and_a_child_per_entry(bench, first):
+    from mlflow.tracking import MlflowClient
+
+    _, _, uri = bench
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("mpma-benchmark")
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    for name, model in first["models"].items():
+        parent = client.get_run(model["mlflow_run_id"])
+        assert parent.data.params["benchmark.suite"] == "cxr-core"
+        checksum = first["entries"]["nih-cxr14"]["zero_shot"]["split_checksum"]
+        assert parent.data.params["benchmark.split_checksums.nih-cxr14/zero_shot"] == checksum
+        assert (
+            parent.data.params["benchmark.dataset_versions.rsna-pneumonia"]
+            == first["datasets"]["rsna-pneumonia"]["version"]
+        )
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 5
+        child = next(r for r in children if r.data.tags["mpma.entry"] == "nih-cxr14/zero_shot")
+        assert (
+            child.data.params["entry.split_checksum"]
+            == first["entries"]["nih-cxr14"]["zero_shot"]["split_checksum"]
+        )
+        ours = first["entries"]["nih-cxr14"]["zero_shot"]["models"][name]["metrics"]["zeroshot_auroc_mean"]
+        assert child.data.metrics["zeroshot_auroc_mean"] == pytest.approx(ours)
+
+
+def test_second_run_reads_the_feature_cache_and_skips_absent_datasets(bench, first, tmp_path, capsys):
+    root, argv, _ = bench
+    suite = tmp_path / "mine.yaml"
+    suite.write_text("name: mine\nentries:\n  - {dataset: nih-cxr14, protocol: zero_shot, split: test}\n"
+                     "  - {dataset: chexpert, protocol: linear_probe, split: validate}\n")  # fmt: skip
+    args = [*argv[: argv.index("--suite")], "--suite", str(suite), "--data-root", str(root / "data"), "--out",
+            str(root / "out2"), "--cache-dir", str(root / "out" / "cache"), "--no-mlflow", "--bootstrap", "200",
+            "--workers", "0", "--min-label-count", "3"]  # fmt: skip
+    rc, out, _ = _run(args, capsys)
+    assert rc == 0
+    assert f"chexpert/linear_probe: skipped, {root / 'data' / 'chexpert'} does not exist" in out
+    again = json.loads((root / "out2" / "results.json").read_text())
+    block = again["entries"]["nih-cxr14"]["zero_shot"]
+    assert all(m["timing"]["cached"] for m in block["models"].values())
+    assert block["models"]["exported"]["metrics"]["zeroshot_auroc_mean"] == pytest.approx(
+        first["entries"]["nih-cxr14"]["zero_shot"]["models"]["exported"]["metrics"]["zeroshot_auroc_mean"]
+    )
+
+
+def test_bad_inputs_are_one_line(bench, capsys, tmp_path):
+    root, argv, _ = bench
+    rc, _, err = _run(["--model", "random:mpma_tiny", "--suite", "cxr-core", "--data-root", ".", "--out",
+                       str(tmp_path)], capsys)  # fmt: skip
+    assert rc == 2 and "a random twin needs --tokenizer" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _run(["--model", "random:mpma_tiny", "--suite", "nope", "--data-root", ".", "--out",
+                       str(tmp_path)], capsys)  # fmt: skip
+    assert rc == 2 and "unknown suite 'nope': shipped suites are cxr-core, cxr-full" in err
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_page_in_headless_chromium(bench, first, tmp_path):
+    root, _, _ = bench
+    page = root / "out" / "benchmark.html"
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium: install it with `make browser` (apt-get install chromium) to run this test")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    table = re.search(r"<table id=\"results\">(.*?)</table>", dom, re.S)
+    assert table, dom[:2000]
+    rows = re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)
+    head = re.findall(r"<th>(.*?)</th>", rows[0])
+    assert head[3:6] == ["exported", "random-exported", "random-exported - exported"]
+    assert head[-1] == "reference (published, not reproduced here)"
+    zs = next(r for r in rows if "nih-cxr14 / zero_shot" in r)
+    value = first["entries"]["nih-cxr14"]["zero_shot"]["models"]["exported"]["metrics"]["zeroshot_auroc_mean"]
+    assert f"{value:.3f} [" in zs
+    assert "MGCA (ResNet-50): 0.886" in dom
+    shot = tmp_path / "benchmark.png"
+    subprocess.run([*flags, "--window-size=1400,1000", f"--screenshot={shot}", page.as_uri()], capture_output=True,
+                   timeout=120, check=True)  # fmt: skip
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    keep = ROOT / "test-artifacts"
+    keep.mkdir(exist_ok=True)
+    shutil.copy(shot, keep / "benchmark_page.png")
+
+
+def test_real_dicom_goes_through_the_rsna_reader(bench, first):
+    root, _, _ = bench
+    from pydicom.data import get_testdata_file
+
+    real = Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()
+    files = sorted((root / "data" / "rsna-pneumonia" / "stage_2_train_images").glob("*.dcm"))
+    assert sum(f.read_bytes() == real for f in files) == 1
+    assert first["datasets"]["rsna-pneumonia"]["counts"]["problems"] == {}
+    assert np.isfinite(first["entries"]["rsna-pneumonia"]["zero_shot"]["images"])
