@@ -9,6 +9,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -164,3 +165,60 @@ def test_unreadable_dataset_is_one_clear_error(tmp_path):
         read_benchmark("rsna-pneumonia", tmp_path)
     with pytest.raises(BenchmarkError, match="unknown option"):
         read_benchmark("rsna-pneumonia", tmp_path, {"tabel": "x"})
+
+
+def test_siim_full_rle_table():
+    data = _timed(
+        "siim-pneumothorax", {"table": str(TABLES / "siim-pneumothorax-train-rle.csv.gz"), "check_images": False}
+    )
+    c = data.counts()
+    # SIIM-ACR stage 2 train-rle.csv: 12,047 images, 2,669 with pneumothorax (several regions on some)
+    assert (c["images"], c["positives"]["Pneumothorax"], c["images_with_boxes"]) == (12047, 2669, 2669)
+    assert c["boxes"] == 3576 and c["problems"] == {}
+    assert all(0 <= b.x0 < b.x1 <= 1024 and 0 <= b.y0 < b.y1 <= 1024 for r in data.records for b in r.boxes)
+
+
+def test_rle_box_is_the_masks_bounding_box():
+    from data_tools.benchmarks.siim import rle_box
+
+    size = 16
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[3:7, 5:9] = 1  # rows y 3..6, columns x 5..8
+    mask[10, 12] = 1
+    flat = mask.T.flatten()  # Kaggle's mask2rle reads column by column
+    runs, prev_end, i = [], 0, 0
+    while i < len(flat):
+        if flat[i]:
+            j = i
+            while j < len(flat) and flat[j]:
+                j += 1
+            runs += [i - prev_end, j - i]
+            prev_end, i = j, j
+        else:
+            i += 1
+    assert rle_box(" ".join(map(str, runs)), size) == (5, 3, 13, 11)
+    with pytest.raises(ValueError, match="past the 16x16 image"):
+        rle_box("250 10", size)
+    with pytest.raises(ValueError, match="pairs"):
+        rle_box("1 2 3", size)
+
+
+def test_vindr_full_kaggle_table():
+    data = _timed("vindr-cxr", {"train": str(TABLES / "vinbigdata-train.csv.gz"), "check_images": False})
+    c = data.counts()
+    # VinDr-CXR (Nguyen et al. 2022): 15,000 training scans; the Kaggle train.csv's 36,096 finding boxes
+    assert (c["images"], c["boxes"]) == (15000, 36096)
+    assert c["positives"]["Aortic enlargement"] == 3067 and c["positives"]["Pneumothorax"] == 96
+    assert data.notes == ["no annotations_test.csv: the training images only (split 'train')"]
+
+
+def test_padchest_full_table_every_row_accounted():
+    every = ("PA", "AP", "AP_horizontal", "L", "COSTAL", "EXCLUDE", "UNK")
+    data = _timed("padchest", {"check_images": False, "projections": list(every)})
+    c = data.counts()
+    # the 01.02.19 table: 160,861 rows of 67,625 patients (Bustos et al. 2020: 160,868 images, 67,625 patients);
+    # 103 rows have no label list, each reported
+    assert c["images"] + c["problems"]["bad_value"] == 160861 and c["problems"] == {"bad_value": 103}
+    assert c["patients"] == 67594  # the patients of the rows with labels
+    frontal = read_benchmark("padchest", TABLES, {"check_images": False})
+    assert len(frontal.records) == 110554 and frontal.counts()["positives"]["pulmonary fibrosis"] > 0

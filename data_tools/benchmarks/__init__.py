@@ -23,6 +23,7 @@ def read_benchmark(dataset: str, root: str | Path, options: dict[str, Any] | Non
         raise BenchmarkError(
             f"{dataset}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
-    if "fractions" in opts:
-        opts["fractions"] = tuple(opts["fractions"])
+    for key in ("fractions", "labels", "projections"):  # YAML lists -> the dataclasses' tuples
+        if isinstance(opts.get(key), list):
+            opts[key] = tuple(opts[key])
     return entry.obj(Path(root), entry.options(**opts) if entry.options else None)

@@ -34,6 +34,9 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.nih",
         "data_tools.benchmarks.chexpert",
         "data_tools.benchmarks.rsna",
+        "data_tools.benchmarks.siim",
+        "data_tools.benchmarks.vindr",
+        "data_tools.benchmarks.padchest",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::
@@ -64,9 +67,12 @@ class Box:
     y1: float
     frame: tuple[int, int] | None = None
 
-    def scaled(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The box in an image of ``width`` x ``height`` pixels (the frame's, when it has none)."""
-        fw, fh = self.frame or (width, height)
+    def scaled(
+        self, width: int, height: int, original: tuple[int, int] | None = None
+    ) -> tuple[float, float, float, float]:
+        """The box in an image of ``width`` x ``height`` pixels decoded from a file of ``original`` size: a box
+        without a frame is in the file's own pixels (VinDr's DICOMs differ in size)."""
+        fw, fh = self.frame or original or (width, height)
         sx, sy = width / fw, height / fh
         return self.x0 * sx, self.y0 * sy, self.x1 * sx, self.y1 * sy
 

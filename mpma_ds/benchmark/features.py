@@ -29,7 +29,7 @@ from mpma_ds.data.transforms import XrayTransform, eval_resize_size
 
 
 class RecordImages(torch.utils.data.Dataset):
-    """Record i -> ``(i, image (C, S, S) or None, (width, height) of the decoded image, reason)``."""
+    """Record i -> ``(i, image (C, S, S) or None, (width, height) decoded, (width, height) of the file, reason)``."""
 
     def __init__(self, records: Sequence[BenchRecord], data_cfg: Any) -> None:
         self.paths = [r.image for r in records]
@@ -41,14 +41,14 @@ class RecordImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int], tuple[int, int], str]:
         try:
             encoded = encode_image(self.paths[i], self.opts)
         except ImageRejected as err:
-            return i, None, (0, 0), f"{err.reason}: {err.detail}"
+            return i, None, (0, 0), (0, 0), f"{err.reason}: {err.detail}"
         image = Image.open(io.BytesIO(encoded.jpeg))
         image.load()
-        return i, self.transform(image), image.size, ""
+        return i, self.transform(image), image.size, (encoded.width, encoded.height), ""
 
 
 def _collate(items: list) -> list:
@@ -63,6 +63,8 @@ class Batch:
     """(B, C, S, S) eval-transformed."""
     sizes: list[tuple[int, int]]
     """(width, height) of each decoded image (before the eval transform): the frame boxes are scaled to."""
+    originals: list[tuple[int, int]]
+    """(width, height) of each file: the frame of boxes given in the file's pixels."""
 
 
 def stream(records: Sequence[BenchRecord], data_cfg: Any, *, batch_size: int, workers: int,
@@ -74,10 +76,11 @@ def stream(records: Sequence[BenchRecord], data_cfg: Any, *, batch_size: int, wo
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )  # fmt: skip
     for items in loader:
-        good = [(i, x, s) for i, x, s, why in items if x is not None]
-        rejected.update({i: why for i, x, _, why in items if x is None})
+        good = [item for item in items if item[1] is not None]
+        rejected.update({item[0]: item[4] for item in items if item[1] is None})
         if good:
-            yield Batch([g[0] for g in good], torch.stack([g[1] for g in good]), [g[2] for g in good])
+            yield Batch([g[0] for g in good], torch.stack([g[1] for g in good]), [g[2] for g in good],
+                        [g[3] for g in good])  # fmt: skip
 
 
 @dataclass

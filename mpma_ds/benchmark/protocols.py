@@ -203,8 +203,14 @@ def grounding(
             rec = records[i]
             width, height = batch.sizes[j]
             by_label: dict[str, list[tuple[float, ...]]] = {}
+            ow, oh = batch.originals[j]
             for box in rec.boxes:
-                mapped = eval_box(box.scaled(width, height), (width, height), model.data_cfg)
+                fw, fh = box.frame or (ow, oh)
+                if box.x1 > fw + 0.5 or box.y1 > fh + 0.5:
+                    problems.append(f"{rec.key}: the {box.label} box {box.x0:g},{box.y0:g},{box.x1:g},{box.y1:g} "
+                                    f"lies outside the {fw}x{fh} image")  # fmt: skip
+                    continue
+                mapped = eval_box(box.scaled(width, height, (ow, oh)), (width, height), model.data_cfg)
                 if mapped is None:
                     problems.append(f"{rec.key}: the {box.label} box lies outside the eval crop")
                     continue

@@ -66,8 +66,9 @@ def _run_entry(
         result = grounding(model, batches, records, n_resamples=n_resamples, device=device, problems=problems)
         timing.update(seconds=time.perf_counter() - start, images=len(records) - len(rejected), cached=False)
         result.info.update(
-            images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=problems[:20]
-        )
+            images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=len(problems),
+            box_problem_examples=problems[:20],
+        )  # fmt: skip
         return result
     feats = image_features(model, records, dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size,
                            workers=workers, device=device)  # fmt: skip
