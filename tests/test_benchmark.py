@@ -210,3 +210,33 @@ def test_real_dicom_goes_through_the_rsna_reader(bench, first):
     assert sum(f.read_bytes() == real for f in files) == 1
     assert first["datasets"]["rsna-pneumonia"]["counts"]["problems"] == {}
     assert np.isfinite(first["entries"]["rsna-pneumonia"]["zero_shot"]["images"])
+
+
+def test_boxes_in_each_files_own_pixels_and_one_outside_is_reported(bench, tmp_path, capsys):
+    """VinDr's boxes are in each DICOM's own pixels (sizes differ): a film of 96 x 80 with its box inside is
+    scored, a box past its film's edge is one problem line, not a crash and not a silent drop."""
+    from PIL import Image
+
+    root, argv, _ = bench
+    data = tmp_path / "data" / "vindr-cxr"
+    (data / "train").mkdir(parents=True)
+    rows = ["image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"]
+    for i, (w, h, box) in enumerate([(96, 80, (10, 10, 40, 50)), (120, 100, (60, 20, 110, 90)),
+                                     (80, 80, (20, 20, 150, 60))]):  # fmt: skip
+        Image.new("L", (w, h), 90 + 40 * i).save(data / "train" / f"img{i}.png")
+        rows.append(f"img{i},Cardiomegaly,3,R1,{box[0]},{box[1]},{box[2]},{box[3]}")
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    suite = tmp_path / "vindr.yaml"
+    suite.write_text("name: vindr\nentries:\n  - {dataset: vindr-cxr, protocol: grounding, split: all}\n")
+    args = [*argv[:2], "--suite", str(suite), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--no-mlflow", "--bootstrap", "50", "--workers", "0"]  # fmt: skip
+    rc, _, _ = _run(args, capsys)
+    assert rc == 0
+    block = json.loads((tmp_path / "out" / "results.json").read_text())["entries"]["vindr-cxr"]["grounding"]
+    info = block["models"]["exported"]["info"]
+    assert block["models"]["exported"]["metrics"]["pairs"] == 2
+    assert (
+        info["box_problems"] == 1
+        and "img2: the Cardiomegaly box 20,20,150,60 lies outside the 80x80 image"
+        in (info["box_problem_examples"][0])
+    )
