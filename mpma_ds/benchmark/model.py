@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from mpma_ds.eval.split_eval import data_config_for
-from mpma_ds.models import MPMA, MPMAConfig, create_model
+from mpma_ds.export import ExportError, check_complete, find_tag_dir, load_run_recipe, read_run_recipe
+from mpma_ds.export import resolve_tokenizer as run_tokenizer
+from mpma_ds.models import MPMA, MPMAConfig, check_tokenizer_vocab, create_model
 from mpma_ds.tasks.init import InitSource, load_backbone
 from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.recipe import RECIPE_FILE
@@ -57,9 +59,6 @@ def load_model(spec: str, *, tokenizer: str | None = None, seed: int = 0, name: 
     ``random:<arch>`` is a registered architecture at its defaults; ``random:<exported folder>`` is that folder's
     twin: its architecture (sizes included), its recipe's preprocessing and its tokenizer, freshly initialised
     with ``seed`` — what a pretrained model is compared with."""
-    from mpma_ds.export import ExportError, check_complete, find_tag_dir, load_run_recipe, read_run_recipe
-    from mpma_ds.export import resolve_tokenizer as run_tokenizer
-
     recipe = None
     info: dict[str, Any] = {}
     if spec.startswith("random:"):
@@ -116,8 +115,6 @@ def load_model(spec: str, *, tokenizer: str | None = None, seed: int = 0, name: 
         if not tok_dir:
             raise ValueError(f"--model {spec}: no tokenizer found with it; pass --tokenizer DIR")
     tok = load_tokenizer(tok_dir)
-    from mpma_ds.models import check_tokenizer_vocab
-
     check_tokenizer_vocab(net, tok)
     net.eval()
     data_cfg = data_config_for(net.config, recipe=recipe, shards=Path("."), tokenizer=tok_dir, backend=None)

@@ -23,6 +23,7 @@ from mpma_ds.benchmark.features import image_features, stream
 from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import EntryResult, grounding, linear_probe, zero_shot, zero_shot_accuracy
 from mpma_ds.benchmark.references import references_for
+from mpma_ds.benchmark.report import write_page
 from mpma_ds.benchmark.suite import Suite, SuiteEntry
 from mpma_ds.eval.bootstrap import loggable_metrics, paired_difference
 from mpma_ds.tracking import TrackingConfig, build_logger
@@ -235,8 +236,6 @@ def run_benchmark(
         for logger in loggers.values():
             logger.close()
     (out / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
-    from mpma_ds.benchmark.report import write_page
-
     results["page"] = str(write_page(results, out / "benchmark.html"))
     return results
 

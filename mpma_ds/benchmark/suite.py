@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from data_tools.benchmarks import BENCHMARKS
+
 PROTOCOLS: dict[str, str] = {
     "zero_shot": "zero-shot classification from prompt ensembles: AUROC per label and mean",
     "zero_shot_accuracy": "zero-shot single-label classification (5x200): accuracy",
@@ -95,8 +97,6 @@ def _entry(raw: Any, where: str, datasets: list[str]) -> SuiteEntry:
 
 def load_suite(spec: str | Path) -> Suite:
     """The suite named ``spec`` (shipped) or the YAML file at ``spec``; every entry checked."""
-    from data_tools.benchmarks import BENCHMARKS
-
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
