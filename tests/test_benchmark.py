@@ -240,3 +240,36 @@ def test_boxes_in_each_files_own_pixels_and_one_outside_is_reported(bench, tmp_p
         and "img2: the Cardiomegaly box 20,20,150,60 lies outside the 80x80 image"
         in (info["box_problem_examples"][0])
     )
+
+
+def test_ms_cxr_phrase_grounding_queries_each_boxs_phrase(bench, tmp_path, capsys):
+    """MS-CXR's table over MIMIC-CXR-JPG paths: each box grounds its own report phrase; a row whose image is
+    missing and a box past the image's size are problems, per row."""
+    from data_tools.synth.bench_layout import film
+
+    root, argv, _ = bench
+    data = tmp_path / "data" / "ms-cxr"
+    rows = ["dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height,split"]
+    cases = [("d1", "Pleural Effusion", "small left pleural effusion", (60, 120, 50, 40)),
+             ("d1", "Cardiomegaly", "the heart is enlarged", (50, 70, 90, 60)),
+             ("d2", "Pneumothorax", "right apical pneumothorax", (20, 10, 40, 40)),
+             ("d3", "Edema", "mild pulmonary edema", (30, 30, 100, 90)),
+             ("d4", "Consolidation", "consolidation at the base", (10, 10, 20, 20)),
+             ("d2", "Pneumothorax", "a second box", (150, 150, 60, 60))]  # fmt: skip
+    for key, label, phrase, (x, y, w, h) in cases:
+        rel = f"files/p10/p1000{key[-1]}/s5000{key[-1]}/{key}.jpg"
+        if key != "d4":  # d4's image is missing
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            film([label], key, 192, [(x, y, x + w, y + h)]).save(data / rel)
+        rows.append(f'{key},{label},"{phrase}",{rel},{x},{y},{w},{h},192,192,test')
+    (data / "MS_CXR_Local_Alignment_v1.1.0.csv").write_text("\n".join(rows) + "\n")
+    suite = tmp_path / "ms.yaml"
+    suite.write_text("name: ms\nentries:\n  - {dataset: ms-cxr, protocol: grounding, split: test}\n")
+    args = [*argv[:2], "--suite", str(suite), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--no-mlflow", "--bootstrap", "50", "--workers", "0"]  # fmt: skip
+    rc, _, _ = _run(args, capsys)
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["datasets"]["ms-cxr"]["counts"]["problems"] == {"box_outside_image": 1, "missing_image": 1}
+    block = results["entries"]["ms-cxr"]["grounding"]
+    assert block["images"] == 3 and block["models"]["exported"]["metrics"]["pairs"] == 4  # one pair per phrase

@@ -37,6 +37,7 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.siim",
         "data_tools.benchmarks.vindr",
         "data_tools.benchmarks.padchest",
+        "data_tools.benchmarks.ms_cxr",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::
@@ -66,6 +67,8 @@ class Box:
     x1: float
     y1: float
     frame: tuple[int, int] | None = None
+    phrase: str = ""
+    """The phrase the box grounds (MS-CXR's report phrase); empty: the finding's own name is the query."""
 
     def scaled(
         self, width: int, height: int, original: tuple[int, int] | None = None

@@ -13,8 +13,9 @@ so that two models evaluated on the same entry are compared by a *paired* bootst
   of the ``train`` split, one per label, at each label fraction (a seeded subset, its checksum reported); test
   AUROC per label and mean. (The standard frozen-feature protocol of CLIP-style papers; the Trainer's
   ``linear_probe`` task fine-tunes from shards instead.)
-- **grounding** (BioViL's three): per (image, finding) the phrase's similarity map (`eval.grounding`), the
-  pointing game (the map's maximum inside the finding's boxes), CNR = |mean_in - mean_out| / sqrt(var_in +
+- **grounding** (BioViL's three): per (image, finding, phrase) the phrase's similarity map (`eval.grounding`; MS-CXR's
+  own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
+  inside the boxes), CNR = |mean_in - mean_out| / sqrt(var_in +
   var_out) of the map upsampled to the input, and the IoU of the min-max-normalised map thresholded at 0.5 with
   the union of the boxes; means over pairs, and the box-area chance level of the pointing game.
 """
@@ -202,7 +203,7 @@ def grounding(
         for j, i in enumerate(batch.index):
             rec = records[i]
             width, height = batch.sizes[j]
-            by_label: dict[str, list[tuple[float, ...]]] = {}
+            by_label: dict[tuple[str, str], list[tuple[float, ...]]] = {}  # (finding, phrase) -> its boxes
             ow, oh = batch.originals[j]
             for box in rec.boxes:
                 fw, fh = box.frame or (ow, oh)
@@ -214,9 +215,9 @@ def grounding(
                 if mapped is None:
                     problems.append(f"{rec.key}: the {box.label} box lies outside the eval crop")
                     continue
-                by_label.setdefault(box.label, []).append(mapped)
-            for label, boxes in by_label.items():
-                phrase = finding_phrase(_readable(label))
+                by_label.setdefault((box.label, box.phrase), []).append(mapped)
+            for (label, text), boxes in by_label.items():
+                phrase = text or finding_phrase(_readable(label))
                 if phrase not in tokens:
                     tokens[phrase] = phrase_tokens(net, model.tokenizer, [phrase], device=device)[0]
                 mask = torch.zeros(size, size, dtype=torch.bool)
@@ -230,7 +231,7 @@ def grounding(
                 cnrs.append(cnr)
                 ious.append(iou)
                 findings.append(label)
-                rows.append(f"{rec.key}|{label}")
+                rows.append(f"{rec.key}|{label}|{text}")
     if not hits:
         raise ValueError("no (image, finding) pair with a box inside the eval crop: nothing to ground")
     arrays = [np.asarray(a, dtype=np.float64) for a in (hits, chance, cnrs, ious)]
