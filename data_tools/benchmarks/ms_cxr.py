@@ -81,7 +81,9 @@ def read_ms_cxr(root: Path, opts: MsCxrOptions) -> BenchmarkData:
             images[key] = entry = {"path": path, "patient": patient, "split": {"val": "validate"}.get(split, split),
                                    "labels": [0.0] * len(MS_CXR_LABELS), "boxes": []}  # fmt: skip
         if entry.get("missing"):
-            problems.append(RowProblem(table.name, n, "missing_image", f"{key}: its image is missing (row {entry['missing']})"))
+            problems.append(
+                RowProblem(table.name, n, "missing_image", f"{key}: its image is missing (row {entry['missing']})")
+            )
             continue
         entry["labels"][index[label]] = 1.0
         entry["boxes"].append(Box(label, x, y, x + w, y + h, (int(iw), int(ih)), phrase.strip()))
