@@ -273,3 +273,42 @@ def test_ms_cxr_phrase_grounding_queries_each_boxs_phrase(bench, tmp_path, capsy
     assert results["datasets"]["ms-cxr"]["counts"]["problems"] == {"box_outside_image": 1, "missing_image": 1}
     block = results["entries"]["ms-cxr"]["grounding"]
     assert block["images"] == 3 and block["models"]["exported"]["metrics"]["pairs"] == 4  # one pair per phrase
+
+
+def test_covidx_linear_probe_reports_accuracy_paired(bench, tmp_path, capsys):
+    """COVIDx's split files (patient filename class source): a single-label set, so the linear probe is one
+    multinomial regression per label fraction and reports accuracy, paired between the two models."""
+    from data_tools.synth.bench_layout import film
+
+    root, argv, _ = bench
+    data = tmp_path / "data" / "covidx"
+    for split, n in (("train", 40), ("test", 24)):
+        (data / split).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            cls = "positive" if i % 2 else "negative"
+            name = f"{split}{i}.png"
+            film(["Pneumonia"] if i % 2 else [], name, 96).save(data / split / name)
+            lines.append(f"P{split}{i} {name} {cls} bimcv")
+        if split == "test":
+            lines += ["P99 ghost.png positive bimcv", "P98 odd.png maybe bimcv", "short line"]
+        (data / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    suite = tmp_path / "covidx.yaml"
+    suite.write_text("name: c\nentries:\n  - {dataset: covidx, protocol: linear_probe, fractions: [0.1, 1.0]}\n")
+    args = [*argv[:4], "--suite", str(suite), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
+    rc, out, _ = _run(args, capsys)
+    assert rc == 0, out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["datasets"]["covidx"]["counts"]["problems"] == {
+        "bad_row": 1,
+        "missing_image": 1,
+        "unknown_label": 1,
+    }
+    block = results["entries"]["covidx"]["linear_probe"]
+    a = block["models"]["exported"]["metrics"]
+    assert block["images"] == 24 and 0 <= a["accuracy@100%"] <= 1 and len(a["accuracy@100%_ci95"]) == 2
+    d = block["paired"]["random-exported - exported"]["accuracy@100%"]
+    b = block["models"]["random-exported"]["metrics"]["accuracy@100%"]
+    assert d["difference"] == pytest.approx(b - a["accuracy@100%"])
+    assert "accuracy@100%" in out  # the console table shows it

@@ -38,6 +38,7 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.vindr",
         "data_tools.benchmarks.padchest",
         "data_tools.benchmarks.ms_cxr",
+        "data_tools.benchmarks.covidx",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::

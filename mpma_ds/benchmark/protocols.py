@@ -11,7 +11,7 @@ so that two models evaluated on the same entry are compared by a *paired* bootst
 - **zero_shot_accuracy** (5x200): the arg-max of the 5 prompt scores; accuracy (`classification.multiclass_metrics`).
 - **linear_probe**: logistic regression (scikit-learn, L-BFGS, C=1) on the frozen L2-normalised image embeddings
   of the ``train`` split, one per label, at each label fraction (a seeded subset, its checksum reported); test
-  AUROC per label and mean. (The standard frozen-feature protocol of CLIP-style papers; the Trainer's
+  AUROC per label and mean — or, on a single-label dataset (COVIDx), one multinomial regression and accuracy. (The standard frozen-feature protocol of CLIP-style papers; the Trainer's
   ``linear_probe`` task fine-tunes from shards instead.)
 - **grounding** (BioViL's three): per (image, finding, phrase) the phrase's similarity map (`eval.grounding`; MS-CXR's
   own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
@@ -121,20 +121,58 @@ def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -
     return out, why
 
 
+def _fit_predict_multiclass(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int
+) -> np.ndarray | None:
+    """(N_test, K) class probabilities of one multinomial logistic regression (0 for a class the subset lacks);
+    None when the subset holds a single class."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y_train)) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = LogisticRegression(C=1.0, max_iter=1000).fit(x_train, y_train)
+    out = np.zeros((len(x_test), k))
+    out[:, clf.classes_] = clf.predict_proba(x_test)
+    return out
+
+
 def linear_probe(
     train_emb: np.ndarray, train_targets: np.ndarray, train_keys: Sequence[str], test_emb: np.ndarray,
     test_targets: np.ndarray, label_names: Sequence[str], *, rows, fractions, seeds, min_count, n_resamples,
+    multiclass: bool = False,
 ) -> EntryResult:  # fmt: skip
+    """Multi-label datasets: AUROC per label and mean (``auroc_mean@<f>%``); single-label ones (``multiclass``,
+    e.g. COVIDx): accuracy (``accuracy@<f>%``) of a multinomial regression."""
     metrics: dict[str, Any] = {}
     checksums, notes = {}, []
-    pair_arrays, pair_keys = [], []
+    multi = []
     test_t = np.where(test_targets == -1, np.nan, test_targets)
     train_t = np.where(train_targets == -1, np.nan, train_targets)
+    head = "accuracy" if multiclass else "auroc_mean"
     for seed in seeds:
         for frac in fractions:
             tag = f"@{frac * 100:g}%" + (f"/seed{seed}" if len(seeds) > 1 else "")
             take, digest = fraction_subset(list(train_keys), frac, seed)
             checksums[tag] = {"checksum": digest, "images": len(take), "fraction": frac, "seed": seed}
+            if multiclass:
+                gold = np.argmax(test_targets, axis=1).astype(np.int64)
+                probs = _fit_predict_multiclass(train_emb[take], np.argmax(train_targets[take], axis=1),
+                                                test_emb, len(label_names))  # fmt: skip
+                if probs is None:
+                    notes.append(f"{tag}: the training subset holds one class")
+                    metrics[f"accuracy{tag}"] = math.nan
+                    continue
+                kw = dict(class_names=tuple(label_names), probs=True)
+                m = with_intervals(multiclass_metrics, probs, gold, keys=["accuracy"], n_resamples=n_resamples, **kw) \
+                    if n_resamples else multiclass_metrics(probs, gold, **kw)  # fmt: skip
+                metrics[f"accuracy{tag}"] = m["accuracy"]
+                if "accuracy_ci95" in m:
+                    metrics[f"accuracy{tag}_ci95"] = m["accuracy_ci95"]
+                multi.append({"fn": multiclass_metrics, "arrays": [probs, gold], "kwargs": kw, "key": "accuracy",
+                              "name": f"accuracy{tag}"})  # fmt: skip
+                continue
             probs, why = _fit_predict(train_emb[take], train_t[take], test_emb)
             notes += [f"{tag}: {w}" for w in why]
             cols = [c for c in range(len(label_names)) if not np.isnan(probs[:, c]).all()]
@@ -148,11 +186,11 @@ def linear_probe(
             for k, v in m.items():
                 if k.startswith(f"auroc{tag}"):
                     metrics[k.replace(f"auroc{tag}_macro", f"auroc_mean{tag}")] = v
-            pair_arrays.append((probs[:, cols], test_t[:, cols], kw))
-            pair_keys.append(f"auroc{tag}_macro")
-    headline = f"auroc_mean@{max(fractions) * 100:g}%" + (f"/seed{seeds[0]}" if len(seeds) > 1 else "")
+            multi.append({"fn": multilabel_auroc, "arrays": [probs[:, cols], test_t[:, cols]], "kwargs": kw,
+                          "key": f"auroc{tag}_macro", "name": f"auroc_mean{tag}"})  # fmt: skip
+    headline = f"{head}@{max(fractions) * 100:g}%" + (f"/seed{seeds[0]}" if len(seeds) > 1 else "")
     metrics["train_images"] = len(train_keys)
-    return EntryResult(metrics, headline, {"fn": multilabel_auroc, "multi": pair_arrays, "keys": pair_keys, "rows": rows},
+    return EntryResult(metrics, headline, {"multi": multi, "rows": rows},
                        {"split_checksums": checksums, "notes": notes})  # fmt: skip
 
 

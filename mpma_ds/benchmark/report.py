@@ -48,7 +48,9 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 met = m["metrics"]
                 wanted = [m["headline"]]
                 if protocol == "linear_probe":
-                    wanted = [k for k in met if k.startswith("auroc_mean@") and not k.endswith("_ci95")]
+                    wanted = [
+                        k for k in met if k.startswith(("auroc_mean@", "accuracy@")) and not k.endswith("_ci95")
+                    ]
                 if protocol == "grounding":
                     wanted = ["pointing_game", "pointing_game_chance", "cnr", "miou"]
                 keys += [k for k in wanted if k not in keys]

@@ -94,7 +94,7 @@ def _run_entry(
         result = linear_probe(
             tf.emb, _targets(data, train, tf.index), [train[i].key for i in tf.index.tolist()], feats.emb, targets,
             data.label_names, rows=rows, fractions=entry.fractions, seeds=entry.seeds, min_count=min_count,
-            n_resamples=n_resamples,
+            n_resamples=n_resamples, multiclass=data.task == "multiclass",
         )  # fmt: skip
         result.info["train_images_rejected"] = len(tf.rejected)
     else:  # the suite loader refuses other names
@@ -109,24 +109,26 @@ def _first(rejected: Mapping[int, str], records: Sequence, n: int = 20) -> list[
 
 def _paired(a: EntryResult, b: EntryResult, n_resamples: int) -> dict[str, Any]:
     """B - A per key, paired over the rows both evaluated (the same images in the same order)."""
-    common = [r for r in a.pair["rows"] if r in set(b.pair["rows"])]
+    in_b = set(b.pair["rows"])
+    common = [r for r in a.pair["rows"] if r in in_b]
     if not common or not n_resamples:
         return {}
     ia = {r: i for i, r in enumerate(a.pair["rows"])}
     ib = {r: i for i, r in enumerate(b.pair["rows"])}
     sa, sb = np.asarray([ia[r] for r in common]), np.asarray([ib[r] for r in common])
-    fn: Callable = a.pair["fn"]
     out: dict[str, Any] = {}
-    if "multi" in a.pair:  # linear probe: one (scores, targets, kwargs) per fraction
-        for key, (pa, ta, kw), (pb, tb, _) in zip(a.pair["keys"], a.pair["multi"], b.pair["multi"]):
-            if pa.shape[1] != pb.shape[1]:
+    if "multi" in a.pair:  # linear probe: one fit per label fraction, each its own metric
+        theirs = {m["name"]: m for m in b.pair["multi"]}
+        for mine in a.pair["multi"]:
+            other = theirs.get(mine["name"])
+            if other is None or np.shape(mine["arrays"][0])[1] != np.shape(other["arrays"][0])[1]:
                 continue  # the two probes scored different labels at this fraction: no paired difference
-            out.update(
-                paired_difference(
-                    fn, [pb[sb], tb[sb]], [pa[sa], ta[sa]], keys=[key], n_resamples=n_resamples, **kw
-                )
-            )
+            d = paired_difference(mine["fn"], [np.asarray(x)[sb] for x in other["arrays"]],
+                                  [np.asarray(x)[sa] for x in mine["arrays"]], keys=[mine["key"]],
+                                  n_resamples=n_resamples, **mine["kwargs"])  # fmt: skip
+            out[mine["name"]] = d[mine["key"]]
         return out
+    fn: Callable = a.pair["fn"]
     arrays_a = [np.asarray(x)[sa] for x in a.pair["arrays"]]
     arrays_b = [np.asarray(x)[sb] for x in b.pair["arrays"]]
     keys = [k for k in a.pair["keys"] if k in b.pair["keys"]]
