@@ -312,3 +312,32 @@ def test_covidx_linear_probe_reports_accuracy_paired(bench, tmp_path, capsys):
     b = block["models"]["random-exported"]["metrics"]["accuracy@100%"]
     assert d["difference"] == pytest.approx(b - a["accuracy@100%"])
     assert "accuracy@100%" in out  # the console table shows it
+
+
+def test_mimic_5x200_retrieval_both_ways(bench, tmp_path, capsys):
+    """A MIMIC-CXR-JPG tree with reports (the synthetic corpus is one) read by the shard builder's MIMIC reader,
+    GLoRIA's single-label draw, and R@1/5/10 image <-> report with intervals, paired between the models."""
+    from data_tools.benchmarks import read_benchmark
+    from data_tools.synth.corpus import generate_corpus
+
+    root, argv, _ = bench
+    tree = tmp_path / "data" / "mimic-5x200"
+    generate_corpus(tree, 160, 3, min_size=96, max_size=128, lateral_fraction=0.0)
+    opts = {"split": "all", "per_class": 4}
+    data = read_benchmark("mimic-5x200", tree, opts)
+    assert len(data.records) >= 8 and all(r.text for r in data.records)
+    assert all(sum(r.labels) == 1 for r in data.records)
+    suite = tmp_path / "mimic.yaml"
+    suite.write_text(
+        f"name: m\nentries:\n  - {{dataset: mimic-5x200, protocol: retrieval, options: {json.dumps(opts)}}}\n"
+    )
+    args = [*argv[:4], "--suite", str(suite), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
+    rc, out, _ = _run(args, capsys)
+    assert rc == 0, out
+    block = json.loads((tmp_path / "out" / "results.json").read_text())["entries"]["mimic-5x200"]["retrieval"]
+    a = block["models"]["exported"]["metrics"]
+    assert block["images"] == len(data.records)
+    assert all(0 <= a[f"{d}_R@{k}"] <= 1 for d in ("i2t", "t2i") for k in (1, 5, 10))
+    assert a["i2t_R@1"] <= a["i2t_R@5"] <= a["i2t_R@10"] and len(a["t2i_R@10_ci95"]) == 2
+    assert "t2i_R@5" in block["paired"]["random-exported - exported"]

@@ -39,6 +39,7 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.padchest",
         "data_tools.benchmarks.ms_cxr",
         "data_tools.benchmarks.covidx",
+        "data_tools.benchmarks.mimic_5x200",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::
@@ -157,6 +158,9 @@ class BenchmarkData:
         h = hashlib.sha256()
         for name, path in sorted(self.files.items()):
             p = Path(path)
+            if p.is_dir():  # a tree read whole (MIMIC): its name only
+                h.update(f"{name}:{p.name}:dir".encode())
+                continue
             h.update(f"{name}:{p.name}:{p.stat().st_size}".encode())
             with open(p, "rb") as f:
                 h.update(f.read(1 << 20))

@@ -13,6 +13,8 @@ so that two models evaluated on the same entry are compared by a *paired* bootst
   of the ``train`` split, one per label, at each label fraction (a seeded subset, its checksum reported); test
   AUROC per label and mean — or, on a single-label dataset (COVIDx), one multinomial regression and accuracy. (The standard frozen-feature protocol of CLIP-style papers; the Trainer's
   ``linear_probe`` task fine-tunes from shards instead.)
+- **retrieval**: image <-> report R@1/5/10 both ways over the records' texts (MIMIC 5x200), identical reports one
+  candidate (`eval.retrieval`).
 - **grounding** (BioViL's three): per (image, finding, phrase) the phrase's similarity map (`eval.grounding`; MS-CXR's
   own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
   inside the boxes), CNR = |mean_in - mean_out| / sqrt(var_in +
@@ -36,6 +38,7 @@ from mpma_ds.eval.alignment import encode_texts
 from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.classification import multiclass_metrics, multilabel_auroc
 from mpma_ds.eval.grounding import _phrase_map, eval_box, finding_phrase, phrase_tokens
+from mpma_ds.eval.retrieval import retrieval_metrics
 from mpma_ds.eval.zeroshot import ensemble_embeddings, prompt_scores, prompts_for, zero_shot_auroc
 
 PROMPT_ALIASES: dict[str, str] = {
@@ -286,9 +289,29 @@ def grounding(
                         "rows": rows}, {"per_finding": per})  # fmt: skip
 
 
+def retrieval(model, emb, texts: Sequence[str], *, rows, n_resamples, device) -> EntryResult:
+    """R@1/5/10 image -> report and report -> image (`eval.retrieval.retrieval_metrics`, queries resampled)."""
+    distinct = list(dict.fromkeys(texts))  # identical reports embed identically: encode each once
+    where = {t: i for i, t in enumerate(distinct)}
+    with torch.no_grad():
+        text = encode_texts(model.net, distinct, tokenizer=model.tokenizer, device=device,
+                            max_text_len=model.data_cfg.max_text_len)  # fmt: skip
+    text_emb = torch.nn.functional.normalize(text.float(), dim=-1)[
+        torch.tensor([where[t] for t in texts])
+    ]  # (N, D)
+    image_emb = torch.from_numpy(emb)
+    kw = dict(texts=list(texts))
+    metrics = with_intervals(retrieval_metrics, image_emb, text_emb, n_resamples=n_resamples, **kw) if n_resamples \
+        else retrieval_metrics(image_emb, text_emb, **kw)  # fmt: skip
+    keys = [k for k in metrics if k.startswith(("i2t_R@", "t2i_R@")) and isinstance(metrics[k], float)]
+    return EntryResult(metrics, "i2t_R@10",
+                       {"fn": retrieval_metrics, "arrays": [image_emb, text_emb], "keys": keys, "kwargs": kw, "rows": rows})  # fmt: skip
+
+
 PROTOCOL_FUNCS: dict[str, Callable[..., EntryResult]] = {
     "zero_shot": zero_shot,
     "zero_shot_accuracy": zero_shot_accuracy,
     "linear_probe": linear_probe,
     "grounding": grounding,
+    "retrieval": retrieval,
 }

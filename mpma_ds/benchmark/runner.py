@@ -21,7 +21,14 @@ from data_tools.benchmarks import BenchmarkData, read_benchmark
 from data_tools.benchmarks.common import split_checksum
 from mpma_ds.benchmark.features import image_features, stream
 from mpma_ds.benchmark.model import BenchModel
-from mpma_ds.benchmark.protocols import EntryResult, grounding, linear_probe, zero_shot, zero_shot_accuracy
+from mpma_ds.benchmark.protocols import (
+    EntryResult,
+    grounding,
+    linear_probe,
+    retrieval,
+    zero_shot,
+    zero_shot_accuracy,
+)
 from mpma_ds.benchmark.references import references_for
 from mpma_ds.benchmark.report import write_page
 from mpma_ds.benchmark.suite import Suite, SuiteEntry
@@ -83,6 +90,11 @@ def _run_entry(
     elif entry.protocol == "zero_shot_accuracy":
         result = zero_shot_accuracy(model, feats.emb, targets, data.label_names, rows=rows, n_resamples=n_resamples,
                                     device=device)  # fmt: skip
+    elif entry.protocol == "retrieval":
+        texts = [records[i].text for i in feats.index.tolist()]
+        if not all(texts):
+            raise ValueError(f"{data.dataset} records carry no report text: nothing to retrieve")
+        result = retrieval(model, feats.emb, texts, rows=rows, n_resamples=n_resamples, device=device)
     elif entry.protocol == "linear_probe":
         train = data.split("train")
         if not train:

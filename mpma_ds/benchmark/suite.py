@@ -29,6 +29,7 @@ PROTOCOLS: dict[str, str] = {
     "zero_shot_accuracy": "zero-shot single-label classification (5x200): accuracy",
     "linear_probe": "logistic regression on frozen image embeddings at label fractions: test AUROC",
     "grounding": "phrase grounding on boxes: pointing game, CNR, mIoU of the thresholded map",
+    "retrieval": "image <-> report retrieval: R@1/5/10 both ways (identical reports merged)",
 }
 """The protocols an entry may name, with what each reports."""
 
