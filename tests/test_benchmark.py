@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from finetune_testdata import pretrained
 from test_benchmark_readers import TABLES
 from train_testdata import ROOT, tiny_tokenizer
 
 import mpma_ds
 from data_tools.synth.bench_layout import layout_all
+from mpma_ds.benchmark.model import load_model
 from mpma_ds.cli.benchmark import main
 
 pytestmark = pytest.mark.slow
@@ -341,3 +343,16 @@ def test_mimic_5x200_retrieval_both_ways(bench, tmp_path, capsys):
     assert all(0 <= a[f"{d}_R@{k}"] <= 1 for d in ("i2t", "t2i") for k in (1, 5, 10))
     assert a["i2t_R@1"] <= a["i2t_R@5"] <= a["i2t_R@10"] and len(a["t2i_R@10_ci95"]) == 2
     assert "t2i_R@5" in block["paired"]["random-exported - exported"]
+
+
+def test_run_folder_loads_the_same_weights_as_its_export(tmp_path_factory):
+    """--model may be a pretraining run folder (consolidated on the fly, as init.from): the same image embeddings
+    as the folder exported from it, and its own tokenizer and fingerprint."""
+    run = pretrained(str(tmp_path_factory.getbasetemp()))
+    from_run, from_export = load_model(str(run.run_dir)), load_model(str(run.exported))
+    assert (from_run.kind, from_export.kind) == ("run", "exported")
+    assert from_run.fingerprint != from_export.fingerprint  # keyed on what was read, never shared by accident
+    assert from_run.data_cfg.image_size == from_export.data_cfg.image_size
+    x = torch.randn(2, from_run.data_cfg.in_chans, from_run.data_cfg.image_size, from_run.data_cfg.image_size)
+    with torch.no_grad():
+        assert torch.allclose(from_run.net.encode_image(x), from_export.net.encode_image(x), atol=1e-5)
