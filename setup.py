@@ -18,7 +18,13 @@ setup(
     # DeepSpeed configs and recipes are found by name from any folder (deepspeed_config: cpu_zero3,
     # --config pretrain_tiny); py.typed: the packages ship their type hints.
     package_data={
-        "mpma_ds": ["py.typed", "ds_configs/*.json", "recipes/*.yaml"],
+        "mpma_ds": [
+            "py.typed",
+            "ds_configs/*.json",
+            "recipes/*.yaml",
+            "benchmark/suites/*.yaml",
+            "benchmark/references.yaml",
+        ],
         "data_tools": ["py.typed"],
     },
     entry_points={
@@ -30,6 +36,7 @@ setup(
             "mpma-compare = mpma_ds.cli.compare:main",
             "mpma-demo = mpma_ds.cli.demo:main",
             "mpma-predict = mpma_ds.cli.predict:main",
+            "mpma-benchmark = mpma_ds.cli.benchmark:main",
             "mpma-synth-corpus = data_tools.synth_corpus:main",
             "mpma-synth-vqa = data_tools.synth_vqa:main",
             "mpma-build-shards = data_tools.build_shards:main",

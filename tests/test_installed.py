@@ -51,6 +51,7 @@ CONSOLE_SCRIPTS = (
     "mpma-compare",
     "mpma-demo",
     "mpma-predict",
+    "mpma-benchmark",
     "mpma-synth-corpus",
     "mpma-synth-vqa",
     "mpma-build-shards",
@@ -176,6 +177,8 @@ def where(installed: Installed) -> dict:
         import data_tools, mpma_ds
         from mpma_ds.recipes import shipped_recipes
         from mpma_ds.training.ds_config import shipped_ds_configs
+        from mpma_ds.benchmark.references import load_references
+        from mpma_ds.benchmark.suite import load_suite, suite_names
         dist = metadata.distribution("mpma-ds")
         helps = {}
         for entry in dist.entry_points:
@@ -192,6 +195,7 @@ def where(installed: Installed) -> dict:
             "mpma_ds": mpma_ds.__file__, "data_tools": data_tools.__file__, "version": mpma_ds.__version__,
             "sys_path": sys.path, "recipes": {k: str(v) for k, v in shipped_recipes().items()},
             "ds_configs": sorted(shipped_ds_configs()),
+            "suites": {n: len(load_suite(n).entries) for n in suite_names()}, "references": len(load_references()),
             "py_typed": [resources.files(p).joinpath("py.typed").is_file() for p in ("mpma_ds", "data_tools")],
             "license": dist.metadata.get("License-Expression") or dist.metadata.get("License"),
             "license_files": [str(f) for f in dist.files if "licen" in str(f).lower()],
@@ -239,6 +243,9 @@ def test_package_data_found_by_name(where: dict):
     expected = {p.stem for p in (ROOT / "mpma_ds" / "recipes").glob("*.yaml")}
     assert set(where["recipes"]) == expected
     assert all(Path(p).is_file() for p in where["recipes"].values())
+    # the benchmark suites and the published references ship as package data, found by name
+    assert set(where["suites"]) == {p.stem for p in (ROOT / "mpma_ds" / "benchmark" / "suites").glob("*.yaml")}
+    assert all(n > 0 for n in where["suites"].values()) and where["references"] > 0
 
 
 def test_license_in_the_metadata(where: dict):

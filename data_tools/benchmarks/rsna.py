@@ -1,0 +1,109 @@
+"""RSNA Pneumonia Detection (Kaggle 2018) as its download unpacks: ``stage_2_train_labels.csv`` (one row per box,
+``patientId, x, y, width, height, Target``; a negative image is one row with blank box) and the DICOMs under
+``stage_2_train_images/<patientId>.dcm`` (1024 x 1024 CR). Kaggle's test labels were never released, so the
+literature splits the training set: GLoRIA / MGCA / MRM use 70 / 15 / 15 % train / validate / test by image,
+seeded here (``split_seed``) and checksummed in the results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.benchmarks.common import (
+    BENCHMARKS,
+    BenchmarkData,
+    BenchmarkError,
+    BenchRecord,
+    Box,
+    ImageIndex,
+    RowProblem,
+    read_rows,
+    require_file,
+)
+
+RSNA_LABELS = ("Pneumonia",)
+RELEASED_SIZE = (1024, 1024)
+
+
+@dataclass(frozen=True)
+class RsnaOptions:
+    table: str | None = None
+    """``stage_2_train_labels.csv`` (default: under the root; ``.zip`` / ``.gz`` read too)."""
+    split_seed: int = 0
+    """Seed of the 70 / 15 / 15 % image split."""
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    check_images: bool = True
+
+
+def seeded_split(keys: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Key -> train / validate / test: a ``seed`` permutation of the sorted keys cut at the fractions."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise BenchmarkError(f"split fractions {fractions} are not three shares summing to 1")
+    order = sorted(keys)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    out = {}
+    for rank, j in enumerate(perm.tolist()):
+        out[order[j]] = "train" if rank < n_train else "validate" if rank < n_train + n_val else "test"
+    return out
+
+
+@BENCHMARKS.register("rsna-pneumonia", options=RsnaOptions, task="multilabel")
+def read_rsna(root: Path, opts: RsnaOptions) -> BenchmarkData:
+    """One record per image (label Pneumonia = Target), its boxes; a box outside 1024 px, a Target that is not
+    0/1, a positive row without a box or images that disagree on Target are row problems."""
+    root = Path(root)
+    table = require_file(root, opts.table, ("stage_2_train_labels.csv",), "RSNA label table")
+    header, rows = read_rows(table, ("patientId", "x", "y", "width", "height", "Target"))
+    col = {h: i for i, h in enumerate(header)}
+    problems: list[RowProblem] = []
+    target: dict[str, float] = {}
+    first_row: dict[str, int] = {}
+    boxes: dict[str, list[Box]] = {}
+    name = table.name
+    fw, fh = RELEASED_SIZE
+    for n, row in enumerate(rows, 1):
+        pid = row[col["patientId"]].strip()
+        t = row[col["Target"]].strip()
+        if t not in ("0", "1"):
+            problems.append(RowProblem(name, n, "bad_value", f"{pid}: Target {t!r} is not 0 or 1"))
+            continue
+        if pid in target and target[pid] != float(t):
+            problems.append(
+                RowProblem(
+                    name, n, "conflicting_rows", f"{pid}: Target {t} but row {first_row[pid]} says otherwise"
+                )
+            )
+            continue
+        target.setdefault(pid, float(t))
+        first_row.setdefault(pid, n)
+        if t == "0":
+            continue
+        try:
+            x, y, w, h = (float(row[col[c]]) for c in ("x", "y", "width", "height"))
+        except ValueError:
+            problems.append(RowProblem(name, n, "bad_value", f"{pid}: positive row without a numeric box"))
+            continue
+        if not (w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= fw and y + h <= fh):
+            problems.append(RowProblem(name, n, "box_outside_image", f"{pid}: x={x:g} y={y:g} w={w:g} h={h:g} not in {fw}x{fh}"))  # fmt: skip
+            continue
+        boxes.setdefault(pid, []).append(Box("Pneumonia", x, y, x + w, y + h, RELEASED_SIZE))
+    split = seeded_split(list(target), tuple(opts.fractions), opts.split_seed)
+    images = ImageIndex(root) if opts.check_images else None
+    records = []
+    for pid, t in target.items():
+        path = pid
+        if images is not None:
+            found = images.find(f"{pid}.dcm")
+            if found is None:
+                problems.append(
+                    RowProblem(name, first_row[pid], "missing_image", f"{pid}.dcm is not under {root}")
+                )
+                continue
+            path = found
+        records.append(BenchRecord(pid, path, pid, split[pid], (t,), boxes.get(pid, [])))
+    notes = [f"seeded {'/'.join(f'{f:g}' for f in opts.fractions)} split (seed {opts.split_seed})"]
+    return BenchmarkData("rsna-pneumonia", RSNA_LABELS, records, problems, {"labels": str(table)}, notes)

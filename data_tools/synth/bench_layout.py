@@ -1,0 +1,204 @@
+"""Lay out a benchmark dataset's *download* for real ids with synthetic films: the real label rows of a few hundred
+images (from the full public label tables, e.g. the ones torchxrayvision ships), written in the dataset's own
+files and folders, each image a film drawn by `data_tools.synth.images` with the row's findings, and a finding
+with a box painted as an opacity inside its (real) box. What the benchmark readers and ``mpma-benchmark`` are
+tested on end to end, and what the demo benchmarks.
+
+    python -m data_tools.synth.bench_layout --tables TABLE_DIR --out ROOT --images 200
+
+``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
+``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
+``rsna-pneumonia``. The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
+the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
+real chest CR under one real id when pydicom-data is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_tools.benchmarks.chexpert import COMPETITION_LABELS, make_5x200
+from data_tools.benchmarks.common import find_file, read_rows
+from data_tools.synth.images import render_radiograph
+
+# NIH labels -> the synthetic renderer's CheXpert findings (those it can draw)
+_NIH_DRAWN = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+              "Infiltration": "Lung Opacity", "Mass": "Lung Lesion", "Nodule": "Lung Lesion", "Pneumonia": "Pneumonia",
+              "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation", "Edema": "Edema"}  # fmt: skip
+
+
+def _seed(key: str) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def film(
+    findings: list[str], key: str, size: int, boxes: list[tuple[float, float, float, float]] = ()
+) -> Image.Image:
+    """A grey ``size`` px film showing ``findings``, with an opacity painted inside each box (film pixels)."""
+    jpeg = render_radiograph({f: {"state": 1} for f in findings}, "PA", size, size, _seed(key))
+    img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max(1.0, (x1 - x0) / 2), max(1.0, (y1 - y0) / 2)
+        blob = np.clip(1.0 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2, 0, 1)  # (S, S) an ellipse in the box
+        img = img + 110.0 * np.sqrt(blob)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
+
+
+def _table(tables: Path, *names: str) -> Path:
+    found = find_file(tables, names)
+    if found is None:
+        raise FileNotFoundError(f"{tables}: no {' / '.join(names)} (plain, .gz or .zip)")
+    return found
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def layout_nih(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/nih-cxr14``: every box image among the first ``n // 3`` of the box table and ``n`` - those other real
+    rows, their Data_Entry rows, box rows, our split lists and ``images_001/images/*.png``."""
+    header, rows = read_rows(_table(tables, "Data_Entry_2017_v2020.csv"), ("Image Index", "Finding Labels"))
+    all_rows = {r[0]: r for r in rows}
+    bheader, brows = read_rows(_table(tables, "BBox_List_2017.csv"), ("Image Index",))
+    brows = list(brows)
+    boxed = list(dict.fromkeys(r[0] for r in brows))[: max(1, n // 3)]
+    rng = np.random.default_rng(seed)
+    others = [k for k in sorted(all_rows) if k not in set(boxed)]
+    chosen = boxed + [others[i] for i in sorted(rng.choice(len(others), n - len(boxed), replace=False).tolist())]
+    root = out / "nih-cxr14"
+    _write_csv(root / "Data_Entry_2017_v2020.csv", header, [all_rows[k] for k in chosen])
+    keep = [r for r in brows if r[0] in set(boxed)]
+    _write_csv(root / "BBox_List_2017.csv", bheader, keep)
+    test = set(boxed) | {k for k in chosen if _seed(all_rows[k][3]) % 5 == 0}
+    (root / "test_list.txt").write_text("".join(f"{k}\n" for k in chosen if k in test))
+    (root / "train_val_list.txt").write_text("".join(f"{k}\n" for k in chosen if k not in test))
+    boxes: dict[str, list] = {}
+    for r in keep:
+        x, y, w, h = (float(v) * size / 1024 for v in r[2:6])
+        boxes.setdefault(r[0], []).append((x, y, x + w, y + h))
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in chosen:
+        found = sorted({_NIH_DRAWN[f] for f in all_rows[k][1].split("|") if f in _NIH_DRAWN})
+        film(found, k, size, boxes.get(k, [])).save(folder / k)
+    return root
+
+
+def layout_chexpert_5x200(tables: Path, out: Path, per_class: int = 40, size: int = 128, seed: int = 0) -> Path:
+    """``out/chexpert-5x200``: GLoRIA's 5x200 rule over the real training table (``per_class`` of each class),
+    ``chexpert_5x200.csv`` and the films at their ``CheXpert-v1.0-small/train/...`` paths."""
+    rows = make_5x200(_table(tables, "chexpert_train.csv"), seed=seed, per_class=per_class)
+    root = out / "chexpert-5x200"
+    _write_csv(root / "chexpert_5x200.csv", ["Path", *COMPETITION_LABELS],
+               [[r["Path"], *(f"{r[c]:.1f}" for c in COMPETITION_LABELS)] for r in rows])  # fmt: skip
+    for r in rows:
+        path = root / r["Path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cls = next(c for c in COMPETITION_LABELS if r[c] == 1.0)
+        film([cls], r["Path"], size).save(path, quality=92)
+    return root
+
+
+def _dicom(path: Path, img: Image.Image) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    arr = np.asarray(img, dtype=np.uint16) * 16  # 8 -> 12 bits stored
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def layout_rsna(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/rsna-pneumonia``: ``n`` real patientIds (a third positive), their real label rows and a DICOM per id
+    under ``stage_2_train_images/``; the first negative id gets pydicom-data's real chest CR when installed."""
+    header, rows = read_rows(
+        _table(tables, "stage_2_train_labels.csv", "kaggle_stage_2_train_labels.csv"), ("patientId", "Target")
+    )
+    by_id: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_id.setdefault(r[0], []).append(r)
+    pos = sorted(k for k, v in by_id.items() if v[0][5] == "1")
+    neg = sorted(k for k, v in by_id.items() if v[0][5] == "0")
+    rng = np.random.default_rng(seed)
+    n_pos = max(1, n // 3)
+    chosen = [pos[i] for i in sorted(rng.choice(len(pos), n_pos, replace=False))] + \
+             [neg[i] for i in sorted(rng.choice(len(neg), n - n_pos, replace=False))]  # fmt: skip
+    root = out / "rsna-pneumonia"
+    _write_csv(root / "stage_2_train_labels.csv", header, [r for k in chosen for r in by_id[k]])
+    folder = root / "stage_2_train_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    real = None
+    try:
+        from pydicom.data import get_testdata_file
+
+        real = get_testdata_file("RG1_UNCR.dcm")  # a real PA chest CR (pydicom-data)
+    except Exception:  # noqa: BLE001 - pydicom-data not installed: every file synthetic
+        real = None
+    for k in chosen:
+        target = by_id[k][0][5] == "1"
+        if real and not target:
+            shutil.copy(real, folder / f"{k}.dcm")
+            real = None
+            continue
+        boxes = [tuple(v * size / 1024 for v in (float(r[1]), float(r[2]), float(r[1]) + float(r[3]),
+                                                 float(r[2]) + float(r[4]))) for r in by_id[k] if r[5] == "1"]  # fmt: skip
+        _dicom(folder / f"{k}.dcm", film(["Pneumonia"] if target else [], k, size, boxes))
+    return root
+
+
+def layout_all(tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0) -> dict[str, Path]:
+    return {
+        "nih-cxr14": layout_nih(tables, out, n, size, seed),
+        "chexpert-5x200": layout_chexpert_5x200(tables, out, max(1, math.ceil(n / 5)), size, seed),
+        "rsna-pneumonia": layout_rsna(tables, out, n, size, seed),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tables", required=True, help="folder of the real label tables")
+    p.add_argument("--out", required=True, help="the data root receiving one folder per dataset id")
+    p.add_argument("--images", type=int, default=200, help="images per dataset")
+    p.add_argument("--size", type=int, default=128, help="film size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        made = layout_all(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bench_layout: error: {err}", file=sys.stderr)
+        return 2
+    for name, path in made.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Run a suite: every entry for every model, its metrics with intervals, models paired per sample,
+``results.json``, MLflow runs (a parent per model and suite run, a child per entry) and the report page.
+
+Datasets live in ``DATA_ROOT/<id>/`` (or the entry's / ``--dataset-path``'s folder); a dataset not there is skipped
+with one line. Every reader's row problems go to ``OUT/problems/<id>.jsonl`` with their count in the results; an
+image that does not decode is counted per entry (``images_rejected``) — nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_tools.benchmarks import BenchmarkData, read_benchmark
+from data_tools.benchmarks.common import split_checksum
+from mpma_ds.benchmark.features import image_features, stream
+from mpma_ds.benchmark.model import BenchModel
+from mpma_ds.benchmark.protocols import (
+    EntryResult,
+    grounding,
+    linear_probe,
+    retrieval,
+    zero_shot,
+    zero_shot_accuracy,
+)
+from mpma_ds.benchmark.references import references_for
+from mpma_ds.benchmark.report import write_page
+from mpma_ds.benchmark.suite import Suite, SuiteEntry
+from mpma_ds.eval.bootstrap import loggable_metrics, paired_difference
+from mpma_ds.tracking import TrackingConfig, build_logger
+from mpma_ds.tracking.lineage import PARENT_TAG
+from mpma_ds.tracking.params import json_safe
+
+RESULTS_FILE = "results.json"
+
+
+def _select(data: BenchmarkData, entry: SuiteEntry) -> tuple[list, str, str]:
+    """The entry's records, the split used and a note when it differs from the asked one."""
+    note = ""
+    if entry.split == "all":
+        records, split = list(data.records), "all"
+    else:
+        records, split = data.split(entry.split), entry.split
+        if not records and data.split("all"):
+            records, split = data.split("all"), "all"
+            note = f"{data.dataset} has no {entry.split!r} split (no split file found): evaluated on every image"
+    if entry.protocol == "grounding":
+        records = [r for r in records if r.boxes]
+    if entry.max_images:
+        records = records[: entry.max_images]
+    return records, split, note
+
+
+def _targets(data: BenchmarkData, records: Sequence, index: np.ndarray) -> np.ndarray:
+    return data.label_matrix([records[i] for i in index.tolist()])
+
+
+def _run_entry(
+    model: BenchModel, data: BenchmarkData, entry: SuiteEntry, records: list, *, cache_dir, batch_size, workers,
+    device, n_resamples, min_count, timing: dict,
+) -> EntryResult:  # fmt: skip
+    """One model on one entry."""
+    if entry.protocol == "grounding":
+        rejected: dict[int, str] = {}
+        problems: list[str] = []
+        start = time.perf_counter()
+        batches = stream(records, model.data_cfg, batch_size=batch_size, workers=workers, rejected=rejected)
+        result = grounding(model, batches, records, n_resamples=n_resamples, device=device, problems=problems)
+        timing.update(seconds=time.perf_counter() - start, images=len(records) - len(rejected), cached=False)
+        result.info.update(
+            images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=len(problems),
+            box_problem_examples=problems[:20],
+        )  # fmt: skip
+        return result
+    feats = image_features(model, records, dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size,
+                           workers=workers, device=device)  # fmt: skip
+    timing.update(seconds=feats.seconds, images=len(feats.index), cached=feats.cached)
+    targets = _targets(data, records, feats.index)
+    rows = [records[i].key for i in feats.index.tolist()]
+    if entry.protocol == "zero_shot":
+        targets = np.where(targets == -1, np.nan, targets)
+        result = zero_shot(model, feats.emb, targets, data.label_names, rows=rows, min_count=min_count,
+                           n_resamples=n_resamples, device=device)  # fmt: skip
+    elif entry.protocol == "zero_shot_accuracy":
+        result = zero_shot_accuracy(model, feats.emb, targets, data.label_names, rows=rows, n_resamples=n_resamples,
+                                    device=device)  # fmt: skip
+    elif entry.protocol == "retrieval":
+        texts = [records[i].text for i in feats.index.tolist()]
+        if not all(texts):
+            raise ValueError(f"{data.dataset} records carry no report text: nothing to retrieve")
+        result = retrieval(model, feats.emb, texts, rows=rows, n_resamples=n_resamples, device=device)
+    elif entry.protocol == "linear_probe":
+        train = data.split("train")
+        if not train:
+            raise ValueError(f"{data.dataset} has no 'train' split to fit the linear probe on")
+        tf = image_features(model, train, dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size,
+                            workers=workers, device=device)  # fmt: skip
+        timing.update(seconds=timing["seconds"] + tf.seconds, images=timing["images"] + len(tf.index),
+                      cached=feats.cached and tf.cached)  # fmt: skip
+        result = linear_probe(
+            tf.emb, _targets(data, train, tf.index), [train[i].key for i in tf.index.tolist()], feats.emb, targets,
+            data.label_names, rows=rows, fractions=entry.fractions, seeds=entry.seeds, min_count=min_count,
+            n_resamples=n_resamples, multiclass=data.task == "multiclass",
+        )  # fmt: skip
+        result.info["train_images_rejected"] = len(tf.rejected)
+    else:  # the suite loader refuses other names
+        raise AssertionError(entry.protocol)
+    result.info.update(images_rejected=len(feats.rejected), rejected=_first(feats.rejected, records))
+    return result
+
+
+def _first(rejected: Mapping[int, str], records: Sequence, n: int = 20) -> list[str]:
+    return [f"{records[i].key}: {why}" for i, why in sorted(rejected.items())[:n]]
+
+
+def _paired(a: EntryResult, b: EntryResult, n_resamples: int) -> dict[str, Any]:
+    """B - A per key, paired over the rows both evaluated (the same images in the same order)."""
+    in_b = set(b.pair["rows"])
+    common = [r for r in a.pair["rows"] if r in in_b]
+    if not common or not n_resamples:
+        return {}
+    ia = {r: i for i, r in enumerate(a.pair["rows"])}
+    ib = {r: i for i, r in enumerate(b.pair["rows"])}
+    sa, sb = np.asarray([ia[r] for r in common]), np.asarray([ib[r] for r in common])
+    out: dict[str, Any] = {}
+    if "multi" in a.pair:  # linear probe: one fit per label fraction, each its own metric
+        theirs = {m["name"]: m for m in b.pair["multi"]}
+        for mine in a.pair["multi"]:
+            other = theirs.get(mine["name"])
+            if other is None or np.shape(mine["arrays"][0])[1] != np.shape(other["arrays"][0])[1]:
+                continue  # the two probes scored different labels at this fraction: no paired difference
+            d = paired_difference(mine["fn"], [np.asarray(x)[sb] for x in other["arrays"]],
+                                  [np.asarray(x)[sa] for x in mine["arrays"]], keys=[mine["key"]],
+                                  n_resamples=n_resamples, **mine["kwargs"])  # fmt: skip
+            out[mine["name"]] = d[mine["key"]]
+        return out
+    fn: Callable = a.pair["fn"]
+    arrays_a = [np.asarray(x)[sa] for x in a.pair["arrays"]]
+    arrays_b = [np.asarray(x)[sb] for x in b.pair["arrays"]]
+    keys = [k for k in a.pair["keys"] if k in b.pair["keys"]]
+    try:
+        return paired_difference(fn, arrays_b, arrays_a, keys=keys, n_resamples=n_resamples, **a.pair["kwargs"])
+    except (KeyError, ValueError) as err:  # a metric one model could not score on these rows
+        return {"note": f"no paired difference: {err}"}
+
+
+def run_benchmark(
+    models: Sequence[BenchModel], suite: Suite, data_root: str | Path, out: str | Path, *,
+    dataset_paths: Mapping[str, str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
+    workers: int = 2, device: str = "cpu", n_resamples: int = 1000, min_count: int = 10, mlflow: bool = True,
+    tracking_uri: str | None = None, experiment: str = "mpma-benchmark", say: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Run ``suite`` for each of ``models``; returns (and writes to ``OUT/results.json``) the results."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    root = Path(data_root)
+    start = time.perf_counter()
+    loaded: dict[tuple, BenchmarkData] = {}
+    results: dict[str, Any] = {
+        "suite": suite.name, "suite_file": suite.source, "data_root": str(root.resolve()),
+        "models": {m.name: {"spec": m.spec, "kind": m.kind, "fingerprint": m.fingerprint} for m in models},
+        "skipped": {}, "datasets": {}, "entries": {}, "references": {},
+        "bootstrap_resamples": n_resamples, "min_label_count": min_count,
+    }  # fmt: skip
+    loggers = {}
+    for m in models:
+        tracking = TrackingConfig(enabled=mlflow, uri=tracking_uri, experiment=experiment,
+                                  run_name=f"benchmark-{suite.name}-{m.name}", system_metrics=False)  # fmt: skip
+        loggers[m.name] = build_logger(tracking, rank=0, run_dir=out / "runs" / m.name,
+                                       tags={"mpma.kind": "benchmark", "mpma.suite": suite.name, "mpma.model": m.spec})  # fmt: skip
+    try:
+        for entry in suite.entries:
+            folder = Path(entry.path or (dataset_paths or {}).get(entry.dataset) or root / entry.dataset)
+            if not folder.is_dir():
+                line = f"{entry.name}: skipped, {folder} does not exist"
+                results["skipped"][entry.name] = line
+                say(line)
+                continue
+            key = (entry.dataset, str(folder), json.dumps(entry.options, sort_keys=True))
+            if key not in loaded:
+                t0 = time.perf_counter()
+                loaded[key] = read_benchmark(entry.dataset, folder, entry.options)
+                data = loaded[key]
+                _write_problems(out / "problems" / f"{entry.dataset}.jsonl", data)
+                results["datasets"][entry.dataset] = {
+                    "path": str(folder), "version": data.version(), "files": data.files, "counts": data.counts(),
+                    "problems_file": str(out / "problems" / f"{entry.dataset}.jsonl"), "notes": data.notes,
+                    "parse_seconds": time.perf_counter() - t0, "options": entry.options,
+                }  # fmt: skip
+            data = loaded[key]
+            records, split, note = _select(data, entry)
+            if not records:
+                line = f"{entry.name}: skipped, no records in split {entry.split!r}" + (
+                    " with boxes" if entry.protocol == "grounding" else "")  # fmt: skip
+                results["skipped"][entry.name] = line
+                say(line)
+                continue
+            block: dict[str, Any] = {"split": split, "split_checksum": split_checksum(records),
+                                     "images": len(records), "models": {}, "paired": {}}  # fmt: skip
+            if note:
+                block["note"] = note
+            done: dict[str, EntryResult] = {}
+            for m in models:
+                timing: dict[str, Any] = {}
+                try:
+                    r = _run_entry(m, data, entry, records, cache_dir=cache, batch_size=batch_size, workers=workers,
+                                   device=device, n_resamples=n_resamples, min_count=min_count, timing=timing)  # fmt: skip
+                except ValueError as err:
+                    block["models"][m.name] = {"error": str(err)}
+                    say(f"{entry.name} [{m.name}]: not scored: {err}")
+                    continue
+                done[m.name] = r
+                block["models"][m.name] = {"headline": r.headline, "metrics": r.metrics, "info": r.info,
+                                           "timing": timing}  # fmt: skip
+                _log_child(loggers[m.name], m, entry, block, r, out, suite, mlflow, tracking_uri, experiment, data)
+                value = r.metrics.get(r.headline, math.nan)
+                ci = r.metrics.get(f"{r.headline}_ci95")
+                band = (
+                    f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+                    if ci and None not in ci and not any(map(math.isnan, ci))
+                    else ""
+                )
+                say(f"{entry.name} [{m.name}]: {r.headline} {value:.3f}{band} ({len(records)} images, "
+                    f"{timing.get('seconds', 0):.1f} s{', cached' if timing.get('cached') else ''})")  # fmt: skip
+            names = list(done)
+            for other in names[1:]:
+                block["paired"][f"{other} - {names[0]}"] = _paired(done[names[0]], done[other], n_resamples)
+            results["entries"].setdefault(entry.dataset, {})[entry.protocol] = block
+            results["references"].setdefault(entry.dataset, {})[entry.protocol] = references_for(
+                entry.dataset, entry.protocol
+            )
+        results["wall_seconds"] = time.perf_counter() - start
+        for m in models:
+            logger = loggers[m.name]
+            results["models"][m.name]["mlflow_run_id"] = logger.run_id
+            logger.log_params({"benchmark": {
+                "suite": suite.name, "model": m.spec, "data_root": str(root),
+                "dataset_versions": {d: v["version"] for d, v in results["datasets"].items()},
+                "split_checksums": {f"{d}/{p}": b["split_checksum"] for d, ps in results["entries"].items()
+                                    for p, b in ps.items()},
+            }})  # fmt: skip
+    finally:
+        for logger in loggers.values():
+            logger.close()
+    (out / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
+    results["page"] = str(write_page(results, out / "benchmark.html"))
+    return results
+
+
+def _write_problems(path: Path, data: BenchmarkData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for p in data.problems:
+            f.write(json.dumps({"file": p.file, "row": p.row, "reason": p.reason, "detail": p.detail}) + "\n")
+
+
+def _log_child(parent, model, entry, block, result, out, suite, mlflow, uri, experiment, data) -> None:
+    """The entry's MLflow child run under the model's suite run."""
+    tracking = TrackingConfig(enabled=mlflow, uri=uri, experiment=experiment,
+                              run_name=f"{entry.name} [{model.name}]", system_metrics=False)  # fmt: skip
+    tags = {"mpma.kind": "benchmark-entry", "mpma.suite": suite.name, "mpma.entry": entry.name}
+    if parent.run_id:
+        tags[PARENT_TAG] = parent.run_id
+    child = build_logger(
+        tracking, rank=0, run_dir=out / "runs" / model.name / entry.name.replace("/", "-"), tags=tags
+    )
+    try:
+        child.log_params({"entry": {"dataset": entry.dataset, "protocol": entry.protocol, "split": block["split"],
+                                    "split_checksum": block["split_checksum"], "images": block["images"],
+                                    "dataset_version": data.version(), "options": entry.options,
+                                    **({"label_fraction_checksums": result.info["split_checksums"]}
+                                       if "split_checksums" in result.info else {})}})  # fmt: skip
+        child.log_metrics({k.replace("@", "_at_").replace("%", "pct"): v
+                           for k, v in loggable_metrics(result.metrics).items()}, step=0)  # fmt: skip
+    finally:
+        child.close()

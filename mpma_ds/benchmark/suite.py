@@ -1,0 +1,122 @@
+"""A suite: a named list of (dataset, protocol) entries in a YAML file, shipped under ``mpma_ds/benchmark/suites``
+and found by name (``cxr-core``), or any file by path. Read and checked whole before any model is loaded::
+
+    name: cxr-core
+    entries:
+      - {dataset: nih-cxr14, protocol: zero_shot, split: test}
+      - {dataset: rsna-pneumonia, protocol: linear_probe, fractions: [0.01, 0.1, 1.0]}
+
+Entry fields: ``dataset`` (a ``data_tools.benchmarks`` id), ``protocol`` (`PROTOCOLS`), ``split`` (default
+``test``; a dataset without that split — no split file — is evaluated on ``all``, said in the results),
+``path`` (the dataset's folder when not ``DATA_ROOT/<dataset>``), ``options`` (the reader's options),
+``fractions`` / ``seeds`` (linear probe: label fractions and the seeds of their subsets), ``max_images``
+(evaluate the first N records of the split; 0 = all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_tools.benchmarks import BENCHMARKS
+
+PROTOCOLS: dict[str, str] = {
+    "zero_shot": "zero-shot classification from prompt ensembles: AUROC per label and mean",
+    "zero_shot_accuracy": "zero-shot single-label classification (5x200): accuracy",
+    "linear_probe": "logistic regression on frozen image embeddings at label fractions: test AUROC",
+    "grounding": "phrase grounding on boxes: pointing game, CNR, mIoU of the thresholded map",
+    "retrieval": "image <-> report retrieval: R@1/5/10 both ways (identical reports merged)",
+}
+"""The protocols an entry may name, with what each reports."""
+
+_ENTRY_FIELDS = {"dataset", "protocol", "split", "path", "options", "fractions", "seeds", "max_images"}
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be run (unknown suite, field, dataset or protocol): one line."""
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    dataset: str
+    protocol: str
+    split: str = "test"
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    max_images: int = 0
+
+    @property
+    def name(self) -> str:
+        """``nih-cxr14/zero_shot``: the entry's key in results.json and its MLflow child run's name."""
+        return f"{self.dataset}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    entries: tuple[SuiteEntry, ...]
+    description: str = ""
+    source: str = ""
+    """The YAML file read."""
+
+
+def suite_names() -> list[str]:
+    """The suites shipped with the package."""
+    folder = resources.files("mpma_ds.benchmark") / "suites"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _entry(raw: Any, where: str, datasets: list[str]) -> SuiteEntry:
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{where}: an entry is a mapping with dataset and protocol, got {raw!r}")
+    unknown = sorted(set(raw) - _ENTRY_FIELDS)
+    if unknown:
+        raise SuiteError(
+            f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_ENTRY_FIELDS))})"
+        )
+    for key in ("dataset", "protocol"):
+        if not isinstance(raw.get(key), str):
+            raise SuiteError(f"{where}: no {key}")
+    if raw["dataset"] not in datasets:
+        raise SuiteError(f"{where}: unknown dataset {raw['dataset']!r} (known: {', '.join(datasets)})")
+    if raw["protocol"] not in PROTOCOLS:
+        raise SuiteError(f"{where}: unknown protocol {raw['protocol']!r} (known: {', '.join(PROTOCOLS)})")
+    fractions = tuple(float(f) for f in raw.get("fractions", (0.01, 0.1, 1.0)))
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise SuiteError(f"{where}: fractions {list(fractions)} must each be in (0, 1]")
+    return SuiteEntry(
+        raw["dataset"], raw["protocol"], str(raw.get("split", "test")), raw.get("path"), dict(raw.get("options") or {}),
+        fractions, tuple(int(s) for s in raw.get("seeds", (0,))), int(raw.get("max_images", 0)),
+    )  # fmt: skip
+
+
+def load_suite(spec: str | Path) -> Suite:
+    """The suite named ``spec`` (shipped) or the YAML file at ``spec``; every entry checked."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise SuiteError(f"suite file {path} does not exist")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        shipped = resources.files("mpma_ds.benchmark") / "suites" / f"{spec}.yaml"
+        if not shipped.is_file():
+            raise SuiteError(
+                f"unknown suite {spec!r}: shipped suites are {', '.join(suite_names())}, or give a YAML path"
+            )
+        text, source = shipped.read_text(encoding="utf-8"), f"mpma_ds/benchmark/suites/{spec}.yaml"
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list) or not raw["entries"]:
+        raise SuiteError(f"{source}: a suite is a mapping with a non-empty 'entries' list")
+    datasets = BENCHMARKS.names()
+    entries = tuple(_entry(e, f"{source} entry {i + 1}", datasets) for i, e in enumerate(raw["entries"]))
+    names = [e.name for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SuiteError(f"{source}: entries repeat {', '.join(dup)}")
+    return Suite(str(raw.get("name") or path.stem), entries, str(raw.get("description", "")), source)

@@ -1,0 +1,94 @@
+"""Run a benchmark suite: a model (or several, paired per sample) against the field's standard evaluations, on the
+datasets as their users download them, each unpacked in DATA_ROOT/<id>/ (nih-cxr14, chexpert, chexpert-5x200,
+rsna-pneumonia, siim-pneumothorax, vindr-cxr, padchest ...). Datasets not there are skipped with one line each.
+Prints a table (each metric with its 95 % bootstrap interval, the paired differences, the published reference
+numbers beside ours), writes OUT/results.json and OUT/benchmark.html and logs MLflow runs (a parent per model,
+a child per entry).
+
+    mpma-benchmark --model exported/tiny --suite cxr-core --data-root /data/benchmarks --out bench/tiny
+    mpma-benchmark --model exported/tiny --model random:mpma_tiny --tokenizer exported/tiny/text_encoder \\
+        --suite cxr-core --data-root /data/benchmarks --out bench/tiny-vs-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mpma_ds.cli.common import prog_name
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mpma_ds.benchmark.suite import suite_names
+
+    p = argparse.ArgumentParser(
+        prog=prog_name("benchmark.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", action="append", required=True, metavar="M",
+                   help="an exported folder, a pretraining run folder or random:<arch> (repeat: models paired)")  # fmt: skip
+    p.add_argument("--name", action="append", default=[], help="a column name per --model (default: folder name)")
+    p.add_argument("--suite", required=True, help=f"a shipped suite ({', '.join(suite_names())}) or a YAML path")
+    p.add_argument("--data-root", required=True, help="folder holding one folder per dataset id")
+    p.add_argument("--dataset-path", action="append", default=[], metavar="ID=DIR",
+                   help="read dataset ID from DIR instead of DATA_ROOT/ID (repeatable)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder (results.json, benchmark.html, problems/, cache/)")
+    p.add_argument("--tokenizer", help="tokenizer folder (needed with random:<arch>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random:<arch> twin")
+    p.add_argument("--cache-dir", help="image-feature cache (default: OUT/cache)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding workers")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="R", help="bootstrap resamples (0 = no intervals)"
+    )
+    p.add_argument("--min-label-count", type=int, default=10, metavar="N",
+                   help="AUROC only over labels with >= N positives and N negatives (default 10)")  # fmt: skip
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment", default="mpma-benchmark")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from data_tools.benchmarks import BenchmarkError
+    from data_tools.registry import RegistryError
+
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, BenchmarkError, RegistryError) as err:
+        print(f"{prog_name('benchmark.py')}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpma_ds.benchmark.model import load_model
+    from mpma_ds.benchmark.report import format_console
+    from mpma_ds.benchmark.runner import run_benchmark
+    from mpma_ds.benchmark.suite import load_suite
+
+    suite = load_suite(args.suite)  # before any model is built
+    paths = {}
+    for item in args.dataset_path:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--dataset-path {item!r}: expected ID=DIR")
+        paths[key] = value
+    if args.name and len(args.name) != len(args.model):
+        raise ValueError(f"{len(args.name)} --name for {len(args.model)} --model")
+    names = args.name or [None] * len(args.model)
+    models = [load_model(m, tokenizer=args.tokenizer, seed=args.seed, name=n) for m, n in zip(args.model, names)]
+    if len({m.name for m in models}) != len(models):
+        raise ValueError("two models have the same name: give each a --name")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    results = run_benchmark(
+        models, suite, args.data_root, args.out, dataset_paths=paths, cache_dir=args.cache_dir,
+        batch_size=args.batch_size, workers=args.workers, device=device, n_resamples=args.bootstrap,
+        min_count=args.min_label_count, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+    )  # fmt: skip
+    print(format_console(results))
+    print(f"results: {args.out}/results.json  page: {results['page']}  wall {results['wall_seconds']:.1f} s")
+    return 0
