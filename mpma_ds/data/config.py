@@ -24,7 +24,10 @@ class DataConfig(ConfigSection):
 
     train_shards: str = ""
     """Training shards: a folder holding ``shard-*.tar``, a glob (``data/train/shard-*.tar``) or a brace
-    pattern (``data/train/shard-{000000..000099}.tar``). Each tar needs its ``.idx`` beside it."""
+    pattern (``data/train/shard-{000000..000099}.tar``). Each tar needs its ``.idx`` beside it. The same
+    forms on object stores: ``s3://bucket/prefix/train/`` (a prefix listed through the store's API),
+    ``gs://...``, ``https://...`` (a brace pattern needs no listing), and ``pipe:CMD`` (docs/data_pipeline.md,
+    "Remote shards"); credentials come from each store's standard chain."""
 
     val_shards: str = ""
     """Validation shards, same forms as ``train_shards``; used by ``split="validate"`` (or ``"val"``)."""
@@ -117,6 +120,14 @@ class DataConfig(ConfigSection):
     prefetch_batches: int = 2
     """Batches prepared ahead per worker (``wds``) or pipeline queue depth (``dali``)."""
 
+    shard_cache: str = ""
+    """Node-local folder remote shards are fetched whole into where a reader needs a local file (``dali``,
+    ``pipe:`` shards, HTTP servers without ``Range``), shared by the ranks of a node; ``""`` =
+    ``$TMPDIR/mpma-shard-cache-<uid>``. ``wds`` otherwise streams byte ranges with no local copy."""
+
+    shard_cache_gb: float = 50.0
+    """Disk budget of ``shard_cache`` in GB: least recently used shards are deleted beyond it."""
+
     dali_decode: str = "auto"
     """``dali`` backend decode device: ``auto`` (``mixed`` when CUDA is available, else ``cpu``), ``cpu``,
     ``mixed``."""
@@ -184,6 +195,8 @@ class DataConfig(ConfigSection):
                 )
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"data.image_std must be > 0, got {list(self.image_std)}")
+        if self.shard_cache_gb <= 0:
+            raise ValueError(f"data.shard_cache_gb must be > 0, got {self.shard_cache_gb}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
 

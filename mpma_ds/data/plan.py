@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 MadeBatch = tuple["Batch", dict[str, int]]
 """What a backend's epoch iterator yields: a batch and the samples skipped while making it, by reason."""
 
+RETRIES = "remote_retries"
+"""Not a skip reason: the transient remote faults retried while making a batch, carried with the skips so the
+counts of DataLoader workers reach ``stats()`` (as ``remote_retries``) and survive a resume."""
+
 
 def seeded_rng(*parts: int) -> np.random.Generator:
     """A numpy generator from several integers (seed, epoch, rank, ...)."""
@@ -236,8 +240,11 @@ class EpochStream:
 
     def stats(self) -> dict[str, int]:
         total = self.skipped + self._base_skipped()
+        retries = total.pop(RETRIES, 0)
         out = {"skipped_samples": int(sum(total.values())), "epoch": self.epoch}
         out.update({f"skipped_{reason}": int(n) for reason, n in sorted(total.items())})
+        if retries:
+            out[RETRIES] = int(retries)
         return out
 
     @staticmethod

@@ -14,7 +14,10 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from data_tools import remote
+from data_tools.remote import ChangedObject
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.data.shard_cache import ShardCache
 from mpma_ds.data.shards import SampleRef, ShardIndex
 
 _TEXT_FIELDS = (
@@ -41,33 +44,70 @@ class SampleError(Exception):
 
 
 class SampleReader:
-    """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open."""
+    """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open.
 
-    def __init__(self, index: ShardIndex) -> None:
+    A remote shard (`data_tools.remote`) is read by byte range, pinned to the ETag it was listed with; a
+    ``pipe:`` shard, or one on a server that ignores ``Range``, is fetched whole into the node-local
+    `ShardCache` once and read from there. A shard that changed on the store is a ``changed_shard``
+    `SampleError`; ``remote_retries`` counts the transient faults retried while reading.
+    """
+
+    def __init__(self, index: ShardIndex, cache: ShardCache | None = None) -> None:
         self.paths = index.paths
+        self.infos = index.infos or [None] * len(index.paths)
+        self._cache = cache
         self._files: dict[int, BinaryIO] = {}
+
+    @property
+    def cache(self) -> ShardCache:
+        if self._cache is None:
+            self._cache = ShardCache()
+        return self._cache
 
     def _file(self, shard: int) -> BinaryIO:
         handle = self._files.get(shard)
         if handle is None:
-            handle = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
+            path = self.paths[shard]
+            if remote.is_remote(path):
+                path = self.cache.path(str(path), self.infos[shard])
+            handle = self._files[shard] = open(path, "rb")  # noqa: SIM115
         return handle
+
+    def _range(self, shard: int, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of shard ``shard`` (fewer at a truncated end)."""
+        path = self.paths[shard]
+        if shard in self._files or not remote.is_remote(path) or str(path).startswith("pipe:"):
+            handle = self._file(shard)
+            handle.seek(start)
+            return handle.read(end - start)
+        info = self.infos[shard]
+        cached = self.cache.cached(str(path), info)
+        if cached is not None:  # fetched whole earlier (by any rank of this node)
+            self._files[shard] = open(cached, "rb")  # noqa: SIM115
+            return self._range(shard, start, end)
+        try:
+            data = remote.read_range(str(path), start, end, etag=info.etag if info is not None else "")
+        except ChangedObject as err:
+            raise SampleError("changed_shard", str(err)) from None
+        if len(data) > end - start:  # the server ignored Range and sent the whole shard: keep it locally
+            try:
+                self._files[shard] = open(self.cache.path(str(path), info, data=data), "rb")  # noqa: SIM115
+            except ChangedObject as err:
+                raise SampleError("changed_shard", str(err)) from None
+            return data[start:end]
+        return data
 
     def read(self, ref: SampleRef) -> dict[str, bytes]:
         """Every member of ``ref`` in one seek and one read (a sample's members are adjacent in the tar)."""
-        handle = self._file(ref.shard)
         start, end = ref.span()
-        handle.seek(start)
-        data = handle.read(end - start)
+        data = self._range(ref.shard, start, end)
         if len(data) != end - start:
-            raise SampleError("truncated", f"{self.paths[ref.shard].name}: {ref.key}")
+            raise SampleError("truncated", f"{remote.basename(self.paths[ref.shard])}: {ref.key}")
         return {ext: data[off - start : off - start + size] for ext, off, size in ref.members}
 
     def read_member(self, shard: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard ``shard`` (fewer at a truncated end)."""
-        handle = self._file(shard)
-        handle.seek(offset)
-        return handle.read(size)
+        return self._range(shard, offset, offset + size)
 
     def close(self) -> None:
         for handle in self._files.values():

@@ -27,6 +27,7 @@ from mpma_ds.data.config import DataConfig
 from mpma_ds.data.masking import ReportEncoder, batch_generator
 from mpma_ds.data.plan import EpochStream, steps_per_epoch
 from mpma_ds.data.samples import SampleError
+from mpma_ds.data.shard_cache import ShardCache
 from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.subsets import label_fraction_index
 from mpma_ds.data.transforms import XrayTransform
@@ -158,3 +159,7 @@ class ShardStream(EpochStream):
 
     def _base_skipped(self) -> Counter:
         return Counter(self.index.skipped)
+
+    def shard_cache(self) -> ShardCache:
+        """The node-local cache remote shards are fetched into where a local file is needed (`shard_cache`)."""
+        return ShardCache(self.cfg.shard_cache, self.cfg.shard_cache_gb)
