@@ -95,6 +95,7 @@ class WdsStream(ShardStream):
             train=self.train,
             shuffle_buffer=self.cfg.shuffle_buffer,
             resample_to=self.resample_to,
+            stream=self.epoch_stream(epoch if self.train else 0),
         )
 
     def make_batch(
@@ -116,6 +117,7 @@ class WdsStream(ShardStream):
         rows, skipped = read_batch_rows(zip(ids.tolist(), valid.tolist()), read, where=where)
         if remote.COUNTS["remote_retries"] > retries:  # counted with the skips, so workers' counts reach stats()
             skipped[RETRIES] += remote.COUNTS["remote_retries"] - retries
+        skipped.update(self.source_counts(ids, valid))  # the plan's draws, whether or not they decode
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = collate_rows(rows, [r.image for r in rows], self.encoder, gen)
         return batch, dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter

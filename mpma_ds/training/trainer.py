@@ -383,8 +383,12 @@ class Trainer:
             optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
-        skipped = torch.tensor([float(sum(ld.stats().get("skipped_samples", 0) for ld in self.loaders))])
-        skipped = all_reduce_sum(skipped)
+        stats = [ld.stats() for ld in self.loaders]
+        # a mixture's samples seen per source (data.train_sources), summed over streams and ranks
+        sources = [f"samples/{s.name}" for s in self.recipe.data.train_sources]
+        counts = torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in ["skipped_samples", *sources]])
+        counts = all_reduce_sum(counts)
+        skipped = counts[:1]
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             **losses,
@@ -395,7 +399,8 @@ class Trainer:
             "skipped_samples": float(skipped.item()),
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
-            "epoch": float(self.loaders[0].stats().get("epoch", 0)),
+            "epoch": float(stats[0].get("epoch", 0)),
+            **{f"data/{key}": float(n) for key, n in zip(sources, counts[1:].tolist())},
         }
         self.logger.log_metrics(metrics, step=self.step)
 
