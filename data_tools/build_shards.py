@@ -36,7 +36,8 @@ from tqdm import tqdm
 from data_tools import __version__
 from data_tools.shard_build import BuildError
 from data_tools.shard_build.encode import encoded_samples
-from data_tools.shard_build.finish import build_summary, finish_build, format_summary
+from data_tools.shard_build.finish import build_summary, finish_build, format_summary, part_summary
+from data_tools.shard_build.parts import all_records, part_of, resolve_part
 from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
 from data_tools.shard_build.writer import ShardWriter
@@ -71,11 +72,15 @@ def build_shards(
     modalities: tuple[str, ...] | list[str] | None = PROJECTION_MODALITIES,
     body_parts: tuple[str, ...] | list[str] | None = CHEST_BODY_PARTS,
     progress: bool = True,
+    num_nodes: int | None = None,
+    node_rank: int | None = None,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
 
     `sections`, `views`, `min_words`, `val_fraction`, `test_fraction` and `image_dir` do not apply to
     the VQA formats (their splits are the dataset's own files); `vqa_lang` applies only to `slake`.
+    `num_nodes` / `node_rank` build one part of the plan (`shard_build.parts`; default: a SLURM job array's
+    variables, else everything); the part that completes the plan writes the manifest.
 
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
@@ -87,6 +92,7 @@ def build_shards(
         BuildError: bad arguments, an unreadable input, or an output folder holding another build.
     """
     t0 = time.perf_counter()
+    num_nodes, node_rank = resolve_part(num_nodes, node_rank)
     try:
         vqa = source_kind(fmt) == "vqa"
     except SourceError as exc:
@@ -143,9 +149,10 @@ def build_shards(
         )
 
     plan = plan_shards(scan.items, shard_size)
-    records = finished_records(out, plan) if status == "resume" else {}
-    todo = [s for s in plan if s.record_name not in records]
-    reused = len(plan) - len(todo)
+    mine = part_of(plan, num_nodes, node_rank)
+    records = finished_records(out, mine) if status == "resume" else {}
+    todo = [s for s in mine if s.record_name not in records]
+    reused = len(mine) - len(todo)
     items = [item for shard in todo for item in shard.items]
     bar = tqdm(total=len(items), unit="img", desc=f"shards -> {out.name}", disable=not progress, file=sys.stderr)
     try:
@@ -171,8 +178,16 @@ def build_shards(
     finally:
         bar.close()
 
-    manifest = finish_build(out, identity, scan, plan, records)
-    shutil.rmtree(state_dir)
+    if num_nodes > 1:
+        every = all_records(state_dir, plan)
+        if every is None:  # another part is still building: it will finish the build
+            return part_summary(out, records, node_rank, num_nodes, reused, time.perf_counter() - t0)
+        records = every
+    try:
+        manifest = finish_build(out, identity, scan, plan, records)
+    except FileNotFoundError:  # another part finished at the same moment and removed .build/
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    shutil.rmtree(state_dir, ignore_errors=num_nodes > 1)
     status = "empty" if manifest["written"] == 0 else "resumed" if reused else "built"
     return build_summary(manifest, out, status, reused, time.perf_counter() - t0)
 
@@ -245,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(CHEST_BODY_PARTS),
         help="DICOM: a BodyPartExamined tag, where present, must contain one of these ('all' skips the check)",
     )
+    p.add_argument(
+        "--num-nodes", type=int, default=None,
+        help="split the build into this many parts, one per machine, sharing --output (default: "
+        "SLURM_ARRAY_TASK_COUNT when set, else 1); the last part to finish writes manifest.json",
+    )  # fmt: skip
+    p.add_argument(
+        "--node-rank", type=int, default=None,
+        help="which part this machine builds, 0..num-nodes-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -277,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             modalities=_all_or_list(args.modalities),
             body_parts=_all_or_list(args.body_parts),
             progress=not args.no_progress,
+            num_nodes=args.num_nodes,
+            node_rank=args.node_rank,
         )
     except BuildError as exc:
         print(f"build_shards: error: {exc}", file=sys.stderr)
@@ -296,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     print(format_summary(summary))
+    if summary["status"] == "part_done":
+        return 0
     if summary["written"] == 0:
         counts = ", ".join(f"{reason} {n}" for reason, n in summary["rejects"].items()) or "no input found"
         print(

@@ -1,0 +1,94 @@
+"""A shard build split across machines (``--num-nodes N --node-rank R``, or a SLURM job array): parts run in
+any order into one shared output, the last writes the manifest, the result is byte-identical to a
+one-machine build, and a killed part resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from shards_testdata import IMAGE_SIZE, build_files, synth_corpus
+
+from data_tools.build_shards import STATE_DIR, BuildError, build_shards, main
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = {"shard_size": 1, "image_size": IMAGE_SIZE, "views": None}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return synth_corpus(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def clean(corpus, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("one-machine") / "out"
+    build_shards("mimic-cxr", corpus, out, progress=False, **OPTIONS)
+    return build_files(out)
+
+
+def test_two_parts_in_either_order_equal_the_one_machine_build(corpus, clean, tmp_path, monkeypatch):
+    for order in ((1, 0), (0, 1)):
+        out = tmp_path / f"parts-{order[0]}{order[1]}"
+        first = build_shards("mimic-cxr", corpus, out, progress=False, num_nodes=2, node_rank=order[0], **OPTIONS)
+        assert first["status"] == "part_done" and not (out / "manifest.json").exists()
+        assert 0 < first["shards"] < len([k for k in clean if k.endswith(".tar")])
+        # the second part from a SLURM job array's variables (array 3-4: the task id is offset by the minimum)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(3 + order[1]))
+        second = build_shards("mimic-cxr", corpus, out, progress=False, **OPTIONS)
+        monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+        assert second["status"] == "built"
+        assert build_files(out) == clean
+        assert not (out / STATE_DIR).exists()
+
+
+def test_bad_part_arguments_are_one_line(corpus, tmp_path, capsys):
+    with pytest.raises(BuildError, match="--node-rank 2 must be in"):
+        build_shards("mimic-cxr", corpus, tmp_path / "o", num_nodes=2, node_rank=2, **OPTIONS)
+    code = main(
+        ["--format", "mimic-cxr", "--input", str(corpus), "--output", str(tmp_path / "o"), "--num-nodes", "2"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "build_shards: error: give both --num-nodes and --node-rank (or neither), e.g. --num-nodes 4 --node-rank 0"
+    ]
+
+
+def _cli(corpus: Path, out: Path, rank: int) -> list[str]:
+    return [sys.executable, "-m", "data_tools.build_shards", "--format", "mimic-cxr", "--input", str(corpus),
+            "--output", str(out), "--shard-size", "1", "--image-size", str(IMAGE_SIZE), "--views", "all",
+            "--no-progress", "--num-nodes", "2", "--node-rank", str(rank)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_part_resumes_and_the_concurrent_parts_match(corpus, clean, tmp_path):
+    """Part 0 is killed (SIGKILL) after recording 2 shards while part 1 runs at the same time on the same
+    folder; rerunning part 0 finishes the build, byte-identical to the one-machine build."""
+    out = tmp_path / "out"
+    killed = subprocess.Popen(_cli(corpus, out, 0), cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    other = subprocess.Popen(_cli(corpus, out, 1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed.poll() is None:
+        state = out / STATE_DIR
+        mine = [p for p in state.glob("*-shard-*.json")] if state.is_dir() else []
+        if len(mine) >= 4:  # both parts are writing: about 2 of them are part 0's
+            os.killpg(killed.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    killed.wait(timeout=30)
+    stdout, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, stderr.decode()
+    if killed.returncode == -signal.SIGKILL:
+        assert b"part_done" in stdout and not (out / "manifest.json").exists()
+    rerun = subprocess.run(_cli(corpus, out, 0), cwd=REPO, capture_output=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert build_files(out) == clean
