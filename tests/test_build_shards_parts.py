@@ -92,3 +92,25 @@ def test_a_killed_part_resumes_and_the_concurrent_parts_match(corpus, clean, tmp
     rerun = subprocess.run(_cli(corpus, out, 0), cwd=REPO, capture_output=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert build_files(out) == clean
+
+
+def test_slurm_array_script_builds_the_parts(corpus, clean, tmp_path):
+    """launch/slurm/build_shards.sbatch run as two array tasks (ids 4 and 5 of an array 4-5), for real."""
+    out = tmp_path / "out"
+    args = ["--format", "mimic-cxr", "--input", str(corpus), "--output", str(out), "--shard-size", "1",
+            "--image-size", str(IMAGE_SIZE), "--views", "all"]  # fmt: skip
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
+               MPMA_VENV=str(tmp_path / "no-venv"), SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="4")  # fmt: skip
+    for task in ("5", "4"):
+        res = subprocess.run(
+            ["bash", str(REPO / "launch" / "slurm" / "build_shards.sbatch"), *args], cwd=tmp_path, capture_output=True,
+            text=True, env=dict(env, SLURM_ARRAY_TASK_ID=task), timeout=300, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert f"part {int(task) - 4} of 2" in res.stdout
+    assert build_files(out) == clean
+    res = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "build_shards.sbatch")], capture_output=True,
+                         text=True, env={"PATH": os.environ["PATH"]}, check=False)  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip().startswith(
+        "build_shards.sbatch: error: SLURM_ARRAY_TASK_COUNT"
+    )
