@@ -243,3 +243,37 @@ def test_verify_shards_on_s3(s3, local):
     report = verify_shards(PREFIX, progress=False)
     assert report.ok, report.problems
     assert report.samples == json.loads((Path(local) / "manifest.json").read_text())["written"]
+
+
+def test_dali_reads_the_same_samples_from_s3_as_from_local_disk(s3, local, tokenizer, tmp_path):
+    """DALI (CPU pipeline) over ``s3://``: each rank's part of the epoch is fetched into the node cache and
+    read as local files; train batches of both ranks and the eval pass equal DALI's over local shards."""
+    pytest.importorskip("nvidia.dali")
+    kw = dict(backend="dali", dali_decode="cpu", num_workers=1, shard_cache=str(tmp_path / "cache"))
+    for rank in (0, 1):
+        got, want = [], []
+        for spec, out in ((f"{PREFIX}/train/", got), (f"{local}/train", want)):
+            info = build_loader(make_cfg(spec, **kw), rank, 2, batch_size=4, tokenizer=tokenizer, seed=9)
+            it = iter(info.loader)
+            out += [next(it) for _ in range(info.steps_per_epoch + 1)]  # into the second epoch
+            info.close()
+        assert_same(got, want)
+    cached = list((tmp_path / "cache").glob("*-shard-*.tar"))
+    assert cached and all(p.stat().st_size > 0 for p in cached)
+    assert_same(
+        eval_pass(make_cfg(f"{PREFIX}/validate/", **kw), tokenizer),
+        eval_pass(make_cfg(f"{local}/validate", **kw), tokenizer),
+    )
+    # and the wds backend reads those very samples too
+    wds_keys = [b["key"] for b in eval_pass(make_cfg(f"{PREFIX}/validate/"), tokenizer)]
+    assert wds_keys == [b["key"] for b in eval_pass(make_cfg(f"{local}/validate", **kw), tokenizer)]
+
+
+def test_dali_cache_budget_too_small_is_one_line(s3, tokenizer, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    cfg = make_cfg(
+        f"{PREFIX}/train/", backend="dali", dali_decode="cpu", shard_cache=str(tmp_path), shard_cache_gb=1e-6
+    )
+    with pytest.raises(ValueError, match="data.shard_cache_gb=1e-06 cannot hold this rank's"):
+        info = build_loader(cfg, 0, 1, batch_size=4, tokenizer=tokenizer, seed=9)
+        next(iter(info.loader))
