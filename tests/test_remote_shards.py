@@ -139,10 +139,10 @@ def test_http_shards_brace_and_folder(local, tokenizer, tmp_path):
         n = len(load_shard_index(f"{local}/validate").paths)
         base = f"http://127.0.0.1:{port}/validate"
         want = eval_pass(make_cfg(f"{local}/validate"), tokenizer)
-        for form in (f"{base}/shard-{{000000..{n - 1:06d}}}.tar", f"{base}/"):
-            cfg = make_cfg(form, shard_cache=str(tmp_path / form[-1]))
+        for name, form in (("brace", f"{base}/shard-{{000000..{n - 1:06d}}}.tar"), ("folder", f"{base}/")):
+            cfg = make_cfg(form, shard_cache=str(tmp_path / name))
             assert_same(eval_pass(cfg, tokenizer), want)
-            assert len(list((tmp_path / form[-1]).glob("*-shard-*.tar"))) == n
+            assert len(list((tmp_path / name).glob("*-shard-*.tar"))) == n
     finally:
         stop(proc)
 
@@ -157,9 +157,9 @@ def test_missing_object_bucket_and_index_are_one_line(s3, local, tokenizer):
         with pytest.raises((RemoteError, FileNotFoundError), match=message) as err:
             build_loader(make_cfg(spec), 0, 1, batch_size=2, tokenizer=tokenizer, train=False)
         assert "\n" not in str(err.value)
-    remote.put_bytes(b"not a tar", f"{PREFIX}/noidx/shard-000000.tar")
-    with pytest.raises(RemoteError, match="has no index s3://shards/build/noidx/shard-000000.idx"):
-        load_shard_index(f"{PREFIX}/noidx/")
+    remote.put_bytes(b"not a tar", f"s3://{BUCKET}/noidx/shard-000000.tar")
+    with pytest.raises(RemoteError, match="has no index s3://shards/noidx/shard-000000.idx"):
+        load_shard_index(f"s3://{BUCKET}/noidx/")
 
 
 def test_no_credentials_and_denied_are_one_line(s3, tmp_path):
@@ -277,3 +277,10 @@ def test_dali_cache_budget_too_small_is_one_line(s3, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="data.shard_cache_gb=1e-06 cannot hold this rank's"):
         info = build_loader(cfg, 0, 1, batch_size=4, tokenizer=tokenizer, seed=9)
         next(iter(info.loader))
+
+
+def test_evaluate_finds_the_split_under_a_remote_build_root(s3):
+    from mpma_ds.eval.split_eval import split_folder
+
+    assert split_folder(PREFIX, "validate") == f"{PREFIX}/validate/"
+    assert split_folder(f"{PREFIX}/train/", "validate") == f"{PREFIX}/train/"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data_tools import remote
 from mpma_ds.eval.alignment import DEFAULT_RESAMPLES, evaluate_alignment
 from mpma_ds.eval.bootstrap import loggable_metrics
 from mpma_ds.eval.zeroshot import DEFAULT_MIN_COUNT
@@ -42,8 +43,21 @@ GROUNDING_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
-def split_folder(shards: str | Path, split: str) -> Path:
-    """``shards/<split>`` when the build root is given, else ``shards`` itself (already a split folder)."""
+def split_folder(shards: str | Path, split: str) -> Path | str:
+    """``shards/<split>`` when the build root is given, else ``shards`` itself (already a split folder).
+
+    A remote build root (``s3://bucket/build``) gives ``<root>/<split>/`` when that prefix holds shards, else
+    the root itself."""
+    if remote.is_remote(str(shards)):
+        url = str(shards).rstrip("/")
+        for name in dict.fromkeys((split, "validate" if split in ("val", "valid") else split)):
+            try:
+                if not url.startswith("pipe:") and remote.list_folder(remote.join(url, name) + "/"):
+                    return remote.join(url, name) + "/"
+            except remote.RemoteError as err:
+                if "does not exist" not in str(err):
+                    raise
+        return str(shards)
     root = Path(shards)
     if not root.is_dir():
         raise FileNotFoundError(f"shard folder {root} does not exist; build shards with data_tools.build_shards")
@@ -338,7 +352,11 @@ def run_evaluation(
     # matched with the pretrained evaluation of the same split by the pair key
     init = "pretrained" if model_dir is not None else "random"
     tags.update(
-        lineage_tags(info.get("mlflow_run_id"), init, pair_key_eval(split, str(Path(shard_dir).resolve())))
+        lineage_tags(
+            info.get("mlflow_run_id"),
+            init,
+            pair_key_eval(split, shard_dir if isinstance(shard_dir, str) else str(shard_dir.resolve())),
+        )
     )
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
     logger.log_params({"eval": {"model": evaluated, "split": split, "shards": str(shard_dir),

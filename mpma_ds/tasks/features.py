@@ -113,7 +113,7 @@ def feature_loader(
 
 def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind: str) -> str:
     """What the ``kind`` features of ``split`` depend on (see the module docstring)."""
-    from mpma_ds.data.shards import resolve_shards
+    from mpma_ds.data.shards import resolve_shard_infos
 
     data = task.recipe.data
     init = task.init_source(ctx)
@@ -123,7 +123,12 @@ def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind
             p for p in Path(init.path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt")
         )
         weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    shards = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_shards(spec)]
+    shards = [
+        (str(p), info.size, info.etag)
+        if info is not None
+        else (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+        for p, info in resolve_shard_infos(spec)
+    ]  # a remote shard is named by its URL, size and ETag
     preprocessing = ("image_size", "in_chans", "image_mean", "image_std", "eval_crop_fraction", "backend")
     identity: dict[str, Any] = {
         "format": CACHE_FORMAT,
