@@ -29,7 +29,7 @@ from data_tools import remote
 from data_tools.remote import ChangedObject, RemoteError
 from data_tools.verify_shards import verify_shards
 from mpma_ds import load_tokenizer
-from mpma_ds.data import DataConfig, build_loader
+from mpma_ds.data import DataConfig, build_loader, samples
 from mpma_ds.data.shards import load_shard_index
 
 BUCKET = "shards"
@@ -131,8 +131,10 @@ def test_s3_training_stream_and_resume_match_local(s3, local, tokenizer):
     assert_same(want, got)
 
 
-def test_http_shards_brace_and_folder(local, tokenizer, tmp_path):
-    """``python -m http.server`` ignores Range: each shard is then fetched once, whole, into the node cache."""
+def test_http_shards_brace_and_folder(local, tokenizer, tmp_path, monkeypatch):
+    """``python -m http.server`` ignores Range: each shard is then fetched once, whole, into the node cache
+    (blocks smaller than the test's shards here, so a block request is a real partial request)."""
+    monkeypatch.setattr(samples, "REMOTE_BLOCK", 4096)
     port = free_port()
     proc = start_http(Path(local), port)
     try:

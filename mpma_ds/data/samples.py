@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import OrderedDict
 from typing import Any, BinaryIO
 
 from PIL import Image
@@ -43,10 +44,19 @@ class SampleError(Exception):
         self.reason = reason
 
 
+REMOTE_BLOCK = 8 << 20
+"""Bytes of a remote shard read per request: ~80 samples of ~100 kB, so request latency is paid once per block."""
+
+REMOTE_BLOCKS_KEPT = 8
+"""Blocks a reader keeps in memory (64 MB per DataLoader worker)."""
+
+
 class SampleReader:
     """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open.
 
-    A remote shard (`data_tools.remote`) is read by byte range, pinned to the ETag it was listed with; a
+    A remote shard (`data_tools.remote`) is read in blocks of `REMOTE_BLOCK` bytes (one ranged ``GET`` each,
+    pinned to the ETag it was listed with; the last `REMOTE_BLOCKS_KEPT` blocks are kept, so the neighbouring
+    samples a shuffle buffer reads cost no request); a
     ``pipe:`` shard, or one on a server that ignores ``Range``, is fetched whole into the node-local
     `ShardCache` once and read from there. A shard that changed on the store is a ``changed_shard``
     `SampleError`; ``remote_retries`` counts the transient faults retried while reading.
@@ -57,6 +67,7 @@ class SampleReader:
         self.infos = index.infos or [None] * len(index.paths)
         self._cache = cache
         self._files: dict[int, BinaryIO] = {}
+        self._blocks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     @property
     def cache(self) -> ShardCache:
@@ -81,20 +92,45 @@ class SampleReader:
             handle.seek(start)
             return handle.read(end - start)
         info = self.infos[shard]
-        cached = self.cache.cached(str(path), info)
+        if info is not None and info.size >= 0:
+            end = min(end, info.size)
+        if end <= start:
+            return b""
+        first, last = start // REMOTE_BLOCK, (end - 1) // REMOTE_BLOCK
+        parts = []
+        for k in range(first, last + 1):
+            block = self._blocks.get((shard, k))
+            if block is None:
+                block = self._fetch_block(shard, k)
+                if block is None:  # the shard is now a local file (cached whole)
+                    return self._range(shard, start, end)
+            else:
+                self._blocks.move_to_end((shard, k))
+            parts.append(block)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        offset = start - first * REMOTE_BLOCK
+        return data[offset : offset + end - start]
+
+    def _fetch_block(self, shard: int, k: int) -> bytes | None:
+        """Block ``k`` of a remote shard (one ranged GET pinned to the listed ETag), kept in a small LRU; None
+        when the shard was (or just got) cached whole on local disk and is open in ``_files``."""
+        url, info = str(self.paths[shard]), self.infos[shard]
+        cached = self.cache.cached(url, info)
         if cached is not None:  # fetched whole earlier (by any rank of this node)
             self._files[shard] = open(cached, "rb")  # noqa: SIM115
-            return self._range(shard, start, end)
+            return None
+        lo = k * REMOTE_BLOCK
+        hi = lo + REMOTE_BLOCK if info is None or info.size < 0 else min(lo + REMOTE_BLOCK, info.size)
         try:
-            data = remote.read_range(str(path), start, end, etag=info.etag if info is not None else "")
+            data = remote.read_range(url, lo, hi, etag=info.etag if info is not None else "")
+            if len(data) > hi - lo:  # the server ignored Range and sent the whole shard: keep it locally
+                self._files[shard] = open(self.cache.path(url, info, data=data), "rb")  # noqa: SIM115
+                return None
         except ChangedObject as err:
             raise SampleError("changed_shard", str(err)) from None
-        if len(data) > end - start:  # the server ignored Range and sent the whole shard: keep it locally
-            try:
-                self._files[shard] = open(self.cache.path(str(path), info, data=data), "rb")  # noqa: SIM115
-            except ChangedObject as err:
-                raise SampleError("changed_shard", str(err)) from None
-            return data[start:end]
+        self._blocks[(shard, k)] = data
+        while len(self._blocks) > REMOTE_BLOCKS_KEPT:
+            self._blocks.popitem(last=False)
         return data
 
     def read(self, ref: SampleRef) -> dict[str, bytes]:
