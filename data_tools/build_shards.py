@@ -28,18 +28,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools import __version__
+from data_tools import __version__, remote
 from data_tools.shard_build import BuildError
 from data_tools.shard_build.encode import encoded_samples
 from data_tools.shard_build.finish import build_summary, finish_build, format_summary, part_summary
 from data_tools.shard_build.parts import all_records, part_of, resolve_part
 from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
+from data_tools.shard_build.upload import build_to_store
 from data_tools.shard_build.writer import ShardWriter
 from data_tools.sources import formats, scan_source, source_kind
 from data_tools.sources.common import KNOWN_VIEWS, ScanOptions, SourceError
@@ -74,13 +76,16 @@ def build_shards(
     progress: bool = True,
     num_nodes: int | None = None,
     node_rank: int | None = None,
+    on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
 
     `sections`, `views`, `min_words`, `val_fraction`, `test_fraction` and `image_dir` do not apply to
     the VQA formats (their splits are the dataset's own files); `vqa_lang` applies only to `slake`.
     `num_nodes` / `node_rank` build one part of the plan (`shard_build.parts`; default: a SLURM job array's
-    variables, else everything); the part that completes the plan writes the manifest.
+    variables, else everything); the part that completes the plan writes the manifest. `output` may be a
+    remote prefix (`s3://bucket/build`: staged locally, each shard uploaded when finished,
+    `shard_build.upload`); `on_shard(info)` is called after each shard is written.
 
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
@@ -91,6 +96,11 @@ def build_shards(
     Raises:
         BuildError: bad arguments, an unreadable input, or an output folder holding another build.
     """
+    if remote.is_remote(str(output)):
+        options = {k: v for k, v in locals().items() if k not in ("output", "on_shard")}
+        return build_to_store(
+            str(output), lambda **where: build_shards(**options, **where), num_nodes or resolve_part(None, None)[0]
+        )
     t0 = time.perf_counter()
     num_nodes, node_rank = resolve_part(num_nodes, node_rank)
     try:
@@ -175,6 +185,8 @@ def build_shards(
                 record = {"shard": info, "rejects": shard_rejects}
                 write_json_atomic(state_dir / shard.record_name, record)
                 records[shard.record_name] = record
+                if on_shard is not None and info is not None:
+                    on_shard(info)
     finally:
         bar.close()
 
@@ -231,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="corpus folder (mimic-cxr, iu-xray, vqa-rad, slake) or manifest file"
     )
     p.add_argument(
-        "--output", required=True, help="output folder (new or empty, or an interrupted build to resume)"
+        "--output",
+        required=True,
+        help="output folder (new or empty, or an interrupted build to resume), or a remote prefix (s3://bucket/build): "
+        "staged locally, each shard uploaded when finished, manifest.json last",
     )
     p.add_argument("--shard-size", type=int, default=1000, help="input images per shard")
     p.add_argument("--image-size", type=int, default=512, help="shorter side of the stored JPEGs (px)")

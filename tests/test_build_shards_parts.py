@@ -114,3 +114,53 @@ def test_slurm_array_script_builds_the_parts(corpus, clean, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith(
         "build_shards.sbatch: error: SLURM_ARRAY_TASK_COUNT"
     )
+
+
+def test_remote_output_uploads_a_byte_identical_build(corpus, clean, tmp_path):
+    """``--output s3://...`` on a loopback S3 server: the objects equal the one-machine build's files, the
+    manifest is uploaded last, a rerun does nothing, other options are refused, and verify_shards passes."""
+    from remote_servers import env, free_port, make_bucket, s3_env, start_moto, stop
+
+    from data_tools import remote
+    from data_tools.shard_build.upload import staging_folder
+    from data_tools.verify_shards import verify_shards
+
+    port = free_port()
+    server = start_moto(port)
+    try:
+        with env(s3_env(port)):
+            make_bucket("builds")
+            url = "s3://builds/mimic"
+            uploads: list[str] = []
+            real = remote.upload
+
+            def record(local, target):  # the order objects appear in on the store
+                uploads.append(target.rsplit("/", 2)[-1] if "/" in target else target)
+                real(local, target)
+
+            remote.upload = record
+            try:
+                summary = main(["--format", "mimic-cxr", "--input", str(corpus), "--output", url, "--shard-size", "1",
+                                "--image-size", str(IMAGE_SIZE), "--views", "all", "--no-progress"])  # fmt: skip
+            finally:
+                remote.upload = real
+            assert summary == 0
+            assert (
+                uploads[-2:] == ["rejects.jsonl", "manifest.json"]
+                and uploads.index("manifest.json") == len(uploads) - 1
+            )
+            fs, _ = remote.filesystem(url)
+            stored = {p[len("builds/mimic/") :]: fs.cat_file(p) for p in fs.find("builds/mimic")}
+            assert stored == clean
+            assert not staging_folder(url).exists()
+            assert verify_shards(url, progress=False).ok
+            again = build_shards("mimic-cxr", corpus, url, progress=False, **OPTIONS)
+            assert again["status"] == "already_complete" and again["output"] == url
+            with pytest.raises(
+                BuildError, match=f"--output {url} holds a finished build of different input or options"
+            ):
+                build_shards("mimic-cxr", corpus, url, progress=False, **{**OPTIONS, "image_size": IMAGE_SIZE + 8})
+            with pytest.raises(BuildError, match="--num-nodes with a remote --output"):
+                build_shards("mimic-cxr", corpus, url + "2", num_nodes=2, node_rank=0, **OPTIONS)
+    finally:
+        stop(server)
