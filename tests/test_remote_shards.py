@@ -286,3 +286,14 @@ def test_evaluate_finds_the_split_under_a_remote_build_root(s3):
 
     assert split_folder(PREFIX, "validate") == f"{PREFIX}/validate/"
     assert split_folder(f"{PREFIX}/train/", "validate") == f"{PREFIX}/train/"
+
+
+def test_pipe_shards_read_the_same_samples(local, tokenizer, tmp_path):
+    """webdataset's ``pipe:`` form: the command's output is the shard (fetched whole into the node cache), the
+    same command with ``.tar`` → ``.idx`` its index; a failing command is one line."""
+    n = len(load_shard_index(f"{local}/validate").paths)
+    spec = ",".join(f"pipe:cat {local}/validate/shard-{i:06d}.tar" for i in range(n))
+    cfg = make_cfg(spec, shard_cache=str(tmp_path))
+    assert_same(eval_pass(cfg, tokenizer), eval_pass(make_cfg(f"{local}/validate"), tokenizer))
+    with pytest.raises(RemoteError, match="pipe:cat /nonexistent/shard-000000.tar: the command exited 1"):
+        load_shard_index("pipe:cat /nonexistent/shard-000000.tar")
