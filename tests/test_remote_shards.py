@@ -297,3 +297,23 @@ def test_pipe_shards_read_the_same_samples(local, tokenizer, tmp_path):
     assert_same(eval_pass(cfg, tokenizer), eval_pass(make_cfg(f"{local}/validate"), tokenizer))
     with pytest.raises(RemoteError, match="pipe:cat /nonexistent/shard-000000.tar: the command exited 1"):
         load_shard_index("pipe:cat /nonexistent/shard-000000.tar")
+
+
+def test_pretrain_with_a_missing_remote_shard_fails_with_one_line(s3, tmp_path_factory, tmp_path, capsys):
+    """The CLI: a missing object is found before training starts, one stderr line naming the URL, exit 2."""
+    import sys
+
+    from train_testdata import ROOT, prepared_base, pretrain_argv, tiny_overrides
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import pretrain
+
+    base = prepared_base(tmp_path_factory)
+    missing = f"{PREFIX}/train/shard-999999.tar"
+    overrides = tiny_overrides(base, tmp_path / "run", **{"data.train_shards": missing, "train.eval_every": 0})
+    code = pretrain.main(pretrain_argv(overrides))
+    # torch may warn once per process that there is no CUDA runtime: not ours
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if "cpp_extension.py" not in x]
+    assert code != 0 and len(lines) == 1, lines
+    assert lines[0].startswith("pretrain.py: error: ") and f"{missing} does not exist" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
