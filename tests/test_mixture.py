@@ -151,16 +151,20 @@ def test_bad_mixtures_are_one_line(shards, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_logs_samples_per_source_to_mlflow(tmp_path_factory, tmp_path):
+def test_pretraining_logs_samples_and_validation_per_source_to_mlflow(tmp_path_factory, tmp_path):
     base = prepared_base(tmp_path_factory)
-    train = tiny_shards(base) / "train"
-    tars = sorted(str(p) for p in train.glob("shard-*.tar"))
-    sources = f"[{{name: big, shards: '{','.join(tars[:-1])}', weight: 3}}, {{name: small, shards: '{tars[-1]}'}}]"
+    root = tiny_shards(base)
+    tars = sorted(str(p) for p in (root / "train").glob("shard-*.tar"))
+    val = root / "validate"
+    sources = (
+        f"[{{name: big, shards: '{','.join(tars[:-1])}', weight: 3, val_shards: '{val}'}}, "
+        f"{{name: small, shards: '{tars[-1]}'}}]"
+    )
     db = tmp_path / "mlflow.db"
     overrides = tiny_overrides(
         base, tmp_path / "run",
         **{"data.train_shards": "", "data.train_sources": sources, "data.epoch_length": 32, "train.max_steps": 4,
-           "train.eval_every": 0, "train.save_every": 0, "tracking.enabled": True, "tracking.uri": f"sqlite:///{db}",
+           "train.eval_every": 4, "train.eval_max_batches": 2, "train.save_every": 0, "tracking.enabled": True, "tracking.uri": f"sqlite:///{db}",
            "tracking.system_metrics": False},
     )  # fmt: skip
     assert pretrain.main(_argv(overrides)) == 0
@@ -172,3 +176,10 @@ def test_pretraining_logs_samples_per_source_to_mlflow(tmp_path_factory, tmp_pat
     # 4 steps x 8 samples = 32 = one epoch: 3:1 → 24 and 8 samples, counted as they are read
     assert big[-1] == 24 and small[-1] == 8
     assert big == sorted(big) and len(big) == 4
+    # validation per source: the source with val_shards is reported under eval/big/, beside eval/ (val_shards);
+    # its shards are the same validate split here, so the numbers agree
+    metrics = run.data.metrics
+    per_source = {k[len("eval/big/") :]: v for k, v in metrics.items() if k.startswith("eval/big/")}
+    assert per_source and not any(k.startswith("eval/small/") for k in metrics)
+    for name, value in per_source.items():
+        assert value == pytest.approx(metrics[f"eval/{name}"], nan_ok=True), name

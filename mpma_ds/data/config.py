@@ -29,6 +29,10 @@ class TrainSource(ConfigSection):
     weight: float = 1.0
     """Its share of every epoch is ``weight / sum(weights)`` (> 0)."""
 
+    val_shards: str = ""
+    """Optional validation shards of this source: each evaluation then also reports the task's metrics on them
+    as ``eval/<name>/<metric>`` (beside ``eval/<metric>`` on ``data.val_shards``)."""
+
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"data.train_sources: name {self.name!r} must be letters, digits, _, - or .")
@@ -60,7 +64,8 @@ class DataConfig(ConfigSection):
     shards: ..., weight: 1}]``. Each epoch is ``epoch_length`` samples (0 = the sources' sizes summed), each
     source's share of it exactly its weight's (a small source repeats, a large one continues next epoch); the
     order is deterministic from the seed and resumes exactly mid-epoch (``mpma_ds.data.mixture``). Every source
-    must hold the same kind of sample (image-report or VQA). ``wds`` backend."""
+    must hold the same kind of sample (image-report or VQA). ``wds`` backend. A source's optional ``val_shards``
+    are evaluated too, as ``eval/<name>/<metric>``."""
 
     val_shards: str = ""
     """Validation shards, same forms as ``train_shards``; used by ``split="validate"`` (or ``"val"``)."""

@@ -19,6 +19,7 @@ between ranks and accumulation — 1 rank × 2 accumulation steps equals 2 ranks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
+from mpma_ds.data import build_loader
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
@@ -62,6 +64,7 @@ from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay im
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from mpma_ds.data.config import TrainSource
     from mpma_ds.tracking import MetricLogger
 
 _SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
@@ -405,15 +408,29 @@ class Trainer:
         self.logger.log_metrics(metrics, step=self.step)
 
     def evaluate(
-        self, split: str = "validate", *, n_resamples: int = 0, keep: dict[str, Any] | None = None
+        self,
+        split: str = "validate",
+        *,
+        n_resamples: int = 0,
+        keep: dict[str, Any] | None = None,
+        source: TrainSource | None = None,
     ) -> dict[str, Any]:
         """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
 
         Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy_overall``); with
-        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``).
+        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``). With
+        ``source`` (a ``data.train_sources`` entry with ``val_shards``): that source's validation shards, as
+        ``eval/<name>/<metric>``.
         """
-        own = not (split == "validate" and self.val_loader is not None)
-        loader = self.task.eval_loader(self.ctx, split) if own else self.val_loader
+        own = not (split == "validate" and self.val_loader is not None and source is None)
+        if source is not None:
+            loader = build_loader(
+                dataclasses.replace(self.recipe.data, val_shards=source.val_shards), 0, 1, split="validate",
+                batch_size=self.cfg.eval_batch_size or self.cfg.micro_batch_size, tokenizer=self.ctx.tokenizer,
+                seed=self.cfg.seed, train=False,
+            )  # fmt: skip
+        else:
+            loader = self.task.eval_loader(self.ctx, split) if own else self.val_loader
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -429,6 +446,8 @@ class Trainer:
             if own:
                 loader.close()
         prefix = "eval" if split == "validate" else split
+        if source is not None:
+            prefix = f"eval/{source.name}"
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def _log_eval(self, metrics: dict[str, Any]) -> None:
@@ -475,6 +494,9 @@ class Trainer:
             if evaluate_now:
                 self.last_eval = self.evaluate("validate")
                 self._log_eval(self.last_eval)
+                for source in self.recipe.data.train_sources:  # per-source validation of a mixture
+                    if source.val_shards:
+                        self._log_eval(self.evaluate("validate", source=source))
                 if self.best_metric:
                     improved = self._track_best(self.last_eval)
             stop = bool(cfg.early_stopping and self.evals_without_gain >= cfg.early_stopping)
