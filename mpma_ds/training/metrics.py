@@ -57,6 +57,17 @@ def memory_gb(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def loader_counters(loaders: list[Any], sources: list[Any]) -> dict[str, float]:
+    """``skipped_samples`` and, for a mixture (``data.train_sources``), ``data/samples/<name>`` — the samples
+    drawn from each source so far — summed over a rank's streams and over ranks (collective)."""
+    from mpma_ds.training.distributed import all_reduce_sum
+
+    stats = [loader.stats() for loader in loaders]
+    keys = ["skipped_samples", *(f"samples/{s.name}" for s in sources)]
+    counts = all_reduce_sum(torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in keys])).tolist()
+    return {("data/" + k if k.startswith("samples/") else k): n for k, n in zip(keys, counts)}
+
+
 class StepMeter:
     """Rates since the last ``rates()`` call: samples/s, tokens/s, model FLOP/s, MFU, data-wait fraction."""
 

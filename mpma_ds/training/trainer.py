@@ -19,7 +19,6 @@ between ranks and accumulation — 1 rank × 2 accumulation steps equals 2 ranks
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -29,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpma_ds.config import ConfigError, to_dict
-from mpma_ds.data import build_loader
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.training import checkpoint as ckpt
@@ -51,7 +49,7 @@ from mpma_ds.training.ds_config import (
     resolve_ds_config,
     zero_stage,
 )
-from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
+from mpma_ds.training.metrics import StepMeter, device_peak_flops, loader_counters, memory_gb
 from mpma_ds.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
     DS_CONFIG_FILE,
@@ -64,7 +62,6 @@ from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay im
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from mpma_ds.data.config import TrainSource
     from mpma_ds.tracking import MetricLogger
 
 _SETUP_ERRORS = (ConfigError, ckpt.ResumeError, ValueError, FileNotFoundError, TypeError, KeyError, OSError)
@@ -386,12 +383,6 @@ class Trainer:
             optimizer.step = skip_once
 
     def _log_step(self, losses: dict[str, float]) -> None:
-        stats = [ld.stats() for ld in self.loaders]
-        # a mixture's samples seen per source (data.train_sources), summed over streams and ranks
-        sources = [f"samples/{s.name}" for s in self.recipe.data.train_sources]
-        counts = torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in ["skipped_samples", *sources]])
-        counts = all_reduce_sum(counts)
-        skipped = counts[:1]
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             **losses,
@@ -399,38 +390,23 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             **self.meter.rates(),
             "memory_gb": memory_gb(self.ctx.device),
-            "skipped_samples": float(skipped.item()),
+            **loader_counters(self.loaders, self.recipe.data.train_sources),  # skipped, data/samples/<source>
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
-            "epoch": float(stats[0].get("epoch", 0)),
-            **{f"data/{key}": float(n) for key, n in zip(sources, counts[1:].tolist())},
+            "epoch": float(self.loaders[0].stats().get("epoch", 0)),
         }
         self.logger.log_metrics(metrics, step=self.step)
 
-    def evaluate(
-        self,
-        split: str = "validate",
-        *,
-        n_resamples: int = 0,
-        keep: dict[str, Any] | None = None,
-        source: TrainSource | None = None,
-    ) -> dict[str, Any]:
+    def evaluate(self, split: str = "validate", *, n_resamples: int = 0, keep: dict[str, Any] | None = None,
+                 source: Any = None) -> dict[str, Any]:  # fmt: skip
         """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
 
         Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy_overall``); with
-        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``). With
-        ``source`` (a ``data.train_sources`` entry with ``val_shards``): that source's validation shards, as
-        ``eval/<name>/<metric>``.
+        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``). ``source``: a
+        ``data.train_sources`` entry: its ``val_shards`` instead, as ``eval/<name>/<metric>``.
         """
-        own = not (split == "validate" and self.val_loader is not None and source is None)
-        if source is not None:
-            loader = build_loader(
-                dataclasses.replace(self.recipe.data, val_shards=source.val_shards), 0, 1, split="validate",
-                batch_size=self.cfg.eval_batch_size or self.cfg.micro_batch_size, tokenizer=self.ctx.tokenizer,
-                seed=self.cfg.seed, train=False,
-            )  # fmt: skip
-        else:
-            loader = self.task.eval_loader(self.ctx, split) if own else self.val_loader
+        own = source is not None or not (split == "validate" and self.val_loader is not None)
+        loader = self.task.eval_loader(self.ctx, split, source) if own else self.val_loader
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -445,9 +421,7 @@ class Trainer:
             module.train(was_training)
             if own:
                 loader.close()
-        prefix = "eval" if split == "validate" else split
-        if source is not None:
-            prefix = f"eval/{source.name}"
+        prefix = f"eval/{source.name}" if source is not None else "eval" if split == "validate" else split
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def _log_eval(self, metrics: dict[str, Any]) -> None:
@@ -494,9 +468,8 @@ class Trainer:
             if evaluate_now:
                 self.last_eval = self.evaluate("validate")
                 self._log_eval(self.last_eval)
-                for source in self.recipe.data.train_sources:  # per-source validation of a mixture
-                    if source.val_shards:
-                        self._log_eval(self.evaluate("validate", source=source))
+                for source in (s for s in self.recipe.data.train_sources if s.val_shards):  # a mixture's, each
+                    self._log_eval(self.evaluate("validate", source=source))
                 if self.best_metric:
                     improved = self._track_best(self.last_eval)
             stop = bool(cfg.early_stopping and self.evals_without_gain >= cfg.early_stopping)
