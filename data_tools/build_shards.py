@@ -28,17 +28,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools import __version__
+from data_tools import __version__, remote
 from data_tools.shard_build import BuildError
 from data_tools.shard_build.encode import encoded_samples
-from data_tools.shard_build.finish import build_summary, finish_build, format_summary
+from data_tools.shard_build.finish import build_summary, finish_build, format_summary, part_summary
+from data_tools.shard_build.parts import all_records, part_of, resolve_part
 from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
+from data_tools.shard_build.upload import build_to_store
 from data_tools.shard_build.writer import ShardWriter
 from data_tools.sources import formats, scan_source, source_kind
 from data_tools.sources.common import KNOWN_VIEWS, ScanOptions, SourceError
@@ -73,6 +76,9 @@ def build_shards(
     allow_shared_patients: bool = False,
     follow_outside_links: bool = False,
     progress: bool = True,
+    num_nodes: int | None = None,
+    node_rank: int | None = None,
+    on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
 
@@ -80,6 +86,10 @@ def build_shards(
     do not apply to the VQA formats (their splits are the dataset's own files); `vqa_lang` applies only to
     `slake`. `follow_outside_links` reads reports / images that are symbolic links leading outside the input
     (rejected as `symlink_outside_input` otherwise).
+    `num_nodes` / `node_rank` build one part of the plan (`shard_build.parts`; default: a SLURM job array's
+    variables, else everything); the part that completes the plan writes the manifest. `output` may be a
+    remote prefix (`s3://bucket/build`: staged locally, each shard uploaded when finished,
+    `shard_build.upload`); `on_shard(info)` is called after each shard is written.
 
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
@@ -90,7 +100,13 @@ def build_shards(
     Raises:
         BuildError: bad arguments, an unreadable input, or an output folder holding another build.
     """
+    if remote.is_remote(str(output)):
+        options = {k: v for k, v in locals().items() if k not in ("output", "on_shard")}
+        return build_to_store(
+            str(output), lambda **where: build_shards(**options, **where), num_nodes or resolve_part(None, None)[0]
+        )
     t0 = time.perf_counter()
+    num_nodes, node_rank = resolve_part(num_nodes, node_rank)
     try:
         vqa = source_kind(fmt) == "vqa"
     except SourceError as exc:
@@ -166,9 +182,10 @@ def build_shards(
         )
 
     plan = plan_shards(scan.items, shard_size)
-    records = finished_records(out, plan) if status == "resume" else {}
-    todo = [s for s in plan if s.record_name not in records]
-    reused = len(plan) - len(todo)
+    mine = part_of(plan, num_nodes, node_rank)
+    records = finished_records(out, mine) if status == "resume" else {}
+    todo = [s for s in mine if s.record_name not in records]
+    reused = len(mine) - len(todo)
     items = [item for shard in todo for item in shard.items]
     bar = tqdm(total=len(items), unit="img", desc=f"shards -> {out.name}", disable=not progress, file=sys.stderr)
     try:
@@ -191,11 +208,21 @@ def build_shards(
                 record = {"shard": info, "rejects": shard_rejects}
                 write_json_atomic(state_dir / shard.record_name, record)
                 records[shard.record_name] = record
+                if on_shard is not None and info is not None:
+                    on_shard(info)
     finally:
         bar.close()
 
-    manifest = finish_build(out, identity, scan, plan, records)
-    shutil.rmtree(state_dir)
+    if num_nodes > 1:
+        every = all_records(state_dir, plan)
+        if every is None:  # another part is still building: it will finish the build
+            return part_summary(out, records, node_rank, num_nodes, reused, time.perf_counter() - t0)
+        records = every
+    try:
+        manifest = finish_build(out, identity, scan, plan, records)
+    except FileNotFoundError:  # another part finished at the same moment and removed .build/
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    shutil.rmtree(state_dir, ignore_errors=num_nodes > 1)
     status = "empty" if manifest["written"] == 0 else "resumed" if reused else "built"
     return build_summary(manifest, out, status, reused, time.perf_counter() - t0)
 
@@ -239,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="corpus folder (mimic-cxr, iu-xray, vqa-rad, slake) or manifest file"
     )
     p.add_argument(
-        "--output", required=True, help="output folder (new or empty, or an interrupted build to resume)"
+        "--output",
+        required=True,
+        help="output folder (new or empty, or an interrupted build to resume), or a remote prefix (s3://bucket/build): "
+        "staged locally, each shard uploaded when finished, manifest.json last",
     )
     p.add_argument("--shard-size", type=int, default=1000, help="input images per shard")
     p.add_argument("--image-size", type=int, default=512, help="shorter side of the stored JPEGs (px)")
@@ -278,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read reports / images that are symbolic links leading outside --input (rejected by default)",
     )
+    p.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="split the build into this many parts, one per machine, sharing --output (default: "
+        "SLURM_ARRAY_TASK_COUNT when set, else 1); the last part to finish writes manifest.json",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="which part this machine builds, 0..num-nodes-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -312,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             allow_shared_patients=args.allow_shared_patients,
             follow_outside_links=args.follow_outside_links,
             progress=not args.no_progress,
+            num_nodes=args.num_nodes,
+            node_rank=args.node_rank,
         )
     except BuildError as exc:
         print(f"build_shards: error: {exc}", file=sys.stderr)
@@ -331,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     print(format_summary(summary))
+    if summary["status"] == "part_done":
+        return 0
     if summary["written"] == 0:
         counts = ", ".join(f"{reason} {n}" for reason, n in summary["rejects"].items()) or "no input found"
         print(

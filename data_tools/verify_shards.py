@@ -1,4 +1,5 @@
-"""Check a shard build end to end: `python -m data_tools.verify_shards DIR`.
+"""Check a shard build end to end: `python -m data_tools.verify_shards DIR` (DIR may be a remote prefix,
+`s3://bucket/build`: each shard is fetched into a temporary folder, checked and deleted).
 
 Re-reads every shard listed in `DIR/manifest.json` and checks:
 - the tar's size and sha256 against the manifest, and that it reads as a tar to the end;
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from data_tools import remote
+from data_tools.remote import RemoteError
 from data_tools.shard_build.writer import sha256_file
 from data_tools.shard_format import (
     ANSWER_TYPES,
@@ -198,12 +203,59 @@ def _check_shard(root: Path, info: dict, image_size: int | None, keys: set[str],
                 problems.append(f"{info.get('index')}: does not match the tar's real member offsets")
 
 
+class _RemoteRoot:
+    """A build under a remote prefix, read through `data_tools.remote`: each shard and its index is fetched
+    into a temporary folder, checked there by the same code as a local build, and deleted."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.tmp = Path(tempfile.mkdtemp(prefix="verify-shards-"))
+
+    def text(self, rel: str) -> str | None:
+        url = remote.join(self.url, rel)
+        if not remote.exists(url):
+            return None
+        return remote.read_bytes(url).decode("utf-8", errors="replace")
+
+    def listing(self) -> list[str]:
+        fs, path = remote.filesystem(self.url)
+        found = remote.with_retries(lambda: fs.find(path), self.url)
+        base = path.rstrip("/") + "/"
+        return sorted(f[len(base) :] for f in found if f.startswith(base))
+
+    def fetch(self, info: dict) -> None:
+        for rel in (info.get("name"), info.get("index")):
+            if not rel:
+                continue
+            target = self.tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            url = remote.join(self.url, rel)
+            if remote.exists(url):
+                target.write_bytes(remote.read_bytes(url))
+
+    def drop(self, info: dict) -> None:
+        for rel in (info.get("name"), info.get("index")):
+            if rel:
+                (self.tmp / rel).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
-    """Verify the build in `root`; every problem found is one line in `report.problems`.
+    """Verify the build in `root` (a folder, or a remote prefix ``s3://bucket/build``); every problem found
+    is one line in `report.problems`.
 
     Raises:
         FileNotFoundError: `root` holds no readable `manifest.json`.
+        RemoteError: a remote `root` cannot be read (missing credentials, access denied: one line).
     """
+    if remote.is_remote(str(root)):
+        store = _RemoteRoot(str(root))
+        try:
+            return _verify(Path(store.tmp), progress, store)
+        finally:
+            store.close()
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not root.exists():
@@ -219,10 +271,24 @@ def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
                 "verify that folder"
             )
         raise FileNotFoundError(f"{root} has no manifest.json: not a finished build_shards output")
+    return _verify(root, progress, None)
+
+
+def _verify(root: Path, progress: bool, store: _RemoteRoot | None) -> VerifyReport:
+    name = store.url if store is not None else str(root)
+
+    def text(rel: str) -> str | None:
+        if store is not None:
+            return store.text(rel)
+        return (root / rel).read_text(encoding="utf-8") if (root / rel).is_file() else None
+
+    manifest_text = text("manifest.json")
+    if manifest_text is None:
+        raise FileNotFoundError(f"{name} has no manifest.json: not a finished build_shards output")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileNotFoundError(f"{manifest_path} is not valid JSON ({exc})") from None
+        raise FileNotFoundError(f"{name}/manifest.json is not valid JSON ({exc})") from None
     report = VerifyReport()
     problems = report.problems
     image_size = (manifest.get("options") or {}).get("image_size")
@@ -231,18 +297,28 @@ def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
     split_counts: Counter = Counter()
     for info in tqdm(shards, unit="shard", desc="verify", disable=not progress, file=sys.stderr):
         before = report.samples
+        if store is not None:
+            store.fetch(info)
         _check_shard(root, info, image_size, keys, report)
+        if store is not None:
+            store.drop(info)
         split_counts[info.get("split")] += report.samples - before
         report.shards += 1
 
     listed = {s.get("name") for s in shards} | {s.get("index") for s in shards}
-    for path in sorted(root.glob("*/*")):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix in (".tar", ".idx") and rel not in listed:
+    if store is not None:
+        names = store.listing()
+        files = [n for n in names if n.count("/") == 1]
+        unfinished = any(n.startswith(".build/") for n in names)
+    else:
+        files = [p.relative_to(root).as_posix() for p in sorted(root.glob("*/*"))]
+        unfinished = (root / ".build").exists()
+    for rel in files:
+        if rel.endswith((".tar", ".idx")) and rel not in listed:
             problems.append(f"{rel}: on disk but not in manifest.json")
-        elif path.name.endswith(".tmp"):
+        elif rel.endswith(".tmp"):
             problems.append(f"{rel}: leftover temporary file (an interrupted build? rerun build_shards)")
-    if (root / ".build").exists():
+    if unfinished:
         problems.append(".build/: the build did not finish (rerun build_shards with the same options)")
 
     counts = manifest.get("counts", {})
@@ -258,13 +334,13 @@ def verify_shards(root: str | Path, progress: bool = True) -> VerifyReport:
     if report.samples != manifest.get("written"):
         problems.append(f"{report.samples} samples in shards, manifest says written={manifest.get('written')}")
 
-    rejects_path = root / "rejects.jsonl"
+    rejects_text = text("rejects.jsonl")
     reasons: Counter = Counter()
     image_rejects = 0
-    if not rejects_path.is_file():
+    if rejects_text is None:
         problems.append("rejects.jsonl: missing")
     else:
-        for lineno, line in enumerate(rejects_path.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(rejects_text.splitlines(), start=1):
             try:
                 row = json.loads(line)
                 reasons[row["reason"]] += 1
@@ -293,12 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m data_tools.verify_shards",
         description="Re-read and check every shard, index, JSON and count of a build_shards output folder.",
     )
-    parser.add_argument("dir", help="the build_shards --output folder")
+    parser.add_argument("dir", help="the build_shards --output folder, or its remote prefix (s3://bucket/build)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         report = verify_shards(args.dir, progress=not args.no_progress)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, RemoteError) as exc:
         print(f"verify_shards: error: {exc}", file=sys.stderr)
         return 2
     status = "OK" if report.ok else f"{len(report.problems)} PROBLEM(S)"

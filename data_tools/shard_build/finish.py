@@ -66,6 +66,34 @@ def build_summary(manifest: dict, out: Path, status: str, reused: int, seconds: 
     }
 
 
+def part_summary(out: Path, records: dict, node_rank: int, num_nodes: int, reused: int, seconds: float) -> dict:
+    """What one part of a split build returns when other parts are still building (status ``part_done``)."""
+    shards = [r["shard"] for r in records.values() if r["shard"] is not None]
+    rejects = [row for r in records.values() for row in r["rejects"]]
+    splits: dict[str, int] = {}
+    for info in shards:
+        splits[info["split"]] = splits.get(info["split"], 0) + info["samples"]
+    written = sum(splits.values())
+    image_rejects = sum(row["kind"] == "image" for row in rejects)
+    return {
+        "status": "part_done",
+        "output": str(out),
+        "part": f"{node_rank + 1} of {num_nodes}",
+        "written": written,
+        "rejected": image_rejects,
+        "rejected_reports": 0,
+        "inputs": written + image_rejects,
+        "rejects": dict(sorted(Counter(row["reason"] for row in rejects).items())),
+        "splits": splits,
+        "shards": len(shards),
+        "shards_reused": reused,
+        "bytes": sum(s["bytes"] for s in shards),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(written / seconds, 2) if seconds > 0 else None,
+        "notes": [f"part {node_rank + 1} of {num_nodes} done; the last part to finish writes manifest.json"],
+    }
+
+
 def format_summary(summary: dict) -> str:
     """The human-readable end-of-build summary printed by the CLI."""
     lines = [

@@ -23,7 +23,7 @@ STATE_DIR = ".build"
 
 def write_json_atomic(path: Path, obj, *, lines: bool = False) -> None:
     """Write JSON (or JSON lines from a list) to `path` through a synced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parts of a split build may write the same file
     with open(tmp, "w", encoding="utf-8") as f:
         if lines:
             for row in obj:
@@ -72,7 +72,7 @@ def check_output_folder(out: Path, identity: dict) -> str:
                 f"--output {out} holds {what} of different input or options ({describe_difference(old, identity)}); "
                 "refusing to overwrite it: choose an empty --output or delete that folder first"
             )
-    if any(out.iterdir()):
+    if any(p.name != STATE_DIR for p in out.iterdir()):  # .build/ alone: another part is starting this build
         raise BuildError(f"--output {out} is not empty and holds no mpma-ds build; choose an empty or new folder")
     return "fresh"
 

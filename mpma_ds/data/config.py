@@ -6,10 +6,40 @@ are ``validate()``, so a wrong value is a clear error naming the field before an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from mpma_ds.config import ConfigSection
 from mpma_ds.data.backends import BACKENDS
+
+
+@dataclass
+class TrainSource(ConfigSection):
+    """One source of a weighted training mixture (``data.train_sources``)."""
+
+    SECTION = "data.train_sources"
+
+    name: str = ""
+    """The source's name: letters, digits, ``_``, ``-``, ``.``; its samples seen are logged as
+    ``data/samples/<name>``."""
+
+    shards: str = ""
+    """Its shards, in any form ``data.train_shards`` takes (folder, glob, brace, comma list, remote URLs)."""
+
+    weight: float = 1.0
+    """Its share of every epoch is ``weight / sum(weights)`` (> 0)."""
+
+    val_shards: str = ""
+    """Optional validation shards of this source: each evaluation then also reports the task's metrics on them
+    as ``eval/<name>/<metric>`` (beside ``eval/<metric>`` on ``data.val_shards``)."""
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"data.train_sources: name {self.name!r} must be letters, digits, _, - or .")
+        if not self.shards:
+            raise ValueError(f"data.train_sources {self.name!r}: shards is empty; give its shard folder")
+        if not self.weight > 0:
+            raise ValueError(f"data.train_sources {self.name!r}: weight must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -24,7 +54,18 @@ class DataConfig(ConfigSection):
 
     train_shards: str = ""
     """Training shards: a folder holding ``shard-*.tar``, a glob (``data/train/shard-*.tar``) or a brace
-    pattern (``data/train/shard-{000000..000099}.tar``). Each tar needs its ``.idx`` beside it."""
+    pattern (``data/train/shard-{000000..000099}.tar``). Each tar needs its ``.idx`` beside it. The same
+    forms on object stores: ``s3://bucket/prefix/train/`` (a prefix listed through the store's API),
+    ``gs://...``, ``https://...`` (a brace pattern needs no listing), and ``pipe:CMD`` (docs/data_pipeline.md,
+    "Remote shards"); credentials come from each store's standard chain."""
+
+    train_sources: list[TrainSource] = field(default_factory=list)
+    """A weighted mixture instead of ``train_shards``: ``[{name: mimic, shards: ..., weight: 3}, {name: roco,
+    shards: ..., weight: 1}]``. Each epoch is ``epoch_length`` samples (0 = the sources' sizes summed), each
+    source's share of it exactly its weight's (a small source repeats, a large one continues next epoch); the
+    order is deterministic from the seed and resumes exactly mid-epoch (``mpma_ds.data.mixture``). Every source
+    must hold the same kind of sample (image-report or VQA). ``wds`` backend. A source's optional ``val_shards``
+    are evaluated too, as ``eval/<name>/<metric>``."""
 
     val_shards: str = ""
     """Validation shards, same forms as ``train_shards``; used by ``split="validate"`` (or ``"val"``)."""
@@ -117,6 +158,14 @@ class DataConfig(ConfigSection):
     prefetch_batches: int = 2
     """Batches prepared ahead per worker (``wds``) or pipeline queue depth (``dali``)."""
 
+    shard_cache: str = ""
+    """Node-local folder remote shards are fetched whole into where a reader needs a local file (``dali``,
+    ``pipe:`` shards, HTTP servers without ``Range``), shared by the ranks of a node; ``""`` =
+    ``$TMPDIR/mpma-shard-cache-<uid>``. ``wds`` otherwise streams byte ranges with no local copy."""
+
+    shard_cache_gb: float = 50.0
+    """Disk budget of ``shard_cache`` in GB: least recently used shards are deleted beyond it."""
+
     dali_decode: str = "auto"
     """``dali`` backend decode device: ``auto`` (``mixed`` when CUDA is available, else ``cpu``), ``cpu``,
     ``mixed``."""
@@ -190,6 +239,16 @@ class DataConfig(ConfigSection):
                 )
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"data.image_std must be > 0, got {list(self.image_std)}")
+        if self.train_sources:
+            names = [s.name for s in self.train_sources]
+            if self.train_shards:
+                raise ValueError("data.train_shards and data.train_sources are both set: give one of them")
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.train_sources names must be unique, got {names}")
+            if self.backend == "dali":
+                raise ValueError("data.train_sources (a weighted mixture) needs data.backend wds")
+        if self.shard_cache_gb <= 0:
+            raise ValueError(f"data.shard_cache_gb must be > 0, got {self.shard_cache_gb}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_tools import remote
 from data_tools.shard_format import SAMPLE_MEMBERS, format_index, index_path
+from mpma_ds.data import dali_remote
 from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.plan import MadeBatch, rank_range, seeded_rng, shard_order
@@ -79,6 +81,9 @@ def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
     counts = index.counts()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     for shard, path in enumerate(index.paths):
+        if remote.is_remote(path):  # `dali_remote` writes the idx of each epoch's local copies
+            out.append("")
+            continue
         if counts[shard] in (0, index.listed[shard]):
             out.append(str(index_path(path)))
             continue
@@ -103,6 +108,8 @@ class DaliStream(ShardStream):
         self.augment = self.transform.augment
         self._tmp = tempfile.TemporaryDirectory(prefix="mpma-dali-idx-")
         self.idx_files = write_clean_indexes(self.index, Path(self._tmp.name))
+        self.remote = any(remote.is_remote(p) for p in self.index.paths)
+        self._cache = self.shard_cache() if self.remote else None
         use_cuda = torch.cuda.is_available()
         self.decode_device = {"auto": "mixed" if use_cuda else "cpu"}.get(cfg.dali_decode, cfg.dali_decode)
         if self.decode_device == "mixed" and not use_cuda:
@@ -124,8 +131,13 @@ class DaliStream(ShardStream):
         counts = self.index.counts()
         order = shard_order(counts, epoch, self.seed, shuffle=self.train, resample_to=self.resample_to)
         order = [s for s in order if counts[s]]
-        paths = [str(self.index.paths[s]) for s in order]
-        idx = [self.idx_files[s] for s in order]
+        shard_id, num_shards = self.rank, self.world_size
+        if self._cache is not None:  # remote shards: this rank's part of the epoch, from the node cache
+            paths, idx = self._local_part(epoch, order)
+            shard_id, num_shards = 0, 1
+        else:
+            paths = [str(self.index.paths[s]) for s in order]
+            idx = [self.idx_files[s] for s in order]
         shuffle = self.train and self.cfg.shuffle_buffer > 1
 
         @self.pipeline_def(enable_checkpointing=True)
@@ -135,8 +147,8 @@ class DaliStream(ShardStream):
                 index_paths=idx,
                 ext=list(SAMPLE_MEMBERS),  # jpg, txt, json: the order run() returns them in
                 missing_component_behavior="empty",
-                shard_id=self.rank,
-                num_shards=self.world_size,
+                shard_id=shard_id,
+                num_shards=num_shards,
                 random_shuffle=shuffle,
                 initial_fill=max(self.cfg.shuffle_buffer, 1),
                 pad_last_batch=True,
@@ -157,6 +169,26 @@ class DaliStream(ShardStream):
         )
         pipe.build()
         return pipe
+
+    def _local_part(self, epoch: int, order: list[int]) -> tuple[list[str], list[str]]:
+        """Local paths and trimmed ``.idx`` of this rank's part of ``epoch`` (`dali_remote`); the next epoch's
+        shards are fetched ahead in the background when the cache budget holds both epochs."""
+        assert self._cache is not None
+        counts = self.index.counts()
+        pieces = dali_remote.rank_pieces(counts, order, self.rank, self.world_size)
+        paths, idx = dali_remote.local_reader_inputs(
+            self.index, pieces, self._cache, Path(self._tmp.name), f"epoch{epoch}"
+        )
+        if self.train:
+            nxt = shard_order(counts, epoch + 1, self.seed, shuffle=True, resample_to=self.resample_to)
+            ahead = dali_remote.rank_pieces(counts, [s for s in nxt if counts[s]], self.rank, self.world_size)
+            need = dali_remote.epoch_bytes(self.index, pieces) + dali_remote.epoch_bytes(self.index, ahead)
+            if need <= self._cache.budget_bytes:
+                self._cache.prefetch(
+                    [(str(self.index.paths[s]), lambda s=s: self._cache.path(str(self.index.paths[s]), self.index.infos[s]))
+                     for s in sorted({s for s, _, _ in ahead})]
+                )  # fmt: skip
+        return paths, idx
 
     def _build_decoder(self) -> Any:
         fn, types = self.fn, self.types
@@ -356,6 +388,8 @@ class DaliStream(ShardStream):
         super().close()
         self._reader = None
         self._decoder = None
+        if self._cache is not None:
+            self._cache.close()
         self._tmp.cleanup()
 
 

@@ -27,6 +27,18 @@ if TYPE_CHECKING:
 MadeBatch = tuple["Batch", dict[str, int]]
 """What a backend's epoch iterator yields: a batch and the samples skipped while making it, by reason."""
 
+RETRIES = "remote_retries"
+"""Not a skip reason: the transient remote faults retried while making a batch, carried with the skips so the
+counts of DataLoader workers reach ``stats()`` (as ``remote_retries``) and survive a resume."""
+
+SAMPLES_PREFIX = "samples/"
+"""Not a skip reason either: ``samples/<source>`` counts the valid samples of each mixture source."""
+
+
+def is_counter(reason: str) -> bool:
+    """True for the counters carried beside the skip reasons (`RETRIES`, ``samples/<source>``)."""
+    return reason == RETRIES or reason.startswith(SAMPLES_PREFIX)
+
 
 def seeded_rng(*parts: int) -> np.random.Generator:
     """A numpy generator from several integers (seed, epoch, rank, ...)."""
@@ -92,19 +104,23 @@ def epoch_batches(
     train: bool,
     shuffle_buffer: int,
     resample_to: int = 0,
+    stream: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """This rank's batches of one epoch as sample ids into the flat sample list.
 
     Args:
         counts: samples per shard (the flat id of shard ``s``'s ``i``-th sample is ``sum(counts[:s]) + i``).
         resample_to: endless mode: draw shards with replacement for an epoch of this many samples.
+        stream: the epoch's whole sample sequence, given (a mixture's, `mixture.mixture_stream`) instead of
+            drawn from the shard order.
 
     Returns:
         ``ids`` (steps, B) int64 and ``valid`` (steps, B) bool (False on remainder padding).
     """
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    order = shard_order(counts, epoch, seed, shuffle=train, resample_to=resample_to)
-    stream = np.concatenate([np.arange(starts[s], starts[s] + counts[s], dtype=np.int64) for s in order])
+    if stream is None:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        order = shard_order(counts, epoch, seed, shuffle=train, resample_to=resample_to)
+        stream = np.concatenate([np.arange(starts[s], starts[s] + counts[s], dtype=np.int64) for s in order])
     total = resample_to or len(stream)
     stream = stream[:total]
     lo, hi = rank_range(total, rank, world_size)
@@ -236,8 +252,10 @@ class EpochStream:
 
     def stats(self) -> dict[str, int]:
         total = self.skipped + self._base_skipped()
+        counters = {reason: int(total.pop(reason)) for reason in sorted(total) if is_counter(reason)}
         out = {"skipped_samples": int(sum(total.values())), "epoch": self.epoch}
         out.update({f"skipped_{reason}": int(n) for reason, n in sorted(total.items())})
+        out.update(counters)
         return out
 
     @staticmethod

@@ -10,11 +10,15 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import OrderedDict
 from typing import Any, BinaryIO
 
 from PIL import Image
 
+from data_tools import remote
+from data_tools.remote import ChangedObject
 from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.data.shard_cache import ShardCache
 from mpma_ds.data.shards import SampleRef, ShardIndex
 
 _TEXT_FIELDS = (
@@ -40,34 +44,106 @@ class SampleError(Exception):
         self.reason = reason
 
 
-class SampleReader:
-    """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open."""
+REMOTE_BLOCK = 8 << 20
+"""Bytes of a remote shard read per request: ~80 samples of ~100 kB, so request latency is paid once per block."""
 
-    def __init__(self, index: ShardIndex) -> None:
+REMOTE_BLOCKS_KEPT = 8
+"""Blocks a reader keeps in memory (64 MB per DataLoader worker)."""
+
+
+class SampleReader:
+    """Reads a sample's members from its shard at the ``.idx`` offsets; keeps shard files open.
+
+    A remote shard (`data_tools.remote`) is read in blocks of `REMOTE_BLOCK` bytes (one ranged ``GET`` each,
+    pinned to the ETag it was listed with; the last `REMOTE_BLOCKS_KEPT` blocks are kept, so the neighbouring
+    samples a shuffle buffer reads cost no request); a
+    ``pipe:`` shard, or one on a server that ignores ``Range``, is fetched whole into the node-local
+    `ShardCache` once and read from there. A shard that changed on the store is a ``changed_shard``
+    `SampleError`; ``remote_retries`` counts the transient faults retried while reading.
+    """
+
+    def __init__(self, index: ShardIndex, cache: ShardCache | None = None) -> None:
         self.paths = index.paths
+        self.infos = index.infos or [None] * len(index.paths)
+        self._cache = cache
         self._files: dict[int, BinaryIO] = {}
+        self._blocks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    @property
+    def cache(self) -> ShardCache:
+        if self._cache is None:
+            self._cache = ShardCache()
+        return self._cache
 
     def _file(self, shard: int) -> BinaryIO:
         handle = self._files.get(shard)
         if handle is None:
-            handle = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
+            path = self.paths[shard]
+            if remote.is_remote(path):
+                path = self.cache.path(str(path), self.infos[shard])
+            handle = self._files[shard] = open(path, "rb")  # noqa: SIM115
         return handle
+
+    def _range(self, shard: int, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of shard ``shard`` (fewer at a truncated end)."""
+        path = self.paths[shard]
+        if shard in self._files or not remote.is_remote(path) or str(path).startswith("pipe:"):
+            handle = self._file(shard)
+            handle.seek(start)
+            return handle.read(end - start)
+        info = self.infos[shard]
+        if info is not None and info.size >= 0:
+            end = min(end, info.size)
+        if end <= start:
+            return b""
+        first, last = start // REMOTE_BLOCK, (end - 1) // REMOTE_BLOCK
+        parts = []
+        for k in range(first, last + 1):
+            block = self._blocks.get((shard, k))
+            if block is None:
+                block = self._fetch_block(shard, k)
+                if block is None:  # the shard is now a local file (cached whole)
+                    return self._range(shard, start, end)
+            else:
+                self._blocks.move_to_end((shard, k))
+            parts.append(block)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        offset = start - first * REMOTE_BLOCK
+        return data[offset : offset + end - start]
+
+    def _fetch_block(self, shard: int, k: int) -> bytes | None:
+        """Block ``k`` of a remote shard (one ranged GET pinned to the listed ETag), kept in a small LRU; None
+        when the shard was (or just got) cached whole on local disk and is open in ``_files``."""
+        url, info = str(self.paths[shard]), self.infos[shard]
+        cached = self.cache.cached(url, info)
+        if cached is not None:  # fetched whole earlier (by any rank of this node)
+            self._files[shard] = open(cached, "rb")  # noqa: SIM115
+            return None
+        lo = k * REMOTE_BLOCK
+        hi = lo + REMOTE_BLOCK if info is None or info.size < 0 else min(lo + REMOTE_BLOCK, info.size)
+        try:
+            data = remote.read_range(url, lo, hi, etag=info.etag if info is not None else "")
+            if len(data) > hi - lo:  # the server ignored Range and sent the whole shard: keep it locally
+                self._files[shard] = open(self.cache.path(url, info, data=data), "rb")  # noqa: SIM115
+                return None
+        except ChangedObject as err:
+            raise SampleError("changed_shard", str(err)) from None
+        self._blocks[(shard, k)] = data
+        while len(self._blocks) > REMOTE_BLOCKS_KEPT:
+            self._blocks.popitem(last=False)
+        return data
 
     def read(self, ref: SampleRef) -> dict[str, bytes]:
         """Every member of ``ref`` in one seek and one read (a sample's members are adjacent in the tar)."""
-        handle = self._file(ref.shard)
         start, end = ref.span()
-        handle.seek(start)
-        data = handle.read(end - start)
+        data = self._range(ref.shard, start, end)
         if len(data) != end - start:
-            raise SampleError("truncated", f"{self.paths[ref.shard].name}: {ref.key}")
+            raise SampleError("truncated", f"{remote.basename(self.paths[ref.shard])}: {ref.key}")
         return {ext: data[off - start : off - start + size] for ext, off, size in ref.members}
 
     def read_member(self, shard: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard ``shard`` (fewer at a truncated end)."""
-        handle = self._file(shard)
-        handle.seek(offset)
-        return handle.read(size)
+        return self._range(shard, offset, offset + size)
 
     def close(self) -> None:
         for handle in self._files.values():

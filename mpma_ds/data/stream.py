@@ -19,15 +19,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from data_tools.shard_format import VQA_SOURCES
 from mpma_ds.data.batch import Batch, make_batch
 from mpma_ds.data.config import DataConfig
 from mpma_ds.data.masking import ReportEncoder, batch_generator
-from mpma_ds.data.plan import EpochStream, steps_per_epoch
-from mpma_ds.data.samples import SampleError
-from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.mixture import Mixture, combine, mixture_stream
+from mpma_ds.data.plan import SAMPLES_PREFIX, EpochStream, steps_per_epoch
+from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
+from mpma_ds.data.shard_cache import ShardCache
+from mpma_ds.data.shards import ShardIndex, load_shard_index
 from mpma_ds.data.subsets import label_fraction_index
 from mpma_ds.data.transforms import XrayTransform
 
@@ -143,11 +147,18 @@ class ShardStream(EpochStream):
         label_fraction_seed: int = 0,
     ) -> None:
         self.cfg = cfg
-        self.index, subset = label_fraction_index(
-            load_shard_index(shards), label_fraction, label_fraction_seed, split=split
-        )
+        self.mixture: Mixture | None = None
+        if split == "train" and cfg.train_sources:
+            index, self.mixture = load_mixture(cfg)
+        else:
+            index = load_shard_index(shards)
+        self.index, subset = label_fraction_index(index, label_fraction, label_fraction_seed, split=split)
         self.batch_size = batch_size
-        self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
+        if self.mixture is not None:
+            self.resample_to = cfg.epoch_length or self.index.num_samples
+            self._source_of = self.mixture.source_of_shard()[self.index.shard_of]  # (N,) source of each sample
+        else:
+            self.resample_to = (cfg.epoch_length or self.index.num_samples) if (cfg.resampled and train) else 0
         total = self.resample_to or self.index.num_samples
         super().__init__(
             train=train,
@@ -163,3 +174,73 @@ class ShardStream(EpochStream):
 
     def _base_skipped(self) -> Counter:
         return Counter(self.index.skipped)
+
+    def shard_cache(self) -> ShardCache:
+        """The node-local cache remote shards are fetched into where a local file is needed (`shard_cache`)."""
+        return ShardCache(self.cfg.shard_cache, self.cfg.shard_cache_gb)
+
+    def epoch_stream(self, epoch: int) -> np.ndarray | None:
+        """The mixture's sample sequence of ``epoch`` (`mixture.mixture_stream`); None for one source."""
+        if self.mixture is None:
+            return None
+        return mixture_stream(
+            self.index.counts(), self.mixture, epoch=epoch, seed=self.seed, epoch_length=self.resample_to
+        )
+
+    def source_counts(self, ids: np.ndarray, valid: np.ndarray) -> dict[str, int]:
+        """``{"samples/<name>": n}`` of a batch's valid samples per mixture source (empty for one source);
+        carried with the skip counts (`plan.is_counter`) so they reach ``stats()`` and survive a resume."""
+        if self.mixture is None:
+            return {}
+        found = np.bincount(self._source_of[ids[valid]], minlength=len(self.mixture.names))
+        return {f"{SAMPLES_PREFIX}{name}": int(n) for name, n in zip(self.mixture.names, found.tolist()) if n}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.mixture is not None:
+            state["mixture"] = self.mixture.describe()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.mixture.describe() if self.mixture is not None else None
+        if state.get("mixture") != mine:
+            raise ValueError(
+                f"loader state is for the mixture {state.get('mixture')}; this run has {mine}: exact resume "
+                "needs the same data.train_sources names and weights"
+            )
+        super().load_state_dict(state)
+
+
+def load_mixture(cfg: DataConfig) -> tuple[ShardIndex, Mixture]:
+    """The combined index of ``cfg.train_sources`` and its `Mixture`; sources of different sample kinds
+    (image-report and VQA) are refused with one line."""
+    indexes, kinds = [], {}
+    for source in cfg.train_sources:
+        index = load_shard_index(source.shards)
+        indexes.append(index)
+        kinds[source.name] = sample_kind(index)
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"data.train_sources mixes sample kinds {kinds}: every source of one mixture must hold the same kind "
+            "(image-report pretraining data or VQA), so give each kind its own recipe"
+        )
+    bounds = np.cumsum([0] + [len(ix.paths) for ix in indexes]).tolist()
+    mixture = Mixture(
+        names=tuple(s.name for s in cfg.train_sources),
+        weights=tuple(float(s.weight) for s in cfg.train_sources),
+        shard_ranges=tuple(zip(bounds[:-1], bounds[1:])),
+    )
+    return combine(indexes), mixture
+
+
+def sample_kind(index: ShardIndex) -> str:
+    """``vqa`` or ``report``: the kind of the first sample of ``index``, from its JSON ``source`` field."""
+    offset, size = index.member("json")[0].tolist()
+    reader = SampleReader(index)
+    try:
+        meta = decode_meta(reader.read_member(int(index.shard_of[0]), offset, size) if offset >= 0 else b"")
+    except SampleError:
+        meta = {}
+    finally:
+        reader.close()
+    return "vqa" if meta.get("source") in VQA_SOURCES else "report"

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools import remote
 from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.plan import MadeBatch, epoch_batches, seeded_rng
+from mpma_ds.data.plan import RETRIES, MadeBatch, epoch_batches, seeded_rng
 from mpma_ds.data.samples import SampleReader, decode_image, decode_meta, decode_text
 from mpma_ds.data.stream import SampleRow, ShardStream, collate_rows, mask_generator, read_batch_rows
 
@@ -53,7 +54,7 @@ class _BatchRun(IterableDataset):
     def __iter__(self) -> Iterator[MadeBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = SampleReader(self.stream.index)
+        reader = SampleReader(self.stream.index, self.stream.shard_cache())
         plan_epoch, plan = -1, None
         try:
             for t, (epoch, number) in enumerate(self.positions()):
@@ -94,6 +95,7 @@ class WdsStream(ShardStream):
             train=self.train,
             shuffle_buffer=self.cfg.shuffle_buffer,
             resample_to=self.resample_to,
+            stream=self.epoch_stream(epoch if self.train else 0),
         )
 
     def make_batch(
@@ -111,7 +113,11 @@ class WdsStream(ShardStream):
             return SampleRow(self.transform(image, rng), text, meta, ref.key, bool(ok))  # image (C, S, S)
 
         where = f"batch {number} (epoch {epoch}, rank {self.rank})"
+        retries = remote.COUNTS["remote_retries"]
         rows, skipped = read_batch_rows(zip(ids.tolist(), valid.tolist()), read, where=where)
+        if remote.COUNTS["remote_retries"] > retries:  # counted with the skips, so workers' counts reach stats()
+            skipped[RETRIES] += remote.COUNTS["remote_retries"] - retries
+        skipped.update(self.source_counts(ids, valid))  # the plan's draws, whether or not they decode
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = collate_rows(rows, [r.image for r in rows], self.encoder, gen)
         return batch, dict(skipped)  # a plain dict: DataLoader's default_convert would re-add a Counter

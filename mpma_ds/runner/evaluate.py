@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from data_tools import remote
 from data_tools.shard_format import SPLIT_SYNONYMS, SPLITS, wrong_kind
 from mpma_ds.data import DataConfig, build_loader
 from mpma_ds.data.loader import split_shards
@@ -67,17 +68,27 @@ def canonical_split(split: str) -> str:
     return canonical
 
 
-def split_folder(shards: str | Path, split: str) -> Path:
+def split_folder(shards: str | Path, split: str) -> Path | str:
     """``shards/<split>`` when the build root is given, else ``shards`` itself (already a split folder).
 
     ``split`` is one of ``train``, ``validate``, ``test`` or a usual synonym (``val``, ``valid``, ``validation``,
-    ``training``, ...).
+    ``training``, ...). A remote build root (``s3://bucket/build``) gives ``<root>/<split>/`` when that prefix
+    holds shards, else the root itself.
 
     Raises:
         ValueError: an unknown split name, or a split folder of another split than ``split``.
         FileNotFoundError: no such folder, or it holds neither the split nor shards.
     """
     canonical = canonical_split(split)
+    if remote.is_remote(str(shards)):
+        url = str(shards).rstrip("/")
+        try:
+            if not url.startswith("pipe:") and remote.list_folder(remote.join(url, canonical) + "/"):
+                return remote.join(url, canonical) + "/"
+        except remote.RemoteError as err:
+            if "does not exist" not in str(err):
+                raise
+        return str(shards)
     root = Path(shards)
     if not root.is_dir():
         raise FileNotFoundError(f"shard folder {root} does not exist; build shards with data_tools.build_shards")
@@ -392,7 +403,11 @@ def run_evaluation(
     # nested under the pretraining run the weights came from (export_info.json, complete.json); a random twin is
     # matched with the pretrained evaluation of the same split by the pair key
     tags.update(
-        lineage_tags(source.pretrain_run_id, source.label, pair_key_eval(split, str(Path(shard_dir).resolve())))
+        lineage_tags(
+            source.pretrain_run_id,
+            source.label,
+            pair_key_eval(split, shard_dir if isinstance(shard_dir, str) else str(Path(shard_dir).resolve())),
+        )
     )
     logger = build_logger(tracking, rank=0, run_dir=out_dir, tags=tags)
     logger.log_params(

@@ -57,7 +57,7 @@ from mpma_ds.training.ds_config import (
     zero_stage,
 )
 from mpma_ds.training.engine import build_engine, engine_memory
-from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb
+from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb, source_counters
 from mpma_ds.training.recipe import RECIPE_FILE, FinetuneRecipe, Recipe, save_recipe
 from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
     DS_CONFIG_FILE,
@@ -425,21 +425,22 @@ class Trainer:
             **self.meter.rates(),
             "memory_gb": memory_gb(self.ctx.device),
             **data_skips.loader_metrics(self.loaders, self.step * self.cfg.global_batch_size, self.recipe.data),
+            **source_counters(self.loaders, self.recipe.data.train_sources),  # data/samples/<source>
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
         }
         self.logger.log_metrics(metrics, step=self.step)
 
-    def evaluate(
-        self, split: str = "validate", *, n_resamples: int = 0, keep: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def evaluate(self, split: str = "validate", *, n_resamples: int = 0, keep: dict[str, Any] | None = None,
+                 source: Any = None) -> dict[str, Any]:  # fmt: skip
         """The task's metrics on one deterministic pass over ``split`` (collective: every rank runs it).
 
         Returns names prefixed ``eval/`` (validation) or ``<split>/`` (e.g. ``test/accuracy_overall``); with
-        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``).
+        ``n_resamples`` > 0, bootstrap 95 % intervals beside them (``<metric>_ci95: [low, high]``). ``source``: a
+        ``data.train_sources`` entry: its ``val_shards`` instead, as ``eval/<name>/<metric>``.
         """
-        own = not (split == "validate" and self.val_loader is not None)
-        loader = self.task.eval_loader(self.ctx, split) if own else self.val_loader
+        own = source is not None or not (split == "validate" and self.val_loader is not None)
+        loader = self.task.eval_loader(self.ctx, split, source) if own else self.val_loader
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -454,7 +455,7 @@ class Trainer:
             module.train(was_training)
             if own:
                 loader.close()
-        prefix = "eval" if split == "validate" else split
+        prefix = f"eval/{source.name}" if source is not None else "eval" if split == "validate" else split
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def _log_eval(self, metrics: dict[str, Any]) -> None:
@@ -500,6 +501,8 @@ class Trainer:
             if evaluate_now:
                 self.last_eval = self.evaluate("validate")
                 self._log_eval(self.last_eval)
+                for source in (s for s in self.recipe.data.train_sources if s.val_shards):  # a mixture's, each
+                    self._log_eval(self.evaluate("validate", source=source))
                 if self.best_metric:
                     improved = self._track_best(self.last_eval)
             stop = bool(cfg.early_stopping and self.evals_without_gain >= cfg.early_stopping)

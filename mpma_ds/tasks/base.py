@@ -19,6 +19,7 @@ The ``Trainer`` calls, in this order:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,11 +149,17 @@ class Task:
     def wants_validation(self) -> bool:
         return bool(self.recipe.train.eval_every or self.recipe.train.eval_every_epochs)
 
-    def eval_loader(self, ctx: RunContext, split: str) -> LoaderInfo:
-        """One deterministic pass over ``split``, the whole split on every rank (data rank 0 of 1)."""
+    def eval_loader(self, ctx: RunContext, split: str, source: Any = None) -> LoaderInfo:
+        """One deterministic pass over ``split``, the whole split on every rank (data rank 0 of 1); with
+        ``source`` (a ``data.train_sources`` entry), over that source's ``val_shards`` instead."""
         cfg = self.recipe.train
+        data = (
+            self.recipe.data
+            if source is None
+            else dataclasses.replace(self.recipe.data, val_shards=source.val_shards)
+        )
         return build_loader(
-            self.recipe.data, 0, 1, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            data, 0, 1, split=split, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
             tokenizer=ctx.tokenizer, seed=cfg.seed, train=False,
         )  # fmt: skip
 

@@ -28,7 +28,6 @@ from torch import nn
 from mpma_ds.data import build_loader
 from mpma_ds.data.loader import LoaderInfo
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
-from mpma_ds.data.shards import resolve_shards
 from mpma_ds.data.subsets import meta_subject, split_subset
 from mpma_ds.distributed import barrier, broadcast_object
 
@@ -134,6 +133,8 @@ def feature_loader(
 
 def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind: str) -> str:
     """What the ``kind`` features of ``split`` depend on (see the module docstring)."""
+    from mpma_ds.data.shards import resolve_shard_infos
+
     data = task.recipe.data
     init = task.init_source(ctx)
     weights: Any = "random"
@@ -142,7 +143,12 @@ def fingerprint(task: FinetuneTask, ctx: RunContext, split: str, spec: str, kind
             p for p in Path(init.path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt")
         )
         weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    shards = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_shards(spec)]
+    shards = [
+        (str(p), info.size, info.etag)
+        if info is not None
+        else (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+        for p, info in resolve_shard_infos(spec)
+    ]  # a remote shard is named by its URL, size and ETag
     preprocessing = ("image_size", "in_chans", "image_mean", "image_std", "eval_crop_fraction", "backend")
     identity: dict[str, Any] = {
         "format": CACHE_FORMAT,

@@ -76,7 +76,7 @@ class LinearProbeTask(FinetuneTask):
         self.cached, self.mean, self.std = frozen.cached, frozen.mean, frozen.std
         return frozen.loaders, frozen.val
 
-    def eval_loader(self, ctx: RunContext, split: str):
+    def eval_loader(self, ctx: RunContext, split: str, source: Any = None):
         return feature_eval_loader(self.cached[split], self.recipe.train)
 
     def build_model(self, ctx: RunContext) -> nn.Module:

@@ -175,9 +175,9 @@ class VQATask(FinetuneTask):
         self.cached, self.mean, self.std = frozen.cached, frozen.mean, frozen.std
         return frozen.loaders, frozen.val
 
-    def eval_loader(self, ctx: RunContext, split: str):
+    def eval_loader(self, ctx: RunContext, split: str, source: Any = None):
         if not self.frozen:
-            return super().eval_loader(ctx, split)
+            return super().eval_loader(ctx, split, source)
         return feature_eval_loader(self.cached[split], self.recipe.train)
 
     def build_model(self, ctx: RunContext) -> nn.Module:

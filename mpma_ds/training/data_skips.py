@@ -9,6 +9,7 @@ console and logged to MLflow per shard, and a run whose skips pass the fraction 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ def shard_metrics(loaders: list[Any]) -> dict[str, float]:
     """``skipped_samples.<split folder>.<shard>``: the unreadable samples of each shard that has any, for MLflow."""
     index = _index(loaders)
     return {
-        f"skipped_samples.{path.parent.name}.{path.stem}": float(n)
+        f"skipped_samples.{Path(str(path)).parent.name}.{Path(str(path)).stem}": float(n)
         for path, n, _, _ in (index.unreadable() if index is not None else ())
     }
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from typing import Any
 
 import torch
+
+from mpma_ds.distributed import all_reduce_sum
 
 # Dense bf16 tensor-core peaks (no sparsity) in FLOP/s, by a fragment of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {
@@ -54,6 +57,17 @@ def memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def source_counters(loaders: list[Any], sources: list[Any]) -> dict[str, float]:
+    """For a mixture (``data.train_sources``), ``data/samples/<name>``: the samples drawn from each source so
+    far, summed over a rank's streams and over ranks (collective; every rank has the same sources)."""
+    if not sources:
+        return {}
+    stats = [loader.stats() for loader in loaders]
+    keys = [f"samples/{s.name}" for s in sources]
+    counts = all_reduce_sum(torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in keys])).tolist()
+    return {f"data/{k}": n for k, n in zip(keys, counts)}
 
 
 class StepMeter:
