@@ -18,7 +18,7 @@ setup(
     # DeepSpeed configs and recipes are found by name from any folder (deepspeed_config: cpu_zero3,
     # --config pretrain_tiny); py.typed: the packages ship their type hints.
     package_data={
-        "mpma_ds": ["py.typed", "ds_configs/*.json", "recipes/*.yaml"],
+        "mpma_ds": ["py.typed", "ds_configs/*.json", "recipes/*.yaml", "sweep/*.yaml"],
         "data_tools": ["py.typed"],
     },
     entry_points={
@@ -28,6 +28,7 @@ setup(
             "mpma-export = mpma_ds.cli.export:main",
             "mpma-evaluate = mpma_ds.cli.evaluate:main",
             "mpma-compare = mpma_ds.cli.compare:main",
+            "mpma-sweep = mpma_ds.cli.sweep:main",
             "mpma-synth-corpus = data_tools.synth_corpus:main",
             "mpma-synth-vqa = data_tools.synth_vqa:main",
             "mpma-build-shards = data_tools.build_shards:main",

@@ -49,6 +49,7 @@ CONSOLE_SCRIPTS = (
     "mpma-export",
     "mpma-evaluate",
     "mpma-compare",
+    "mpma-sweep",
     "mpma-synth-corpus",
     "mpma-synth-vqa",
     "mpma-build-shards",

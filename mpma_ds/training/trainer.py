@@ -228,7 +228,7 @@ class Trainer:
         from mpma_ds.tracking import build_logger, flatten_params
 
         ctx = self.ctx
-        tags = {**self.task.tags(ctx), **self.task.comparison_tags()}
+        tags = {**self.recipe.tracking.tags, **self.task.tags(ctx), **self.task.comparison_tags()}
         logger = None
         if ctx.rank == 0:
             logger = build_logger(
