@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also play the pointing game against the shards' ground-truth boxes (sample json 'truth', synthetic "
         "corpus) and write N overlay PNGs (finding phrase map on the film, truth box) to OUT_DIR/grounding/",
     )  # fmt: skip
+    p.add_argument("--grounding-map", default="similarity",
+                   choices=("similarity", "cross_attention", "gradcam_itc", "gradcam_itm"),
+                   help="which map points (docs/model.md, \"Grounding maps\"; default: similarity)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size, max_batches=args.max_batches,
         seed=args.seed, device=args.device, out_dir=args.out_dir, name=args.name, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, min_count=args.min_label_count,
-        n_resamples=args.bootstrap, grounding=args.grounding,
+        n_resamples=args.bootstrap, grounding=args.grounding, grounding_map=args.grounding_map,
     )  # fmt: skip
     metrics = result["metrics"]
     played = "pointing_game" in metrics

@@ -20,7 +20,8 @@ Scores of one map against the boxes (model input frame, `eval.grounding.eval_box
 - **pointing game**: the map's maximum in the box (`eval.grounding.pointing_hit`; a tie is a hit only when every
   tied cell is in). Chance: the box's share of the image.
 - **CNR** (contrast-to-noise ratio, BioViL): |mean inside - mean outside| / sqrt(var inside + var outside) of
-  the map at pixel resolution (each pixel takes its patch's value); affine-invariant, 0 for a constant map.
+  the map at pixel resolution (each pixel takes its patch's value), min-max normalised (`CNR_FLOOR`); 0 for a
+  constant map.
 - **IoU**: the map min-max normalised to [0, 1] and cut at 0.5, against the box; 0 for a constant map.
 
 Beside each map's own scores stands its **shifted baseline**: the same maps scored against the box of the *next*
@@ -73,14 +74,14 @@ def _tokenise(
     return ids.to(device), mask.to(device), own.to(device)
 
 
-def _cross_attention_probs(module: torch.nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """(B, Lq, Lk) softmax(QK^T / sqrt(d)) of a `MultiHeadAttention` on its inputs, averaged over heads (the
-    text stream's cross-attention takes no key mask: every visual key is attended)."""
+def attention_probs(module: torch.nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lq, Lk) softmax(QK^T / sqrt(d)) of a `MultiHeadAttention` on its inputs (the text stream's
+    cross-attention takes no key mask: every visual key is attended)."""
     b, lq, _ = x.shape
     h, hd = module.heads, module.head_dim
     q = module.q(x).view(b, lq, h, hd).transpose(1, 2)  # (B, H, Lq, hd)
     k = module.kv(context).view(b, -1, 2, h, hd)[:, :, 0].transpose(1, 2)  # (B, H, Lk, hd)
-    return ((q @ k.transpose(-2, -1)) / math.sqrt(hd)).softmax(dim=-1).mean(dim=1)  # (B, Lq, Lk)
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(hd)).softmax(dim=-1)
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def cross_attention_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, mas
     probs: list[torch.Tensor] = []
 
     def keep(module, args, output):  # noqa: ANN001, ANN202, ARG001
-        probs.append(_cross_attention_probs(module, args[0], args[1]).float())
+        probs.append(attention_probs(module, args[0], args[1]).mean(dim=1).float())  # (B, L, Lk)
 
     hooks = [layer.t_cross.register_forward_hook(keep) for layer in net.fusion.layers]
     try:
@@ -204,15 +205,24 @@ def _pixels(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return grid.float().repeat_interleave(size[0] // hp, 0).repeat_interleave(size[1] // wp, 1)
 
 
+CNR_FLOOR = 1e-3
+"""Floor of the CNR's denominator on the min-max normalised map: a map that separates the box perfectly (no
+spread inside or out) scores 1 / CNR_FLOOR = 1000, not infinity."""
+
+
 def contrast_to_noise(grid: torch.Tensor, box: Sequence[float], size: tuple[int, int]) -> float:
-    """|mean in - mean out| / sqrt(var in + var out) of the map in pixels; NaN when the box covers all or none."""
+    """|mean in - mean out| / sqrt(var in + var out) of the map in pixels, min-max normalised to [0, 1] (the
+    denominator floored at `CNR_FLOOR`); 0 for a flat map, NaN when the box covers all or none of the image."""
     values, inside = _pixels(grid, size), _box_mask(box, size)
     if inside.all() or not inside.any():
         return math.nan
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return 0.0
+    values = (values - lo) / (hi - lo)
     a, b = values[inside], values[~inside]
     spread = math.sqrt(float(a.var(unbiased=False) + b.var(unbiased=False)))
-    diff = abs(float(a.mean() - b.mean()))
-    return diff / spread if spread > 0 else 0.0
+    return abs(float(a.mean() - b.mean())) / max(spread, CNR_FLOOR)
 
 
 def box_iou(grid: torch.Tensor, box: Sequence[float], size: tuple[int, int], threshold: float = 0.5) -> float:
