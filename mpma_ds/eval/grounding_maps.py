@@ -256,6 +256,7 @@ class MapPairs:
 
     keys: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    phrases: list[str] = field(default_factory=list)
     boxes: list[tuple[float, ...]] = field(default_factory=list)
     chance: list[float] = field(default_factory=list)
     grids: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -298,9 +299,10 @@ def collect_map_pairs(model: Any, batches: Iterable[Mapping[str, Any]], *, token
         for m in maps:
             out.grids[m].extend(phrase_grids(model, tokenizer, picked, phrases, map=m, device=device).unbind(0))
         out.size = (images.shape[-2], images.shape[-1])
-        for _, key, name, _, mapped in rows:
+        for _, key, name, phrase, mapped in rows:
             out.keys.append(key)
             out.findings.append(name)
+            out.phrases.append(phrase)
             out.boxes.append(tuple(mapped))
             out.chance.append(box_fraction(mapped, out.size))
     if not out.boxes:
