@@ -157,3 +157,37 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
     assert capsys.readouterr().out.count("evaluation is current") == 2
     assert Path(out / "table.md").read_text() == table
+
+
+def test_paired_table_of_synthetic_arms_and_its_markdown():
+    from mpma_ds.eval.arm_eval import RowOutputs, paired_table
+    from mpma_ds.sweep import SweepConfig, sweep_table
+
+    rng = np.random.default_rng(1)
+    n = 60
+    img = rng.normal(size=(n, 8)).astype(np.float32)
+    texts = [f"report {i}" for i in range(n)]
+
+    def outputs(noise: float, hit_rate: float, mlm_right: int) -> RowOutputs:
+        import torch
+
+        text = torch.as_tensor(img + noise * rng.normal(size=img.shape).astype(np.float32))
+        rows = {"image": torch.as_tensor(img), "text": text, "texts": texts,
+                "mlm_findings": np.tile([mlm_right, 4], (n, 1)), "pairs": [("k", "f")] * 40,
+                "hits": {"similarity": (rng.random(40) < hit_rate).astype(float)}}  # fmt: skip
+        pg = float(rows["hits"]["similarity"].mean())
+        return RowOutputs({"eval_samples": n, "i2t_R@10": 0.0, "grounding_maps": {"similarity": {
+            "pointing_game": pg, "pairs": 40}}}, rows)  # fmt: skip
+
+    good, bad = outputs(0.1, 0.9, 3), outputs(3.0, 0.1, 1)
+    diff = paired_table([bad], [good], n_resamples=200)
+    assert diff["i2t_R@10"]["difference"] < 0 and diff["i2t_R@10"]["difference_ci95"][1] < 0
+    assert diff["mlm_acc_findings"]["difference"] == pytest.approx(1 / 4 - 3 / 4)
+    assert diff["pointing_game[similarity]"]["difference_ci95"][1] < 0
+    with pytest.raises(ValueError, match="same rows"):
+        paired_table([RowOutputs({}, {**bad.rows, "texts": texts[::-1]})], [good])
+    cfg = SweepConfig(arms={"full": {}, "weak": {}}, evaluation={"maps": ["similarity"], "bootstrap": 200})
+    table = sweep_table(cfg, {"full": [good], "weak": [bad]}, {"weak": diff})
+    weak = next(line for line in table.splitlines() if line.startswith("| weak |"))
+    d = diff["mlm_acc_findings"]
+    assert f"(-0.500 [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}])" in weak

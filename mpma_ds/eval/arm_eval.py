@@ -128,7 +128,8 @@ def paired_table(
     pairs = [
         ((a.rows["image"], a.rows["text"]), (b.rows["image"], b.rows["text"])) for a, b in zip(arm, reference)
     ]
-    out.update(mean_paired_difference(retrieval_metrics, pairs, keys=list(RETRIEVAL_KEYS), texts=first["texts"],
+    keys = [k for k in RETRIEVAL_KEYS if "abnormal" not in k or first.get("abnormal") is not None]
+    out.update(mean_paired_difference(retrieval_metrics, pairs, keys=keys, texts=first["texts"],
                                       abnormal=first.get("abnormal"), **kw))  # fmt: skip
     if "scores" in first:
         pairs = [((a.rows["scores"], a.rows["targets"]), (b.rows["scores"], b.rows["targets"]))
