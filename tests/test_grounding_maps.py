@@ -10,11 +10,11 @@ import torch
 from train_testdata import prepared_base, tiny_shards, tiny_tokenizer
 
 from mpma_ds import create_model, load_tokenizer
+from mpma_ds.eval.attribution import attention_probs
 from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
 from mpma_ds.eval.grounding_maps import (
     CNR_FLOOR,
     MapPairs,
-    attention_probs,
     available_maps,
     box_iou,
     collect_map_pairs,

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mpma_ds.eval.attribution import MAPS, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
@@ -315,7 +316,7 @@ def evaluate_grounding(
     """The pointing game of the phrase maps over one pass of eval-transform batches whose ``meta`` carry
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
-    (`grounding_maps.MAPS`: "similarity", the local alignment's, by default; "cross_attention", "gradcam_itc",
+    (`attribution.MAPS`: "similarity", the local alignment's, by default; "cross_attention", "gradcam_itc",
     "gradcam_itm"); it is named in the metrics as ``grounding_map``.
 
     Returns:
@@ -327,8 +328,6 @@ def evaluate_grounding(
         GroundTruthError: no sample has ``truth``, none has a present finding with a box, a malformed box, or
             a sample with boxes missing from ``sizes``.
     """
-    from mpma_ds.eval.grounding_maps import MAPS
-
     if map not in MAPS:
         raise ValueError(f"grounding map must be one of {', '.join(MAPS)}, got {map!r}")
     net = _module(model)
@@ -373,12 +372,9 @@ def evaluate_grounding(
                 )  # (B, Hp, Wp, E)
                 grids = [_phrase_map(tokens[r[3]], patches[r[0]]) for r in rows]  # (Hp, Wp) each
             else:
-                from mpma_ds.eval.grounding_maps import phrase_grids
-
                 picked = images[torch.tensor([r[0] for r in rows])]  # (P, C, H, W): one image per pair
-                grids = phrase_grids(net, tokenizer, picked, [r[3] for r in rows], map=map, device=device).unbind(
-                    0
-                )
+                phrases = [r[3] for r in rows]
+                grids = model_grids(net, tokenizer, picked, phrases, map=map, device=device).unbind(0)
             for (i, key, name, phrase, mapped), grid in zip(rows, grids):
                 hit = pointing_hit(grid, mapped, size)
                 hits.append(float(hit))
