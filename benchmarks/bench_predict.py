@@ -39,7 +39,8 @@ from mpma_ds.predict import Predictor
 from mpma_ds.predict.calibration import collect_scores, fit_calibration, format_calibration
 from mpma_ds.predict.run import PredictOptions, predict_files
 from mpma_ds.runner.export import export_checkpoint
-from mpma_ds.training import load_recipe, train
+from mpma_ds.runner.trainer import train
+from mpma_ds.training import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

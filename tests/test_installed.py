@@ -52,6 +52,7 @@ CONSOLE_SCRIPTS = (
     "mpma-demo",
     "mpma-predict",
     "mpma-benchmark",
+    "mpma-sweep",
     "mpma-synth-corpus",
     "mpma-synth-vqa",
     "mpma-build-shards",

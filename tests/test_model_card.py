@@ -15,7 +15,8 @@ import mpma_ds
 from mpma_ds.cli.predict import main as predict_main
 from mpma_ds.runner.export import export_checkpoint
 from mpma_ds.runner.model_card import card_summary
-from mpma_ds.training import load_recipe, train
+from mpma_ds.runner.trainer import train
+from mpma_ds.training import load_recipe
 
 pytestmark = pytest.mark.slow  # a 2-step DeepSpeed pretraining run and its export: ~1 min on 2 busy cores
 

@@ -47,7 +47,7 @@ LADDER: tuple[tuple[str, ...], ...] = (
     ("mpma_ds.tasks",),  # what a run optimises and measures: batch -> loss, metrics
     ("mpma_ds.training",),  # the engine: recipe, build_engine (DeepSpeed), checkpoints, resharding
     ("mpma_ds.runner",),  # the Trainer, init.from, export, evaluation, the demo's stages
-    ("mpma_ds.predict", "mpma_ds.benchmark"),  # a model on a user's films; the field's benchmark suites
+    ("mpma_ds.predict", "mpma_ds.benchmark", "mpma_ds.sweep"),  # a model on films; benchmark suites; sweeps
     ("mpma_ds.cli",),  # argument parsing and exit codes of the console scripts
     ("mpma_ds",),  # the public API (SPEC 5a): what it re-exports, Predictor on first use
 )  # fmt: skip

@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also play the pointing game against the shards' ground-truth boxes (sample json 'truth', synthetic "
         "corpus) and write N overlay PNGs (finding phrase map on the film, truth box) to OUT_DIR/grounding/",
     )
+    p.add_argument(
+        "--grounding-map",
+        default="similarity",
+        choices=("similarity", "cross_attention", "gradcam_itc", "gradcam_itm"),
+        help='which map points (docs/model.md, "Grounding maps"; default: similarity)',
+    )
     return p.parse_args(argv)
 
 
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         min_count=args.min_label_count,
         n_resamples=args.bootstrap,
         grounding=args.grounding,
+        grounding_map=args.grounding_map,
     )
     metrics = result["metrics"]
     played = "pointing_game" in metrics

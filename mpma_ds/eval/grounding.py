@@ -48,6 +48,7 @@ from PIL import Image
 from mpma_ds.data.samples import SampleReader, decode_meta
 from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.transforms import eval_geometry
+from mpma_ds.eval.attribution import MAPS, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
@@ -308,10 +309,13 @@ def evaluate_grounding(
     n_examples: int = 0,
     n_resamples: int = 1000,
     seed: int = 0,
+    map: str = "similarity",
 ) -> GroundingResult:
     """The pointing game of the phrase maps over one pass of eval-transform batches whose ``meta`` carry
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
-    stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`).
+    stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
+    (`attribution.MAPS`: "similarity", the local alignment's, by default; "cross_attention", "gradcam_itc",
+    "gradcam_itm"); it is named in the metrics as ``grounding_map``.
 
     Returns:
         `pointing_game_with_intervals`'s metrics (its ``bootstrap_*`` entries as ``pointing_game_bootstrap_*``)
@@ -322,6 +326,8 @@ def evaluate_grounding(
         GroundTruthError: no sample has ``truth``, none has a present finding with a box, a malformed box, or
             a sample with boxes missing from ``sizes``.
     """
+    if map not in MAPS:
+        raise ValueError(f"grounding map must be one of {', '.join(MAPS)}, got {map!r}")
     net = _module(model)
     was_training = net.training
     net.eval()
@@ -357,10 +363,17 @@ def evaluate_grounding(
             new = sorted({r[3] for r in rows} - set(tokens))
             if new:
                 tokens.update(zip(new, phrase_tokens(net, tokenizer, new, device=device)))
-            patches = net.patch_embeddings(images.to(device=device, dtype=dtype)).float().cpu()  # (B, Hp, Wp, E)
             size = (images.shape[-2], images.shape[-1])
-            for i, key, name, phrase, mapped in rows:
-                grid = _phrase_map(tokens[phrase], patches[i])  # (Hp, Wp)
+            if map == "similarity":
+                patches = (
+                    net.patch_embeddings(images.to(device=device, dtype=dtype)).float().cpu()
+                )  # (B, Hp, Wp, E)
+                grids = [_phrase_map(tokens[r[3]], patches[r[0]]) for r in rows]  # (Hp, Wp) each
+            else:
+                picked = images[torch.tensor([r[0] for r in rows])]  # (P, C, H, W): one image per pair
+                phrases = [r[3] for r in rows]
+                grids = model_grids(net, tokenizer, picked, phrases, map=map, device=device).unbind(0)
+            for (i, key, name, phrase, mapped), grid in zip(rows, grids):
                 hit = pointing_hit(grid, mapped, size)
                 hits.append(float(hit))
                 chance.append(box_fraction(mapped, size))
@@ -389,6 +402,7 @@ def evaluate_grounding(
     metrics["pointing_game_bootstrap_resamples"] = metrics.pop("bootstrap_resamples")
     metrics["pointing_game_bootstrap_skipped"] = metrics.pop("bootstrap_skipped")
     metrics["grounding_images"] = with_truth
+    metrics["grounding_map"] = map
     metrics["grounding_pairs_cropped"] = cropped
     return GroundingResult(metrics, examples)
 

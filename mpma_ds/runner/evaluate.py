@@ -188,6 +188,7 @@ def grounding_on_split(
     max_batches: int | None = None,
     n_examples: int = 0,
     seed: int = 0,
+    map: str = "similarity",
 ):
     """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
     ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
@@ -203,6 +204,7 @@ def grounding_on_split(
             device=device,
             n_examples=n_examples,
             seed=seed,
+            map=map,
         )
 
 
@@ -295,6 +297,7 @@ def run_evaluation(
     min_count: int = DEFAULT_MIN_COUNT,
     n_resamples: int = DEFAULT_RESAMPLES,
     grounding: int | None = None,
+    grounding_map: str = "similarity",
 ) -> dict[str, Any]:
     """Evaluate an exported model folder (``model``) or a random twin (``random_init`` = architecture name) on
     ``split`` of ``shards``; write ``out_dir/results.json`` + ``metrics.jsonl`` and log an MLflow "eval" run
@@ -302,7 +305,7 @@ def run_evaluation(
     ``metrics`` holds each metric's ``<metric>_ci95`` (``n_resamples`` bootstrap resamples; 0 = none) and the
     zero-shot labels left out (fewer than ``min_count`` positives or negatives) with the reason.
 
-    ``grounding`` (N >= 0) also plays the pointing game against the shards' ``truth`` boxes (its metrics join
+    ``grounding`` (N >= 0) also plays the pointing game (of the ``grounding_map``, `grounding_maps.MAPS`) against the shards' ``truth`` boxes (its metrics join
     ``metrics``), writes N overlay PNGs to ``out_dir/grounding/`` (logged as MLflow artifacts under
     ``grounding/``) and returns the N examples under ``"grounding_examples"`` (not in results.json).
 
@@ -381,6 +384,7 @@ def run_evaluation(
             max_batches=max_batches or None,
             n_examples=grounding,
             seed=seed,
+            map=grounding_map,
         )
         metrics.update(found.metrics)
         shutil.rmtree(out_dir / "grounding", ignore_errors=True)  # an earlier run's overlays are not this run's

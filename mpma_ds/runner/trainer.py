@@ -245,7 +245,7 @@ class Trainer:
         """The run's logger on every rank: rank 0 opens (or, resuming, continues) the MLflow run and logs the
         flattened recipe + DeepSpeed config and both files; the run id is broadcast to the other ranks."""
         ctx = self.ctx
-        tags = {**self.task.tags(ctx), **self.task.comparison_tags()}
+        tags = {**self.recipe.tracking.tags, **self.task.tags(ctx), **self.task.comparison_tags()}
         logger = None
         if ctx.rank == 0:
             logger = build_logger(

@@ -36,6 +36,11 @@ class TrackingConfig(ConfigSection):
     run_name: str | None = None
     """MLflow run name; ``None`` lets MLflow pick one."""
 
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow tags of a new run, e.g. ``mlflow.parentRunId`` to nest it under another run. A sweep
+    (``mpma-sweep``) sets the parent (its own run), ``mpma.sweep``, ``mpma.arm`` and ``mpma.seed`` here, so
+    the runs of one study are grouped in ``mlflow ui``."""
+
     system_metrics: bool = True
     """Also log CPU / memory / disk / network (and, with ``pynvml``, GPU) system metrics through MLflow's
     sampler (``system/...``, shown on the run's "System metrics" tab); needs ``psutil``. Off where MLflow's

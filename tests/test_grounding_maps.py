@@ -1,0 +1,127 @@
+"""Grounding maps beside the local similarity (fusion cross-attention, Grad-CAM of ITC / ITM) and their scores
+(pointing game, CNR, IoU, shifted baseline), on known answers and through the real loader."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from train_testdata import prepared_base, tiny_shards, tiny_tokenizer
+
+from mpma_ds import create_model, load_tokenizer
+from mpma_ds.eval.attribution import attention_probs
+from mpma_ds.eval.grounding import evaluate_grounding, stored_sizes
+from mpma_ds.eval.grounding_maps import (
+    CNR_FLOOR,
+    MapPairs,
+    available_maps,
+    box_iou,
+    collect_map_pairs,
+    contrast_to_noise,
+    format_map_table,
+    map_metrics,
+    pair_scores,
+    phrase_grids,
+)
+from mpma_ds.models.fusion import MultiHeadAttention
+from mpma_ds.runner.evaluate import data_config_for, one_pass
+
+SIZE = (64, 64)  # 4 x 4 patches of 16 px
+
+
+def _grid(*cells: tuple[int, int], noise: float = 0.0) -> torch.Tensor:
+    g = torch.zeros(4, 4) + noise * torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    for r, c in cells:
+        g[r, c] = 1.0
+    return g
+
+
+def test_scores_of_a_map_on_its_box_and_off_it():
+    box = (16.0, 16.0, 48.0, 32.0)  # cells (1, 1) and (1, 2)
+    hit, cnr, iou = pair_scores(_grid((1, 1), (1, 2)), box, SIZE)
+    assert hit == 1.0 and iou == 1.0 and cnr == pytest.approx(1.0 / CNR_FLOOR)
+    hit, cnr, iou = pair_scores(_grid((3, 3)), box, SIZE)
+    assert hit == 0.0 and iou == 0.0
+    assert cnr == pytest.approx(
+        abs(0 - 1 / 14) / math.sqrt(0 + (1 / 14) * (13 / 14))
+    )  # in: all 0; out: one 1 in 14
+    flat = torch.ones(4, 4)
+    assert pair_scores(flat, box, SIZE) == (0.0, 0.0, 0.0)  # a tie everywhere is no hit, flat maps no contrast
+    assert box_iou(_grid((1, 1)), box, SIZE) == pytest.approx(0.5)
+    assert math.isnan(contrast_to_noise(_grid((1, 1)), (0, 0, 64, 64), SIZE))
+
+
+def test_shifted_baseline_separates_reading_the_image_from_a_location_prior():
+    boxes = [(0.0, 0.0, 16.0, 16.0), (48.0, 48.0, 64.0, 64.0)]
+    reads = MapPairs(keys=["a", "b"], findings=["x", "x"], boxes=boxes, chance=[1 / 16] * 2, size=SIZE,
+                     grids={"reads": [_grid((0, 0), noise=0.1), _grid((3, 3), noise=0.1)],
+                            "prior": [_grid((0, 0), noise=0.1)] * 2})  # fmt: skip
+    m = map_metrics(reads, n_resamples=50)
+    assert m["reads"]["pointing_game"] == 1.0 and m["reads"]["shifted_pointing_game"] == 0.0
+    assert m["prior"]["pointing_game"] == 0.5 and m["prior"]["shifted_pointing_game"] == 0.5
+    assert m["reads"]["miou"] > m["reads"]["shifted_miou"]
+    assert m["reads"]["chance"] == pytest.approx(1 / 16) and m["reads"]["pairs"] == 2
+    table = format_map_table({"model": m})
+    assert "| model | reads | 1.000 [1.000, 1.000] | 0.000 |" in table
+
+
+def test_attention_probs_reproduce_the_attention_output():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, attn_impl="eager").eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    probs = attention_probs(attn, x, ctx)  # (B, H, Lq, Lk)
+    assert probs.shape == (2, 4, 3, 5) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 3))
+    v = attn.kv(ctx).view(2, 5, 2, 4, 4)[:, :, 1].transpose(1, 2)  # (B, H, Lk, hd)
+    out = attn.out((probs @ v).transpose(1, 2).reshape(2, 3, 16))
+    assert torch.allclose(out, attn(x, ctx), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return prepared_base(tmp_path_factory)
+
+
+@pytest.mark.parametrize("memory_kv", ["concat", "gated_sum"])
+def test_every_map_has_the_patch_grid_and_touches_no_parameter_gradient(base, memory_kv):
+    torch.manual_seed(0)
+    net = create_model(
+        "mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32, w_itm=1.0, memory_kv=memory_kv
+    )
+    tok = load_tokenizer(tiny_tokenizer(base))
+    assert available_maps(net) == ("similarity", "cross_attention", "gradcam_itc", "gradcam_itm")
+    images = torch.randn(3, 1, 64, 64)
+    phrases = ["left pleural effusion", "cardiomegaly", "nodule"]
+    for name in available_maps(net):
+        grids = phrase_grids(net, tok, images, phrases, map=name)
+        assert grids.shape == (3, 4, 4) and torch.isfinite(grids).all(), name
+    attn = phrase_grids(net, tok, images, phrases, map="cross_attention")
+    assert (attn > 0).all() and (attn.sum((1, 2)) < 1).all()  # attention over patches, less the [CLS] key's share
+    assert (phrase_grids(net, tok, images, phrases, map="gradcam_itc") >= 0).all()  # ReLU
+    assert all(p.grad is None for p in net.parameters())
+    without_itm = create_model("mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32)
+    assert "gradcam_itm" not in available_maps(without_itm)
+    with pytest.raises(ValueError, match="ITM head"):
+        phrase_grids(without_itm, tok, images, phrases, map="gradcam_itm")
+
+
+def test_evaluate_grounding_with_a_map_agrees_with_collect_map_pairs(base):
+    shards, tok_dir = tiny_shards(base), tiny_tokenizer(base)
+    torch.manual_seed(0)
+    net = create_model("mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32)
+    tok = load_tokenizer(tok_dir)
+    cfg = data_config_for(net.config, recipe=None, shards=shards / "validate", tokenizer=tok_dir, backend="wds")
+    cfg.image_size, cfg.max_text_len = 64, 32
+    sizes = stored_sizes(shards / "validate")
+    with one_pass(cfg, tok, split="validate", batch_size=8) as batches:
+        pairs = collect_map_pairs(net, batches, tokenizer=tok, data_cfg=cfg, sizes=sizes,
+                                  maps=["similarity", "cross_attention"])  # fmt: skip
+    for name in ("similarity", "cross_attention"):
+        with one_pass(cfg, tok, split="validate", batch_size=8) as batches:
+            found = evaluate_grounding(net, batches, tokenizer=tok, data_cfg=cfg, sizes=sizes, map=name,
+                                       n_resamples=20, n_examples=1)  # fmt: skip
+        assert found.metrics["grounding_map"] == name
+        assert found.metrics["pointing_game"] == pytest.approx(pairs.scores(name)[:, 0].mean())
+        assert torch.allclose(torch.as_tensor(found.examples[0].grid), pairs.grids[name][0])
+    with pytest.raises(ValueError, match="grounding map must be one of"):
+        evaluate_grounding(net, [], tokenizer=tok, data_cfg=cfg, sizes=sizes, map="nope")

@@ -1,0 +1,193 @@
+"""``mpma-sweep``: arms as recipe overrides, the shipped ablation parses, a 2-arm x 1-seed sweep at a few steps
+writes the table with paired intervals and groups its runs in MLflow (sweep -> pretraining -> evaluation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from train_testdata import TINY_RECIPE, prepared_base, tiny_shards, tiny_tokenizer
+
+from mpma_ds.cli import sweep as sweep_cli
+from mpma_ds.config import ConfigError
+from mpma_ds.eval.bootstrap import mean_paired_difference, paired_difference
+from mpma_ds.sweep import arm_recipe, flatten_overrides, load_sweep
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return prepared_base(tmp_path_factory)
+
+
+def test_flatten_overrides_nested_and_dotted_keys():
+    tree = {
+        "train": {"max_steps": 5, "lr": 1e-3},
+        "model.overrides": {"w_mlm": 0.0, "align_on": "masked"},
+        "x": {},
+    }
+    assert flatten_overrides(tree) == [
+        "train.max_steps=5", "train.lr=0.001", "model.overrides.w_mlm=0.0", 'model.overrides.align_on="masked"',
+    ]  # fmt: skip
+
+
+def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
+    cfg = load_sweep("ablation_tiny")
+    assert set(cfg.arms) == {"full", "clip", "global_local", "m3ae", "no_memory", "conv_stem"}
+    assert cfg.reference == "full" and len(cfg.seeds) == 2
+    models = {arm: arm_recipe(cfg, arm, 0).model.config for arm in cfg.arms}
+    full = models["full"]
+    assert full.align_on == "full" and full.memory_slots == 32  # the base recipe's own override survives
+    assert (models["clip"].w_mlm, models["clip"].w_mim, models["clip"].w_local, models["clip"].w_global) == (
+        0,
+        0,
+        0,
+        1,
+    )
+    assert models["m3ae"].memory_slots == 0 and models["m3ae"].w_itm == 1.0 and models["m3ae"].w_global == 0
+    assert models["no_memory"].memory_slots == 0 and models["no_memory"].w_mlm == 1.0
+    assert models["conv_stem"].patch_stem == "conv"
+    recipes = {arm: arm_recipe(cfg, arm, 1) for arm in cfg.arms}
+    assert {r.train.max_steps for r in recipes.values()} == {900}  # equal budget
+    assert {r.train.global_batch_size for r in recipes.values()} == {32}
+    assert {r.train.seed for r in recipes.values()} == {1}
+    assert recipes["clip"].tracking.tags["mpma.arm"] == "clip"
+
+
+def test_bad_sweep_is_one_line_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "s.yaml"
+    bad.write_text(yaml.safe_dump({"base": "pretrain_tiny", "arms": {"a": {}}, "reference": "b"}))
+    with pytest.raises(ConfigError, match="reference 'b' is not an arm"):
+        load_sweep(bad)
+    bad.write_text(yaml.safe_dump({"base": "pretrain_tiny", "arms": {"full": {"model.overrides": {"nope": 1}}}}))
+    assert sweep_cli.main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+
+
+def test_mean_paired_difference_of_one_pair_is_paired_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(200) < 0.6, rng.random(200) < 0.4
+
+    def acc(hits):
+        return {"acc": float(np.mean(hits))}
+
+    one = paired_difference(acc, [a], [b], keys=["acc"], n_resamples=300)["acc"]
+    mean = mean_paired_difference(acc, [([a], [b])], keys=["acc"], n_resamples=300)["acc"]
+    assert mean["difference"] == pytest.approx(one["difference"])
+    assert mean["difference_ci95"] == pytest.approx(one["difference_ci95"])
+    two = mean_paired_difference(acc, [([a], [b]), ([b], [b])], keys=["acc"], n_resamples=300)["acc"]
+    assert two["difference"] == pytest.approx(one["difference"] / 2)
+    assert two["per_pair"] == pytest.approx([one["difference"], 0.0])
+
+
+@pytest.mark.slow
+def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path, capsys):
+    shards = tiny_shards(base)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = {
+        "name": "t2",
+        "base": str(TINY_RECIPE),
+        "shared": {
+            "data": {
+                "train_shards": str(shards / "train"),
+                "val_shards": str(shards / "validate"),
+                "tokenizer": str(tiny_tokenizer(base)),
+                "image_size": 64,
+                "max_text_len": 32,
+                "num_workers": 0,
+                "shuffle_buffer": 16,
+            },  # fmt: skip
+            "train": {
+                "global_batch_size": 8,
+                "micro_batch_size": 4,
+                "max_steps": 3,
+                "warmup_steps": 1,
+                "save_every": 0,
+                "eval_every": 0,
+                "log_every": 1,
+            },  # fmt: skip
+            "tracking": {"system_metrics": False},
+        },
+        "reference": "full",
+        "seeds": [0],
+        "output_dir": str(tmp_path / "out"),
+        "experiment": "sweep-test",
+        "arms": {"full": {}, "clip": {"model.overrides": {"w_mlm": 0.0, "w_mim": 0.0, "w_local": 0.0}}},
+        "evaluation": {"batch_size": 8, "min_label_count": 1, "bootstrap": 50, "maps": ["similarity"]},
+    }
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(sweep))
+    assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
+    out = tmp_path / "out"
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| arm | zero-shot AUROC") and "pointing game (similarity)" in rows[0]
+    assert rows[1].startswith("| full |") and "(reference)" in rows[1]
+    assert rows[2].startswith("| clip |") and rows[2].count("[") == 6  # a paired interval in every column
+    results = json.loads((out / "sweep_results.json").read_text())
+    diff = results["differences"]["clip"]["i2t_R@10"]
+    assert diff["difference"] == pytest.approx(diff["a"] - diff["b"])
+    assert diff["difference_ci95"][0] <= diff["difference"] <= diff["difference_ci95"][1]
+    assert results["results"]["full"][0]["eval_samples"] > 0
+
+    client = MlflowClient(tracking_uri=db)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get("mpma.kind"), []).append(r)
+    (parent,) = by_kind["sweep"]
+    assert parent.data.tags["mpma.sweep"] == "t2" and parent.info.status == "FINISHED"
+    assert "clip/i2t_R_at_10/difference" in parent.data.metrics  # MLflow names: @ -> _at_
+    pretrain = {r.data.tags["mpma.arm"]: r for r in by_kind["pretrain"]}
+    assert set(pretrain) == {"full", "clip"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in pretrain.values()} == {parent.info.run_id}
+    evals = {r.data.tags["mpma.arm"]: r for r in by_kind["eval"]}
+    assert {a: r.data.tags["mlflow.parentRunId"] for a, r in evals.items()} == {
+        a: r.info.run_id for a, r in pretrain.items()
+    }
+    assert "eval/grounding/similarity/pointing_game" in evals["full"].data.metrics
+
+    # a rerun finds every evaluation current and trains nothing
+    capsys.readouterr()
+    assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
+    assert capsys.readouterr().out.count("evaluation is current") == 2
+    assert Path(out / "table.md").read_text() == table
+
+
+def test_paired_table_of_synthetic_arms_and_its_markdown():
+    from mpma_ds.sweep import SweepConfig, sweep_table
+    from mpma_ds.sweep.arm_eval import RowOutputs, paired_table
+
+    rng = np.random.default_rng(1)
+    n = 60
+    img = rng.normal(size=(n, 8)).astype(np.float32)
+    texts = [f"report {i}" for i in range(n)]
+
+    def outputs(noise: float, hit_rate: float, mlm_right: int) -> RowOutputs:
+        import torch
+
+        text = torch.as_tensor(img + noise * rng.normal(size=img.shape).astype(np.float32))
+        rows = {"image": torch.as_tensor(img), "text": text, "texts": texts,
+                "mlm_findings": np.tile([mlm_right, 4], (n, 1)), "pairs": [("k", "f")] * 40,
+                "hits": {"similarity": (rng.random(40) < hit_rate).astype(float)}}  # fmt: skip
+        pg = float(rows["hits"]["similarity"].mean())
+        return RowOutputs({"eval_samples": n, "i2t_R@10": 0.0, "grounding_maps": {"similarity": {
+            "pointing_game": pg, "pairs": 40}}}, rows)  # fmt: skip
+
+    good, bad = outputs(0.1, 0.9, 3), outputs(3.0, 0.1, 1)
+    diff = paired_table([bad], [good], n_resamples=200)
+    assert diff["i2t_R@10"]["difference"] < 0 and diff["i2t_R@10"]["difference_ci95"][1] < 0
+    assert diff["mlm_acc_findings"]["difference"] == pytest.approx(1 / 4 - 3 / 4)
+    assert diff["pointing_game[similarity]"]["difference_ci95"][1] < 0
+    with pytest.raises(ValueError, match="same rows"):
+        paired_table([RowOutputs({}, {**bad.rows, "texts": texts[::-1]})], [good])
+    cfg = SweepConfig(arms={"full": {}, "weak": {}}, evaluation={"maps": ["similarity"], "bootstrap": 200})
+    table = sweep_table(cfg, {"full": [good], "weak": [bad]}, {"weak": diff})
+    weak = next(line for line in table.splitlines() if line.startswith("| weak |"))
+    d = diff["mlm_acc_findings"]
+    assert f"(-0.500 [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}])" in weak
