@@ -122,7 +122,11 @@ def test_script_writes_its_table(tmp_path, capsys):
     assert result["page_faults"] >= 0 and glibc["page_faults"] >= 0
     parts = [r["part"] for r in result["table"]]
     assert parts[-1] == "total" and "image encoder" in parts and "optimizer (AdamW)" in parts
-    assert report["matmul_peak_bf16_flops"] > 0 and 0 < result["of_peak"] < 1
+    # of the measured bf16 matmul peak: on a CPU without bf16 matrix units autocast keeps much of the step in fp32,
+    # which can outrun a 0.2 s bf16 matmul measurement, so the share is checked for consistency, not for < 1
+    peak = report["matmul_peak_bf16_flops"]
+    assert peak > 0 and result["of_peak"] > 0
+    assert result["of_peak"] == pytest.approx(result["achieved_gflop_s"] * 1e9 / peak, rel=0.05)
     assert "mpma_tiny after" in capsys.readouterr().out
 
 

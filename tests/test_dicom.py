@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -37,12 +38,13 @@ REPORT = "FINAL REPORT\n\nFINDINGS: Heart size is normal. Lungs are clear.\n\nIM
 
 
 def _mimic_tree(root: Path, images: dict[str, str]) -> Path:
-    """A MIMIC-style tree with one study per image; the DICOM files are linked, not copied."""
+    """A MIMIC-style tree with one study per image; the DICOM files are copied in (a link leading outside the
+    input tree is refused by build_shards)."""
     for n, (dicom_id, source) in enumerate(sorted(images.items())):
         subject, study = 10000001 + n, 50000001 + n
         study_dir = root / "files" / "p10" / f"p{subject}" / f"s{study}"
         study_dir.mkdir(parents=True)
-        (study_dir / f"{dicom_id}.dcm").symlink_to(source)
+        shutil.copyfile(source, study_dir / f"{dicom_id}.dcm")
         (study_dir.parent / f"s{study}.txt").write_text(REPORT)
     return root
 

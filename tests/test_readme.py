@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,9 +51,8 @@ def readme_load_hints(readme: Path = ROOT / "README.md") -> list[str]:
     """The Python calls the example block gives, as comments, for loading the exported folder (in order: MPMA,
     transformers, timm)."""
     text = readme.read_text(encoding="utf-8").split(SECTION, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
-    return [
-        ln.removeprefix("#").strip() for ln in text.splitlines() if ln.startswith("#    ") and "exported" in ln
-    ]
+    lines = [ln.removeprefix("#").strip() for ln in text.splitlines() if ln.startswith("#    ")]
+    return [ln for ln in lines if "exported" in ln and re.match(r"[\w.]+\(", ln)]  # calls, not prose
 
 
 HINTS_CHECK = """import mpma_ds, timm, torch, transformers

@@ -27,7 +27,7 @@ import torch
 
 from mpma_ds.models import MPMA
 from mpma_ds.models.config import check_same_architecture
-from mpma_ds.runner.model_card import write_model_card
+from mpma_ds.runner.model_card import CARD_FILE, write_model_card
 from mpma_ds.tokenizer import load_tokenizer
 from mpma_ds.training.checkpoint import (
     COMPLETE_FILE,
@@ -43,7 +43,7 @@ from mpma_ds.training.run_folder import existing_run
 
 INFO_FILE = "export_info.json"
 EXPORT_NAMES = frozenset(
-    {"config.json", "model.safetensors", "text_encoder", "image_encoder", RECIPE_FILE, INFO_FILE}
+    {"config.json", "model.safetensors", "text_encoder", "image_encoder", RECIPE_FILE, INFO_FILE, CARD_FILE}
 )
 """Every name ``export_checkpoint`` writes into its output folder: ``overwrite`` replaces a folder holding only
 these (with ``export_info.json``), and nothing else."""

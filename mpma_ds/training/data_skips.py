@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mpma_ds.data.shards import ShardIndex
 from mpma_ds.distributed import all_reduce_sum
 
 
@@ -28,7 +29,8 @@ MIN_SAMPLES_READ = 100
 def _index(loaders: list[Any]) -> Any:
     """The shard index behind the loaders (``None`` for the synthetic backend): every loader of a run (one per
     data rank, rank x accumulation step) lists the same shards, each holding the whole index."""
-    return next((i for i in (getattr(ld.loader, "index", None) for ld in loaders) if i is not None), None)
+    indexes = (getattr(ld.loader, "index", None) for ld in loaders)
+    return next((i for i in indexes if isinstance(i, ShardIndex)), None)  # zero_shot's no-op loader has none
 
 
 def check_at_start(loaders: list[Any], max_fraction: float) -> str | None:
@@ -46,7 +48,9 @@ def split_counts(loaders: list[Any]) -> tuple[int, int]:
     index's skips again (every one holds the whole index), so they are taken out once per loader and counted once."""
     total = sum(int(ld.stats().get("skipped_samples", 0)) for ld in loaders)
     bases = [
-        sum(i.skipped.values()) for i in (getattr(ld.loader, "index", None) for ld in loaders) if i is not None
+        sum(i.skipped.values())
+        for i in (getattr(ld.loader, "index", None) for ld in loaders)
+        if isinstance(i, ShardIndex)
     ]
     return total - sum(bases), max(bases, default=0)
 
