@@ -24,7 +24,7 @@ from data_tools.synth.bench_layout import layout_all
 from mpma_ds.benchmark.model import load_model
 from mpma_ds.cli.benchmark import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes each; not in make test)
 IMAGES = 100
 SIZE = 64
 

@@ -151,6 +151,7 @@ def test_bad_mixtures_are_one_line(shards, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_pretraining_logs_samples_and_validation_per_source_to_mlflow(tmp_path_factory, tmp_path):
     base = prepared_base(tmp_path_factory)
     root = tiny_shards(base)

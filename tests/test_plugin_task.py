@@ -13,7 +13,7 @@ import pytest
 from finetune_testdata import ft_shards, prepare, pretrained
 from train_testdata import IMAGE_SIZE, ROOT, tiny_tokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes each; not in make test)
 
 PLUGIN = ROOT / "examples" / "plugin_task"
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ import pytest
 from remote_servers import env, free_port, make_bucket, s3_env, start_moto, stop, upload_tree
 from train_testdata import ROOT, TINY_RECIPE, prepared_base, step_metric, tiny_overrides, tiny_shards, wait_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes each; not in make test)
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 8
 

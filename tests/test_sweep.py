@@ -85,6 +85,7 @@ def test_mean_paired_difference_of_one_pair_is_paired_difference():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path, capsys):
     shards = tiny_shards(base)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
