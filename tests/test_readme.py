@@ -196,7 +196,10 @@ def test_readme_example_block_runs_in_order(tmp_path):
     # the random twin is in the experiment compare_runs read, paired with the pretrained evaluation
     pairs = json.loads((runs / "compare" / "pairs.json").read_text())
     evals = [p for p in pairs if p["kind"] == "eval"]
-    assert evals and all(p["random_run"] and p["random"] is not None for p in evals), evals
+    # every evaluation metric of the pretrained model has its twin beside it (a metric the README's few samples
+    # leave undefined, zero-shot AUROC with fewer than 20 positives per label, is n/a for both)
+    assert evals and all(p["random_run"] for p in evals), evals
+    assert all(p["random"] is not None for p in evals if p["pretrained"] is not None), evals
     # the Python example and the load hints, as written, against what the block wrote
     res = run_readme_python(repo, env)
     assert res.returncode == 0, res.stderr[-3000:]
