@@ -57,33 +57,29 @@ def _target(claim: str, holds: bool | None, measured: str, **values: Any) -> dic
     return {"target": claim, "verdict": verdict(holds), "holds": holds, "measured": measured, **values}
 
 
-def zero_shot_target(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """``entry``: results.json's ``pretrain_eval["zero_shot_auroc"]``."""
-    pre, bound = _num(entry.get("pretrained")), _num(entry.get("supervised_bound"))
-    need = None if bound is None else ZERO_SHOT_SHARE * bound
+def _at_least(entry: Mapping[str, Any], claim: str, reference: str, factor: float) -> dict[str, Any]:
+    """``entry["pretrained"] >= factor x entry[reference]`` (each beside its ``ci95_*`` interval)."""
+    pre, ref = _num(entry.get("pretrained")), _num(entry.get(reference))
+    need = None if ref is None else factor * ref
     holds = None if pre is None or need is None else pre >= need
     measured = (
-        f"{cell(pre, entry.get('ci95_pretrained'))} vs {ZERO_SHOT_SHARE:g} x supervised bound "
-        f"{cell(bound, entry.get('ci95_supervised_bound'))} = {cell(need)}"
+        f"{cell(pre, entry.get('ci95_pretrained'))} vs {factor:g} x {reference.replace('_', ' ')} "
+        f"{cell(ref, entry.get(f'ci95_{reference}'))} = {cell(need)}"
     )
-    return _target(
-        f"zero-shot AUROC >= {ZERO_SHOT_SHARE:g} x the supervised bound", holds, measured, threshold=need,
-        ratio=None if pre is None or not bound else pre / bound,
-    )  # fmt: skip
+    ratio = None if pre is None or not ref else pre / ref
+    return _target(claim, holds, measured, threshold=need, ratio=ratio)
+
+
+def zero_shot_target(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """``entry``: results.json's ``pretrain_eval["zero_shot_auroc"]``."""
+    claim = f"zero-shot AUROC >= {ZERO_SHOT_SHARE:g} x the supervised bound"
+    return _at_least(entry, claim, "supervised_bound", ZERO_SHOT_SHARE)
 
 
 def retrieval_target(entry: Mapping[str, Any]) -> dict[str, Any]:
     """``entry``: results.json's ``pretrain_eval["i2t_R@10"]``."""
-    pre, rnd = _num(entry.get("pretrained")), _num(entry.get("random"))
-    need = None if rnd is None else RETRIEVAL_FACTOR * rnd
-    holds = None if pre is None or need is None else pre >= need
-    measured = (
-        f"{cell(pre, entry.get('ci95_pretrained'))} vs {RETRIEVAL_FACTOR:g} x random "
-        f"{cell(rnd, entry.get('ci95_random'))} = {cell(need)}"
-    )
-    return _target(
-        f"image->report R@10 >= {RETRIEVAL_FACTOR:g} x the random twin", holds, measured, threshold=need
-    )
+    claim = f"image->report R@10 >= {RETRIEVAL_FACTOR:g} x the random twin"
+    return _at_least(entry, claim, "random", RETRIEVAL_FACTOR)
 
 
 def pointing_target(entry: Mapping[str, Any] | None) -> dict[str, Any]:
