@@ -168,7 +168,7 @@ def pointing_cells(run: RunSummary, twin: RunSummary | None) -> dict[str, str]:
         out[side] = f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
         if "eval/pointing_game_chance" in r.final:
             out.setdefault("chance", f"{r.final['eval/pointing_game_chance']:.3f}")
-    return out
+    return {k: out[k] for k in ("pretrained", "random", "chance") if k in out}
 
 
 def thumbnail(png: bytes, width: int = THUMB_PX) -> bytes:
