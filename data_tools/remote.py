@@ -27,6 +27,7 @@ It imports only fsspec and the standard library (``data_tools`` never imports th
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import subprocess
@@ -131,6 +132,16 @@ _DENIED_CODES = frozenset(
 )
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a `RemoteError` as one line, also when a DataLoader worker raised it: torch re-raises
+    it in the main process with the worker's traceback in the message, whose last line is the original one."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{type(err).__name__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
 def classify(err: BaseException, url: str) -> RemoteError | None:
     """``None`` for a transient fault worth retrying, else the one-line `RemoteError` for ``err``."""
     chain = _chain(err)
@@ -200,9 +211,16 @@ def filesystem(url: str) -> tuple[Any, str]:
 
     scheme = url.split("://", 1)[0].lower()
     options: dict[str, Any] = {}
+    # one retry loop, ours, so each retry is counted: s3fs's, botocore's and aiohttp's are set to one attempt
     if scheme == "s3":
-        # one retry loop, ours, so each retry is counted: s3fs's and botocore's are set to a single attempt
-        options = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        options = {
+            "config_kwargs": {
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "http_session_cls": _single_try_s3_session(),
+            }
+        }
+    elif scheme in ("http", "https"):
+        options = {"get_client": _single_try_http_client}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
@@ -210,6 +228,33 @@ def filesystem(url: str) -> tuple[Any, str]:
     if scheme == "s3":
         fs.retries = 1  # s3fs's own loop (a class attribute of 5)
     return fs, path
+
+
+def _single_try(session: Any) -> Any:
+    """``session`` (an ``aiohttp.ClientSession``) without aiohttp's own silent second try of an idempotent
+    request whose connection was closed or reset (RFC 9112 §9.3.1): that retry is then ours, and counted."""
+    if hasattr(session, "_retry_connection"):  # aiohttp >= 3.10; older ones have no such retry
+        session._retry_connection = False
+    return session
+
+
+async def _single_try_http_client(**kwargs: Any) -> Any:
+    """fsspec's HTTP client factory (``get_client``), as fsspec's own, with `_single_try`."""
+    from fsspec.implementations.http import get_client
+
+    return _single_try(await get_client(**kwargs))
+
+
+@functools.cache
+def _single_try_s3_session() -> type:
+    """aiobotocore's HTTP session class whose aiohttp sessions are `_single_try`."""
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class SingleTrySession(AIOHTTPSession):
+        async def _get_session(self, proxy_url: Any) -> Any:
+            return _single_try(await super()._get_session(proxy_url))
+
+    return SingleTrySession
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,36 @@ def start_http(folder: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+def start_fault_proxy(
+    target_port: int, port: int, mode: str, faults: int, log: Path, trigger: Path | None = None
+) -> subprocess.Popen:
+    """`fault_proxy.py` (its own process) on ``port`` in front of the server on ``target_port``: the first
+    ``faults`` connections (-1: all) get ``mode`` (``reset`` or ``slowdown``), one line each in ``log``; with
+    ``trigger``, only once that file exists."""
+    script = Path(__file__).with_name("fault_proxy.py")
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, str(script), "--port", str(port), "--target", f"127.0.0.1:{target_port}",
+         "--mode", mode, "--faults", str(faults), "--log", str(log), "--trigger", str(trigger or "")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a bare connect: a connection that sends nothing is never faulted
+        if proc.poll() is not None:
+            raise RuntimeError(f"fault_proxy.py exited {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    stop(proc)
+    raise RuntimeError(f"fault_proxy.py did not listen on {port} within 30 s")
+
+
+def faults_served(log: Path) -> int:
+    """How many faults the proxy has served (lines of its log)."""
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 def s3_env(port: int) -> dict[str, str]:
     """The standard AWS variables pointing at the loopback server (any key works on moto)."""
     return {
