@@ -26,14 +26,16 @@ It imports only fsspec and the standard library (``data_tools`` never imports th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import posixpath
 import subprocess
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +51,28 @@ BACKOFF_S = 0.25
 
 COUNTS: Counter = Counter()
 """Process-wide counters: ``remote_retries`` (transient faults retried), ``remote_bytes`` (bytes read)."""
+
+_scopes = threading.local()
+
+
+def _count(key: str, n: int) -> None:
+    COUNTS[key] += n
+    for scope in getattr(_scopes, "stack", ()):
+        scope[key] += n
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[Counter]:
+    """``remote_retries`` / ``remote_bytes`` of the remote calls this thread makes inside the block (several
+    loaders of one process each count their own reads, which the process-wide `COUNTS` cannot tell apart)."""
+    scope: Counter = Counter()
+    stack = _scopes.__dict__.setdefault("stack", [])
+    stack.append(scope)
+    try:
+        yield scope
+    finally:
+        stack.remove(scope)
+
 
 T = TypeVar("T")
 
@@ -197,7 +221,7 @@ def with_retries(fn: Callable[[], T], url: str) -> T:
                     f"{url}: the store did not answer after {ATTEMPTS} tries "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]})"
                 ) from None
-            COUNTS["remote_retries"] += 1
+            _count("remote_retries", 1)
             time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -350,7 +374,7 @@ def read_range(url: str, start: int, end: int, *, etag: str = "") -> bytes:
         data = with_retries(lambda: sync(fs.loop, get), url)
     else:
         data = with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
-    COUNTS["remote_bytes"] += len(data)
+    _count("remote_bytes", len(data))
     return data
 
 
@@ -370,7 +394,7 @@ def read_bytes(url: str) -> bytes:
     else:
         fs, path = filesystem(url)
         data = with_retries(lambda: fs.cat_file(path), url)
-    COUNTS["remote_bytes"] += len(data)
+    _count("remote_bytes", len(data))
     return data
 
 

@@ -11,7 +11,7 @@ Faults (``--mode``):
 
 ``--faults -1`` faults every connection (a store that stays down). With ``--trigger FILE`` nothing is faulted
 until FILE exists; when it appears, the connections being forwarded are cut (reset) too, so a client's
-kept-alive connections cannot outlive the outage. Each fault served is one line appended to
+kept-alive connections cannot outlive the outage (logged as one ``cut N live connections`` line). Each fault served is one line appended to
 ``--log`` (``<n> <mode> <request line>``), so a test can compare what the client counted with what it got.
 A connection that sends nothing (a readiness probe) is closed without counting.
 
@@ -50,6 +50,8 @@ class FaultProxy:
         self.armed = True
         for writer in list(self.live):
             writer.transport.abort()
+        with open(self.log, "a", encoding="utf-8") as out:
+            out.write(f"cut {len(self.live)} live connections\n")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

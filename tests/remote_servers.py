@@ -96,8 +96,15 @@ def start_fault_proxy(
 
 
 def faults_served(log: Path) -> int:
-    """How many faults the proxy has served (lines of its log)."""
-    return len(log.read_text().splitlines()) if log.exists() else 0
+    """How many faults the proxy has served (its log's lines, less the ``cut`` one)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(not line.startswith("cut ") for line in lines)
+
+
+def connections_cut(log: Path) -> int:
+    """How many live connections the proxy cut when its trigger appeared."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(int(line.split()[1]) for line in lines if line.startswith("cut "))
 
 
 def s3_env(port: int) -> dict[str, str]:

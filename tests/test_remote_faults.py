@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from loader_testdata import shard_root, tokenizer_dir
 from remote_servers import (
+    connections_cut,
     env,
     faults_served,
     free_port,
@@ -100,6 +101,8 @@ def test_wds_streams_the_same_bytes_through_faults_and_counts_them(
         info.close()
     assert faults_served(log) == FAULTS
     assert stats["remote_retries"] == FAULTS
+    tars = sum(p.stat().st_size for p in Path(local, "validate").glob("*.tar"))
+    assert tars // 2 < stats["remote_bytes"] <= tars  # the samples' bytes: no tar padding, nothing read twice
     assert stats["skipped_samples"] == 0
     assert_same(got, want)
 
@@ -168,13 +171,11 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-@pytest.mark.e2e  # about a minute on 2 shared cores: make test-e2e
-def test_pretraining_whose_store_goes_down_stops_with_one_line_and_resumes_later(
-    moto_port, tmp_path_factory, tmp_path, capsys, quick_backoff, monkeypatch
-):
-    """The pretraining CLI, its shards read through the proxy: once the run has a checkpoint the store goes
-    down for good (every live connection cut, every new one reset). The run stops with one stderr line naming
-    the shard URL and exit 6, its newest checkpoint complete; once the store answers, ``--resume auto`` finishes."""
+def pretrain_through_proxy(
+    moto_port: int, tmp_path_factory, tmp_path: Path, faults: int, monkeypatch, **extra: object
+) -> tuple[int, list[str], Path, Path]:
+    """The pretraining CLI (in-process) on the tiny shards uploaded to ``s3://faulty/tiny/``, read through a
+    reset proxy armed once the run has its first checkpoint; ``(exit code, overrides, run folder, proxy log)``."""
     import threading
 
     from train_testdata import ROOT, prepared_base, pretrain_argv, tiny_overrides, tiny_shards
@@ -187,21 +188,20 @@ def test_pretraining_whose_store_goes_down_stops_with_one_line_and_resumes_later
         upload_tree(tiny_shards(base) / "train", f"s3://{BUCKET}/tiny/train")
     monkeypatch.setattr(samples, "REMOTE_BLOCK", 4096)  # a request every few samples, all run long
     port, log, trigger = free_port(), tmp_path / "faults.log", tmp_path / "down"
-    proxy = start_fault_proxy(moto_port, port, "reset", -1, log, trigger)
+    proxy = start_fault_proxy(moto_port, port, "reset", faults, log, trigger)
     run = tmp_path / "run"
+    shards = f"s3://{BUCKET}/tiny/train/"
     overrides = tiny_overrides(
-        base,
-        run,
-        **{"data.train_shards": f"s3://{BUCKET}/tiny/train/", "train.eval_every": 0, "train.max_steps": 12},
+        base, run, **{"data.train_shards": shards, "train.eval_every": 0, "train.max_steps": 12, **extra}
     )
+    stopped = threading.Event()
 
-    def down_after_first_checkpoint() -> None:
+    def arm_after_first_checkpoint() -> None:
         while not list(run.glob("checkpoints/*/complete.json")) and not stopped.is_set():
             time.sleep(0.05)
         trigger.touch()
 
-    stopped = threading.Event()
-    watcher = threading.Thread(target=down_after_first_checkpoint)
+    watcher = threading.Thread(target=arm_after_first_checkpoint)
     watcher.start()
     try:
         with env(s3_env(port)):
@@ -210,6 +210,54 @@ def test_pretraining_whose_store_goes_down_stops_with_one_line_and_resumes_later
         stopped.set()
         watcher.join()
         stop(proxy)
+    return code, overrides, run, log
+
+
+@pytest.mark.e2e  # about a minute on 2 shared cores: make test-e2e
+def test_pretraining_logs_remote_retries_and_bytes_to_mlflow(
+    moto_port, tmp_path_factory, tmp_path, quick_backoff, monkeypatch
+):
+    """Mid-run the proxy cuts the live connections and resets the next 3: the run finishes, and MLflow has
+    ``data/remote_retries`` (every fault retried, none more) and ``data/remote_bytes`` (growing, about the
+    shards' bytes per epoch read) beside the other ``data/`` metrics."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    tracking = {"tracking.enabled": True, "tracking.uri": f"sqlite:///{db}", "tracking.system_metrics": False}
+    code, _, _, log = pretrain_through_proxy(
+        moto_port, tmp_path_factory, tmp_path, FAULTS, monkeypatch, **tracking
+    )
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    client = mlflow.tracking.MlflowClient()
+    retries = [m.value for m in client.get_metric_history(run.info.run_id, "data/remote_retries")]
+    read = [m.value for m in client.get_metric_history(run.info.run_id, "data/remote_bytes")]
+    assert len(retries) == len(read) == 12
+    assert retries[0] == 0 and FAULTS <= retries[-1] <= FAULTS + connections_cut(log)
+    assert faults_served(log) == FAULTS
+    assert read == sorted(read) and read[0] > 0
+    from train_testdata import prepared_base, tiny_shards
+
+    shard_bytes = sum(
+        p.stat().st_size for p in (tiny_shards(prepared_base(tmp_path_factory)) / "train").glob("*.tar")
+    )
+    assert read[-1] >= shard_bytes  # 12 steps of 8 cover the tiny train split at least once
+
+
+@pytest.mark.e2e  # about a minute on 2 shared cores: make test-e2e
+def test_pretraining_whose_store_goes_down_stops_with_one_line_and_resumes_later(
+    moto_port, tmp_path_factory, tmp_path, capsys, quick_backoff, monkeypatch
+):
+    """Once the run has a checkpoint the store goes down for good (every live connection cut, every new one
+    reset): the run stops with one stderr line naming the shard URL and exit 6, its newest checkpoint
+    complete; once the store answers, ``--resume auto`` finishes."""
+    from train_testdata import ROOT, pretrain_argv
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import pretrain
+
+    code, overrides, run, log = pretrain_through_proxy(moto_port, tmp_path_factory, tmp_path, -1, monkeypatch)
     lines = [x for x in capsys.readouterr().err.strip().splitlines() if "cpp_extension.py" not in x]
     assert code == 6 and len(lines) == 1, lines
     assert lines[0].startswith("pretrain.py: error: s3://faulty/tiny/train/shard-"), lines[0]

@@ -271,6 +271,29 @@ def test_dali_reads_the_same_samples_from_s3_as_from_local_disk(s3, local, token
     assert wds_keys == [b["key"] for b in eval_pass(make_cfg(f"{local}/validate", **kw), tokenizer)]
 
 
+def test_dali_direct_reads_s3_itself_the_same_samples(s3, local, tokenizer, tmp_path):
+    """``data.dali_remote=direct``: DALI's own AWS SDK client reads the ``s3://`` objects in place (endpoint
+    from ``AWS_ENDPOINT_URL``), with the ``.idx`` written locally from our index; nothing lands in the cache.
+    Other stores are refused with one line."""
+    pytest.importorskip("nvidia.dali")
+    kw = dict(backend="dali", dali_decode="cpu", num_workers=1, shard_cache=str(tmp_path / "cache"))
+    for rank in (0, 1):
+        got, want = [], []
+        for spec, out, extra in (
+            (f"{PREFIX}/train/", got, {"dali_remote": "direct"}),
+            (f"{local}/train", want, {}),
+        ):
+            info = build_loader(make_cfg(spec, **kw, **extra), rank, 2, batch_size=4, tokenizer=tokenizer, seed=9)
+            it = iter(info.loader)
+            out += [next(it) for _ in range(info.steps_per_epoch + 1)]  # into the second epoch
+            info.close()
+        assert_same(got, want)
+    assert not list((tmp_path / "cache").glob("*-shard-*.tar"))
+    spec = f"pipe:cat {local}/validate/shard-000000.tar"
+    with pytest.raises(ValueError, match="data.dali_remote=direct reads s3:// shards only"):
+        build_loader(make_cfg(spec, **kw, dali_remote="direct"), 0, 1, batch_size=4, tokenizer=tokenizer)
+
+
 def test_dali_cache_budget_too_small_is_one_line(s3, tokenizer, tmp_path):
     pytest.importorskip("nvidia.dali")
     cfg = make_cfg(

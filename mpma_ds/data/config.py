@@ -166,6 +166,12 @@ class DataConfig(ConfigSection):
     shard_cache_gb: float = 50.0
     """Disk budget of ``shard_cache`` in GB: least recently used shards are deleted beyond it."""
 
+    dali_remote: str = "cache"
+    """How the ``dali`` backend reads ``s3://`` shards: ``cache`` (fetched whole into ``shard_cache`` by our
+    client: retries counted, ETag and size checked, every store) or ``direct`` (DALI's own AWS SDK client reads
+    the objects in place, S3 only; nothing on local disk, no retries counted). docs/data.md has the
+    measurements behind the default."""
+
     dali_decode: str = "auto"
     """``dali`` backend decode device: ``auto`` (``mixed`` when CUDA is available, else ``cpu``), ``cpu``,
     ``mixed``."""
@@ -192,6 +198,8 @@ class DataConfig(ConfigSection):
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend {self.backend!r} is not a data backend; {BACKENDS.describe()}")
+        if self.dali_remote not in ("cache", "direct"):
+            raise ValueError(f"data.dali_remote must be cache or direct, got {self.dali_remote!r}")
         if self.dali_decode not in ("auto", "cpu", "mixed"):
             raise ValueError(f"data.dali_decode must be auto, cpu or mixed, got {self.dali_decode!r}")
         lowest = {

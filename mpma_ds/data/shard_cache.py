@@ -22,6 +22,8 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +48,9 @@ class ShardCache:
         self.budget_bytes = int(budget_gb * 1e9)
         self.fetched = 0
         """Shards this process fetched (not found already cached)."""
+        self.cost: Counter = Counter()
+        """``remote_retries`` / ``remote_bytes`` of this cache's fetches (prefetch threads included)."""
+        self._cost_lock = threading.Lock()
         self._threads = prefetch_threads
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
@@ -93,7 +98,12 @@ class ShardCache:
             if target.is_file() and (info is None or target.stat().st_size == info.size):
                 os.utime(target)  # the LRU clock
                 return target
-            payload = data if data is not None else remote.read_bytes(url)
+            if data is None:
+                with remote.counted() as cost:
+                    data = remote.read_bytes(url)
+                with self._cost_lock:
+                    self.cost.update(cost)
+            payload = data
             if info is not None and info.size and len(payload) != info.size:
                 raise ChangedObject(
                     f"{url}: fetched {len(payload)} bytes, the store listed {info.size}: it changed while being read"
