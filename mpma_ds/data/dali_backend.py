@@ -188,15 +188,21 @@ class DaliStream(ShardStream):
         paths, idx = dali_remote.local_reader_inputs(
             self.index, pieces, self._cache, Path(self._tmp.name), f"epoch{epoch}"
         )
+        keep = [str(self.index.paths[s]) for s, _, _ in pieces]
         if self.train:
             nxt = shard_order(counts, epoch + 1, self.seed, shuffle=True, resample_to=self.resample_to)
             ahead = dali_remote.rank_pieces(counts, [s for s in nxt if counts[s]], self.rank, self.world_size)
             need = dali_remote.epoch_bytes(self.index, pieces) + dali_remote.epoch_bytes(self.index, ahead)
             if need <= self._cache.budget_bytes:
+                urls = {str(self.index.paths[s]): self.index.infos[s] for s, _, _ in ahead}
+                keep += list(urls)
                 self._cache.prefetch(
-                    [(str(self.index.paths[s]), lambda s=s: self._cache.path(str(self.index.paths[s]), self.index.infos[s]))
-                     for s in sorted({s for s, _, _ in ahead})]
-                )  # fmt: skip
+                    [
+                        (url, lambda url=url, info=info: self._cache.path(url, info, pin=True))
+                        for url, info in urls.items()
+                    ]
+                )
+        self._cache.unpin_all_but(keep)  # the last epoch's shards: evictable again
         return paths, idx
 
     def _build_decoder(self) -> Any:
