@@ -246,9 +246,13 @@ def filesystem(url: str) -> tuple[Any, str]:
     elif scheme in ("http", "https"):
         options = {"get_client": _single_try_http_client}
     try:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        if scheme in ("gs", "gcs"):
+            fs = _gcs()
+            path = fs._strip_protocol(url)
+        else:
+            fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
-        raise RemoteError(f"cannot read {url}: {err}") from None
+        raise RemoteError(f"cannot read {url}: {err} (gs:// needs pip install 'mpma-ds[gcs]')") from None
     if scheme == "s3":
         fs.retries = 1  # s3fs's own loop (a class attribute of 5)
     return fs, path
@@ -279,6 +283,17 @@ def _single_try_s3_session() -> type:
             return _single_try(await super()._get_session(proxy_url))
 
     return SingleTrySession
+
+
+def _gcs() -> Any:
+    """gcsfs's plain ``GCSFileSystem`` (cached by fsspec), endpoint and credentials from gcsfs's own chain
+    (``STORAGE_EMULATOR_HOST``, ``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server). Not the class gcsfs
+    registers for ``gs://`` by default, whose first use of each bucket asks the storage-control API whether it is
+    a zonal / hierarchical bucket (for appends, which shards never need) and logs a warning wherever that API
+    cannot be reached (an emulator, a role that may only read objects)."""
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem()
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,22 @@ def start_moto(port: int, **env: str) -> subprocess.Popen:
     return proc
 
 
+def start_gcs(port: int) -> subprocess.Popen:
+    """gcp-storage-emulator (a GCS JSON-API server, in memory) as its own process; clients reach it through
+    gcsfs's standard ``STORAGE_EMULATOR_HOST`` (`gcs_env`)."""
+    proc = subprocess.Popen(  # noqa: S603
+        [str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_http(f"http://127.0.0.1:{port}/", proc)
+    return proc
+
+
+def gcs_env(port: int) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+
+
 def start_http(folder: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
@@ -122,7 +138,6 @@ def s3_env(port: int) -> dict[str, str]:
 def env(values: dict[str, str | None]) -> Iterator[None]:
     """Set (None: unset) environment variables for the block; the fsspec instance cache is cleared around it so
     clients are built from these values."""
-    import fsspec
 
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
@@ -130,9 +145,7 @@ def env(values: dict[str, str | None]) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    fsspec.AbstractFileSystem.clear_instance_cache()
-    for cls in fsspec.registry.values():
-        cls.clear_instance_cache()
+    clear_clients()
     try:
         yield
     finally:
@@ -141,8 +154,21 @@ def env(values: dict[str, str | None]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for cls in fsspec.registry.values():
-            cls.clear_instance_cache()
+        clear_clients()
+
+
+def clear_clients() -> None:
+    """Forget fsspec's cached clients (the registered ones and gcsfs's, which `remote` builds directly)."""
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    for cls in fsspec.registry.values():
+        cls.clear_instance_cache()
+    try:
+        from gcsfs.core import GCSFileSystem
+    except ImportError:
+        return
+    GCSFileSystem.clear_instance_cache()
 
 
 def upload_tree(local: Path, url: str) -> None:
