@@ -296,10 +296,15 @@ def _gcs() -> Any:
     return GCSFileSystem()
 
 
+LAST_MODIFIED = "lm:"
+"""Marks an `ObjectInfo.etag` that is an HTTP ``Last-Modified`` date, not an ETag."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a store says of one object: its size (-1 where a listing does not say: an HTML folder page) and
-    ETag (``""`` where the store gives none)."""
+    version: its ETag, or ``lm:<Last-Modified>`` where an HTTP server gives only that (``python -m http.server``),
+    ``""`` where the store gives neither."""
 
     size: int
     etag: str = ""
@@ -307,6 +312,8 @@ class ObjectInfo:
 
 def _info_of(entry: dict[str, Any]) -> ObjectInfo:
     etag = entry.get("ETag") or entry.get("etag") or entry.get("md5Hash") or ""
+    if not etag and isinstance(entry.get("Last-Modified"), str):  # fsspec's HTTP HEAD
+        etag = LAST_MODIFIED + entry["Last-Modified"]
     size = entry.get("size")
     return ObjectInfo(int(size) if size is not None else -1, str(etag))
 
@@ -363,8 +370,10 @@ def is_folder(url: str) -> bool:
 
 
 def read_range(url: str, start: int, end: int, *, etag: str = "") -> bytes:
-    """Bytes ``[start, end)`` of ``url``; with ``etag`` (S3) the read is refused with `ChangedObject` when the
-    object was replaced since it was listed.
+    """Bytes ``[start, end)`` of ``url``; with ``etag`` (the listed `ObjectInfo.etag`, S3 or HTTP) the read is
+    refused with `ChangedObject` when the object was replaced since it was listed: S3 by ``If-Match``; HTTP by
+    ``If-Match`` / ``If-Unmodified-Since`` and, for servers that ignore those, by the answer's own ``ETag`` /
+    ``Last-Modified``.
 
     A server that ignores ``Range`` (``python -m http.server``) answers with the whole object: the result is
     then longer than asked, and the caller decides (`mpma_ds.data.shard_cache` keeps it as the whole shard).
@@ -387,10 +396,30 @@ def read_range(url: str, start: int, end: int, *, etag: str = "") -> bytes:
                 resp["Body"].close()
 
         data = with_retries(lambda: sync(fs.loop, get), url)
+    elif etag and url.startswith(("http://", "https://")):
+        from fsspec.asyn import sync
+
+        data = with_retries(lambda: sync(fs.loop, _http_get_pinned, fs, url, start, end, etag), url)
     else:
         data = with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
     _count("remote_bytes", len(data))
     return data
+
+
+async def _http_get_pinned(fs: Any, url: str, start: int, end: int, etag: str) -> bytes:
+    """A ranged HTTP GET that fails with `ChangedObject` unless the object still has the version ``etag``."""
+    session = await fs.set_session()
+    by_date = etag.startswith(LAST_MODIFIED)
+    expected = etag[len(LAST_MODIFIED) :] if by_date else etag
+    headers = {"Range": f"bytes={start}-{end - 1}", "If-Unmodified-Since" if by_date else "If-Match": expected}
+    async with session.get(url, headers=headers) as resp:
+        seen = resp.headers.get("Last-Modified" if by_date else "ETag")
+        if resp.status == 412 or (resp.status < 300 and seen and seen != expected):
+            raise ChangedObject(
+                f"{url} changed on the store since it was listed ({'Last-Modified' if by_date else 'ETag'} {seen} is not {expected})"
+            )
+        resp.raise_for_status()
+        return await resp.read()
 
 
 def read_bytes(url: str) -> bytes:

@@ -241,6 +241,38 @@ def test_transient_outage_is_retried_and_counted(local, tokenizer, tmp_path):
     assert_same(got, eval_pass(make_cfg(f"{local}/validate"), tokenizer))
 
 
+def test_http_shard_changed_since_listing_is_skipped_and_counted(local, tokenizer, tmp_path):
+    """``python -m http.server`` gives Last-Modified (no ETag) and ignores ``If-Unmodified-Since``: a shard
+    replaced after the listing by one of the same size and a later date is refused by the answer's own
+    Last-Modified; its samples are skipped and counted as ``changed_shard``, the other shards read."""
+    import os
+
+    served = tmp_path / "served"
+    shutil.copytree(f"{local}/train", served / "train")
+    counts = load_shard_index(f"{local}/train").counts()
+    port = free_port()
+    proc = start_http(served, port)
+    spec = f"http://127.0.0.1:{port}/train/shard-{{000000..{len(counts) - 1:06d}}}.tar"
+    cfg = make_cfg(spec, shard_cache=str(tmp_path / "cache"))
+    info = build_loader(cfg, 0, 1, split="train", batch_size=sum(counts), tokenizer=tokenizer, train=False)
+    assert all(i.etag.startswith(remote.LAST_MODIFIED) for i in info.loader.index.infos)
+    shard = served / "train" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0xFF  # same size, other content
+    shard.write_bytes(bytes(data))
+    later = shard.stat().st_mtime + 10
+    os.utime(shard, (later, later))
+    try:
+        batches = list(info.loader)
+        stats = info.stats()
+    finally:
+        info.close()
+        stop(proc)
+    assert stats["skipped_changed_shard"] == counts[0]
+    keys = {k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok}
+    assert len(keys) == sum(counts) - counts[0]
+
+
 def test_verify_shards_on_s3(s3, local):
     report = verify_shards(PREFIX, progress=False)
     assert report.ok, report.problems
