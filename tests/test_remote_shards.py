@@ -131,6 +131,44 @@ def test_s3_training_stream_and_resume_match_local(s3, local, tokenizer):
     assert_same(want, got)
 
 
+def test_resume_on_another_world_size_reads_s3_as_local(s3, local, tokenizer):
+    """2 ranks (micro-batch 4) stop mid-epoch; their loader positions resume, as the trainer maps them
+    (`plan.reshard_positions`), on 1 rank with 2 accumulation steps (the same 2 data ranks: the uninterrupted
+    order) and on 1 rank with the micro-batch halved (4 data ranks of 2). From ``s3://`` the resumed streams
+    read exactly the samples, in the order, that local shards give under the same change."""
+    from mpma_ds.data.plan import reshard_positions
+
+    def keys(info, n: int) -> list[tuple[str, ...]]:
+        it = iter(info.loader)
+        return [tuple(next(it)["key"]) for _ in range(n)]
+
+    def run(spec: str) -> dict[str, list]:
+        def build(rank: int, world: int, batch: int):
+            return build_loader(make_cfg(spec), rank, world, batch_size=batch, tokenizer=tokenizer, seed=5)
+
+        firsts = [build(r, 2, 4) for r in range(2)]
+        seen = {f"rank{r}": keys(info, 3) for r, info in enumerate(firsts)}  # 3 of the epoch's 5 batches
+        states = [json.loads(json.dumps(info.state_dict())) for info in firsts]
+        for info in firsts:
+            info.close()
+        for name, ranks, batch in (("accumulate", 2, 4), ("halved", 4, 2)):
+            for d, state in enumerate(reshard_positions(states, ranks, list(range(ranks)))):
+                info = build(d, ranks, batch)
+                info.load_state_dict(state)
+                seen[f"{name}{d}"] = keys(info, 4)  # into the next epoch
+                info.close()
+        return seen
+
+    remote_run, local_run = run(f"{PREFIX}/train/"), run(f"{local}/train")
+    assert remote_run == local_run
+    reference = [
+        build_loader(make_cfg(f"{local}/train"), r, 2, batch_size=4, tokenizer=tokenizer, seed=5) for r in range(2)
+    ]
+    for r, info in enumerate(reference):  # 2 ranks → 1 rank × 2 accumulation steps: the uninterrupted order
+        assert keys(info, 7) == remote_run[f"rank{r}"] + remote_run[f"accumulate{r}"]
+        info.close()
+
+
 def test_http_shards_brace_and_folder(local, tokenizer, tmp_path, monkeypatch):
     """``python -m http.server`` ignores Range: each shard is then fetched once, whole, into the node cache
     (blocks smaller than the test's shards here, so a block request is a real partial request)."""
