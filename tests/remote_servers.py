@@ -185,3 +185,18 @@ def make_bucket(name: str) -> None:
 
     fs, _ = remote.filesystem(f"s3://{name}")
     fs.mkdir(name)
+
+
+@contextlib.contextmanager
+def s3_with(local: Path, url: str) -> Iterator[int]:
+    """A moto server process holding the files under ``local`` at ``url`` (``s3://bucket/prefix``, the bucket
+    created); yields its port, and stops it after."""
+    port = free_port()
+    proc = start_moto(port)
+    try:
+        with env(s3_env(port)):
+            make_bucket(url.split("://", 1)[1].split("/", 1)[0])
+            upload_tree(local, url)
+        yield port
+    finally:
+        stop(proc)

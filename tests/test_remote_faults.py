@@ -12,16 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from loader_testdata import shard_root, tokenizer_dir
+import test_remote_shards
 from remote_servers import (
     connections_cut,
     env,
     faults_served,
     free_port,
-    make_bucket,
     s3_env,
+    s3_with,
     start_fault_proxy,
-    start_moto,
     stop,
     upload_tree,
 )
@@ -29,7 +28,6 @@ from test_remote_shards import assert_same, eval_pass, make_cfg
 
 from data_tools import remote
 from data_tools.remote import RemoteError
-from mpma_ds import load_tokenizer
 from mpma_ds.data import build_loader, samples
 from mpma_ds.data.shard_cache import ShardCache
 from mpma_ds.data.shards import load_shard_index
@@ -38,28 +36,14 @@ BUCKET = "faulty"
 PREFIX = f"s3://{BUCKET}/build"
 FAULTS = 3
 
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory) -> str:
-    return str(shard_root(str(tmp_path_factory.getbasetemp())))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(tokenizer_dir(str(tmp_path_factory.getbasetemp())))
+local = test_remote_shards.local  # the module's fixtures: its real build and tokenizer
+tokenizer = test_remote_shards.tokenizer
 
 
 @pytest.fixture(scope="module")
 def moto_port(local):
-    port = free_port()
-    proc = start_moto(port)
-    try:
-        with env(s3_env(port)):
-            make_bucket(BUCKET)
-            upload_tree(Path(local), PREFIX)
+    with s3_with(Path(local), PREFIX) as port:
         yield port
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

@@ -7,29 +7,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from loader_testdata import shard_root, tokenizer_dir
+import test_remote_shards
 from remote_servers import env, free_port, gcs_env, start_gcs, stop, upload_tree
 from test_remote_shards import assert_same, eval_pass, make_cfg
 
 from data_tools import remote
 from data_tools.remote import RemoteError
 from data_tools.verify_shards import verify_shards
-from mpma_ds import load_tokenizer
 from mpma_ds.data import build_loader
 from mpma_ds.data.shards import load_shard_index
 
 pytest.importorskip("gcsfs")
 PREFIX = "gs://shards/build"
 
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory) -> str:
-    return str(shard_root(str(tmp_path_factory.getbasetemp())))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(tokenizer_dir(str(tmp_path_factory.getbasetemp())))
+local = test_remote_shards.local  # the module's fixtures: its real build and tokenizer
+tokenizer = test_remote_shards.tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ from loader_testdata import shard_root, tokenizer_dir
 from remote_servers import (
     env,
     free_port,
-    make_bucket,
     s3_env,
+    s3_with,
     start_http,
     start_moto,
     stop,
-    upload_tree,
 )
 
 from data_tools import remote
@@ -48,16 +47,10 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3(local):
-    """A moto server with the local build uploaded under ``s3://shards/build/``; yields its port."""
-    port = free_port()
-    proc = start_moto(port)
-    try:
-        with env(s3_env(port)):
-            make_bucket(BUCKET)
-            upload_tree(Path(local), PREFIX)
-            yield port
-    finally:
-        stop(proc)
+    """A moto server with the local build uploaded under ``s3://shards/build/``; yields its port, the AWS
+    variables pointing at it."""
+    with s3_with(Path(local), PREFIX) as port, env(s3_env(port)):
+        yield port
 
 
 def make_cfg(train: str, val: str = "", **kw) -> DataConfig:
