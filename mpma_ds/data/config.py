@@ -254,7 +254,10 @@ class DataConfig(ConfigSection):
             if len(set(names)) != len(names):
                 raise ValueError(f"data.train_sources names must be unique, got {names}")
             if self.backend == "dali":
-                raise ValueError("data.train_sources (a weighted mixture) needs data.backend wds")
+                raise ValueError(
+                    "data.train_sources (a weighted mixture) runs on data.backend wds only (DALI's reader cannot "
+                    "follow the mixture's per-sample order): set data.backend=wds"
+                )
         if self.shard_cache_gb <= 0:
             raise ValueError(f"data.shard_cache_gb must be > 0, got {self.shard_cache_gb}")
         if not 0.0 < self.label_fraction <= 1.0:
