@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds import kernels
+from mpma_ds.models.registry import LOCAL_LOSSES
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -177,6 +178,7 @@ class GlobalContrastiveLoss(nn.Module):
         )
 
 
+@LOCAL_LOSSES.register("late_interaction")
 class LocalAlignmentLoss(nn.Module):
     """Local token-patch alignment: late-interaction scores -> symmetric InfoNCE over the local batch."""
 
