@@ -2,7 +2,8 @@
 only the image can supply (what is seen, on which side, how large or severe). MA-CMF's memory shapes the fused
 text stream only, so this is where its effect (or its absence) shows.
 
-``FINDING_WORDS`` is the one list: the CheXpert finding vocabulary as radiology reports write it (and as
+``FINDING_WORDS`` (defined beside the masking, `data.masking`, which can mask them at their own rate) is the
+one list: the CheXpert finding vocabulary as radiology reports write it (and as
 ``data_tools.synth.reports`` writes it), plus side, extent and zone words. Negation words ("no", "without")
 are left out on purpose: they are frequent function words the report's syntax half-predicts, and they would
 swamp the count. A masked token counts as a finding-word token when the whole word it belongs to (WordPiece
@@ -17,23 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FINDING_WORDS: frozenset[str] = frozenset(
-    {
-        # findings (CheXpert's 13 pathologies as reports name them)
-        "atelectasis", "atelectatic", "cardiomegaly", "enlarged", "enlargement", "widened", "widening",
-        "mediastinum", "mediastinal", "consolidation", "consolidative", "edema", "haziness", "perihilar",
-        "pleural", "effusion", "effusions", "meniscus", "blunting", "costophrenic", "pneumothorax", "pneumothoraces",
-        "nodule", "nodules", "mass", "lesion", "opacity", "opacities", "opacification", "pneumonia",
-        "fracture", "fractures", "displaced", "thickening", "cap", "bibasilar", "basilar", "plate",
-        # side
-        "right", "left", "bilateral", "sided", "unilateral",
-        # extent and severity
-        "small", "moderate", "large", "mild", "mildly", "moderately", "severe", "severely", "trace", "focal",
-        "patchy", "dense", "linear",
-        # zone
-        "upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula",
-    }
-)  # fmt: skip
+from mpma_ds.data.masking import FINDING_WORDS
+
+__all__ = ["FINDING_WORDS", "MaskedTokenAccuracy", "finding_token_mask", "word_ids"]
 
 
 def word_ids(tokens: list[str]) -> list[int]:
