@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mpma_ds.models.losses import LogitScale, symmetric_infonce
+from mpma_ds.models.losses import LocalAlignmentLoss
 from mpma_ds.models.registry import LOCAL_LOSSES
 
 ATTN_SCALE = 4.0
@@ -77,26 +76,18 @@ def gloria_scores(
 
 
 @LOCAL_LOSSES.register("gloria")
-class GloriaLocalLoss(nn.Module):
-    """GLoRIA's local loss: attention-weighted region context per word, word-level matches aggregated per pair,
-    symmetric InfoNCE over the local batch with a learnable logit scale."""
+class GloriaLocalLoss(LocalAlignmentLoss):
+    """GLoRIA's local loss: attention-weighted region context per word, word-level matches aggregated per pair
+    (`gloria_scores`), symmetric InfoNCE over the local batch with a learnable logit scale (as the late
+    interaction's, `losses.LocalAlignmentLoss`). ``kernel_impl`` is accepted and unused: one PyTorch path."""
 
     def __init__(self, init_temperature: float, max_scale: float, *, kernel_impl: str = "auto") -> None:
-        """``kernel_impl``: accepted like the late interaction's; GLoRIA's scores have one PyTorch path."""
-        super().__init__()
-        self.logit_scale = LogitScale(init_temperature, max_scale)
+        super().__init__(init_temperature, max_scale, kernel_impl=kernel_impl)
         self.attn_scale, self.agg_scale = ATTN_SCALE, AGG_SCALE
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        token_valid: torch.Tensor,
-        patches: torch.Tensor,
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``valid`` (B,) bool: stand-in samples are left out of both directions (not even as negatives)."""
-        scores = gloria_scores(tokens, token_valid, patches, attn_scale=self.attn_scale, agg_scale=self.agg_scale)
-        return symmetric_infonce(self.logit_scale().float() * scores, valid=valid)
+    def scores(self, tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(Bt, Bi) GLoRIA's aggregated word-level match of every (report, image) pair."""
+        return gloria_scores(tokens, token_valid, patches, attn_scale=self.attn_scale, agg_scale=self.agg_scale)
 
     def attention(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """(B, L, K) word -> region attention of each report over its own image (the grounding map)."""
