@@ -100,6 +100,11 @@ class DataConfig(ConfigSection):
     """Fraction of (non-special) tokens chosen for MLM, by whole words, in [0, 1). 0 (fine-tuning) masks
     nothing: ``input_ids`` unchanged, ``mlm_labels`` all -100 (no one-word-per-report fallback either)."""
 
+    mlm_finding_probability: float | None = None
+    """The MLM probability of *finding words* (`data.masking.FINDING_WORDS`: findings, sides, extent, zones — what
+    only the image can tell), by whole words, in [0, 1); None = ``mlm_probability`` like every other word. A
+    larger value makes the MLM head ask more often for what the image shows."""
+
     mlm_mask_fraction: float = 0.8
     """Of the chosen tokens: the fraction replaced by ``[MASK]`` (BERT's 80 %)."""
 
@@ -220,6 +225,8 @@ class DataConfig(ConfigSection):
             raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
+        if self.mlm_finding_probability is not None and not 0.0 <= self.mlm_finding_probability < 1.0:
+            raise ValueError(f"data.mlm_finding_probability must be in [0, 1), got {self.mlm_finding_probability}")
         if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
             self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
         ):
