@@ -40,6 +40,7 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.ms_cxr",
         "data_tools.benchmarks.covidx",
         "data_tools.benchmarks.mimic_5x200",
+        "data_tools.benchmarks.vqa",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::
@@ -47,7 +48,8 @@ BENCHMARKS: Registry = Registry(
     @BENCHMARKS.register("nih-cxr14", options=NihOptions, task="multilabel")
     def read_nih(root: Path, opts: NihOptions) -> BenchmarkData: ...
 
-``task`` is what its labels are: ``multilabel`` (AUROC per label) or ``multiclass`` (one class per image).
+``task`` is what its labels are: ``multilabel`` (AUROC per label), ``multiclass`` (one class per image) or ``vqa``
+(one record per question, no labels: the answers live in the split files).
 Another package adds a reader through the ``mpma_ds.benchmarks`` entry-point group."""
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")

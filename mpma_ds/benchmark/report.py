@@ -55,6 +55,8 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     wanted = ["pointing_game", "pointing_game_chance", "cnr", "miou"]
                 if protocol == "retrieval":
                     wanted = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                if protocol == "vqa":
+                    wanted = ["accuracy_overall", "accuracy_closed", "accuracy_open"]
                 keys += [k for k in wanted if k not in keys]
             refs = results.get("references", {}).get(dataset, {}).get(protocol, [])
             for key in keys:

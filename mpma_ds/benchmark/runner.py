@@ -19,6 +19,7 @@ import numpy as np
 
 from data_tools.benchmarks import BenchmarkData, read_benchmark
 from data_tools.benchmarks.common import split_checksum
+from mpma_ds.benchmark import finetune
 from mpma_ds.benchmark.features import image_features, stream
 from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import (
@@ -63,9 +64,20 @@ def _targets(data: BenchmarkData, records: Sequence, index: np.ndarray) -> np.nd
 
 def _run_entry(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, records: list, *, cache_dir, batch_size, workers,
-    device, n_resamples, min_count, timing: dict,
+    device, n_resamples, min_count, timing: dict, folder: Path, out: Path, tracking: dict[str, Any],
 ) -> EntryResult:  # fmt: skip
     """One model on one entry."""
+    if entry.protocol == "vqa":
+        start = time.perf_counter()
+        run_dir = out / "finetune" / model.name / entry.name.replace("/", "-")
+        tracking = {**tracking, "run_name": f"{entry.name} [{model.name}] fine-tune"}
+        result = finetune.vqa(model, data, entry, folder=folder, cache_dir=cache_dir, out_dir=run_dir,
+                              n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+        evaluated = set(result.pair["rows"])
+        missing = [r.key for r in records if r.key not in evaluated]
+        timing.update(seconds=time.perf_counter() - start, images=len(evaluated), cached=False)
+        result.info.update(images_rejected=len(missing), rejected=missing[:20])
+        return result
     if entry.protocol == "grounding":
         rejected: dict[int, str] = {}
         problems: list[str] = []
@@ -169,6 +181,7 @@ def run_benchmark(
         "skipped": {}, "datasets": {}, "entries": {}, "references": {},
         "bootstrap_resamples": n_resamples, "min_label_count": min_count,
     }  # fmt: skip
+    train_tracking = {"enabled": mlflow, "uri": tracking_uri, "experiment": experiment, "system_metrics": False}
     loggers = {}
     for m in models:
         tracking = TrackingConfig(enabled=mlflow, uri=tracking_uri, experiment=experiment,
@@ -211,7 +224,8 @@ def run_benchmark(
                 timing: dict[str, Any] = {}
                 try:
                     r = _run_entry(m, data, entry, records, cache_dir=cache, batch_size=batch_size, workers=workers,
-                                   device=device, n_resamples=n_resamples, min_count=min_count, timing=timing)  # fmt: skip
+                                   device=device, n_resamples=n_resamples, min_count=min_count, timing=timing,
+                                   folder=folder, out=out, tracking=train_tracking)  # fmt: skip
                 except ValueError as err:
                     block["models"][m.name] = {"error": str(err)}
                     say(f"{entry.name} [{m.name}]: not scored: {err}")
