@@ -47,7 +47,7 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     continue
                 met = m["metrics"]
                 wanted = [m["headline"]]
-                if protocol == "linear_probe":
+                if protocol in ("linear_probe", "finetune"):
                     wanted = [
                         k for k in met if k.startswith(("auroc_mean@", "accuracy@")) and not k.endswith("_ci95")
                     ]
@@ -63,7 +63,8 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 diffs = {}
                 for pair, d in block.get("paired", {}).items():
                     if key in d or (
-                        protocol == "linear_probe" and key.replace("auroc_mean", "auroc") + "_macro" in d
+                        protocol in ("linear_probe", "finetune")
+                        and key.replace("auroc_mean", "auroc") + "_macro" in d
                     ):
                         diffs[pair] = d.get(key) or d[key.replace("auroc_mean", "auroc") + "_macro"]
                 rows.append({

@@ -68,12 +68,16 @@ def _run_entry(
     device, n_resamples, min_count, timing: dict, folder: Path, out: Path, tracking: dict[str, Any],
 ) -> EntryResult:  # fmt: skip
     """One model on one entry."""
-    if entry.protocol == "vqa":
+    if entry.protocol in ("vqa", "finetune"):
         start = time.perf_counter()
         run_dir = out / "finetune" / model.name / entry.name.replace("/", "-")
         tracking = {**tracking, "run_name": f"{entry.name} [{model.name}] fine-tune"}
-        result = finetune.vqa(model, data, entry, folder=folder, cache_dir=cache_dir, out_dir=run_dir,
-                              n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+        if entry.protocol == "vqa":
+            result = finetune.vqa(model, data, entry, folder=folder, cache_dir=cache_dir, out_dir=run_dir,
+                                  n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+        else:
+            result = finetune.finetune_cls(model, data, entry, cache_dir=cache_dir, out_dir=run_dir,
+                                           n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
         evaluated = set(result.pair["rows"])
         missing = [r.key for r in records if r.key not in evaluated]
         timing.update(seconds=time.perf_counter() - start, images=len(evaluated), cached=False)

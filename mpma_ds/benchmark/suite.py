@@ -9,9 +9,9 @@ and found by name (``cxr-core``), or any file by path. Read and checked whole be
 Entry fields: ``dataset`` (a ``data_tools.benchmarks`` id), ``protocol`` (`PROTOCOLS`), ``split`` (default
 ``test``; a dataset without that split — no split file — is evaluated on ``all``, said in the results),
 ``path`` (the dataset's folder when not ``DATA_ROOT/<dataset>``), ``options`` (the reader's options),
-``fractions`` / ``seeds`` (linear probe: label fractions and the seeds of their subsets), ``max_images``
+``fractions`` / ``seeds`` (linear probe, finetune: label fractions and the seeds of their subsets), ``max_images``
 (evaluate the first N records of the split; 0 = all), ``recipe`` / ``set`` (the protocols that fine-tune through
-the Trainer, ``vqa``: the fine-tuning recipe and its ``key=value`` overrides, e.g. ``[train.epochs=2]``).
+the Trainer, ``vqa`` and ``finetune``: the fine-tuning recipe and its ``key=value`` overrides, e.g. ``[train.epochs=2]``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ PROTOCOLS: dict[str, str] = {
     "linear_probe": "logistic regression on frozen image embeddings at label fractions: test AUROC",
     "grounding": "phrase grounding on boxes: pointing game, CNR, mIoU of the thresholded map",
     "retrieval": "image <-> report retrieval: R@1/5/10 both ways (identical reports merged)",
+    "finetune": "full fine-tuning (cls task, through the Trainer) at label fractions: test AUROC",
     "vqa": "VQA fine-tuned through the Trainer on the train split: accuracy overall / CLOSED / OPEN",
 }
 """The protocols an entry may name, with what each reports."""
 
 _ENTRY_FIELDS = set("dataset protocol split path options fractions seeds max_images recipe set".split())
-_TRAINING_PROTOCOLS = {"vqa"}
+_TRAINING_PROTOCOLS = {"vqa", "finetune"}
 """Protocols that fine-tune through the Trainer: they read ``recipe`` and ``set``."""
 
 
