@@ -6,14 +6,11 @@ are not all CheXpert findings, is refused with one line."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 from test_benchmark_readers import TABLES
-from train_testdata import tiny_tokenizer
+from train_testdata import tiny_export
 
-import mpma_ds
 from data_tools.benchmarks import read_benchmark
 from data_tools.synth.bench_layout import layout_nih, layout_rsna
 from mpma_ds.benchmark.samples import load_samples
@@ -27,10 +24,7 @@ SIZE = 64
 def run(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     root = base / "bench-finetune"
-    exported = root / "exported"
-    torch.manual_seed(1)
-    mpma_ds.create_model("mpma_tiny", image_size=SIZE).save_pretrained(exported)
-    shutil.copytree(tiny_tokenizer(str(base)), exported / "text_encoder", dirs_exist_ok=True)
+    exported = tiny_export(root / "exported", str(base), SIZE)
     layout_rsna(TABLES, root / "data", 120, SIZE, 0)
     layout_nih(TABLES, root / "data", 30, SIZE, 0)
     suite = root / "ft.yaml"

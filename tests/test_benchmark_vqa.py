@@ -7,13 +7,10 @@ per question through the saved samples (``--compare``)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
-from train_testdata import tiny_tokenizer
+from train_testdata import tiny_export
 
-import mpma_ds
 from data_tools.synth.bench_layout import layout_vqa
 from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.benchmark.suite import load_suite
@@ -28,10 +25,7 @@ SHORT = "[train.epochs=1, train.log_every=1]"
 def vqa_run(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     root = base / "bench-vqa"
-    exported = root / "exported"
-    torch.manual_seed(1)
-    mpma_ds.create_model("mpma_tiny", image_size=SIZE).save_pretrained(exported)
-    shutil.copytree(tiny_tokenizer(str(base)), exported / "text_encoder", dirs_exist_ok=True)
+    exported = tiny_export(root / "exported", str(base), SIZE)
     made = layout_vqa(root / "data", studies=40, size=96, seed=0)
     suite = root / "short-vqa.yaml"  # the shipped suite's entries with a 1-epoch run
     shipped = load_suite("vqa")
