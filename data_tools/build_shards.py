@@ -38,7 +38,7 @@ from data_tools import __version__, remote
 from data_tools.shard_build import BuildError
 from data_tools.shard_build.encode import encoded_samples
 from data_tools.shard_build.finish import build_summary, finish_build, format_summary, part_summary
-from data_tools.shard_build.parts import all_records, part_of, resolve_part
+from data_tools.shard_build.parts import SharedRecords, all_records, part_of, resolve_part
 from data_tools.shard_build.plan import fingerprint, plan_shards
 from data_tools.shard_build.resume import STATE_DIR, check_output_folder, finished_records, write_json_atomic
 from data_tools.shard_build.upload import build_to_store
@@ -79,6 +79,7 @@ def build_shards(
     num_nodes: int | None = None,
     node_rank: int | None = None,
     on_shard: Callable[[dict], None] | None = None,
+    shared: SharedRecords | None = None,
 ) -> dict:
     """Build the shards of one corpus; see the module docstring and `--help` for each option.
 
@@ -89,7 +90,8 @@ def build_shards(
     `num_nodes` / `node_rank` build one part of the plan (`shard_build.parts`; default: a SLURM job array's
     variables, else everything); the part that completes the plan writes the manifest. `output` may be a
     remote prefix (`s3://bucket/build`: staged locally, each shard uploaded when finished,
-    `shard_build.upload`); `on_shard(info)` is called after each shard is written.
+    `shard_build.upload`); `on_shard(info)` is called after each shard is written; `shared` keeps the parts'
+    records where every part sees them (the store, for a remote split build) beside the output's own.
 
     Returns:
         The summary: `written`, `rejected` (images), `rejected_reports`, `rejects` (by reason),
@@ -101,9 +103,13 @@ def build_shards(
         BuildError: bad arguments, an unreadable input, or an output folder holding another build.
     """
     if remote.is_remote(str(output)):
-        options = {k: v for k, v in locals().items() if k not in ("output", "on_shard")}
+        options = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("output", "on_shard", "shared", "num_nodes", "node_rank")
+        }
         return build_to_store(
-            str(output), lambda **where: build_shards(**options, **where), num_nodes or resolve_part(None, None)[0]
+            str(output), lambda **where: build_shards(**options, **where), *resolve_part(num_nodes, node_rank)
         )
     t0 = time.perf_counter()
     num_nodes, node_rank = resolve_part(num_nodes, node_rank)
@@ -208,13 +214,18 @@ def build_shards(
                 record = {"shard": info, "rejects": shard_rejects}
                 write_json_atomic(state_dir / shard.record_name, record)
                 records[shard.record_name] = record
+                if shared is not None:
+                    shared.put(shard.record_name, record, identity["fingerprint"])
                 if on_shard is not None and info is not None:
                     on_shard(info)
     finally:
         bar.close()
 
     if num_nodes > 1:
-        every = all_records(state_dir, plan)
+        if shared is not None:  # records a killed earlier run of this part made before it could share them
+            for name, record in records.items():
+                shared.put(name, record, identity["fingerprint"], again=False)
+        every = shared.all(plan, identity["fingerprint"]) if shared is not None else all_records(state_dir, plan)
         if every is None:  # another part is still building: it will finish the build
             return part_summary(out, records, node_rank, num_nodes, reused, time.perf_counter() - t0)
         records = every

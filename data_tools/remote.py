@@ -26,13 +26,16 @@ It imports only fsspec and the standard library (``data_tools`` never imports th
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import posixpath
 import subprocess
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +51,28 @@ BACKOFF_S = 0.25
 
 COUNTS: Counter = Counter()
 """Process-wide counters: ``remote_retries`` (transient faults retried), ``remote_bytes`` (bytes read)."""
+
+_scopes = threading.local()
+
+
+def _count(key: str, n: int) -> None:
+    COUNTS[key] += n
+    for scope in getattr(_scopes, "stack", ()):
+        scope[key] += n
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[Counter]:
+    """``remote_retries`` / ``remote_bytes`` of the remote calls this thread makes inside the block (several
+    loaders of one process each count their own reads, which the process-wide `COUNTS` cannot tell apart)."""
+    scope: Counter = Counter()
+    stack = _scopes.__dict__.setdefault("stack", [])
+    stack.append(scope)
+    try:
+        yield scope
+    finally:
+        stack.remove(scope)
+
 
 T = TypeVar("T")
 
@@ -131,6 +156,16 @@ _DENIED_CODES = frozenset(
 )
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a `RemoteError` as one line, also when a DataLoader worker raised it: torch re-raises
+    it in the main process with the worker's traceback in the message, whose last line is the original one."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{type(err).__name__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
 def classify(err: BaseException, url: str) -> RemoteError | None:
     """``None`` for a transient fault worth retrying, else the one-line `RemoteError` for ``err``."""
     chain = _chain(err)
@@ -186,7 +221,7 @@ def with_retries(fn: Callable[[], T], url: str) -> T:
                     f"{url}: the store did not answer after {ATTEMPTS} tries "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]})"
                 ) from None
-            COUNTS["remote_retries"] += 1
+            _count("remote_retries", 1)
             time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -200,22 +235,76 @@ def filesystem(url: str) -> tuple[Any, str]:
 
     scheme = url.split("://", 1)[0].lower()
     options: dict[str, Any] = {}
+    # one retry loop, ours, so each retry is counted: s3fs's, botocore's and aiohttp's are set to one attempt
     if scheme == "s3":
-        # one retry loop, ours, so each retry is counted: s3fs's and botocore's are set to a single attempt
-        options = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        options = {
+            "config_kwargs": {
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "http_session_cls": _single_try_s3_session(),
+            }
+        }
+    elif scheme in ("http", "https"):
+        options = {"get_client": _single_try_http_client}
     try:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        if scheme in ("gs", "gcs"):
+            fs = _gcs()
+            path = fs._strip_protocol(url)
+        else:
+            fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
-        raise RemoteError(f"cannot read {url}: {err}") from None
+        raise RemoteError(f"cannot read {url}: {err} (gs:// needs pip install 'mpma-ds[gcs]')") from None
     if scheme == "s3":
         fs.retries = 1  # s3fs's own loop (a class attribute of 5)
     return fs, path
 
 
+def _single_try(session: Any) -> Any:
+    """``session`` (an ``aiohttp.ClientSession``) without aiohttp's own silent second try of an idempotent
+    request whose connection was closed or reset (RFC 9112 §9.3.1): that retry is then ours, and counted."""
+    if hasattr(session, "_retry_connection"):  # aiohttp >= 3.10; older ones have no such retry
+        session._retry_connection = False
+    return session
+
+
+async def _single_try_http_client(**kwargs: Any) -> Any:
+    """fsspec's HTTP client factory (``get_client``), as fsspec's own, with `_single_try`."""
+    from fsspec.implementations.http import get_client
+
+    return _single_try(await get_client(**kwargs))
+
+
+@functools.cache
+def _single_try_s3_session() -> type:
+    """aiobotocore's HTTP session class whose aiohttp sessions are `_single_try`."""
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class SingleTrySession(AIOHTTPSession):
+        async def _get_session(self, proxy_url: Any) -> Any:
+            return _single_try(await super()._get_session(proxy_url))
+
+    return SingleTrySession
+
+
+def _gcs() -> Any:
+    """gcsfs's plain ``GCSFileSystem`` (cached by fsspec), endpoint and credentials from gcsfs's own chain
+    (``STORAGE_EMULATOR_HOST``, ``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server). Not the class gcsfs
+    registers for ``gs://`` by default, whose first use of each bucket asks the storage-control API whether it is
+    a zonal / hierarchical bucket (for appends, which shards never need) and logs a warning wherever that API
+    cannot be reached (an emulator, a role that may only read objects)."""
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem()
+
+
+LAST_MODIFIED = "lm:"
+"""Marks an `ObjectInfo.etag` that is an HTTP ``Last-Modified`` date, not an ETag."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a store says of one object: its size (-1 where a listing does not say: an HTML folder page) and
-    ETag (``""`` where the store gives none)."""
+    version: its ETag, or ``lm:<Last-Modified>`` where an HTTP server gives only that (``python -m http.server``),
+    ``""`` where the store gives neither."""
 
     size: int
     etag: str = ""
@@ -223,6 +312,8 @@ class ObjectInfo:
 
 def _info_of(entry: dict[str, Any]) -> ObjectInfo:
     etag = entry.get("ETag") or entry.get("etag") or entry.get("md5Hash") or ""
+    if not etag and isinstance(entry.get("Last-Modified"), str):  # fsspec's HTTP HEAD
+        etag = LAST_MODIFIED + entry["Last-Modified"]
     size = entry.get("size")
     return ObjectInfo(int(size) if size is not None else -1, str(etag))
 
@@ -279,8 +370,10 @@ def is_folder(url: str) -> bool:
 
 
 def read_range(url: str, start: int, end: int, *, etag: str = "") -> bytes:
-    """Bytes ``[start, end)`` of ``url``; with ``etag`` (S3) the read is refused with `ChangedObject` when the
-    object was replaced since it was listed.
+    """Bytes ``[start, end)`` of ``url``; with ``etag`` (the listed `ObjectInfo.etag`, S3 or HTTP) the read is
+    refused with `ChangedObject` when the object was replaced since it was listed: S3 by ``If-Match``; HTTP by
+    ``If-Match`` / ``If-Unmodified-Since`` and, for servers that ignore those, by the answer's own ``ETag`` /
+    ``Last-Modified``.
 
     A server that ignores ``Range`` (``python -m http.server``) answers with the whole object: the result is
     then longer than asked, and the caller decides (`mpma_ds.data.shard_cache` keeps it as the whole shard).
@@ -303,10 +396,30 @@ def read_range(url: str, start: int, end: int, *, etag: str = "") -> bytes:
                 resp["Body"].close()
 
         data = with_retries(lambda: sync(fs.loop, get), url)
+    elif etag and url.startswith(("http://", "https://")):
+        from fsspec.asyn import sync
+
+        data = with_retries(lambda: sync(fs.loop, _http_get_pinned, fs, url, start, end, etag), url)
     else:
         data = with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
-    COUNTS["remote_bytes"] += len(data)
+    _count("remote_bytes", len(data))
     return data
+
+
+async def _http_get_pinned(fs: Any, url: str, start: int, end: int, etag: str) -> bytes:
+    """A ranged HTTP GET that fails with `ChangedObject` unless the object still has the version ``etag``."""
+    session = await fs.set_session()
+    by_date = etag.startswith(LAST_MODIFIED)
+    expected = etag[len(LAST_MODIFIED) :] if by_date else etag
+    headers = {"Range": f"bytes={start}-{end - 1}", "If-Unmodified-Since" if by_date else "If-Match": expected}
+    async with session.get(url, headers=headers) as resp:
+        seen = resp.headers.get("Last-Modified" if by_date else "ETag")
+        if resp.status == 412 or (resp.status < 300 and seen and seen != expected):
+            raise ChangedObject(
+                f"{url} changed on the store since it was listed ({'Last-Modified' if by_date else 'ETag'} {seen} is not {expected})"
+            )
+        resp.raise_for_status()
+        return await resp.read()
 
 
 def read_bytes(url: str) -> bytes:
@@ -325,7 +438,7 @@ def read_bytes(url: str) -> bytes:
     else:
         fs, path = filesystem(url)
         data = with_retries(lambda: fs.cat_file(path), url)
-    COUNTS["remote_bytes"] += len(data)
+    _count("remote_bytes", len(data))
     return data
 
 

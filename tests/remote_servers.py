@@ -61,6 +61,22 @@ def start_moto(port: int, **env: str) -> subprocess.Popen:
     return proc
 
 
+def start_gcs(port: int) -> subprocess.Popen:
+    """gcp-storage-emulator (a GCS JSON-API server, in memory) as its own process; clients reach it through
+    gcsfs's standard ``STORAGE_EMULATOR_HOST`` (`gcs_env`)."""
+    proc = subprocess.Popen(  # noqa: S603
+        [str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_http(f"http://127.0.0.1:{port}/", proc)
+    return proc
+
+
+def gcs_env(port: int) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+
+
 def start_http(folder: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
@@ -68,6 +84,43 @@ def start_http(folder: Path, port: int) -> subprocess.Popen:
     )  # fmt: skip
     _wait_http(f"http://127.0.0.1:{port}/", proc)
     return proc
+
+
+def start_fault_proxy(
+    target_port: int, port: int, mode: str, faults: int, log: Path, trigger: Path | None = None
+) -> subprocess.Popen:
+    """`fault_proxy.py` (its own process) on ``port`` in front of the server on ``target_port``: the first
+    ``faults`` connections (-1: all) get ``mode`` (``reset`` or ``slowdown``), one line each in ``log``; with
+    ``trigger``, only once that file exists."""
+    script = Path(__file__).with_name("fault_proxy.py")
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, str(script), "--port", str(port), "--target", f"127.0.0.1:{target_port}",
+         "--mode", mode, "--faults", str(faults), "--log", str(log), "--trigger", str(trigger or "")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a bare connect: a connection that sends nothing is never faulted
+        if proc.poll() is not None:
+            raise RuntimeError(f"fault_proxy.py exited {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    stop(proc)
+    raise RuntimeError(f"fault_proxy.py did not listen on {port} within 30 s")
+
+
+def faults_served(log: Path) -> int:
+    """How many faults the proxy has served (its log's lines, less the ``cut`` one)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(not line.startswith("cut ") for line in lines)
+
+
+def connections_cut(log: Path) -> int:
+    """How many live connections the proxy cut when its trigger appeared."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(int(line.split()[1]) for line in lines if line.startswith("cut "))
 
 
 def s3_env(port: int) -> dict[str, str]:
@@ -85,7 +138,6 @@ def s3_env(port: int) -> dict[str, str]:
 def env(values: dict[str, str | None]) -> Iterator[None]:
     """Set (None: unset) environment variables for the block; the fsspec instance cache is cleared around it so
     clients are built from these values."""
-    import fsspec
 
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
@@ -93,9 +145,7 @@ def env(values: dict[str, str | None]) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    fsspec.AbstractFileSystem.clear_instance_cache()
-    for cls in fsspec.registry.values():
-        cls.clear_instance_cache()
+    clear_clients()
     try:
         yield
     finally:
@@ -104,8 +154,21 @@ def env(values: dict[str, str | None]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for cls in fsspec.registry.values():
-            cls.clear_instance_cache()
+        clear_clients()
+
+
+def clear_clients() -> None:
+    """Forget fsspec's cached clients (the registered ones and gcsfs's, which `remote` builds directly)."""
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    for cls in fsspec.registry.values():
+        cls.clear_instance_cache()
+    try:
+        from gcsfs.core import GCSFileSystem
+    except ImportError:
+        return
+    GCSFileSystem.clear_instance_cache()
 
 
 def upload_tree(local: Path, url: str) -> None:
@@ -122,3 +185,18 @@ def make_bucket(name: str) -> None:
 
     fs, _ = remote.filesystem(f"s3://{name}")
     fs.mkdir(name)
+
+
+@contextlib.contextmanager
+def s3_with(local: Path, url: str) -> Iterator[int]:
+    """A moto server process holding the files under ``local`` at ``url`` (``s3://bucket/prefix``, the bucket
+    created); yields its port, and stops it after."""
+    port = free_port()
+    proc = start_moto(port)
+    try:
+        with env(s3_env(port)):
+            make_bucket(url.split("://", 1)[1].split("/", 1)[0])
+            upload_tree(local, url)
+        yield port
+    finally:
+        stop(proc)

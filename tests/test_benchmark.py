@@ -165,7 +165,7 @@ def test_bad_inputs_are_one_line(bench, capsys, tmp_path):
     assert rc == 2 and "a random twin needs --tokenizer" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _run(["--model", "random:mpma_tiny", "--suite", "nope", "--data-root", ".", "--out",
                        str(tmp_path)], capsys)  # fmt: skip
-    assert rc == 2 and "unknown suite 'nope': shipped suites are cxr-core, cxr-full" in err
+    assert rc == 2 and "unknown suite 'nope': shipped suites are cxr-core, cxr-full, vqa" in err
 
 
 def _chromium() -> str | None:

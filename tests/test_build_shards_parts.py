@@ -116,51 +116,87 @@ def test_slurm_array_script_builds_the_parts(corpus, clean, tmp_path):
     )
 
 
-def test_remote_output_uploads_a_byte_identical_build(corpus, clean, tmp_path):
-    """``--output s3://...`` on a loopback S3 server: the objects equal the one-machine build's files, the
-    manifest is uploaded last, a rerun does nothing, other options are refused, and verify_shards passes."""
+@pytest.fixture(scope="module")
+def store():
+    """A moto S3 server process with the bucket ``builds``; the standard AWS variables point at it."""
     from remote_servers import env, free_port, make_bucket, s3_env, start_moto, stop
-
-    from data_tools import remote
-    from data_tools.shard_build.upload import staging_folder
-    from data_tools.verify_shards import verify_shards
 
     port = free_port()
     server = start_moto(port)
     try:
         with env(s3_env(port)):
             make_bucket("builds")
-            url = "s3://builds/mimic"
-            uploads: list[str] = []
-            real = remote.upload
-
-            def record(local, target):  # the order objects appear in on the store
-                uploads.append(target.rsplit("/", 2)[-1] if "/" in target else target)
-                real(local, target)
-
-            remote.upload = record
-            try:
-                summary = main(["--format", "mimic-cxr", "--input", str(corpus), "--output", url, "--shard-size", "1",
-                                "--image-size", str(IMAGE_SIZE), "--views", "all", "--no-progress"])  # fmt: skip
-            finally:
-                remote.upload = real
-            assert summary == 0
-            assert (
-                uploads[-2:] == ["rejects.jsonl", "manifest.json"]
-                and uploads.index("manifest.json") == len(uploads) - 1
-            )
-            fs, _ = remote.filesystem(url)
-            stored = {p[len("builds/mimic/") :]: fs.cat_file(p) for p in fs.find("builds/mimic")}
-            assert stored == clean
-            assert not staging_folder(url).exists()
-            assert verify_shards(url, progress=False).ok
-            again = build_shards("mimic-cxr", corpus, url, progress=False, **OPTIONS)
-            assert again["status"] == "already_complete" and again["output"] == url
-            with pytest.raises(
-                BuildError, match=f"--output {url} holds a finished build of different input or options"
-            ):
-                build_shards("mimic-cxr", corpus, url, progress=False, **{**OPTIONS, "image_size": IMAGE_SIZE + 8})
-            with pytest.raises(BuildError, match="--num-nodes with a remote --output"):
-                build_shards("mimic-cxr", corpus, url + "2", num_nodes=2, node_rank=0, **OPTIONS)
+            yield
     finally:
         stop(server)
+
+
+def stored_files(url: str) -> dict[str, bytes]:
+    from data_tools import remote
+
+    fs, root = remote.filesystem(url)
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def test_remote_output_uploads_a_byte_identical_build(corpus, clean, store):
+    """``--output s3://...`` on a loopback S3 server: the objects equal the one-machine build's files, the
+    manifest is uploaded last, a rerun does nothing, other options are refused, and verify_shards passes."""
+    from data_tools import remote
+    from data_tools.shard_build.upload import staging_folder
+    from data_tools.verify_shards import verify_shards
+
+    url = "s3://builds/mimic"
+    uploads: list[str] = []
+    real = remote.upload
+
+    def record(local, target):  # the order objects appear in on the store
+        uploads.append(target.rsplit("/", 2)[-1] if "/" in target else target)
+        real(local, target)
+
+    remote.upload = record
+    try:
+        summary = main(["--format", "mimic-cxr", "--input", str(corpus), "--output", url, "--shard-size", "1",
+                        "--image-size", str(IMAGE_SIZE), "--views", "all", "--no-progress"])  # fmt: skip
+    finally:
+        remote.upload = real
+    assert summary == 0
+    assert (
+        uploads[-2:] == ["rejects.jsonl", "manifest.json"] and uploads.index("manifest.json") == len(uploads) - 1
+    )
+    assert stored_files(url) == clean
+    assert not staging_folder(url).exists()
+    assert verify_shards(url, progress=False).ok
+    again = build_shards("mimic-cxr", corpus, url, progress=False, **OPTIONS)
+    assert again["status"] == "already_complete" and again["output"] == url
+    with pytest.raises(BuildError, match=f"--output {url} holds a finished build of different input or options"):
+        build_shards("mimic-cxr", corpus, url, progress=False, **{**OPTIONS, "image_size": IMAGE_SIZE + 8})
+
+
+def test_split_build_to_a_remote_output_equals_the_one_machine_build(corpus, clean, store):
+    """``--num-nodes 2 --node-rank R --output s3://...``: the second part uploads its shards and shares its
+    records under ``.build/``, no manifest yet; the first, finding every record, writes rejects.jsonl and
+    manifest.json remotely. The objects equal the one-machine build byte for byte, ``.build/`` is gone, and a
+    part run with other options under the same prefix is refused with one line."""
+    from data_tools import remote
+    from data_tools.shard_build.upload import staging_folder
+    from data_tools.verify_shards import verify_shards
+
+    url = "s3://builds/split"
+    argv = ["--format", "mimic-cxr", "--input", str(corpus), "--output", url, "--shard-size", "1",
+            "--image-size", str(IMAGE_SIZE), "--views", "all", "--no-progress", "--num-nodes", "2"]  # fmt: skip
+    assert main([*argv, "--node-rank", "1"]) == 0
+    after_one = stored_files(url)
+    assert "manifest.json" not in after_one and "rejects.jsonl" not in after_one
+    assert any(name.startswith(f"{STATE_DIR}/") for name in after_one)
+    assert main([*argv, "--node-rank", "0"]) == 0
+    assert stored_files(url) == clean
+    assert not any(staging_folder(url, 2, r).exists() for r in (0, 1))
+    assert verify_shards(url, progress=False).ok
+
+    mixed = "s3://builds/mixed"
+    build_shards("mimic-cxr", corpus, mixed, num_nodes=2, node_rank=1, progress=False, **OPTIONS)
+    with pytest.raises(BuildError, match=f"{mixed}/{STATE_DIR}/.* was built from other input or options") as err:
+        build_shards("mimic-cxr", corpus, mixed, num_nodes=2, node_rank=0, progress=False,
+                     **{**OPTIONS, "image_size": IMAGE_SIZE + 8})  # fmt: skip
+    assert "\n" not in str(err.value)
+    assert not remote.exists(f"{mixed}/manifest.json")

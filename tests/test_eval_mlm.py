@@ -83,3 +83,38 @@ def test_accuracy_counts_masked_tokens_of_valid_rows():
     list(empty.stream([dict(batch, valid=torch.zeros(4, dtype=torch.bool))]))
     assert empty.per_sample().shape == (0, 2)
     assert empty.result()["mlm_tokens"] == 0 and empty.result()["mlm_acc"] != empty.result()["mlm_acc"]  # NaN
+
+
+def test_image_control_reads_the_same_masked_reports_beside_another_image():
+    """A head that is right only beside its own image (a stand-in that compares the image with the row) scores
+    1 on the finding words and 0 beside the rolled images: the gain is what the image gave."""
+    tok = _tokenizer()
+    model = create_model("mpma_tiny", vocab_size=len(VOCAB))
+    rows = [
+        _ids(tok, "There is a small right pleural effusion."),
+        _ids(tok, "There is a small left pneumothorax."),
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    inputs, labels = ids.clone(), torch.full_like(ids, -100)
+    for r, c in [(0, 4), (0, 5), (1, 4), (1, 2)]:  # small, right, small, is
+        inputs[r, c], labels[r, c] = tok.mask_token_id, ids[r, c]
+    images = torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 1, 64, 64)  # image b holds the value b
+
+    def reads_own_image(images, input_ids, attention_mask):  # noqa: ARG001
+        own = images[:, 0, 0, 0].long() == torch.arange(len(images))  # (B,)
+        return torch.where(own[:, None], ids, torch.zeros_like(ids))
+
+    model.masked_token_predictions = reads_own_image
+    batch = {"image": images, "input_ids": inputs, "attention_mask": (ids != 0).long(), "mlm_labels": labels}
+    acc = MaskedTokenAccuracy(model, tok, "cpu", image_control=True)
+    list(acc.stream([batch]))
+    result = acc.result()
+    assert result["mlm_acc_findings"] == 1.0 and result["mlm_tokens_findings"] == 3.0
+    assert result["mlm_acc_findings_shuffled"] == 0.0 and result["mlm_tokens_findings_shuffled"] == 3.0
+    assert acc.per_sample("findings_shuffled").tolist() == [[0, 2], [0, 1]]
+    from mpma_ds.sweep.arm_eval import finding_word_gain
+
+    gain = finding_word_gain(acc.per_sample("findings"), acc.per_sample("findings_shuffled"))
+    assert gain == {"mlm_findings_image_gain": 1.0}
+    assert "mlm_acc_findings_shuffled" not in MaskedTokenAccuracy(model, tok, "cpu").result()

@@ -89,7 +89,9 @@ def test_every_map_has_the_patch_grid_and_touches_no_parameter_gradient(base, me
         "mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32, w_itm=1.0, memory_kv=memory_kv
     )
     tok = load_tokenizer(tiny_tokenizer(base))
-    assert available_maps(net) == ("similarity", "cross_attention", "gradcam_itc", "gradcam_itm")
+    assert available_maps(net) == (
+        "similarity", "cross_attention", "attention_rollout", "gradcam_itc", "gradcam_itm"
+    )  # fmt: skip
     images = torch.randn(3, 1, 64, 64)
     phrases = ["left pleural effusion", "cardiomegaly", "nodule"]
     for name in available_maps(net):
@@ -97,10 +99,12 @@ def test_every_map_has_the_patch_grid_and_touches_no_parameter_gradient(base, me
         assert grids.shape == (3, 4, 4) and torch.isfinite(grids).all(), name
     attn = phrase_grids(net, tok, images, phrases, map="cross_attention")
     assert (attn > 0).all() and (attn.sum((1, 2)) < 1).all()  # attention over patches, less the [CLS] key's share
+    rollout = phrase_grids(net, tok, images, phrases, map="attention_rollout")
+    assert (rollout > 0).all() and (rollout.sum((1, 2)) < 1).all()  # relevance over all inputs sums to 1
     assert (phrase_grids(net, tok, images, phrases, map="gradcam_itc") >= 0).all()  # ReLU
     assert all(p.grad is None for p in net.parameters())
     without_itm = create_model("mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32)
-    assert "gradcam_itm" not in available_maps(without_itm)
+    assert "gradcam_itm" not in available_maps(without_itm) and "gloria_attention" not in available_maps(net)
     with pytest.raises(ValueError, match="ITM head"):
         phrase_grids(without_itm, tok, images, phrases, map="gradcam_itm")
 
@@ -125,3 +129,49 @@ def test_evaluate_grounding_with_a_map_agrees_with_collect_map_pairs(base):
         assert torch.allclose(torch.as_tensor(found.examples[0].grid), pairs.grids[name][0])
     with pytest.raises(ValueError, match="grounding map must be one of"):
         evaluate_grounding(net, [], tokenizer=tok, data_cfg=cfg, sizes=sizes, map="nope")
+
+
+def test_attention_rollout_of_one_layer_is_the_cross_attention_through_the_image_self_attention(base):
+    """One fusion layer: R_t = [0.5 I + 0.5 A_tt, 0] after the text self-attention, R_v = [0, 0.5 I + 0.5 A_vv]
+    after the image's, so the text tokens' relevance over the image inputs is 0.5 * A_tv @ (0.5 I + 0.5 A_vv)
+    (A_tv with each memory response's weight added to its patch's); the phrase map is its mean over the phrase's
+    tokens, [CLS] column left out."""
+    from mpma_ds.eval.attribution import _fusion_inputs, _tokenise, _visual_keys
+
+    torch.manual_seed(0)
+    net = create_model("mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32, fusion_layers=1).eval()
+    tok = load_tokenizer(tiny_tokenizer(base))
+    images, phrases = torch.randn(2, 1, 64, 64), ["left pleural effusion", "nodule"]
+    got = phrase_grids(net, tok, images, phrases, map="attention_rollout")
+    ids, mask, own = _tokenise(tok, phrases, "cpu")
+    layer = net.fusion.layers[0]
+    with torch.no_grad():
+        t, v = _fusion_inputs(net, images, ids, mask)
+        t = t + layer.t_self(layer.t_norm1(t), key_mask=mask.bool())
+        v = v + layer.v_self(layer.v_norm1(v))
+        a_vv = attention_probs(layer.v_self, layer.v_norm1(_fusion_inputs(net, images, ids, mask)[1]),
+                               layer.v_norm1(_fusion_inputs(net, images, ids, mask)[1])).mean(1)  # fmt: skip
+        tn, vn = layer.t_norm2(t), layer.v_norm2(v)
+        a_tv = _visual_keys(attention_probs(layer.t_cross, tn, layer.memory(vn)).mean(1), v.shape[1])
+    rel = 0.5 * a_tv @ (0.5 * torch.eye(v.shape[1]) + 0.5 * a_vv)  # (B, L, 1+N)
+    weights = own.float().unsqueeze(-1)
+    want = ((rel[..., 1:] * weights).sum(1) / weights.sum(1)).reshape(2, 4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gloria_attention_map_is_the_loss_attention_of_the_phrase(base):
+    from mpma_ds.models.gloria import word_region_attention
+
+    torch.manual_seed(0)
+    net = create_model("mpma_tiny", vocab_size=1024, image_size=64, max_text_len=32, local_loss="gloria").eval()
+    tok = load_tokenizer(tiny_tokenizer(base))
+    assert "gloria_attention" in available_maps(net)
+    images = torch.randn(2, 1, 64, 64)
+    got = phrase_grids(net, tok, images, ["cardiomegaly", "cardiomegaly"], map="gloria_attention")
+    enc = tok(["cardiomegaly"], return_tensors="pt")
+    with torch.no_grad():
+        tokens = net.token_embeddings(enc["input_ids"], enc["attention_mask"])[:, 1:-1]  # (1, T, E)
+        patches = net.patch_embeddings(images).flatten(1, 2)  # (2, N, E)
+    want = word_region_attention(tokens.expand(2, -1, -1), patches).mean(1).reshape(2, 4, 4)
+    torch.testing.assert_close(got, want)
+    assert torch.allclose(got.sum((1, 2)), torch.ones(2))

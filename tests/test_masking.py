@@ -109,3 +109,25 @@ def test_probability_zero_masks_nothing(tokenizer):
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="MLM probability"):
             ReportEncoder(tokenizer, 48, probability=bad)
+
+
+def test_finding_words_are_masked_at_their_own_rate(tokenizer):
+    """``finding_probability``: the words of FINDING_WORDS are chosen at that rate (all their pieces together),
+    every other word still at ``probability``; the finding-word mask of `eval.mlm` agrees on which tokens."""
+    from mpma_ds.eval.mlm import finding_token_mask
+
+    reports = indiana_reports()[:400]
+    encoder = ReportEncoder(tokenizer, 96, probability=0.1, finding_probability=0.6)
+    out, original, _ = encode_all(encoder, reports)
+    special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    chosen = out["mlm_labels"] != IGNORE_INDEX
+    finding = finding_token_mask(original, tokenizer) & ~special  # (N, L)
+    assert finding.sum() > 500
+    rate_findings = chosen[finding].float().mean().item()
+    rate_others = chosen[~finding & ~special].float().mean().item()
+    assert abs(rate_findings - 0.6) < 0.05 and abs(rate_others - 0.1) < 0.03, (rate_findings, rate_others)
+    plain = ReportEncoder(tokenizer, 96, probability=0.1)(reports[:50], batch_generator(1, 0))
+    assert torch.equal(plain["mlm_labels"], ReportEncoder(tokenizer, 96, probability=0.1,
+                                                          finding_probability=None)(reports[:50], batch_generator(1, 0))["mlm_labels"])  # fmt: skip
+    with pytest.raises(ValueError, match="finding words"):
+        ReportEncoder(tokenizer, 96, finding_probability=1.0)

@@ -131,6 +131,9 @@ def test_bad_mixtures_are_one_line(shards, tokenizer, tmp_path):
         DataConfig(train_sources=sources, train_shards=f"{shards}/train")
     with pytest.raises(ValueError, match="names must be unique"):
         DataConfig(train_sources=[sources[0], sources[0]])
+    with pytest.raises(ValueError, match="runs on data.backend wds only .*: set data.backend=wds") as err:
+        DataConfig(train_sources=sources, backend="dali")
+    assert "\n" not in str(err.value)
     with pytest.raises((ValueError, ConfigError), match="weight must be > 0"):
         TrainSource(name="x", shards="s", weight=0)
     # a VQA source mixed into image-report pretraining

@@ -17,12 +17,11 @@ from loader_testdata import shard_root, tokenizer_dir
 from remote_servers import (
     env,
     free_port,
-    make_bucket,
     s3_env,
+    s3_with,
     start_http,
     start_moto,
     stop,
-    upload_tree,
 )
 
 from data_tools import remote
@@ -48,16 +47,10 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3(local):
-    """A moto server with the local build uploaded under ``s3://shards/build/``; yields its port."""
-    port = free_port()
-    proc = start_moto(port)
-    try:
-        with env(s3_env(port)):
-            make_bucket(BUCKET)
-            upload_tree(Path(local), PREFIX)
-            yield port
-    finally:
-        stop(proc)
+    """A moto server with the local build uploaded under ``s3://shards/build/``; yields its port, the AWS
+    variables pointing at it."""
+    with s3_with(Path(local), PREFIX) as port, env(s3_env(port)):
+        yield port
 
 
 def make_cfg(train: str, val: str = "", **kw) -> DataConfig:
@@ -129,6 +122,44 @@ def test_s3_training_stream_and_resume_match_local(s3, local, tokenizer):
     got += [next(it) for _ in range(3)]
     resumed.close()
     assert_same(want, got)
+
+
+def test_resume_on_another_world_size_reads_s3_as_local(s3, local, tokenizer):
+    """2 ranks (micro-batch 4) stop mid-epoch; their loader positions resume, as the trainer maps them
+    (`plan.reshard_positions`), on 1 rank with 2 accumulation steps (the same 2 data ranks: the uninterrupted
+    order) and on 1 rank with the micro-batch halved (4 data ranks of 2). From ``s3://`` the resumed streams
+    read exactly the samples, in the order, that local shards give under the same change."""
+    from mpma_ds.data.plan import reshard_positions
+
+    def keys(info, n: int) -> list[tuple[str, ...]]:
+        it = iter(info.loader)
+        return [tuple(next(it)["key"]) for _ in range(n)]
+
+    def run(spec: str) -> dict[str, list]:
+        def build(rank: int, world: int, batch: int):
+            return build_loader(make_cfg(spec), rank, world, batch_size=batch, tokenizer=tokenizer, seed=5)
+
+        firsts = [build(r, 2, 4) for r in range(2)]
+        seen = {f"rank{r}": keys(info, 3) for r, info in enumerate(firsts)}  # 3 of the epoch's 5 batches
+        states = [json.loads(json.dumps(info.state_dict())) for info in firsts]
+        for info in firsts:
+            info.close()
+        for name, ranks, batch in (("accumulate", 2, 4), ("halved", 4, 2)):
+            for d, state in enumerate(reshard_positions(states, ranks, list(range(ranks)))):
+                info = build(d, ranks, batch)
+                info.load_state_dict(state)
+                seen[f"{name}{d}"] = keys(info, 4)  # into the next epoch
+                info.close()
+        return seen
+
+    remote_run, local_run = run(f"{PREFIX}/train/"), run(f"{local}/train")
+    assert remote_run == local_run
+    reference = [
+        build_loader(make_cfg(f"{local}/train"), r, 2, batch_size=4, tokenizer=tokenizer, seed=5) for r in range(2)
+    ]
+    for r, info in enumerate(reference):  # 2 ranks → 1 rank × 2 accumulation steps: the uninterrupted order
+        assert keys(info, 7) == remote_run[f"rank{r}"] + remote_run[f"accumulate{r}"]
+        info.close()
 
 
 def test_http_shards_brace_and_folder(local, tokenizer, tmp_path, monkeypatch):
@@ -241,6 +272,38 @@ def test_transient_outage_is_retried_and_counted(local, tokenizer, tmp_path):
     assert_same(got, eval_pass(make_cfg(f"{local}/validate"), tokenizer))
 
 
+def test_http_shard_changed_since_listing_is_skipped_and_counted(local, tokenizer, tmp_path):
+    """``python -m http.server`` gives Last-Modified (no ETag) and ignores ``If-Unmodified-Since``: a shard
+    replaced after the listing by one of the same size and a later date is refused by the answer's own
+    Last-Modified; its samples are skipped and counted as ``changed_shard``, the other shards read."""
+    import os
+
+    served = tmp_path / "served"
+    shutil.copytree(f"{local}/train", served / "train")
+    counts = load_shard_index(f"{local}/train").counts()
+    port = free_port()
+    proc = start_http(served, port)
+    spec = f"http://127.0.0.1:{port}/train/shard-{{000000..{len(counts) - 1:06d}}}.tar"
+    cfg = make_cfg(spec, shard_cache=str(tmp_path / "cache"))
+    info = build_loader(cfg, 0, 1, split="train", batch_size=sum(counts), tokenizer=tokenizer, train=False)
+    assert all(i.etag.startswith(remote.LAST_MODIFIED) for i in info.loader.index.infos)
+    shard = served / "train" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0xFF  # same size, other content
+    shard.write_bytes(bytes(data))
+    later = shard.stat().st_mtime + 10
+    os.utime(shard, (later, later))
+    try:
+        batches = list(info.loader)
+        stats = info.stats()
+    finally:
+        info.close()
+        stop(proc)
+    assert stats["skipped_changed_shard"] == counts[0]
+    keys = {k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok}
+    assert len(keys) == sum(counts) - counts[0]
+
+
 def test_verify_shards_on_s3(s3, local):
     report = verify_shards(PREFIX, progress=False)
     assert report.ok, report.problems
@@ -269,6 +332,29 @@ def test_dali_reads_the_same_samples_from_s3_as_from_local_disk(s3, local, token
     # and the wds backend reads those very samples too
     wds_keys = [b["key"] for b in eval_pass(make_cfg(f"{PREFIX}/validate/"), tokenizer)]
     assert wds_keys == [b["key"] for b in eval_pass(make_cfg(f"{local}/validate", **kw), tokenizer)]
+
+
+def test_dali_direct_reads_s3_itself_the_same_samples(s3, local, tokenizer, tmp_path):
+    """``data.dali_remote=direct``: DALI's own AWS SDK client reads the ``s3://`` objects in place (endpoint
+    from ``AWS_ENDPOINT_URL``), with the ``.idx`` written locally from our index; nothing lands in the cache.
+    Other stores are refused with one line."""
+    pytest.importorskip("nvidia.dali")
+    kw = dict(backend="dali", dali_decode="cpu", num_workers=1, shard_cache=str(tmp_path / "cache"))
+    for rank in (0, 1):
+        got, want = [], []
+        for spec, out, extra in (
+            (f"{PREFIX}/train/", got, {"dali_remote": "direct"}),
+            (f"{local}/train", want, {}),
+        ):
+            info = build_loader(make_cfg(spec, **kw, **extra), rank, 2, batch_size=4, tokenizer=tokenizer, seed=9)
+            it = iter(info.loader)
+            out += [next(it) for _ in range(info.steps_per_epoch + 1)]  # into the second epoch
+            info.close()
+        assert_same(got, want)
+    assert not list((tmp_path / "cache").glob("*-shard-*.tar"))
+    spec = f"pipe:cat {local}/validate/shard-000000.tar"
+    with pytest.raises(ValueError, match="data.dali_remote=direct reads s3:// shards only"):
+        build_loader(make_cfg(spec, **kw, dali_remote="direct"), 0, 1, batch_size=4, tokenizer=tokenizer)
 
 
 def test_dali_cache_budget_too_small_is_one_line(s3, tokenizer, tmp_path):

@@ -36,7 +36,7 @@ def test_flatten_overrides_nested_and_dotted_keys():
 
 def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
     cfg = load_sweep("ablation_tiny")
-    assert set(cfg.arms) == {"full", "clip", "global_local", "m3ae", "no_memory", "conv_stem"}
+    assert set(cfg.arms) == {"full", "clip", "global_local", "m3ae", "no_memory", "conv_stem", "gloria"}
     assert cfg.reference == "full" and len(cfg.seeds) == 2
     models = {arm: arm_recipe(cfg, arm, 0).model.config for arm in cfg.arms}
     full = models["full"]
@@ -50,6 +50,8 @@ def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
     assert models["m3ae"].memory_slots == 0 and models["m3ae"].w_itm == 1.0 and models["m3ae"].w_global == 0
     assert models["no_memory"].memory_slots == 0 and models["no_memory"].w_mlm == 1.0
     assert models["conv_stem"].patch_stem == "conv"
+    assert models["gloria"].local_loss == "gloria" and full.local_loss == "late_interaction"
+    assert cfg.evaluation.linear_probe_fraction == 0.01
     recipes = {arm: arm_recipe(cfg, arm, 1) for arm in cfg.arms}
     assert {r.train.max_steps for r in recipes.values()} == {900}  # equal budget
     assert {r.train.global_batch_size for r in recipes.values()} == {32}
@@ -118,7 +120,15 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
         "output_dir": str(tmp_path / "out"),
         "experiment": "sweep-test",
         "arms": {"full": {}, "clip": {"model.overrides": {"w_mlm": 0.0, "w_mim": 0.0, "w_local": 0.0}}},
-        "evaluation": {"batch_size": 8, "min_label_count": 1, "bootstrap": 50, "maps": ["similarity"]},
+        "evaluation": {
+            "batch_size": 8,
+            "min_label_count": 1,
+            "bootstrap": 50,
+            "maps": ["similarity"],
+            "linear_probe_fraction": 0.5,
+            "linear_probe_min_label_count": 1,
+            "finetune_set": ["train.max_steps=20", "train.eval_every=10"],
+        },  # fmt: skip
     }
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(sweep))
@@ -128,7 +138,8 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| arm | zero-shot AUROC") and "pointing game (similarity)" in rows[0]
     assert rows[1].startswith("| full |") and "(reference)" in rows[1]
-    assert rows[2].startswith("| clip |") and rows[2].count("[") == 6  # a paired interval in every column
+    assert "linear probe AUROC (50 % labels)" in rows[0]
+    assert rows[2].startswith("| clip |") and rows[2].count("[") == 8  # a paired interval in every column
     results = json.loads((out / "sweep_results.json").read_text())
     diff = results["differences"]["clip"]["i2t_R@10"]
     assert diff["difference"] == pytest.approx(diff["a"] - diff["b"])
@@ -152,6 +163,11 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
         a: r.info.run_id for a, r in pretrain.items()
     }
     assert "eval/grounding/similarity/pointing_game" in evals["full"].data.metrics
+    probes = {r.data.tags["mpma.arm"]: r for r in by_kind["finetune"]}  # the linear probes, under each pretraining
+    assert {a: r.data.tags["mlflow.parentRunId"] for a, r in probes.items()} == {
+        a: r.info.run_id for a, r in pretrain.items()
+    }
+    assert results["differences"]["clip"]["linear_probe_auroc"]["difference_ci95"] is not None
 
     # a rerun finds every evaluation current and trains nothing
     capsys.readouterr()
@@ -192,3 +208,46 @@ def test_paired_table_of_synthetic_arms_and_its_markdown():
     weak = next(line for line in table.splitlines() if line.startswith("| weak |"))
     d = diff["mlm_acc_findings"]
     assert f"(-0.500 [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}])" in weak
+
+
+def test_paired_table_pairs_the_linear_probe_and_frozen_vqa_rows():
+    """The downstream rows (`sweep.downstream`) are paired like the pretraining evaluation's: the difference
+    of the macro AUROC / VQA accuracies and a paired interval; rows of other test samples are refused."""
+    from mpma_ds.sweep.arm_eval import RowOutputs, paired_table
+
+    rng = np.random.default_rng(2)
+    n, q = 80, 60
+    targets = (rng.random((n, 2)) < 0.5).astype(np.float64)
+    gold = [str(x) for x in rng.integers(0, 3, q)]
+    types = ["CLOSED" if i % 2 else "OPEN" for i in range(q)]
+    vocab = ["0", "1", "2"]
+    texts = [f"r{i}" for i in range(10)]
+
+    def outputs(noise: float, right: float) -> RowOutputs:
+        import torch
+
+        scores = targets + noise * rng.normal(size=targets.shape)
+        predicted = [g if rng.random() < right else vocab[(int(g) + 1) % 3] for g in gold]
+        rows = {"image": torch.zeros(10, 4), "text": torch.zeros(10, 4), "texts": texts,
+                "mlm_findings": np.tile([1, 4], (10, 1)),
+                "linear_probe": {"scores": scores, "targets": targets, "names": ["a", "b"],
+                                 "keys": [f"k{i}" for i in range(n)], "min_each": 5},
+                "vqa": {"predicted": predicted, "gold": gold, "types": types, "answer_vocab": vocab,
+                        "keys": list(range(q))}}  # fmt: skip
+        return RowOutputs({"eval_samples": 10}, rows)
+
+    good, bad = outputs(0.2, 0.9), outputs(3.0, 0.3)
+    diff = paired_table([bad], [good], n_resamples=200)
+    lp = diff["linear_probe_auroc"]
+    assert lp["difference"] < -0.2 and lp["difference_ci95"][1] < 0
+    for kind in ("overall", "closed", "open"):
+        d = diff[f"vqa_accuracy_{kind}"]
+        assert d["difference"] < -0.3 and d["difference_ci95"][0] <= d["difference"] <= d["difference_ci95"][1]
+    assert diff["vqa_accuracy_closed"]["b"] == pytest.approx(
+        np.mean([p == g for p, g, t in zip(good.rows["vqa"]["predicted"], gold, types) if t == "CLOSED"])
+    )
+    other = RowOutputs(bad.metrics, {**bad.rows, "linear_probe": {**bad.rows["linear_probe"], "keys": ["x"] * n}})
+    with pytest.raises(ValueError, match="same test images"):
+        paired_table([other], [good], n_resamples=50)
+    without = RowOutputs(bad.metrics, {k: v for k, v in bad.rows.items() if k != "vqa"})
+    assert "vqa_accuracy_open" not in paired_table([without], [good], n_resamples=50)

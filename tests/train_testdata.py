@@ -48,6 +48,19 @@ def tiny_tokenizer(base: str) -> Path:
     return out
 
 
+def tiny_export(folder: Path, base: str, image_size: int) -> Path:
+    """A freshly initialised ``mpma_tiny`` (seed 1) exported to ``folder`` with the tiny tokenizer as its
+    ``text_encoder/``: the model the benchmark tests evaluate."""
+    import shutil
+
+    import mpma_ds
+
+    torch.manual_seed(1)
+    mpma_ds.create_model("mpma_tiny", image_size=image_size).save_pretrained(folder)
+    shutil.copytree(tiny_tokenizer(base), folder / "text_encoder", dirs_exist_ok=True)
+    return folder
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "launch" / "configs" / "pretrain_tiny.yaml"
 

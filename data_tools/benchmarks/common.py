@@ -19,7 +19,7 @@ import math
 import os
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ BENCHMARKS: Registry = Registry(
         "data_tools.benchmarks.ms_cxr",
         "data_tools.benchmarks.covidx",
         "data_tools.benchmarks.mimic_5x200",
+        "data_tools.benchmarks.vqa",
     ),
 )
 """Benchmark dataset readers by id (``nih-cxr14`` ...). A reader registers itself where it is defined::
@@ -47,7 +48,8 @@ BENCHMARKS: Registry = Registry(
     @BENCHMARKS.register("nih-cxr14", options=NihOptions, task="multilabel")
     def read_nih(root: Path, opts: NihOptions) -> BenchmarkData: ...
 
-``task`` is what its labels are: ``multilabel`` (AUROC per label) or ``multiclass`` (one class per image).
+``task`` is what its labels are: ``multilabel`` (AUROC per label), ``multiclass`` (one class per image) or ``vqa``
+(one record per question, no labels: the answers live in the split files).
 Another package adds a reader through the ``mpma_ds.benchmarks`` entry-point group."""
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -255,7 +257,48 @@ class ImageIndex:
         return self._by_name.get(name)
 
 
+def locate_images(
+    root: Path, rows: Mapping[str, tuple[str, int]], names: Callable[[str], Sequence[str]], *, check: bool,
+    problems: list[RowProblem],
+) -> dict[str, str]:  # fmt: skip
+    """Image id -> its file under ``root`` (one walk: `ImageIndex`), the first of ``names(id)`` found; an id with
+    none is a ``missing_image`` problem at its table row (``rows``: id -> (table file name, 1-based row)) and is
+    left out of the result. Without ``check``: every id -> itself (the images are not looked up)."""
+    if not check:
+        return {image: image for image in rows}
+    index = ImageIndex(root)
+    found: dict[str, str] = {}
+    for image, (file, row) in rows.items():
+        path = next((p for p in map(index.find, names(image)) if p is not None), None)
+        if path is None:
+            problems.append(
+                RowProblem(file, row, "missing_image", f"{' / '.join(names(image))} is not under {root}")
+            )
+            continue
+        found[image] = path
+    return found
+
+
 # --------------------------------------------------------------------------------------------------- splits
+def seeded_split(keys: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Key -> train / validate / test: a ``seed`` permutation of the sorted keys cut at the fractions (the
+    literature's split of a set released without test labels: RSNA, SIIM), noted by `seeded_split_note`."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise BenchmarkError(f"split fractions {fractions} are not three shares summing to 1")
+    order = sorted(keys)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    out = {}
+    for rank, j in enumerate(perm.tolist()):
+        out[order[j]] = "train" if rank < n_train else "validate" if rank < n_train + n_val else "test"
+    return out
+
+
+def seeded_split_note(fractions: Sequence[float], seed: int) -> str:
+    return f"seeded {'/'.join(f'{f:g}' for f in fractions)} split (seed {seed})"
+
+
 def fraction_subset(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], str]:
     """``(indices, checksum)`` of a seeded ``fraction`` of ``keys`` (the MRM/MaCo 1 % / 10 % / 100 % training
     subsets): a permutation of the sorted keys by ``seed``, its first ceil(fraction * N); the checksum is the

@@ -16,9 +16,9 @@ from data_tools.benchmarks.common import (
     BenchmarkError,
     BenchRecord,
     Box,
-    ImageIndex,
     RowProblem,
     find_file,
+    locate_images,
     read_list,
     read_rows,
     require_file,
@@ -150,17 +150,10 @@ def read_nih(root: Path, opts: NihOptions) -> BenchmarkData:
     elif opts.labels != "nih":
         raise BenchmarkError(f"nih-cxr14: labels {opts.labels!r} is not 'nih' or 'google2019'")
 
-    images = ImageIndex(root) if opts.check_images else None
-    records = []
-    for image, (patient, labels, n) in entries.items():
-        path = image
-        if images is not None:
-            found = images.find(image)
-            if found is None:
-                problems.append(RowProblem(table.name, n, "missing_image", f"{image} is not under {root}"))
-                continue
-            path = found
-        records.append(BenchRecord(image, path, patient, split[image], labels, boxes.get(image, [])))
+    paths = locate_images(root, {k: (table.name, e[2]) for k, e in entries.items()}, lambda k: (k,),
+                          check=opts.check_images, problems=problems)  # fmt: skip
+    records = [BenchRecord(image, paths[image], patient, split[image], labels, boxes.get(image, []))
+               for image, (patient, labels, _) in entries.items() if image in paths]  # fmt: skip
     return BenchmarkData("nih-cxr14", label_names, records, problems, files, notes)
 
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from data_tools.benchmarks.common import (
     BENCHMARKS,
     BenchmarkData,
-    BenchmarkError,
     BenchRecord,
     Box,
-    ImageIndex,
     RowProblem,
+    locate_images,
     read_rows,
     require_file,
+    seeded_split,
+    seeded_split_note,
 )
 
 RSNA_LABELS = ("Pneumonia",)
@@ -35,20 +34,6 @@ class RsnaOptions:
     """Seed of the 70 / 15 / 15 % image split."""
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     check_images: bool = True
-
-
-def seeded_split(keys: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Key -> train / validate / test: a ``seed`` permutation of the sorted keys cut at the fractions."""
-    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise BenchmarkError(f"split fractions {fractions} are not three shares summing to 1")
-    order = sorted(keys)
-    perm = np.random.default_rng(seed).permutation(len(order))
-    n_train = round(fractions[0] * len(order))
-    n_val = round(fractions[1] * len(order))
-    out = {}
-    for rank, j in enumerate(perm.tolist()):
-        out[order[j]] = "train" if rank < n_train else "validate" if rank < n_train + n_val else "test"
-    return out
 
 
 @BENCHMARKS.register("rsna-pneumonia", options=RsnaOptions, task="multilabel")
@@ -92,18 +77,9 @@ def read_rsna(root: Path, opts: RsnaOptions) -> BenchmarkData:
             continue
         boxes.setdefault(pid, []).append(Box("Pneumonia", x, y, x + w, y + h, RELEASED_SIZE))
     split = seeded_split(list(target), tuple(opts.fractions), opts.split_seed)
-    images = ImageIndex(root) if opts.check_images else None
-    records = []
-    for pid, t in target.items():
-        path = pid
-        if images is not None:
-            found = images.find(f"{pid}.dcm")
-            if found is None:
-                problems.append(
-                    RowProblem(name, first_row[pid], "missing_image", f"{pid}.dcm is not under {root}")
-                )
-                continue
-            path = found
-        records.append(BenchRecord(pid, path, pid, split[pid], (t,), boxes.get(pid, [])))
-    notes = [f"seeded {'/'.join(f'{f:g}' for f in opts.fractions)} split (seed {opts.split_seed})"]
+    paths = locate_images(root, {pid: (name, first_row[pid]) for pid in target}, lambda pid: (f"{pid}.dcm",),
+                          check=opts.check_images, problems=problems)  # fmt: skip
+    records = [BenchRecord(pid, paths[pid], pid, split[pid], (t,), boxes.get(pid, []))
+               for pid, t in target.items() if pid in paths]  # fmt: skip
+    notes = [seeded_split_note(opts.fractions, opts.split_seed)]
     return BenchmarkData("rsna-pneumonia", RSNA_LABELS, records, problems, {"labels": str(table)}, notes)

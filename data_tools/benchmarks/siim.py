@@ -15,12 +15,13 @@ from data_tools.benchmarks.common import (
     BenchmarkData,
     BenchRecord,
     Box,
-    ImageIndex,
     RowProblem,
+    locate_images,
     read_rows,
     require_file,
+    seeded_split,
+    seeded_split_note,
 )
-from data_tools.benchmarks.rsna import seeded_split
 
 SIZE = 1024
 
@@ -93,18 +94,9 @@ def read_siim(root: Path, opts: SiimOptions) -> BenchmarkData:
         label[image] = 1.0
         boxes.setdefault(image, []).append(Box("Pneumothorax", x0, y0, x1, y1, (SIZE, SIZE)))
     split = seeded_split(list(label), tuple(opts.fractions), opts.split_seed)
-    images = ImageIndex(root) if opts.check_images else None
-    records = []
-    for image, y in label.items():
-        path = image
-        if images is not None:
-            found = images.find(f"{image}.dcm")
-            if found is None:
-                problems.append(
-                    RowProblem(table.name, first[image], "missing_image", f"{image}.dcm is not under {root}")
-                )
-                continue
-            path = found
-        records.append(BenchRecord(image, path, image, split[image], (y,), boxes.get(image, [])))
-    notes = [f"seeded {'/'.join(f'{f:g}' for f in opts.fractions)} split (seed {opts.split_seed})"]
+    paths = locate_images(root, {k: (table.name, first[k]) for k in label}, lambda k: (f"{k}.dcm",),
+                          check=opts.check_images, problems=problems)  # fmt: skip
+    records = [BenchRecord(image, paths[image], image, split[image], (y,), boxes.get(image, []))
+               for image, y in label.items() if image in paths]  # fmt: skip
+    notes = [seeded_split_note(opts.fractions, opts.split_seed)]
     return BenchmarkData("siim-pneumothorax", ("Pneumothorax",), records, problems, {"rle": str(table)}, notes)

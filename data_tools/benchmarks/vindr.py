@@ -15,9 +15,9 @@ from data_tools.benchmarks.common import (
     BenchmarkData,
     BenchRecord,
     Box,
-    ImageIndex,
     RowProblem,
     find_file,
+    locate_images,
     read_rows,
     require_file,
 )
@@ -81,16 +81,10 @@ def read_vindr(root: Path, opts: VindrOptions) -> BenchmarkData:
     if test is not None:
         files["test"] = str(test)
         _read(test, "test", images, problems)
-    found = ImageIndex(root) if opts.check_images else None
-    records = []
-    for image, e in images.items():
-        path = image
-        if found is not None:
-            path = found.find(f"{image}.dicom") or found.find(f"{image}.dcm") or found.find(f"{image}.png")
-            if path is None:
-                problems.append(RowProblem(Path(files[e["split"]]).name, e["row"], "missing_image",
-                                           f"{image} (.dicom/.dcm/.png) is not under {root}"))  # fmt: skip
-                continue
-        records.append(BenchRecord(image, path, image, e["split"], tuple(e["labels"]), e["boxes"]))
+    rows = {image: (Path(files[e["split"]]).name, e["row"]) for image, e in images.items()}
+    paths = locate_images(root, rows, lambda k: (f"{k}.dicom", f"{k}.dcm", f"{k}.png"), check=opts.check_images,
+                          problems=problems)  # fmt: skip
+    records = [BenchRecord(image, paths[image], image, e["split"], tuple(e["labels"]), e["boxes"])
+               for image, e in images.items() if image in paths]  # fmt: skip
     notes = [] if test is not None else ["no annotations_test.csv: the training images only (split 'train')"]
     return BenchmarkData("vindr-cxr", VINDR_LABELS, records, problems, files, notes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 from data_tools.shard_build import BuildError
 from data_tools.shard_build.plan import PlannedShard
@@ -60,3 +61,18 @@ def all_records(state_dir: Path, plan: list[PlannedShard]) -> dict[str, dict] | 
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
     return records
+
+
+class SharedRecords(Protocol):
+    """Where the parts of a split build share their records when they share no folder (a remote ``--output``:
+    `shard_build.upload.StoreRecords`)."""
+
+    def put(self, name: str, record: dict, fingerprint: str, *, again: bool = True) -> None:
+        """Share one finished shard's record (``again=False``: only when it is not shared yet)."""
+
+    def all(self, plan: list[PlannedShard], fingerprint: str) -> dict[str, dict] | None:
+        """Every planned shard's record, or None while a part is still missing.
+
+        Raises:
+            BuildError: a record of another build (other input or options) under the same output.
+        """

@@ -8,7 +8,8 @@ tested on end to end, and what the demo benchmarks.
 
 ``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
 ``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
-``rsna-pneumonia``. The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
+``rsna-pneumonia``, and with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
+films, in each set's own files). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
 the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
 real chest CR under one real id when pydicom-data is installed.
 """
@@ -19,6 +20,7 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import math
 import shutil
 import sys
@@ -29,7 +31,9 @@ from PIL import Image
 
 from data_tools.benchmarks.chexpert import COMPETITION_LABELS, make_5x200
 from data_tools.benchmarks.common import find_file, read_rows
+from data_tools.synth.corpus import generate_corpus
 from data_tools.synth.images import render_radiograph
+from data_tools.synth.vqa import generate_vqa
 
 # NIH labels -> the synthetic renderer's CheXpert findings (those it can draw)
 _NIH_DRAWN = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
@@ -174,6 +178,43 @@ def layout_rsna(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0)
     return root
 
 
+def slake_from_vqa_rad(vqa_rad: Path, out: Path) -> Path:
+    """A SLAKE download (``train.json`` / ``validation.json`` / ``test.json``, ``imgs/xmlab<N>/source.jpg``, the
+    fields ``qid, img_id, img_name, question, answer, q_lang, answer_type, content_type``) of the questions of a
+    synthetic VQA-RAD set, each English question followed by a Chinese copy (``q_lang: zh``) that the default
+    English filter leaves out — as SLAKE's own files interleave both."""
+    root = out / "slake"
+    shutil.rmtree(root, ignore_errors=True)
+    ids: dict[str, int] = {}
+    pairs = (("trainset.json", "train.json"), ("valset.json", "validation.json"), ("testset.json", "test.json"))
+    for rad_name, slake_name in pairs:
+        entries = []
+        for e in json.loads((vqa_rad / rad_name).read_text(encoding="utf-8")):
+            img_id = ids.setdefault(e["image_name"], len(ids) + 1)
+            name = f"xmlab{img_id}/source.jpg"
+            if not (root / "imgs" / name).is_file():
+                (root / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(vqa_rad / "images" / e["image_name"], root / "imgs" / name)
+            entry = {"qid": 2 * e["qid"], "img_id": img_id, "img_name": name, "question": e["question"],
+                     "answer": e["answer"], "q_lang": "en", "answer_type": e["answer_type"],
+                     "content_type": e["question_type"], "location": "Lung", "modality": "X-Ray"}  # fmt: skip
+            entries += [entry, {**entry, "qid": 2 * e["qid"] + 1, "q_lang": "zh", "question": "图片中包含肺吗?"}]
+        (root / slake_name).write_text(json.dumps(entries, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return root
+
+
+def layout_vqa(out: Path, studies: int = 60, size: int = 128, seed: int = 0) -> dict[str, Path]:
+    """``OUT/vqa-rad`` (VQA-RAD as M3AE ships it) and ``OUT/slake`` of the synthetic VQA questions
+    (`data_tools.synth.vqa`) about a synthetic corpus of ``studies`` frontal films."""
+    corpus = out / "_vqa_corpus"
+    generate_corpus(corpus, studies, seed, min_size=size, max_size=size + size // 4, lateral_fraction=0.0)
+    rad = out / "vqa-rad"
+    generate_vqa(corpus, rad, seed=seed, image_size=size, questions_per_image=3)
+    slake = slake_from_vqa_rad(rad, out)
+    shutil.rmtree(corpus)
+    return {"vqa-rad": rad, "slake": slake}
+
+
 def layout_all(tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0) -> dict[str, Path]:
     return {
         "nih-cxr14": layout_nih(tables, out, n, size, seed),
@@ -189,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=200, help="images per dataset")
     p.add_argument("--size", type=int, default=128, help="film size in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vqa", action="store_true", help="also lay out vqa-rad/ and slake/ (synthetic questions)")
     args = p.parse_args(argv)
     try:
         made = layout_all(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
+        if args.vqa:
+            made.update(layout_vqa(Path(args.out), max(20, args.images // 3), args.size, args.seed))
     except (FileNotFoundError, ValueError) as err:
         print(f"bench_layout: error: {err}", file=sys.stderr)
         return 2

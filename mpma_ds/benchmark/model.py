@@ -76,6 +76,7 @@ def load_model(spec: str, *, tokenizer: str | None = None, seed: int = 0, name: 
         else:
             net = create_model(arch)
         kind, tok_dir, weights = "random", tokenizer, f"random:{_arch_digest(net)}:seed={seed}"
+        info = {"seed": seed}  # a fine-tuning protocol rebuilds the same weights from it
         default_name = f"random-{arch}"
         if not tok_dir:
             raise ValueError(

@@ -47,7 +47,7 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     continue
                 met = m["metrics"]
                 wanted = [m["headline"]]
-                if protocol == "linear_probe":
+                if protocol in ("linear_probe", "finetune"):
                     wanted = [
                         k for k in met if k.startswith(("auroc_mean@", "accuracy@")) and not k.endswith("_ci95")
                     ]
@@ -55,13 +55,16 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     wanted = ["pointing_game", "pointing_game_chance", "cnr", "miou"]
                 if protocol == "retrieval":
                     wanted = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                if protocol == "vqa":
+                    wanted = ["accuracy_overall", "accuracy_closed", "accuracy_open"]
                 keys += [k for k in wanted if k not in keys]
             refs = results.get("references", {}).get(dataset, {}).get(protocol, [])
             for key in keys:
                 diffs = {}
                 for pair, d in block.get("paired", {}).items():
                     if key in d or (
-                        protocol == "linear_probe" and key.replace("auroc_mean", "auroc") + "_macro" in d
+                        protocol in ("linear_probe", "finetune")
+                        and key.replace("auroc_mean", "auroc") + "_macro" in d
                     ):
                         diffs[pair] = d.get(key) or d[key.replace("auroc_mean", "auroc") + "_macro"]
                 rows.append({

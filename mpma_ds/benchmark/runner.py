@@ -19,6 +19,7 @@ import numpy as np
 
 from data_tools.benchmarks import BenchmarkData, read_benchmark
 from data_tools.benchmarks.common import split_checksum
+from mpma_ds.benchmark import finetune
 from mpma_ds.benchmark.features import image_features, stream
 from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import (
@@ -31,8 +32,9 @@ from mpma_ds.benchmark.protocols import (
 )
 from mpma_ds.benchmark.references import references_for
 from mpma_ds.benchmark.report import write_page
+from mpma_ds.benchmark.samples import paired_rows, result_sets, samples_path, save_samples
 from mpma_ds.benchmark.suite import Suite, SuiteEntry
-from mpma_ds.eval.bootstrap import loggable_metrics, paired_difference
+from mpma_ds.eval.bootstrap import loggable_metrics
 from mpma_ds.tracking import TrackingConfig, build_logger
 from mpma_ds.tracking.lineage import PARENT_TAG
 from mpma_ds.tracking.params import json_safe
@@ -63,9 +65,24 @@ def _targets(data: BenchmarkData, records: Sequence, index: np.ndarray) -> np.nd
 
 def _run_entry(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, records: list, *, cache_dir, batch_size, workers,
-    device, n_resamples, min_count, timing: dict,
+    device, n_resamples, min_count, timing: dict, folder: Path, out: Path, tracking: dict[str, Any],
 ) -> EntryResult:  # fmt: skip
     """One model on one entry."""
+    if entry.protocol in ("vqa", "finetune"):
+        start = time.perf_counter()
+        run_dir = out / "finetune" / model.name / entry.name.replace("/", "-")
+        tracking = {**tracking, "run_name": f"{entry.name} [{model.name}] fine-tune"}
+        if entry.protocol == "vqa":
+            result = finetune.vqa(model, data, entry, folder=folder, cache_dir=cache_dir, out_dir=run_dir,
+                                  n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+        else:
+            result = finetune.finetune_cls(model, data, entry, cache_dir=cache_dir, out_dir=run_dir,
+                                           n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+        evaluated = set(result.pair["rows"])
+        missing = [r.key for r in records if r.key not in evaluated]
+        timing.update(seconds=time.perf_counter() - start, images=len(evaluated), cached=False)
+        result.info.update(images_rejected=len(missing), rejected=missing[:20])
+        return result
     if entry.protocol == "grounding":
         rejected: dict[int, str] = {}
         problems: list[str] = []
@@ -121,33 +138,7 @@ def _first(rejected: Mapping[int, str], records: Sequence, n: int = 20) -> list[
 
 def _paired(a: EntryResult, b: EntryResult, n_resamples: int) -> dict[str, Any]:
     """B - A per key, paired over the rows both evaluated (the same images in the same order)."""
-    in_b = set(b.pair["rows"])
-    common = [r for r in a.pair["rows"] if r in in_b]
-    if not common or not n_resamples:
-        return {}
-    ia = {r: i for i, r in enumerate(a.pair["rows"])}
-    ib = {r: i for i, r in enumerate(b.pair["rows"])}
-    sa, sb = np.asarray([ia[r] for r in common]), np.asarray([ib[r] for r in common])
-    out: dict[str, Any] = {}
-    if "multi" in a.pair:  # linear probe: one fit per label fraction, each its own metric
-        theirs = {m["name"]: m for m in b.pair["multi"]}
-        for mine in a.pair["multi"]:
-            other = theirs.get(mine["name"])
-            if other is None or np.shape(mine["arrays"][0])[1] != np.shape(other["arrays"][0])[1]:
-                continue  # the two probes scored different labels at this fraction: no paired difference
-            d = paired_difference(mine["fn"], [np.asarray(x)[sb] for x in other["arrays"]],
-                                  [np.asarray(x)[sa] for x in mine["arrays"]], keys=[mine["key"]],
-                                  n_resamples=n_resamples, **mine["kwargs"])  # fmt: skip
-            out[mine["name"]] = d[mine["key"]]
-        return out
-    fn: Callable = a.pair["fn"]
-    arrays_a = [np.asarray(x)[sa] for x in a.pair["arrays"]]
-    arrays_b = [np.asarray(x)[sb] for x in b.pair["arrays"]]
-    keys = [k for k in a.pair["keys"] if k in b.pair["keys"]]
-    try:
-        return paired_difference(fn, arrays_b, arrays_a, keys=keys, n_resamples=n_resamples, **a.pair["kwargs"])
-    except (KeyError, ValueError) as err:  # a metric one model could not score on these rows
-        return {"note": f"no paired difference: {err}"}
+    return paired_rows(a.pair["rows"], result_sets(a), b.pair["rows"], result_sets(b), n_resamples)
 
 
 def run_benchmark(
@@ -169,6 +160,7 @@ def run_benchmark(
         "skipped": {}, "datasets": {}, "entries": {}, "references": {},
         "bootstrap_resamples": n_resamples, "min_label_count": min_count,
     }  # fmt: skip
+    train_tracking = {"enabled": mlflow, "uri": tracking_uri, "experiment": experiment, "system_metrics": False}
     loggers = {}
     for m in models:
         tracking = TrackingConfig(enabled=mlflow, uri=tracking_uri, experiment=experiment,
@@ -211,14 +203,17 @@ def run_benchmark(
                 timing: dict[str, Any] = {}
                 try:
                     r = _run_entry(m, data, entry, records, cache_dir=cache, batch_size=batch_size, workers=workers,
-                                   device=device, n_resamples=n_resamples, min_count=min_count, timing=timing)  # fmt: skip
+                                   device=device, n_resamples=n_resamples, min_count=min_count, timing=timing,
+                                   folder=folder, out=out, tracking=train_tracking)  # fmt: skip
                 except ValueError as err:
                     block["models"][m.name] = {"error": str(err)}
                     say(f"{entry.name} [{m.name}]: not scored: {err}")
                     continue
                 done[m.name] = r
+                saved = save_samples(samples_path(out, entry.name, m.name), r, split_checksum=block["split_checksum"],
+                                     entry=entry.name, model=m.name)  # fmt: skip
                 block["models"][m.name] = {"headline": r.headline, "metrics": r.metrics, "info": r.info,
-                                           "timing": timing}  # fmt: skip
+                                           "timing": timing, "samples": str(saved)}  # fmt: skip
                 _log_child(loggers[m.name], m, entry, block, r, out, suite, mlflow, tracking_uri, experiment, data)
                 value = r.metrics.get(r.headline, math.nan)
                 ci = r.metrics.get(f"{r.headline}_ci95")

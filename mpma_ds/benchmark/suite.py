@@ -9,8 +9,9 @@ and found by name (``cxr-core``), or any file by path. Read and checked whole be
 Entry fields: ``dataset`` (a ``data_tools.benchmarks`` id), ``protocol`` (`PROTOCOLS`), ``split`` (default
 ``test``; a dataset without that split — no split file — is evaluated on ``all``, said in the results),
 ``path`` (the dataset's folder when not ``DATA_ROOT/<dataset>``), ``options`` (the reader's options),
-``fractions`` / ``seeds`` (linear probe: label fractions and the seeds of their subsets), ``max_images``
-(evaluate the first N records of the split; 0 = all).
+``fractions`` / ``seeds`` (linear probe, finetune: label fractions and the seeds of their subsets), ``max_images``
+(evaluate the first N records of the split; 0 = all), ``recipe`` / ``set`` (the protocols that fine-tune through
+the Trainer, ``vqa`` and ``finetune``: the fine-tuning recipe and its ``key=value`` overrides, e.g. ``[train.epochs=2]``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ PROTOCOLS: dict[str, str] = {
     "linear_probe": "logistic regression on frozen image embeddings at label fractions: test AUROC",
     "grounding": "phrase grounding on boxes: pointing game, CNR, mIoU of the thresholded map",
     "retrieval": "image <-> report retrieval: R@1/5/10 both ways (identical reports merged)",
+    "finetune": "full fine-tuning (cls task, through the Trainer) at label fractions: test AUROC",
+    "vqa": "VQA fine-tuned through the Trainer on the train split: accuracy overall / CLOSED / OPEN",
 }
 """The protocols an entry may name, with what each reports."""
 
-_ENTRY_FIELDS = {"dataset", "protocol", "split", "path", "options", "fractions", "seeds", "max_images"}
+_ENTRY_FIELDS = set("dataset protocol split path options fractions seeds max_images recipe set".split())
+_TRAINING_PROTOCOLS = {"vqa", "finetune"}
+"""Protocols that fine-tune through the Trainer: they read ``recipe`` and ``set``."""
 
 
 class SuiteError(ValueError):
@@ -50,6 +55,10 @@ class SuiteEntry:
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0,)
     max_images: int = 0
+    recipe: str | None = None
+    """Fine-tuning protocols: the recipe (a shipped name or a path; default ``finetune.DEFAULT_RECIPES``)."""
+    set: tuple[str, ...] = ()
+    """Fine-tuning protocols: ``key=value`` overrides of that recipe (``train.epochs=2``), as ``--set``."""
 
     @property
     def name(self) -> str:
@@ -72,7 +81,7 @@ def suite_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _entry(raw: Any, where: str, datasets: list[str]) -> SuiteEntry:
+def _entry(raw: Any, where: str, tasks: dict[str, str]) -> SuiteEntry:
     if not isinstance(raw, dict):
         raise SuiteError(f"{where}: an entry is a mapping with dataset and protocol, got {raw!r}")
     unknown = sorted(set(raw) - _ENTRY_FIELDS)
@@ -83,16 +92,28 @@ def _entry(raw: Any, where: str, datasets: list[str]) -> SuiteEntry:
     for key in ("dataset", "protocol"):
         if not isinstance(raw.get(key), str):
             raise SuiteError(f"{where}: no {key}")
-    if raw["dataset"] not in datasets:
-        raise SuiteError(f"{where}: unknown dataset {raw['dataset']!r} (known: {', '.join(datasets)})")
+    if raw["dataset"] not in tasks:
+        raise SuiteError(f"{where}: unknown dataset {raw['dataset']!r} (known: {', '.join(tasks)})")
     if raw["protocol"] not in PROTOCOLS:
         raise SuiteError(f"{where}: unknown protocol {raw['protocol']!r} (known: {', '.join(PROTOCOLS)})")
+    vqa_data, vqa_protocol = tasks[raw["dataset"]] == "vqa", raw["protocol"] == "vqa"
+    if vqa_data != vqa_protocol:
+        raise SuiteError(
+            f"{where}: {raw['dataset']} is "
+            + ("a VQA set: its protocol is vqa" if vqa_data else "not a VQA set: protocol vqa does not apply")
+        )
+    overrides = raw.get("set") or []
+    if not isinstance(overrides, list) or any(not isinstance(o, str) or "=" not in o for o in overrides):
+        raise SuiteError(f"{where}: set is a list of key=value strings (train.epochs=2), got {overrides!r}")
+    if (overrides or raw.get("recipe")) and raw["protocol"] not in _TRAINING_PROTOCOLS:
+        raise SuiteError(f"{where}: recipe / set apply only to {', '.join(sorted(_TRAINING_PROTOCOLS))}")
     fractions = tuple(float(f) for f in raw.get("fractions", (0.01, 0.1, 1.0)))
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise SuiteError(f"{where}: fractions {list(fractions)} must each be in (0, 1]")
     return SuiteEntry(
         raw["dataset"], raw["protocol"], str(raw.get("split", "test")), raw.get("path"), dict(raw.get("options") or {}),
         fractions, tuple(int(s) for s in raw.get("seeds", (0,))), int(raw.get("max_images", 0)),
+        str(raw["recipe"]) if raw.get("recipe") else None, tuple(overrides),
     )  # fmt: skip
 
 
@@ -113,8 +134,8 @@ def load_suite(spec: str | Path) -> Suite:
     raw = yaml.safe_load(text)
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list) or not raw["entries"]:
         raise SuiteError(f"{source}: a suite is a mapping with a non-empty 'entries' list")
-    datasets = BENCHMARKS.names()
-    entries = tuple(_entry(e, f"{source} entry {i + 1}", datasets) for i, e in enumerate(raw["entries"]))
+    tasks = {e.name: e.meta.get("task", "multilabel") for e in BENCHMARKS}
+    entries = tuple(_entry(e, f"{source} entry {i + 1}", tasks) for i, e in enumerate(raw["entries"]))
     names = [e.name for e in entries]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -8,6 +8,12 @@ a child per entry).
     mpma-benchmark --model exported/tiny --suite cxr-core --data-root /data/benchmarks --out bench/tiny
     mpma-benchmark --model exported/tiny --model random:mpma_tiny --tokenizer exported/tiny/text_encoder \\
         --suite cxr-core --data-root /data/benchmarks --out bench/tiny-vs-random
+
+Every run also saves each model's per-sample scores (OUT/samples/<dataset>/<protocol>/<model>.npz, with the
+split checksum), so two separate runs pair per sample later (B - A, paired bootstrap intervals; refused when an
+entry's split checksums differ):
+
+    mpma-benchmark --compare bench/run-a bench/run-b --out bench/a-vs-b [--name MODEL_A --name MODEL_B]
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=prog_name("benchmark.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", action="append", required=True, metavar="M",
+    p.add_argument("--model", action="append", default=[], metavar="M",
                    help="an exported folder, a pretraining run folder or random:<arch> (repeat: models paired)")  # fmt: skip
     p.add_argument("--name", action="append", default=[], help="a column name per --model (default: folder name)")
-    p.add_argument("--suite", required=True, help=f"a shipped suite ({', '.join(suite_names())}) or a YAML path")
-    p.add_argument("--data-root", required=True, help="folder holding one folder per dataset id")
+    p.add_argument("--suite", help=f"a shipped suite ({', '.join(suite_names())}) or a YAML path")
+    p.add_argument("--data-root", help="folder holding one folder per dataset id")
+    p.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"),
+                   help="pair two earlier runs' saved per-sample scores (B - A) instead of running a suite; "
+                   "--name picks the model of each when a run holds several")  # fmt: skip
     p.add_argument("--dataset-path", action="append", default=[], metavar="ID=DIR",
                    help="read dataset ID from DIR instead of DATA_ROOT/ID (repeatable)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output folder (results.json, benchmark.html, problems/, cache/)")
+    p.add_argument("--out", required=True,
+                   help="output folder (results.json, benchmark.html, samples/, problems/, cache/; paired.json)")  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer folder (needed with random:<arch>)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random:<arch> twin")
     p.add_argument("--cache-dir", help="image-feature cache (default: OUT/cache)")
@@ -61,8 +71,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def compare(args: argparse.Namespace) -> int:
+    from mpma_ds.benchmark.samples import PAIRED_FILE, compare_runs, format_paired
+
+    if args.model or args.suite:
+        raise ValueError("--compare pairs two earlier runs: give it without --model / --suite")
+    if len(args.name) not in (0, 2):
+        raise ValueError(f"--compare takes two --name (the model of each run), got {len(args.name)}")
+    report = compare_runs(*args.compare, args.out, names=args.name or (None, None), n_resamples=args.bootstrap)
+    print(format_paired(report))
+    print(f"paired: {args.out}/{PAIRED_FILE}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.compare:
+        return compare(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--suite", args.suite),
+                                        ("--data-root", args.data_root)) if not value]  # fmt: skip
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --compare DIR_A DIR_B)")
 
     from mpma_ds.benchmark.model import load_model
     from mpma_ds.benchmark.report import format_console

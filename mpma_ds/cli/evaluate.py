@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
+from mpma_ds.eval.attribution import MAPS
 from mpma_ds.eval.grounding import BEST_MAP
 from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--grounding-map",
         default=BEST_MAP,
-        choices=("similarity", "cross_attention", "gradcam_itc", "gradcam_itm"),
+        choices=MAPS,
         help=f'which map points (docs/model.md, "Grounding maps"; default: {BEST_MAP})',
     )
     return p.parse_args(argv)

@@ -18,6 +18,8 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+from data_tools import remote
+from data_tools.remote import RemoteError
 from mpma_ds.cli.common import (
     add_set_argument,
     ends_without_teardown,
@@ -111,6 +113,13 @@ def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     except CollectiveTimeoutError as err:
         error(prog, err)
         return 5, None
+    except RemoteError as err:  # the store stopped answering mid-run, past remote.ATTEMPTS tries
+        error(
+            prog,
+            f"{remote.one_line(err)}; no sample was skipped: continue with --resume auto (the newest complete "
+            "checkpoint) once the store answers",
+        )
+        return 6, None
     except KeyboardInterrupt:
         error(prog, "interrupted; continue with --resume auto (the newest complete checkpoint)", kind="stopped")
         return 130, None

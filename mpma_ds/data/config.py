@@ -100,6 +100,11 @@ class DataConfig(ConfigSection):
     """Fraction of (non-special) tokens chosen for MLM, by whole words, in [0, 1). 0 (fine-tuning) masks
     nothing: ``input_ids`` unchanged, ``mlm_labels`` all -100 (no one-word-per-report fallback either)."""
 
+    mlm_finding_probability: float | None = None
+    """The MLM probability of *finding words* (`data.masking.FINDING_WORDS`: findings, sides, extent, zones — what
+    only the image can tell), by whole words, in [0, 1); None = ``mlm_probability`` like every other word. A
+    larger value makes the MLM head ask more often for what the image shows."""
+
     mlm_mask_fraction: float = 0.8
     """Of the chosen tokens: the fraction replaced by ``[MASK]`` (BERT's 80 %)."""
 
@@ -166,6 +171,12 @@ class DataConfig(ConfigSection):
     shard_cache_gb: float = 50.0
     """Disk budget of ``shard_cache`` in GB: least recently used shards are deleted beyond it."""
 
+    dali_remote: str = "cache"
+    """How the ``dali`` backend reads ``s3://`` shards: ``cache`` (fetched whole into ``shard_cache`` by our
+    client: retries counted, ETag and size checked, every store) or ``direct`` (DALI's own AWS SDK client reads
+    the objects in place, S3 only; nothing on local disk, no retries counted). docs/data_pipeline.md has the
+    measurements behind the default (``direct`` read 0.02-0.05x of ``cache``'s samples/s)."""
+
     dali_decode: str = "auto"
     """``dali`` backend decode device: ``auto`` (``mixed`` when CUDA is available, else ``cpu``), ``cpu``,
     ``mixed``."""
@@ -192,6 +203,8 @@ class DataConfig(ConfigSection):
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend {self.backend!r} is not a data backend; {BACKENDS.describe()}")
+        if self.dali_remote not in ("cache", "direct"):
+            raise ValueError(f"data.dali_remote must be cache or direct, got {self.dali_remote!r}")
         if self.dali_decode not in ("auto", "cpu", "mixed"):
             raise ValueError(f"data.dali_decode must be auto, cpu or mixed, got {self.dali_decode!r}")
         lowest = {
@@ -212,6 +225,8 @@ class DataConfig(ConfigSection):
             raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
+        if self.mlm_finding_probability is not None and not 0.0 <= self.mlm_finding_probability < 1.0:
+            raise ValueError(f"data.mlm_finding_probability must be in [0, 1), got {self.mlm_finding_probability}")
         if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
             self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
         ):
@@ -246,7 +261,10 @@ class DataConfig(ConfigSection):
             if len(set(names)) != len(names):
                 raise ValueError(f"data.train_sources names must be unique, got {names}")
             if self.backend == "dali":
-                raise ValueError("data.train_sources (a weighted mixture) needs data.backend wds")
+                raise ValueError(
+                    "data.train_sources (a weighted mixture) runs on data.backend wds only (DALI's reader cannot "
+                    "follow the mixture's per-sample order): set data.backend=wds"
+                )
         if self.shard_cache_gb <= 0:
             raise ValueError(f"data.shard_cache_gb must be > 0, got {self.shard_cache_gb}")
         if not 0.0 < self.label_fraction <= 1.0:

@@ -26,6 +26,7 @@ import dataclasses
 import io
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,14 @@ def write_clean_indexes(index: ShardIndex, folder: Path) -> list[str]:
     counts = index.counts()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     for shard, path in enumerate(index.paths):
-        if remote.is_remote(path):  # `dali_remote` writes the idx of each epoch's local copies
+        if remote.is_remote(path) and not str(path).startswith("s3://"):  # read from the cache (`dali_remote`)
             out.append("")
             continue
-        if counts[shard] in (0, index.listed[shard]):
+        if counts[shard] in (0, index.listed[shard]) and not remote.is_remote(path):
             out.append(str(index_path(path)))
             continue
         refs = [index.ref(i) for i in range(starts[shard], starts[shard + 1])]
-        clean = folder / f"{shard:06d}-{path.stem}.idx"
+        clean = folder / f"{shard:06d}-{remote.basename(path).removesuffix('.tar')}.idx"
         members = [(f"{ref.key}.{ext}", off, size) for ref in refs for ext, off, size in ref.members]
         clean.write_text(format_index(members), encoding="utf-8")
         out.append(str(clean))
@@ -109,7 +110,15 @@ class DaliStream(ShardStream):
         self._tmp = tempfile.TemporaryDirectory(prefix="mpma-dali-idx-")
         self.idx_files = write_clean_indexes(self.index, Path(self._tmp.name))
         self.remote = any(remote.is_remote(p) for p in self.index.paths)
-        self._cache = self.shard_cache() if self.remote else None
+        if self.remote and cfg.dali_remote == "direct":
+            other = next((str(p) for p in self.index.paths if not str(p).startswith("s3://")), None)
+            if other is not None:
+                raise ValueError(
+                    f"data.dali_remote=direct reads s3:// shards only (DALI's own client), not {other}: "
+                    "use data.dali_remote=cache"
+                )
+        self._cache = self.shard_cache() if self.remote and cfg.dali_remote == "cache" else None
+        self._cache_counted: Counter = Counter()
         use_cuda = torch.cuda.is_available()
         self.decode_device = {"auto": "mixed" if use_cuda else "cpu"}.get(cfg.dali_decode, cfg.dali_decode)
         if self.decode_device == "mixed" and not use_cuda:
@@ -179,15 +188,21 @@ class DaliStream(ShardStream):
         paths, idx = dali_remote.local_reader_inputs(
             self.index, pieces, self._cache, Path(self._tmp.name), f"epoch{epoch}"
         )
+        keep = [str(self.index.paths[s]) for s, _, _ in pieces]
         if self.train:
             nxt = shard_order(counts, epoch + 1, self.seed, shuffle=True, resample_to=self.resample_to)
             ahead = dali_remote.rank_pieces(counts, [s for s in nxt if counts[s]], self.rank, self.world_size)
             need = dali_remote.epoch_bytes(self.index, pieces) + dali_remote.epoch_bytes(self.index, ahead)
             if need <= self._cache.budget_bytes:
+                urls = {str(self.index.paths[s]): self.index.infos[s] for s, _, _ in ahead}
+                keep += list(urls)
                 self._cache.prefetch(
-                    [(str(self.index.paths[s]), lambda s=s: self._cache.path(str(self.index.paths[s]), self.index.infos[s]))
-                     for s in sorted({s for s, _, _ in ahead})]
-                )  # fmt: skip
+                    [
+                        (url, lambda url=url, info=info: self._cache.path(url, info, pin=True))
+                        for url, info in urls.items()
+                    ]
+                )
+        self._cache.unpin_all_but(keep)  # the last epoch's shards: evictable again
         return paths, idx
 
     def _build_decoder(self) -> Any:
@@ -315,6 +330,10 @@ class DaliStream(ShardStream):
         first_good = next((i for i, r in enumerate(rows) if r.valid), None)
         if first_good is not None:
             self._spare = (rows[first_good], images[first_good].clone())
+        if self._cache is not None:  # the cache's fetches since the last batch (prefetch threads too)
+            cost = Counter(self._cache.cost)
+            skipped.update(cost - self._cache_counted)
+            self._cache_counted = cost
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = collate_rows(rows, images, self.encoder, gen)
         return batch, dict(skipped)

@@ -73,10 +73,11 @@ def local_reader_inputs(
 
 
 def fetch_all(index: ShardIndex, shards: list[int], cache: ShardCache) -> dict[int, Path]:
-    """Local copies of ``shards`` (fetched ``cache.prefetch``-style in parallel, or found already cached)."""
+    """Local copies of ``shards`` (fetched ``cache.prefetch``-style in parallel, or found already cached),
+    pinned: no rank of the node evicts them while DALI may open them (the caller unpins)."""
     jobs = []
     for shard in shards:
         url, info = str(index.paths[shard]), index.infos[shard]
-        jobs.append((url, lambda url=url, info=info: cache.path(url, info)))
+        jobs.append((url, lambda url=url, info=info: cache.path(url, info, pin=True)))
     cache.prefetch(jobs)
     return {shard: cache.wait(url) for shard, (url, _) in zip(shards, jobs)}

@@ -7,11 +7,34 @@ tokenizer folder works.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
 IGNORE_INDEX = -100
+
+# The words of a report that only the image can supply (CheXpert's findings as reports write them, sides, extent,
+# zones; `mpma_ds.eval.mlm` scores the MLM head on them): `ReportEncoder(finding_probability=...)` masks them at
+# their own rate.
+FINDING_WORDS: frozenset[str] = frozenset(
+    {
+        # findings (CheXpert's 13 pathologies as reports name them)
+        "atelectasis", "atelectatic", "cardiomegaly", "enlarged", "enlargement", "widened", "widening",
+        "mediastinum", "mediastinal", "consolidation", "consolidative", "edema", "haziness", "perihilar",
+        "pleural", "effusion", "effusions", "meniscus", "blunting", "costophrenic", "pneumothorax", "pneumothoraces",
+        "nodule", "nodules", "mass", "lesion", "opacity", "opacities", "opacification", "pneumonia",
+        "fracture", "fractures", "displaced", "thickening", "cap", "bibasilar", "basilar", "plate",
+        # side
+        "right", "left", "bilateral", "sided", "unilateral",
+        # extent and severity
+        "small", "moderate", "large", "mild", "mildly", "moderately", "severe", "severely", "trace", "focal",
+        "patchy", "dense", "linear",
+        # zone
+        "upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula",
+    }
+)  # fmt: skip
 
 
 def whole_word_mask(
@@ -25,6 +48,7 @@ def whole_word_mask(
     random_fraction: float = 0.1,
     whole_word: bool = True,
     generator: torch.Generator | None = None,
+    token_probability: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose tokens for MLM by whole words and corrupt them BERT-style.
 
@@ -38,6 +62,8 @@ def whole_word_mask(
         input_ids: (B, L) token ids.
         word_ids: (B, L) word index of each token, -1 for special and padding tokens (never chosen).
         random_token_ids: (V',) ids random replacements are drawn from (the non-special vocabulary).
+        token_probability: optional (B, L) probability of each token's word (every piece of a word the same):
+            some words chosen at another rate than ``probability`` (e.g. finding words).
 
     Returns:
         ``(corrupted_ids, mlm_labels)``, both (B, L) int64; labels are -100 where a token was not chosen.
@@ -55,7 +81,8 @@ def whole_word_mask(
     replacement = random_token_ids[torch.randint(len(random_token_ids), (bsz, length), generator=generator)]
     maskable = word_ids >= 0  # (B, L)
     unit = word_ids.clamp(min=0) if whole_word else torch.arange(length).expand(bsz, length)  # (B, L)
-    chosen = (word_draw.gather(1, unit) < probability) & maskable
+    rate = probability if token_probability is None else token_probability
+    chosen = (word_draw.gather(1, unit) < rate) & maskable
     empty = maskable.any(dim=1) & ~chosen.any(dim=1)  # (B,)
     if empty.any():
         # a row with maskable tokens but nothing chosen: take the unit of its highest fallback draw
@@ -89,6 +116,8 @@ class ReportEncoder:
         random_fraction: float = 0.1,
         whole_word: bool = True,
         pad_to_multiple: int = 0,
+        finding_probability: float | None = None,
+        finding_words: frozenset[str] = FINDING_WORDS,
     ) -> None:
         if pad_to_multiple < 0:
             raise ValueError(f"pad_to_multiple must be >= 0 (0 = pad to max_len), got {pad_to_multiple}")
@@ -98,6 +127,9 @@ class ReportEncoder:
             raise ValueError("the tokenizer has no [MASK] or [PAD] token; MLM needs both")
         if not 0.0 <= probability < 1.0:
             raise ValueError(f"MLM probability must be in [0, 1), got {probability}")
+        if finding_probability is not None and not 0.0 <= finding_probability < 1.0:
+            raise ValueError(f"MLM probability of finding words must be in [0, 1), got {finding_probability}")
+        self.finding_probability, self.finding_words = finding_probability, finding_words
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.probability = probability
@@ -127,6 +159,10 @@ class ReportEncoder:
         )  # (B, L)
         # belt and braces: a special id never counts as a word, whatever the post-processor reports
         word_ids[torch.isin(input_ids, self.special_ids) | (attention_mask == 0)] = -1
+        rates = None
+        if self.finding_probability is not None and self.probability > 0:
+            rates = torch.full(input_ids.shape, self.probability)  # (B, L)
+            rates[self._finding_tokens(enc, texts, word_ids)] = self.finding_probability
         corrupted, labels = whole_word_mask(
             input_ids,
             word_ids,
@@ -137,12 +173,27 @@ class ReportEncoder:
             random_fraction=self.random_fraction,
             whole_word=self.whole_word,
             generator=generator,
+            token_probability=rates,
         )
         out = {"input_ids": corrupted, "attention_mask": attention_mask, "mlm_labels": labels}
         if self.pad_to_multiple:
             longest = int(attention_mask.sum(dim=1).max()) if len(texts) else 0
             width = min(self.max_len, -(-max(longest, 1) // self.pad_to_multiple) * self.pad_to_multiple)
             out = {k: v[:, :width].contiguous() for k, v in out.items()}  # (B, width) each
+        return out
+
+    def _finding_tokens(self, enc: Any, texts: list[str], word_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: tokens of a word (its characters in the report, lower-cased) in ``finding_words``."""
+        out = torch.zeros(word_ids.shape, dtype=torch.bool)
+        for row, text in enumerate(texts):
+            seen: dict[int, bool] = {}
+            for col, w in enumerate(word_ids[row].tolist()):
+                if w < 0:
+                    continue
+                if w not in seen:
+                    span = enc.word_to_chars(row, w)
+                    seen[w] = span is not None and text[span.start : span.end].lower() in self.finding_words
+                out[row, col] = seen[w]
         return out
 
 

@@ -31,13 +31,16 @@ RETRIES = "remote_retries"
 """Not a skip reason: the transient remote faults retried while making a batch, carried with the skips so the
 counts of DataLoader workers reach ``stats()`` (as ``remote_retries``) and survive a resume."""
 
+BYTES = "remote_bytes"
+"""Not a skip reason either: the bytes read from object stores while making a batch (as `RETRIES`)."""
+
 SAMPLES_PREFIX = "samples/"
 """Not a skip reason either: ``samples/<source>`` counts the valid samples of each mixture source."""
 
 
 def is_counter(reason: str) -> bool:
-    """True for the counters carried beside the skip reasons (`RETRIES`, ``samples/<source>``)."""
-    return reason == RETRIES or reason.startswith(SAMPLES_PREFIX)
+    """True for the counters carried beside the skip reasons (`RETRIES`, `BYTES`, ``samples/<source>``)."""
+    return reason in (RETRIES, BYTES) or reason.startswith(SAMPLES_PREFIX)
 
 
 def seeded_rng(*parts: int) -> np.random.Generator:

@@ -80,8 +80,9 @@ class SampleReader:
         if handle is None:
             path = self.paths[shard]
             if remote.is_remote(path):
-                path = self.cache.path(str(path), self.infos[shard])
-            handle = self._files[shard] = open(path, "rb")  # noqa: SIM115
+                handle = self._files[shard] = self.cache.open(str(path), self.infos[shard])
+            else:
+                handle = self._files[shard] = open(path, "rb")  # noqa: SIM115
         return handle
 
     def _range(self, shard: int, start: int, end: int) -> bytes:
@@ -115,16 +116,16 @@ class SampleReader:
         """Block ``k`` of a remote shard (one ranged GET pinned to the listed ETag), kept in a small LRU; None
         when the shard was (or just got) cached whole on local disk and is open in ``_files``."""
         url, info = str(self.paths[shard]), self.infos[shard]
-        cached = self.cache.cached(url, info)
+        cached = self.cache.open_cached(url, info)
         if cached is not None:  # fetched whole earlier (by any rank of this node)
-            self._files[shard] = open(cached, "rb")  # noqa: SIM115
+            self._files[shard] = cached
             return None
         lo = k * REMOTE_BLOCK
         hi = lo + REMOTE_BLOCK if info is None or info.size < 0 else min(lo + REMOTE_BLOCK, info.size)
         try:
             data = remote.read_range(url, lo, hi, etag=info.etag if info is not None else "")
             if len(data) > hi - lo:  # the server ignored Range and sent the whole shard: keep it locally
-                self._files[shard] = open(self.cache.path(url, info, data=data), "rb")  # noqa: SIM115
+                self._files[shard] = self.cache.open(url, info, data=data)
                 return None
         except ChangedObject as err:
             raise SampleError("changed_shard", str(err)) from None

@@ -56,6 +56,7 @@ def encoder_from_config(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> 
         random_fraction=cfg.mlm_random_fraction,
         whole_word=cfg.whole_word_mask,
         pad_to_multiple=cfg.pad_to if cfg.dynamic_padding else 0,
+        finding_probability=cfg.mlm_finding_probability,
     )
 
 

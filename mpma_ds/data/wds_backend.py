@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_tools import remote
 from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.plan import RETRIES, MadeBatch, epoch_batches, seeded_rng
+from mpma_ds.data.plan import MadeBatch, epoch_batches, seeded_rng
 from mpma_ds.data.samples import SampleReader, decode_image, decode_meta, decode_text
 from mpma_ds.data.stream import SampleRow, ShardStream, collate_rows, mask_generator, read_batch_rows
 
@@ -113,10 +113,9 @@ class WdsStream(ShardStream):
             return SampleRow(self.transform(image, rng), text, meta, ref.key, bool(ok))  # image (C, S, S)
 
         where = f"batch {number} (epoch {epoch}, rank {self.rank})"
-        retries = remote.COUNTS["remote_retries"]
-        rows, skipped = read_batch_rows(zip(ids.tolist(), valid.tolist()), read, where=where)
-        if remote.COUNTS["remote_retries"] > retries:  # counted with the skips, so workers' counts reach stats()
-            skipped[RETRIES] += remote.COUNTS["remote_retries"] - retries
+        with remote.counted() as cost:  # this batch's retries and bytes, carried with the skips to stats()
+            rows, skipped = read_batch_rows(zip(ids.tolist(), valid.tolist()), read, where=where)
+        skipped.update(cost)
         skipped.update(self.source_counts(ids, valid))  # the plan's draws, whether or not they decode
         gen = mask_generator(self.seed, epoch, self.rank, number, self.train)
         batch = collate_rows(rows, [r.image for r in rows], self.encoder, gen)

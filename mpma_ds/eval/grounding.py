@@ -319,7 +319,9 @@ def evaluate_grounding(
     """The pointing game of the phrase maps over one pass of eval-transform batches whose ``meta`` carry
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
-    (`attribution.MAPS`; default `BEST_MAP`); it is named in the metrics as ``grounding_map``.
+    (`attribution.MAPS`: "similarity", the local alignment's; "cross_attention", "attention_rollout",
+    "gloria_attention", "gradcam_itc", "gradcam_itm"; default `BEST_MAP`); it is named in the metrics as
+    ``grounding_map``.
 
     Returns:
         `pointing_game_with_intervals`'s metrics (its ``bootstrap_*`` entries as ``pointing_game_bootstrap_*``)

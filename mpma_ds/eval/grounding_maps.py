@@ -11,6 +11,12 @@ The attention and Grad-CAM maps are computed in `eval.attribution`:
   ``memory_kv: concat`` the text stream attends to [V ; g*R], 2(1+N) keys: the weight on patch i's memory response
   is added to patch i's (both are read off patch i). Computed from each layer's own query / key projections on
   the inputs that layer saw (a forward hook): the model itself is not changed.
+- ``attention_rollout``: attention rollout (Abnar & Zuidema 2020) through the fusion: each token's relevance over
+  the fusion's inputs carried through every layer's text and image self-attention and both cross-attentions,
+  heads averaged, each with its residual as an identity of equal weight; the phrase tokens' relevance over the
+  image's patch inputs ([CLS] left out), averaged over them (`attribution.attention_rollout_grids`).
+- ``gloria_attention``: the GLoRIA local loss's word -> region attention softmax(4 cos(word, patch)) over the
+  image's patches, averaged over the phrase tokens; only for a model trained with ``local_loss: gloria``.
 - ``gradcam_itc``: Grad-CAM (Selvaraju et al. 2017) of the global contrastive score cos(image, phrase) on the
   last ViT block's patch tokens: channel weights = the score's gradient averaged over the patch tokens, map =
   ReLU of the weighted channel sum.

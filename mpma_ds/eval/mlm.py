@@ -2,7 +2,8 @@
 only the image can supply (what is seen, on which side, how large or severe). MA-CMF's memory shapes the fused
 text stream only, so this is where its effect (or its absence) shows.
 
-``FINDING_WORDS`` is the one list: the CheXpert finding vocabulary as radiology reports write it (and as
+``FINDING_WORDS`` (defined beside the masking, `data.masking`, which can mask them at their own rate) is the
+one list: the CheXpert finding vocabulary as radiology reports write it (and as
 ``data_tools.synth.reports`` writes it), plus side, extent and zone words. Negation words ("no", "without")
 are left out on purpose: they are frequent function words the report's syntax half-predicts, and they would
 swamp the count. A masked token counts as a finding-word token when the whole word it belongs to (WordPiece
@@ -17,23 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FINDING_WORDS: frozenset[str] = frozenset(
-    {
-        # findings (CheXpert's 13 pathologies as reports name them)
-        "atelectasis", "atelectatic", "cardiomegaly", "enlarged", "enlargement", "widened", "widening",
-        "mediastinum", "mediastinal", "consolidation", "consolidative", "edema", "haziness", "perihilar",
-        "pleural", "effusion", "effusions", "meniscus", "blunting", "costophrenic", "pneumothorax", "pneumothoraces",
-        "nodule", "nodules", "mass", "lesion", "opacity", "opacities", "opacification", "pneumonia",
-        "fracture", "fractures", "displaced", "thickening", "cap", "bibasilar", "basilar", "plate",
-        # side
-        "right", "left", "bilateral", "sided", "unilateral",
-        # extent and severity
-        "small", "moderate", "large", "mild", "mildly", "moderately", "severe", "severely", "trace", "focal",
-        "patchy", "dense", "linear",
-        # zone
-        "upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula",
-    }
-)  # fmt: skip
+from mpma_ds.data.masking import FINDING_WORDS
+
+__all__ = ["FINDING_WORDS", "MaskedTokenAccuracy", "finding_token_mask", "word_ids"]
 
 
 def word_ids(tokens: list[str]) -> list[int]:
@@ -71,15 +58,31 @@ class MaskedTokenAccuracy:
     read once); ``result()`` gives ``mlm_acc`` (all masked tokens), ``mlm_acc_findings`` (masked tokens of
     finding words), ``mlm_tokens`` and ``mlm_tokens_findings``. Rows with ``valid`` False are left out.
     Under ZeRO-3 every rank must score the same batches (each forward gathers parameters).
+
+    With ``image_control`` the same masked reports are also read beside *another* study's image (the batch's
+    images rolled by one): ``mlm_acc_findings_shuffled``. What the head gets right there it got from the
+    report's text alone; only ``mlm_acc_findings`` above it was read off the image.
     """
 
-    def __init__(self, model: Any, tokenizer, device: torch.device | str, words: frozenset[str] = FINDING_WORDS):
+    def __init__(self, model: Any, tokenizer, device: torch.device | str, words: frozenset[str] = FINDING_WORDS,
+                 *, image_control: bool = False):  # fmt: skip
         self.model = model if hasattr(model, "masked_token_predictions") else model.module
         self.tokenizer, self.device, self.words = tokenizer, device, words
-        self.counts = {"all": [0, 0], "findings": [0, 0]}  # [correct, total]
+        self.image_control = image_control
+        kinds = ("all", "findings", "findings_shuffled") if image_control else ("all", "findings")
+        self.counts = {k: [0, 0] for k in kinds}  # [correct, total]
         # per evaluated sample, in pass order: (correct, total) of each kind; what a paired bootstrap of two
         # models on the same masked tokens resamples (`per_sample`)
-        self.rows: dict[str, list[tuple[int, int]]] = {"all": [], "findings": []}
+        self.rows: dict[str, list[tuple[int, int]]] = {k: [] for k in kinds}
+
+    def _predict(self, images: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        net = self.model
+        dtype = next(net.parameters()).dtype
+        return net.masked_token_predictions(
+            images.to(device=self.device, dtype=dtype),
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+        ).cpu()  # (B, L)
 
     @torch.no_grad()
     def update(self, batch: Mapping[str, Any]) -> None:
@@ -94,18 +97,17 @@ class MaskedTokenAccuracy:
         was_training = net.training
         net.eval()
         try:
-            dtype = next(net.parameters()).dtype
-            pred = net.masked_token_predictions(
-                batch["image"].to(device=self.device, dtype=dtype),
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-            ).cpu()  # (B, L)
+            pred = self._predict(batch["image"], batch)  # (B, L)
+            other = self._predict(batch["image"].roll(1, 0), batch) if self.image_control else None
         finally:
             net.train(was_training)
         truth = torch.where(labels != -100, labels, batch["input_ids"]).cpu()  # the unmasked report
-        correct = pred == truth
         finding = finding_token_mask(truth, self.tokenizer, self.words) & masked
-        for key, sel in (("all", masked), ("findings", finding)):
+        kinds = [("all", pred, masked), ("findings", pred, finding)]
+        if other is not None:  # a batch of one has no other image: its control counts nothing
+            kinds.append(("findings_shuffled", other, finding if len(pred) > 1 else torch.zeros_like(finding)))
+        for key, guess, sel in kinds:
+            correct = guess == truth
             self.counts[key][0] += int(correct[sel].sum())
             self.counts[key][1] += int(sel.sum())
             hits, total = (correct & sel).sum(dim=1), sel.sum(dim=1)  # (B,) each
@@ -118,14 +120,16 @@ class MaskedTokenAccuracy:
             yield batch
 
     def per_sample(self, kind: str = "findings") -> np.ndarray:
-        """(N, 2) int64 (correct, masked) counts of ``kind`` ("all" or "findings") per evaluated sample, in pass
-        order (a deterministic eval pass masks the same tokens for every model: rows pair up across models)."""
+        """(N, 2) int64 (correct, masked) counts of ``kind`` ("all", "findings" or, with ``image_control``,
+        "findings_shuffled") per evaluated sample, in pass order (a deterministic eval pass masks the same tokens
+        for every model: rows pair up across models)."""
         return np.asarray(self.rows[kind], dtype=np.int64).reshape(-1, 2)
 
     def result(self) -> dict[str, float]:
         """Accuracies (NaN when no token of that kind was masked) and the token counts behind them."""
         out = {}
-        for key, suffix in (("all", ""), ("findings", "_findings")):
+        for key in self.counts:
+            suffix = "" if key == "all" else f"_{key}"
             right, total = self.counts[key]
             out[f"mlm_acc{suffix}"] = right / total if total else float("nan")
             out[f"mlm_tokens{suffix}"] = float(total)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from mpma_ds.config import ConfigSection, build
-from mpma_ds.models.registry import IMAGE_ENCODERS
+from mpma_ds.models.registry import IMAGE_ENCODERS, LOCAL_LOSSES
 
 TEXT_ARCHS = ("bert", "roberta")
 ATTN_IMPLS = ("auto", "sdpa", "eager")
@@ -135,6 +135,12 @@ class MPMAConfig(ConfigSection):
     """Initial softmax temperature of both InfoNCE losses (learnable, as a log-scale)."""
     max_logit_scale: float = 100.0
     """Upper clamp of the learnable logit scale 1/temperature (CLIP)."""
+    local_loss: str = "late_interaction"
+    """The local alignment term, a name registered in ``mpma_ds.models.registry.LOCAL_LOSSES``:
+    "late_interaction" = token-patch late interaction (FILIP-like, SPEC §5: mean over tokens of the max cosine over
+    patches and back), "gloria" = GLoRIA's attention-weighted local loss (each word attends over the patches,
+    the attention-weighted context is matched to the word, the matches are aggregated per pair by a
+    log-sum-exp; `mpma_ds.models.gloria`)."""
     local_exclude_masked_tokens: bool = True
     """Local alignment ignores [MASK]ed report tokens (they carry no word), besides [CLS]/[SEP]/padding."""
 
@@ -210,6 +216,10 @@ class MPMAConfig(ConfigSection):
             errors.append(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
         if self.align_on not in ALIGN_ON:
             errors.append(f"align_on must be one of {', '.join(ALIGN_ON)}, got {self.align_on!r}")
+        if self.local_loss not in LOCAL_LOSSES:
+            errors.append(
+                f"local_loss {self.local_loss!r} is not a local alignment loss; {LOCAL_LOSSES.describe()}"
+            )
         if self.kernel_impl not in KERNEL_IMPLS:
             errors.append(f"kernel_impl must be one of {', '.join(KERNEL_IMPLS)}, got {self.kernel_impl!r}")
         if self.memory_slots < 0:

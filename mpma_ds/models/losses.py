@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpma_ds import kernels
+from mpma_ds.models.registry import LOCAL_LOSSES
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -177,13 +178,19 @@ class GlobalContrastiveLoss(nn.Module):
         )
 
 
+@LOCAL_LOSSES.register("late_interaction")
 class LocalAlignmentLoss(nn.Module):
-    """Local token-patch alignment: late-interaction scores -> symmetric InfoNCE over the local batch."""
+    """Local token-patch alignment: late-interaction scores -> symmetric InfoNCE over the local batch. Another
+    local loss (`gloria.GloriaLocalLoss`) subclasses it and overrides `scores`."""
 
     def __init__(self, init_temperature: float, max_scale: float, *, kernel_impl: str = "auto") -> None:
         super().__init__()
         self.logit_scale = LogitScale(init_temperature, max_scale)
         self.kernel_impl = kernel_impl
+
+    def scores(self, tokens: torch.Tensor, token_valid: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(Bt, Bi) similarity of every (report, image) pair of the batch."""
+        return late_interaction_scores(tokens, token_valid, patches, impl=self.kernel_impl)
 
     def forward(
         self,
@@ -193,5 +200,5 @@ class LocalAlignmentLoss(nn.Module):
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``valid`` (B,) bool: stand-in samples are left out of both directions (not even as negatives)."""
-        scores = late_interaction_scores(tokens, token_valid, patches, impl=self.kernel_impl)  # (B, B)
+        scores = self.scores(tokens, token_valid, patches)  # (B, B)
         return symmetric_infonce(self.logit_scale().float() * scores.float(), valid=valid)

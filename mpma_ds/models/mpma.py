@@ -15,7 +15,8 @@ from mpma_ds.models.config import ATTN_IMPLS, MPMAConfig
 from mpma_ds.models.fusion import MACMFFusion, MultiHeadAttention
 from mpma_ds.models.heads import MAEDecoder, MLMHead
 from mpma_ds.models.image_encoder import build_image_encoder, patchify, random_masking, save_timm_local_dir
-from mpma_ds.models.losses import GlobalContrastiveLoss, LocalAlignmentLoss, masked_patch_mse
+from mpma_ds.models.losses import GlobalContrastiveLoss, masked_patch_mse
+from mpma_ds.models.registry import LOCAL_LOSSES
 from mpma_ds.models.text_encoder import build_text_encoder, resolve_text_init
 
 CONFIG_NAME = "config.json"
@@ -67,7 +68,7 @@ class MPMA(nn.Module):
         self.image_proj = nn.Linear(config.vision_width, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
         self.global_loss = GlobalContrastiveLoss(config.init_temperature, config.max_logit_scale)
-        self.local_loss = LocalAlignmentLoss(
+        self.local_loss = LOCAL_LOSSES[config.local_loss](
             config.init_temperature, config.max_logit_scale, kernel_impl=config.kernel_impl
         )
         # ... and to the fusion width, plus modality-type embeddings (0 = text, 1 = image).

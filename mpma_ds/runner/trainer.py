@@ -57,7 +57,7 @@ from mpma_ds.training.ds_config import (
     zero_stage,
 )
 from mpma_ds.training.engine import build_engine, engine_memory
-from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb, source_counters
+from mpma_ds.training.metrics import StepMeter, device_peak_flops, memory_gb, remote_counters, source_counters
 from mpma_ds.training.recipe import RECIPE_FILE, FinetuneRecipe, Recipe, save_recipe
 from mpma_ds.training.run_folder import (  # noqa: F401 - the file names stay importable from here
     DS_CONFIG_FILE,
@@ -426,6 +426,7 @@ class Trainer:
             "memory_gb": memory_gb(self.ctx.device),
             **data_skips.loader_metrics(self.loaders, self.step * self.cfg.global_batch_size, self.recipe.data),
             **source_counters(self.loaders, self.recipe.data.train_sources),  # data/samples/<source>
+            **remote_counters(self.loaders),  # data/remote_retries, data/remote_bytes
             "nonfinite_skipped": float(self.nan_total),
             "nonfinite_grad_skipped": float(self.grad_skipped),
         }

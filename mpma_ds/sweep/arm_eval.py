@@ -5,8 +5,9 @@ its own bootstrap interval. Two arms of an ablation are better compared on the s
 metric with a paired interval (`bootstrap.mean_paired_difference`), which is much narrower when both models err
 on the same hard studies. `evaluate_rows` runs the same deterministic pass as `split_eval` and keeps per row: the
 embeddings and report texts (retrieval), the zero-shot scores and targets, each grounding map's pointing hits
-(`grounding_maps`), and the masked finding-word counts of the MLM head (`mlm.MaskedTokenAccuracy`).
-`paired_table` turns two such evaluations into differences.
+(`grounding_maps`), and the masked finding-word counts of the MLM head (`mlm.MaskedTokenAccuracy`); the sweep
+joins the linear probe's and the frozen VQA's per-sample test outputs (`sweep.downstream`). `paired_table` turns
+two such evaluations into differences.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 
 from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.eval.alignment import evaluate_alignment
-from mpma_ds.eval.bootstrap import mean_paired_difference
+from mpma_ds.eval.bootstrap import mean_paired_difference, with_intervals
+from mpma_ds.eval.classification import multilabel_auroc
 from mpma_ds.eval.retrieval import retrieval_metrics
+from mpma_ds.eval.vqa import vqa_accuracy
 from mpma_ds.eval.zeroshot import abnormal_rows, reference_targets, zero_shot_auroc
 
 RETRIEVAL_KEYS = ("i2t_R@10", "t2i_R@10", "i2t_R@10_abnormal")
@@ -48,6 +51,15 @@ def finding_word_accuracy(counts: Any) -> dict[str, float]:
     return {"mlm_acc_findings": float(c[:, 0].sum() / total) if total else float("nan")}
 
 
+def finding_word_gain(counts: Any, shuffled: Any) -> dict[str, float]:
+    """``{"mlm_findings_image_gain": accuracy with the study's own image - with another study's}`` of (N, 2)
+    per-sample finding-word counts of both reads (`mlm.MaskedTokenAccuracy` with ``image_control``): what the MLM
+    head read off the image rather than the report's text."""
+    own = finding_word_accuracy(counts)["mlm_acc_findings"]
+    other = finding_word_accuracy(shuffled)["mlm_acc_findings"]
+    return {"mlm_findings_image_gain": own - other}
+
+
 def evaluate_rows(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -67,7 +79,9 @@ def evaluate_rows(
     the stored JPEG sizes, `grounding.stored_sizes`).
 
     Returns:
-        ``metrics``: alignment metrics with intervals, ``mlm_acc_findings`` / ``mlm_acc``, and per map
+        ``metrics``: alignment metrics with intervals, ``mlm_acc_findings`` / ``mlm_acc``,
+        ``mlm_acc_findings_shuffled`` (the same masked reports beside another study's image) and
+        ``mlm_findings_image_gain`` (own - other, with its interval), and per map
         ``pointing_game[<map>]`` (+ ``cnr``, ``miou``, shifted baselines, ``chance``); ``rows``: what
         `paired_table` needs.
     """
@@ -76,7 +90,7 @@ def evaluate_rows(
     from mpma_ds.runner.evaluate import one_pass
 
     model.to(device)
-    mlm = MaskedTokenAccuracy(model, tokenizer, device)
+    mlm = MaskedTokenAccuracy(model, tokenizer, device, image_control=True)
     kept: dict[str, Any] = {}
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         metrics = evaluate_alignment(
@@ -85,7 +99,12 @@ def evaluate_rows(
         )  # fmt: skip
     metrics.update(mlm.result())
     rows: dict[str, Any] = {"image": kept["image"], "text": kept["text"], "texts": list(kept["texts"]),
-                            "mlm_findings": mlm.per_sample("findings")}  # fmt: skip
+                            "mlm_findings": mlm.per_sample("findings"),
+                            "mlm_findings_shuffled": mlm.per_sample("findings_shuffled")}  # fmt: skip
+    if len(rows["mlm_findings"]):
+        gain = with_intervals(finding_word_gain, rows["mlm_findings"], rows["mlm_findings_shuffled"],
+                              n_resamples=max(n_resamples, 1))  # fmt: skip
+        metrics.update(gain)
     if "scores" in kept:
         targets, reference = reference_targets(kept["labels"], kept["truths"], CHEXPERT_LABELS)
         rows.update(scores=kept["scores"], targets=targets, reference=reference,
@@ -112,7 +131,9 @@ def paired_table(
 
     Returns:
         ``{metric: mean_paired_difference's entry}`` for the retrieval keys, ``zeroshot_auroc_mean``,
-        ``mlm_acc_findings`` and ``pointing_game[<map>]`` of each map both evaluated.
+        ``mlm_acc_findings``, ``pointing_game[<map>]`` of each map both evaluated, and where both were
+        fine-tuned downstream (`sweep.downstream`) ``linear_probe_auroc`` and ``vqa_accuracy_closed`` / ``_open``
+        / ``_overall`` over the fine-tuning runs' test rows.
 
     Raises:
         ValueError: the two were not evaluated on the same rows (another split, another order).
@@ -139,6 +160,11 @@ def paired_table(
                                           reference=first["reference"], **kw))  # fmt: skip
     pairs = [((a.rows["mlm_findings"],), (b.rows["mlm_findings"],)) for a, b in zip(arm, reference)]
     out.update(mean_paired_difference(finding_word_accuracy, pairs, keys=["mlm_acc_findings"], **kw))
+    if all("mlm_findings_shuffled" in r.rows for r in (*arm, *reference)):
+        pairs = [((a.rows["mlm_findings"], a.rows["mlm_findings_shuffled"]),
+                  (b.rows["mlm_findings"], b.rows["mlm_findings_shuffled"])) for a, b in zip(arm, reference)]  # fmt: skip
+        out.update(mean_paired_difference(finding_word_gain, pairs, keys=["mlm_findings_image_gain"], **kw))
+    out.update(_downstream_differences(arm, reference, **kw))
     common = set(first.get("hits", {}))
     for r in (*arm, *reference):
         common &= set(r.rows.get("hits", {}))
@@ -147,4 +173,35 @@ def paired_table(
         out[f"pointing_game[{m}]"] = mean_paired_difference(
             pointing_accuracy, pairs, keys=["pointing_game"], **kw
         )["pointing_game"]
+    return out
+
+
+def _downstream_differences(
+    arm: Sequence[RowOutputs], reference: Sequence[RowOutputs], *, n_resamples: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Paired differences of the linear probe's macro AUROC and the frozen VQA accuracies, where every
+    evaluation of both has them (the same test rows: the same keys, the same answer set)."""
+    out: dict[str, dict[str, Any]] = {}
+    everyone = (*arm, *reference)
+    kw = dict(n_resamples=n_resamples, seed=seed)
+    if all("linear_probe" in r.rows for r in everyone):
+        runs = [r.rows["linear_probe"] for r in everyone]
+        if any(p["keys"] != runs[0]["keys"] for p in runs):
+            raise ValueError("the arm and the reference were not linear-probed on the same test images")
+        lp = [(a.rows["linear_probe"], b.rows["linear_probe"]) for a, b in zip(arm, reference)]
+        pairs = [((a["scores"], a["targets"]), (b["scores"], b["targets"])) for a, b in lp]
+        found = mean_paired_difference(multilabel_auroc, pairs, keys=["auroc_macro"], names=runs[0]["names"],
+                                       min_each=runs[0]["min_each"], **kw)  # fmt: skip
+        out["linear_probe_auroc"] = found["auroc_macro"]
+    if all("vqa" in r.rows for r in everyone):
+        runs = [r.rows["vqa"] for r in everyone]
+        if any(p["keys"] != runs[0]["keys"] or p["answer_vocab"] != runs[0]["answer_vocab"] for p in runs):
+            raise ValueError("the arm and the reference were not VQA-tested on the same questions and answers")
+        vqa = [(a.rows["vqa"], b.rows["vqa"]) for a, b in zip(arm, reference)]
+        pairs = [
+            ((a["predicted"], a["gold"], a["types"]), (b["predicted"], b["gold"], b["types"])) for a, b in vqa
+        ]
+        keys = [f"accuracy_{kind}" for kind in ("overall", "closed", "open")]
+        found = mean_paired_difference(vqa_accuracy, pairs, keys=keys, answer_vocab=runs[0]["answer_vocab"], **kw)
+        out.update({f"vqa_{k}": found[k] for k in keys})
     return out

@@ -47,16 +47,33 @@ class SweepEvalConfig(ConfigSection):
     bootstrap: int = 1000
     """Bootstrap resamples of every interval (each arm's own and the paired differences)."""
     maps: list[str] = field(default_factory=lambda: ["similarity", "cross_attention", "gradcam_itc"])
-    """Grounding maps whose pointing game is played against the truth boxes (`eval.grounding_maps.MAPS`); an
-    empty list skips grounding (shards without ``truth``)."""
+    """Grounding maps whose pointing game is played against the truth boxes (`eval.grounding_maps.MAPS`); each
+    arm plays those its model has (``gloria_attention``: ``local_loss: gloria``; ``gradcam_itm``: an ITM head).
+    An empty list skips grounding (shards without ``truth``)."""
     device: str = "auto"
     """Where the evaluation runs: cpu, cuda, or auto (cuda when available)."""
+    linear_probe_fraction: float = 0.01
+    """Label fraction of the linear probe (CheXpert macro AUROC of a linear head on the frozen image features,
+    trained on that patient-level subset of the training split, tested on the build's ``test`` split;
+    `sweep.downstream`); 0 skips it."""
+    linear_probe_min_label_count: int = 10
+    """The linear probe's macro AUROC counts a label with at least this many test positives and negatives (the
+    demo's ``--min-label-count``)."""
+    finetune_set: list[str] = field(default_factory=list)
+    """More ``--set`` overrides of both downstream fine-tuning recipes (e.g. ``train.max_steps=200``)."""
+    vqa_shards: str = ""
+    """A VQA shard build (``train/``, ``validate/``, ``test/``; ``build_shards --format vqa-rad``) for VQA with the
+    backbone frozen (CLOSED / OPEN accuracy); empty skips it."""
 
     def validate(self) -> None:
         from mpma_ds.eval.grounding_maps import MAPS
 
         if self.batch_size < 1 or self.max_batches < 0 or self.min_label_count < 1 or self.bootstrap < 1:
             raise ValueError("evaluation: batch_size, min_label_count, bootstrap must be >= 1, max_batches >= 0")
+        if not 0.0 <= self.linear_probe_fraction <= 1.0 or self.linear_probe_min_label_count < 1:
+            raise ValueError(
+                "evaluation: linear_probe_fraction must be in [0, 1], linear_probe_min_label_count >= 1"
+            )
         unknown = [m for m in self.maps if m not in MAPS]
         if unknown:
             raise ValueError(f"evaluation.maps: unknown map(s) {unknown}; choose from {', '.join(MAPS)}")

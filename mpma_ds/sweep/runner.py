@@ -35,6 +35,13 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("i2t_R@10_abnormal", "image->report R@10, abnormal"),
     ("t2i_R@10", "report->image R@10"),
     ("mlm_acc_findings", "masked finding words"),
+    ("mlm_findings_image_gain", "finding words: own - other image"),
+)
+# (metric key, column title) of the downstream fine-tuning (`sweep.downstream`), shown when the reference has them
+DOWNSTREAM_METRICS: tuple[tuple[str, str], ...] = (
+    ("linear_probe_auroc", "linear probe AUROC ({fraction} labels)"),
+    ("vqa_accuracy_closed", "frozen VQA CLOSED"),
+    ("vqa_accuracy_open", "frozen VQA OPEN"),
 )
 
 
@@ -116,6 +123,7 @@ def run_arm(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | None =
         raise SweepError(f"arm {arm} seed {seed}: {' '.join(str(err).split())}") from err
     log(f"{arm} seed {seed}: evaluating")
     found = evaluate_exported(run_dir / "exported", recipe, cfg, eval_dir)
+    found = _with_downstream(found, run_dir, recipe, cfg, arm, seed, log)
     torch.save({"fingerprint": stamp, "metrics": found.metrics, "rows": found.rows}, done)
     _log_eval_run(found.metrics, run_dir, eval_dir, recipe, cfg, arm, seed)
     return found
@@ -124,6 +132,7 @@ def run_arm(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | None =
 def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path):
     """`arm_eval.evaluate_rows` of an exported model on the sweep's split; writes ``out_dir/metrics.json``."""
     from mpma_ds.eval.grounding import shards_have_truth, stored_sizes
+    from mpma_ds.eval.grounding_maps import available_maps
     from mpma_ds.models import MPMA
     from mpma_ds.runner.evaluate import data_config_for
     from mpma_ds.sweep.arm_eval import evaluate_rows
@@ -137,7 +146,7 @@ def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path):
     tok = load_tokenizer(tok_dir)
     shard_dir = _eval_split(recipe, ev.split)
     data_cfg = data_config_for(net.config, recipe=recipe, shards=shard_dir, tokenizer=tok_dir, backend=None)
-    maps = list(ev.maps) if ev.maps and shards_have_truth(shard_dir) else []
+    maps = [m for m in ev.maps if m in available_maps(net)] if ev.maps and shards_have_truth(shard_dir) else []
     device = ("cuda" if torch.cuda.is_available() else "cpu") if ev.device == "auto" else ev.device
     found = evaluate_rows(
         net, tok, data_cfg, split=ev.split, batch_size=ev.batch_size, device=device,
@@ -147,6 +156,30 @@ def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(found.metrics), indent=1) + "\n")
     return found
+
+
+def _with_downstream(found, run_dir: Path, recipe, cfg: SweepConfig, arm: str, seed: int,
+                     log: Callable[[str], None]):  # fmt: skip
+    """``found`` with the linear probe and frozen VQA of the exported arm (`sweep.downstream`) joined to its
+    metrics and rows; the fine-tuning runs nested under the arm's pretraining run."""
+    from mpma_ds.sweep.arm_eval import RowOutputs
+    from mpma_ds.sweep.downstream import downstream_rows
+
+    ev = cfg.evaluation
+    if ev.linear_probe_fraction <= 0 and not ev.vqa_shards:
+        return found
+    log(f"{arm} seed {seed}: linear probe at {ev.linear_probe_fraction:g} of the labels"
+        + (", frozen VQA" if ev.vqa_shards else ""))  # fmt: skip
+    info_file = run_dir / "exported" / "export_info.json"
+    parent = (json.loads(info_file.read_text()) if info_file.is_file() else {}).get("mlflow_run_id")
+    tags = {"mpma.sweep": cfg.name, "mpma.arm": arm, "mpma.seed": str(seed),
+            **({"mlflow.parentRunId": parent} if parent else {})}  # fmt: skip
+    shards = _eval_split(recipe, ev.split).parent
+    try:
+        metrics, rows = downstream_rows(run_dir / "exported", recipe, cfg, shards, run_dir / "downstream", tags)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise SweepError(f"arm {arm} seed {seed}: downstream: {' '.join(str(err).split())}") from err
+    return RowOutputs({**found.metrics, **metrics}, {**found.rows, **rows})
 
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -200,7 +233,10 @@ def sweep_table(cfg: SweepConfig, results: Mapping[str, Sequence[Any]], differen
     ref = cfg.reference
     maps = [f"pointing_game[{m}]" for m in cfg.evaluation.maps if any(
         m in (r.metrics.get("grounding_maps") or {}) for r in results[ref])]  # fmt: skip
-    columns = list(TABLE_METRICS) + [(k, f"pointing game ({k[14:-1]})") for k in maps]
+    fraction = f"{100 * cfg.evaluation.linear_probe_fraction:g} %"
+    downstream = [(k, t.format(fraction=fraction)) for k, t in DOWNSTREAM_METRICS
+                  if any(r.metrics.get(k) is not None for r in results[ref])]  # fmt: skip
+    columns = [*TABLE_METRICS, *downstream] + [(k, f"pointing game ({k[14:-1]})") for k in maps]
     lines = ["| arm | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for arm, found in results.items():
         cells = []
@@ -223,6 +259,9 @@ def sweep_table(cfg: SweepConfig, results: Mapping[str, Sequence[Any]], differen
               f"`{ref}` with the paired bootstrap 95 % interval ({cfg.evaluation.bootstrap} resamples of the "
               f"{n_eval} {cfg.evaluation.split} studies, {n_pairs} (image, finding) pairs for the pointing game); "
               "an interval that excludes 0 is a difference this evaluation can see."]  # fmt: skip
+    if downstream:
+        lines[-1] += (" The linear probe and frozen VQA columns resample their own test splits' images and "
+                      "questions (`sweep.downstream`).")  # fmt: skip
     if len(cfg.seeds) > 1:
         lines.append("")
         lines.append("Per-seed differences (the spread between seeds, which the intervals above do not hold):")

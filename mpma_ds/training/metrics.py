@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from data_tools import remote
+from mpma_ds.data.plan import BYTES, RETRIES
 from mpma_ds.distributed import all_reduce_sum
 
 # Dense bf16 tensor-core peaks (no sparsity) in FLOP/s, by a fragment of torch.cuda.get_device_name().
@@ -66,6 +68,19 @@ def source_counters(loaders: list[Any], sources: list[Any]) -> dict[str, float]:
         return {}
     stats = [loader.stats() for loader in loaders]
     keys = [f"samples/{s.name}" for s in sources]
+    counts = all_reduce_sum(torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in keys])).tolist()
+    return {f"data/{k}": n for k, n in zip(keys, counts)}
+
+
+def remote_counters(loaders: list[Any]) -> dict[str, float]:
+    """For remote shards, ``data/remote_retries`` and ``data/remote_bytes``: the transient store faults retried
+    and the bytes read from the store while making the training batches so far, summed over a rank's streams
+    and over ranks (collective; every rank reads the same kind of shards)."""
+    indexes = [getattr(loader.loader, "index", None) for loader in loaders]
+    if not any(remote.is_remote(p) for index in indexes if index is not None for p in index.paths):
+        return {}
+    stats = [loader.stats() for loader in loaders]
+    keys = (RETRIES, BYTES)
     counts = all_reduce_sum(torch.tensor([float(sum(st.get(k, 0) for st in stats)) for k in keys])).tolist()
     return {f"data/{k}": n for k, n in zip(keys, counts)}
 

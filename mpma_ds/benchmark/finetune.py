@@ -1,0 +1,230 @@
+"""Protocols that train: a suite entry run as a fine-tuning task through the ``Trainer`` (no second loop).
+
+- **finetune** (the label-efficiency protocol, full fine-tuning): the dataset's records written as a ``manifest``
+  (image, split, patient, labels under their CheXpert names) and built into shards once, then the ``cls`` task
+  fine-tunes image encoder + linear head at each label fraction (``data.label_fraction``: the Trainer's nested,
+  patient-level subset; its checksum — the sorted keys of the records it keeps — in the results) and seed;
+  test AUROC per label and mean (``auroc_mean@<f>%``). Datasets whose labels are not CheXpert findings (NIH's
+  Mass / Nodule / Emphysema ..., COVIDx's classes) are refused with one line: the ``cls`` task classifies
+  CheXpert labels only.
+- **vqa** (VQA-RAD, SLAKE): the dataset folder is built into VQA shards once (``build_shards --format
+  vqa-rad|slake``, cached under ``CACHE/shards/``: a finished build is reused), then the ``vqa`` task fine-tunes
+  the model on the ``train`` split (best checkpoint by validation accuracy where the set has a validation file)
+  and the Trainer's final test gives accuracy overall / CLOSED / OPEN with 95 % bootstrap intervals and the
+  per-question predictions (``test_predictions.pt``) that pair two models question by question.
+
+The fine-tuning recipe is the entry's ``recipe`` (a shipped name or a path; default `DEFAULT_RECIPES`) with the
+entry's ``set`` overrides (``train.epochs=2``) on top; the model, tokenizer and eval preprocessing are the
+benchmarked model's, whatever the recipe says: its architecture goes in as ``model.overrides`` (so the recipe's own
+``model.name`` cannot refuse it), ``init.from`` is its folder, and a ``random:`` twin is ``init.from: random`` built
+with the twin's seed — the same weights the other protocols evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_tools.benchmarks import BenchmarkData
+from data_tools.benchmarks.common import split_checksum
+from data_tools.build_shards import build_shards
+from data_tools.shard_format import CHEXPERT_LABELS
+from mpma_ds.benchmark.model import BenchModel
+from mpma_ds.benchmark.protocols import PROMPT_ALIASES, EntryResult
+from mpma_ds.benchmark.suite import SuiteEntry
+from mpma_ds.config import apply_overrides, build_with_overrides, load_yaml
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.subsets import patient_subset
+from mpma_ds.data.transforms import eval_resize_size
+from mpma_ds.eval.classification import multilabel_auroc
+from mpma_ds.eval.vqa import vqa_accuracy
+from mpma_ds.fileio import atomic_write_text
+from mpma_ds.recipes import find_recipe
+from mpma_ds.tasks.finetune import read_split_metas
+from mpma_ds.training.ds_config import find_ds_config
+from mpma_ds.training.recipe import FinetuneRecipe
+from mpma_ds.training.run_folder import PREDICTIONS_FILE
+
+DEFAULT_RECIPES: dict[str, str] = {"vqa": "finetune_vqa_tiny", "finetune": "finetune_cls_tiny"}
+"""The fine-tuning recipe of a protocol when the entry names none."""
+
+VQA_KEYS = ("accuracy_overall", "accuracy_closed", "accuracy_open")
+
+
+def task_shards(data: BenchmarkData, folder: Path, cache_dir: Path, *, image_size: int, lang: str) -> Path:
+    """The dataset's shards, built once under ``CACHE/shards/<dataset>-<version>-<lang>-<px>`` (the key holds the
+    split files' fingerprint: a changed download builds anew; a finished build is reused as it is)."""
+    out = cache_dir / "shards" / f"{data.dataset}-{data.version()}-{lang}-{image_size}px"
+    # min_size as the streamed protocols decode (features.RecordImages): any film the model can take
+    summary = build_shards(data.dataset, folder, out, image_size=image_size, min_size=16, vqa_lang=lang,
+                           progress=False)  # fmt: skip
+    if not summary["splits"].get("train") or not summary["splits"].get("test"):
+        raise ValueError(
+            f"{data.dataset}: the shards built from {folder} hold no train or no test questions "
+            f"({summary['splits']}); see {out / 'rejects.jsonl'}"
+        )
+    return out
+
+
+def cls_shards(
+    data: BenchmarkData, cache_dir: Path, *, split: str, image_size: int
+) -> tuple[Path, tuple[str, ...]]:
+    """Shards of a labelled image dataset (via a ``manifest``, built once) and its labels' CheXpert names: its
+    ``train`` split, the evaluated ``split`` as ``test`` and, when that is ``test``, ``validate`` for picking the
+    best checkpoint (evaluated on ``validate``, a set has no held-out split to pick on: the last weights count)."""
+    names = tuple(PROMPT_ALIASES.get(n, n) for n in data.label_names)
+    odd = [n for n, c in zip(data.label_names, names) if c not in CHEXPERT_LABELS]
+    if data.task != "multilabel" or odd or len(set(names)) != len(names):
+        raise ValueError(
+            f"{data.dataset}: protocol finetune trains the cls task on CheXpert findings; "
+            + (f"{', '.join(odd)} are not among them" if odd else "its labels are not distinct CheXpert findings")
+            + " (use linear_probe for this dataset)"
+        )
+    role = {"train": "train", split: "test", **({"validate": "validate"} if split == "test" else {})}
+    records = [r for r in data.records if r.split in role]
+    if not data.split("train") or not data.split(split):
+        raise ValueError(f"{data.dataset} has no train or no {split} split to fine-tune and test on")
+    key = f"{data.dataset}-{data.version()}-{split}-{split_checksum(records)}-{image_size}px"
+    out = cache_dir / "shards" / key
+    manifest = out.parent / f"{out.name}.jsonl"
+    if not manifest.is_file():
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for r in records:
+            labels = {
+                n: (None if math.isnan(v) else v) for n, v in zip(names, r.labels or [math.nan] * len(names))
+            }
+            # the cls task reads no text, but a shard sample carries one: the record's, else the dataset's name
+            lines.append(json.dumps({"image": r.image, "text": r.text or data.dataset, "split": role[r.split],
+                                     "patient_id": r.patient, "image_id": r.key, "labels": labels}))  # fmt: skip
+        atomic_write_text(manifest, "\n".join(lines) + "\n")
+    summary = build_shards("manifest", manifest, out, image_size=image_size, min_size=16, min_words=0, views=None,
+                           progress=False)  # fmt: skip
+    if not summary["splits"].get("train") or not summary["splits"].get("test"):
+        raise ValueError(f"{data.dataset}: no train or no test image decoded; see {out / 'rejects.jsonl'}")
+    return out, names
+
+
+def finetune_recipe(
+    model: BenchModel, entry: SuiteEntry, *, task: str, shards: Path, out_dir: Path, n_resamples: int, workers: int,
+    tracking: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None,
+) -> FinetuneRecipe:  # fmt: skip
+    """The entry's fine-tuning recipe for ``model`` on ``shards`` (see the module docstring)."""
+    path = find_recipe(entry.recipe or DEFAULT_RECIPES[entry.protocol])
+    tree = load_yaml(path, what="recipe", hint="the suite entry's recipe: a shipped name or a YAML path")
+    arch = {k: v for k, v in model.net.config.to_dict().items() if not k.endswith("_init_from")}
+    tree["model"] = {"overrides": arch}  # the model's own architecture, whatever the recipe names
+    tree.setdefault("task", {})["name"] = task
+    tree["task"]["bootstrap"] = n_resamples
+    tree["init"] = {"from": "random" if model.kind == "random" else model.spec}
+    cfg = model.data_cfg
+    has_val = (shards / "validate").is_dir()
+    tree.setdefault("data", {}).update(
+        backend="wds", train_shards=str(shards / "train"), val_shards=str(shards / "validate") if has_val else "",
+        test_shards=str(shards / "test"), tokenizer=model.tokenizer_dir, image_size=cfg.image_size,
+        in_chans=cfg.in_chans, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        eval_crop_fraction=cfg.eval_crop_fraction, num_workers=workers, label_fraction=1.0,
+        max_text_len=min(int(tree["data"].get("max_text_len", cfg.max_text_len)), cfg.max_text_len),
+    )  # fmt: skip
+    train = tree.setdefault("train", {})
+    train.update(output_dir=str(out_dir), seed=int(model.info.get("seed", train.get("seed", 0))))
+    if not has_val:  # no validation file (VQA-RAD as often shipped): the last weights are tested
+        train.update(eval_every=0, eval_every_epochs=0, best_metric="", early_stopping=0)
+    tree["tracking"] = {**tree.get("tracking", {}), **tracking}
+    for section, values in (extra or {}).items():  # the protocol's own settings (label fraction, labels)
+        node = tree
+        for part in section.split("."):
+            node = node.setdefault(part, {})
+        node.update(values)
+    apply_overrides(tree, entry.set)
+    recipe = build_with_overrides(FinetuneRecipe, tree, entry.set, source=str(path), what="recipe")
+    recipe.deepspeed_config = str(find_ds_config(recipe.deepspeed_config, recipe_dir=Path(path).parent))
+    return recipe
+
+
+def run_finetune(recipe: FinetuneRecipe) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train ``recipe`` through the Trainer; ``(summary, the final test's per-sample predictions)``."""
+    from mpma_ds.runner.trainer import train
+
+    summary = train(recipe, overwrite=True)
+    predictions = Path(recipe.train.output_dir) / PREDICTIONS_FILE
+    if not predictions.is_file():
+        raise ValueError(f"the fine-tuning run {recipe.train.output_dir} wrote no test predictions")
+    return summary, torch.load(predictions, weights_only=True)
+
+
+def vqa(
+    model: BenchModel, data: BenchmarkData, entry: SuiteEntry, *, folder: Path, cache_dir: Path, out_dir: Path,
+    n_resamples: int, workers: int, tracking: dict[str, Any],
+) -> EntryResult:  # fmt: skip
+    """VQA accuracy overall / CLOSED / OPEN of ``model`` fine-tuned on the dataset's train split."""
+    lang = str(entry.options.get("lang", "en"))
+    shards = task_shards(data, folder, cache_dir, image_size=eval_resize_size(model.data_cfg), lang=lang)
+    recipe = finetune_recipe(model, entry, task="vqa", shards=shards, out_dir=out_dir, n_resamples=n_resamples,
+                             workers=workers, tracking=tracking)  # fmt: skip
+    summary, kept = run_finetune(recipe)
+    metrics = {k.removeprefix("test/"): v for k, v in (summary.get("test") or {}).items()}
+    vocab = list(kept["answer_vocab"])
+    predicted = np.asarray([vocab[i] for i in kept["predicted"]], dtype=str)
+    arrays = [predicted, np.asarray(kept["gold"], dtype=str), np.asarray(kept["types"], dtype=str)]
+    pair = {"fn": vqa_accuracy, "arrays": arrays, "keys": list(VQA_KEYS), "kwargs": {"answer_vocab": tuple(vocab)},
+            "rows": list(kept["keys"])}  # fmt: skip
+    info = {
+        "run_dir": str(out_dir), "mlflow_run_id": summary.get("mlflow_run_id"), "steps": summary.get("step"),
+        "recipe": entry.recipe or DEFAULT_RECIPES["vqa"], "set": list(entry.set),
+        "answers": len(vocab), "questions_read": summary.get("questions_read"), "best": summary.get("best"),
+        "shards": str(shards), "build_rejects": json.loads((shards / "manifest.json").read_text()).get("rejects"),
+    }  # fmt: skip
+    return EntryResult(metrics, "accuracy_overall", pair, info)
+
+
+def finetune_cls(
+    model: BenchModel, data: BenchmarkData, entry: SuiteEntry, *, cache_dir: Path, out_dir: Path, n_resamples: int,
+    workers: int, tracking: dict[str, Any],
+) -> EntryResult:  # fmt: skip
+    """Test AUROC of ``model`` fine-tuned (cls task) at each of the entry's label fractions and seeds."""
+    shards, names = cls_shards(data, cache_dir, split=entry.split, image_size=eval_resize_size(model.data_cfg))
+    train = data.split("train")
+    metrics: dict[str, Any] = {}
+    checksums, multi, runs, rows = {}, [], {}, None
+    for seed in entry.seeds:
+        for frac in entry.fractions:
+            tag = f"@{frac * 100:g}%" + (f"/seed{seed}" if len(entry.seeds) > 1 else "")
+            kept = [r for r, k in zip(train, patient_subset([r.patient for r in train], frac, seed)) if k]
+            checksums[tag] = {
+                "checksum": split_checksum(kept),
+                "images": len(kept),
+                "fraction": frac,
+                "seed": seed,
+            }
+            extra = {"data": {"label_fraction": frac, "label_fraction_seed": seed},
+                     "task.cls": {"labels": "chexpert", "label_names": list(names)}}  # fmt: skip
+            recipe = finetune_recipe(model, entry, task="cls", shards=shards, out_dir=out_dir / tag.strip("@").replace(
+                "%", "pct").replace("/", "-"), n_resamples=n_resamples, workers=workers,
+                tracking={**tracking, "run_name": f"{tracking.get('run_name', '')} {tag}"}, extra=extra)  # fmt: skip
+            summary, out = run_finetune(recipe)
+            test = summary.get("test") or {}
+            metrics[f"auroc_mean{tag}"] = test.get("test/auroc_macro", math.nan)
+            if "test/auroc_macro_ci95" in test:
+                metrics[f"auroc_mean{tag}_ci95"] = test["test/auroc_macro_ci95"]
+            kw = {"names": list(out["names"]), "min_each": recipe.task.cls.min_label_count}
+            multi.append({"fn": multilabel_auroc, "arrays": [out["scores"].numpy(), out["targets"].numpy()],
+                          "kwargs": kw, "key": "auroc_macro", "name": f"auroc_mean{tag}"})  # fmt: skip
+            runs[tag] = {"run_dir": recipe.train.output_dir, "steps": summary.get("step"),
+                         "mlflow_run_id": summary.get("mlflow_run_id"), "subset": summary.get("subset")}  # fmt: skip
+            if rows is None:  # shard keys -> the records' own keys (the manifest's image_id)
+                test_keys = dict(zip(load_shard_index(str(shards / "test")).keys,
+                                     (str(m.get("image_id")) for m in read_split_metas(str(shards / "test")))))  # fmt: skip
+                rows = [test_keys[k] for k in out["keys"]]
+    metrics["train_images"] = len(train)
+    headline = f"auroc_mean@{max(entry.fractions) * 100:g}%" + (
+        f"/seed{entry.seeds[0]}" if len(entry.seeds) > 1 else ""
+    )
+    info = {"split_checksums": checksums, "runs": runs, "labels": list(names), "shards": str(shards),
+            "recipe": entry.recipe or DEFAULT_RECIPES["finetune"], "set": list(entry.set)}  # fmt: skip
+    return EntryResult(metrics, headline, {"multi": multi, "rows": rows or []}, info)
