@@ -34,6 +34,7 @@ def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
         "1",
         "--bound-cache",  # not the user's cache: the bound is measured (and logged) by this demo
         str(out.parent / "bound-cache"),
+        "--measure-bound",
         *extra,
     ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -81,11 +81,19 @@ def test_the_cache_key_follows_contents_encoder_and_budget_not_paths(tmp_path, m
         return {"auroc": 0.8, "ci95": [0.7, 0.9], "labels": 14, "train_seconds": 1.0, "steps": 7}
 
     monkeypatch.setattr(sb, "measure_bound", fake_measure)
+    # `make demo` only reads the cache: nothing there, so the bound stays unknown and nothing trains
+    unknown = sb.supervised_bound(
+        a, "tok", recipe, out_dir=tmp_path / "run", min_count=20, cache_dir=tmp_path / "k", measure=False
+    )
+    assert unknown["auroc"] is None and unknown["measured"] is False and not calls
     first = sb.supervised_bound(a, "tok", recipe, out_dir=tmp_path / "run", min_count=20, cache_dir=tmp_path / "k")
     again = sb.supervised_bound(
         moved, "tok", recipe, out_dir=tmp_path / "r2", min_count=20, cache_dir=tmp_path / "k"
     )
     assert len(calls) == 1 and not first["cached"] and again["cached"] and again["auroc"] == 0.8
+    read = sb.supervised_bound(a, "tok", recipe, out_dir=tmp_path / "r", min_count=20, cache_dir=tmp_path / "k",
+                               measure=False)  # fmt: skip
+    assert read["cached"] and read["measured"] and read["auroc"] == 0.8 and len(calls) == 1
     assert (
         "task.cls.labels=truth" in calls[0] and "train.max_steps=7" in calls[0] and "init.from=random" in calls[0]
     )

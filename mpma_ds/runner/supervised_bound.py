@@ -172,11 +172,12 @@ def supervised_bound(
     min_count: int,
     cache_dir: str | Path | None = None,
     tracking: list[str] = (),
+    measure: bool = True,
 ) -> dict[str, Any]:
     """The bound of ``recipe``'s image encoder and budget on ``shards``: read from the cache, else measured (run
-    folder ``out_dir``, ``tracking``: extra ``tracking.*`` overrides) and cached. Returns ``{"auroc", "ci95",
-    "labels", "labels_left_out", "train_seconds", "steps", "mlflow_run_id", "key", "inputs", "measured_at",
-    "cached": bool, "cache_file"}``."""
+    folder ``out_dir``, ``tracking``: extra ``tracking.*`` overrides) and cached — or, with ``measure=False``, left
+    unknown (``"auroc": None``, ``"measured": False``). Returns ``{"auroc", "ci95", "labels", "labels_left_out",
+    "train_seconds", "steps", "mlflow_run_id", "key", "inputs", "measured_at", "cached": bool, "cache_file"}``."""
     shards = Path(shards)
     inputs = bound_inputs(shards, recipe, min_count)
     key = bound_key(inputs)
@@ -188,7 +189,10 @@ def supervised_bound(
         except (OSError, json.JSONDecodeError):
             found = None  # a damaged entry is measured again and replaced
         if found and found.get("inputs") == inputs:
-            return {**found, "cached": True, "cache_file": str(path)}
+            return {**found, "cached": True, "measured": True, "cache_file": str(path)}
+    if not measure:  # the caller only reads the cache: the bound stays unknown (its targets "not measured")
+        return {"auroc": None, "ci95": None, "steps": inputs["budget"]["steps"], "key": key, "inputs": inputs,
+                "cached": False, "measured": False, "cache_file": str(path)}  # fmt: skip
     start = time.monotonic()
     result = measure_bound([*bound_overrides(shards, tokenizer, recipe, min_count, Path(out_dir)), *tracking])
     result.update(
@@ -199,4 +203,4 @@ def supervised_bound(
     )
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(json_safe(result), indent=1) + "\n")
-    return {**result, "cached": False, "cache_file": str(path)}
+    return {**result, "cached": False, "measured": True, "cache_file": str(path)}
