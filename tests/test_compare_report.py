@@ -190,6 +190,14 @@ def test_report_files_tables_and_cli(store, report, tmp_path, capsys):
     pairs = [p for items in gallery.findings.values() for p in items]
     assert sorted(p.key for p in pairs) == sorted(e["key"] for e in index)
     assert all(p.pretrained is not None and p.random is not None for p in pairs)  # the same examples from both
+    # the map drawn is the one every default plays, named on the page beside both models' pointing game
+    from mpma_ds.eval.grounding import BEST_MAP
+
+    assert {e["map"] for e in index} == {BEST_MAP} and gallery.map == BEST_MAP
+    assert all(p.pretrained.map == p.random.map == BEST_MAP for p in pairs)
+    assert set(gallery.pointing) == {"pretrained", "random", "chance"}
+    assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", gallery.pointing["random"])
+    assert f"map: <code>{BEST_MAP}</code>; pointing game over the whole split: pretrained " in page
     with open(out / "pairs.csv", newline="") as fh:
         pairs_csv = list(csv.DictReader(fh))
     assert len(pairs_csv) == len(report.pairs) == len(json.loads((out / "pairs.json").read_text()))

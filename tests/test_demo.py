@@ -32,6 +32,9 @@ def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
         "0.5,1.0",
         "--min-label-count",
         "1",
+        "--bound-cache",  # not the user's cache: the bound is measured (and logged) by this demo
+        str(out.parent / "bound-cache"),
+        "--measure-bound",
         *extra,
     ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -46,8 +49,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     res = _demo(out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = res.stdout
-    for stage in ("[1/8] synthetic corpus", "[4/8] synthetic VQA-RAD", "[5/8] pretraining", "[7/8] evaluation",
-                  "[8/8] downstream"):  # fmt: skip
+    for stage in ("[1/9] synthetic corpus", "[4/9] synthetic VQA-RAD", "[5/9] pretraining", "[7/9] evaluation",
+                  "[8/9] supervised bound", "[9/9] downstream"):  # fmt: skip
         assert f"{stage}" in text and "reused" not in text
     assert "/usr/bin/ld" not in text + res.stderr  # what DeepSpeed's op probes print goes to the stage logs
     assert re.search(r"^ +pretrained +random-init$", text, re.M)  # the table's header
@@ -83,7 +86,10 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     finetune = {f"demo-{t}" for t in ("vqa-pretrained", "vqa-random")}
     finetune |= {f"demo-linear_probe-{i}-{f}" for i in ("pretrained", "random") for f in ("0.5", "1.0")}
-    assert set(runs) == {"demo-pretrain", "eval-pretrained-validate", "eval-random-init-validate"} | finetune
+    assert set(runs) == {"demo-pretrain", "eval-pretrained-validate", "eval-random-init-validate",
+                         "demo-supervised-bound"} | finetune  # fmt: skip
+    bound_run = runs["demo-supervised-bound"].data.tags
+    assert bound_run["mpma.task"] == "cls" and bound_run["mpma.init"] == "random"
     assert runs["demo-pretrain"].info.run_id == summary["mlflow_run_id"]
     loss_steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")]
     assert loss_steps and max(loss_steps) <= 3 and len(loss_steps) == len(set(loss_steps))
@@ -116,9 +122,30 @@ def test_demo_end_to_end_and_rerun(tmp_path):
             assert row["difference"] == pytest.approx(entry["difference"])
             assert row["difference_ci95"] == pytest.approx(entry["difference_ci95"])
     assert results["pretrain_eval"]["i2t_R@1"]["pretrained"] >= 0
-    for key in ("zero_shot_auroc", "i2t_R@1_abnormal", "t2i_R@1_abnormal"):
+    for key in ("i2t_R@10", "i2t_R@1_abnormal", "t2i_R@1_abnormal"):
         entry = results["pretrain_eval"][key]
         assert set(entry) == {"pretrained", "random", "ci95_pretrained", "ci95_random"}, key
+    # issue 25's keys: the zero-shot AUROC with its supervised bound (3 steps on the truth, measured and cached),
+    # the pointing game with its chance level and map; every target's verdict
+    zs = results["pretrain_eval"]["zero_shot_auroc"]
+    assert set(zs) == {"pretrained", "random", "supervised_bound", "ci95_pretrained", "ci95_random",
+                       "ci95_supervised_bound"}  # fmt: skip
+    bound = results["supervised_bound"]
+    assert bound["steps"] == 3 and bound["cached"] is False and bound["auroc"] == zs["supervised_bound"]
+    assert (out.parent / "bound-cache" / f"{bound['key']}.json").is_file()
+    pg = results["pretrain_eval"]["pointing_game"]
+    assert {"pretrained", "random", "chance", "ci95_pretrained", "ci95_random"} <= set(pg) and pg[
+        "map"
+    ] == "similarity"
+    assert set(results["targets"]) == {"zero_shot_auroc", "i2t_R@10", "pointing_game", "downstream"}
+    for name, target in results["targets"].items():
+        assert target["verdict"] in ("holds", "missed", "not measured"), name
+        assert f"[{target['verdict']:^12}] {target['target']}: {target['measured']}" in text, name
+    assert re.search(r"^targets \(issue 25\): \d of 4 hold$", text, re.M)
+    assert "supervised bound of the zero-shot AUROC" in text
+    # the report's gallery names the map and shows both models' pointing game
+    page = report.read_text(encoding="utf-8")
+    assert "map: <code>similarity</code>" in page and "pointing game over the whole split: pretrained" in page
     assert results["pretrain_eval"]["zero_shot_reference"] == "truth"  # the synthetic shards carry it
     assert "label efficiency" in text and "linear probe AUROC" in text and "VQA accuracy" in text
     # the linear probes of one model shared one feature extraction per split; frozen VQA cached its own
@@ -136,7 +163,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     # a rerun reuses every stage and prints the same tables
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(": reused") == 8
+    assert again.stdout.count(": reused") == 9
     assert [
         ln for ln in again.stdout.splitlines() if ln.startswith(("image->", "report->", "zero-shot AUROC (mean)"))
     ] == rows

@@ -243,7 +243,10 @@ def test_the_demo_writes_pretrain_eval_in_the_agreed_shape():
            "i2t_R@1_abnormal_ci95": [0.0, 0.02]}  # fmt: skip
     block = pretrain_eval_block(pre, rnd)
     assert block["zero_shot_auroc"] == {"pretrained": 0.9, "random": 0.5, "ci95_pretrained": [0.85, 0.94],
-                                        "ci95_random": [0.45, 0.55]}  # fmt: skip
+                                        "ci95_random": [0.45, 0.55], "supervised_bound": None,
+                                        "ci95_supervised_bound": None}  # fmt: skip
+    bounded = pretrain_eval_block(pre, rnd, {"auroc": 0.93, "ci95": [0.9, 0.95]})["zero_shot_auroc"]
+    assert bounded["supervised_bound"] == 0.93 and bounded["ci95_supervised_bound"] == [0.9, 0.95]
     assert block["i2t_R@1_abnormal"]["ci95_random"] == [0.0, 0.02]
     assert set(block["t2i_R@1_abnormal"]) == {"pretrained", "random", "ci95_pretrained", "ci95_random"}
     assert block["eval_samples"] == 547

@@ -318,7 +318,7 @@ def test_evaluate_cli_grounding_writes_overlays_metrics_and_mlflow(shards, tmp_p
     index = json.loads((out / "grounding" / "overlays.json").read_text())  # what the comparison's gallery reads
     assert [e["file"] for e in index] == [p.name for p in pngs]
     assert all(e["finding"] in ("Pleural Effusion", "Pneumothorax") and set(e["hit"]) == {"random-mpma_tiny"}
-               for e in index)  # fmt: skip
+               and e["map"] == "similarity" for e in index)  # fmt: skip
     assert run.data.metrics["eval/pointing_game"] == metrics["pointing_game"]
     assert "eval/pointing_game_ci95_low" in run.data.metrics
 
@@ -341,8 +341,9 @@ def test_demo_summary_of_both_models():
     pre = {"pointing_game": 0.7, "pointing_game_ci95": [0.6, 0.8], "pointing_game_chance": 0.12,
            "pointing_game_pairs": 40}  # fmt: skip
     rnd = {"pointing_game": 0.2, "pointing_game_ci95": [0.1, 0.3], "pointing_game_chance": 0.12}
-    assert pointing_game_summary(pre, rnd) == {
-        "pretrained": 0.7, "random": 0.2, "ci95_pretrained": [0.6, 0.8], "ci95_random": [0.1, 0.3], "chance": 0.12}  # fmt: skip
+    assert pointing_game_summary({**pre, "grounding_map": "similarity"}, rnd) == {
+        "pretrained": 0.7, "random": 0.2, "ci95_pretrained": [0.6, 0.8], "ci95_random": [0.1, 0.3], "chance": 0.12,
+        "map": "similarity"}  # fmt: skip
     assert pointing_game_summary({}, {}) is None  # shards without truth: no entry to fill
     line = format_pointing_game(pre, rnd, "out/grounding")
     assert "pretrained 0.700 [0.600, 0.800], random 0.200 [0.100, 0.300], chance (box area) 0.120" in line

@@ -21,13 +21,17 @@ from mpma_ds.runner.demo import (
     EXPERIMENT,
     FRACTIONS,
     LP_MIN_LABEL_COUNT,
+    MEASURE_BOUND,
     MIN_VALIDATION_IMAGES,
     Demo,
     DemoError,
+    results_payload,
     write_report,
     write_results,
 )
 from mpma_ds.runner.evaluate import TABLE_ROWS, format_table
+from mpma_ds.runner.supervised_bound import CACHE_ENV, default_cache_dir
+from mpma_ds.runner.targets import cell, format_targets
 
 
 def _default_ranks() -> int:
@@ -81,6 +85,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the pretraining evaluation's zero-shot AUROC counts a label with this many positives and "
         f"negatives (default: {DEFAULT_MIN_COUNT})",
     )
+    p.add_argument(
+        "--bound-cache",
+        default=None,
+        help="where the zero-shot AUROC's supervised bound is cached, by corpus, encoder and budget (default: "
+        f"${CACHE_ENV}/supervised_bound, else {default_cache_dir()})",
+    )
+    p.add_argument(
+        "--measure-bound",
+        action="store_true",
+        help="measure the supervised bound when it is not cached (about half the pretraining's time again, once "
+        "per corpus, encoder and budget); without it the demo reads the cache only and the zero-shot target is "
+        "'not measured' until it is there",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     args = p.parse_args(argv)
@@ -125,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrained beats the random twin outside both 95 % intervals on {len(clear)} of {len(keys)} metrics")
     if "pointing_game" in pre:
         print(format_pointing_game(pre, rnd, demo.out / "eval" / "grounding"))
+    bound = results["supervised_bound"]
+    if bound.get("auroc") is None:
+        print(f"supervised bound of the zero-shot AUROC: not measured (`{MEASURE_BOUND}` measures it once)")
+    else:
+        print(
+            f"supervised bound of the zero-shot AUROC (the same image encoder, {bound['steps']} steps on the truth "
+            f"labels, scored on the same images): {cell(bound['auroc'], bound['ci95'])}"
+            + (f" (cached {bound['measured_at']})" if bound.get("cached") else "")
+        )
     print(
         "\nlabel efficiency: test split, [95 % bootstrap interval; the difference's is paired: the same test "
         "samples resampled for both models]; linear probe = macro AUROC over the CheXpert labels (>= "
@@ -139,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
-    path = write_results(demo, results)
+    payload = results_payload(results)
+    print()
+    print(format_targets(payload["targets"]))
+    path = write_results(demo, payload)
     print(f"\nresults:       {path}")
     try:
         report = write_report(demo)

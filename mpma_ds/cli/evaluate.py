@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mpma_ds.cli.common import prog_name
 from mpma_ds.eval.attribution import MAPS
+from mpma_ds.eval.grounding import BEST_MAP
 from mpma_ds.runner.evaluate import GROUNDING_ROWS, TABLE_ROWS, format_grounding, format_table, run_evaluation
 
 
@@ -75,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grounding-map",
-        default="similarity",
+        default=BEST_MAP,
         choices=MAPS,
-        help='which map points (docs/model.md, "Grounding maps"; default: similarity)',
+        help=f'which map points (docs/model.md, "Grounding maps"; default: {BEST_MAP})',
     )
     return p.parse_args(argv)
 

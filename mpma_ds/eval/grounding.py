@@ -54,6 +54,11 @@ from mpma_ds.eval.bootstrap import with_intervals
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
 #: where they use it. Lung Lesion is a "nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum,
 #: Pleural Other an apical pleural thickening / cap, Support Devices tubes, lines and catheters.
+BEST_MAP = "similarity"
+"""The grounding map every default plays — `evaluate_grounding`, ``mpma-evaluate --grounding``, the demo and the
+comparison report's gallery — the best measured (docs/model.md, "Which map `MPMA.grounding` uses"): the local
+alignment's similarity, what `MPMA.grounding` gives."""
+
 FINDING_PHRASES: dict[str, str] = {
     "Atelectasis": "atelectasis",
     "Cardiomegaly": "cardiomegaly",
@@ -309,13 +314,13 @@ def evaluate_grounding(
     n_examples: int = 0,
     n_resamples: int = 1000,
     seed: int = 0,
-    map: str = "similarity",
+    map: str = BEST_MAP,
 ) -> GroundingResult:
     """The pointing game of the phrase maps over one pass of eval-transform batches whose ``meta`` carry
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
-    (`attribution.MAPS`: "similarity", the local alignment's, by default; "cross_attention",
-    "attention_rollout", "gloria_attention", "gradcam_itc", "gradcam_itm"); it is named in the metrics as
+    (`attribution.MAPS`: "similarity", the local alignment's; "cross_attention", "attention_rollout",
+    "gloria_attention", "gradcam_itc", "gradcam_itm"; default `BEST_MAP`); it is named in the metrics as
     ``grounding_map``.
 
     Returns:
@@ -484,11 +489,15 @@ def overlay_name(number: int, example: GroundingExample) -> str:
 
 
 def write_overlays(
-    folder: str | Path, examples: Mapping[str, Sequence[GroundingExample]] | Sequence[GroundingExample]
+    folder: str | Path,
+    examples: Mapping[str, Sequence[GroundingExample]] | Sequence[GroundingExample],
+    *,
+    map: str | None = None,
 ) -> list[Path]:
     """One PNG per example under ``folder``; with ``{model name: examples}`` (the same pairs, in the same order,
     from each model) one panel per model side by side. ``folder/OVERLAY_INDEX`` lists each file's key, finding,
-    phrase and hit per model (what the comparison report's gallery reads). Returns the PNGs written."""
+    phrase, hit per model and the grounding ``map`` drawn (what the comparison report's gallery reads). Returns
+    the PNGs written."""
     runs = {"": list(examples)} if not isinstance(examples, Mapping) else {k: list(v) for k, v in examples.items()}
     lists = list(runs.values())
     n = min(len(v) for v in lists) if lists else 0
@@ -500,7 +509,7 @@ def write_overlays(
                 raise ValueError(f"overlay {j}: the models' examples differ ({first.key} vs {other[j].key})")
         panels = [(name or "map", ex[j].grid, ex[j].hit) for name, ex in runs.items()]
         key = first.key if len(first.key) <= 40 else f"{first.key[:18]}...{first.key[-18:]}"
-        title = f'"{first.phrase}" ({first.finding})\n{key}'
+        title = f'"{first.phrase}" ({first.finding})' + (f", map: {map}" if map else "") + f"\n{key}"
         paths.append(
             save_overlay(Path(folder) / overlay_name(j, first), first.image, first.box, panels, title=title)
         )
@@ -511,6 +520,7 @@ def write_overlays(
             "finding": runs_first.finding,
             "phrase": runs_first.phrase,
             "hit": {name or "map": bool(ex[j].hit) for name, ex in runs.items()},
+            "map": map,
         }
         for j, (p, runs_first) in enumerate(zip(paths, lists[0] if lists else []))
     ]
@@ -520,8 +530,9 @@ def write_overlays(
 
 
 def pointing_game_summary(pretrained: Mapping[str, Any], random: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``{"pretrained", "random", "ci95_pretrained", "ci95_random", "chance"}`` from two evaluations' metrics
-    (the demo's ``results.json["pretrain_eval"]["pointing_game"]``); ``None`` when neither played it."""
+    """``{"pretrained", "random", "ci95_pretrained", "ci95_random", "chance", "map"}`` from two evaluations'
+    metrics (the demo's ``results.json["pretrain_eval"]["pointing_game"]``; ``map``: which grounding map played);
+    ``None`` when neither played it."""
     if "pointing_game" not in pretrained and "pointing_game" not in random:
         return None
     return {
@@ -530,6 +541,7 @@ def pointing_game_summary(pretrained: Mapping[str, Any], random: Mapping[str, An
         "ci95_pretrained": pretrained.get("pointing_game_ci95"),
         "ci95_random": random.get("pointing_game_ci95"),
         "chance": pretrained.get("pointing_game_chance", random.get("pointing_game_chance")),
+        "map": pretrained.get("grounding_map", random.get("grounding_map")),
     }
 
 

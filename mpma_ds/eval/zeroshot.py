@@ -197,8 +197,7 @@ def reference_targets(
     y = as_numpy(labels)
     if truths is not None and len(truths) == len(y) and len(y) and all(t for t in truths):
         # a label the truth does not mention is unknown for that sample (NaN), as a blank report label is
-        out = np.array([[_truth_target(t.get(name)) for name in label_names] for t in truths], dtype=np.float64)
-        return out.reshape(len(y), len(label_names)), "truth"
+        return truth_targets([{TRUTH_FIELD: t} for t in truths], label_names), "truth"
     return apply_uncertain_policy(y, "ignore"), "labels"
 
 
@@ -215,6 +214,26 @@ def abnormal_rows(
 def truths_of(metas: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any] | None]:
     """Each sample json's `truth` (None where it has none)."""
     return [m.get(TRUTH_FIELD) if isinstance(m, Mapping) else None for m in metas]
+
+
+def truth_targets(
+    metas: Sequence[Mapping[str, Any]], label_names: Sequence[str] = CHEXPERT_LABELS, *, strict: bool = True
+) -> np.ndarray:
+    """(N, C) float 1 / 0 / NaN from each sample json's synthetic `truth` (the zero-shot reference of
+    `reference_targets`): what a classifier taught the answer itself trains on (``task.cls.labels: truth``).
+    With ``strict=False`` a sample without `truth` (a row a batch skipped as unreadable) is all NaN.
+
+    Raises:
+        ValueError: ``strict`` and a sample without `truth` (shards not built from ``data_tools.synth_corpus``).
+    """
+    truths = truths_of(metas)
+    if strict and any(not t for t in truths):
+        raise ValueError(
+            f"{sum(not t for t in truths)} of {len(truths)} samples have no '{TRUTH_FIELD}' in their json: "
+            "truth targets need shards built from a synthetic corpus (python -m data_tools.synth_corpus)"
+        )
+    out = [[_truth_target(t.get(name)) if t else math.nan for name in label_names] for t in truths]
+    return np.array(out, dtype=np.float64).reshape(len(truths), len(label_names))
 
 
 def zero_shot_auroc(

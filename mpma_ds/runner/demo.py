@@ -11,11 +11,15 @@
                                      (2 CPU processes on gloo; on a GPU machine, its GPUs)
 6. export                            python launch/export.py
 7. evaluation of the pretrained model AND of a randomly initialised twin on the validation split
-8. downstream, pretrained AND random twin: linear-probe CheXpert AUROC at 1 %, 10 %, 100 % of the labels
+8. the supervised bound of the zero-shot AUROC: the same image encoder at the same budget trained on the truth
+   labels (python launch/finetune.py --config finetune_cls_tiny --set task.cls.labels=truth ...), measured once
+   per corpus, encoder and budget and cached (mpma_ds.runner.supervised_bound)
+9. downstream, pretrained AND random twin: linear-probe CheXpert AUROC at 1 %, 10 %, 100 % of the labels
    (python launch/finetune.py --config launch/configs/finetune_linear_probe_tiny.yaml) and VQA on the synthetic
    VQA-RAD set with the backbone frozen (... finetune_vqa_frozen_tiny.yaml), features extracted once per model
    and cached; run in this process, as launch/finetune.py would
-9. the tables (retrieval / zero-shot; the label-efficiency table), results.json, everything in MLflow, the
+10. the tables (retrieval / zero-shot; the label-efficiency table), the targets and whether each holds
+   (mpma_ds.runner.targets), results.json, everything in MLflow, the
    comparison report (report/report.html, as launch/compare_runs.py writes it) and the `mlflow ui` line.
 
 Reruns reuse finished stages (each stage records what it was run with); an interrupted pretraining resumes
@@ -40,23 +44,26 @@ import torch
 from tqdm import tqdm
 
 from mpma_ds.distributed import free_port
-from mpma_ds.eval.grounding import pointing_game_summary, shards_have_truth, write_overlays
+from mpma_ds.eval.grounding import BEST_MAP, pointing_game_summary, shards_have_truth, write_overlays
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.recipes import find_recipe
 from mpma_ds.runner.evaluate import TABLE_ROWS, run_evaluation
-from mpma_ds.runner.export import ExportError, export_checkpoint
+from mpma_ds.runner.export import ExportError, export_checkpoint, load_run_recipe
+from mpma_ds.runner.supervised_bound import bound_inputs, bound_key, supervised_bound
+from mpma_ds.runner.targets import demo_targets
 from mpma_ds.runner.trainer import PREDICTIONS_FILE, train
 from mpma_ds.tasks.registry import task_class
 from mpma_ds.tracking.pairs import paired_interval
 from mpma_ds.tracking.params import json_safe
 from mpma_ds.tracking.report import write_report as write_comparison
-from mpma_ds.training.recipe import FinetuneRecipe, load_recipe
+from mpma_ds.training.recipe import RECIPE_FILE, FinetuneRecipe, load_recipe
 
 EXPERIMENT = "mpma-demo"
-STAGES = 8
+STAGES = 9
 FRACTIONS = "0.01,0.1,1.0"  # linear-probe label fractions (the Med-VLP label-efficiency protocol)
 INITS = ("pretrained", "random")
 RESULTS_FILE = "results.json"
+MEASURE_BOUND = "make demo-bound"  # the demo with --measure-bound
 # VQA with the backbone frozen and the fused features cached: full M3AE fine-tuning (finetune_vqa_tiny.yaml)
 # needs tens of epochs, which do not fit the demo's 15 minutes on 2 cores; the frozen protocol measures what
 # pretraining bought the fused representation at a fraction of the cost.
@@ -462,6 +469,7 @@ class Demo:
             min_count=self.args.zero_shot_min_count,
             n_resamples=1000,
             grounding=grounding,
+            grounding_map=BEST_MAP,
         )
         pre = run_evaluation(
             model=self.out / "exported", out_dir=self.out / "eval" / "pretrained", name="pretrained", **common
@@ -479,8 +487,53 @@ class Demo:
             write_overlays(
                 self.out / "eval" / "grounding",
                 {"pretrained": pre["grounding_examples"], "random": rnd["grounding_examples"]},
+                map=pre["metrics"].get("grounding_map"),
             )
         return {"pretrained": pre["metrics"], "random-init": rnd["metrics"]}
+
+    def bound_recipe(self):
+        """The pretraining recipe as it ran (its encoder and budget are what the bound holds equal)."""
+        return load_run_recipe(self.out / "pretrain" / RECIPE_FILE)
+
+    def bound_settings(self) -> dict[str, Any]:
+        return {
+            "key": bound_key(
+                bound_inputs(self.out / "shards", self.bound_recipe(), self.args.zero_shot_min_count)
+            ),
+            "measure": self.args.measure_bound,
+        }
+
+    def supervised_bound(self) -> dict[str, Any]:
+        """The zero-shot AUROC's supervised bound (`runner.supervised_bound`): read from its cache, else — with
+        ``--measure-bound`` — measured in this process (output in ``logs/supervised_bound.log``) and cached, or left
+        unknown (measuring it adds about half the pretraining's time, which would take the demo past 15 minutes)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "supervised_bound.log"
+        tracking = [f"tracking.uri={self.tracking_uri}", f"tracking.experiment={EXPERIMENT}",
+                    "tracking.run_name=demo-supervised-bound"]  # fmt: skip
+        try:
+            with output_to(log):
+                found = supervised_bound(
+                    self.out / "shards",
+                    self.out / "tokenizer",
+                    self.bound_recipe(),
+                    out_dir=self.out / "supervised_bound",
+                    min_count=self.args.zero_shot_min_count,
+                    cache_dir=self.args.bound_cache,
+                    tracking=tracking,
+                    measure=self.args.measure_bound,
+                )
+        except Exception as err:
+            raise DemoError(f"the supervised bound failed: {err}; log: {log}") from err
+        if not found["measured"]:
+            print(f"      supervised bound: not cached for this corpus and budget; `{MEASURE_BOUND}` measures it "
+                  "once (about half the pretraining's time) and caches it", flush=True)  # fmt: skip
+            return {k: v for k, v in found.items() if k != "inputs"}
+        how = (
+            f"cached {found['measured_at']} ({found['cache_file']})" if found["cached"] else "measured and cached"
+        )
+        print(f"      supervised bound: validation AUROC {_fmt(found['auroc'])}, {how}", flush=True)
+        return {k: v for k, v in found.items() if k != "inputs"}
 
     # -- the whole thing ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, float]]:
@@ -517,9 +570,22 @@ class Demo:
         results = self.stage(
             "evaluate",
             "evaluation: pretrained vs random twin",
-            {"pretrain": pre, "zero_shot_min_count": a.zero_shot_min_count, "grounding": GROUNDING_OVERLAYS},
+            {
+                "pretrain": pre,
+                "zero_shot_min_count": a.zero_shot_min_count,
+                "grounding": GROUNDING_OVERLAYS,
+                "map": BEST_MAP,
+            },  # fmt: skip
             self.evaluate,
             ("eval",),
+        )
+        bound = self.stage(
+            "supervised_bound",
+            "supervised bound: the image encoder trained on the truth at the same budget",
+            self.bound_settings(),
+            self.supervised_bound,
+            ("supervised_bound",),
+            resumable=False,
         )
         down = self.stage(
             "downstream",
@@ -529,7 +595,7 @@ class Demo:
             ("finetune", "feature_cache"),
             resumable=False,
         )
-        return {"pretrain_eval": results, **down}
+        return {"pretrain_eval": results, "supervised_bound": bound, **down}
 
 
 @contextlib.contextmanager
@@ -579,10 +645,14 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
-def pretrain_eval_block(pre: dict[str, Any], rnd: dict[str, Any]) -> dict[str, Any]:
+def pretrain_eval_block(
+    pre: dict[str, Any], rnd: dict[str, Any], bound: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """results.json's ``pretrain_eval``: ``{key: {"pretrained", "random", "ci95_pretrained", "ci95_random"}}`` for
-    ``zero_shot_auroc`` and every retrieval metric of the table (``i2t_R@1_abnormal`` ...), then the evaluation's
-    size and the zero-shot labels left out of each model's mean (``zero_shot_labels_left_out``)."""
+    ``zero_shot_auroc`` (with ``"supervised_bound"``, ``"ci95_supervised_bound"`` from ``bound``, the
+    `runner.supervised_bound` result) and every retrieval metric of the table (``i2t_R@10``,
+    ``i2t_R@1_abnormal`` ...), then the evaluation's size and the zero-shot labels left out of each model's mean
+    (``zero_shot_labels_left_out``)."""
     block: dict[str, Any] = {}
     for out_key, key in PRETRAIN_EVAL_KEYS:
         block[out_key] = {
@@ -591,6 +661,8 @@ def pretrain_eval_block(pre: dict[str, Any], rnd: dict[str, Any]) -> dict[str, A
             "ci95_pretrained": pre.get(f"{key}_ci95"),
             "ci95_random": rnd.get(f"{key}_ci95"),
         }
+    block["zero_shot_auroc"]["supervised_bound"] = (bound or {}).get("auroc")
+    block["zero_shot_auroc"]["ci95_supervised_bound"] = (bound or {}).get("ci95")
     block["zero_shot_labels_left_out"] = pre.get("zeroshot_labels_left_out")
     block["zero_shot_reference"] = pre.get("zeroshot_reference")
     for key in ("eval_samples", "retrieval_pairs", "retrieval_abnormal_images"):
@@ -598,18 +670,29 @@ def pretrain_eval_block(pre: dict[str, Any], rnd: dict[str, Any]) -> dict[str, A
     return block
 
 
-def write_results(demo: Demo, results: dict[str, Any]) -> Path:
-    """``<out>/results.json``: ``pretrain_eval`` (`pretrain_eval_block`), ``linear_probe``
-    ({fraction: {pretrained, random, *_ci95, *_subset}}), ``vqa`` ({overall|closed|open: {...}}), ``runs``."""
+def results_payload(results: dict[str, Any]) -> dict[str, Any]:
+    """What results.json holds: ``pretrain_eval`` (`pretrain_eval_block`, with ``pointing_game``: {pretrained,
+    random, ci95_*, chance, map}), ``supervised_bound`` (the measurement and its cache entry), ``linear_probe``
+    ({fraction: {pretrained, random, *_ci95, *_subset, difference, difference_ci95}}), ``vqa``
+    ({overall|closed|open: {...}}), ``targets`` (`runner.targets.demo_targets`: each target's verdict) and
+    ``runs``."""
     evals = results["pretrain_eval"]
-    table = pretrain_eval_block(evals["pretrained"], evals["random-init"])
+    table = pretrain_eval_block(evals["pretrained"], evals["random-init"], results.get("supervised_bound"))
     table["pointing_game"] = pointing_game_summary(evals["pretrained"], evals["random-init"])  # None: no truth
     payload = {
         "pretrain_eval": table,
+        "supervised_bound": results.get("supervised_bound"),
         "linear_probe": results["linear_probe"],
         "vqa": results["vqa"],
         "runs": results["runs"],
     }
+    payload = json_safe(payload)  # NaN -> null before the verdicts read it
+    payload["targets"] = demo_targets(payload)
+    return payload
+
+
+def write_results(demo: Demo, payload: dict[str, Any]) -> Path:
+    """``<out>/results.json`` (`results_payload`)."""
     return atomic_write_text(demo.out / RESULTS_FILE, json.dumps(json_safe(payload), indent=1, default=str) + "\n")
 
 

@@ -20,6 +20,7 @@ from mpma_ds.data.loader import split_shards
 from mpma_ds.eval.alignment import DEFAULT_RESAMPLES, evaluate_alignment
 from mpma_ds.eval.bootstrap import loggable_metrics
 from mpma_ds.eval.grounding import (
+    BEST_MAP,
     GroundTruthError,
     evaluate_grounding,
     shards_have_truth,
@@ -188,7 +189,7 @@ def grounding_on_split(
     max_batches: int | None = None,
     n_examples: int = 0,
     seed: int = 0,
-    map: str = "similarity",
+    map: str = BEST_MAP,
 ):
     """The pointing game over one deterministic pass of ``split`` (`eval.grounding.evaluate_grounding`): a
     ``GroundingResult`` with the metrics and the first ``n_examples`` (image, finding) pairs for overlays."""
@@ -297,7 +298,7 @@ def run_evaluation(
     min_count: int = DEFAULT_MIN_COUNT,
     n_resamples: int = DEFAULT_RESAMPLES,
     grounding: int | None = None,
-    grounding_map: str = "similarity",
+    grounding_map: str = BEST_MAP,
 ) -> dict[str, Any]:
     """Evaluate an exported model folder (``model``) or a random twin (``random_init`` = architecture name) on
     ``split`` of ``shards``; write ``out_dir/results.json`` + ``metrics.jsonl`` and log an MLflow "eval" run
@@ -388,7 +389,7 @@ def run_evaluation(
         )
         metrics.update(found.metrics)
         shutil.rmtree(out_dir / "grounding", ignore_errors=True)  # an earlier run's overlays are not this run's
-        write_overlays(out_dir / "grounding", {name: found.examples})
+        write_overlays(out_dir / "grounding", {name: found.examples}, map=grounding_map)
     # the caller's tracking store (flag, else $MLFLOW_TRACKING_URI, else ./mlflow.db), never the one written
     # in the evaluated folder's recipe: a model from elsewhere must not send results to its old server
     tracking = TrackingConfig(

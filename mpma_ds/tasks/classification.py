@@ -1,6 +1,7 @@
 """``cls``: the image encoder's pooled features → a linear head, fine-tuned end to end. Multi-label over the
 CheXpert-14 labels of MIMIC shards (uncertain -1 mapped by ``task.cls.uncertain``, blank ignored; macro and
-per-label AUROC), or multi-class from one field of the sample JSON (accuracy, macro F1, macro AUROC).
+per-label AUROC), multi-label over the synthetic corpus's drawn findings (``labels: truth``: the supervised bound
+of the demo's zero-shot AUROC, `runner.supervised_bound`), or multi-class from one field of the sample JSON (accuracy, macro F1, macro AUROC).
 
 ``Labels`` (the label rules) is shared with ``linear_probe``, which trains the same head on frozen features.
 """
@@ -21,6 +22,7 @@ from mpma_ds.config import ConfigSection
 from mpma_ds.data.batch import labels_vector, sample_batch
 from mpma_ds.data.subsets import meta_subject, patient_subset
 from mpma_ds.eval import apply_uncertain_policy, multiclass_metrics, multilabel_auroc, with_intervals
+from mpma_ds.eval.zeroshot import truth_targets
 from mpma_ds.tasks.base import RunContext
 from mpma_ds.tasks.finetune import BackboneModule, FinetuneTask, read_split_metas, warn_rank0
 from mpma_ds.tasks.registry import TASKS
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 
 UNCERTAIN = ("ignore", "zeros", "ones")
 """What an uncertain (-1) CheXpert label may become (``task.cls.uncertain``)."""
+LABEL_SOURCES = ("chexpert", "truth", "column")
+"""Where ``task.cls.labels`` reads the targets: report labels, the synthetic truth, or one JSON field."""
 
 
 class Labels:
@@ -38,7 +42,8 @@ class Labels:
 
     def __init__(self, options: ClsOptions, classes: Sequence[str] | None = None) -> None:
         self.options = options
-        self.multilabel = options.labels == "chexpert"
+        self.multilabel = options.labels in ("chexpert", "truth")
+        self.truth = options.labels == "truth"
         if self.multilabel:
             self.names = list(options.label_names or CHEXPERT_LABELS)
             self.columns = [list(CHEXPERT_LABELS).index(n) for n in self.names]
@@ -53,6 +58,10 @@ class Labels:
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, C) float 1/0/NaN (multi-label, uncertain policy applied) or (B,) int64 class id, -1 = none."""
+        if self.truth:
+            # a row without truth is one the batch skipped (valid False): NaN, left out of loss and AUROC
+            targets = truth_targets(batch["meta"], self.names, strict=False)
+            return torch.as_tensor(targets, dtype=torch.float32)  # (B, C)
         if self.multilabel:
             labels = torch.as_tensor(batch["labels"], dtype=torch.float32)[:, self.columns]  # (B, C)
             return apply_uncertain_policy(labels, self.options.uncertain)
@@ -62,6 +71,8 @@ class Labels:
 
     def targets_from_metas(self, metas: Sequence[dict[str, Any]]) -> np.ndarray:
         """The same targets for sample JSONs (label counts before training, cached features)."""
+        if self.truth:
+            return truth_targets(metas, self.names).astype(np.float32)
         if self.multilabel:
             rows = np.stack([labels_vector(m) for m in metas]) if metas else np.zeros((0, len(CHEXPERT_LABELS)))
             return self.targets({"labels": torch.from_numpy(rows.astype(np.float32))}).numpy()
@@ -208,6 +219,8 @@ class ClsOptions(ConfigSection):
 
     labels: str = "chexpert"
     """``chexpert``: multi-label over the CheXpert-14 labels of MIMIC shards (``labels`` in each sample's JSON);
+    ``truth``: multi-label over the findings the synthetic corpus drew (each sample JSON's ``truth``: 1 drawn,
+    0 not, the zero-shot metric's reference; shards from ``data_tools.synth_corpus`` only);
     ``column``: multi-class from one field of the sample JSON (``label_column``)."""
 
     label_names: list[str] = field(default_factory=list)
@@ -230,8 +243,8 @@ class ClsOptions(ConfigSection):
     with 3 positives moves the mean by chance, not by skill."""
 
     def validate(self) -> None:
-        if self.labels not in ("chexpert", "column"):
-            raise ValueError(f"task.cls.labels must be chexpert or column, got {self.labels!r}")
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"task.cls.labels must be one of {', '.join(LABEL_SOURCES)}, got {self.labels!r}")
         if self.uncertain not in UNCERTAIN:
             raise ValueError(f"task.cls.uncertain must be one of {', '.join(UNCERTAIN)}, got {self.uncertain!r}")
         if self.min_label_count < 1:

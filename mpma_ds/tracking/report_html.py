@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from data_tools.shard_format import CHEXPERT_LABELS
-from mpma_ds.eval.grounding import OVERLAY_INDEX
+from mpma_ds.eval.grounding import BEST_MAP, OVERLAY_INDEX
 from mpma_ds.tracking.compare import ParamDiff, RunGroup, RunSummary, _fmt
 from mpma_ds.tracking.pairs import PAIR_HEAD, PAIRED, PairRow, pair_cells
 
@@ -58,6 +58,8 @@ class Overlay:
     phrase: str
     hit: bool | None
     png: bytes
+    map: str | None = None
+    """The grounding map drawn (``None``: a run logged before overlays.json named it: the local similarity)."""
 
 
 @dataclass
@@ -76,6 +78,9 @@ class Gallery:
     pretrained_run: str
     random_run: str | None
     findings: dict[str, list[GalleryPair]] = field(default_factory=dict)
+    map: str | None = None
+    pointing: dict[str, str] = field(default_factory=dict)
+    """Each side's pointing game over the whole split (``"0.207 [0.180, 0.236]"``) and ``chance``."""
 
 
 def _finding_from_name(stem: str) -> str:
@@ -117,6 +122,7 @@ def read_overlays(client: Any, run: RunSummary, work: Path) -> list[Overlay]:
                 entry.get("phrase", ""),
                 hits[0] if hits else None,
                 png.read_bytes(),
+                entry.get("map"),
             )
         )
     return out
@@ -136,7 +142,10 @@ def grounding_gallery(client: Any, groups: Sequence[RunGroup], work: Path) -> li
                 continue
             twin = partners.get(run.pair)
             theirs = {(o.key, o.finding): o for o in (read_overlays(client, twin, work) if twin else [])}
-            gallery = Gallery(run.run_id, twin.run_id if twin else None)
+            gallery = Gallery(
+                run.run_id, twin.run_id if twin else None, map=next((o.map for o in mine if o.map), None)
+            )
+            gallery.pointing = pointing_cells(run, twin)
             for o in mine:
                 gallery.findings.setdefault(o.finding, []).append(
                     GalleryPair(o.key, o.finding, o.phrase, o, theirs.pop((o.key, o.finding), None))
@@ -145,6 +154,21 @@ def grounding_gallery(client: Any, groups: Sequence[RunGroup], work: Path) -> li
                 gallery.findings.setdefault(o.finding, []).append(GalleryPair(o.key, o.finding, o.phrase, None, o))
             galleries.append(gallery)
     return galleries
+
+
+def pointing_cells(run: RunSummary, twin: RunSummary | None) -> dict[str, str]:
+    """``{"pretrained", "random", "chance"}``: the evaluations' logged pointing game with its 95 % interval (the
+    whole split's, not the gallery's few films); absent where a run logged none."""
+    out = {}
+    for side, r in (("pretrained", run), ("random", twin)):
+        value = r.final.get("eval/pointing_game") if r is not None else None
+        if value is None:
+            continue
+        low, high = r.final.get("eval/pointing_game_ci95_low"), r.final.get("eval/pointing_game_ci95_high")
+        out[side] = f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+        if "eval/pointing_game_chance" in r.final:
+            out.setdefault("chance", f"{r.final['eval/pointing_game_chance']:.3f}")
+    return {k: out[k] for k in ("pretrained", "random", "chance") if k in out}
 
 
 def thumbnail(png: bytes, width: int = THUMB_PX) -> bytes:
@@ -292,6 +316,13 @@ def _gallery_section(galleries: Sequence[Gallery], runs: Sequence[RunSummary]) -
     for g in galleries:
         twin = names.get(g.random_run, "no random twin with overlays") if g.random_run else "no random twin"
         out.append(f"<h3>{_e(names.get(g.pretrained_run, g.pretrained_run))} beside {_e(twin)}</h3>")
+        scores = " · ".join(f"{side} {_e(v)}" for side, v in g.pointing.items())
+        out.append(
+            f"<p class='meta'>map: <code>{_e(g.map or BEST_MAP)}</code>"
+            + ("" if g.map else " (not recorded by these runs: the local similarity, the only map then)")
+            + (f"; pointing game over the whole split: {scores}" if scores else "")
+            + "</p>"
+        )
         for finding, items in sorted(g.findings.items()):
             cards = []
             for item in items:
@@ -315,8 +346,11 @@ def _gallery_section(galleries: Sequence[Gallery], runs: Sequence[RunSummary]) -
                 )
             out.append(f"<h4>{_e(finding)} ({len(items)})</h4><div class='gallery'>{''.join(cards)}</div>")
     return (
-        "<p>The finding phrase's map (local alignment) over the film; green box: where the finding was drawn;"
-        " ×: the map's maximum (the pointing game's hit or miss).</p>" + "".join(out)
+        "<p>The finding phrase's grounding map over the film, for the pretrained model and its random twin on the"
+        f" same films: the map named under each heading (<code>{_e(BEST_MAP)}</code> is the one"
+        ' <code>MPMA.grounding</code> gives and every default plays: docs/model.md, "Which map MPMA.grounding'
+        " uses\"); green box: where the finding was drawn (the truth); ×: the map's maximum (the pointing game's"
+        " hit or miss).</p>" + "".join(out)
     )
 
 
