@@ -51,7 +51,7 @@ test: $(STAMP)
 
 # the end-to-end runs kept out of make test to hold it near 25 minutes on 2 cores (about 30 minutes more):
 # pretraining from s3:// shards killed and resumed, a mixture's resume, the plugin task installed and compared,
-# the benchmark suite on laid-out datasets, a 2-arm sweep
+# the benchmark suite on laid-out datasets, a 2-arm sweep, a hung rank waited out to its collective timeout
 test-e2e: $(STAMP)
 	$(PY) -m pytest -m e2e tests --durations=15
 

@@ -131,6 +131,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.e2e  # about 95 s, most of it waiting out the timeout: make test-e2e
 def test_a_hung_rank_ends_the_job_within_the_collective_timeout(base, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
