@@ -10,7 +10,8 @@ see the same rules:
   ``GOOGLE_APPLICATION_CREDENTIALS`` and the metadata server); nothing here adds settings of its own.
 - **Transient faults** (refused or reset connections, timeouts, HTTP 5xx / S3 ``SlowDown``) are retried
   with exponential backoff, ``ATTEMPTS`` tries in all, and counted in `COUNTS` (``remote_retries``). The
-  client libraries' own retry loops are turned off for S3, so every retry is counted once, here.
+  client libraries' own retry loops are turned off (s3fs/botocore, gcsfs, aiohttp), so every retry is counted
+  once, here.
 - **Permanent faults** — a missing object or bucket, missing credentials, access denied — raise
   `RemoteError`, one line naming the URL and what to do.
 - **Changed objects.** `read_range` can pin a read to the ETag seen when the shard was listed (S3
@@ -131,11 +132,14 @@ def _chain(err: BaseException) -> list[BaseException]:
 
 
 def _status(err: BaseException) -> int | None:
-    """The HTTP status behind an error (botocore ``ClientError``, aiohttp ``ClientResponseError``)."""
+    """The HTTP status behind an error (botocore ``ClientError``, aiohttp ``ClientResponseError``, gcsfs
+    ``HttpError``)."""
     response = getattr(err, "response", None)
     if isinstance(response, dict):
         return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     status = getattr(err, "status", None)
+    if type(err).__name__ == "HttpError" and status is None:
+        status = getattr(err, "code", None)
     return status if isinstance(status, int) else None
 
 
@@ -286,14 +290,31 @@ def _single_try_s3_session() -> type:
 
 
 def _gcs() -> Any:
-    """gcsfs's plain ``GCSFileSystem`` (cached by fsspec), endpoint and credentials from gcsfs's own chain
+    """gcsfs's ``GCSFileSystem``, trying each request once (cached by fsspec), endpoint and credentials from gcsfs's own chain
     (``STORAGE_EMULATOR_HOST``, ``GOOGLE_APPLICATION_CREDENTIALS``, the metadata server). Not the class gcsfs
     registers for ``gs://`` by default, whose first use of each bucket asks the storage-control API whether it is
     a zonal / hierarchical bucket (for appends, which shards never need) and logs a warning wherever that API
     cannot be reached (an emulator, a role that may only read objects)."""
+    return _single_try_gcs()()
+
+
+@functools.cache
+def _single_try_gcs() -> type:
+    """gcsfs's ``GCSFileSystem`` with one try per request, so each retry is ours and counted: its
+    ``retry_request`` loop (6 tries, a decorator bound at class definition) is taken off the methods it wraps, and its
+    aiohttp sessions are `_single_try`."""
     from gcsfs.core import GCSFileSystem
 
-    return GCSFileSystem()
+    class SingleTryGCSFileSystem(GCSFileSystem):
+        _request = GCSFileSystem._request.__wrapped__
+        _get_file_request = GCSFileSystem._get_file_request.__wrapped__
+        _get_file_concurrent = GCSFileSystem._get_file_concurrent.__wrapped__
+
+        async def _set_session(self) -> Any:
+            session = await super()._set_session()
+            return _single_try(session)
+
+    return SingleTryGCSFileSystem
 
 
 LAST_MODIFIED = "lm:"

@@ -161,6 +161,8 @@ def clear_clients() -> None:
     """Forget fsspec's cached clients (the registered ones and gcsfs's, which `remote` builds directly)."""
     import fsspec
 
+    from data_tools import remote
+
     fsspec.AbstractFileSystem.clear_instance_cache()
     for cls in fsspec.registry.values():
         cls.clear_instance_cache()
@@ -169,6 +171,7 @@ def clear_clients() -> None:
     except ImportError:
         return
     GCSFileSystem.clear_instance_cache()
+    remote._single_try_gcs().clear_instance_cache()  # the class `remote` builds gs:// clients from
 
 
 def upload_tree(local: Path, url: str) -> None:
