@@ -104,3 +104,55 @@ def test_two_ranks_share_one_budget_and_never_lose_a_shard_in_use(tmp_path):
     fetched = sum(r["fetched"] for r in results)
     assert evicted > SHARDS and fetched > SHARDS  # the budget forced eviction and fetching again
     assert fetched - evicted == len([p for p in root.iterdir() if p.suffix != ".lock"])
+
+
+def _full_of_pinned_shards(tmp_path):
+    """Two caches on one folder (two ranks of a node) with a budget of 2.5 shards of 1000 bytes: rank A pins two
+    and rank B one, so the folder is over budget with every shard in use."""
+    import data_tools.remote as remote_mod
+
+    a, b = (ShardCache(tmp_path / "cache", budget_gb=2500 / 1e9) for _ in range(2))
+    for n, cache in enumerate((a, a, b)):
+        cache.path(f"s3://b/shard-{n}.tar", remote_mod.ObjectInfo(1000), data=bytes([n]) * 1000, pin=True)
+    assert a.usage() == 3000
+    return a, b
+
+
+def test_a_fetch_over_a_budget_held_by_shards_in_use_waits_then_fails_in_one_line(tmp_path, monkeypatch):
+    from data_tools.remote import ObjectInfo
+    from mpma_ds.data import shard_cache
+
+    a, b = _full_of_pinned_shards(tmp_path)
+    monkeypatch.setattr(shard_cache, "WAIT_S", 0.5)
+    start = time.monotonic()
+    try:
+        b.path("s3://b/shard-3.tar", ObjectInfo(1000), data=b"\3" * 1000)
+    except shard_cache.ShardCacheFull as err:
+        message = str(err)
+    else:
+        raise AssertionError("a fetch past the budget with every shard in use went ahead")
+    assert time.monotonic() - start >= 0.5
+    assert "\n" not in message and "raise data.shard_cache_gb" in message, message
+    assert a.usage() == 3000  # the reservation was taken back; nothing in use was evicted
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+    a.close()
+    b.close()
+
+
+def test_a_fetch_waiting_for_room_goes_ahead_once_a_shard_comes_free(tmp_path, monkeypatch):
+    import threading
+
+    from data_tools.remote import ObjectInfo
+    from mpma_ds.data import shard_cache
+
+    a, b = _full_of_pinned_shards(tmp_path)
+    monkeypatch.setattr(shard_cache, "WAIT_S", 30.0)
+    threading.Timer(0.3, a.unpin, [["s3://b/shard-0.tar"]]).start()
+    start = time.monotonic()
+    copy = b.path("s3://b/shard-3.tar", ObjectInfo(1000), data=b"\3" * 1000)
+    assert 0.3 <= time.monotonic() - start < 30.0
+    assert copy.read_bytes() == b"\3" * 1000
+    assert not (tmp_path / "cache" / a.name_of("s3://b/shard-0.tar")).exists()  # the shard that came free went
+    assert a.usage() == 3000
+    a.close()
+    b.close()

@@ -27,6 +27,7 @@ from mpma_ds.cli.common import (
     is_rank0,
     prog_name,
 )
+from mpma_ds.data.shard_cache import ShardCacheFull
 from mpma_ds.distributed import CollectiveTimeoutError
 from mpma_ds.recipes import find_recipe
 from mpma_ds.runner.trainer import NonFiniteLossError, SetupError, train
@@ -101,7 +102,7 @@ def run_training(prog: str, recipe, args) -> tuple[int, dict | None]:
     try:
         with run_guard(prog):
             return 0, train(recipe, resume=args.resume, overwrite=args.overwrite)
-    except (SetupError, TooManySkipped) as err:  # bad input: before the first step, or unreadable data found later
+    except (SetupError, TooManySkipped, ShardCacheFull) as err:  # bad input: before the first step, or found later
         error(prog, err)
         return 2, None
     except NonFiniteLossError as err:

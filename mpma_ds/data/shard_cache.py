@@ -44,6 +44,11 @@ WAIT_S = 300.0
 """How long a fetch waits for room in a folder over budget whose shards are all in use before failing."""
 
 
+class ShardCacheFull(ValueError):
+    """The node's cache stayed over ``data.shard_cache_gb`` with every shard in use for `WAIT_S`: the budget is
+    too small for the shards the node's ranks read at once (a setting to change, not a fault to retry)."""
+
+
 def default_root() -> Path:
     """``$TMPDIR/mpma-shard-cache-<uid>``: node-local and shared by this user's ranks."""
     return Path(tempfile.gettempdir()) / f"mpma-shard-cache-{os.getuid()}"
@@ -229,7 +234,7 @@ class ShardCache:
                         out.truncate(size)
                     return
             if time.monotonic() > deadline:
-                raise ValueError(
+                raise ShardCacheFull(
                     f"the node's shard cache {self.root} holds {used / 1e9:.2f} GB of shards in use, over "
                     f"data.shard_cache_gb={self.budget_bytes / 1e9:g}, and none came free in {WAIT_S:g} s: raise "
                     "data.shard_cache_gb (it bounds the shards all ranks of a node read at once)"
