@@ -403,3 +403,43 @@ def test_pretrain_with_a_missing_remote_shard_fails_with_one_line(s3, tmp_path_f
     assert code != 0 and len(lines) == 1, lines
     assert lines[0].startswith("pretrain.py: error: ") and f"{missing} does not exist" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_node_cache_refuses_a_shard_replaced_since_its_listing(s3, local, tmp_path):
+    """What DALI reads goes through the node cache: a whole-shard fetch is pinned to the version listed, so an
+    object replaced after the listing by one of the same size (another ETag on S3, a later Last-Modified over
+    HTTP) is `ChangedObject` and leaves no copy; the unchanged ones are fetched byte for byte."""
+    import os
+
+    from mpma_ds.data.shard_cache import ShardCache
+
+    copy = f"s3://{BUCKET}/replaced"
+    fs, _ = remote.filesystem(copy)
+    fs.copy(f"{BUCKET}/build", f"{BUCKET}/replaced", recursive=True)
+    served = tmp_path / "served"
+    shutil.copytree(f"{local}/validate", served / "validate")
+    port = free_port()
+    proc = start_http(served, port)
+    try:
+        n = len(load_shard_index(f"{local}/validate").paths)
+        for spec in (f"{copy}/validate/", f"http://127.0.0.1:{port}/validate/shard-{{000000..{n - 1:06d}}}.tar"):
+            index = load_shard_index(spec)
+            url, info = str(index.paths[0]), index.infos[0]
+            data = bytearray(remote.read_bytes(url))
+            data[-2000] ^= 0xFF  # same size, other content
+            if spec.startswith("s3://"):
+                remote.put_bytes(bytes(data), url)
+            else:
+                shard = served / "validate" / remote.basename(url)
+                shard.write_bytes(bytes(data))
+                later = shard.stat().st_mtime + 10
+                os.utime(shard, (later, later))
+            cache = ShardCache(tmp_path / f"cache-{spec[:4]}", budget_gb=1.0)
+            with pytest.raises(ChangedObject, match="changed on the store since it was listed"):
+                cache.path(url, info)
+            assert not [p for p in cache.root.iterdir() if p.suffix != ".lock" and p.name != ".folder.lock"]
+            rest = [cache.path(str(u), i) for u, i in zip(index.paths[1:], index.infos[1:])]
+            for u, got in zip(index.paths[1:], rest):
+                assert got.read_bytes() == (Path(local) / "validate" / remote.basename(str(u))).read_bytes()
+    finally:
+        stop(proc)

@@ -7,8 +7,10 @@ copy. Rules:
 - **Shared and safe.** One folder per node (``data.shard_cache``, default ``$TMPDIR/mpma-shard-cache-<uid>``);
   a shard is fetched under an exclusive ``flock`` on ``<name>.lock``, written to ``<name>.tmp-<pid>-<thread>``
   and renamed into place, so two ranks that want the same shard fetch it once and nobody reads half a file.
-- **Verified.** The fetched bytes must have the size the store listed (and, where the build's manifest gives
-  one, its sha256): anything else is `ChangedObject`, never kept.
+- **Verified.** The fetch is pinned to the version the store listed (S3 ``If-Match`` on its ETag; HTTP
+  ``If-Match`` / ``If-Unmodified-Since`` and the answer's own ETag / Last-Modified), and the bytes must have the
+  listed size (and, where the build's manifest gives one, its sha256): anything else is `ChangedObject`, never
+  kept.
 - **One budget per node.** ``budget_bytes`` bounds the whole folder, whichever rank fetched what: accounting
   and eviction happen under a folder lock (``.folder.lock``), and a fetch first *reserves* its listed size (its
   temporary file is created at that size, sparse) and evicts least recently used shards to make room. A shard
@@ -201,7 +203,10 @@ class ShardCache:
         try:
             if data is None:
                 with remote.counted() as cost:
-                    data = remote.read_bytes(url)
+                    if listed and info.etag:  # pinned to the listed version: a replaced object is ChangedObject
+                        data = remote.read_range(url, 0, listed, etag=info.etag)
+                    else:
+                        data = remote.read_bytes(url)
                 with self._cost_lock:
                     self.cost.update(cost)
             if listed and len(data) != listed:
