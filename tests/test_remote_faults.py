@@ -251,3 +251,55 @@ def test_pretraining_whose_store_goes_down_stops_with_one_line_and_resumes_later
     with env(s3_env(moto_port)):
         assert pretrain.main(pretrain_argv(overrides, "--resume", "auto")) == 0
     assert "done: step 12" in capsys.readouterr().out
+
+
+@pytest.mark.e2e  # a 2-rank launcher run of about a minute: make test-e2e
+def test_two_ranks_whose_store_goes_down_stop_with_one_line(moto_port, tmp_path_factory, tmp_path):
+    """Under the real launcher (2 gloo ranks), once the run has a checkpoint the store goes down for good: the
+    job ends with exit 6 and the one line naming a shard URL, not a wait for the collective timeout (120 s here)
+    or a traceback: every rank reads from the same store, so every rank gives up on it."""
+    import threading
+
+    from train_testdata import ROOT, prepared_base, pretrain_argv, tiny_overrides, tiny_shards
+
+    from mpma_ds.distributed import free_port as free_master_port
+
+    base = prepared_base(tmp_path_factory)
+    with env(s3_env(moto_port)):
+        upload_tree(tiny_shards(base) / "train", f"s3://{BUCKET}/tiny2/train")
+    port, log, trigger = free_port(), tmp_path / "faults.log", tmp_path / "down"
+    proxy = start_fault_proxy(moto_port, port, "reset", -1, log, trigger)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        base, run, **{"data.train_shards": f"s3://{BUCKET}/tiny2/train/", "train.eval_every": 0,
+                      "train.max_steps": 40, "train.collective_timeout_s": 120}
+    )  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(free_master_port()), "launch/pretrain.py", *pretrain_argv(overrides)]  # fmt: skip
+    stopped = threading.Event()
+
+    def arm_after_first_checkpoint() -> None:
+        while not list(run.glob("checkpoints/*/complete.json")) and not stopped.is_set():
+            time.sleep(0.05)
+        trigger.touch()
+
+    watcher = threading.Thread(target=arm_after_first_checkpoint)
+    watcher.start()
+    start = time.monotonic()
+    try:
+        with env(s3_env(port)):
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env={**subprocess_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                timeout=600,
+            )  # fmt: skip
+    finally:
+        stopped.set()
+        watcher.join()
+        stop(proxy)
+    elapsed = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "pretrain.py: error:" in line]
+    assert proc.returncode == 6, out[-4000:]
+    assert len(errors) == 1 and "s3://faulty/tiny2/train/shard-" in errors[0], out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert elapsed < 120, f"the job took {elapsed:.0f} s: it waited out a collective"
