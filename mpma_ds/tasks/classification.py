@@ -312,7 +312,9 @@ class ClsOptions(ConfigSection):
             raise ValueError(
                 "task.cls.classes is for labels=column; labels=dataset names its labels in label_names"
             )
-        unknown = sorted(set(self.label_names) - set(CHEXPERT_LABELS)) if self.labels in ("chexpert", "truth") else []
+        unknown = (
+            sorted(set(self.label_names) - set(CHEXPERT_LABELS)) if self.labels in ("chexpert", "truth") else []
+        )
         if unknown:
             raise ValueError(
                 f"task.cls.label_names: unknown {unknown}; the CheXpert labels are {list(CHEXPERT_LABELS)}"
