@@ -165,3 +165,63 @@ def test_a_fraction_leaving_a_label_without_positives(capsys):
         f"data.label_fraction=0.5 (seed {seed}) leaves no positive training sample for label(s) Hernia in TRAIN: "
         "raise the fraction, pick another data.label_fraction_seed, or leave them out of task.cls.label_names"
     )
+
+
+def _bench(dataset: str, names, rows, task="multilabel"):
+    from data_tools.benchmarks import BenchmarkData, BenchRecord
+
+    records = [BenchRecord(k, f"/x/{k}.png", p, s, tuple(float(v) for v in y)) for k, p, s, y in rows]
+    return BenchmarkData(dataset, tuple(names), records, task=task)
+
+
+def test_the_finetune_protocol_picks_each_sets_label_mode():
+    from data_tools.benchmarks.covidx import THREE_CLASS
+    from data_tools.benchmarks.nih import NIH_LABELS
+    from data_tools.benchmarks.padchest import DEFAULT_LABELS
+    from data_tools.benchmarks.vindr import VINDR_LABELS
+    from mpma_ds.benchmark.finetune import label_mode
+
+    assert label_mode(_bench("rsna-pneumonia", ["Pneumonia"], [])) == ("chexpert", ("Pneumonia",))
+    assert label_mode(_bench("siim", ["Pneumothorax"], [])) == ("chexpert", ("Pneumothorax",))
+    assert label_mode(_bench("nih-cxr14", NIH_LABELS, [])) == ("dataset", NIH_LABELS)
+    assert label_mode(_bench("vindr-cxr", VINDR_LABELS, []))[0] == "dataset"
+    assert label_mode(_bench("padchest", DEFAULT_LABELS, []))[0] == "dataset"
+    assert label_mode(_bench("covidx", THREE_CLASS, [], task="multiclass")) == ("column", THREE_CLASS)
+
+
+def test_a_set_without_a_train_split_gets_a_seeded_patient_level_split():
+    from mpma_ds.benchmark.finetune import split_records
+
+    rows = [(f"im{i}", f"p{i // 2}", "all", (i % 3 == 0,)) for i in range(60)]  # two images per patient
+    data = _bench("padchest", ["nodule"], rows)
+    records, info = split_records(data, "test")
+    again, info2 = split_records(data, "test")
+    assert [r.split for r in records] == [r.split for r in again] and info == info2  # seeded: the same each time
+    by_patient: dict[str, set] = {}
+    for r in records:
+        by_patient.setdefault(r.patient, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_patient.values())  # no patient in two parts
+    assert info["images"] == {"train": 42, "validate": 6, "test": 12} and info["patients"] == 30
+    assert len(set(info["checksums"].values())) == 3 and "seeded 0.7/0.1/0.2 split (seed 0)" in info["note"]
+    own = _bench("nih-cxr14", ["Mass"], [("a", "p", "train", (1,)), ("b", "q", "test", (0,))])
+    assert split_records(own, "test") == (list(own.records), {})  # a set's own split is kept
+
+
+def test_the_protocol_refuses_a_fraction_without_positives_before_any_build():
+    from mpma_ds.benchmark.finetune import check_positives
+    from mpma_ds.benchmark.suite import SuiteEntry
+
+    rows = [(f"im{i}", f"p{i}", "train", (i == 0, i % 2)) for i in range(40)]
+    data = _bench("nih-cxr14", ["Hernia", "Mass"], rows)
+    train = data.split("train")
+    check_positives(data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(1.0,)), "dataset")  # fine
+    with pytest.raises(ValueError) as err:
+        check_positives(data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(0.1, 1.0)), "dataset")
+    assert str(err.value).startswith(
+        "nih-cxr14: label fraction 0.1 (seed 0) keeps "
+    ) and "label(s) Hernia;" in str(err.value)
+    none = _bench("covidx", COVIDX, [(f"im{i}", f"p{i}", "train", (1, 0, 0)) for i in range(5)], task="multiclass")
+    with pytest.raises(
+        ValueError, match=r"covidx: its train split \(5 images\) holds no positive of class\(es\) "
+    ):
+        check_positives(none, none.split("train"), SuiteEntry("covidx", "finetune", fractions=(1.0,)), "column")

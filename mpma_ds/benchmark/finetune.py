@@ -115,16 +115,16 @@ def check_positives(data: BenchmarkData, train: list[BenchRecord], entry: SuiteE
             kept = patient_subset([r.patient for r in train], frac, seed)
             positives = (labels[kept] == 1).sum(axis=0)  # (C,)
             empty = [n for n, count in zip(data.label_names, positives.tolist()) if count == 0]
-            what = "class" if mode == "column" else "label"
+            what = "class(es)" if mode == "column" else "label(s)"
             if empty and frac == 1.0:
                 raise ValueError(
-                    f"{data.dataset}: its train split ({len(train)} images) holds no positive of {what}(s) "
+                    f"{data.dataset}: its train split ({len(train)} images) holds no positive of {what} "
                     f"{', '.join(empty)}, so fine-tuning cannot learn them; check the download's label table"
                 )
             if empty:
                 raise ValueError(
                     f"{data.dataset}: label fraction {frac:g} (seed {seed}) keeps {int(kept.sum())} of {len(train)} "
-                    f"training images and no positive of {what}(s) {', '.join(empty)}; drop {frac:g} from the "
+                    f"training images and no positive of {what} {', '.join(empty)}; drop {frac:g} from the "
                     "entry's fractions, or choose other seeds"
                 )
 

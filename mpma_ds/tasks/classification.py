@@ -148,10 +148,10 @@ class Labels:
             positives = {n: int((targets == c).sum()) for c, n in enumerate(self.names)}
         empty = [n for n, count in positives.items() if count == 0]
         if empty and self.options.require_positives:
-            what = "label" if self.multilabel else "class"
+            what = "label(s)" if self.multilabel else "class(es)"
             raise ValueError(
                 f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed}) leaves no positive "
-                f"training sample for {what}(s) {', '.join(empty)} in {data.train_shards}: raise the fraction, pick "
+                f"training sample for {what} {', '.join(empty)} in {data.train_shards}: raise the fraction, pick "
                 "another data.label_fraction_seed, or leave them out of task.cls.label_names"
             )
         if empty:
