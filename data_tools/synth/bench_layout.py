@@ -99,7 +99,9 @@ def layout_nih(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0, 
     _write_csv(root / "Data_Entry_2017_v2020.csv", header, [all_rows[k] for k in chosen])
     keep = [r for r in brows if r[0] in set(boxed)]
     _write_csv(root / "BBox_List_2017.csv", bheader, keep)
-    test = set(boxed) | {k for k in chosen if _seed(all_rows[k][3]) % 5 == 0}
+    # patient-wise, as the official lists: the box images' patients and a hashed fifth of the others
+    test_patients = {all_rows[k][3] for k in boxed}
+    test = {k for k in chosen if all_rows[k][3] in test_patients or _seed(all_rows[k][3]) % 5 == 0}
     (root / "test_list.txt").write_text("".join(f"{k}\n" for k in chosen if k in test))
     (root / "train_val_list.txt").write_text("".join(f"{k}\n" for k in chosen if k not in test))
     boxes: dict[str, list] = {}

@@ -37,7 +37,7 @@ import torch
 
 from data_tools.benchmarks import BenchmarkData
 from data_tools.benchmarks.common import BenchRecord, seeded_split, seeded_split_note, split_checksum
-from data_tools.build_shards import build_shards
+from data_tools.build_shards import BuildError, build_shards
 from data_tools.shard_format import CHEXPERT_LABELS, CLASS_FIELD, DATASET_LABELS_FIELD
 from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import PROMPT_ALIASES, EntryResult
@@ -160,8 +160,11 @@ def cls_shards(
                 row[CLASS_FIELD] = names[values.index(1)]
             lines.append(json.dumps(row))
         atomic_write_text(manifest, "\n".join(lines) + "\n")
-    summary = build_shards("manifest", manifest, out, image_size=image_size, min_size=16, min_words=0, views=None,
-                           progress=False)  # fmt: skip
+    try:
+        summary = build_shards("manifest", manifest, out, image_size=image_size, min_size=16, min_words=0,
+                               views=None, progress=False)  # fmt: skip
+    except BuildError as err:  # e.g. a split file that puts one patient in train and test: the entry's one line
+        raise ValueError(f"{data.dataset}: {err}") from None
     if not summary["splits"].get("train") or not summary["splits"].get("test"):
         raise ValueError(f"{data.dataset}: no train or no test image decoded; see {out / 'rejects.jsonl'}")
     return out, mode, names
