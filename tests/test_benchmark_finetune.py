@@ -125,10 +125,12 @@ def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_bui
     suite.write_text("name: few\nentries:\n  - {dataset: nih-cxr14, protocol: finetune, fractions: [0.05, 1.0]}\n")
     argv = ["--model", str(root / "exported"), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
             str(tmp_path / "out"), "--no-mlflow", "--bootstrap", "0", "--workers", "0"]  # fmt: skip
-    main(argv)
+    assert main(argv) == 1  # the suite's other entries would be written; the command fails
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     err = results["entries"]["nih-cxr14"]["finetune"]["models"]["exported"]["error"]
     assert "\n" not in err and err.startswith("nih-cxr14: label fraction 0.05 (seed 0) keeps "), err
     assert "Hernia" in err and err.endswith("drop 0.05 from the entry's fractions, or choose other seeds")
-    assert "not scored: " + err in capsys.readouterr().out
+    out, stderr = capsys.readouterr()
+    assert "not scored: " + err in out
+    assert stderr.strip().splitlines()[-1].endswith(f": error: not scored: nih-cxr14/finetune [exported]: {err}")
     assert not (tmp_path / "out" / "cache" / "shards").exists() and not (tmp_path / "out" / "finetune").exists()
