@@ -2,8 +2,9 @@
 through a manifest, and the ``cls`` task fine-tuned through the Trainer at two label fractions: test AUROC with
 intervals, each fraction's subset checksummed — and that subset is the one the Trainer trained on (the CheXpert path,
 as before). NIH on its own 14 labels (Hernia, Emphysema ...: ``task.cls.labels: dataset``) and COVIDx's three
-classes (softmax, accuracy) through the same protocol; a fraction leaving a label without positives is refused with
-one line before anything is built."""
+classes (softmax, accuracy) through the same protocol; PadChest, which has no split, cut by a seeded patient-level
+split and tested on its test part; a fraction leaving a label without positives is refused with one line before
+anything is built, and the command exits 1."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from train_testdata import tiny_export
 
 from data_tools.benchmarks import read_benchmark
 from data_tools.benchmarks.nih import NIH_LABELS
-from data_tools.synth.bench_layout import layout_covidx, layout_nih, layout_rsna
+from data_tools.synth.bench_layout import layout_covidx, layout_nih, layout_padchest, layout_rsna
 from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.cli.benchmark import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes: two short fine-tuning runs)
 SIZE = 64
+PADCHEST = ["normal", "cardiomegaly", "pleural effusion"]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +33,15 @@ def run(tmp_path_factory):
     layout_rsna(TABLES, root / "data", 120, SIZE, 0)
     layout_nih(TABLES, root / "data", 30, SIZE, 0, per_label=3)
     layout_covidx(root / "data", 45, SIZE, 0)
+    layout_padchest(TABLES, root / "data", 40, SIZE, 0)
     suite = root / "ft.yaml"
     suite.write_text(
         "name: ft\nentries:\n"
         "  - {dataset: rsna-pneumonia, protocol: finetune, fractions: [0.5, 1.0], set: [train.epochs=1]}\n"
         "  - {dataset: nih-cxr14, protocol: finetune, fractions: [1.0], set: [train.epochs=1]}\n"
         "  - {dataset: covidx, protocol: finetune, fractions: [1.0], set: [train.epochs=2]}\n"
+        f"  - {{dataset: padchest, protocol: finetune, fractions: [1.0], options: {{labels: {PADCHEST}}}, "
+        "set: [train.epochs=1]}\n"
     )
     argv = ["--model", str(exported), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
             str(root / "out"), "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
@@ -117,6 +122,37 @@ def test_covidx_fine_tuned_as_three_classes_reports_accuracy(run):
     assert [s["name"] for s in meta["sets"]] == ["accuracy@100%"]
     test = read_benchmark("covidx", root / "data" / "covidx").split("test")
     assert sorted(rows) == sorted(r.key for r in test)
+
+
+def test_padchest_without_a_split_is_cut_patient_wise_and_tested_on_its_test_part(run):
+    from mpma_ds.benchmark.finetune import split_records
+
+    root, results = run
+    block = results["entries"]["padchest"]["finetune"]
+    m = block["models"]["exported"]
+    assert "error" not in m, m
+    info = m["info"]
+    assert info["label_mode"] == "dataset" and info["labels"] == PADCHEST
+    seeded = info["seeded_split"]
+    assert "seeded 0.7/0.1/0.2 split (seed 0)" in seeded["note"] and block["note"] == seeded["note"]
+    assert (block["split"], block["images"], block["split_checksum"]) == (
+        "test (seeded)",
+        seeded["images"]["test"],
+        seeded["checksums"]["test"],
+    )
+    data = read_benchmark("padchest", root / "data" / "padchest", {"labels": PADCHEST})
+    records, again = split_records(data, "test")
+    assert again == seeded  # the same split, each part checksummed
+    parts: dict[str, set] = {}
+    for r in records:
+        parts.setdefault(r.patient, set()).add(r.split)
+    assert all(len(p) == 1 for p in parts.values()) and any(
+        sum(r.patient == p for r in records) > 1 for p in parts
+    )
+    _, rows, _ = load_samples(root / "out" / "samples" / "padchest" / "finetune" / "exported.npz")
+    assert sorted(rows) == sorted(r.key for r in records if r.split == "test")
+    assert info["images_rejected"] == 0 and m["metrics"]["train_images"] == seeded["images"]["train"]
+    assert 0 <= m["metrics"]["auroc_mean@100%"] <= 1
 
 
 def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_build(run, tmp_path, capsys):

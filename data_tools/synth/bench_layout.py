@@ -9,7 +9,8 @@ tested on end to end, and what the demo benchmarks.
 ``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
 ``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
 ``rsna-pneumonia``, with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
-films, in each set's own files) and with ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids);
+films, in each set's own files), with ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids) and
+with ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
 ``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
 the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
 real chest CR under one real id when pydicom-data is installed.
@@ -227,6 +228,38 @@ def layout_vqa(out: Path, studies: int = 60, size: int = 128, seed: int = 0) -> 
     return {"vqa-rad": rad, "slake": slake}
 
 
+_PADCHEST_DRAWN = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
+                   "pleural effusion": "Pleural Effusion", "pneumonia": "Pneumonia", "pneumothorax": "Pneumothorax",
+                   "nodule": "Lung Lesion", "mass": "Lung Lesion", "infiltrates": "Lung Opacity"}  # fmt: skip
+
+
+def layout_padchest(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/padchest``: ``n`` seeded real PA / AP rows of the PadChest table (all of their patients' other PA / AP
+    rows too, so that a patient-level split has patients with several films), and ``<ImageDir>/<ImageID>`` films
+    showing the drawable findings of each row's ``Labels``."""
+    import ast
+
+    table = _table(tables, "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv")
+    header, rows = read_rows(table, ("ImageID", "ImageDir", "PatientID", "Projection", "Labels"))
+    col = {h: i for i, h in enumerate(header)}
+    frontal = [r for r in rows if len(r) == len(header) and r[col["Projection"]] in ("PA", "AP")]
+    rng = np.random.default_rng(seed)
+    patients = {frontal[i][col["PatientID"]] for i in rng.choice(len(frontal), n, replace=False).tolist()}
+    chosen = [r for r in frontal if r[col["PatientID"]] in patients]
+    root = out / "padchest"
+    _write_csv(root / table.name.removesuffix(".gz"), header, chosen)
+    for r in chosen:
+        try:
+            found = ast.literal_eval(r[col["Labels"]]) if r[col["Labels"]] else []
+        except (ValueError, SyntaxError):  # the reader reports the row; its film shows nothing
+            found = []
+        drawn = sorted({_PADCHEST_DRAWN[str(f).strip()] for f in found if str(f).strip() in _PADCHEST_DRAWN})
+        path = root / r[col["ImageDir"]] / r[col["ImageID"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        film(drawn, r[col["ImageID"]], size).save(path)
+    return root
+
+
 COVIDX_DRAWN: dict[str, list[str]] = {
     "normal": [],
     "pneumonia": ["Pneumonia", "Consolidation"],
@@ -275,12 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa", action="store_true", help="also lay out vqa-rad/ and slake/ (synthetic questions)")
     p.add_argument("--covidx", action="store_true", help="also lay out covidx/ (COVIDx v8 files, made-up ids)")
+    p.add_argument("--padchest", action="store_true", help="also lay out padchest/ (real rows, no split)")
     p.add_argument("--per-label", type=int, default=0, help="nih-cxr14: at least this many rows of each finding")
     args = p.parse_args(argv)
     try:
         made = layout_all(Path(args.tables), Path(args.out), args.images, args.size, args.seed, args.per_label)
         if args.covidx:
             made["covidx"] = layout_covidx(Path(args.out), args.images, args.size, args.seed)
+        if args.padchest:
+            made["padchest"] = layout_padchest(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
         if args.vqa:
             made.update(layout_vqa(Path(args.out), max(20, args.images // 3), args.size, args.seed))
     except (FileNotFoundError, ValueError) as err:

@@ -212,6 +212,9 @@ def run_benchmark(
                     say(f"{entry.name} [{m.name}]: not scored: {err}")
                     continue
                 done[m.name] = r
+                if seeded := r.info.get("seeded_split"):  # finetune cut a set without splits: its test part
+                    block.update(split="test (seeded)", split_checksum=seeded["checksums"]["test"],
+                                 images=seeded["images"]["test"], note=seeded["note"])  # fmt: skip
                 saved = save_samples(samples_path(out, entry.name, m.name), r, split_checksum=block["split_checksum"],
                                      entry=entry.name, model=m.name)  # fmt: skip
                 block["models"][m.name] = {"headline": r.headline, "metrics": r.metrics, "info": r.info,
