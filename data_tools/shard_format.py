@@ -108,6 +108,21 @@ Separate from `labels`, which are read off the report (blank where the report is
 `scale_truth` maps the boxes from the source image's pixels to the stored image's; `check_truth` validates one.
 """
 
+DATASET_LABELS_FIELD = "dataset_labels"
+"""The optional labels of an image-report sample under its *dataset's own* names (a `manifest`'s `dataset_labels`
+column: NIH's Hernia, VinDr's ILD, PadChest's findings ...), written only when the source has them, before the
+size fields: ``{"<name>": 1 | 0 | -1 | null, ...}`` (values of `LABEL_VALUES`), the same names on every sample of
+a build. `labels` stays the CheXpert-14 field; the ``cls`` task reads this one with ``task.cls.labels: dataset``."""
+
+CLASS_FIELD = "class"
+"""The optional single class of an image-report sample (a `manifest`'s `class` column: COVIDx's normal / pneumonia
+/ COVID-19), a string, written only when the source has one, before the size fields; the ``cls`` task reads it with
+``task.cls.labels: column`` and ``label_column: class`` (multi-class: softmax cross-entropy, accuracy)."""
+
+OPTIONAL_FIELDS: tuple[str, ...] = (TRUTH_FIELD, DATASET_LABELS_FIELD, CLASS_FIELD)
+"""Fields an image-report `<key>.json` holds only when its source knows them, in the order written."""
+
+
 VQA_FIELDS: tuple[str, ...] = (
     "source",
     "subject_id",

@@ -39,6 +39,8 @@ from data_tools.shard_build.writer import sha256_file
 from data_tools.shard_format import (
     ANSWER_TYPES,
     CHEXPERT_LABELS,
+    CLASS_FIELD,
+    DATASET_LABELS_FIELD,
     LABEL_VALUES,
     SAMPLE_MEMBERS,
     TRUTH_FIELD,
@@ -117,6 +119,13 @@ def _check_sample(where: str, members: dict[str, bytes], split: str, image_size:
                 problems.extend(_check_vqa(where, meta))
             if TRUTH_FIELD in meta:
                 problems.extend(f"{where}.json: {p}" for p in check_truth(meta[TRUTH_FIELD], stored_size))
+            own = meta.get(DATASET_LABELS_FIELD, {})
+            if not isinstance(own, dict) or any(
+                v not in LABEL_VALUES or isinstance(v, bool) for v in own.values()
+            ):
+                problems.append(f"{where}.json: {DATASET_LABELS_FIELD} must map names to 1, 0, -1 or null")
+            if CLASS_FIELD in meta and not (isinstance(meta[CLASS_FIELD], str) and meta[CLASS_FIELD]):
+                problems.append(f"{where}.json: {CLASS_FIELD} must be a non-empty string")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         problems.append(f"{where}.json: not valid UTF-8 JSON ({exc})")
     try:

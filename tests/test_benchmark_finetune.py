@@ -1,7 +1,10 @@
 """The ``finetune`` protocol end to end: RSNA Pneumonia laid out for real ids (DICOMs), its records built into shards
 through a manifest, and the ``cls`` task fine-tuned through the Trainer at two label fractions: test AUROC with
-intervals, each fraction's subset checksummed — and that subset is the one the Trainer trained on. NIH, whose labels
-are not all CheXpert findings, is refused with one line."""
+intervals, each fraction's subset checksummed — and that subset is the one the Trainer trained on (the CheXpert path,
+as before). NIH on its own 14 labels (Hernia, Emphysema ...: ``task.cls.labels: dataset``) and COVIDx's three
+classes (softmax, accuracy) through the same protocol; PadChest, which has no split, cut by a seeded patient-level
+split and tested on its test part; a fraction leaving a label without positives is refused with one line before
+anything is built, and the command exits 1."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ from test_benchmark_readers import TABLES
 from train_testdata import tiny_export
 
 from data_tools.benchmarks import read_benchmark
-from data_tools.synth.bench_layout import layout_nih, layout_rsna
+from data_tools.benchmarks.nih import NIH_LABELS
+from data_tools.synth.bench_layout import layout_covidx, layout_nih, layout_padchest, layout_rsna
 from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.cli.benchmark import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes: two short fine-tuning runs)
 SIZE = 64
+PADCHEST = ["normal", "cardiomegaly", "pleural effusion"]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +31,17 @@ def run(tmp_path_factory):
     root = base / "bench-finetune"
     exported = tiny_export(root / "exported", str(base), SIZE)
     layout_rsna(TABLES, root / "data", 120, SIZE, 0)
-    layout_nih(TABLES, root / "data", 30, SIZE, 0)
+    layout_nih(TABLES, root / "data", 30, SIZE, 0, per_label=3)
+    layout_covidx(root / "data", 45, SIZE, 0)
+    layout_padchest(TABLES, root / "data", 40, SIZE, 0)
     suite = root / "ft.yaml"
     suite.write_text(
         "name: ft\nentries:\n"
         "  - {dataset: rsna-pneumonia, protocol: finetune, fractions: [0.5, 1.0], set: [train.epochs=1]}\n"
         "  - {dataset: nih-cxr14, protocol: finetune, fractions: [1.0], set: [train.epochs=1]}\n"
+        "  - {dataset: covidx, protocol: finetune, fractions: [1.0], set: [train.epochs=2]}\n"
+        f"  - {{dataset: padchest, protocol: finetune, fractions: [1.0], options: {{labels: {PADCHEST}}}, "
+        "set: [train.epochs=1]}\n"
     )
     argv = ["--model", str(exported), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
             str(root / "out"), "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
@@ -65,7 +75,98 @@ def test_each_fraction_fine_tuned_and_tested_with_intervals(run):
     assert sorted(rows) == sorted(r.key for r in test) and len(rows) == block["images"]  # paired by record key
 
 
-def test_a_dataset_whose_labels_are_not_chexpert_findings_is_refused(run):
-    _, results = run
+def _summary(root, entry: str, tag: str) -> dict:
+    folder = root / "out" / "finetune" / "exported" / entry / tag.strip("@").replace("%", "pct")
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_rsna_stays_on_the_chexpert_path(run):
+    root, results = run
+    info = results["entries"]["rsna-pneumonia"]["finetune"]["models"]["exported"]["info"]
+    assert info["label_mode"] == "chexpert" and info["labels"] == ["Pneumonia"]
+    assert _summary(root, "rsna-pneumonia-finetune", "@100%")["labels"] == ["Pneumonia"]
+
+
+def test_nih_fine_tuned_on_its_own_fourteen_labels(run):
+    root, results = run
+    block = results["entries"]["nih-cxr14"]["finetune"]
+    m = block["models"]["exported"]
+    assert "error" not in m, m
+    met, info = m["metrics"], m["info"]
+    assert m["headline"] == "auroc_mean@100%" and info["label_mode"] == "dataset"
+    assert info["labels"] == list(NIH_LABELS)
+    summary = _summary(root, "nih-cxr14-finetune", "@100%")
+    assert summary["labels"] == list(NIH_LABELS) and min(summary["train_positives"].values()) >= 1
+    assert summary["test"]["test/auroc_macro"] == pytest.approx(met["auroc_mean@100%"])
+    assert 0 <= met["auroc_mean@100%"] <= 1 and len(met["auroc_mean@100%_ci95"]) == 2
+    per_label = [k.split("/", 1)[1] for k in met if k.startswith("auroc@100%/")]
+    assert per_label and set(per_label) <= set(NIH_LABELS)
+    test = read_benchmark("nih-cxr14", root / "data" / "nih-cxr14").split("test")
+    _, rows, _ = load_samples(root / "out" / "samples" / "nih-cxr14" / "finetune" / "exported.npz")
+    assert sorted(rows) == sorted(r.key for r in test) and m["info"]["images_rejected"] == 0
+
+
+def test_covidx_fine_tuned_as_three_classes_reports_accuracy(run):
+    root, results = run
+    m = results["entries"]["covidx"]["finetune"]["models"]["exported"]
+    assert "error" not in m, m
+    met, info = m["metrics"], m["info"]
+    assert m["headline"] == "accuracy@100%" and info["label_mode"] == "column"
+    assert info["labels"] == ["normal", "pneumonia", "COVID-19"]
+    summary = _summary(root, "covidx-finetune", "@100%")
+    assert summary["test"]["test/accuracy"] == pytest.approx(met["accuracy@100%"])
+    lo, hi = met["accuracy@100%_ci95"]
+    assert 0 <= lo <= met["accuracy@100%"] <= hi <= 1
+    assert {f"f1@100%/{c}" for c in info["labels"]} & set(met)
+    meta, rows, _ = load_samples(root / "out" / "samples" / "covidx" / "finetune" / "exported.npz")
+    assert [s["name"] for s in meta["sets"]] == ["accuracy@100%"]
+    test = read_benchmark("covidx", root / "data" / "covidx").split("test")
+    assert sorted(rows) == sorted(r.key for r in test)
+
+
+def test_padchest_without_a_split_is_cut_patient_wise_and_tested_on_its_test_part(run):
+    from mpma_ds.benchmark.finetune import split_records
+
+    root, results = run
+    block = results["entries"]["padchest"]["finetune"]
+    m = block["models"]["exported"]
+    assert "error" not in m, m
+    info = m["info"]
+    assert info["label_mode"] == "dataset" and info["labels"] == PADCHEST
+    seeded = info["seeded_split"]
+    assert "seeded 0.7/0.1/0.2 split (seed 0)" in seeded["note"] and block["note"] == seeded["note"]
+    assert (block["split"], block["images"], block["split_checksum"]) == (
+        "test (seeded)",
+        seeded["images"]["test"],
+        seeded["checksums"]["test"],
+    )
+    data = read_benchmark("padchest", root / "data" / "padchest", {"labels": PADCHEST})
+    records, again = split_records(data, "test")
+    assert again == seeded  # the same split, each part checksummed
+    parts: dict[str, set] = {}
+    for r in records:
+        parts.setdefault(r.patient, set()).add(r.split)
+    assert all(len(p) == 1 for p in parts.values()) and any(
+        sum(r.patient == p for r in records) > 1 for p in parts
+    )
+    _, rows, _ = load_samples(root / "out" / "samples" / "padchest" / "finetune" / "exported.npz")
+    assert sorted(rows) == sorted(r.key for r in records if r.split == "test")
+    assert info["images_rejected"] == 0 and m["metrics"]["train_images"] == seeded["images"]["train"]
+    assert 0 <= m["metrics"]["auroc_mean@100%"] <= 1
+
+
+def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_build(run, tmp_path, capsys):
+    root, _ = run
+    suite = tmp_path / "few.yaml"
+    suite.write_text("name: few\nentries:\n  - {dataset: nih-cxr14, protocol: finetune, fractions: [0.05, 1.0]}\n")
+    argv = ["--model", str(root / "exported"), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
+            str(tmp_path / "out"), "--no-mlflow", "--bootstrap", "0", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 1  # the suite's other entries would be written; the command fails
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
     err = results["entries"]["nih-cxr14"]["finetune"]["models"]["exported"]["error"]
-    assert "protocol finetune trains the cls task on CheXpert findings" in err and "Emphysema" in err
+    assert "\n" not in err and err.startswith("nih-cxr14: label fraction 0.05 (seed 0) keeps "), err
+    assert "Hernia" in err and err.endswith("drop 0.05 from the entry's fractions, or choose other seeds")
+    out, stderr = capsys.readouterr()
+    assert "not scored: " + err in out
+    assert stderr.strip().splitlines()[-1].endswith(f": error: not scored: nih-cxr14/finetune [exported]: {err}")
+    assert not (tmp_path / "out" / "cache" / "shards").exists() and not (tmp_path / "out" / "finetune").exists()

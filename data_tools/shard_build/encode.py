@@ -11,7 +11,14 @@ import multiprocessing as mp
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from data_tools.shard_format import SIZE_FIELDS, TRUTH_FIELD, json_fields, scale_truth
+from data_tools.shard_format import (
+    CLASS_FIELD,
+    DATASET_LABELS_FIELD,
+    SIZE_FIELDS,
+    TRUTH_FIELD,
+    json_fields,
+    scale_truth,
+)
 from data_tools.sources.common import ImageRejected, Reject, SourceItem
 from data_tools.sources.images import ImageOptions, encode_image, target_size
 
@@ -40,6 +47,9 @@ def encode_sample(item: SourceItem, image_opts: ImageOptions, views: tuple[str, 
     if TRUTH_FIELD in item.meta:  # boxes in the source image's pixels -> the stored image's
         stored = target_size(encoded.width, encoded.height, image_opts.image_size)
         meta[TRUTH_FIELD] = scale_truth(item.meta[TRUTH_FIELD], (encoded.width, encoded.height), stored)
+    for name in (DATASET_LABELS_FIELD, CLASS_FIELD):  # a manifest's own label set / class, as the source gave it
+        if name in item.meta:
+            meta[name] = item.meta[name]
     meta["width"], meta["height"] = encoded.width, encoded.height
     members = {
         "jpg": encoded.jpeg,

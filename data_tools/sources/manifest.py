@@ -5,7 +5,13 @@ Columns (found by name, first match wins):
   — relative paths are taken from the manifest's folder;
 - text (required): `text`, `report`, `caption`, `findings`;
 - optional: `split`, `subject_id` / `patient_id`, `study_id`, `image_id`, `view`, and labels either as
-  a `labels` column holding a JSON object or as columns named like the 14 CheXpert labels.
+  a `labels` column holding a JSON object or as columns named like the 14 CheXpert labels;
+- optional, a dataset's own labels (`shard_format.DATASET_LABELS_FIELD`): a `dataset_labels` column holding a JSON
+  object of any names -> 1 / 0 / -1 / blank (NIH's Hernia, VinDr's ILD ...). The label set is the names of the
+  first row that has one; a later row naming another label stops the build with one line naming the row (a row
+  leaving one out has it blank);
+- optional, a single class (`shard_format.CLASS_FIELD`): a `class` column (COVIDx's normal / pneumonia /
+  COVID-19); blank = unlabelled.
 
 A text with MIMIC-style section headers goes through the section parser; a plain caption is kept whole.
 A row whose image file or `image_id` an earlier row already used is rejected as `duplicate`. The manifest
@@ -23,7 +29,7 @@ import os
 import zlib
 from pathlib import Path
 
-from data_tools.shard_format import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS, CLASS_FIELD, DATASET_LABELS_FIELD
 from data_tools.sources.common import (
     SOURCES,
     Reject,
@@ -151,6 +157,30 @@ def _labels(row: dict, path: Path, lineno: int) -> dict:
     return labels
 
 
+def _dataset_labels(row: dict, path: Path, lineno: int, label_set: dict[str, int]) -> dict | None:
+    """The row's own labels over ``label_set`` (name -> the row that fixed the set; filled by the first labelled
+    row), or None when the row has none."""
+    value = row.get(DATASET_LABELS_FIELD)
+    if value in (None, ""):
+        return None
+    try:
+        given = value if isinstance(value, dict) else json.loads(value)
+        if not isinstance(given, dict) or not given:
+            raise ValueError("expected a JSON object of label name -> 1 / 0 / -1 / blank")
+        if not label_set:
+            label_set.update(dict.fromkeys(given, lineno))
+        unknown = [str(k) for k in given if k not in label_set]
+        if unknown:
+            first = next(iter(label_set.values()))
+            raise ValueError(
+                f"unknown label(s) {', '.join(map(repr, unknown))}: the label set (row {first}) is "
+                f"{', '.join(label_set)}; correct the name, or list every label in row {first}"
+            )
+        return {name: parse_label(given.get(name)) for name in label_set}
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: row {lineno}: {DATASET_LABELS_FIELD}: {exc}") from None
+
+
 @SOURCES.register("manifest", kind="report")
 def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> SourceScan:
     """Plan one sample per manifest row."""
@@ -172,6 +202,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
     base = path.parent
     scan = SourceScan()
     first_row_of: dict[tuple[str, str], int] = {}  # (what, value) -> the row that used it first
+    label_set: dict[str, int] = {}  # the dataset's own label names, in the first labelled row's order
     for lineno, row in enumerate(rows, start=1):
         image_value = str(row.get(image_col) or "").strip()
         if not image_value:
@@ -186,6 +217,7 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
         else:
             split = hash_split(subject or image_value, opts.val_fraction, opts.test_fraction)
         key = make_key(f"m{lineno:07d}", Path(image_value).stem)
+        own = _dataset_labels(row, path, lineno, label_set)  # every row checked, rejected ones too
         raw_text = str(row.get(text_col) or "")
         text = (
             extract_report_text(raw_text, opts.sections)
@@ -237,6 +269,10 @@ def scan_manifest(path: str | Path, opts: ScanOptions, vqa_lang: str = "en") -> 
             "split": split,
             "labels": _labels(row, path, lineno),
         }
+        if own is not None:
+            meta[DATASET_LABELS_FIELD] = own
+        if str(row.get(CLASS_FIELD) or "").strip():
+            meta[CLASS_FIELD] = str(row[CLASS_FIELD]).strip()
         scan.items.append(
             SourceItem(key=key, image_path=str(image.resolve()), input=image_value, text=text, meta=meta)
         )

@@ -8,8 +8,10 @@ tested on end to end, and what the demo benchmarks.
 
 ``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
 ``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
-``rsna-pneumonia``, and with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
-films, in each set's own files). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
+``rsna-pneumonia``, with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
+films, in each set's own files), with ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids) and
+with ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
+``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
 the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
 real chest CR under one real id when pydicom-data is installed.
 """
@@ -31,6 +33,8 @@ from PIL import Image
 
 from data_tools.benchmarks.chexpert import COMPETITION_LABELS, make_5x200
 from data_tools.benchmarks.common import find_file, read_rows
+from data_tools.benchmarks.covidx import THREE_CLASS
+from data_tools.benchmarks.nih import NIH_LABELS
 from data_tools.synth.corpus import generate_corpus
 from data_tools.synth.images import render_radiograph
 from data_tools.synth.vqa import generate_vqa
@@ -74,9 +78,11 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         w.writerows(rows)
 
 
-def layout_nih(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+def layout_nih(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0, per_label: int = 0) -> Path:
     """``out/nih-cxr14``: every box image among the first ``n // 3`` of the box table and ``n`` - those other real
-    rows, their Data_Entry rows, box rows, our split lists and ``images_001/images/*.png``."""
+    rows, their Data_Entry rows, box rows, our split lists and ``images_001/images/*.png``; with ``per_label``, also
+    that many seeded real rows of each of the 14 findings not already chosen (Hernia is 0.2 % of the table: a few
+    hundred random rows hold none, and a fine-tuning protocol refuses a label without training positives)."""
     header, rows = read_rows(_table(tables, "Data_Entry_2017_v2020.csv"), ("Image Index", "Finding Labels"))
     all_rows = {r[0]: r for r in rows}
     bheader, brows = read_rows(_table(tables, "BBox_List_2017.csv"), ("Image Index",))
@@ -85,11 +91,18 @@ def layout_nih(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) 
     rng = np.random.default_rng(seed)
     others = [k for k in sorted(all_rows) if k not in set(boxed)]
     chosen = boxed + [others[i] for i in sorted(rng.choice(len(others), n - len(boxed), replace=False).tolist())]
+    for label in NIH_LABELS if per_label else ():
+        have = sum(label in all_rows[k][1].split("|") for k in chosen if k not in set(boxed))  # boxed: test
+        pool = [k for k in others if label in all_rows[k][1].split("|") and k not in set(chosen)]
+        take = rng.choice(len(pool), min(len(pool), max(0, per_label - have)), replace=False).tolist()
+        chosen += [pool[i] for i in sorted(take)]
     root = out / "nih-cxr14"
     _write_csv(root / "Data_Entry_2017_v2020.csv", header, [all_rows[k] for k in chosen])
     keep = [r for r in brows if r[0] in set(boxed)]
     _write_csv(root / "BBox_List_2017.csv", bheader, keep)
-    test = set(boxed) | {k for k in chosen if _seed(all_rows[k][3]) % 5 == 0}
+    # patient-wise, as the official lists: the box images' patients and a hashed fifth of the others
+    test_patients = {all_rows[k][3] for k in boxed}
+    test = {k for k in chosen if all_rows[k][3] in test_patients or _seed(all_rows[k][3]) % 5 == 0}
     (root / "test_list.txt").write_text("".join(f"{k}\n" for k in chosen if k in test))
     (root / "train_val_list.txt").write_text("".join(f"{k}\n" for k in chosen if k not in test))
     boxes: dict[str, list] = {}
@@ -215,9 +228,72 @@ def layout_vqa(out: Path, studies: int = 60, size: int = 128, seed: int = 0) -> 
     return {"vqa-rad": rad, "slake": slake}
 
 
-def layout_all(tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0) -> dict[str, Path]:
+_PADCHEST_DRAWN = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
+                   "pleural effusion": "Pleural Effusion", "pneumonia": "Pneumonia", "pneumothorax": "Pneumothorax",
+                   "nodule": "Lung Lesion", "mass": "Lung Lesion", "infiltrates": "Lung Opacity"}  # fmt: skip
+
+
+def layout_padchest(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/padchest``: ``n`` seeded real PA / AP rows of the PadChest table (all of their patients' other PA / AP
+    rows too, so that a patient-level split has patients with several films), and ``<ImageDir>/<ImageID>`` films
+    showing the drawable findings of each row's ``Labels``."""
+    import ast
+
+    table = _table(tables, "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv")
+    header, rows = read_rows(table, ("ImageID", "ImageDir", "PatientID", "Projection", "Labels"))
+    col = {h: i for i, h in enumerate(header)}
+    frontal = [r for r in rows if len(r) == len(header) and r[col["Projection"]] in ("PA", "AP")]
+    rng = np.random.default_rng(seed)
+    patients = {frontal[i][col["PatientID"]] for i in rng.choice(len(frontal), n, replace=False).tolist()}
+    chosen = [r for r in frontal if r[col["PatientID"]] in patients]
+    root = out / "padchest"
+    _write_csv(root / table.name.removesuffix(".gz"), header, chosen)
+    for r in chosen:
+        try:
+            found = ast.literal_eval(r[col["Labels"]]) if r[col["Labels"]] else []
+        except (ValueError, SyntaxError):  # the reader reports the row; its film shows nothing
+            found = []
+        drawn = sorted({_PADCHEST_DRAWN[str(f).strip()] for f in found if str(f).strip() in _PADCHEST_DRAWN})
+        path = root / r[col["ImageDir"]] / r[col["ImageID"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        film(drawn, r[col["ImageID"]], size).save(path)
+    return root
+
+
+COVIDX_DRAWN: dict[str, list[str]] = {
+    "normal": [],
+    "pneumonia": ["Pneumonia", "Consolidation"],
+    "COVID-19": ["Lung Opacity", "Edema"],
+}
+"""COVIDx class -> the findings its synthetic films show (bilateral hazy opacity for COVID-19, a lobar
+consolidation for bacterial pneumonia)."""
+
+
+def layout_covidx(out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/covidx``: COVIDx v8's download layout (``train.txt`` / ``test.txt``: ``patient_id filename class
+    source``; images under ``train/`` and ``test/``), ``n`` films of the three classes (normal / pneumonia /
+    COVID-19), a fifth of them in test. COVIDx's tables are not among the public ones torchxrayvision ships, so the
+    ids are made up (one patient per image, as most COVIDx patients are)."""
+    root = out / "covidx"
+    rng = np.random.default_rng(seed)
+    classes = [THREE_CLASS[i % 3] for i in rng.permutation(n).tolist()]
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for i, cls in enumerate(classes):
+        split = "test" if i % 5 == 4 else "train"
+        name = f"covidx-{seed}-{i:05d}.png"
+        (root / split).mkdir(parents=True, exist_ok=True)
+        film(COVIDX_DRAWN[cls], name, size).save(root / split / name)
+        lines[split].append(f"P{seed}{i:05d} {name} {cls} synthetic")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("".join(f"{r}\n" for r in rows))
+    return root
+
+
+def layout_all(
+    tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0, per_label: int = 0
+) -> dict[str, Path]:
     return {
-        "nih-cxr14": layout_nih(tables, out, n, size, seed),
+        "nih-cxr14": layout_nih(tables, out, n, size, seed, per_label),
         "chexpert-5x200": layout_chexpert_5x200(tables, out, max(1, math.ceil(n / 5)), size, seed),
         "rsna-pneumonia": layout_rsna(tables, out, n, size, seed),
     }
@@ -231,9 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="film size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa", action="store_true", help="also lay out vqa-rad/ and slake/ (synthetic questions)")
+    p.add_argument("--covidx", action="store_true", help="also lay out covidx/ (COVIDx v8 files, made-up ids)")
+    p.add_argument("--padchest", action="store_true", help="also lay out padchest/ (real rows, no split)")
+    p.add_argument("--per-label", type=int, default=0, help="nih-cxr14: at least this many rows of each finding")
     args = p.parse_args(argv)
     try:
-        made = layout_all(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
+        made = layout_all(Path(args.tables), Path(args.out), args.images, args.size, args.seed, args.per_label)
+        if args.covidx:
+            made["covidx"] = layout_covidx(Path(args.out), args.images, args.size, args.seed)
+        if args.padchest:
+            made["padchest"] = layout_padchest(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
         if args.vqa:
             made.update(layout_vqa(Path(args.out), max(20, args.images // 3), args.size, args.seed))
     except (FileNotFoundError, ValueError) as err:

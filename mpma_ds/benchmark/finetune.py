@@ -1,12 +1,16 @@
 """Protocols that train: a suite entry run as a fine-tuning task through the ``Trainer`` (no second loop).
 
 - **finetune** (the label-efficiency protocol, full fine-tuning): the dataset's records written as a ``manifest``
-  (image, split, patient, labels under their CheXpert names) and built into shards once, then the ``cls`` task
-  fine-tunes image encoder + linear head at each label fraction (``data.label_fraction``: the Trainer's nested,
-  patient-level subset; its checksum — the sorted keys of the records it keeps — in the results) and seed;
-  test AUROC per label and mean (``auroc_mean@<f>%``). Datasets whose labels are not CheXpert findings (NIH's
-  Mass / Nodule / Emphysema ..., COVIDx's classes) are refused with one line: the ``cls`` task classifies
-  CheXpert labels only.
+  (image, split, patient and the labels: under their CheXpert names where every label is a CheXpert finding —
+  RSNA, SIIM, CheXpert; otherwise the dataset's own label set in a ``dataset_labels`` column — NIH's 14, VinDr's,
+  PadChest's; a single-label set's class in a ``class`` column — COVIDx) and built into shards once, then the
+  ``cls`` task (``task.cls.labels`` chexpert / dataset / column) fine-tunes image encoder + linear head at each
+  label fraction (``data.label_fraction``: the Trainer's nested, patient-level subset; its checksum — the sorted
+  keys of the records it keeps — in the results) and seed; test AUROC per label and mean (``auroc_mean@<f>%``),
+  or on a single-label set accuracy (``accuracy@<f>%``, softmax cross-entropy; per-class F1 / AUROC beside it).
+  A set without a train split (PadChest; NIH without its lists) is cut by a seeded patient-level split
+  (`SEEDED_SPLIT`, each part's checksum in the results). A fraction that leaves a label / class without a
+  positive training image is refused with one line before anything is built or trained.
 - **vqa** (VQA-RAD, SLAKE): the dataset folder is built into VQA shards once (``build_shards --format
   vqa-rad|slake``, cached under ``CACHE/shards/``: a finished build is reused), then the ``vqa`` task fine-tunes
   the model on the ``train`` split (best checkpoint by validation accuracy where the set has a validation file)
@@ -22,6 +26,7 @@ with the twin's seed — the same weights the other protocols evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,9 +36,9 @@ import numpy as np
 import torch
 
 from data_tools.benchmarks import BenchmarkData
-from data_tools.benchmarks.common import split_checksum
-from data_tools.build_shards import build_shards
-from data_tools.shard_format import CHEXPERT_LABELS
+from data_tools.benchmarks.common import BenchRecord, seeded_split, seeded_split_note, split_checksum
+from data_tools.build_shards import BuildError, build_shards
+from data_tools.shard_format import CHEXPERT_LABELS, CLASS_FIELD, DATASET_LABELS_FIELD
 from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import PROMPT_ALIASES, EntryResult
 from mpma_ds.benchmark.suite import SuiteEntry
@@ -41,7 +46,7 @@ from mpma_ds.config import apply_overrides, build_with_overrides, load_yaml
 from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.subsets import patient_subset
 from mpma_ds.data.transforms import eval_resize_size
-from mpma_ds.eval.classification import multilabel_auroc
+from mpma_ds.eval.classification import multiclass_metrics, multilabel_auroc
 from mpma_ds.eval.vqa import vqa_accuracy
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.recipes import find_recipe
@@ -54,6 +59,8 @@ DEFAULT_RECIPES: dict[str, str] = {"vqa": "finetune_vqa_tiny", "finetune": "fine
 """The fine-tuning recipe of a protocol when the entry names none."""
 
 VQA_KEYS = ("accuracy_overall", "accuracy_closed", "accuracy_open")
+SEEDED_SPLIT: tuple[tuple[float, float, float], int] = ((0.7, 0.1, 0.2), 0)
+"""Train / validate / test shares of the patients, and the seed, of a set with no train split of its own."""
 
 
 def task_shards(data: BenchmarkData, folder: Path, cache_dir: Path, *, image_size: int, lang: str) -> Path:
@@ -71,43 +78,96 @@ def task_shards(data: BenchmarkData, folder: Path, cache_dir: Path, *, image_siz
     return out
 
 
-def cls_shards(
-    data: BenchmarkData, cache_dir: Path, *, split: str, image_size: int
-) -> tuple[Path, tuple[str, ...]]:
-    """Shards of a labelled image dataset (via a ``manifest``, built once) and its labels' CheXpert names: its
-    ``train`` split, the evaluated ``split`` as ``test`` and, when that is ``test``, ``validate`` for picking the
-    best checkpoint (evaluated on ``validate``, a set has no held-out split to pick on: the last weights count)."""
+def label_mode(data: BenchmarkData) -> tuple[str, tuple[str, ...]]:
+    """How the ``cls`` task reads the dataset's labels (``task.cls.labels``) and their names in the shards:
+    ``chexpert`` with the CheXpert names where every label is a distinct CheXpert finding (RSNA's Pneumonia, SIIM's
+    Pneumothorax), ``column`` with the classes of a single-label set (COVIDx), else ``dataset`` with its own names."""
+    if data.task == "multiclass":
+        return "column", tuple(data.label_names)
     names = tuple(PROMPT_ALIASES.get(n, n) for n in data.label_names)
-    odd = [n for n, c in zip(data.label_names, names) if c not in CHEXPERT_LABELS]
-    if data.task != "multilabel" or odd or len(set(names)) != len(names):
-        raise ValueError(
-            f"{data.dataset}: protocol finetune trains the cls task on CheXpert findings; "
-            + (f"{', '.join(odd)} are not among them" if odd else "its labels are not distinct CheXpert findings")
-            + " (use linear_probe for this dataset)"
-        )
+    if all(n in CHEXPERT_LABELS for n in names) and len(set(names)) == len(names):
+        return "chexpert", names
+    return "dataset", tuple(data.label_names)
+
+
+def split_records(data: BenchmarkData, split: str) -> tuple[list[BenchRecord], dict[str, Any]]:
+    """The records with their splits: the dataset's own where it has a ``train`` split, else (every image in
+    ``all``) a seeded patient-level `SEEDED_SPLIT` of them, described with each part's checksum."""
+    if data.split("train") or not data.split("all"):
+        return list(data.records), {}
+    (shares, seed), patients = SEEDED_SPLIT, sorted({r.patient or r.key for r in data.records})
+    part = seeded_split(patients, shares, seed)
+    records = [dataclasses.replace(r, split=part[r.patient or r.key]) for r in data.records]
+    parts = {s: [r for r in records if r.split == s] for s in ("train", "validate", "test")}
+    info = {"note": f"{data.dataset} has no train split: {seeded_split_note(shares, seed)} of its "
+                    f"{len(patients)} patients", "patients": len(patients),
+            "checksums": {s: split_checksum(rs) for s, rs in parts.items()},
+            "images": {s: len(rs) for s, rs in parts.items()}}  # fmt: skip
+    return records, info
+
+
+def check_positives(data: BenchmarkData, train: list[BenchRecord], entry: SuiteEntry, mode: str) -> None:
+    """Refuse (one line) a label fraction / seed whose patient subset — the one the Trainer will keep — holds no
+    positive training image of some label or class, before any shard is built or model trained."""
+    labels = data.label_matrix(train) if train else np.zeros((0, len(data.label_names)))  # (N, C)
+    for seed in entry.seeds:
+        for frac in entry.fractions:
+            kept = patient_subset([r.patient for r in train], frac, seed)
+            positives = (labels[kept] == 1).sum(axis=0)  # (C,)
+            empty = [n for n, count in zip(data.label_names, positives.tolist()) if count == 0]
+            what = "class(es)" if mode == "column" else "label(s)"
+            if empty and frac == 1.0:
+                raise ValueError(
+                    f"{data.dataset}: its train split ({len(train)} images) holds no positive of {what} "
+                    f"{', '.join(empty)}, so fine-tuning cannot learn them; check the download's label table"
+                )
+            if empty:
+                raise ValueError(
+                    f"{data.dataset}: label fraction {frac:g} (seed {seed}) keeps {int(kept.sum())} of {len(train)} "
+                    f"training images and no positive of {what} {', '.join(empty)}; drop {frac:g} from the "
+                    "entry's fractions, or choose other seeds"
+                )
+
+
+def cls_shards(
+    data: BenchmarkData, records: list[BenchRecord], cache_dir: Path, *, split: str, image_size: int
+) -> tuple[Path, str, tuple[str, ...]]:
+    """Shards of a labelled image dataset (via a ``manifest``, built once), the ``cls`` label mode and the label
+    names in them (`label_mode`): its ``train`` split, the evaluated ``split`` as ``test`` and, when that is
+    ``test``, ``validate`` for picking the best checkpoint (evaluated on ``validate``, a set has no held-out split
+    to pick on: the last weights count)."""
+    mode, names = label_mode(data)
     role = {"train": "train", split: "test", **({"validate": "validate"} if split == "test" else {})}
-    records = [r for r in data.records if r.split in role]
-    if not data.split("train") or not data.split(split):
+    records = [r for r in records if r.split in role]
+    if not any(r.split == "train" for r in records) or not any(r.split == split for r in records):
         raise ValueError(f"{data.dataset} has no train or no {split} split to fine-tune and test on")
-    key = f"{data.dataset}-{data.version()}-{split}-{split_checksum(records)}-{image_size}px"
+    key = f"{data.dataset}-{data.version()}-{split}-{split_checksum(records)}-{mode}-{image_size}px"
     out = cache_dir / "shards" / key
     manifest = out.parent / f"{out.name}.jsonl"
     if not manifest.is_file():
         manifest.parent.mkdir(parents=True, exist_ok=True)
         lines = []
         for r in records:
-            labels = {
-                n: (None if math.isnan(v) else v) for n, v in zip(names, r.labels or [math.nan] * len(names))
-            }
+            values = [None if math.isnan(v) else v for v in (r.labels or [math.nan] * len(names))]
             # the cls task reads no text, but a shard sample carries one: the record's, else the dataset's name
-            lines.append(json.dumps({"image": r.image, "text": r.text or data.dataset, "split": role[r.split],
-                                     "patient_id": r.patient, "image_id": r.key, "labels": labels}))  # fmt: skip
+            row = {"image": r.image, "text": r.text or data.dataset, "split": role[r.split], "patient_id": r.patient,
+                   "image_id": r.key}  # fmt: skip
+            if mode == "chexpert":
+                row["labels"] = dict(zip(names, values))
+            elif mode == "dataset":
+                row[DATASET_LABELS_FIELD] = dict(zip(names, values))
+            elif 1 in values:  # column: the one class of a single-label record
+                row[CLASS_FIELD] = names[values.index(1)]
+            lines.append(json.dumps(row))
         atomic_write_text(manifest, "\n".join(lines) + "\n")
-    summary = build_shards("manifest", manifest, out, image_size=image_size, min_size=16, min_words=0, views=None,
-                           progress=False)  # fmt: skip
+    try:
+        summary = build_shards("manifest", manifest, out, image_size=image_size, min_size=16, min_words=0,
+                               views=None, progress=False)  # fmt: skip
+    except BuildError as err:  # e.g. a split file that puts one patient in train and test: the entry's one line
+        raise ValueError(f"{data.dataset}: {err}") from None
     if not summary["splits"].get("train") or not summary["splits"].get("test"):
         raise ValueError(f"{data.dataset}: no train or no test image decoded; see {out / 'rejects.jsonl'}")
-    return out, names
+    return out, mode, names
 
 
 def finetune_recipe(
@@ -187,9 +247,15 @@ def finetune_cls(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, *, cache_dir: Path, out_dir: Path, n_resamples: int,
     workers: int, tracking: dict[str, Any],
 ) -> EntryResult:  # fmt: skip
-    """Test AUROC of ``model`` fine-tuned (cls task) at each of the entry's label fractions and seeds."""
-    shards, names = cls_shards(data, cache_dir, split=entry.split, image_size=eval_resize_size(model.data_cfg))
-    train = data.split("train")
+    """Test AUROC (accuracy on a single-label set) of ``model`` fine-tuned (cls task) at each of the entry's label
+    fractions and seeds."""
+    records, seeded = split_records(data, entry.split)
+    mode, _ = label_mode(data)
+    train = [r for r in records if r.split == "train"]
+    check_positives(data, train, entry, mode)
+    shards, mode, names = cls_shards(data, records, cache_dir, split=entry.split,
+                                     image_size=eval_resize_size(model.data_cfg))  # fmt: skip
+    head = "accuracy" if mode == "column" else "auroc_mean"
     metrics: dict[str, Any] = {}
     checksums, multi, runs, rows = {}, [], {}, None
     for seed in entry.seeds:
@@ -202,19 +268,37 @@ def finetune_cls(
                 "fraction": frac,
                 "seed": seed,
             }
-            extra = {"data": {"label_fraction": frac, "label_fraction_seed": seed},
-                     "task.cls": {"labels": "chexpert", "label_names": list(names)}}  # fmt: skip
+            options = {"labels": mode, "require_positives": True}
+            options.update({"label_column": CLASS_FIELD, "classes": list(names)} if mode == "column" else
+                           {"label_names": list(names)})  # fmt: skip
+            extra = {"data": {"label_fraction": frac, "label_fraction_seed": seed}, "task.cls": options}
+            if mode == "column" and (shards / "validate").is_dir():  # the best checkpoint by what is reported
+                extra["train"] = {"best_metric": "accuracy"}
             recipe = finetune_recipe(model, entry, task="cls", shards=shards, out_dir=out_dir / tag.strip("@").replace(
                 "%", "pct").replace("/", "-"), n_resamples=n_resamples, workers=workers,
                 tracking={**tracking, "run_name": f"{tracking.get('run_name', '')} {tag}"}, extra=extra)  # fmt: skip
             summary, out = run_finetune(recipe)
             test = summary.get("test") or {}
-            metrics[f"auroc_mean{tag}"] = test.get("test/auroc_macro", math.nan)
-            if "test/auroc_macro_ci95" in test:
-                metrics[f"auroc_mean{tag}_ci95"] = test["test/auroc_macro_ci95"]
-            kw = {"names": list(out["names"]), "min_each": recipe.task.cls.min_label_count}
-            multi.append({"fn": multilabel_auroc, "arrays": [out["scores"].numpy(), out["targets"].numpy()],
-                          "kwargs": kw, "key": "auroc_macro", "name": f"auroc_mean{tag}"})  # fmt: skip
+            if mode == "column":
+                metrics[f"accuracy{tag}"] = test.get("test/accuracy", math.nan)
+                for name in names:  # per class: F1 and one-vs-rest AUROC
+                    for kind in ("f1", "auroc"):
+                        if f"test/{kind}/{name}" in test:
+                            metrics[f"{kind}{tag}/{name}"] = test[f"test/{kind}/{name}"]
+                kw: dict[str, Any] = {"class_names": list(out["names"])}
+                multi.append({"fn": multiclass_metrics, "arrays": [out["scores"].numpy(), out["targets"].numpy()],
+                              "kwargs": kw, "key": "accuracy", "name": f"accuracy{tag}"})  # fmt: skip
+            else:
+                metrics[f"auroc_mean{tag}"] = test.get("test/auroc_macro", math.nan)
+                for name in names:
+                    if f"test/auroc/{name}" in test:
+                        metrics[f"auroc{tag}/{name}"] = test[f"test/auroc/{name}"]
+                kw = {"names": list(out["names"]), "min_each": recipe.task.cls.min_label_count}
+                multi.append({"fn": multilabel_auroc, "arrays": [out["scores"].numpy(), out["targets"].numpy()],
+                              "kwargs": kw, "key": "auroc_macro", "name": f"auroc_mean{tag}"})  # fmt: skip
+            source = "test/accuracy" if mode == "column" else "test/auroc_macro"
+            if f"{source}_ci95" in test:
+                metrics[f"{head}{tag}_ci95"] = test[f"{source}_ci95"]
             runs[tag] = {"run_dir": recipe.train.output_dir, "steps": summary.get("step"),
                          "mlflow_run_id": summary.get("mlflow_run_id"), "subset": summary.get("subset")}  # fmt: skip
             if rows is None:  # shard keys -> the records' own keys (the manifest's image_id)
@@ -222,9 +306,12 @@ def finetune_cls(
                                      (str(m.get("image_id")) for m in read_split_metas(str(shards / "test")))))  # fmt: skip
                 rows = [test_keys[k] for k in out["keys"]]
     metrics["train_images"] = len(train)
-    headline = f"auroc_mean@{max(entry.fractions) * 100:g}%" + (
+    headline = f"{head}@{max(entry.fractions) * 100:g}%" + (
         f"/seed{entry.seeds[0]}" if len(entry.seeds) > 1 else ""
     )
-    info = {"split_checksums": checksums, "runs": runs, "labels": list(names), "shards": str(shards),
-            "recipe": entry.recipe or DEFAULT_RECIPES["finetune"], "set": list(entry.set)}  # fmt: skip
+    info = {"split_checksums": checksums, "runs": runs, "labels": list(names), "label_mode": mode,
+            "shards": str(shards), "recipe": entry.recipe or DEFAULT_RECIPES["finetune"], "set": list(entry.set),
+            "test_keys": [r.key for r in records if r.split == entry.split]}  # fmt: skip
+    if seeded:
+        info["seeded_split"] = seeded
     return EntryResult(metrics, headline, {"multi": multi, "rows": rows or []}, info)

@@ -79,7 +79,9 @@ def _run_entry(
             result = finetune.finetune_cls(model, data, entry, cache_dir=cache_dir, out_dir=run_dir,
                                            n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
         evaluated = set(result.pair["rows"])
-        missing = [r.key for r in records if r.key not in evaluated]
+        # a set cut by a seeded split (finetune) tests a part of the records the entry's split selected
+        expected = result.info.pop("test_keys", None) or [r.key for r in records]
+        missing = [k for k in expected if k not in evaluated]
         timing.update(seconds=time.perf_counter() - start, images=len(evaluated), cached=False)
         result.info.update(images_rejected=len(missing), rejected=missing[:20])
         return result
@@ -210,6 +212,9 @@ def run_benchmark(
                     say(f"{entry.name} [{m.name}]: not scored: {err}")
                     continue
                 done[m.name] = r
+                if seeded := r.info.get("seeded_split"):  # finetune cut a set without splits: its test part
+                    block.update(split="test (seeded)", split_checksum=seeded["checksums"]["test"],
+                                 images=seeded["images"]["test"], note=seeded["note"])  # fmt: skip
                 saved = save_samples(samples_path(out, entry.name, m.name), r, split_checksum=block["split_checksum"],
                                      entry=entry.name, model=m.name)  # fmt: skip
                 block["models"][m.name] = {"headline": r.headline, "metrics": r.metrics, "info": r.info,

@@ -31,7 +31,7 @@ PROTOCOLS: dict[str, str] = {
     "linear_probe": "logistic regression on frozen image embeddings at label fractions: test AUROC",
     "grounding": "phrase grounding on boxes: pointing game, CNR, mIoU of the thresholded map",
     "retrieval": "image <-> report retrieval: R@1/5/10 both ways (identical reports merged)",
-    "finetune": "full fine-tuning (cls task, through the Trainer) at label fractions: test AUROC",
+    "finetune": "full fine-tuning (cls task, through the Trainer) at label fractions: test AUROC (accuracy single-label)",
     "vqa": "VQA fine-tuned through the Trainer on the train split: accuracy overall / CLOSED / OPEN",
 }
 """The protocols an entry may name, with what each reports."""

@@ -121,4 +121,10 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(format_console(results))
     print(f"results: {args.out}/results.json  page: {results['page']}  wall {results['wall_seconds']:.1f} s")
+    failed = [f"{dataset}/{protocol} [{name}]: {m['error']}" for dataset, blocks in results["entries"].items()
+              for protocol, block in blocks.items() for name, m in block["models"].items() if "error" in m]  # fmt: skip
+    if failed:  # the other entries' results are written; a refused one (bad input) still fails the command
+        more = f" (and {len(failed) - 1} more, in results.json)" if len(failed) > 1 else ""
+        print(f"{prog_name('benchmark.py')}: error: not scored: {failed[0]}{more}", file=sys.stderr)
+        return 1
     return 0

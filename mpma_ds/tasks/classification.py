@@ -1,7 +1,10 @@
-"""``cls``: the image encoder's pooled features → a linear head, fine-tuned end to end. Multi-label over the
-CheXpert-14 labels of MIMIC shards (uncertain -1 mapped by ``task.cls.uncertain``, blank ignored; macro and
-per-label AUROC), multi-label over the synthetic corpus's drawn findings (``labels: truth``: the supervised bound
-of the demo's zero-shot AUROC, `runner.supervised_bound`), or multi-class from one field of the sample JSON (accuracy, macro F1, macro AUROC).
+"""``cls``: the image encoder's pooled features → a linear head, fine-tuned end to end. Multi-label (BCE; macro and
+per-label AUROC) over the CheXpert-14 labels of MIMIC shards (uncertain -1 mapped by ``task.cls.uncertain``, blank
+ignored), over a dataset's own label set (``labels: dataset``: each sample JSON's ``dataset_labels``, written from a
+manifest's ``dataset_labels`` column: NIH's 14, VinDr's, PadChest's) or over the synthetic corpus's drawn findings
+(``labels: truth``: the supervised bound of the demo's zero-shot AUROC, `runner.supervised_bound`); or multi-class
+(softmax cross-entropy; accuracy, per-class and macro F1 / AUROC) from one field of the sample JSON (``labels:
+column``, e.g. ``label_column: class``, a manifest's ``class`` column: COVIDx's normal / pneumonia / COVID-19).
 
 ``Labels`` (the label rules) is shared with ``linear_probe``, which trains the same head on frozen features.
 """
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_tools.shard_format import CHEXPERT_LABELS
+from data_tools.shard_format import CHEXPERT_LABELS, DATASET_LABELS_FIELD, LABEL_VALUES
 from mpma_ds.config import ConfigSection
 from mpma_ds.data.batch import labels_vector, sample_batch
 from mpma_ds.data.subsets import meta_subject, patient_subset
@@ -33,18 +36,43 @@ if TYPE_CHECKING:
 
 UNCERTAIN = ("ignore", "zeros", "ones")
 """What an uncertain (-1) CheXpert label may become (``task.cls.uncertain``)."""
-LABEL_SOURCES = ("chexpert", "truth", "column")
-"""Where ``task.cls.labels`` reads the targets: report labels, the synthetic truth, or one JSON field."""
+LABEL_SOURCES = ("chexpert", "truth", "column", "dataset")
+"""Where ``task.cls.labels`` reads the targets: report labels, the dataset's own labels, the synthetic truth, or one
+JSON field (the only multi-class source)."""
+
+
+def dataset_label_set(metas: Sequence[dict[str, Any]]) -> list[str]:
+    """The label names of the first sample JSON holding ``dataset_labels`` (a build writes the same on every
+    sample); empty when none has them."""
+    own = next((m[DATASET_LABELS_FIELD] for m in metas if isinstance(m.get(DATASET_LABELS_FIELD), dict)), {})
+    return list(own)
+
+
+def dataset_targets(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> np.ndarray:
+    """(N, C) float 1 / 0 / -1 / NaN of each sample's ``dataset_labels`` (a sample without one: all NaN)."""
+    out = np.full((len(metas), len(names)), np.nan, dtype=np.float32)
+    for i, meta in enumerate(metas):
+        own = meta.get(DATASET_LABELS_FIELD) or {}
+        for c, name in enumerate(names):
+            value = own.get(name)
+            if value is not None and value in LABEL_VALUES:
+                out[i, c] = float(value)
+    return out
 
 
 class Labels:
     """The label rules of a classification recipe: which targets a batch gives, the loss, the metrics."""
 
     def __init__(self, options: ClsOptions, classes: Sequence[str] | None = None) -> None:
+        """``classes``: the names found in the shards (``column``: the classes; ``dataset``: the label set), used
+        where the options list none."""
         self.options = options
-        self.multilabel = options.labels in ("chexpert", "truth")
+        self.multilabel = options.labels != "column"
         self.truth = options.labels == "truth"
-        if self.multilabel:
+        self.own = options.labels == "dataset"
+        if self.own:
+            self.names = list(options.label_names or classes or ())
+        elif self.multilabel:
             self.names = list(options.label_names or CHEXPERT_LABELS)
             self.columns = [list(CHEXPERT_LABELS).index(n) for n in self.names]
         else:
@@ -62,6 +90,9 @@ class Labels:
             # a row without truth is one the batch skipped (valid False): NaN, left out of loss and AUROC
             targets = truth_targets(batch["meta"], self.names, strict=False)
             return torch.as_tensor(targets, dtype=torch.float32)  # (B, C)
+        if self.own:
+            labels = torch.from_numpy(dataset_targets(batch["meta"], self.names))  # (B, C)
+            return apply_uncertain_policy(labels, self.options.uncertain)
         if self.multilabel:
             labels = torch.as_tensor(batch["labels"], dtype=torch.float32)[:, self.columns]  # (B, C)
             return apply_uncertain_policy(labels, self.options.uncertain)
@@ -73,6 +104,8 @@ class Labels:
         """The same targets for sample JSONs (label counts before training, cached features)."""
         if self.truth:
             return truth_targets(metas, self.names).astype(np.float32)
+        if self.own:
+            return self.targets({"meta": list(metas)}).numpy()
         if self.multilabel:
             rows = np.stack([labels_vector(m) for m in metas]) if metas else np.zeros((0, len(CHEXPERT_LABELS)))
             return self.targets({"labels": torch.from_numpy(rows.astype(np.float32))}).numpy()
@@ -114,6 +147,13 @@ class Labels:
         else:
             positives = {n: int((targets == c).sum()) for c, n in enumerate(self.names)}
         empty = [n for n, count in positives.items() if count == 0]
+        if empty and self.options.require_positives:
+            what = "label(s)" if self.multilabel else "class(es)"
+            raise ValueError(
+                f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed}) leaves no positive "
+                f"training sample for {what} {', '.join(empty)} in {data.train_shards}: raise the fraction, pick "
+                "another data.label_fraction_seed, or leave them out of task.cls.label_names"
+            )
         if empty:
             warn_rank0(
                 ctx,
@@ -140,6 +180,18 @@ def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
         classes = options.classes or present
         if len(classes) < 2:
             raise ValueError(f"task.cls.label_column {options.label_column!r} has one class only: {classes}")
+    if options.labels == "dataset":
+        classes = dataset_label_set(metas)
+        if not classes:
+            raise ValueError(
+                f"task.cls.labels=dataset but no sample of the train shards {task.recipe.data.train_shards} holds "
+                f"{DATASET_LABELS_FIELD}: build them from a manifest with a {DATASET_LABELS_FIELD} column"
+            )
+        if unknown := [n for n in options.label_names if n not in classes]:
+            raise ValueError(
+                f"task.cls.label_names: {', '.join(map(repr, unknown))} not among the {DATASET_LABELS_FIELD} of "
+                f"{task.recipe.data.train_shards} ({', '.join(classes)})"
+            )
     labels = Labels(options, classes)
     if labels.multilabel and not np.isfinite(labels.targets_from_metas(metas)).any():
         raise ValueError(
@@ -224,10 +276,11 @@ class ClsOptions(ConfigSection):
     ``column``: multi-class from one field of the sample JSON (``label_column``)."""
 
     label_names: list[str] = field(default_factory=list)
-    """``chexpert``: the labels to train and report (empty = all 14)."""
+    """``chexpert``: the labels to train and report (empty = all 14); ``dataset``: the dataset's labels to train and
+    report, names of the shards' ``dataset_labels`` (empty = all of them, in the shards' order)."""
 
     uncertain: str = "ignore"
-    """``chexpert``: what an uncertain (-1) label becomes: ``ignore`` (left out of loss and AUROC), ``zeros`` or
+    """``chexpert`` / ``dataset``: what an uncertain (-1) label becomes: ``ignore`` (left out of loss and AUROC), ``zeros`` or
     ``ones`` (the CheXpert U-Zeros / U-Ones policies). A blank label is always ignored."""
 
     label_column: str = ""
@@ -237,8 +290,12 @@ class ClsOptions(ConfigSection):
     """``column``: the class names, in order; empty = the distinct values of the training split, sorted. A value
     outside the list is skipped and counted."""
 
+    require_positives: bool = False
+    """Refuse (one line, before the model is built) a ``data.label_fraction`` subset that leaves a label / class
+    without a positive training sample; False: warn and train (its AUROC cannot improve from training)."""
+
     min_label_count: int = 1
-    """``chexpert``: a label enters the macro AUROC of a split only when that split holds at least this many
+    """Multi-label: a label enters the macro AUROC of a split only when that split holds at least this many
     positive and this many negative labelled samples (the others are listed in ``labels_left_out``): a label
     with 3 positives moves the mean by chance, not by skill."""
 
@@ -251,8 +308,13 @@ class ClsOptions(ConfigSection):
             raise ValueError(f"task.cls.min_label_count must be >= 1, got {self.min_label_count}")
         if self.labels == "column" and not self.label_column:
             raise ValueError("task.cls.labels=column needs task.cls.label_column (a field of the sample JSON)")
-
-        unknown = sorted(set(self.label_names) - set(CHEXPERT_LABELS))
+        if self.labels == "dataset" and self.classes:
+            raise ValueError(
+                "task.cls.classes is for labels=column; labels=dataset names its labels in label_names"
+            )
+        unknown = (
+            sorted(set(self.label_names) - set(CHEXPERT_LABELS)) if self.labels in ("chexpert", "truth") else []
+        )
         if unknown:
             raise ValueError(
                 f"task.cls.label_names: unknown {unknown}; the CheXpert labels are {list(CHEXPERT_LABELS)}"
