@@ -1,7 +1,9 @@
 """The ``finetune`` protocol end to end: RSNA Pneumonia laid out for real ids (DICOMs), its records built into shards
 through a manifest, and the ``cls`` task fine-tuned through the Trainer at two label fractions: test AUROC with
 intervals, each fraction's subset checksummed — and that subset is the one the Trainer trained on. NIH, whose labels
-are not all CheXpert findings, is refused with one line."""
+are not all CheXpert findings, is refused with one line. In MLflow (a sqlite store) each Trainer run is a child of
+the suite entry's run, itself a child of the model's suite run, with the suite, dataset version and split checksum
+as its params."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from data_tools.benchmarks import read_benchmark
 from data_tools.synth.bench_layout import layout_nih, layout_rsna
 from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.cli.benchmark import main
+from mpma_ds.tracking.lineage import PARENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes: two short fine-tuning runs)
 SIZE = 64
@@ -33,8 +36,9 @@ def run(tmp_path_factory):
         "  - {dataset: rsna-pneumonia, protocol: finetune, fractions: [0.5, 1.0], set: [train.epochs=1]}\n"
         "  - {dataset: nih-cxr14, protocol: finetune, fractions: [1.0], set: [train.epochs=1]}\n"
     )
+    uri = f"sqlite:///{root / 'mlflow.db'}"  # a real local store: the Trainer runs nest under the entry's run
     argv = ["--model", str(exported), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
-            str(root / "out"), "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
+            str(root / "out"), "--tracking-uri", uri, "--bootstrap", "100", "--workers", "0"]  # fmt: skip
     assert main(argv) == 0
     return root, json.loads((root / "out" / "results.json").read_text())
 
@@ -69,3 +73,29 @@ def test_a_dataset_whose_labels_are_not_chexpert_findings_is_refused(run):
     _, results = run
     err = results["entries"]["nih-cxr14"]["finetune"]["models"]["exported"]["error"]
     assert "protocol finetune trains the cls task on CheXpert findings" in err and "Emphysema" in err
+
+
+def test_trainer_runs_are_children_of_the_entry_run(run):
+    from mlflow.tracking import MlflowClient
+
+    root, results = run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mpma-benchmark").experiment_id], max_results=100)
+    suite_run = results["models"]["exported"]["mlflow_run_id"]
+    entries = {r.data.tags.get("mpma.entry"): r for r in runs if r.data.tags.get("mpma.kind") == "benchmark-entry"}
+    assert {e: r.data.tags.get(PARENT_TAG) for e, r in entries.items()} == {
+        "rsna-pneumonia/finetune": suite_run,
+        "nih-cxr14/finetune": suite_run,
+    }
+    assert entries["nih-cxr14/finetune"].info.status == "FAILED"  # refused: no Trainer run under it
+    entry = entries["rsna-pneumonia/finetune"]
+    block = results["entries"]["rsna-pneumonia"]["finetune"]
+    trainer_runs = [r for r in runs if r.data.tags.get("mpma.kind") == "finetune"]
+    expected = {r["mlflow_run_id"] for r in block["models"]["exported"]["info"]["runs"].values()}
+    assert {r.info.run_id for r in trainer_runs} == expected and len(expected) == 2  # one per label fraction
+    for r in trainer_runs:
+        assert r.data.tags[PARENT_TAG] == entry.info.run_id  # nested, not a sibling of the suite run
+        assert r.data.params["benchmark.suite"] == "ft"
+        assert r.data.params["benchmark.entry"] == "rsna-pneumonia/finetune"
+        assert r.data.params["benchmark.dataset_version"] == results["datasets"]["rsna-pneumonia"]["version"]
+        assert r.data.params["benchmark.split_checksum"] == block["split_checksum"]
