@@ -1,5 +1,9 @@
 """Run a suite: every entry for every model, its metrics with intervals, models paired per sample,
-``results.json``, MLflow runs (a parent per model and suite run, a child per entry) and the report page.
+``results.json``, MLflow runs (a parent per model and suite run, a child per entry, under which a protocol that
+trains nests its Trainer runs) and the report page.
+
+Under ``deepspeed`` / ``torchrun`` every rank runs the suite: each streams its share of an entry's images
+(``features.stream``), rank 0 gathers the per-sample outputs in record order, scores and alone writes.
 
 Datasets live in ``DATA_ROOT/<id>/`` (or the entry's / ``--dataset-path``'s folder); a dataset not there is skipped
 with one line. Every reader's row problems go to ``OUT/problems/<id>.jsonl`` with their count in the results; an
