@@ -3,7 +3,7 @@ CPU processes) against the same suite in one process: each rank streams its shar
 rank 0 gathers the per-sample outputs in record order, scores and alone writes. The metrics of results.json and
 the per-sample npz files equal the 1-rank run's; the feature cache is written once (by rank 0, no part or temporary
 file left) and a later 1-rank run reads it; an entry of 1 image (fewer than the ranks) leaves rank 1 without images
-and still runs."""
+and still runs. Bad input seen by 2 ranks is one line (rank 0's) and exit 2."""
 
 from __future__ import annotations
 
@@ -149,3 +149,18 @@ def test_the_feature_cache_is_written_once_and_read_back(runs):
     assert block["timing"]["cached"]
     first = one["entries"]["rsna-pneumonia"]["linear_probe"]["models"]["exported"]["metrics"]
     assert block["metrics"]["auroc_mean@100%"] == pytest.approx(first["auroc_mean@100%"], rel=1e-5, nan_ok=True)
+
+
+def test_bad_input_on_two_ranks_is_one_line(monkeypatch, capsys, tmp_path):
+    """A suite that does not exist, seen by each of 2 ranks (their RANK / WORLD_SIZE; it fails before any process
+    group, as under the launcher): both exit 2, rank 0 alone says the one line."""
+    said = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        code = main(["--model", "random:mpma_tiny", "--tokenizer", str(tmp_path), "--suite", "nope", "--data-root",
+                     str(tmp_path), "--out", str(tmp_path / "out")])  # fmt: skip
+        said[rank] = (code, capsys.readouterr().err.strip().splitlines())
+    assert said[0][0] == said[1][0] == 2
+    assert len(said[0][1]) == 1 and "error: unknown suite 'nope'" in said[0][1][0] and said[1][1] == []
+    assert not (tmp_path / "out").exists()
