@@ -274,6 +274,17 @@ def all_gather_objects(value: Any) -> list[Any]:
     return out
 
 
+def gather_to_rank0(value: Any) -> list[Any] | None:
+    """``[value of rank 0, value of rank 1, ...]`` on rank 0, ``None`` on the others (a list of one in one
+    process): the per-sample outputs of a sharded evaluation, merged where the metrics are computed."""
+
+    if not is_multi_process():
+        return [value]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
 def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():

@@ -4,7 +4,9 @@ intervals, each fraction's subset checksummed — and that subset is the one the
 as before). NIH on its own 14 labels (Hernia, Emphysema ...: ``task.cls.labels: dataset``) and COVIDx's three
 classes (softmax, accuracy) through the same protocol; PadChest, which has no split, cut by a seeded patient-level
 split and tested on its test part; a fraction leaving a label without positives is refused with one line before
-anything is built, and the command exits 1."""
+anything is built, and the command exits 1. In MLflow (a sqlite store) each Trainer run is a child of the suite
+entry's run, itself a child of the model's suite run, with the suite, dataset version and split checksum as its
+params."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from data_tools.benchmarks.nih import NIH_LABELS
 from data_tools.synth.bench_layout import layout_covidx, layout_nih, layout_padchest, layout_rsna
 from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.cli.benchmark import main
+from mpma_ds.tracking.lineage import PARENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e (minutes: two short fine-tuning runs)
 SIZE = 64
@@ -43,8 +46,9 @@ def run(tmp_path_factory):
         f"  - {{dataset: padchest, protocol: finetune, fractions: [1.0], options: {{labels: {PADCHEST}}}, "
         "set: [train.epochs=1]}\n"
     )
+    uri = f"sqlite:///{root / 'mlflow.db'}"  # a real local store: the Trainer runs nest under the entry's run
     argv = ["--model", str(exported), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
-            str(root / "out"), "--no-mlflow", "--bootstrap", "100", "--workers", "0"]  # fmt: skip
+            str(root / "out"), "--tracking-uri", uri, "--bootstrap", "100", "--workers", "0"]  # fmt: skip
     assert main(argv) == 0
     return root, json.loads((root / "out" / "results.json").read_text())
 
@@ -170,3 +174,29 @@ def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_bui
     assert "not scored: " + err in out
     assert stderr.strip().splitlines()[-1].endswith(f": error: not scored: nih-cxr14/finetune [exported]: {err}")
     assert not (tmp_path / "out" / "cache" / "shards").exists() and not (tmp_path / "out" / "finetune").exists()
+
+
+def test_trainer_runs_are_children_of_the_entry_run(run):
+    from mlflow.tracking import MlflowClient
+
+    root, results = run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mpma-benchmark").experiment_id], max_results=100)
+    suite_run = results["models"]["exported"]["mlflow_run_id"]
+    entries = {r.data.tags.get("mpma.entry"): r for r in runs if r.data.tags.get("mpma.kind") == "benchmark-entry"}
+    assert {e: r.data.tags.get(PARENT_TAG) for e, r in entries.items()} == {
+        f"{d}/finetune": suite_run for d in ("rsna-pneumonia", "nih-cxr14", "covidx", "padchest")
+    }
+    entry = entries["rsna-pneumonia/finetune"]
+    block = results["entries"]["rsna-pneumonia"]["finetune"]
+    trainer_runs = [
+        r for r in runs
+        if r.data.tags.get("mpma.kind") == "finetune" and r.data.params.get("benchmark.entry") == "rsna-pneumonia/finetune"
+    ]  # fmt: skip
+    expected = {r["mlflow_run_id"] for r in block["models"]["exported"]["info"]["runs"].values()}
+    assert {r.info.run_id for r in trainer_runs} == expected and len(expected) == 2  # one per label fraction
+    for r in trainer_runs:
+        assert r.data.tags[PARENT_TAG] == entry.info.run_id  # nested, not a sibling of the suite run
+        assert r.data.params["benchmark.suite"] == "ft"
+        assert r.data.params["benchmark.dataset_version"] == results["datasets"]["rsna-pneumonia"]["version"]
+        assert r.data.params["benchmark.split_checksum"] == block["split_checksum"]

@@ -344,3 +344,28 @@ def test_parent_outside_the_store_is_not_nested(tmp_path):
     elsewhere, here = (client.get_run(ids[n]).data.tags for n in ("elsewhere", "here"))
     assert PARENT_TAG not in elsewhere and elsewhere["mpma.pretrain_run"] == "0" * 32
     assert here[PARENT_TAG] == first.run_id and here[PAIR_TAG] == "k"
+
+
+def test_caller_parent_wins_over_the_lineage_parent(tmp_path):
+    """``tracking.parent_run_id`` (a benchmark entry's run) nests the run under it even when its lineage names a
+    pretraining run in the same store; that run stays in mpma.pretrain_run."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    from mpma_ds.tracking import TrackingConfig, build_logger
+    from mpma_ds.tracking.lineage import lineage_tags
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="lineage", system_metrics=False)
+    runs = {}
+    for name in ("pretrain", "entry"):
+        lg = build_logger(cfg, rank=0, run_dir=tmp_path / name)
+        runs[name] = lg.run_id
+        lg.close()
+    nested = dataclasses.replace(cfg, parent_run_id=runs["entry"])
+    lg = build_logger(
+        nested, rank=0, run_dir=tmp_path / "ft", tags=lineage_tags(runs["pretrain"], "pretrained", "k")
+    )
+    lg.close()
+    tags = MlflowClient(cfg.uri).get_run(lg.run_id).data.tags
+    assert tags[PARENT_TAG] == runs["entry"] and tags["mpma.pretrain_run"] == runs["pretrain"]

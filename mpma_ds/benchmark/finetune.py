@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from mpma_ds.config import apply_overrides, build_with_overrides, load_yaml
 from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.subsets import patient_subset
 from mpma_ds.data.transforms import eval_resize_size
+from mpma_ds.distributed import broadcast_object
 from mpma_ds.eval.classification import multiclass_metrics, multilabel_auroc
 from mpma_ds.eval.vqa import vqa_accuracy
 from mpma_ds.fileio import atomic_write_text
@@ -207,11 +209,29 @@ def finetune_recipe(
     return recipe
 
 
-def run_finetune(recipe: FinetuneRecipe) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train ``recipe`` through the Trainer; ``(summary, the final test's per-sample predictions)``."""
+def built_by_rank0(build: Callable[[], Any], rank: int) -> Any:
+    """``build()`` (the shards of a dataset) run by rank 0 first; the other ranks then find its finished build
+    (``build_shards`` reuses a complete one). Rank 0's ``ValueError`` is raised on every rank alike."""
+    made, err = None, None
+    if rank == 0:
+        try:
+            made = build()
+        except ValueError as e:
+            err = str(e)
+    err = broadcast_object(err)  # also the barrier: rank 0's build is finished
+    if err:
+        raise ValueError(err)
+    return made if rank == 0 else build()
+
+
+def run_finetune(recipe: FinetuneRecipe, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Train ``recipe`` through the Trainer (every rank of the group); ``(summary, the final test's per-sample
+    predictions)`` — those on rank 0, which writes them, None on the others."""
     from mpma_ds.runner.trainer import train
 
     summary = train(recipe, overwrite=True)
+    if rank != 0:
+        return summary, None
     predictions = Path(recipe.train.output_dir) / PREDICTIONS_FILE
     if not predictions.is_file():
         raise ValueError(f"the fine-tuning run {recipe.train.output_dir} wrote no test predictions")
@@ -220,14 +240,19 @@ def run_finetune(recipe: FinetuneRecipe) -> tuple[dict[str, Any], dict[str, Any]
 
 def vqa(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, *, folder: Path, cache_dir: Path, out_dir: Path,
-    n_resamples: int, workers: int, tracking: dict[str, Any],
-) -> EntryResult:  # fmt: skip
-    """VQA accuracy overall / CLOSED / OPEN of ``model`` fine-tuned on the dataset's train split."""
+    n_resamples: int, workers: int, tracking: dict[str, Any], rank: int = 0,
+) -> EntryResult | None:  # fmt: skip
+    """VQA accuracy overall / CLOSED / OPEN of ``model`` fine-tuned on the dataset's train split (None on another
+    rank than 0)."""
     lang = str(entry.options.get("lang", "en"))
-    shards = task_shards(data, folder, cache_dir, image_size=eval_resize_size(model.data_cfg), lang=lang)
+    shards = built_by_rank0(
+        lambda: task_shards(data, folder, cache_dir, image_size=eval_resize_size(model.data_cfg), lang=lang), rank
+    )
     recipe = finetune_recipe(model, entry, task="vqa", shards=shards, out_dir=out_dir, n_resamples=n_resamples,
                              workers=workers, tracking=tracking)  # fmt: skip
-    summary, kept = run_finetune(recipe)
+    summary, kept = run_finetune(recipe, rank)
+    if kept is None:
+        return None
     metrics = {k.removeprefix("test/"): v for k, v in (summary.get("test") or {}).items()}
     vocab = list(kept["answer_vocab"])
     predicted = np.asarray([vocab[i] for i in kept["predicted"]], dtype=str)
@@ -245,16 +270,20 @@ def vqa(
 
 def finetune_cls(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, *, cache_dir: Path, out_dir: Path, n_resamples: int,
-    workers: int, tracking: dict[str, Any],
-) -> EntryResult:  # fmt: skip
+    workers: int, tracking: dict[str, Any], rank: int = 0,
+) -> EntryResult | None:  # fmt: skip
     """Test AUROC (accuracy on a single-label set) of ``model`` fine-tuned (cls task) at each of the entry's label
-    fractions and seeds."""
+    fractions and seeds (None on another rank than 0)."""
     records, seeded = split_records(data, entry.split)
     mode, _ = label_mode(data)
     train = [r for r in records if r.split == "train"]
     check_positives(data, train, entry, mode)
-    shards, mode, names = cls_shards(data, records, cache_dir, split=entry.split,
-                                     image_size=eval_resize_size(model.data_cfg))  # fmt: skip
+    shards, mode, names = built_by_rank0(
+        lambda: cls_shards(
+            data, records, cache_dir, split=entry.split, image_size=eval_resize_size(model.data_cfg)
+        ),
+        rank,
+    )
     head = "accuracy" if mode == "column" else "auroc_mean"
     metrics: dict[str, Any] = {}
     checksums, multi, runs, rows = {}, [], {}, None
@@ -277,7 +306,9 @@ def finetune_cls(
             recipe = finetune_recipe(model, entry, task="cls", shards=shards, out_dir=out_dir / tag.strip("@").replace(
                 "%", "pct").replace("/", "-"), n_resamples=n_resamples, workers=workers,
                 tracking={**tracking, "run_name": f"{tracking.get('run_name', '')} {tag}"}, extra=extra)  # fmt: skip
-            summary, out = run_finetune(recipe)
+            summary, out = run_finetune(recipe, rank)
+            if out is None:
+                continue
             test = summary.get("test") or {}
             if mode == "column":
                 metrics[f"accuracy{tag}"] = test.get("test/accuracy", math.nan)
@@ -305,6 +336,8 @@ def finetune_cls(
                 test_keys = dict(zip(load_shard_index(str(shards / "test")).keys,
                                      (str(m.get("image_id")) for m in read_split_metas(str(shards / "test")))))  # fmt: skip
                 rows = [test_keys[k] for k in out["keys"]]
+    if rank != 0:
+        return None
     metrics["train_images"] = len(train)
     headline = f"{head}@{max(entry.fractions) * 100:g}%" + (
         f"/seed{entry.seeds[0]}" if len(entry.seeds) > 1 else ""

@@ -230,15 +230,15 @@ def _pair_scores(grid: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, 
 
 
 @torch.no_grad()
-def grounding(
-    model, batches, records: Sequence[BenchRecord], *, n_resamples, device, problems: list[str]
-) -> EntryResult:
-    """The grounding metrics over the boxed records (``batches``: `features.stream` of them)."""
+def grounding_pairs(model, batches, records: Sequence[BenchRecord], *, device) -> dict[str, list]:
+    """The per-(image, finding, phrase) scores of ``batches`` (`features.stream` of the boxed records):
+    ``{"pairs": [(position, hit, chance, cnr, iou, finding, row key)], "problems": [(position, line)]}`` in the
+    order the batches hold them (one rank's share; `grounding` scores the merged shares)."""
     net = model.net.to(device)
     dtype = next(net.parameters()).dtype
     size = model.data_cfg.image_size
     tokens: dict[str, torch.Tensor] = {}
-    hits, chance, cnrs, ious, findings, rows = [], [], [], [], [], []
+    pairs, problems = [], []
     for batch in batches:
         patches = net.patch_embeddings(batch.images.to(device=device, dtype=dtype)).float().cpu()  # (B, Hp, Wp, E)
         for j, i in enumerate(batch.index):
@@ -249,12 +249,12 @@ def grounding(
             for box in rec.boxes:
                 fw, fh = box.frame or (ow, oh)
                 if box.x1 > fw + 0.5 or box.y1 > fh + 0.5:
-                    problems.append(f"{rec.key}: the {box.label} box {box.x0:g},{box.y0:g},{box.x1:g},{box.y1:g} "
-                                    f"lies outside the {fw}x{fh} image")  # fmt: skip
+                    problems.append((i, f"{rec.key}: the {box.label} box {box.x0:g},{box.y0:g},{box.x1:g},"
+                                        f"{box.y1:g} lies outside the {fw}x{fh} image"))  # fmt: skip
                     continue
                 mapped = eval_box(box.scaled(width, height, (ow, oh)), (width, height), model.data_cfg)
                 if mapped is None:
-                    problems.append(f"{rec.key}: the {box.label} box lies outside the eval crop")
+                    problems.append((i, f"{rec.key}: the {box.label} box lies outside the eval crop"))
                     continue
                 by_label.setdefault((box.label, box.phrase), []).append(mapped)
             for (label, text), boxes in by_label.items():
@@ -267,14 +267,15 @@ def grounding(
                         True
                     )
                 hit, cnr, iou = _pair_scores(_phrase_map(tokens[phrase], patches[j]), mask)
-                hits.append(hit)
-                chance.append(float(mask.float().mean()))
-                cnrs.append(cnr)
-                ious.append(iou)
-                findings.append(label)
-                rows.append(f"{rec.key}|{label}|{text}")
-    if not hits:
+                pairs.append((i, hit, float(mask.float().mean()), cnr, iou, label, f"{rec.key}|{label}|{text}"))
+    return {"pairs": pairs, "problems": problems}
+
+
+def grounding(pairs: Sequence[tuple], *, n_resamples: int) -> EntryResult:
+    """The grounding metrics over the (image, finding, phrase) pairs of `grounding_pairs`, in record order."""
+    if not pairs:
         raise ValueError("no (image, finding) pair with a box inside the eval crop: nothing to ground")
+    _, hits, chance, cnrs, ious, findings, rows = zip(*pairs)
     arrays = [np.asarray(a, dtype=np.float64) for a in (hits, chance, cnrs, ious)]
     metrics = with_intervals(grounding_summary, *arrays, n_resamples=n_resamples) if n_resamples \
         else grounding_summary(*arrays)  # fmt: skip
@@ -286,7 +287,7 @@ def grounding(
         per[name] = {"pairs": int(sel.sum()), "pointing_game": float(arrays[0][sel].mean())}
     return EntryResult(metrics, "pointing_game",
                        {"fn": grounding_summary, "arrays": arrays, "keys": ["pointing_game", "cnr", "miou"], "kwargs": {},
-                        "rows": rows}, {"per_finding": per})  # fmt: skip
+                        "rows": list(rows)}, {"per_finding": per})  # fmt: skip
 
 
 def retrieval(model, emb, texts: Sequence[str], *, rows, n_resamples, device) -> EntryResult:

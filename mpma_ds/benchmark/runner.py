@@ -1,5 +1,9 @@
 """Run a suite: every entry for every model, its metrics with intervals, models paired per sample,
-``results.json``, MLflow runs (a parent per model and suite run, a child per entry) and the report page.
+``results.json``, MLflow runs (a parent per model and suite run, a child per entry, under which a protocol that
+trains nests its Trainer runs) and the report page.
+
+Under ``deepspeed`` / ``torchrun`` every rank runs the suite: each streams its share of an entry's images
+(``features.stream``), rank 0 gathers the per-sample outputs in record order, scores and alone writes.
 
 Datasets live in ``DATA_ROOT/<id>/`` (or the entry's / ``--dataset-path``'s folder); a dataset not there is skipped
 with one line. Every reader's row problems go to ``OUT/problems/<id>.jsonl`` with their count in the results; an
@@ -25,6 +29,7 @@ from mpma_ds.benchmark.model import BenchModel
 from mpma_ds.benchmark.protocols import (
     EntryResult,
     grounding,
+    grounding_pairs,
     linear_probe,
     retrieval,
     zero_shot,
@@ -35,8 +40,8 @@ from mpma_ds.benchmark.report import write_page
 from mpma_ds.benchmark.samples import paired_rows, result_sets, samples_path, save_samples
 from mpma_ds.benchmark.suite import Suite, SuiteEntry
 from mpma_ds.eval.bootstrap import loggable_metrics
+from mpma_ds.tasks.features import extract_once
 from mpma_ds.tracking import TrackingConfig, build_logger
-from mpma_ds.tracking.lineage import PARENT_TAG
 from mpma_ds.tracking.params import json_safe
 
 RESULTS_FILE = "results.json"
@@ -65,19 +70,24 @@ def _targets(data: BenchmarkData, records: Sequence, index: np.ndarray) -> np.nd
 
 def _run_entry(
     model: BenchModel, data: BenchmarkData, entry: SuiteEntry, records: list, *, cache_dir, batch_size, workers,
-    device, n_resamples, min_count, timing: dict, folder: Path, out: Path, tracking: dict[str, Any],
-) -> EntryResult:  # fmt: skip
-    """One model on one entry."""
-    if entry.protocol in ("vqa", "finetune"):
+    device, n_resamples, min_count, timing: dict, folder: Path, out: Path, tracking: dict[str, Any], rank: int,
+    world_size: int,
+) -> EntryResult | None:  # fmt: skip
+    """One model on one entry. Collective: every rank streams its share of the images; rank 0 gets the result,
+    the others None."""
+    if entry.protocol in ("vqa", "finetune"):  # the Trainer: every rank trains, rank 0 scores
         start = time.perf_counter()
         run_dir = out / "finetune" / model.name / entry.name.replace("/", "-")
         tracking = {**tracking, "run_name": f"{entry.name} [{model.name}] fine-tune"}
         if entry.protocol == "vqa":
             result = finetune.vqa(model, data, entry, folder=folder, cache_dir=cache_dir, out_dir=run_dir,
-                                  n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+                                  n_resamples=n_resamples, workers=workers, tracking=tracking, rank=rank)  # fmt: skip
         else:
             result = finetune.finetune_cls(model, data, entry, cache_dir=cache_dir, out_dir=run_dir,
-                                           n_resamples=n_resamples, workers=workers, tracking=tracking)  # fmt: skip
+                                           n_resamples=n_resamples, workers=workers, tracking=tracking,
+                                           rank=rank)  # fmt: skip
+        if result is None:
+            return None
         evaluated = set(result.pair["rows"])
         # a set cut by a seeded split (finetune) tests a part of the records the entry's split selected
         expected = result.info.pop("test_keys", None) or [r.key for r in records]
@@ -86,19 +96,34 @@ def _run_entry(
         result.info.update(images_rejected=len(missing), rejected=missing[:20])
         return result
     if entry.protocol == "grounding":
-        rejected: dict[int, str] = {}
-        problems: list[str] = []
         start = time.perf_counter()
-        batches = stream(records, model.data_cfg, batch_size=batch_size, workers=workers, rejected=rejected)
-        result = grounding(model, batches, records, n_resamples=n_resamples, device=device, problems=problems)
+
+        def extract() -> dict[str, Any]:
+            rejected: dict[int, str] = {}
+            batches = stream(records, model.data_cfg, batch_size=batch_size, workers=workers, rejected=rejected,
+                             rank=rank, world_size=world_size)  # fmt: skip
+            return {**grounding_pairs(model, batches, records, device=device), "rejected": rejected}
+
+        found, _ = extract_once(None, extract, _merge_pairs, rank=rank)
+        if found is None:
+            return None
+        rejected, problems = found["rejected"], [line for _, line in found["problems"]]
+        result = grounding(found["pairs"], n_resamples=n_resamples)
         timing.update(seconds=time.perf_counter() - start, images=len(records) - len(rejected), cached=False)
         result.info.update(
             images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=len(problems),
             box_problem_examples=problems[:20],
         )  # fmt: skip
         return result
-    feats = image_features(model, records, dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size,
-                           workers=workers, device=device)  # fmt: skip
+    shared = dict(dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size, workers=workers, device=device,
+                  rank=rank, world_size=world_size)  # fmt: skip
+    train = data.split("train") if entry.protocol == "linear_probe" else []
+    if entry.protocol == "linear_probe" and not train:
+        raise ValueError(f"{data.dataset} has no 'train' split to fit the linear probe on")
+    feats = image_features(model, records, **shared)
+    tf = image_features(model, train, **shared) if train else None
+    if feats is None:  # not rank 0: its share is with rank 0
+        return None
     timing.update(seconds=feats.seconds, images=len(feats.index), cached=feats.cached)
     targets = _targets(data, records, feats.index)
     rows = [records[i].key for i in feats.index.tolist()]
@@ -115,11 +140,6 @@ def _run_entry(
             raise ValueError(f"{data.dataset} records carry no report text: nothing to retrieve")
         result = retrieval(model, feats.emb, texts, rows=rows, n_resamples=n_resamples, device=device)
     elif entry.protocol == "linear_probe":
-        train = data.split("train")
-        if not train:
-            raise ValueError(f"{data.dataset} has no 'train' split to fit the linear probe on")
-        tf = image_features(model, train, dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size,
-                            workers=workers, device=device)  # fmt: skip
         timing.update(seconds=timing["seconds"] + tf.seconds, images=timing["images"] + len(tf.index),
                       cached=feats.cached and tf.cached)  # fmt: skip
         result = linear_probe(
@@ -132,6 +152,17 @@ def _run_entry(
         raise AssertionError(entry.protocol)
     result.info.update(images_rejected=len(feats.rejected), rejected=_first(feats.rejected, records))
     return result
+
+
+def _merge_pairs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' grounding pairs, problems and rejected images in record order (the images of one rank are in
+    order and every image is on one rank, so a stable sort by position gives the 1-rank order)."""
+    by_position = lambda item: item[0]  # noqa: E731
+    return {
+        "pairs": sorted((p for part in parts for p in part["pairs"]), key=by_position),
+        "problems": sorted((p for part in parts for p in part["problems"]), key=by_position),
+        "rejected": dict(sorted(kv for part in parts for kv in part["rejected"].items())),
+    }
 
 
 def _first(rejected: Mapping[int, str], records: Sequence, n: int = 20) -> list[str]:
@@ -148,10 +179,19 @@ def run_benchmark(
     dataset_paths: Mapping[str, str] | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
     workers: int = 2, device: str = "cpu", n_resamples: int = 1000, min_count: int = 10, mlflow: bool = True,
     tracking_uri: str | None = None, experiment: str = "mpma-benchmark", say: Callable[[str], None] = print,
-) -> dict[str, Any]:  # fmt: skip
-    """Run ``suite`` for each of ``models``; returns (and writes to ``OUT/results.json``) the results."""
+    rank: int = 0, world_size: int = 1,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Run ``suite`` for each of ``models``; returns (and writes to ``OUT/results.json``) the results.
+
+    Under a process group of ``world_size`` ranks every rank calls it: each streams its share of every entry's
+    images, rank 0 computes the metrics and alone writes (results, samples, problems, MLflow runs, the page) and
+    returns the results; the other ranks return None."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        say = _quiet
     cache = Path(cache_dir) if cache_dir else out / "cache"
     root = Path(data_root)
     start = time.perf_counter()
@@ -160,14 +200,14 @@ def run_benchmark(
         "suite": suite.name, "suite_file": suite.source, "data_root": str(root.resolve()),
         "models": {m.name: {"spec": m.spec, "kind": m.kind, "fingerprint": m.fingerprint} for m in models},
         "skipped": {}, "datasets": {}, "entries": {}, "references": {},
-        "bootstrap_resamples": n_resamples, "min_label_count": min_count,
+        "bootstrap_resamples": n_resamples, "min_label_count": min_count, "ranks": world_size,
     }  # fmt: skip
     train_tracking = {"enabled": mlflow, "uri": tracking_uri, "experiment": experiment, "system_metrics": False}
     loggers = {}
     for m in models:
         tracking = TrackingConfig(enabled=mlflow, uri=tracking_uri, experiment=experiment,
                                   run_name=f"benchmark-{suite.name}-{m.name}", system_metrics=False)  # fmt: skip
-        loggers[m.name] = build_logger(tracking, rank=0, run_dir=out / "runs" / m.name,
+        loggers[m.name] = build_logger(tracking, rank=rank, run_dir=out / "runs" / m.name,
                                        tags={"mpma.kind": "benchmark", "mpma.suite": suite.name, "mpma.model": m.spec})  # fmt: skip
     try:
         for entry in suite.entries:
@@ -182,7 +222,8 @@ def run_benchmark(
                 t0 = time.perf_counter()
                 loaded[key] = read_benchmark(entry.dataset, folder, entry.options)
                 data = loaded[key]
-                _write_problems(out / "problems" / f"{entry.dataset}.jsonl", data)
+                if lead:
+                    _write_problems(out / "problems" / f"{entry.dataset}.jsonl", data)
                 results["datasets"][entry.dataset] = {
                     "path": str(folder), "version": data.version(), "files": data.files, "counts": data.counts(),
                     "problems_file": str(out / "problems" / f"{entry.dataset}.jsonl"), "notes": data.notes,
@@ -203,13 +244,27 @@ def run_benchmark(
             done: dict[str, EntryResult] = {}
             for m in models:
                 timing: dict[str, Any] = {}
+                child = _open_child(loggers[m.name], m, entry, suite, mlflow, tracking_uri, experiment, out, rank)
+                # a protocol that trains: the Trainer's run nested under the entry's, with what it evaluated
+                nested = {**train_tracking, "parent_run_id": child.run_id, "params": {
+                    "benchmark.suite": suite.name, "benchmark.entry": entry.name, "benchmark.model": m.spec,
+                    "benchmark.dataset_version": data.version(), "benchmark.split_checksum": block["split_checksum"],
+                }}  # fmt: skip
                 try:
                     r = _run_entry(m, data, entry, records, cache_dir=cache, batch_size=batch_size, workers=workers,
                                    device=device, n_resamples=n_resamples, min_count=min_count, timing=timing,
-                                   folder=folder, out=out, tracking=train_tracking)  # fmt: skip
+                                   folder=folder, out=out, tracking=nested, rank=rank,
+                                   world_size=world_size)  # fmt: skip
                 except ValueError as err:
+                    child.close("FAILED")
                     block["models"][m.name] = {"error": str(err)}
                     say(f"{entry.name} [{m.name}]: not scored: {err}")
+                    continue
+                except BaseException:
+                    child.close("FAILED")
+                    raise
+                if r is None:  # another rank than 0: its share of the images went to rank 0
+                    child.close()
                     continue
                 done[m.name] = r
                 if seeded := r.info.get("seeded_split"):  # finetune cut a set without splits: its test part
@@ -219,7 +274,7 @@ def run_benchmark(
                                      entry=entry.name, model=m.name)  # fmt: skip
                 block["models"][m.name] = {"headline": r.headline, "metrics": r.metrics, "info": r.info,
                                            "timing": timing, "samples": str(saved)}  # fmt: skip
-                _log_child(loggers[m.name], m, entry, block, r, out, suite, mlflow, tracking_uri, experiment, data)
+                _log_child(child, entry, block, r, data)
                 value = r.metrics.get(r.headline, math.nan)
                 ci = r.metrics.get(f"{r.headline}_ci95")
                 band = (
@@ -249,6 +304,8 @@ def run_benchmark(
     finally:
         for logger in loggers.values():
             logger.close()
+    if not lead:
+        return None
     (out / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=1) + "\n", encoding="utf-8")
     results["page"] = str(write_page(results, out / "benchmark.html"))
     return results
@@ -261,16 +318,24 @@ def _write_problems(path: Path, data: BenchmarkData) -> None:
             f.write(json.dumps({"file": p.file, "row": p.row, "reason": p.reason, "detail": p.detail}) + "\n")
 
 
-def _log_child(parent, model, entry, block, result, out, suite, mlflow, uri, experiment, data) -> None:
-    """The entry's MLflow child run under the model's suite run."""
+def _quiet(line: str) -> None:
+    """Another rank than 0 prints nothing (rank 0 says every line once)."""
+
+
+def _open_child(parent, model, entry, suite, mlflow, uri, experiment, out, rank):
+    """The entry's MLflow run under the model's suite run (opened before the entry runs, so that a protocol that
+    trains nests the Trainer's run under it); a no-op logger on the other ranks."""
     tracking = TrackingConfig(enabled=mlflow, uri=uri, experiment=experiment,
-                              run_name=f"{entry.name} [{model.name}]", system_metrics=False)  # fmt: skip
+                              run_name=f"{entry.name} [{model.name}]", system_metrics=False,
+                              parent_run_id=parent.run_id)  # fmt: skip
     tags = {"mpma.kind": "benchmark-entry", "mpma.suite": suite.name, "mpma.entry": entry.name}
-    if parent.run_id:
-        tags[PARENT_TAG] = parent.run_id
-    child = build_logger(
-        tracking, rank=0, run_dir=out / "runs" / model.name / entry.name.replace("/", "-"), tags=tags
+    return build_logger(
+        tracking, rank=rank, run_dir=out / "runs" / model.name / entry.name.replace("/", "-"), tags=tags
     )
+
+
+def _log_child(child, entry, block, result, data) -> None:
+    """The entry's parameters and metrics on its child run, which ends here."""
     try:
         child.log_params({"entry": {"dataset": entry.dataset, "protocol": entry.protocol, "split": block["split"],
                                     "split_checksum": block["split_checksum"], "images": block["images"],

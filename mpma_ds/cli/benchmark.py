@@ -14,14 +14,19 @@ split checksum), so two separate runs pair per sample later (B - A, paired boots
 entry's split checksums differ):
 
     mpma-benchmark --compare bench/run-a bench/run-b --out bench/a-vs-b [--name MODEL_A --name MODEL_B]
+
+Several ranks (each streams a share of every dataset's images; rank 0 scores and writes):
+
+    deepspeed --num_gpus 2 launch/benchmark.py --model exported/tiny --suite cxr-core --data-root ... --out ...
+    torchrun --nproc_per_node 2 launch/benchmark.py ...
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mpma_ds.cli.common import prog_name
+from mpma_ds.cli.common import ends_without_teardown, error, prog_name
+from mpma_ds.distributed import init_distributed, world_info
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,9 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", default="mpma-benchmark")
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     return p.parse_args(argv)
 
 
+@ends_without_teardown
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from data_tools.benchmarks import BenchmarkError
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (FileNotFoundError, ValueError, BenchmarkError, RegistryError) as err:
-        print(f"{prog_name('benchmark.py')}: error: {err}", file=sys.stderr)
+        error(prog_name("benchmark.py"), err)  # rank 0 only: every rank fails alike
         return 2
 
 
@@ -112,19 +119,26 @@ def run(args: argparse.Namespace) -> int:
     models = [load_model(m, tokenizer=args.tokenizer, seed=args.seed, name=n) for m, n in zip(args.model, names)]
     if len({m.name for m in models}) != len(models):
         raise ValueError("two models have the same name: give each a --name")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world, local_rank = world_info()
+    device = (
+        (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if world > 1:  # under a launcher: each rank streams a share of the images (the group is left on return)
+        init_distributed()
     results = run_benchmark(
         models, suite, args.data_root, args.out, dataset_paths=paths, cache_dir=args.cache_dir,
         batch_size=args.batch_size, workers=args.workers, device=device, n_resamples=args.bootstrap,
         min_count=args.min_label_count, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
+        experiment=args.experiment, rank=rank, world_size=world,
     )  # fmt: skip
+    if results is None:  # another rank than 0: rank 0 reports
+        return 0
     print(format_console(results))
     print(f"results: {args.out}/results.json  page: {results['page']}  wall {results['wall_seconds']:.1f} s")
     failed = [f"{dataset}/{protocol} [{name}]: {m['error']}" for dataset, blocks in results["entries"].items()
               for protocol, block in blocks.items() for name, m in block["models"].items() if "error" in m]  # fmt: skip
     if failed:  # the other entries' results are written; a refused one (bad input) still fails the command
         more = f" (and {len(failed) - 1} more, in results.json)" if len(failed) > 1 else ""
-        print(f"{prog_name('benchmark.py')}: error: not scored: {failed[0]}{more}", file=sys.stderr)
+        error(prog_name("benchmark.py"), f"not scored: {failed[0]}{more}")
         return 1
     return 0

@@ -3,8 +3,8 @@
 What ``linear_probe`` (pooled image features) and frozen-backbone ``vqa`` (the fused image + question
 representation) share. Features are extracted under the process group, each rank a share of the split
 (``build_loader`` rank r of W: one deterministic, unaugmented pass over the *whole* split whatever the run's
-label fraction), written as part files, merged by rank 0 in sample-key order (so 1 and 2 ranks give the same
-file) and cached as ``<cache_dir>/<fingerprint>/<split>.pt`` (``torch.save`` of tensors and strings, read
+label fraction), gathered to rank 0 and merged there in sample-key order (``extract_once``; so 1 and 2 ranks
+give the same file) and cached as ``<cache_dir>/<fingerprint>/<split>.pt`` (``torch.save`` of tensors and strings, read
 back with ``weights_only=True``; it appears whole or not at all). The fingerprint covers what the features
 depend on — the weights (``init.from``'s files by path, size and mtime; the seed of a random twin), the
 architecture, the shards, the preprocessing, the text settings where text is read, and what is extracted —
@@ -29,7 +29,7 @@ from mpma_ds.data import build_loader
 from mpma_ds.data.loader import LoaderInfo
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
 from mpma_ds.data.subsets import meta_subject, split_subset
-from mpma_ds.distributed import barrier, broadcast_object
+from mpma_ds.distributed import barrier, broadcast_object, gather_to_rank0
 
 if TYPE_CHECKING:
     from mpma_ds.tasks.base import RunContext
@@ -190,22 +190,43 @@ def split_features(
     to extract); ``featurize(encoder, batch)`` makes a batch's features.
     """
     path = cache_dir / fingerprint(task, ctx, split, spec, kind) / f"{split}.pt"
-    if not broadcast_object(path.is_file()):  # rank 0 decides: every rank takes the same branch
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{split}.part{ctx.rank:05d}")
-        torch.save(_extract(task, ctx, encoder(), featurize, split, dim), part)
-        barrier()
-        if ctx.rank == 0:
-            files = [path.with_name(f"{split}.part{r:05d}") for r in range(ctx.world_size)]
-            merged = _merge([torch.load(f, map_location="cpu", weights_only=True) for f in files])
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save(merged, tmp)
-            os.replace(tmp, path)  # the cache entry appears whole or not at all
-            for f in files:
-                f.unlink(missing_ok=True)
-        barrier()
+    found, _ = extract_once(
+        path, lambda: _extract(task, ctx, encoder(), featurize, split, dim), _merge, rank=ctx.rank
+    )
+    barrier()  # rank 0 has written the entry: the other ranks read it
     ctx.feature_files[split] = str(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return found if found is not None else torch.load(path, map_location="cpu", weights_only=True)
+
+
+def extract_once(
+    path: Path | None,
+    extract: Callable[[], dict[str, Any]],
+    merge: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    *,
+    rank: int,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Per-sample outputs computed once over the process group: ``(outputs on rank 0 / None elsewhere, read from
+    the cache)``.
+
+    Collective: every rank calls it. When ``path`` (a ``torch.save`` file of tensors and strings) exists — rank 0
+    decides, so every rank takes the same branch — rank 0 reads it and nothing is computed. Else every rank runs
+    ``extract()`` on its own share of the samples, the shares are gathered to rank 0 (``gather_to_rank0``) and
+    ``merge``d there into an order that does not depend on the world size, then written to ``path`` (when
+    given) whole or not at all. What the fine-tuning tasks' frozen features and the benchmark's streamed
+    protocols (``mpma_ds.benchmark.features``) share.
+    """
+    if broadcast_object(path is not None and path.is_file()):
+        return (torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else None), True
+    parts = gather_to_rank0(extract())
+    if rank != 0:
+        return None, False
+    merged = merge(parts)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(merged, tmp)
+        os.replace(tmp, path)  # the cache entry appears whole or not at all
+    return merged, False
 
 
 @torch.no_grad()

@@ -41,6 +41,16 @@ class TrackingConfig(ConfigSection):
     (``mpma-sweep``) sets the parent (its own run), ``mpma.sweep``, ``mpma.arm`` and ``mpma.seed`` here, so
     the runs of one study are grouped in ``mlflow ui``."""
 
+    parent_run_id: str | None = None
+    """Nest a new run under this MLflow run (``mlflow.parentRunId``), over any parent the run's own tags name (a
+    fine-tuning run's pretraining run, which stays in ``mpma.pretrain_run``): a benchmark suite's entry run is the
+    parent of the Trainer runs its ``vqa`` / ``finetune`` protocols start. Dropped when that run is not in the
+    store."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    """Extra parameters of the run, logged under their own names (a benchmark entry's ``benchmark.suite``,
+    ``benchmark.dataset_version``, ``benchmark.split_checksum`` on the fine-tuning run it starts)."""
+
     system_metrics: bool = True
     """Also log CPU / memory / disk / network (and, with ``pynvml``, GPU) system metrics through MLflow's
     sampler (``system/...``, shown on the run's "System metrics" tab); needs ``psutil``. Off where MLflow's

@@ -139,6 +139,8 @@ class MLflowMetricLogger(MetricLogger):
                     self.client.update_run(run_id, status="RUNNING")
                 return run_id
         experiment_id = get_or_create_experiment(self.client, cfg.experiment, self.uri)
+        if cfg.parent_run_id:  # the caller's parent wins over the lineage one (kept in mpma.pretrain_run)
+            tags[PARENT_TAG] = cfg.parent_run_id
         parent = tags.get(PARENT_TAG)
         if parent and not self._run_exists(parent):
             # a pretraining run logged to another store: the link stays in mpma.pretrain_run, the tree needs both

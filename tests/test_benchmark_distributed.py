@@ -1,0 +1,166 @@
+"""``mpma-benchmark`` over 2 ranks through the real launcher (``deepspeed --num_gpus 2 launch/benchmark.py``: 2 gloo
+CPU processes) against the same suite in one process: each rank streams its share of every dataset's images,
+rank 0 gathers the per-sample outputs in record order, scores and alone writes. The metrics of results.json and
+the per-sample npz files equal the 1-rank run's; the feature cache is written once (by rank 0, no part or temporary
+file left) and a later 1-rank run reads it; an entry of 1 image (fewer than the ranks) leaves rank 1 without images
+and still runs. Bad input seen by 2 ranks is one line (rank 0's) and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_benchmark_readers import TABLES
+from train_testdata import ROOT, tiny_export
+
+from data_tools.synth.bench_layout import layout_chexpert_5x200, layout_nih, layout_rsna
+from mpma_ds.benchmark.samples import load_samples
+from mpma_ds.cli.benchmark import main
+from mpma_ds.distributed import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+LAUNCHER = ROOT / "launch" / "benchmark.py"
+SIZE = 64
+SUITE = """name: two-ranks
+entries:
+  - {dataset: nih-cxr14, protocol: zero_shot, max_images: 1}
+  - {dataset: nih-cxr14, protocol: grounding}
+  - {dataset: chexpert-5x200, protocol: zero_shot_accuracy}
+  - {dataset: rsna-pneumonia, protocol: linear_probe, fractions: [0.5, 1.0]}
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if TABLES is None:
+        pytest.skip("torchxrayvision's label tables are not installed")
+    base = tmp_path_factory.getbasetemp()
+    root = base / "bench-ranks"
+    exported = tiny_export(root / "exported", str(base), SIZE)
+    layout_nih(TABLES, root / "data", 30, SIZE, 0)
+    layout_chexpert_5x200(TABLES, root / "data", 5, SIZE, 0)
+    layout_rsna(TABLES, root / "data", 80, SIZE, 0)
+    (root / "suite.yaml").write_text(SUITE)
+    common = ["--model", str(exported), "--model", f"random:{exported}", "--suite", str(root / "suite.yaml"),
+              "--data-root", str(root / "data"), "--no-mlflow", "--bootstrap", "50", "--workers", "0",
+              "--min-label-count", "1", "--batch-size", "8"]  # fmt: skip
+    assert main([*common, "--out", str(root / "one")]) == 0
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER), *common,
+           "--out", str(root / "two")]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        log, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, log[-4000:]
+    one, two = (json.loads((root / d / "results.json").read_text()) for d in ("one", "two"))
+    return root, one, two, log
+
+
+def _numbers(value):
+    """The metric values of a results block as a flat {path: float} (NaN kept as None)."""
+    out = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update({f"{k}/{p}": x for p, x in _numbers(v).items()})
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.update({f"{i}/{p}": x for p, x in _numbers(v).items()})
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"": float(value)}
+    elif value is None:
+        return {"": None}
+    return out
+
+
+def _assert_same(one: dict, two: dict, where: tuple) -> None:
+    a, b = _numbers(one), _numbers(two)
+    assert set(a) == set(b), where
+    for key, x in a.items():
+        if x is None:
+            assert b[key] is None, (*where, key)
+        else:
+            assert b[key] == pytest.approx(x, rel=1e-5, abs=1e-6), (*where, key)
+
+
+def test_two_ranks_give_the_one_rank_metrics(runs):
+    _, one, two, log = runs
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert set(two["entries"]) == set(one["entries"]) == {"nih-cxr14", "chexpert-5x200", "rsna-pneumonia"}
+    for dataset, protocols in one["entries"].items():
+        for protocol, block in protocols.items():
+            other = two["entries"][dataset][protocol]
+            assert other["split_checksum"] == block["split_checksum"] and other["images"] == block["images"]
+            for name, m in block["models"].items():
+                assert "error" not in m, (dataset, protocol, m)
+                _assert_same(m["metrics"], other["models"][name]["metrics"], (dataset, protocol, name))
+                assert other["models"][name]["info"]["images_rejected"] == m["info"]["images_rejected"] == 0
+            _assert_same(block["paired"], other["paired"], (dataset, protocol, "paired"))
+    ground = two["entries"]["nih-cxr14"]["grounding"]["models"]["exported"]
+    assert ground["metrics"]["pairs"] >= 2  # the boxed images of both ranks were scored
+    assert two["entries"]["nih-cxr14"]["zero_shot"]["images"] == 1  # rank 1 streamed no image of it
+    assert log.count("results: ") == 1  # rank 0 alone reports
+
+
+def test_two_ranks_save_the_same_per_sample_rows(runs):
+    root, _, _, _ = runs
+    files = sorted((root / "one" / "samples").rglob("*.npz"))
+    assert len(files) == 8  # 4 entries x 2 models
+    for path in files:
+        meta_a, rows_a, arrays_a = load_samples(path)
+        meta_b, rows_b, arrays_b = load_samples(root / "two" / path.relative_to(root / "one"))
+        assert rows_b == rows_a and meta_b["split_checksum"] == meta_a["split_checksum"]  # same rows, same order
+        assert meta_b["sets"] == meta_a["sets"] and len(arrays_b) == len(arrays_a)
+        for set_a, set_b in zip(arrays_a, arrays_b):
+            for a, b in zip(set_a, set_b, strict=True):
+                if a.dtype.kind in "US":  # finding names, gold classes
+                    assert b.tolist() == a.tolist(), path
+                else:
+                    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_the_feature_cache_is_written_once_and_read_back(runs):
+    root, one, _, _ = runs
+    cache = root / "two" / "cache"
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    # per model: nih zero_shot (1 image), chexpert 5x200, rsna test and train; no part or temporary file left
+    assert len(files) == 8 and all(f.endswith(".pt") and ".tmp" not in f for f in files), files
+    written = {
+        d: {str(p.relative_to(root / d)) for p in (root / d).rglob("*") if p.is_file()} for d in ("one", "two")
+    }
+    assert written["two"] == written["one"]  # rank 1 wrote nothing of its own
+    out = root / "again"
+    argv = ["--model", str(root / "exported"), "--suite", str(root / "suite.yaml"), "--data-root",
+            str(root / "data"), "--no-mlflow", "--bootstrap", "50", "--workers", "0", "--min-label-count", "1",
+            "--cache-dir", str(cache), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    block = again["entries"]["rsna-pneumonia"]["linear_probe"]["models"]["exported"]
+    assert block["timing"]["cached"]
+    first = one["entries"]["rsna-pneumonia"]["linear_probe"]["models"]["exported"]["metrics"]
+    assert block["metrics"]["auroc_mean@100%"] == pytest.approx(first["auroc_mean@100%"], rel=1e-5, nan_ok=True)
+
+
+def test_bad_input_on_two_ranks_is_one_line(monkeypatch, capsys, tmp_path):
+    """A suite that does not exist, seen by each of 2 ranks (their RANK / WORLD_SIZE; it fails before any process
+    group, as under the launcher): both exit 2, rank 0 alone says the one line."""
+    said = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        code = main(["--model", "random:mpma_tiny", "--tokenizer", str(tmp_path), "--suite", "nope", "--data-root",
+                     str(tmp_path), "--out", str(tmp_path / "out")])  # fmt: skip
+        said[rank] = (code, capsys.readouterr().err.strip().splitlines())
+    assert said[0][0] == said[1][0] == 2
+    assert len(said[0][1]) == 1 and "error: unknown suite 'nope'" in said[0][1][0] and said[1][1] == []
+    assert not (tmp_path / "out").exists()
