@@ -17,7 +17,7 @@ from train_testdata import TINY_RECIPE, prepared_base, tiny_shards, tiny_tokeniz
 from mpma_ds.cli import sweep as sweep_cli
 from mpma_ds.config import ConfigError
 from mpma_ds.eval.bootstrap import mean_paired_difference, paired_difference
-from mpma_ds.eval.vqa import vqa_accuracy
+from mpma_ds.eval.vqa import vqa_accuracy, vqa_correctness
 from mpma_ds.sweep import arm_recipe, flatten_overrides, load_sweep
 
 
@@ -199,40 +199,42 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
 def test_two_arm_sweep_with_frozen_vqa_on_real_vqa_shards(base, tmp_path):
     """``evaluation.vqa_shards`` on a real VQA-RAD shard build: each arm's exported model fine-tuned frozen, the
     CLOSED / OPEN accuracies in the table for both arms with a paired interval, equal to the accuracies of the
-    rows the sweep kept, and every VQA run nested under its arm's pretraining run."""
+    rows the sweep kept, and every VQA run nested under its arm's pretraining run. The second arm is M3AE-style
+    (no memory, an ITM head): an exported model of other parameter shapes than the VQA recipe's ``mpma_tiny``."""
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     vqa = ft_vqa_shards(base)
     sweep = two_arm_sweep(base, tmp_path, {"linear_probe_fraction": 0.0, "vqa_shards": str(vqa)})
+    sweep["arms"] = {"full": {}, "m3ae": load_sweep("ablation_tiny").arms["m3ae"]}
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(sweep))
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
     out = tmp_path / "out"
     cells = table_cells((out / "table.md").read_text())
-    assert set(cells) == {"full", "clip"}
+    assert set(cells) == {"full", "m3ae"}
     assert not any(c.startswith("linear probe") for c in cells["full"])  # linear_probe_fraction 0 skips it
     results = json.loads((out / "sweep_results.json").read_text())
     for kind in ("closed", "open"):
         title, key = f"frozen VQA {kind.upper()}", f"vqa_accuracy_{kind}"
         full_value = results["results"]["full"][0][key]
-        clip_value = results["results"]["clip"][0][key]
-        assert 0.0 <= full_value <= 1.0 and 0.0 <= clip_value <= 1.0
+        other_value = results["results"]["m3ae"][0][key]
+        assert 0.0 <= full_value <= 1.0 and 0.0 <= other_value <= 1.0
         assert cells["full"][title] == f"{full_value:.3f} (reference)"
-        d = results["differences"]["clip"][key]
-        assert d["a"] == pytest.approx(clip_value) and d["b"] == pytest.approx(full_value)
-        assert d["difference"] == pytest.approx(clip_value - full_value)
+        d = results["differences"]["m3ae"][key]
+        assert d["a"] == pytest.approx(other_value) and d["b"] == pytest.approx(full_value)
+        assert d["difference"] == pytest.approx(other_value - full_value)
         lo, hi = d["difference_ci95"]
         assert lo <= d["difference"] <= hi
-        assert cells["clip"][title] == f"{clip_value:.3f} ({d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+        assert cells["m3ae"][title] == f"{other_value:.3f} ({d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
 
     # each arm's accuracies are those of the per-question rows it kept on the build's test questions, and the
     # interval is the paired bootstrap over those rows (same questions, same order, the sweep's resamples)
     kept = {
-        arm: torch.load(out / arm / "seed0" / "eval" / "rows.pt", weights_only=False) for arm in ("full", "clip")
+        arm: torch.load(out / arm / "seed0" / "eval" / "rows.pt", weights_only=False) for arm in ("full", "m3ae")
     }
     vqa_rows = {arm: saved["rows"]["vqa"] for arm, saved in kept.items()}
     assert (
-        vqa_rows["full"]["keys"] == vqa_rows["clip"]["keys"]
-        and vqa_rows["full"]["gold"] == vqa_rows["clip"]["gold"]
+        vqa_rows["full"]["keys"] == vqa_rows["m3ae"]["keys"]
+        and vqa_rows["full"]["gold"] == vqa_rows["m3ae"]["gold"]
     )
     assert len(vqa_rows["full"]["keys"]) == split_counts(vqa)["test"]
     types = [t.strip().upper() for t in vqa_rows["full"]["types"]]
@@ -244,17 +246,21 @@ def test_two_arm_sweep_with_frozen_vqa_on_real_vqa_shards(base, tmp_path):
     keys = ["accuracy_overall", "accuracy_closed", "accuracy_open"]
     paired = mean_paired_difference(
         vqa_accuracy,
-        [tuple((vqa_rows[arm]["predicted"], vqa_rows[arm]["gold"], types) for arm in ("clip", "full"))],
+        [tuple((vqa_rows[arm]["predicted"], vqa_rows[arm]["gold"], types) for arm in ("m3ae", "full"))],
         keys=keys, n_resamples=50, answer_vocab=vqa_rows["full"]["answer_vocab"],
     )  # fmt: skip
     for k in keys[1:]:
-        d = results["differences"]["clip"][f"vqa_{k}"]
+        d = results["differences"]["m3ae"][f"vqa_{k}"]
         assert d["difference_ci95"] == pytest.approx(paired[k]["difference_ci95"])
         lo, hi = d["difference_ci95"]
         kind = k.split("_")[1].upper()
-        same = all(p == q for p, q, t in zip(vqa_rows["full"]["predicted"], vqa_rows["clip"]["predicted"], types)
-                   if t == kind)  # fmt: skip
-        assert (lo == hi == 0.0) if same else lo < hi  # a width where the two arms answer any question apart
+        right = {
+            arm: vqa_correctness(r["predicted"], r["gold"], types, answer_vocab=r["answer_vocab"])
+            for arm, r in vqa_rows.items()
+        }
+        of_kind = right["full"][1] if kind == "CLOSED" else ~right["full"][1]
+        same = bool((right["full"][0] == right["m3ae"][0])[of_kind].all())
+        assert (lo == hi == 0.0) if same else lo < hi  # a width where the arms score any question apart
 
     client = MlflowClient(tracking_uri=db)
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
