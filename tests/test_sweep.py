@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from finetune_testdata import ft_vqa_shards, split_counts
 from mlflow.tracking import MlflowClient
 from train_testdata import TINY_RECIPE, prepared_base, tiny_shards, tiny_tokenizer
 
 from mpma_ds.cli import sweep as sweep_cli
 from mpma_ds.config import ConfigError
 from mpma_ds.eval.bootstrap import mean_paired_difference, paired_difference
+from mpma_ds.eval.vqa import vqa_accuracy, vqa_correctness
 from mpma_ds.sweep import arm_recipe, flatten_overrides, load_sweep
 
 
@@ -52,6 +55,7 @@ def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
     assert models["conv_stem"].patch_stem == "conv"
     assert models["gloria"].local_loss == "gloria" and full.local_loss == "late_interaction"
     assert cfg.evaluation.linear_probe_fraction == 0.01
+    assert cfg.evaluation.vqa_shards == "demo_runs/vqa_shards"  # every column: the frozen VQA of make demo's set
     recipes = {arm: arm_recipe(cfg, arm, 1) for arm in cfg.arms}
     assert {r.train.max_steps for r in recipes.values()} == {900}  # equal budget
     assert {r.train.global_batch_size for r in recipes.values()} == {32}
@@ -86,12 +90,11 @@ def test_mean_paired_difference_of_one_pair_is_paired_difference():
     assert two["per_pair"] == pytest.approx([one["difference"], 0.0])
 
 
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path, capsys):
+def two_arm_sweep(base: str, tmp_path: Path, evaluation: dict) -> dict:
+    """A sweep file's tree: ``full`` and ``clip`` at 3 steps, seed 0, on the tiny shards; ``evaluation`` is
+    merged over a quick protocol."""
     shards = tiny_shards(base)
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = {
+    return {
         "name": "t2",
         "base": str(TINY_RECIPE),
         "shared": {
@@ -125,11 +128,26 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
             "min_label_count": 1,
             "bootstrap": 50,
             "maps": ["similarity"],
-            "linear_probe_fraction": 0.5,
-            "linear_probe_min_label_count": 1,
             "finetune_set": ["train.max_steps=20", "train.eval_every=10"],
+            **evaluation,
         },  # fmt: skip
     }
+
+
+def table_cells(table: str) -> dict[str, dict[str, str]]:
+    """``table.md``'s markdown table as {arm: {column title: cell}}."""
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")
+    ]
+    header = rows[0]
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in rows[1:]}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = two_arm_sweep(base, tmp_path, {"linear_probe_fraction": 0.5, "linear_probe_min_label_count": 1})
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(sweep))
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
@@ -174,6 +192,82 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
     assert capsys.readouterr().out.count("evaluation is current") == 2
     assert Path(out / "table.md").read_text() == table
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_two_arm_sweep_with_frozen_vqa_on_real_vqa_shards(base, tmp_path):
+    """``evaluation.vqa_shards`` on a real VQA-RAD shard build: each arm's exported model fine-tuned frozen, the
+    CLOSED / OPEN accuracies in the table for both arms with a paired interval, equal to the accuracies of the
+    rows the sweep kept, and every VQA run nested under its arm's pretraining run. The second arm is M3AE-style
+    (no memory, an ITM head): an exported model of other parameter shapes than the VQA recipe's ``mpma_tiny``."""
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    vqa = ft_vqa_shards(base)
+    sweep = two_arm_sweep(base, tmp_path, {"linear_probe_fraction": 0.0, "vqa_shards": str(vqa)})
+    sweep["arms"] = {"full": {}, "m3ae": load_sweep("ablation_tiny").arms["m3ae"]}
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(sweep))
+    assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
+    out = tmp_path / "out"
+    cells = table_cells((out / "table.md").read_text())
+    assert set(cells) == {"full", "m3ae"}
+    assert not any(c.startswith("linear probe") for c in cells["full"])  # linear_probe_fraction 0 skips it
+    results = json.loads((out / "sweep_results.json").read_text())
+    for kind in ("closed", "open"):
+        title, key = f"frozen VQA {kind.upper()}", f"vqa_accuracy_{kind}"
+        full_value = results["results"]["full"][0][key]
+        other_value = results["results"]["m3ae"][0][key]
+        assert 0.0 <= full_value <= 1.0 and 0.0 <= other_value <= 1.0
+        assert cells["full"][title] == f"{full_value:.3f} (reference)"
+        d = results["differences"]["m3ae"][key]
+        assert d["a"] == pytest.approx(other_value) and d["b"] == pytest.approx(full_value)
+        assert d["difference"] == pytest.approx(other_value - full_value)
+        lo, hi = d["difference_ci95"]
+        assert lo <= d["difference"] <= hi
+        assert cells["m3ae"][title] == f"{other_value:.3f} ({d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+
+    # each arm's accuracies are those of the per-question rows it kept on the build's test questions, and the
+    # interval is the paired bootstrap over those rows (same questions, same order, the sweep's resamples)
+    kept = {
+        arm: torch.load(out / arm / "seed0" / "eval" / "rows.pt", weights_only=False) for arm in ("full", "m3ae")
+    }
+    vqa_rows = {arm: saved["rows"]["vqa"] for arm, saved in kept.items()}
+    assert (
+        vqa_rows["full"]["keys"] == vqa_rows["m3ae"]["keys"]
+        and vqa_rows["full"]["gold"] == vqa_rows["m3ae"]["gold"]
+    )
+    assert len(vqa_rows["full"]["keys"]) == split_counts(vqa)["test"]
+    types = [t.strip().upper() for t in vqa_rows["full"]["types"]]
+    assert {"CLOSED", "OPEN"} <= set(types)
+    for arm, rows in vqa_rows.items():
+        again = vqa_accuracy(rows["predicted"], rows["gold"], types, answer_vocab=rows["answer_vocab"])
+        for kind in ("closed", "open"):
+            assert kept[arm]["metrics"][f"vqa_accuracy_{kind}"] == pytest.approx(again[f"accuracy_{kind}"])
+    keys = ["accuracy_overall", "accuracy_closed", "accuracy_open"]
+    paired = mean_paired_difference(
+        vqa_accuracy,
+        [tuple((vqa_rows[arm]["predicted"], vqa_rows[arm]["gold"], types) for arm in ("m3ae", "full"))],
+        keys=keys, n_resamples=50, answer_vocab=vqa_rows["full"]["answer_vocab"],
+    )  # fmt: skip
+    for k in keys[1:]:
+        d = results["differences"]["m3ae"][f"vqa_{k}"]
+        assert d["difference_ci95"] == pytest.approx(paired[k]["difference_ci95"])
+        lo, hi = d["difference_ci95"]
+        kind = k.split("_")[1].upper()
+        right = {
+            arm: vqa_correctness(r["predicted"], r["gold"], types, answer_vocab=r["answer_vocab"])
+            for arm, r in vqa_rows.items()
+        }
+        of_kind = right["full"][1] if kind == "CLOSED" else ~right["full"][1]
+        same = bool((right["full"][0] == right["m3ae"][0])[of_kind].all())
+        assert (lo == hi == 0.0) if same else lo < hi  # a width where the arms score any question apart
+
+    client = MlflowClient(tracking_uri=db)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    pretrain = {r.data.tags["mpma.arm"]: r.info.run_id for r in runs if r.data.tags.get("mpma.kind") == "pretrain"}
+    vqa_runs = {r.data.tags["mpma.arm"]: r for r in runs if r.data.tags.get("mpma.kind") == "finetune"}
+    assert {a: r.data.tags["mlflow.parentRunId"] for a, r in vqa_runs.items()} == pretrain
+    assert all("test/accuracy_closed" in r.data.metrics for r in vqa_runs.values())
 
 
 def test_paired_table_of_synthetic_arms_and_its_markdown():

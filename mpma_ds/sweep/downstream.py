@@ -28,7 +28,11 @@ def downstream_recipe(recipe_name: str, model_dir: Path, shards: Path, out_dir: 
                       extra: list[str], tags: dict[str, str], cfg_set: list[str]) -> Any:  # fmt: skip
     """The fine-tuning recipe ``recipe_name`` of the exported ``model_dir`` on the shard build ``shards``
     (``train/``, ``validate/``, ``test/``), writing to ``out_dir``, tracked like the arm's pretraining; ``extra``
-    and then ``cfg_set`` (`SweepEvalConfig.finetune_set`) override the recipe."""
+    and then ``cfg_set`` (`SweepEvalConfig.finetune_set`) override the recipe.
+
+    The recipe's ``model`` is the arm's (``model.name`` and ``model.overrides`` of ``pretrain_recipe``): the
+    shipped recipes name ``mpma_tiny``, and `runner.init` refuses an exported model of other parameter shapes
+    than the recipe names (an arm without the memory, or with an ITM head)."""
     from mpma_ds.recipes import find_recipe
     from mpma_ds.training.recipe import FinetuneRecipe, load_recipe
 
@@ -37,6 +41,8 @@ def downstream_recipe(recipe_name: str, model_dir: Path, shards: Path, out_dir: 
     t = pretrain_recipe.tracking
     overrides = [
         f"init.from={json.dumps(str(model_dir))}",
+        f"model.name={json.dumps(pretrain_recipe.model.name)}",
+        *(f"model.overrides.{k}={json.dumps(v)}" for k, v in pretrain_recipe.model.overrides.items()),
         *(f"data.{split}_shards={json.dumps(str(shards / name))}"
           for split, name in (("train", "train"), ("val", "validate"), ("test", "test"))),
         f"data.tokenizer={json.dumps(str(tok))}",
