@@ -134,6 +134,17 @@ def two_arm_sweep(base: str, tmp_path: Path, evaluation: dict) -> dict:
     }
 
 
+def test_missing_vqa_shards_are_one_line_before_any_arm_pretrains(base, tmp_path, capsys):
+    tree = two_arm_sweep(base, tmp_path, {"vqa_shards": str(tmp_path / "no_vqa_shards")})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tree))
+    assert (
+        sweep_cli.main(["--config", str(tmp_path / "s.yaml"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluation.vqa_shards=" in err[0] and "no train / validate / test shards" in err[0]
+    assert not list((tmp_path / "out").glob("**/checkpoints"))  # no arm pretrained
+
+
 def table_cells(table: str) -> dict[str, dict[str, str]]:
     """``table.md``'s markdown table as {arm: {column title: cell}}."""
     rows = [

@@ -296,6 +296,22 @@ def _open_parent(cfg: SweepConfig, tracking_uri: str | None):
     return logger
 
 
+def _check_vqa_shards(vqa: str) -> None:
+    """A local ``evaluation.vqa_shards`` must hold the train / validate / test shards frozen VQA reads; one line
+    otherwise (remote ones are listed when read)."""
+    from data_tools import remote
+
+    if not vqa or remote.is_remote(vqa):
+        return
+    missing = [split for split in ("train", "validate", "test") if not any(Path(vqa, split).glob("*.tar"))]
+    if missing:
+        raise SweepError(
+            f"evaluation.vqa_shards={vqa}: no {' / '.join(missing)} shards there; build them (make demo builds "
+            "demo_runs/vqa_shards; or python -m data_tools.build_shards --format vqa-rad), or skip frozen VQA with "
+            "--set 'evaluation.vqa_shards=\"\"'"
+        )
+
+
 def run_sweep(cfg: SweepConfig, *, arms: Sequence[str] | None = None, tracking_uri: str | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Run (or continue) the sweep; write ``table.md`` and ``sweep_results.json`` to ``cfg.output_dir`` and log
@@ -312,6 +328,7 @@ def run_sweep(cfg: SweepConfig, *, arms: Sequence[str] | None = None, tracking_u
     missing = [a for a in chosen if a not in cfg.arms]
     if missing:
         raise SweepError(f"unknown arm(s) {missing}; the sweep has {', '.join(cfg.arms)}")
+    _check_vqa_shards(cfg.evaluation.vqa_shards)  # before any arm pretrains: it is read only after the first
     parent = _open_parent(cfg, tracking_uri)
     status = "FAILED"
     try:
