@@ -50,9 +50,11 @@ def _seed(key: str) -> int:
 
 
 def film(
-    findings: list[str], key: str, size: int, boxes: list[tuple[float, float, float, float]] = ()
-) -> Image.Image:
-    """A grey ``size`` px film showing ``findings``, with an opacity painted inside each box (film pixels)."""
+    findings: list[str], key: str, size: int, boxes: list[tuple[float, float, float, float]] = (),
+    lucent: np.ndarray | None = None,
+) -> Image.Image:  # fmt: skip
+    """A grey ``size`` px film showing ``findings``, with an opacity painted inside each box (film pixels) and,
+    where ``lucent`` ((S, S) in [0, 1]: a mask scaled to the film) is set, air darkening the film (a pneumothorax)."""
     jpeg = render_radiograph({f: {"state": 1} for f in findings}, "PA", size, size, _seed(key))
     img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -60,6 +62,8 @@ def film(
         cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max(1.0, (x1 - x0) / 2), max(1.0, (y1 - y0) / 2)
         blob = np.clip(1.0 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2, 0, 1)  # (S, S) an ellipse in the box
         img = img + 110.0 * np.sqrt(blob)
+    if lucent is not None:
+        img = img * (1.0 - 0.75 * lucent)  # (S, S) no lung markings, near black where the mask covers the film
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
 
 
@@ -289,6 +293,99 @@ def layout_covidx(out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
     return root
 
 
+_VINDR_DRAWN = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                "Infiltration": "Lung Opacity", "Lung Opacity": "Lung Opacity", "Nodule/Mass": "Lung Lesion",
+                "Pleural effusion": "Pleural Effusion", "Pneumothorax": "Pneumothorax"}  # fmt: skip
+VINDR_FRAME = 3072
+"""The square frame a laid-out VinDr film stands for (the tables carry no image sizes; VinDr's DICOMs are about
+2000-3000 px, its largest box corner 3131, 3384): a row's box is scaled by ``size / max(VINDR_FRAME, the image's
+largest box corner)`` into the film, whose own pixels the reader takes the boxes in."""
+VINDR_HEADER = ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]
+"""PhysioNet's ``annotations_*.csv`` columns."""
+
+
+def layout_vindr(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0, per_label: int = 4) -> Path:
+    """``out/vindr-cxr``: VinDr-CXR's PhysioNet layout (``annotations/annotations_train.csv`` and
+    ``annotations_test.csv``, ``train/<image_id>.dicom`` and ``test/<image_id>.dicom``) for real ids of the Kaggle
+    ``train.csv`` (torchxrayvision's ``vinbigdata-train.csv``): ``per_label`` seeded scans of each of the 14
+    findings (every fourth of them in test), then "No finding" scans up to ``n`` (every fifth in test). Every row
+    of those scans is written as read (each radiologist's), its box scaled into the film (`VINDR_FRAME`). The
+    released test set's labels are not among the tables: our test set is that share of the training ids."""
+    from data_tools.benchmarks.vindr import VINDR_LABELS
+
+    header, rows = read_rows(_table(tables, "vinbigdata-train.csv", "train.csv"),
+                             ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"))  # fmt: skip
+    col = {h: i for i, h in enumerate(header)}
+    by_id: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_id.setdefault(r[col["image_id"]], []).append(r)
+    found = {k: {r[col["class_name"]] for r in v} & set(VINDR_LABELS) for k, v in by_id.items()}
+    rng = np.random.default_rng(seed)
+    split: dict[str, str] = {}
+    for label in VINDR_LABELS:
+        pool = sorted(k for k in by_id if label in found[k] and k not in split)
+        take = sorted(rng.choice(len(pool), min(len(pool), per_label), replace=False).tolist())
+        split.update({pool[i]: "test" if j % 4 == 3 else "train" for j, i in enumerate(take)})
+    normal = sorted(k for k in by_id if not found[k])
+    take = sorted(rng.choice(len(normal), max(0, n - len(split)), replace=False).tolist())
+    split.update({normal[i]: "test" if j % 5 == 4 else "train" for j, i in enumerate(take)})
+    root = out / "vindr-cxr"
+    written: dict[str, list[list[str]]] = {"train": [], "test": []}
+    for k, part in split.items():
+        corners = [float(r[col[c]]) for r in by_id[k] for c in ("x_max", "y_max") if r[col[c]].strip()]
+        scale = size / max(VINDR_FRAME, *corners, 1.0)
+        boxes = []
+        for r in by_id[k]:
+            coords = [r[col[c]] for c in ("x_min", "y_min", "x_max", "y_max")]
+            if all(v.strip() for v in coords):
+                box = tuple(float(v) * scale for v in coords)
+                boxes.append(box)
+                coords = [f"{v:.2f}" for v in box]
+            written[part].append([k, r[col["rad_id"]], r[col["class_name"]], *coords])
+        path = root / part / f"{k}.dicom"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _dicom(path, film(sorted({_VINDR_DRAWN[f] for f in found[k] if f in _VINDR_DRAWN}), k, size, boxes))
+    for part, part_rows in written.items():
+        _write_csv(root / "annotations" / f"annotations_{part}.csv", VINDR_HEADER, part_rows)
+    return root
+
+
+def layout_siim(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/siim-pneumothorax``: ``n`` real ImageIds of SIIM-ACR's ``train-rle.csv`` (a third with pneumothorax),
+    their rows as read (the RLE over the released 1024 px image, the frame the reader scales its boxes from) and a
+    DICOM per id under ``dicom-images-train/<study>/<series>/<ImageId>.dcm`` whose film is darkened inside the
+    decoded mask, scaled to the film."""
+    from data_tools.benchmarks.siim import SIZE, rle_mask
+
+    table = _table(tables, "train-rle.csv", "siim-pneumothorax-train-rle.csv")
+    header, rows = read_rows(table, ("ImageId", "EncodedPixels"))
+    col = {h: i for i, h in enumerate(header)}
+    by_id: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_id.setdefault(r[col["ImageId"]].strip(), []).append(r)
+    pos = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() != "-1")
+    neg = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() == "-1")
+    rng = np.random.default_rng(seed)
+    n_pos = max(1, n // 3)
+    chosen = [pos[i] for i in sorted(rng.choice(len(pos), n_pos, replace=False))] + \
+             [neg[i] for i in sorted(rng.choice(len(neg), n - n_pos, replace=False))]  # fmt: skip
+    root = out / "siim-pneumothorax"
+    _write_csv(root / "train-rle.csv", ["ImageId", "EncodedPixels"],
+               [[r[col["ImageId"]], r[col["EncodedPixels"]]] for k in chosen for r in by_id[k]])  # fmt: skip
+    for k in chosen:
+        rles = [r[col["EncodedPixels"]].strip() for r in by_id[k] if r[col["EncodedPixels"]].strip() != "-1"]
+        lucent = None
+        if rles:
+            mask = np.any([rle_mask(rle, SIZE) for rle in rles], axis=0)  # (1024, 1024)
+            small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+            lucent = np.asarray(small, dtype=np.float32) / 255.0  # (S, S)
+        path = root / "dicom-images-train" / f"1.2.276.0.7230010.3.1.2.{_seed(k)}" / \
+            f"1.2.276.0.7230010.3.1.3.{_seed(k)}" / f"{k}.dcm"  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _dicom(path, film([], k, size, lucent=lucent))
+    return root
+
+
 def layout_all(
     tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0, per_label: int = 0
 ) -> dict[str, Path]:
@@ -309,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqa", action="store_true", help="also lay out vqa-rad/ and slake/ (synthetic questions)")
     p.add_argument("--covidx", action="store_true", help="also lay out covidx/ (COVIDx v8 files, made-up ids)")
     p.add_argument("--padchest", action="store_true", help="also lay out padchest/ (real rows, no split)")
+    p.add_argument("--vindr", action="store_true", help="also lay out vindr-cxr/ (real rows, DICOMs)")
+    p.add_argument("--siim", action="store_true", help="also lay out siim-pneumothorax/ (real RLE rows, DICOMs)")
     p.add_argument("--per-label", type=int, default=0, help="nih-cxr14: at least this many rows of each finding")
     args = p.parse_args(argv)
     try:
@@ -317,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             made["covidx"] = layout_covidx(Path(args.out), args.images, args.size, args.seed)
         if args.padchest:
             made["padchest"] = layout_padchest(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
+        if args.vindr:
+            made["vindr-cxr"] = layout_vindr(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
+        if args.siim:
+            made["siim-pneumothorax"] = layout_siim(
                 Path(args.tables), Path(args.out), args.images, args.size, args.seed
             )
         if args.vqa:
