@@ -4,16 +4,32 @@ files and folders, each image a film drawn by `data_tools.synth.images` with the
 with a box painted as an opacity inside its (real) box. What the benchmark readers and ``mpma-benchmark`` are
 tested on end to end, and what the demo benchmarks.
 
-    python -m data_tools.synth.bench_layout --tables TABLE_DIR --out ROOT --images 200
+    python -m data_tools.synth.bench_layout --tables TABLE_DIR --out ROOT --images 200 [--vindr --siim ...]
 
 ``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
-``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
-``rsna-pneumonia``, with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
-films, in each set's own files), with ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids) and
-with ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
-``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
-the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
-real chest CR under one real id when pydicom-data is installed.
+``kaggle_stage_2_train_labels.csv.zip`` (and, for the flags below, ``vinbigdata-train.csv.gz``,
+``siim-pneumothorax-train-rle.csv.gz``, PadChest's table); ``ROOT/<id>/`` receives ``nih-cxr14``,
+``chexpert-5x200`` and ``rsna-pneumonia``, and with
+
+- ``--vindr`` ``vindr-cxr`` (`layout_vindr`: PhysioNet's ``annotations/annotations_{train,test}.csv`` and
+  ``{train,test}/<image_id>.dicom`` for real Kaggle ids, every radiologist's row, each box scaled into the film,
+  whose own pixels the reader takes VinDr boxes in; a few scans of each of the 14 findings, our test share);
+- ``--siim`` ``siim-pneumothorax`` (`layout_siim`: the real ``train-rle.csv`` rows as read — the RLE stays over the
+  released 1024 px frame the reader scales from — and DICOMs under ``dicom-images-train/<study>/<series>/``
+  darkened inside the decoded mask);
+- ``--chexpert`` ``chexpert`` (`layout_chexpert`: real rows of the training table, a fifth of the patients as our
+  ``valid.csv``);
+- ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
+- ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids);
+- ``--mimic`` ``mimic-5x200`` and ``ms-cxr`` (`layout_mimic`: a synthetic MIMIC-CXR-JPG corpus, credentialed data
+  having no public ids, and MS-CXR's table of the boxes where the corpus drew each finding);
+- ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic films, in each set's own
+  files).
+
+``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test
+list written is *ours* (the box images and a patient-hashed fifth of the others: the official list is not among the
+tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's real chest CR under one real id when
+pydicom-data is installed. Together the flags lay out every dataset of the ``cxr-full`` suite.
 """
 
 from __future__ import annotations
@@ -134,6 +150,69 @@ def layout_chexpert_5x200(tables: Path, out: Path, per_class: int = 40, size: in
         cls = next(c for c in COMPETITION_LABELS if r[c] == 1.0)
         film([cls], r["Path"], size).save(path, quality=92)
     return root
+
+
+def layout_chexpert(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/chexpert``: ``CheXpert-v1.0-small/train.csv`` and ``valid.csv`` holding the real rows (every view) of
+    seeded patients of the training table until ``n`` frontal films, a fifth of the patients (hashed) in
+    ``valid.csv`` — the released validation labels are not among the tables —, and a film at each row's ``Path``
+    showing its positive findings."""
+    table = _table(tables, "chexpert_train.csv", "train.csv")
+    header, rows = read_rows(table, ("Path", "Frontal/Lateral", *COMPETITION_LABELS))
+    col = {h: i for i, h in enumerate(header)}
+    by_patient: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_patient.setdefault(next(p for p in Path(r[col["Path"]]).parts if p.startswith("patient")), []).append(r)
+    order = sorted(by_patient)
+    chosen: list[str] = []
+    frontal = 0
+    for i in np.random.default_rng(seed).permutation(len(order)).tolist():
+        if frontal >= n:
+            break
+        chosen.append(order[i])
+        frontal += sum(r[col["Frontal/Lateral"]] == "Frontal" for r in by_patient[order[i]])
+    root = out / "chexpert"
+    valid = {p for p in chosen if _seed(p) % 5 == 0}
+    for name, part in (("train.csv", [p for p in chosen if p not in valid]), ("valid.csv", sorted(valid))):
+        _write_csv(root / "CheXpert-v1.0-small" / name, header, [r for p in sorted(part) for r in by_patient[p]])
+    drawable = set(_NIH_DRAWN.values())
+    for p in chosen:
+        for r in by_patient[p]:
+            found = [c for c in header if c in drawable and r[col[c]].strip() == "1.0"]
+            path = root / r[col["Path"]]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            film(found, r[col["Path"]], size).save(path, quality=92)
+    return root
+
+
+def layout_mimic(out: Path, studies: int = 120, size: int = 128, seed: int = 0) -> dict[str, Path]:
+    """``out/mimic-5x200``: a synthetic MIMIC-CXR-JPG corpus of ``studies`` frontal studies with reports
+    (`data_tools.synth.corpus`; MIMIC-CXR is credentialed: no real ids), a third of its patients in validate and
+    test; and ``out/ms-cxr``: ``MS_CXR_Local_Alignment_v1.1.0.csv`` with a row per box of each MS-CXR finding
+    where the corpus drew it (its ``synth_truth.jsonl``; the phrase its side and name), over copies of those films
+    at their MIMIC paths."""
+    from data_tools.benchmarks.ms_cxr import MS_CXR_LABELS
+
+    corpus = out / "mimic-5x200"
+    generate_corpus(corpus, studies, seed, min_size=size, max_size=size + size // 4, lateral_fraction=0.0,
+                    eval_fraction=0.3)  # fmt: skip
+    root = out / "ms-cxr"
+    rows = []
+    for line in (corpus / "synth_truth.jsonl").read_text(encoding="utf-8").splitlines():
+        t = json.loads(line)
+        for name in MS_CXR_LABELS:
+            side = (t["drawn"].get(name) or {}).get("side")
+            phrase = f"{side} {name.lower()}" if side else name.lower()
+            for x0, y0, x1, y1 in t["boxes"].get(name, []) if name in t["drawn"] else []:
+                split = {"validate": "val"}.get(t["split"], t["split"])
+                rows.append([t["dicom_id"], name, phrase, t["path"], x0, y0, x1 - x0, y1 - y0, t["width"],
+                             t["height"], split])  # fmt: skip
+                if not (root / t["path"]).is_file():
+                    (root / t["path"]).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(corpus / t["path"], root / t["path"])
+    _write_csv(root / "MS_CXR_Local_Alignment_v1.1.0.csv", ["dicom_id", "category_name", "label_text", "path", "x",
+               "y", "w", "h", "image_width", "image_height", "split"], rows)  # fmt: skip
+    return {"mimic-5x200": corpus, "ms-cxr": root}
 
 
 def _dicom(path: Path, img: Image.Image) -> None:
@@ -407,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--covidx", action="store_true", help="also lay out covidx/ (COVIDx v8 files, made-up ids)")
     p.add_argument("--padchest", action="store_true", help="also lay out padchest/ (real rows, no split)")
     p.add_argument("--vindr", action="store_true", help="also lay out vindr-cxr/ (real rows, DICOMs)")
+    p.add_argument("--chexpert", action="store_true", help="also lay out chexpert/ (real rows, our valid.csv)")
+    p.add_argument("--mimic", action="store_true",
+                   help="also lay out mimic-5x200/ and ms-cxr/ (a synthetic corpus, its drawn boxes)")  # fmt: skip
     p.add_argument("--siim", action="store_true", help="also lay out siim-pneumothorax/ (real RLE rows, DICOMs)")
     p.add_argument("--per-label", type=int, default=0, help="nih-cxr14: at least this many rows of each finding")
     args = p.parse_args(argv)
@@ -418,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
             made["padchest"] = layout_padchest(
                 Path(args.tables), Path(args.out), args.images, args.size, args.seed
             )
+        if args.chexpert:
+            made["chexpert"] = layout_chexpert(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
+        if args.mimic:
+            made.update(layout_mimic(Path(args.out), args.images, args.size, args.seed))
         if args.vindr:
             made["vindr-cxr"] = layout_vindr(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
         if args.siim:
