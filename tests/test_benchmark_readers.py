@@ -296,3 +296,20 @@ def test_siim_layout_reads_back_and_darkens_the_film_inside_the_real_mask(tmp_pa
         near = np.any([padded[dy : dy + 64, dx : dx + 64] for dy in range(3) for dx in range(3)], axis=0)
         darker = np.asarray(film([], r.key, 64), dtype=np.float32) - img  # (64, 64)
         assert (darker > 1).any() and not (darker[~near] > 1).any(), r.key  # bilinear scaling: one pixel margin
+
+
+def test_layout_of_a_bad_table_row_is_one_line_naming_it(tmp_path, capsys):
+    from data_tools.synth.bench_layout import main
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for f in TABLES.iterdir():
+        if not f.name.startswith(("siim", "vinbigdata")):
+            (tables / f.name).symlink_to(f)
+    # six negatives, two positives whose masks run past the 1024 x 1024 image (a layout takes both positives)
+    (tables / "train-rle.csv").write_text("ImageId, EncodedPixels\n" + "".join(
+        f"1.2.{i}, {'1048570 20' if i > 6 else '-1'}\n" for i in range(1, 9)))  # fmt: skip
+    rc = main(["--tables", str(tables), "--out", str(tmp_path / "out"), "--images", "6", "--size", "32", "--siim"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{tables / 'train-rle.csv'}: row 7 (1.2.7): a run ends at pixel" in err and "fix or drop" in err

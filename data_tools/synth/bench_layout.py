@@ -383,6 +383,12 @@ VINDR_HEADER = ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "
 """PhysioNet's ``annotations_*.csv`` columns."""
 
 
+def _bad_rows(table: Path, rows: list[int], image: str, err: Exception) -> ValueError:
+    """One line naming the table, the rows of ``image`` and what to do (`main` prints it)."""
+    where = f"row {rows[0]}" if len(rows) == 1 else f"rows {', '.join(map(str, rows))}"
+    return ValueError(f"{table}: {where} ({image}): {err}; fix or drop them, or lay out from an unedited table")
+
+
 def layout_vindr(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0, per_label: int = 4) -> Path:
     """``out/vindr-cxr``: VinDr-CXR's PhysioNet layout (``annotations/annotations_train.csv`` and
     ``annotations_test.csv``, ``train/<image_id>.dicom`` and ``test/<image_id>.dicom``) for real ids of the Kaggle
@@ -392,12 +398,14 @@ def layout_vindr(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0
     released test set's labels are not among the tables: our test set is that share of the training ids."""
     from data_tools.benchmarks.vindr import VINDR_LABELS
 
-    header, rows = read_rows(_table(tables, "vinbigdata-train.csv", "train.csv"),
-                             ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"))  # fmt: skip
+    table = _table(tables, "vinbigdata-train.csv", "train.csv")
+    header, rows = read_rows(table, ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"))
     col = {h: i for i, h in enumerate(header)}
     by_id: dict[str, list[list[str]]] = {}
-    for r in rows:
+    numbers: dict[str, list[int]] = {}  # image id -> its 1-based data rows, for an error naming them
+    for number, r in enumerate(rows, 1):
         by_id.setdefault(r[col["image_id"]], []).append(r)
+        numbers.setdefault(r[col["image_id"]], []).append(number)
     found = {k: {r[col["class_name"]] for r in v} & set(VINDR_LABELS) for k, v in by_id.items()}
     rng = np.random.default_rng(seed)
     split: dict[str, str] = {}
@@ -411,7 +419,11 @@ def layout_vindr(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0
     root = out / "vindr-cxr"
     written: dict[str, list[list[str]]] = {"train": [], "test": []}
     for k, part in split.items():
-        corners = [float(r[col[c]]) for r in by_id[k] for c in ("x_max", "y_max") if r[col[c]].strip()]
+        try:
+            corners = [float(r[col[c]]) for r in by_id[k] for c in ("x_min", "y_min", "x_max", "y_max")
+                       if r[col[c]].strip()]  # fmt: skip
+        except ValueError as err:
+            raise _bad_rows(table, numbers[k], k, err) from None
         scale = size / max(VINDR_FRAME, *corners, 1.0)
         boxes = []
         for r in by_id[k]:
@@ -440,8 +452,10 @@ def layout_siim(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0)
     header, rows = read_rows(table, ("ImageId", "EncodedPixels"))
     col = {h: i for i, h in enumerate(header)}
     by_id: dict[str, list[list[str]]] = {}
-    for r in rows:
+    numbers: dict[str, list[int]] = {}
+    for number, r in enumerate(rows, 1):
         by_id.setdefault(r[col["ImageId"]].strip(), []).append(r)
+        numbers.setdefault(r[col["ImageId"]].strip(), []).append(number)
     pos = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() != "-1")
     neg = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() == "-1")
     rng = np.random.default_rng(seed)
@@ -455,7 +469,10 @@ def layout_siim(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0)
         rles = [r[col["EncodedPixels"]].strip() for r in by_id[k] if r[col["EncodedPixels"]].strip() != "-1"]
         lucent = None
         if rles:
-            mask = np.any([rle_mask(rle, SIZE) for rle in rles], axis=0)  # (1024, 1024)
+            try:
+                mask = np.any([rle_mask(rle, SIZE) for rle in rles], axis=0)  # (1024, 1024)
+            except ValueError as err:
+                raise _bad_rows(table, numbers[k], k, err) from None
             small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
             lucent = np.asarray(small, dtype=np.float32) / 255.0  # (S, S)
         path = root / "dicom-images-train" / f"1.2.276.0.7230010.3.1.2.{_seed(k)}" / \
