@@ -179,7 +179,7 @@ def test_siim_full_rle_table():
 
 
 def test_rle_box_is_the_masks_bounding_box():
-    from data_tools.benchmarks.siim import rle_box
+    from data_tools.benchmarks.siim import rle_box, rle_mask
 
     size = 16
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -197,6 +197,7 @@ def test_rle_box_is_the_masks_bounding_box():
         else:
             i += 1
     assert rle_box(" ".join(map(str, runs)), size) == (5, 3, 13, 11)
+    assert (rle_mask(" ".join(map(str, runs)), size) == mask.astype(bool)).all()
     with pytest.raises(ValueError, match="past the 16x16 image"):
         rle_box("250 10", size)
     with pytest.raises(ValueError, match="pairs"):
@@ -222,3 +223,93 @@ def test_padchest_full_table_every_row_accounted():
     assert c["patients"] == 67594  # the patients of the rows with labels
     frontal = read_benchmark("padchest", TABLES, {"check_images": False})
     assert len(frontal.records) == 110554 and frontal.counts()["positives"]["pulmonary fibrosis"] > 0
+
+
+def _dicom_pixels(path: str) -> np.ndarray:
+    import pydicom
+
+    return pydicom.dcmread(path).pixel_array.astype(np.float32) / 16  # the layout stores 8 bits in 12
+
+
+def test_vindr_layout_reads_back_with_every_finding_in_train_and_test(tmp_path):
+    from data_tools.benchmarks.vindr import VINDR_LABELS
+    from data_tools.synth.bench_layout import layout_vindr
+
+    root = layout_vindr(TABLES, tmp_path, n=70, size=64, per_label=4)
+    assert (root / "annotations" / "annotations_test.csv").is_file()
+    data = read_benchmark("vindr-cxr", root)
+    c = data.counts()
+    # 4 scans of each of the 14 findings (every fourth in test), 14 "No finding" scans (every fifth in test)
+    assert c["images"] == 70 and c["splits"] == {"test": 14 + 2, "train": 42 + 12} and c["problems"] == {}
+    for split in ("train", "test"):
+        y = data.label_matrix(data.split(split))
+        assert (y == 1).any(axis=0).all(), split  # each finding has a positive in both splits
+    assert all(c["positives"][name] >= 4 for name in VINDR_LABELS)
+    boxed = [r for r in data.records if r.boxes]
+    assert len(boxed) == 56 and all(Path(r.image).suffix == ".dicom" for r in data.records)
+    for r in boxed[:12]:
+        img = _dicom_pixels(r.image)
+        assert img.shape == (64, 64)
+        for b in r.boxes:  # in the DICOM's own pixels (no frame), inside the film
+            assert b.frame is None and 0 <= b.x0 < b.x1 <= 64 and 0 <= b.y0 < b.y1 <= 64
+    # the opacity is painted inside the real box: brighter there than the film drawn without it
+    from data_tools.synth.bench_layout import _VINDR_DRAWN, film
+
+    r = boxed[0]
+    drawn = sorted({_VINDR_DRAWN[n] for n, v in zip(VINDR_LABELS, r.labels) if v == 1 and n in _VINDR_DRAWN})
+    diff = _dicom_pixels(r.image) - np.asarray(film(drawn, r.key, 64), dtype=np.float32)
+    inside = np.zeros((64, 64), dtype=bool)
+    for b in r.boxes:
+        inside[int(b.y0) : int(np.ceil(b.y1)), int(b.x0) : int(np.ceil(b.x1))] = True
+    assert (diff > 1).any() and not (diff[~inside] > 1).any()
+
+
+def test_siim_layout_reads_back_and_darkens_the_film_inside_the_real_mask(tmp_path):
+    from data_tools.benchmarks.siim import rle_box, rle_mask
+    from data_tools.synth.bench_layout import film, layout_siim
+
+    root = layout_siim(TABLES, tmp_path, n=30, size=64)
+    data = read_benchmark("siim-pneumothorax", root)
+    c = data.counts()
+    assert c["images"] == 30 and c["positives"]["Pneumothorax"] == 10 and c["images_with_boxes"] == 10
+    assert c["problems"] == {} and sum(c["splits"].values()) == 30
+    table = {}
+    with open(root / "train-rle.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["ImageId"], []).append(row["EncodedPixels"])
+    with gzip.open(TABLES / "siim-pneumothorax-train-rle.csv.gz", "rt", newline="") as f:
+        real = {}
+        for row in csv.reader(f):
+            real.setdefault(row[0], []).append(row[1].strip())
+    assert all(real[k] == v for k, v in table.items())  # the real rows, as read
+    for r in (r for r in data.records if r.boxes):
+        img = _dicom_pixels(r.image)
+        assert img.shape == (64, 64)
+        for b in r.boxes:  # in the released 1024 px frame; scaled into the film, inside it
+            assert b.frame == (1024, 1024)
+            x0, y0, x1, y1 = b.scaled(64, 64)
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        assert {(b.x0, b.y0, b.x1, b.y1) for b in r.boxes} == {rle_box(rle) for rle in table[r.key]}
+        mask = np.any([rle_mask(rle) for rle in table[r.key]], axis=0)  # (1024, 1024)
+        cells = mask.reshape(64, 16, 64, 16).any(axis=(1, 3))  # (64, 64) the film pixels the mask touches
+        padded = np.pad(cells, 1)
+        near = np.any([padded[dy : dy + 64, dx : dx + 64] for dy in range(3) for dx in range(3)], axis=0)
+        darker = np.asarray(film([], r.key, 64), dtype=np.float32) - img  # (64, 64)
+        assert (darker > 1).any() and not (darker[~near] > 1).any(), r.key  # bilinear scaling: one pixel margin
+
+
+def test_layout_of_a_bad_table_row_is_one_line_naming_it(tmp_path, capsys):
+    from data_tools.synth.bench_layout import main
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for f in TABLES.iterdir():
+        if not f.name.startswith(("siim", "vinbigdata")):
+            (tables / f.name).symlink_to(f)
+    # six negatives, two positives whose masks run past the 1024 x 1024 image (a layout takes both positives)
+    (tables / "train-rle.csv").write_text("ImageId, EncodedPixels\n" + "".join(
+        f"1.2.{i}, {'1048570 20' if i > 6 else '-1'}\n" for i in range(1, 9)))  # fmt: skip
+    rc = main(["--tables", str(tables), "--out", str(tmp_path / "out"), "--images", "6", "--size", "32", "--siim"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{tables / 'train-rle.csv'}: row 7 (1.2.7): a run ends at pixel" in err and "fix or drop" in err

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from data_tools.benchmarks.common import (
     BENCHMARKS,
     BenchmarkData,
@@ -35,8 +37,8 @@ class SiimOptions:
     check_images: bool = True
 
 
-def rle_box(rle: str, size: int = SIZE) -> tuple[int, int, int, int]:
-    """``(x0, y0, x1, y1)`` (x1/y1 exclusive) of a Kaggle relative RLE mask, without drawing the mask.
+def _runs(rle: str, size: int) -> list[tuple[int, int]]:
+    """The ``(first, last)`` column-major pixel indices of each run of a Kaggle relative RLE mask.
 
     Raises:
         ValueError: an odd count of numbers, a negative length, or a run past the image's last pixel.
@@ -44,9 +46,7 @@ def rle_box(rle: str, size: int = SIZE) -> tuple[int, int, int, int]:
     nums = [int(v) for v in rle.split()]
     if len(nums) % 2 or not nums:
         raise ValueError(f"{len(nums)} numbers, expected (start, length) pairs")
-    x0 = y0 = size
-    x1 = y1 = 0
-    pos = 0
+    out, pos = [], 0
     for start, length in zip(nums[0::2], nums[1::2]):
         if start < 0 or length <= 0:
             raise ValueError(f"run ({start}, {length}) is not a non-negative start and a positive length")
@@ -54,14 +54,39 @@ def rle_box(rle: str, size: int = SIZE) -> tuple[int, int, int, int]:
         end = pos + length - 1  # the run's last pixel, column-major index
         if end >= size * size:
             raise ValueError(f"a run ends at pixel {end}, past the {size}x{size} image")
+        out.append((pos, end))
+        pos = end + 1
+    return out
+
+
+def rle_box(rle: str, size: int = SIZE) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` (x1/y1 exclusive) of a Kaggle relative RLE mask, without drawing the mask.
+
+    Raises:
+        ValueError: as `rle_mask`.
+    """
+    x0 = y0 = size
+    x1 = y1 = 0
+    for pos, end in _runs(rle, size):
         c0, c1 = pos // size, end // size  # columns = x
         x0, x1 = min(x0, c0), max(x1, c1 + 1)
         if c0 == c1:
             y0, y1 = min(y0, pos % size), max(y1, end % size + 1)
         else:  # the run wraps into the next column: it covers the whole height between
             y0, y1 = 0, size
-        pos = end + 1
     return x0, y0, x1, y1
+
+
+def rle_mask(rle: str, size: int = SIZE) -> np.ndarray:
+    """The (size, size) bool mask (rows = y) of a Kaggle relative RLE (read column by column).
+
+    Raises:
+        ValueError: an odd count of numbers, a negative length, or a run past the image's last pixel.
+    """
+    flat = np.zeros(size * size, dtype=bool)  # column-major: index = x * size + y
+    for pos, end in _runs(rle, size):
+        flat[pos : end + 1] = True
+    return flat.reshape(size, size).T
 
 
 @BENCHMARKS.register("siim-pneumothorax", options=SiimOptions, task="multilabel")

@@ -4,16 +4,32 @@ files and folders, each image a film drawn by `data_tools.synth.images` with the
 with a box painted as an opacity inside its (real) box. What the benchmark readers and ``mpma-benchmark`` are
 tested on end to end, and what the demo benchmarks.
 
-    python -m data_tools.synth.bench_layout --tables TABLE_DIR --out ROOT --images 200
+    python -m data_tools.synth.bench_layout --tables TABLE_DIR --out ROOT --images 200 [--vindr --siim ...]
 
 ``TABLE_DIR`` holds ``Data_Entry_2017_v2020.csv(.gz)``, ``BBox_List_2017.csv(.gz)``, ``chexpert_train.csv(.gz)``,
-``kaggle_stage_2_train_labels.csv.zip``; ``ROOT/<id>/`` receives ``nih-cxr14``, ``chexpert-5x200`` and
-``rsna-pneumonia``, with ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic
-films, in each set's own files), with ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids) and
-with ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
-``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test list written is *ours* (the box images and a patient-hashed fifth of the others:
-the official list is not among the tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's
-real chest CR under one real id when pydicom-data is installed.
+``kaggle_stage_2_train_labels.csv.zip`` (and, for the flags below, ``vinbigdata-train.csv.gz``,
+``siim-pneumothorax-train-rle.csv.gz``, PadChest's table); ``ROOT/<id>/`` receives ``nih-cxr14``,
+``chexpert-5x200`` and ``rsna-pneumonia``, and with
+
+- ``--vindr`` ``vindr-cxr`` (`layout_vindr`: PhysioNet's ``annotations/annotations_{train,test}.csv`` and
+  ``{train,test}/<image_id>.dicom`` for real Kaggle ids, every radiologist's row, each box scaled into the film,
+  whose own pixels the reader takes VinDr boxes in; a few scans of each of the 14 findings, our test share);
+- ``--siim`` ``siim-pneumothorax`` (`layout_siim`: the real ``train-rle.csv`` rows as read — the RLE stays over the
+  released 1024 px frame the reader scales from — and DICOMs under ``dicom-images-train/<study>/<series>/``
+  darkened inside the decoded mask);
+- ``--chexpert`` ``chexpert`` (`layout_chexpert`: real rows of the training table, a fifth of the patients as our
+  ``valid.csv``);
+- ``--padchest`` ``padchest`` (`layout_padchest`: real rows of its table, which has no split);
+- ``--covidx`` ``covidx`` (`layout_covidx`: COVIDx v8's files, made-up ids);
+- ``--mimic`` ``mimic-5x200`` and ``ms-cxr`` (`layout_mimic`: a synthetic MIMIC-CXR-JPG corpus, credentialed data
+  having no public ids, and MS-CXR's table of the boxes where the corpus drew each finding);
+- ``--vqa`` ``vqa-rad`` and ``slake`` (`layout_vqa`: synthetic questions about synthetic films, in each set's own
+  files).
+
+``--per-label K`` adds K real rows of each NIH finding (so that each has positives to fine-tune on). The NIH test
+list written is *ours* (the box images and a patient-hashed fifth of the others: the official list is not among the
+tables); the RSNA DICOMs are 16-bit MONOCHROME2 CR files, plus pydicom-data's real chest CR under one real id when
+pydicom-data is installed. Together the flags lay out every dataset of the ``cxr-full`` suite.
 """
 
 from __future__ import annotations
@@ -50,9 +66,11 @@ def _seed(key: str) -> int:
 
 
 def film(
-    findings: list[str], key: str, size: int, boxes: list[tuple[float, float, float, float]] = ()
-) -> Image.Image:
-    """A grey ``size`` px film showing ``findings``, with an opacity painted inside each box (film pixels)."""
+    findings: list[str], key: str, size: int, boxes: list[tuple[float, float, float, float]] = (),
+    lucent: np.ndarray | None = None,
+) -> Image.Image:  # fmt: skip
+    """A grey ``size`` px film showing ``findings``, with an opacity painted inside each box (film pixels) and,
+    where ``lucent`` ((S, S) in [0, 1]: a mask scaled to the film) is set, air darkening the film (a pneumothorax)."""
     jpeg = render_radiograph({f: {"state": 1} for f in findings}, "PA", size, size, _seed(key))
     img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -60,6 +78,8 @@ def film(
         cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max(1.0, (x1 - x0) / 2), max(1.0, (y1 - y0) / 2)
         blob = np.clip(1.0 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2, 0, 1)  # (S, S) an ellipse in the box
         img = img + 110.0 * np.sqrt(blob)
+    if lucent is not None:
+        img = img * (1.0 - 0.75 * lucent)  # (S, S) no lung markings, near black where the mask covers the film
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
 
 
@@ -130,6 +150,69 @@ def layout_chexpert_5x200(tables: Path, out: Path, per_class: int = 40, size: in
         cls = next(c for c in COMPETITION_LABELS if r[c] == 1.0)
         film([cls], r["Path"], size).save(path, quality=92)
     return root
+
+
+def layout_chexpert(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/chexpert``: ``CheXpert-v1.0-small/train.csv`` and ``valid.csv`` holding the real rows (every view) of
+    seeded patients of the training table until ``n`` frontal films, a fifth of the patients (hashed) in
+    ``valid.csv`` — the released validation labels are not among the tables —, and a film at each row's ``Path``
+    showing its positive findings."""
+    table = _table(tables, "chexpert_train.csv", "train.csv")
+    header, rows = read_rows(table, ("Path", "Frontal/Lateral", *COMPETITION_LABELS))
+    col = {h: i for i, h in enumerate(header)}
+    by_patient: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_patient.setdefault(next(p for p in Path(r[col["Path"]]).parts if p.startswith("patient")), []).append(r)
+    order = sorted(by_patient)
+    chosen: list[str] = []
+    frontal = 0
+    for i in np.random.default_rng(seed).permutation(len(order)).tolist():
+        if frontal >= n:
+            break
+        chosen.append(order[i])
+        frontal += sum(r[col["Frontal/Lateral"]] == "Frontal" for r in by_patient[order[i]])
+    root = out / "chexpert"
+    valid = {p for p in chosen if _seed(p) % 5 == 0}
+    for name, part in (("train.csv", [p for p in chosen if p not in valid]), ("valid.csv", sorted(valid))):
+        _write_csv(root / "CheXpert-v1.0-small" / name, header, [r for p in sorted(part) for r in by_patient[p]])
+    drawable = set(_NIH_DRAWN.values())
+    for p in chosen:
+        for r in by_patient[p]:
+            found = [c for c in header if c in drawable and r[col[c]].strip() == "1.0"]
+            path = root / r[col["Path"]]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            film(found, r[col["Path"]], size).save(path, quality=92)
+    return root
+
+
+def layout_mimic(out: Path, studies: int = 120, size: int = 128, seed: int = 0) -> dict[str, Path]:
+    """``out/mimic-5x200``: a synthetic MIMIC-CXR-JPG corpus of ``studies`` frontal studies with reports
+    (`data_tools.synth.corpus`; MIMIC-CXR is credentialed: no real ids), a third of its patients in validate and
+    test; and ``out/ms-cxr``: ``MS_CXR_Local_Alignment_v1.1.0.csv`` with a row per box of each MS-CXR finding
+    where the corpus drew it (its ``synth_truth.jsonl``; the phrase its side and name), over copies of those films
+    at their MIMIC paths."""
+    from data_tools.benchmarks.ms_cxr import MS_CXR_LABELS
+
+    corpus = out / "mimic-5x200"
+    generate_corpus(corpus, studies, seed, min_size=size, max_size=size + size // 4, lateral_fraction=0.0,
+                    eval_fraction=0.3)  # fmt: skip
+    root = out / "ms-cxr"
+    rows = []
+    for line in (corpus / "synth_truth.jsonl").read_text(encoding="utf-8").splitlines():
+        t = json.loads(line)
+        for name in MS_CXR_LABELS:
+            side = (t["drawn"].get(name) or {}).get("side")
+            phrase = f"{side} {name.lower()}" if side else name.lower()
+            for x0, y0, x1, y1 in t["boxes"].get(name, []) if name in t["drawn"] else []:
+                split = {"validate": "val"}.get(t["split"], t["split"])
+                rows.append([t["dicom_id"], name, phrase, t["path"], x0, y0, x1 - x0, y1 - y0, t["width"],
+                             t["height"], split])  # fmt: skip
+                if not (root / t["path"]).is_file():
+                    (root / t["path"]).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(corpus / t["path"], root / t["path"])
+    _write_csv(root / "MS_CXR_Local_Alignment_v1.1.0.csv", ["dicom_id", "category_name", "label_text", "path", "x",
+               "y", "w", "h", "image_width", "image_height", "split"], rows)  # fmt: skip
+    return {"mimic-5x200": corpus, "ms-cxr": root}
 
 
 def _dicom(path: Path, img: Image.Image) -> None:
@@ -289,6 +372,116 @@ def layout_covidx(out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
     return root
 
 
+_VINDR_DRAWN = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                "Infiltration": "Lung Opacity", "Lung Opacity": "Lung Opacity", "Nodule/Mass": "Lung Lesion",
+                "Pleural effusion": "Pleural Effusion", "Pneumothorax": "Pneumothorax"}  # fmt: skip
+VINDR_FRAME = 3072
+"""The square frame a laid-out VinDr film stands for (the tables carry no image sizes; VinDr's DICOMs are about
+2000-3000 px, its largest box corner 3131, 3384): a row's box is scaled by ``size / max(VINDR_FRAME, the image's
+largest box corner)`` into the film, whose own pixels the reader takes the boxes in."""
+VINDR_HEADER = ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]
+"""PhysioNet's ``annotations_*.csv`` columns."""
+
+
+def _bad_rows(table: Path, rows: list[int], image: str, err: Exception) -> ValueError:
+    """One line naming the table, the rows of ``image`` and what to do (`main` prints it)."""
+    where = f"row {rows[0]}" if len(rows) == 1 else f"rows {', '.join(map(str, rows))}"
+    return ValueError(f"{table}: {where} ({image}): {err}; fix or drop them, or lay out from an unedited table")
+
+
+def layout_vindr(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0, per_label: int = 4) -> Path:
+    """``out/vindr-cxr``: VinDr-CXR's PhysioNet layout (``annotations/annotations_train.csv`` and
+    ``annotations_test.csv``, ``train/<image_id>.dicom`` and ``test/<image_id>.dicom``) for real ids of the Kaggle
+    ``train.csv`` (torchxrayvision's ``vinbigdata-train.csv``): ``per_label`` seeded scans of each of the 14
+    findings (every fourth of them in test), then "No finding" scans up to ``n`` (every fifth in test). Every row
+    of those scans is written as read (each radiologist's), its box scaled into the film (`VINDR_FRAME`). The
+    released test set's labels are not among the tables: our test set is that share of the training ids."""
+    from data_tools.benchmarks.vindr import VINDR_LABELS
+
+    table = _table(tables, "vinbigdata-train.csv", "train.csv")
+    header, rows = read_rows(table, ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"))
+    col = {h: i for i, h in enumerate(header)}
+    by_id: dict[str, list[list[str]]] = {}
+    numbers: dict[str, list[int]] = {}  # image id -> its 1-based data rows, for an error naming them
+    for number, r in enumerate(rows, 1):
+        by_id.setdefault(r[col["image_id"]], []).append(r)
+        numbers.setdefault(r[col["image_id"]], []).append(number)
+    found = {k: {r[col["class_name"]] for r in v} & set(VINDR_LABELS) for k, v in by_id.items()}
+    rng = np.random.default_rng(seed)
+    split: dict[str, str] = {}
+    for label in VINDR_LABELS:
+        pool = sorted(k for k in by_id if label in found[k] and k not in split)
+        take = sorted(rng.choice(len(pool), min(len(pool), per_label), replace=False).tolist())
+        split.update({pool[i]: "test" if j % 4 == 3 else "train" for j, i in enumerate(take)})
+    normal = sorted(k for k in by_id if not found[k])
+    take = sorted(rng.choice(len(normal), max(0, n - len(split)), replace=False).tolist())
+    split.update({normal[i]: "test" if j % 5 == 4 else "train" for j, i in enumerate(take)})
+    root = out / "vindr-cxr"
+    written: dict[str, list[list[str]]] = {"train": [], "test": []}
+    for k, part in split.items():
+        try:
+            corners = [float(r[col[c]]) for r in by_id[k] for c in ("x_min", "y_min", "x_max", "y_max")
+                       if r[col[c]].strip()]  # fmt: skip
+        except ValueError as err:
+            raise _bad_rows(table, numbers[k], k, err) from None
+        scale = size / max(VINDR_FRAME, *corners, 1.0)
+        boxes = []
+        for r in by_id[k]:
+            coords = [r[col[c]] for c in ("x_min", "y_min", "x_max", "y_max")]
+            if all(v.strip() for v in coords):
+                box = tuple(float(v) * scale for v in coords)
+                boxes.append(box)
+                coords = [f"{v:.2f}" for v in box]
+            written[part].append([k, r[col["rad_id"]], r[col["class_name"]], *coords])
+        path = root / part / f"{k}.dicom"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _dicom(path, film(sorted({_VINDR_DRAWN[f] for f in found[k] if f in _VINDR_DRAWN}), k, size, boxes))
+    for part, part_rows in written.items():
+        _write_csv(root / "annotations" / f"annotations_{part}.csv", VINDR_HEADER, part_rows)
+    return root
+
+
+def layout_siim(tables: Path, out: Path, n: int, size: int = 128, seed: int = 0) -> Path:
+    """``out/siim-pneumothorax``: ``n`` real ImageIds of SIIM-ACR's ``train-rle.csv`` (a third with pneumothorax),
+    their rows as read (the RLE over the released 1024 px image, the frame the reader scales its boxes from) and a
+    DICOM per id under ``dicom-images-train/<study>/<series>/<ImageId>.dcm`` whose film is darkened inside the
+    decoded mask, scaled to the film."""
+    from data_tools.benchmarks.siim import SIZE, rle_mask
+
+    table = _table(tables, "train-rle.csv", "siim-pneumothorax-train-rle.csv")
+    header, rows = read_rows(table, ("ImageId", "EncodedPixels"))
+    col = {h: i for i, h in enumerate(header)}
+    by_id: dict[str, list[list[str]]] = {}
+    numbers: dict[str, list[int]] = {}
+    for number, r in enumerate(rows, 1):
+        by_id.setdefault(r[col["ImageId"]].strip(), []).append(r)
+        numbers.setdefault(r[col["ImageId"]].strip(), []).append(number)
+    pos = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() != "-1")
+    neg = sorted(k for k, v in by_id.items() if v[0][col["EncodedPixels"]].strip() == "-1")
+    rng = np.random.default_rng(seed)
+    n_pos = max(1, n // 3)
+    chosen = [pos[i] for i in sorted(rng.choice(len(pos), n_pos, replace=False))] + \
+             [neg[i] for i in sorted(rng.choice(len(neg), n - n_pos, replace=False))]  # fmt: skip
+    root = out / "siim-pneumothorax"
+    _write_csv(root / "train-rle.csv", ["ImageId", "EncodedPixels"],
+               [[r[col["ImageId"]], r[col["EncodedPixels"]]] for k in chosen for r in by_id[k]])  # fmt: skip
+    for k in chosen:
+        rles = [r[col["EncodedPixels"]].strip() for r in by_id[k] if r[col["EncodedPixels"]].strip() != "-1"]
+        lucent = None
+        if rles:
+            try:
+                mask = np.any([rle_mask(rle, SIZE) for rle in rles], axis=0)  # (1024, 1024)
+            except ValueError as err:
+                raise _bad_rows(table, numbers[k], k, err) from None
+            small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+            lucent = np.asarray(small, dtype=np.float32) / 255.0  # (S, S)
+        path = root / "dicom-images-train" / f"1.2.276.0.7230010.3.1.2.{_seed(k)}" / \
+            f"1.2.276.0.7230010.3.1.3.{_seed(k)}" / f"{k}.dcm"  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _dicom(path, film([], k, size, lucent=lucent))
+    return root
+
+
 def layout_all(
     tables: Path, out: Path, n: int = 200, size: int = 128, seed: int = 0, per_label: int = 0
 ) -> dict[str, Path]:
@@ -309,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqa", action="store_true", help="also lay out vqa-rad/ and slake/ (synthetic questions)")
     p.add_argument("--covidx", action="store_true", help="also lay out covidx/ (COVIDx v8 files, made-up ids)")
     p.add_argument("--padchest", action="store_true", help="also lay out padchest/ (real rows, no split)")
+    p.add_argument("--vindr", action="store_true", help="also lay out vindr-cxr/ (real rows, DICOMs)")
+    p.add_argument("--chexpert", action="store_true", help="also lay out chexpert/ (real rows, our valid.csv)")
+    p.add_argument("--mimic", action="store_true",
+                   help="also lay out mimic-5x200/ and ms-cxr/ (a synthetic corpus, its drawn boxes)")  # fmt: skip
+    p.add_argument("--siim", action="store_true", help="also lay out siim-pneumothorax/ (real RLE rows, DICOMs)")
     p.add_argument("--per-label", type=int, default=0, help="nih-cxr14: at least this many rows of each finding")
     args = p.parse_args(argv)
     try:
@@ -317,6 +515,18 @@ def main(argv: list[str] | None = None) -> int:
             made["covidx"] = layout_covidx(Path(args.out), args.images, args.size, args.seed)
         if args.padchest:
             made["padchest"] = layout_padchest(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
+        if args.chexpert:
+            made["chexpert"] = layout_chexpert(
+                Path(args.tables), Path(args.out), args.images, args.size, args.seed
+            )
+        if args.mimic:
+            made.update(layout_mimic(Path(args.out), args.images, args.size, args.seed))
+        if args.vindr:
+            made["vindr-cxr"] = layout_vindr(Path(args.tables), Path(args.out), args.images, args.size, args.seed)
+        if args.siim:
+            made["siim-pneumothorax"] = layout_siim(
                 Path(args.tables), Path(args.out), args.images, args.size, args.seed
             )
         if args.vqa:

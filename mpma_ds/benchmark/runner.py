@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.benchmarks import BenchmarkData, read_benchmark
+from data_tools.benchmarks import BenchmarkData, BenchmarkError, read_benchmark
 from data_tools.benchmarks.common import split_checksum
 from mpma_ds.benchmark import finetune
 from mpma_ds.benchmark.features import image_features, stream
@@ -89,7 +89,7 @@ def _run_entry(
         if result is None:
             return None
         evaluated = set(result.pair["rows"])
-        # a set cut by a seeded split (finetune) tests a part of the records the entry's split selected
+        # a set cut by a seeded split tests a part of the records the entry's split selected
         expected = result.info.pop("test_keys", None) or [r.key for r in records]
         missing = [k for k in expected if k not in evaluated]
         timing.update(seconds=time.perf_counter() - start, images=len(evaluated), cached=False)
@@ -117,7 +117,9 @@ def _run_entry(
         return result
     shared = dict(dataset=data.dataset, cache_dir=cache_dir, batch_size=batch_size, workers=workers, device=device,
                   rank=rank, world_size=world_size)  # fmt: skip
-    train = data.split("train") if entry.protocol == "linear_probe" else []
+    train, seeded = [], {}
+    if entry.protocol == "linear_probe":
+        train, records, seeded = _probe_split(data, entry, records)
     if entry.protocol == "linear_probe" and not train:
         raise ValueError(f"{data.dataset} has no 'train' split to fit the linear probe on")
     feats = image_features(model, records, **shared)
@@ -148,10 +150,24 @@ def _run_entry(
             n_resamples=n_resamples, multiclass=data.task == "multiclass",
         )  # fmt: skip
         result.info["train_images_rejected"] = len(tf.rejected)
+        if seeded:
+            result.info["seeded_split"] = seeded
     else:  # the suite loader refuses other names
         raise AssertionError(entry.protocol)
     result.info.update(images_rejected=len(feats.rejected), rejected=_first(feats.rejected, records))
     return result
+
+
+def _probe_split(data: BenchmarkData, entry: SuiteEntry, records: list) -> tuple[list, list, dict[str, Any]]:
+    """``(train, tested, seeded)``: the linear probe's training records and the ones it tests — the dataset's own
+    ``train`` split and the entry's records; for a set without splits (PadChest, every image in ``all``) the
+    train and test parts of the seeded patient-level split `finetune.split_records` cuts, described (each part's
+    checksum) in ``seeded``."""
+    if data.split("train") or not data.split("all"):
+        return data.split("train"), records, {}
+    cut, seeded = finetune.split_records(data, entry.split)
+    tested = [r for r in cut if r.split == "test"]
+    return [r for r in cut if r.split == "train"], tested[: entry.max_images or None], seeded
 
 
 def _merge_pairs(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -196,6 +212,7 @@ def run_benchmark(
     root = Path(data_root)
     start = time.perf_counter()
     loaded: dict[tuple, BenchmarkData] = {}
+    unreadable: dict[tuple, str] = {}  # (dataset, folder, options) -> why its tables could not be read
     results: dict[str, Any] = {
         "suite": suite.name, "suite_file": suite.source, "data_root": str(root.resolve()),
         "models": {m.name: {"spec": m.spec, "kind": m.kind, "fingerprint": m.fingerprint} for m in models},
@@ -218,9 +235,21 @@ def run_benchmark(
                 say(line)
                 continue
             key = (entry.dataset, str(folder), json.dumps(entry.options, sort_keys=True))
-            if key not in loaded:
+            fresh = key not in loaded and key not in unreadable
+            if fresh:
                 t0 = time.perf_counter()
-                loaded[key] = read_benchmark(entry.dataset, folder, entry.options)
+                try:
+                    loaded[key] = read_benchmark(entry.dataset, folder, entry.options)
+                except BenchmarkError as err:  # this dataset's entries are not scored; the others still run
+                    unreadable[key] = f"{entry.dataset} could not be read: {err}"
+            if key in unreadable:
+                results["entries"].setdefault(entry.dataset, {})[entry.protocol] = {
+                    "split": entry.split, "split_checksum": None, "images": 0, "paired": {},
+                    "models": {m.name: {"error": unreadable[key]} for m in models},
+                }  # fmt: skip
+                say(f"{entry.name}: not scored: {unreadable[key]}")
+                continue
+            if fresh:
                 data = loaded[key]
                 if lead:
                     _write_problems(out / "problems" / f"{entry.dataset}.jsonl", data)
@@ -267,7 +296,7 @@ def run_benchmark(
                     child.close()
                     continue
                 done[m.name] = r
-                if seeded := r.info.get("seeded_split"):  # finetune cut a set without splits: its test part
+                if seeded := r.info.get("seeded_split"):  # a set without splits was cut: its test part
                     block.update(split="test (seeded)", split_checksum=seeded["checksums"]["test"],
                                  images=seeded["images"]["test"], note=seeded["note"])  # fmt: skip
                 saved = save_samples(samples_path(out, entry.name, m.name), r, split_checksum=block["split_checksum"],
