@@ -8,7 +8,8 @@ and still runs. Bad input seen by 2 ranks is one line (rank 0's) and exit 2.
 The protocols that train (``finetune`` on RSNA at 2 label fractions, ``vqa`` on VQA-RAD) run the Trainer on both
 ranks with global batch 8 = micro-batch 4 × 2 ranks, against 1 rank × 2 accumulation steps (the equivalence
 tests/test_finetune_distributed.py holds the fine-tuning tasks to): the same losses step by step, metrics, subset
-checksums and per-sample rows in the same order; rank 0 alone keeps the predictions and writes."""
+checksums and per-sample rows in the same order; rank 0 alone keeps the predictions and writes. A global batch
+2 ranks cannot split (SLAKE's 12 = 3 × 4 on 1 rank) is that entry's one line from rank 0, the others still run."""
 
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ entries:
 
 # global batch 8: micro-batch 4 on each of 2 ranks, or 4 x 2 accumulation steps in one process
 SHORT = "[train.epochs=1, train.global_batch_size=8, train.micro_batch_size=4, train.log_every=1]"
+# SLAKE's global batch 12 takes 3 steps of 4 on 1 rank; 2 ranks x 4 cannot make it: refused on 2 ranks alone
 TRAINER_SUITE = f"""name: two-ranks-trainer
 entries:
+  - {{dataset: slake, protocol: vqa, set: [train.epochs=1, train.global_batch_size=12, train.micro_batch_size=4]}}
   - {{dataset: rsna-pneumonia, protocol: finetune, fractions: [0.5, 1.0], set: {SHORT}}}
   - {{dataset: vqa-rad, protocol: vqa, set: {SHORT}}}
 """
@@ -69,9 +72,9 @@ def layout(tmp_path_factory):
     return root, exported
 
 
-def _one_and_two(root: Path, suite: str, *models: str) -> tuple[dict, dict, str]:
+def _one_and_two(root: Path, suite: str, *models: str, two_exits: int = 0) -> tuple[dict, dict, str]:
     """``suite`` (a YAML text) for ``models`` in this process (``ROOT/one``) and through ``deepspeed --num_gpus 2``
-    (``ROOT/two``): both results and the launcher's output."""
+    (``ROOT/two``, exiting ``two_exits``): both results and the launcher's output."""
     (root / "suite.yaml").write_text(suite)
     argv = [*(a for m in models for a in ("--model", m)), "--suite", str(root / "suite.yaml"), "--data-root",
             str(root.parent / "data"), "--no-mlflow", "--bootstrap", "50", "--workers", "0", "--min-label-count",
@@ -87,7 +90,7 @@ def _one_and_two(root: Path, suite: str, *models: str) -> tuple[dict, dict, str]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    assert proc.returncode == 0, log[-4000:]
+    assert proc.returncode == two_exits, log[-4000:]
     one, two = (json.loads((root / d / "results.json").read_text()) for d in ("one", "two"))
     return one, two, log
 
@@ -102,10 +105,10 @@ def runs(layout):
 
 @pytest.fixture(scope="module")
 def trained(layout):
-    """The Trainer protocols' suite, the exported model alone."""
+    """The Trainer protocols' suite, the exported model alone (2 ranks exit 1: SLAKE's entry refused)."""
     root, exported = layout
     (root / "trained").mkdir(exist_ok=True)
-    return root / "trained", *_one_and_two(root / "trained", TRAINER_SUITE, str(exported))
+    return root / "trained", *_one_and_two(root / "trained", TRAINER_SUITE, str(exported), two_exits=1)
 
 
 def _numbers(value):
@@ -155,11 +158,11 @@ def test_two_ranks_give_the_one_rank_metrics(runs):
 
 def _assert_same_samples(root: Path, count: int) -> None:
     """The per-sample npz files of ``ROOT/two`` hold the rows (same order) and values of ``ROOT/one``'s."""
-    files = sorted((root / "one" / "samples").rglob("*.npz"))
+    files = sorted((root / "two" / "samples").rglob("*.npz"))
     assert len(files) == count
     for path in files:
-        meta_a, rows_a, arrays_a = load_samples(path)
-        meta_b, rows_b, arrays_b = load_samples(root / "two" / path.relative_to(root / "one"))
+        meta_a, rows_a, arrays_a = load_samples(root / "one" / path.relative_to(root / "two"))
+        meta_b, rows_b, arrays_b = load_samples(path)
         assert rows_b == rows_a and meta_b["split_checksum"] == meta_a["split_checksum"]  # same rows, same order
         assert meta_b["sets"] == meta_a["sets"] and len(arrays_b) == len(arrays_a)
         for set_a, set_b in zip(arrays_a, arrays_b):
@@ -207,8 +210,10 @@ def _runs(root: Path, d: str) -> dict[str, Path]:
 
 def test_trainer_protocols_on_two_ranks_equal_one_rank_with_accumulation(trained):
     root, one, two, log = trained
-    assert set(two["entries"]) == set(one["entries"]) == {"rsna-pneumonia", "vqa-rad"}
+    assert set(two["entries"]) == set(one["entries"]) == {"slake", "rsna-pneumonia", "vqa-rad"}
     for dataset, protocols in one["entries"].items():
+        if dataset == "slake":  # refused on 2 ranks (test_a_global_batch_two_ranks_cannot_split_is_one_line)
+            continue
         for protocol, block in protocols.items():
             other = two["entries"][dataset][protocol]
             assert other["split_checksum"] == block["split_checksum"] and other["images"] == block["images"]
@@ -221,13 +226,15 @@ def test_trainer_protocols_on_two_ranks_equal_one_rank_with_accumulation(trained
     assert ft_two["split_checksums"] == ft_one["split_checksums"] and len(ft_one["split_checksums"]) == 2
     assert [r["subset"] for r in ft_two["runs"].values()] == [r["subset"] for r in ft_one["runs"].values()]
     runs_one, runs_two = _runs(root, "one"), _runs(root, "two")
-    assert sorted(runs_two) == sorted(runs_one) and len(runs_one) == 3  # 2 fractions + vqa
-    for name, run in runs_one.items():
-        a, b = (json.loads((r / "summary.json").read_text()) for r in (run, runs_two[name]))
+    assert (
+        sorted(runs_two) == sorted(n for n in runs_one if "slake" not in n) and len(runs_two) == 3
+    )  # 2 fractions, vqa
+    for name, run in runs_two.items():
+        a, b = (json.loads((r / "summary.json").read_text()) for r in (runs_one[name], run))
         assert (a["world_size"], a["accumulation"], b["world_size"], b["accumulation"]) == (1, 2, 2, 1), name
         assert a["step"] == b["step"] > 0
         losses = [{r["step"]: r["loss"] for r in read_metrics_jsonl(r / "metrics.jsonl") if "loss" in r}
-                  for r in (run, runs_two[name])]  # fmt: skip
+                  for r in (runs_one[name], run)]  # fmt: skip
         assert sorted(losses[0]) == list(range(1, a["step"] + 1))
         assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL), name
     assert log.count("results: ") == 1 and log.count("vqa-rad/vqa [exported]: accuracy_overall") == 1
@@ -240,10 +247,24 @@ def test_trainer_protocols_on_two_ranks_save_the_same_per_sample_rows(trained):
     # rank 1's only files: its own ZeRO optimizer shard and rank state in each Trainer checkpoint; the shards built
     # once (by rank 0, then found finished by rank 1), no build state left behind
     extra = written["two"] - written["one"]
-    assert written["one"] <= written["two"] and len(extra) == 6, sorted(extra)
+    slake = {f for f in written["one"] - written["two"] if "slake" in f}  # trained on 1 rank only
+    assert written["one"] - slake <= written["two"] and len(extra) == 6, sorted(extra)
     assert all("/checkpoints/" in f and ("rank_1_" in f or "rank_state_00001" in f) for f in extra), sorted(extra)
     shards = {f.split("/")[2] for f in written["two"] if f.startswith("cache/shards/")}
-    assert len(shards) == 3 and not any("/.build/" in f for f in written["two"])  # rsna + its manifest, vqa-rad
+    assert len(shards) == 4 and not any("/.build/" in f for f in written["two"])  # rsna + manifest, vqa-rad, slake
+
+
+def test_a_global_batch_two_ranks_cannot_split_is_one_line(trained):
+    """SLAKE's global batch 12 is refused on 2 ranks (not on 1): one line, rank 0's, exit 1 (the fixture), no
+    traceback, and the entries after it still train on both ranks in step."""
+    _, one, two, log = trained
+    assert "error" not in one["entries"]["slake"]["vqa"]["models"]["exported"]
+    refused = two["entries"]["slake"]["vqa"]["models"]["exported"]["error"]
+    assert refused.startswith("train.global_batch_size=12 is not a multiple of train.micro_batch_size=4")
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert errors == [f"benchmark.py: error: not scored: slake/vqa [exported]: {refused}"], errors
+    assert log.count(refused) == 2 and "Traceback" not in log  # rank 0's entry line and its error line
+    assert "accuracy_overall" in two["entries"]["vqa-rad"]["vqa"]["models"]["exported"]["metrics"]
 
 
 def test_bad_input_on_two_ranks_is_one_line(monkeypatch, capsys, tmp_path):
