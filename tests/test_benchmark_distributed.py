@@ -8,8 +8,9 @@ and still runs. Bad input seen by 2 ranks is one line (rank 0's) and exit 2.
 The protocols that train (``finetune`` on RSNA at 2 label fractions, ``vqa`` on VQA-RAD) run the Trainer on both
 ranks with global batch 8 = micro-batch 4 × 2 ranks, against 1 rank × 2 accumulation steps (the equivalence
 tests/test_finetune_distributed.py holds the fine-tuning tasks to): the same losses step by step, metrics, subset
-checksums and per-sample rows in the same order; rank 0 alone keeps the predictions and writes. A global batch
-2 ranks cannot split (SLAKE's 12 = 3 × 4 on 1 rank) is that entry's one line from rank 0, the others still run."""
+checksums and per-sample rows in the same order; rank 0 alone keeps the predictions, writes and opens the MLflow
+runs (sqlite stores: the 1-rank run's, each once). A global batch 2 ranks cannot split (SLAKE's 12 = 3 × 4 on
+1 rank) is that entry's one line from rank 0, the others still run."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from mpma_ds.benchmark.samples import load_samples
 from mpma_ds.cli.benchmark import main
 from mpma_ds.distributed import free_port
 from mpma_ds.tracking import read_metrics_jsonl
+from mpma_ds.tracking.lineage import PARENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -72,16 +74,22 @@ def layout(tmp_path_factory):
     return root, exported
 
 
-def _one_and_two(root: Path, suite: str, *models: str, two_exits: int = 0) -> tuple[dict, dict, str]:
+def _one_and_two(
+    root: Path, suite: str, *models: str, two_exits: int = 0, mlflow: bool = False
+) -> tuple[dict, dict, str]:
     """``suite`` (a YAML text) for ``models`` in this process (``ROOT/one``) and through ``deepspeed --num_gpus 2``
-    (``ROOT/two``, exiting ``two_exits``): both results and the launcher's output."""
+    (``ROOT/two``, exiting ``two_exits``): both results and the launcher's output. ``mlflow``: each logs to its
+    own sqlite store, ``ROOT/<one|two>.db``."""
     (root / "suite.yaml").write_text(suite)
     argv = [*(a for m in models for a in ("--model", m)), "--suite", str(root / "suite.yaml"), "--data-root",
-            str(root.parent / "data"), "--no-mlflow", "--bootstrap", "50", "--workers", "0", "--min-label-count",
+            str(root.parent / "data"), "--bootstrap", "50", "--workers", "0", "--min-label-count",
             "1", "--batch-size", "8"]  # fmt: skip
-    assert main([*argv, "--out", str(root / "one")]) == 0
+    store = {
+        d: ["--tracking-uri", f"sqlite:///{root / d}.db"] if mlflow else ["--no-mlflow"] for d in ("one", "two")
+    }
+    assert main([*argv, *store["one"], "--out", str(root / "one")]) == 0
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER), *argv,
-           "--out", str(root / "two")]  # fmt: skip
+           *store["two"], "--out", str(root / "two")]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             start_new_session=True)  # fmt: skip
@@ -108,7 +116,9 @@ def trained(layout):
     """The Trainer protocols' suite, the exported model alone (2 ranks exit 1: SLAKE's entry refused)."""
     root, exported = layout
     (root / "trained").mkdir(exist_ok=True)
-    return root / "trained", *_one_and_two(root / "trained", TRAINER_SUITE, str(exported), two_exits=1)
+    return root / "trained", *_one_and_two(
+        root / "trained", TRAINER_SUITE, str(exported), two_exits=1, mlflow=True
+    )
 
 
 def _numbers(value):
@@ -193,7 +203,7 @@ def test_the_feature_cache_is_written_once_and_read_back(runs):
     assert written["two"] == written["one"]  # rank 1 wrote nothing of its own
     out = root / "again"
     argv = ["--model", str(root.parent / "exported"), "--suite", str(root / "suite.yaml"), "--data-root",
-            str(root.parent / "data"), "--no-mlflow", "--bootstrap", "50", "--workers", "0", "--min-label-count", "1",
+            str(root.parent / "data"), "--bootstrap", "50", "--workers", "0", "--min-label-count", "1",
             "--cache-dir", str(cache), "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     again = json.loads((out / "results.json").read_text())
@@ -252,6 +262,26 @@ def test_trainer_protocols_on_two_ranks_save_the_same_per_sample_rows(trained):
     assert all("/checkpoints/" in f and ("rank_1_" in f or "rank_state_00001" in f) for f in extra), sorted(extra)
     shards = {f.split("/")[2] for f in written["two"] if f.startswith("cache/shards/")}
     assert len(shards) == 4 and not any("/.build/" in f for f in written["two"])  # rsna + manifest, vqa-rad, slake
+
+
+def _mlflow_runs(store: Path) -> list[tuple[str, str, str]]:
+    """(run name, its parent's name, status) of every run in a sqlite store, sorted."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("mpma-benchmark").experiment_id], max_results=100)
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    return sorted((r.info.run_name, names.get(r.data.tags.get(PARENT_TAG), ""), r.info.status) for r in runs)
+
+
+def test_trainer_protocols_on_two_ranks_open_each_mlflow_run_once(trained):
+    """Rank 0 alone logs: the suite run, an entry run per entry, a Trainer run per fine-tuning nested under its
+    entry's — as many as one process opens (SLAKE's Trainer run aside: refused on 2 ranks, its entry run FAILED)."""
+    root = trained[0]
+    one, two = _mlflow_runs(root / "one.db"), _mlflow_runs(root / "two.db")
+    assert [r for r in two if "slake" not in r[0]] == [r for r in one if "slake" not in r[0]]
+    assert len(two) == 7 and ("slake/vqa [exported]", "benchmark-two-ranks-trainer-exported", "FAILED") in two
+    assert sum(name.endswith("fine-tune") or "fine-tune @" in name for name, _, _ in two) == 3  # 2 fractions, vqa
 
 
 def test_a_global_batch_two_ranks_cannot_split_is_one_line(trained):
