@@ -6,9 +6,11 @@ in one line naming the URL, with nothing half-written left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,12 +157,33 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+@contextlib.contextmanager
+def down_after_first_checkpoint(run: Path, trigger: Path) -> Iterator[None]:
+    """While the block runs, touch ``trigger`` (arming the fault proxy) once ``run`` has its first complete
+    checkpoint."""
+    import threading
+
+    stopped = threading.Event()
+
+    def arm() -> None:
+        while not list(run.glob("checkpoints/*/complete.json")) and not stopped.is_set():
+            time.sleep(0.05)
+        trigger.touch()
+
+    watcher = threading.Thread(target=arm)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        watcher.join()
+
+
 def pretrain_through_proxy(
     moto_port: int, tmp_path_factory, tmp_path: Path, faults: int, monkeypatch, **extra: object
 ) -> tuple[int, list[str], Path, Path]:
     """The pretraining CLI (in-process) on the tiny shards uploaded to ``s3://faulty/tiny/``, read through a
     reset proxy armed once the run has its first checkpoint; ``(exit code, overrides, run folder, proxy log)``."""
-    import threading
 
     from train_testdata import ROOT, prepared_base, pretrain_argv, tiny_overrides, tiny_shards
 
@@ -178,21 +201,10 @@ def pretrain_through_proxy(
     overrides = tiny_overrides(
         base, run, **{"data.train_shards": shards, "train.eval_every": 0, "train.max_steps": 12, **extra}
     )
-    stopped = threading.Event()
-
-    def arm_after_first_checkpoint() -> None:
-        while not list(run.glob("checkpoints/*/complete.json")) and not stopped.is_set():
-            time.sleep(0.05)
-        trigger.touch()
-
-    watcher = threading.Thread(target=arm_after_first_checkpoint)
-    watcher.start()
     try:
-        with env(s3_env(port)):
+        with down_after_first_checkpoint(run, trigger), env(s3_env(port)):
             code = pretrain.main(pretrain_argv(overrides))
     finally:
-        stopped.set()
-        watcher.join()
         stop(proxy)
     return code, overrides, run, log
 
@@ -258,7 +270,6 @@ def test_two_ranks_whose_store_goes_down_stop_with_one_line(moto_port, tmp_path_
     """Under the real launcher (2 gloo ranks), once the run has a checkpoint the store goes down for good: the
     job ends with exit 6 and the one line naming a shard URL, not a wait for the collective timeout (120 s here)
     or a traceback: every rank reads from the same store, so every rank gives up on it."""
-    import threading
 
     from train_testdata import ROOT, prepared_base, pretrain_argv, tiny_overrides, tiny_shards
 
@@ -276,25 +287,14 @@ def test_two_ranks_whose_store_goes_down_stop_with_one_line(moto_port, tmp_path_
     )  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
            str(free_master_port()), "launch/pretrain.py", *pretrain_argv(overrides)]  # fmt: skip
-    stopped = threading.Event()
-
-    def arm_after_first_checkpoint() -> None:
-        while not list(run.glob("checkpoints/*/complete.json")) and not stopped.is_set():
-            time.sleep(0.05)
-        trigger.touch()
-
-    watcher = threading.Thread(target=arm_after_first_checkpoint)
-    watcher.start()
     start = time.monotonic()
     try:
-        with env(s3_env(port)):
+        with down_after_first_checkpoint(run, trigger), env(s3_env(port)):
             proc = subprocess.run(
                 cmd, cwd=ROOT, env={**subprocess_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                 timeout=600,
             )  # fmt: skip
     finally:
-        stopped.set()
-        watcher.join()
         stop(proxy)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
