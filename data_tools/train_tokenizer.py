@@ -105,6 +105,22 @@ def build_untrained_tokenizer() -> Tokenizer:
     return tok
 
 
+def continuation_pieces(tok: Tokenizer, reports: list[str]) -> list[str]:
+    """``##c`` for every character ``c`` that follows another inside a pre-tokenised word of ``reports``, in
+    code-point order: the continuation pieces the WordPiece trainer would create on its own.
+
+    The trainer (tokenizers 0.23, huggingface/tokenizers#1794) numbers these pieces in the order it walks its
+    word-count hash map, which is seeded afresh in every process, and it breaks ties between equally frequent
+    merges by those numbers: the same reports gave a different vocabulary in each process. Given to it as
+    special tokens in this fixed order they are numbered before training, and every tie is broken the same way.
+    """
+    seen: set[str] = set()
+    for text in reports:
+        words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+        seen.update("".join(word[1:] for word, _ in words))
+    return ["##" + c for c in sorted(seen)]
+
+
 def _replace_dir(partial: Path, target: Path) -> None:
     """Put the finished folder ``partial`` at ``target``: its files fsynced, an existing ``target`` moved aside
     and deleted only once ``partial`` is in place (data_tools does not import mpma_ds's ``fileio``)."""
@@ -211,31 +227,34 @@ def train_tokenizer(
             f"the {len(shard_paths)} train shard(s) under {shards} hold no report text (.txt members); rebuild the shards"
         )
 
-    tok = build_untrained_tokenizer()
+    # trained on a throwaway pipeline: its trainer registers the continuation pieces as special tokens
+    learner = build_untrained_tokenizer()
+    fixed = list(SPECIAL_TOKENS) + list(DEID_TOKENS)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS) + list(DEID_TOKENS),
+        special_tokens=fixed + continuation_pieces(learner, reports),
         continuing_subword_prefix="##",
         show_progress=progress,
     )
-    tok.train_from_iterator(reports, trainer=trainer, length=len(reports))
-    if tok.get_vocab_size() > vocab_size:
+    learner.train_from_iterator(reports, trainer=trainer, length=len(reports))
+    learned = learner.get_vocab(with_added_tokens=False)
+    if len(learned) > vocab_size:
         raise ValueError(
             f"--vocab-size {vocab_size} is too small: the special tokens and the corpus alphabet alone need "
-            f"{tok.get_vocab_size()} entries; ask for at least {tok.get_vocab_size()}"
+            f"{len(learned)} entries; ask for at least {len(learned)}"
         )
-    # The trainer numbers tokens in hash-map order, which changes from run to run; number them in a
-    # fixed order instead (the special tokens and de-identification marks first, then sorted).
-    fixed = list(SPECIAL_TOKENS) + list(DEID_TOKENS)
-    learned = tok.get_vocab(with_added_tokens=False)
+    # The trainer numbers the rest of its tokens in hash-map order too; number them in a fixed order
+    # (the special tokens and de-identification marks first, then sorted).
     order = fixed + sorted(set(learned) - set(fixed))
+    tok = build_untrained_tokenizer()
     tok.model = models.WordPiece(
         {t: i for i, t in enumerate(order)},
         unk_token="[UNK]",
         continuing_subword_prefix="##",
         max_input_chars_per_word=100,
     )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     # The de-identification marks are vocabulary entries (ids 5, 6), not special tokens: they are not
     # dropped by decode(skip_special_tokens=True). As normalised added tokens they match before
     # pre-tokenisation, so "___F" or "XXXX-year-old" still yield one "___" / "xxxx" token.
