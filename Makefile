@@ -52,7 +52,7 @@ test: $(STAMP)
 # the end-to-end runs kept out of make test to hold it near 25 minutes on 2 cores (about 35 minutes more):
 # pretraining from s3:// shards killed and resumed, a mixture's resume, the plugin task installed and compared,
 # the benchmark suite on laid-out datasets (cxr-core, every entry of cxr-full) and over 2 ranks (finetune, vqa
-# too), 2-arm sweeps (one with frozen VQA), 2 ranks whose store goes down, a hung rank waited out to its collective
+# too), 2-arm sweeps (one with frozen VQA), 2 ranks whose store goes down, two node launchers on one machine, a hung rank waited out to its collective
 # timeout
 test-e2e: $(STAMP)
 	$(PY) -m pytest -m e2e tests --durations=15

@@ -183,6 +183,7 @@ def one_to_two(base, tmp_path_factory) -> tuple[Path, str, str]:
 
 # ------------------------------------------------------------------------------------------- two nodes
 @pytest.mark.slow
+@pytest.mark.e2e  # about 70 s of two node launchers: moved out of make test to keep it under 25 minutes
 def test_two_node_launchers_equal_one_node_with_two_ranks(two_nodes, two_ranks):
     run, logs = two_nodes
     for node, log in enumerate(logs):  # DeepSpeed's per-node launcher started one local rank on each node
