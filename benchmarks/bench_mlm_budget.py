@@ -13,20 +13,28 @@ a paired bootstrap 95 % interval over the studies) is what it read off the image
     python benchmarks/bench_mlm_budget.py --shards <shards> --tokenizer <tokenizer> --steps 300 \\
         --arm default= --arm mask50=data.mlm_probability=0.5
     python benchmarks/bench_mlm_budget.py --shards <shards> --model demo=demo_runs/exported
+    python benchmarks/bench_mlm_budget.py --shards <shards> --model demo=demo_runs/exported \\
+        --eval-set data.mlm_finding_probability=0.5
+
+A second table splits the finding words by class (`data.masking.FINDING_CLASSES`): finding names, sides, extent,
+zones. Side words can only come from the film, so their gain is the clearest sign of reading it.
 
 Writes ``--out-dir/bench_mlm_budget.json`` (default benchmarks/results/) and prints the markdown table. The
 evaluation masks each model's reports with its own recipe's ``data.mlm_probability`` (deterministically), so
-the gain is paired within a model; across settings the masked tokens differ.
+the gain is paired within a model; across settings the masked tokens differ. ``--eval-set`` gives every ``--model``
+the same evaluation masking instead (an ``--arm``'s exported model can be scored again that way).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+from mpma_ds.data.masking import FINDING_CLASSES
 from mpma_ds.runner.export import load_run_recipe
 from mpma_ds.sweep import SweepConfig
 from mpma_ds.sweep.config import SweepEvalConfig
@@ -39,7 +47,17 @@ COLUMNS = (
     ("mlm_acc_findings_shuffled", "finding words, other image"),
     ("mlm_findings_image_gain", "gain (own - other)"),
     ("mlm_tokens_findings", "finding tokens"),
+    ("mlm_image_changed", "masked guesses the other image changes"),
 )
+
+
+CLASS_COLUMNS = (
+    ("mlm_acc_findings_{}", "own image"),
+    ("mlm_acc_findings_shuffled_{}", "other image"),
+    ("mlm_findings_image_gain_{}", "gain (own - other)"),
+    ("mlm_tokens_findings_{}", "tokens"),
+)
+"""The per-class table (`data.masking.FINDING_CLASSES`: finding names, sides, extent, zones)."""
 
 
 def parse_named(values: list[str], what: str) -> dict[str, str]:
@@ -54,11 +72,12 @@ def parse_named(values: list[str], what: str) -> dict[str, str]:
 
 
 def arm_tree(overrides: str) -> dict[str, Any]:
-    """``"data.mlm_probability=0.5,train.lr=1e-3"`` -> the sweep's dotted-key recipe tree (values as YAML)."""
+    """``"data.mlm_probability=0.5,data.mlm_finding_classes=[side,extent]"`` -> the sweep's dotted-key recipe tree
+    (values as YAML; a comma inside ``[...]`` belongs to the value)."""
     import yaml
 
     tree = {}
-    for item in filter(None, overrides.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", overrides)):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"arm override {item!r}: expected KEY=VALUE")
@@ -70,11 +89,38 @@ def cell(metrics: dict[str, Any], key: str) -> str:
     value = metrics.get(key)
     if value is None or value != value:
         return "n/a"
-    if key == "mlm_tokens_findings":
+    if key.startswith("mlm_tokens"):
         return f"{int(value)}"
     ci = metrics.get(f"{key}_ci95")
-    text = f"{value:+.3f}" if key.endswith("gain") else f"{value:.3f}"
+    text = f"{value:+.3f}" if "gain" in key else f"{value:.3f}"
     return text + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else "")
+
+
+def tables(results: dict[str, dict[str, Any]]) -> str:
+    """The markdown tables of ``results`` ({model: metrics}): the finding words together, then per word class."""
+    lines = ["| setting | " + " | ".join(t for _, t in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, m in results.items():
+        lines.append(f"| {name} | " + " | ".join(cell(m, k) for k, _ in COLUMNS) + " |")
+    lines += ["", "| setting | word class | " + " | ".join(t for _, t in CLASS_COLUMNS) + " |",
+              "|---" * (len(CLASS_COLUMNS) + 2) + "|"]  # fmt: skip
+    for name, m in results.items():
+        for c in FINDING_CLASSES:
+            lines.append(f"| {name} | {c} | " + " | ".join(cell(m, k.format(c)) for k, _ in CLASS_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def eval_recipe(folder: Path, shards: Path, overrides: dict[str, Any]):
+    """An exported model's recipe, evaluated on ``shards``/validate with ``overrides`` (``data.<field>`` only: the
+    evaluation's masking, e.g. ``data.mlm_finding_probability``)."""
+    recipe = load_run_recipe(folder / "recipe.yaml")
+    recipe.data.val_shards = str(shards / "validate")
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section != "data" or not hasattr(recipe.data, name):
+            raise SystemExit(f"--eval-set {key}: only data.<field> of the recipe")
+        setattr(recipe.data, name, value)
+    recipe.data.validate()
+    return recipe
 
 
 def main() -> None:
@@ -83,6 +129,12 @@ def main() -> None:
     p.add_argument("--tokenizer", help="tokenizer folder of the pretrainings (--arm)")
     p.add_argument("--arm", action="append", default=[], help="NAME=KEY=VALUE[,KEY=VALUE...] (repeatable)")
     p.add_argument("--model", action="append", default=[], help="NAME=DIR of an exported model (repeatable)")
+    p.add_argument(
+        "--eval-set",
+        default="",
+        help="data.KEY=VALUE[,...]: the --model evaluations' masking instead of "
+        "each recipe's own (e.g. data.mlm_finding_probability=0.5: more finding tokens scored)",
+    )
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of every --arm (default 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -116,14 +168,10 @@ def main() -> None:
         print(f"{len(arms)} arm(s) of {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
         results.update({arm: rows[0].metrics for arm, rows in found["results"].items()})
     for name, folder in parse_named(args.model, "--model").items():
-        recipe = load_run_recipe(Path(folder) / "recipe.yaml")
-        recipe.data.val_shards = str(shards / "validate")
+        recipe = eval_recipe(Path(folder), shards, arm_tree(args.eval_set))
         cfg = SweepConfig(name="mlm_budget", arms={name: {}}, reference=name, evaluation=evaluation)
         results[name] = evaluate_exported(Path(folder), recipe, cfg, out / "bench_mlm_budget" / name).metrics
-    lines = ["| setting | " + " | ".join(t for _, t in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, m in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell(m, k) for k, _ in COLUMNS) + " |")
-    print("\n".join(lines))
+    print(tables(results))
     record = {"args": vars(args), "results": results}
     (out / "bench_mlm_budget.json").write_text(json.dumps(json_safe(record), indent=1) + "\n")
     print(f"results: {out / 'bench_mlm_budget.json'}")

@@ -118,3 +118,44 @@ def test_image_control_reads_the_same_masked_reports_beside_another_image():
     gain = finding_word_gain(acc.per_sample("findings"), acc.per_sample("findings_shuffled"))
     assert gain == {"mlm_findings_image_gain": 1.0}
     assert "mlm_acc_findings_shuffled" not in MaskedTokenAccuracy(model, tok, "cpu").result()
+
+
+def test_image_control_per_word_class():
+    """With ``classes`` the finding words are also counted per class: the masked "small"s are extent words, the
+    "right" a side word; the stand-in head right only beside its own image gains 1 on each class, and a class
+    with no masked token has no accuracy (NaN), not 0."""
+    from mpma_ds.data.masking import FINDING_CLASSES
+    from mpma_ds.sweep.arm_eval import finding_word_gain, image_gains
+
+    tok = _tokenizer()
+    model = create_model("mpma_tiny", vocab_size=len(VOCAB))
+    ids = torch.tensor([_ids(tok, "There is a small right pleural effusion.")] * 2)
+    inputs, labels = ids.clone(), torch.full_like(ids, -100)
+    for r, c in [(0, 4), (0, 5), (1, 4), (1, 2)]:  # small, right, small, is
+        inputs[r, c], labels[r, c] = tok.mask_token_id, ids[r, c]
+    images = torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 1, 64, 64)
+
+    def reads_own_image(images, input_ids, attention_mask):  # noqa: ARG001
+        own = images[:, 0, 0, 0].long() == torch.arange(len(images))  # (B,)
+        return torch.where(own[:, None], ids, torch.zeros_like(ids))
+
+    model.masked_token_predictions = reads_own_image
+    batch = {"image": images, "input_ids": inputs, "attention_mask": (ids != 0).long(), "mlm_labels": labels}
+    acc = MaskedTokenAccuracy(model, tok, "cpu", image_control=True, classes=FINDING_CLASSES)
+    list(acc.stream([batch]))
+    result = acc.result()
+    assert result["mlm_tokens_findings"] == 3.0
+    assert result["mlm_tokens_findings_extent"] == 2.0 and result["mlm_tokens_findings_side"] == 1.0
+    assert result["mlm_acc_findings_side"] == 1.0 and result["mlm_acc_findings_shuffled_side"] == 0.0
+    assert (
+        result["mlm_tokens_findings_zone"] == 0.0
+        and result["mlm_acc_findings_zone"] != result["mlm_acc_findings_zone"]
+    )
+    assert acc.per_sample("findings_extent").tolist() == [[1, 1], [1, 1]]
+    assert result["mlm_image_changed"] == 1.0  # every masked guess differs beside the other image (0 vs the word)
+    gain = finding_word_gain(acc.per_sample("findings_side"), acc.per_sample("findings_shuffled_side"))
+    assert gain == {"mlm_findings_image_gain": 1.0}
+    gains = image_gains(acc, n_resamples=50)  # what evaluate_rows reports: the overall gain and each class's
+    assert gains["mlm_findings_image_gain"] == 1.0 and gains["mlm_findings_image_gain_side"] == 1.0
+    assert gains["mlm_findings_image_gain_extent_ci95"] == [1.0, 1.0]
+    assert "mlm_findings_image_gain_zone" not in gains and "mlm_findings_image_gain_finding" not in gains

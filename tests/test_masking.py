@@ -131,3 +131,26 @@ def test_finding_words_are_masked_at_their_own_rate(tokenizer):
                                                           finding_probability=None)(reports[:50], batch_generator(1, 0))["mlm_labels"])  # fmt: skip
     with pytest.raises(ValueError, match="finding words"):
         ReportEncoder(tokenizer, 96, finding_probability=1.0)
+
+
+def test_finding_classes_pick_which_words_get_the_finding_rate(tokenizer):
+    """``data.mlm_finding_classes: [side]``: only side words are masked at the finding rate; finding names (the
+    rest of FINDING_WORDS) stay at ``mlm_probability``. An unknown class is an error naming the known ones."""
+    from mpma_ds.data.config import DataConfig
+    from mpma_ds.data.masking import FINDING_CLASSES
+    from mpma_ds.data.stream import encoder_from_config
+    from mpma_ds.eval.mlm import finding_token_mask
+
+    reports = indiana_reports()[:400]
+    cfg = DataConfig(
+        max_text_len=96, mlm_probability=0.1, mlm_finding_probability=0.8, mlm_finding_classes=["side"]
+    )
+    out, original, _ = encode_all(encoder_from_config(cfg, tokenizer), reports)
+    chosen = out["mlm_labels"] != IGNORE_INDEX
+    side = finding_token_mask(original, tokenizer, FINDING_CLASSES["side"])
+    names = finding_token_mask(original, tokenizer, FINDING_CLASSES["finding"])
+    assert side.sum() > 200 and names.sum() > 200
+    assert abs(chosen[side].float().mean().item() - 0.8) < 0.06
+    assert abs(chosen[names].float().mean().item() - 0.1) < 0.04
+    with pytest.raises(ValueError, match="known"):
+        DataConfig(mlm_finding_classes=["sides"]).validate()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from mpma_ds.config import ConfigSection
 from mpma_ds.data.backends import BACKENDS
+from mpma_ds.data.masking import finding_words_of
 
 
 @dataclass
@@ -104,6 +105,11 @@ class DataConfig(ConfigSection):
     """The MLM probability of *finding words* (`data.masking.FINDING_WORDS`: findings, sides, extent, zones — what
     only the image can tell), by whole words, in [0, 1); None = ``mlm_probability`` like every other word. A
     larger value makes the MLM head ask more often for what the image shows."""
+
+    mlm_finding_classes: list[str] = field(default_factory=list)
+    """Which classes of finding words (`data.masking.FINDING_CLASSES`: ``finding``, ``side``, ``extent``,
+    ``zone``) ``mlm_finding_probability`` applies to; [] = all of them. ``[side, extent]`` asks for the words a
+    report's text half-predicts least (which side, how large) and leaves the finding names at ``mlm_probability``."""
 
     mlm_mask_fraction: float = 0.8
     """Of the chosen tokens: the fraction replaced by ``[MASK]`` (BERT's 80 %)."""
@@ -227,6 +233,7 @@ class DataConfig(ConfigSection):
             raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
         if self.mlm_finding_probability is not None and not 0.0 <= self.mlm_finding_probability < 1.0:
             raise ValueError(f"data.mlm_finding_probability must be in [0, 1), got {self.mlm_finding_probability}")
+        finding_words_of(self.mlm_finding_classes)  # raises on an unknown class
         if not (0.0 <= self.mlm_mask_fraction and 0.0 <= self.mlm_random_fraction) or (
             self.mlm_mask_fraction + self.mlm_random_fraction > 1.0
         ):

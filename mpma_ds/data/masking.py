@@ -15,26 +15,35 @@ from transformers import PreTrainedTokenizerFast
 
 IGNORE_INDEX = -100
 
-# The words of a report that only the image can supply (CheXpert's findings as reports write them, sides, extent,
-# zones; `mpma_ds.eval.mlm` scores the MLM head on them): `ReportEncoder(finding_probability=...)` masks them at
-# their own rate.
-FINDING_WORDS: frozenset[str] = frozenset(
-    {
-        # findings (CheXpert's 13 pathologies as reports name them)
+# The words of a report that only the image can supply, by class (CheXpert's findings as reports write them, sides,
+# extent and severity, zones; `mpma_ds.eval.mlm` scores the MLM head on them, each class apart too):
+# `ReportEncoder(finding_probability=...)` masks them (or the classes it is given) at their own rate.
+FINDING_CLASSES: dict[str, frozenset[str]] = {
+    # findings (CheXpert's 13 pathologies as reports name them)
+    "finding": frozenset({
         "atelectasis", "atelectatic", "cardiomegaly", "enlarged", "enlargement", "widened", "widening",
         "mediastinum", "mediastinal", "consolidation", "consolidative", "edema", "haziness", "perihilar",
         "pleural", "effusion", "effusions", "meniscus", "blunting", "costophrenic", "pneumothorax", "pneumothoraces",
         "nodule", "nodules", "mass", "lesion", "opacity", "opacities", "opacification", "pneumonia",
         "fracture", "fractures", "displaced", "thickening", "cap", "bibasilar", "basilar", "plate",
-        # side
-        "right", "left", "bilateral", "sided", "unilateral",
-        # extent and severity
+    }),
+    "side": frozenset({"right", "left", "bilateral", "sided", "unilateral"}),
+    # extent and severity
+    "extent": frozenset({
         "small", "moderate", "large", "mild", "mildly", "moderately", "severe", "severely", "trace", "focal",
         "patchy", "dense", "linear",
-        # zone
-        "upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula",
-    }
-)  # fmt: skip
+    }),
+    "zone": frozenset({"upper", "middle", "lower", "apical", "apex", "base", "bases", "lingula"}),
+}  # fmt: skip
+FINDING_WORDS: frozenset[str] = frozenset().union(*FINDING_CLASSES.values())
+
+
+def finding_words_of(classes: list[str] | tuple[str, ...] = ()) -> frozenset[str]:
+    """The finding words of ``classes`` (names of `FINDING_CLASSES`); none named = every class (`FINDING_WORDS`)."""
+    unknown = sorted(set(classes) - set(FINDING_CLASSES))
+    if unknown:
+        raise ValueError(f"unknown finding-word class(es) {unknown}; known: {sorted(FINDING_CLASSES)}")
+    return frozenset().union(*(FINDING_CLASSES[c] for c in classes)) if classes else FINDING_WORDS
 
 
 def whole_word_mask(

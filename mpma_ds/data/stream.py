@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast
 from data_tools.shard_format import VQA_SOURCES
 from mpma_ds.data.batch import Batch, make_batch
 from mpma_ds.data.config import DataConfig
-from mpma_ds.data.masking import ReportEncoder, batch_generator
+from mpma_ds.data.masking import ReportEncoder, batch_generator, finding_words_of
 from mpma_ds.data.mixture import Mixture, combine, mixture_stream
 from mpma_ds.data.plan import SAMPLES_PREFIX, EpochStream, steps_per_epoch
 from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
@@ -57,6 +57,7 @@ def encoder_from_config(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> 
         whole_word=cfg.whole_word_mask,
         pad_to_multiple=cfg.pad_to if cfg.dynamic_padding else 0,
         finding_probability=cfg.mlm_finding_probability,
+        finding_words=finding_words_of(cfg.mlm_finding_classes),
     )
 
 

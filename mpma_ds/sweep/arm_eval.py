@@ -60,6 +60,24 @@ def finding_word_gain(counts: Any, shuffled: Any) -> dict[str, float]:
     return {"mlm_findings_image_gain": own - other}
 
 
+def image_gains(mlm: Any, *, n_resamples: int = 1000) -> dict[str, Any]:
+    """``mlm_findings_image_gain`` (+ ``_ci95``: paired bootstrap over the samples) of a pass of
+    `mlm.MaskedTokenAccuracy` with ``image_control``, and ``mlm_findings_image_gain_<class>`` for each of its
+    ``classes`` that had a masked token; {} when no finding word was masked."""
+    out: dict[str, Any] = {}
+    for suffix in ("", *(f"_{c}" for c in mlm.classes)):
+        own, other = mlm.per_sample(f"findings{suffix}"), mlm.per_sample(f"findings_shuffled{suffix}")
+        if not own[:, 1].sum():
+            continue
+        gain = with_intervals(finding_word_gain, own, other, n_resamples=max(n_resamples, 1))
+        if suffix:  # only the class's gain and interval (the bootstrap's counts are the overall gain's)
+            gain = {
+                k.replace("gain", f"gain{suffix}", 1): v for k, v in gain.items() if k.startswith("mlm_findings")
+            }
+        out.update(gain)
+    return out
+
+
 def evaluate_rows(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -81,16 +99,17 @@ def evaluate_rows(
     Returns:
         ``metrics``: alignment metrics with intervals, ``mlm_acc_findings`` / ``mlm_acc``,
         ``mlm_acc_findings_shuffled`` (the same masked reports beside another study's image) and
-        ``mlm_findings_image_gain`` (own - other, with its interval), and per map
+        ``mlm_findings_image_gain`` (own - other, with its interval), the same per word class
+        (`data.masking.FINDING_CLASSES`: ``mlm_acc_findings_side``, ``mlm_findings_image_gain_side``, ...), and per map
         ``pointing_game[<map>]`` (+ ``cnr``, ``miou``, shifted baselines, ``chance``); ``rows``: what
         `paired_table` needs.
     """
     from mpma_ds.eval.grounding_maps import collect_map_pairs, map_metrics
-    from mpma_ds.eval.mlm import MaskedTokenAccuracy
+    from mpma_ds.eval.mlm import FINDING_CLASSES, MaskedTokenAccuracy
     from mpma_ds.runner.evaluate import one_pass
 
     model.to(device)
-    mlm = MaskedTokenAccuracy(model, tokenizer, device, image_control=True)
+    mlm = MaskedTokenAccuracy(model, tokenizer, device, image_control=True, classes=FINDING_CLASSES)
     kept: dict[str, Any] = {}
     with one_pass(data_cfg, tokenizer, split=split, batch_size=batch_size, max_batches=max_batches) as batches:
         metrics = evaluate_alignment(
@@ -101,10 +120,7 @@ def evaluate_rows(
     rows: dict[str, Any] = {"image": kept["image"], "text": kept["text"], "texts": list(kept["texts"]),
                             "mlm_findings": mlm.per_sample("findings"),
                             "mlm_findings_shuffled": mlm.per_sample("findings_shuffled")}  # fmt: skip
-    if len(rows["mlm_findings"]):
-        gain = with_intervals(finding_word_gain, rows["mlm_findings"], rows["mlm_findings_shuffled"],
-                              n_resamples=max(n_resamples, 1))  # fmt: skip
-        metrics.update(gain)
+    metrics.update(image_gains(mlm, n_resamples=n_resamples))
     if "scores" in kept:
         targets, reference = reference_targets(kept["labels"], kept["truths"], CHEXPERT_LABELS)
         rows.update(scores=kept["scores"], targets=targets, reference=reference,
