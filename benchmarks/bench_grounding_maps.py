@@ -5,9 +5,10 @@ Pretrains the demo's recipe (`pretrain_tiny`: `mpma_tiny`, `align_on: full`) for
 takes an exported `--model`), then plays the pointing game, CNR and IoU of each map (the local alignment's
 similarity, the fusion's text->image cross-attention averaged and rolled out, Grad-CAM of the contrastive
 score, the GLoRIA loss's attention for a model trained with `local_loss: gloria`, and Grad-CAM of the ITM score
-when the model has that head) on the validation split, each with its bootstrap 95 % interval, the shifted-pair
-baseline (each map against the next pair's box: what a location prior alone scores) and the box-area chance;
-the same for a randomly initialised twin. Writes overlays of the best map (the pretrained model's highest
+when the model has that head, and the similarity with the location prior taken out: `eval.prior_maps`, its
+prior fitted on `--prior-batches` of `--prior-split`, each model its own) on the validation split, each with its
+bootstrap 95 % interval, the shifted-pair baseline (each map against the next pair's box: what a location prior
+alone scores) and the box-area chance; the same for a randomly initialised twin. Writes overlays of the best map (the pretrained model's highest
 pointing game), pretrained | random side by side, to `--out-dir/overlays/`.
 
     python benchmarks/bench_grounding_maps.py --shards demo_runs/shards --tokenizer demo_runs/tokenizer --steps 300
@@ -19,6 +20,7 @@ Writes `--out-dir/bench_grounding_maps.json` (default benchmarks/results/) and p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 from mpma_ds import MPMA, load_tokenizer
 from mpma_ds.eval.grounding import GroundingExample, stored_sizes, write_overlays
 from mpma_ds.eval.grounding_maps import available_maps, collect_map_pairs, format_map_table, map_metrics
+from mpma_ds.eval.prior_maps import attach_prior, fit_prior
 from mpma_ds.runner.evaluate import data_config_for, one_pass, split_folder
 from mpma_ds.tracking.params import json_safe
 
@@ -76,6 +79,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches (0 = all)")
+    p.add_argument("--maps", nargs="*", help="score only these maps (default: every map the model can give)")
+    p.add_argument("--prior-split", default="train", help="the films the prior maps' prior is fitted on")
+    p.add_argument(
+        "--prior-batches", type=int, default=16, help="batches of --prior-split to fit it on (0 = none)"
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--overlays", type=int, default=8)
     p.add_argument("--out-dir", default="benchmarks/results")
@@ -96,11 +104,19 @@ def main() -> None:
         cfg = data_config_for(pretrained.config, recipe=load_run_recipe(model_dir / "recipe.yaml"),
                               shards=shard_dir, tokenizer=tok_dir, backend="wds")  # fmt: skip
     sizes = stored_sizes(shard_dir)
+    prior_cfg = dataclasses.replace(cfg, **{f"{s}_shards": str(split_folder(args.shards, args.prior_split))
+                                            for s in ("train", "val", "test")})  # fmt: skip
     results, found = {}, {}
     mean, std = cfg.channel_stats()
     image_of: dict = {}
     for name, net in (("pretrained", pretrained), ("random", random)):
         start = time.perf_counter()
+        if args.prior_batches:  # each model's own prior, on films the maps are not scored on
+            with one_pass(prior_cfg, tok, split="validate", batch_size=args.batch_size,
+                          max_batches=args.prior_batches) as b:  # fmt: skip
+                attach_prior(net, fit_prior(net, (batch["image"] for batch in b)))
+            print(f"{name}: prior fitted on {net.grounding_prior.films} films of {args.prior_split}", flush=True)
+        maps = [m for m in available_maps(net) if not args.maps or m in args.maps]
         with one_pass(
             cfg, tok, split="validate", batch_size=args.batch_size, max_batches=args.max_batches or None
         ) as b:
@@ -113,7 +129,7 @@ def main() -> None:
                     yield batch
 
             found[name] = collect_map_pairs(net, keep_images(b), tokenizer=tok, data_cfg=cfg, sizes=sizes,
-                                            maps=available_maps(net))  # fmt: skip
+                                            maps=maps)  # fmt: skip
         results[name] = map_metrics(found[name], n_resamples=args.bootstrap, seed=args.seed)
         print(f"{name}: {len(found[name].boxes)} pairs, {time.perf_counter() - start:.0f} s", flush=True)
     best = max(results["pretrained"], key=lambda m: results["pretrained"][m]["pointing_game"])
@@ -125,7 +141,9 @@ def main() -> None:
             name: [e for i, e in enumerate(examples(found[name], best, image_of, max(shown) + 1)) if i in shown]
             for name in ("pretrained", "random")
         })  # fmt: skip
-    record = {"args": vars(args), "model": str(model_dir), "best_map": best, "results": results}
+    priors = {n: getattr(m, "grounding_prior", None) for n, m in (("pretrained", pretrained), ("random", random))}
+    record = {"args": vars(args), "model": str(model_dir), "best_map": best, "results": results,
+              "prior_films": {n: p.films if p is not None else None for n, p in priors.items()}}  # fmt: skip
     (out / "bench_grounding_maps.json").write_text(json.dumps(json_safe(record), indent=1) + "\n")
     print(f"results: {out / 'bench_grounding_maps.json'}; overlays: {out / 'bench_grounding_maps' / 'overlays'}")
 

@@ -18,6 +18,7 @@ from torch import nn
 from mpma_ds.data import DataConfig
 from mpma_ds.data.transforms import XrayTransform
 from mpma_ds.eval.grounding import (
+    BEST_MAP,
     box_fraction,
     eval_box,
     evaluate_grounding,
@@ -255,8 +256,9 @@ def test_evaluate_grounding_known_answer_through_the_real_loader(shards, tmp_pat
     cfg, batches, tokenizer = _batches(truth / "validate", tok, backend=backend)
     sizes = stored_sizes(truth / "validate")  # read from the JPEGs, not the json's (original) width / height
     assert sizes == {f"s{i:04d}": STORED for i in range(6)}
+    # the raw similarity: every token of the hand model is the same, so a neutral phrase's map would cancel it
     found = evaluate_grounding(BrightnessModel(), batches, tokenizer=tokenizer, data_cfg=cfg, sizes=sizes,
-                               n_examples=3, n_resamples=100)  # fmt: skip
+                               n_examples=3, n_resamples=100, map="similarity")  # fmt: skip
     m = found.metrics
     assert m["pointing_game/Pleural Effusion"] == 1.0 and m["pointing_game/Pneumothorax"] == 0.0
     assert m["pointing_game"] == 0.5 and m["pointing_game_pairs"] == 12 and m["grounding_images"] == 6
@@ -281,12 +283,24 @@ def test_phrase_maps_average_the_phrase_tokens_maps(shards):
     tokenizer = load_tokenizer(tok)
     model = _tiny_model()
     images = torch.randn(2, 1, 64, 64)
-    maps = phrase_maps(model, tokenizer, images, "left pleural effusion")
+    maps = phrase_maps(model, tokenizer, images, "left pleural effusion", map="similarity")
     assert maps.shape == (2, 4, 4)
     enc = tokenizer(["left pleural effusion"] * 2, return_tensors="pt")
     with torch.no_grad():
         full = model.grounding(images, enc["input_ids"], enc["attention_mask"])  # (2, L, 4, 4)
     torch.testing.assert_close(maps, full[:, 1:-1].mean(1), atol=1e-5, rtol=1e-5)  # [CLS] and [SEP] left out
+    # BEST_MAP, the neutral phrase's map taken off: the same as the registered map through model_grids
+    neutral = phrase_maps(model, tokenizer, images, "left pleural effusion", map="similarity_neutral")
+    from mpma_ds.eval.prior_maps import NEUTRAL_PHRASE
+
+    enc = tokenizer([NEUTRAL_PHRASE], return_tensors="pt")
+    with torch.no_grad():
+        normal = model.grounding(images, enc["input_ids"].expand(2, -1), enc["attention_mask"].expand(2, -1))
+    torch.testing.assert_close(neutral, maps - normal[:, 1:-1].mean(1), atol=1e-5, rtol=1e-5)
+    from mpma_ds.eval.grounding_maps import phrase_grids
+
+    registered = phrase_grids(model, tokenizer, images, ["left pleural effusion"] * 2, map="similarity_neutral")
+    torch.testing.assert_close(neutral, registered, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ evaluate.py --grounding
@@ -318,7 +332,7 @@ def test_evaluate_cli_grounding_writes_overlays_metrics_and_mlflow(shards, tmp_p
     index = json.loads((out / "grounding" / "overlays.json").read_text())  # what the comparison's gallery reads
     assert [e["file"] for e in index] == [p.name for p in pngs]
     assert all(e["finding"] in ("Pleural Effusion", "Pneumothorax") and set(e["hit"]) == {"random-mpma_tiny"}
-               and e["map"] == "similarity" for e in index)  # fmt: skip
+               and e["map"] == BEST_MAP for e in index)  # fmt: skip
     assert run.data.metrics["eval/pointing_game"] == metrics["pointing_game"]
     assert "eval/pointing_game_ci95_low" in run.data.metrics
 

@@ -90,7 +90,7 @@ def test_every_map_has_the_patch_grid_and_touches_no_parameter_gradient(base, me
     )
     tok = load_tokenizer(tiny_tokenizer(base))
     assert available_maps(net) == (
-        "similarity", "cross_attention", "attention_rollout", "gradcam_itc", "gradcam_itm"
+        "similarity", "cross_attention", "attention_rollout", "gradcam_itc", "gradcam_itm", "similarity_neutral"
     )  # fmt: skip
     images = torch.randn(3, 1, 64, 64)
     phrases = ["left pleural effusion", "cardiomegaly", "nodule"]
@@ -175,3 +175,93 @@ def test_gloria_attention_map_is_the_loss_attention_of_the_phrase(base):
     want = word_region_attention(tokens.expand(2, -1, -1), patches).mean(1).reshape(2, 4, 4)
     torch.testing.assert_close(got, want)
     assert torch.allclose(got.sum((1, 2)), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------------------------- prior-removed maps
+class _Tokenizer:
+    """Words to ids, [PAD]=0 [CLS]=1 [SEP]=2: enough of a tokenizer for the phrase maps."""
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[CLS]", "[SEP]", "left", "pleural", "effusion", "no", "acute",
+                                         "cardiopulmonary", "process"])}  # fmt: skip
+    all_special_ids = [0, 1, 2]
+
+    def __call__(self, texts, padding=True, return_tensors="pt"):  # noqa: ARG002
+        rows = [[1, *(self.vocab[w] for w in t.split()), 2] for t in texts]
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+class _PriorNet(torch.nn.Module):
+    """A model whose features are known: patch feature = [location prior, brightness, finding texture] (channel 0
+    of the film is its brightness, channel 1 the finding's texture; the prior is the same for every film, strong
+    at cell (0, 0)); every finding-phrase token reads all three, the neutral phrase's read the prior and the
+    brightness only (the film's structure, which every phrase follows alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.prior = torch.zeros(4, 4)
+        self.prior[0, 0] = 2.0
+        table = torch.zeros(len(_Tokenizer.vocab), 3)
+        table[3:6] = torch.tensor([1.0, 1.0, 1.0])  # left pleural effusion
+        table[6:] = torch.tensor([1.0, 1.0, 0.0])  # no acute cardiopulmonary process (the neutral phrase)
+        self.table = table
+
+    def grounding(self):  # noqa: ANN201 - marks it as a model (attribution._module)
+        raise NotImplementedError
+
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        cells = torch.nn.functional.avg_pool2d(images.float(), 16)  # (B, 2, 4, 4)
+        prior = self.prior.expand(len(images), 1, 4, 4)
+        return torch.cat([prior, cells], 1).permute(0, 2, 3, 1)  # (B, 4, 4, 3)
+
+    def token_embeddings(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        return self.table[ids]  # (B, L, 3)
+
+
+def _film(finding: tuple[int, int] | None, bright: tuple[int, int] | None = None, noise: float = 0.0,
+          seed: int = 0) -> torch.Tensor:  # fmt: skip
+    film = noise * torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(seed))
+    film[1] = 0.0
+    if bright is not None:  # a bright structure (the mediastinum), brighter than the finding reads
+        film[0, bright[0] * 16 : bright[0] * 16 + 16, bright[1] * 16 : bright[1] * 16 + 16] = 1.5
+    if finding is not None:
+        film[1, finding[0] * 16 : finding[0] * 16 + 16, finding[1] * 16 : finding[1] * 16 + 16] = 1.0
+    return film
+
+
+def test_prior_removed_maps_point_at_the_finding_where_the_raw_similarity_points_at_the_prior():
+    from mpma_ds.eval.attribution import MAPS
+    from mpma_ds.eval.grounding import pointing_hit
+    from mpma_ds.eval.prior_maps import GroundingPrior, attach_prior, fit_prior
+
+    net, tok = _PriorNet(), _Tokenizer()
+    assert {"similarity_contrast", "similarity_zscore", "similarity_neutral"} <= set(MAPS)
+    assert "similarity_neutral" in available_maps(net) and "similarity_contrast" not in available_maps(net)
+    films = torch.stack([_film((2, 3)), _film((3, 1), bright=(1, 1))])  # the finding at cell (2, 3), (3, 1)
+    boxes = [(48.0, 32.0, 64.0, 48.0), (16.0, 48.0, 32.0, 64.0)]  # those cells, x0 y0 x1 y1
+    phrases = ["left pleural effusion"] * 2
+    with pytest.raises(ValueError, match="grounding prior"):
+        phrase_grids(net, tok, films, phrases, map="similarity_contrast")
+    raw = phrase_grids(net, tok, films, phrases, map="similarity")
+    assert not any(pointing_hit(g, b, SIZE) for g, b in zip(raw, boxes))  # the prior's cell (0, 0) wins
+    neutral = phrase_grids(net, tok, films, phrases, map="similarity_neutral")
+    assert all(pointing_hit(g, b, SIZE) for g, b in zip(neutral, boxes))
+    torch.testing.assert_close(neutral, films[:, 1, ::16, ::16])  # (1,1,1) - (1,1,0): the finding's texture only
+    reference = torch.stack([_film(None, noise=0.2, seed=s) for s in range(16)])  # normal films, same prior
+    prior = fit_prior(net, [reference[:8], reference[8:]])
+    assert prior.films == 16 and prior.mean.shape == (4, 4, 3) and prior.cov.shape == (4, 4, 3, 3)
+    torch.testing.assert_close(prior.mean[..., 0], net.prior)  # the prior is what every film shares
+    attach_prior(net, GroundingPrior.from_state_dict(prior.state_dict()))
+    assert {"similarity_contrast", "similarity_zscore"} <= set(available_maps(net))
+    for name in ("similarity_contrast", "similarity_zscore"):
+        grids = phrase_grids(net, tok, films[:1], phrases[:1], map=name)
+        assert pointing_hit(grids[0], boxes[0], SIZE), name
+    # the z-score divides by the phrase map's spread over the reference films, cell by cell
+    contrast = phrase_grids(net, tok, films[:1], phrases[:1], map="similarity_contrast")
+    zscore = phrase_grids(net, tok, films[:1], phrases[:1], map="similarity_zscore")
+    spread = torch.einsum("e,hwef,f->hw", torch.ones(3), prior.cov, torch.ones(3)).sqrt()
+    torch.testing.assert_close(zscore[0], contrast[0] / spread)
+    attach_prior(net, None)
+    assert "similarity_contrast" not in available_maps(net)

@@ -6,7 +6,7 @@ nothing from `grounding` (that one imports it).
 
 Each map registers in `GROUNDING_MAPS` where it is defined here: ``name -> fn(net, images, ids, mask, own) ->
 (B, Hp, Wp)`` (``own``: the phrase's own tokens), with ``available`` (``net -> bool``) in its entry's meta when
-only some models can give it.
+only some models can give it, and ``tokenizer=True`` when it needs the tokenizer (passed as ``tokenizer=``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ def _module(model: Any) -> Any:
     return model if hasattr(model, "grounding") else model.module
 
 
-GROUNDING_MAPS: Registry[Callable[..., torch.Tensor]] = Registry("grounding map", "mpma_ds.grounding_maps")
+GROUNDING_MAPS: Registry[Callable[..., torch.Tensor]] = Registry(
+    "grounding map", "mpma_ds.grounding_maps", builtins=("mpma_ds.eval.prior_maps",)
+)
 """Maps read off the model (every map but ``similarity``, which `grounding_maps` computes from the local
-alignment's features): name -> ``fn(net, images, ids, mask, own) -> (B, Hp, Wp)``."""
+alignment's features): name -> ``fn(net, images, ids, mask, own) -> (B, Hp, Wp)``. `eval.prior_maps` adds the
+similarity with the location prior taken out (``similarity_contrast``, ``similarity_zscore``,
+``similarity_neutral``)."""
 
 
 def _has_itm(net: Any) -> bool:
@@ -240,9 +244,14 @@ def gradcam_itm_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, mask: t
     return gradcam_grids(net, images, ids, mask, score="itm")
 
 
-MAPS: tuple[str, ...] = ("similarity", *GROUNDING_MAPS.names())
-"""Every map `grounding_maps.phrase_grids` computes: the local similarity, then the registered ones
-(``gradcam_itm`` only for a model with an ITM head, ``gloria_attention`` only with ``local_loss: gloria``)."""
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``MAPS``: every map `grounding_maps.phrase_grids` computes — the local similarity, then the registered
+    ones (``gradcam_itm`` only for a model with an ITM head, ``gloria_attention`` only with ``local_loss:
+    gloria``, the `prior_maps` only with a fitted prior). Computed when first asked for, not at import: the
+    registry's builtin `prior_maps` imports this module, so a tuple built here could miss its maps."""
+    if name == "MAPS":
+        return ("similarity", *GROUNDING_MAPS.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_grids(model: Any, tokenizer: Any, images: torch.Tensor, phrases: Sequence[str], *, map: str,
@@ -257,6 +266,8 @@ def model_grids(model: Any, tokenizer: Any, images: torch.Tensor, phrases: Seque
     net.eval()
     try:
         ids, mask, own = _tokenise(tokenizer, phrases, device)
-        return GROUNDING_MAPS[map](net, images, ids, mask, own).float().cpu()
+        entry = GROUNDING_MAPS.get(map)
+        extra = {"tokenizer": tokenizer} if entry.meta.get("tokenizer") else {}  # a map that tokenises more text
+        return entry.obj(net, images, ids, mask, own, **extra).float().cpu()
     finally:
         net.train(was_training)

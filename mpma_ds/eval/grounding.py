@@ -50,14 +50,21 @@ from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.transforms import eval_geometry
 from mpma_ds.eval.attribution import MAPS, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
+from mpma_ds.eval.prior_maps import neutral_vector
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
 #: where they use it. Lung Lesion is a "nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum,
 #: Pleural Other an apical pleural thickening / cap, Support Devices tubes, lines and catheters.
-BEST_MAP = "similarity"
-"""The grounding map every default plays — `evaluate_grounding`, ``mpma-evaluate --grounding``, the demo and the
-comparison report's gallery — the best measured (docs/model.md, "Which map `MPMA.grounding` uses"): the local
-alignment's similarity, what `MPMA.grounding` gives."""
+BEST_MAP = "similarity_neutral"
+"""The grounding map every default plays — `evaluate_grounding`, `phrase_maps`, ``mpma-evaluate --grounding``,
+``mpma-predict``, the demo and the comparison report's gallery — the best measured (docs/model.md, "Which map
+points"): the local alignment's similarity of the phrase minus that of a neutral phrase on the same film
+(`prior_maps.similarity_neutral_grids`), the only map of the 900-step demo model above its random twin outside
+both intervals."""
+
+LINEAR_MAPS = ("similarity", "similarity_neutral")
+"""The maps that are one query vector (or the mean of several) against the patch features (`phrase_vectors`):
+what `phrase_maps` and the predictor's windowed maps can give."""
 
 FINDING_PHRASES: dict[str, str] = {
     "Atelectasis": "atelectasis",
@@ -216,21 +223,44 @@ def phrase_tokens(
 
 
 @torch.no_grad()
+def phrase_vectors(
+    model: Any, tokenizer: Any, phrases: Sequence[str], *, map: str = BEST_MAP, device: Any = "cpu"
+) -> list[torch.Tensor]:
+    """Each phrase's query against the patch features for a map of `LINEAR_MAPS`: its (T, E) token features for
+    ``similarity`` (the map is the mean of their maps), the (1, E) mean of them minus the neutral phrase's mean
+    token (`prior_maps.NEUTRAL_PHRASE`) for ``similarity_neutral``. Float32 on the CPU."""
+    tokens = phrase_tokens(model, tokenizer, phrases, device=device)
+    if map == "similarity":
+        return tokens
+    if map == "similarity_neutral":
+        neutral = neutral_vector(_module(model), tokenizer, device=device)  # (E,)
+        return [t.mean(0, keepdim=True) - neutral for t in tokens]
+    raise ValueError(f"map must be one of {', '.join(LINEAR_MAPS)} (linear in the patch features), got {map!r}")
+
+
+@torch.no_grad()
 def phrase_maps(
-    model: Any, tokenizer: Any, images: torch.Tensor, phrase: str | Sequence[str], *, device: Any = "cpu"
+    model: Any,
+    tokenizer: Any,
+    images: torch.Tensor,
+    phrase: str | Sequence[str],
+    *,
+    map: str = BEST_MAP,
+    device: Any = "cpu",
 ) -> torch.Tensor:
-    """One (Hp, Wp) map per image: the mean over the phrase's tokens of their token x patch cosine maps
-    (`MPMA.grounding` of the phrase alone). ``phrase``: one for every image, or one per image.
+    """One (Hp, Wp) map per image of ``map`` (one of `LINEAR_MAPS`): for ``similarity`` the mean over the
+    phrase's tokens of their token x patch cosine maps (`MPMA.grounding` of the phrase alone), for
+    ``similarity_neutral`` that minus the neutral phrase's. ``phrase``: one for every image, or one per image.
 
     Returns:
-        (B, Hp, Wp) float32 on the CPU, values in [-1, 1].
+        (B, Hp, Wp) float32 on the CPU, values in [-1, 1] (``similarity``) or [-2, 2].
     """
     net = _module(model)
     phrases = [phrase] * len(images) if isinstance(phrase, str) else list(phrase)
     if len(phrases) != len(images):
         raise ValueError(f"{len(phrases)} phrases for {len(images)} images")
     distinct = sorted(set(phrases))
-    tokens = dict(zip(distinct, phrase_tokens(net, tokenizer, distinct, device=device)))
+    tokens = dict(zip(distinct, phrase_vectors(net, tokenizer, distinct, map=map, device=device)))
     dtype = next(net.parameters()).dtype
     patches = net.patch_embeddings(images.to(device=device, dtype=dtype)).float().cpu()  # (B, Hp, Wp, E)
     return torch.stack([_phrase_map(tokens[p], patches[i]) for i, p in enumerate(phrases)])  # (B, Hp, Wp)
@@ -320,8 +350,9 @@ def evaluate_grounding(
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
     (`attribution.MAPS`: "similarity", the local alignment's; "cross_attention", "attention_rollout",
-    "gloria_attention", "gradcam_itc", "gradcam_itm"; default `BEST_MAP`); it is named in the metrics as
-    ``grounding_map``.
+    "gloria_attention", "gradcam_itc", "gradcam_itm", and the prior-removed "similarity_neutral",
+    "similarity_contrast", "similarity_zscore" of `prior_maps`, the last two with a prior attached to the model;
+    default `BEST_MAP`); it is named in the metrics as ``grounding_map``.
 
     Returns:
         `pointing_game_with_intervals`'s metrics (its ``bootstrap_*`` entries as ``pointing_game_bootstrap_*``)
@@ -366,11 +397,11 @@ def evaluate_grounding(
                     rows.append((i, key, name, finding_phrase(name, side), mapped))
             if not rows:
                 continue
-            new = sorted({r[3] for r in rows} - set(tokens))
-            if new:
-                tokens.update(zip(new, phrase_tokens(net, tokenizer, new, device=device)))
             size = (images.shape[-2], images.shape[-1])
-            if map == "similarity":
+            if map in LINEAR_MAPS:  # one query per phrase against the batch's patch features
+                new = sorted({r[3] for r in rows} - set(tokens))
+                if new:
+                    tokens.update(zip(new, phrase_vectors(net, tokenizer, new, map=map, device=device)))
                 patches = (
                     net.patch_embeddings(images.to(device=device, dtype=dtype)).float().cpu()
                 )  # (B, Hp, Wp, E)

@@ -50,13 +50,13 @@ import torch
 from mpma_ds.eval.attribution import MAPS, available_maps, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.grounding import (
+    LINEAR_MAPS,
     _module,
-    _phrase_map,
     _truth_pairs,
     box_fraction,
     eval_box,
     finding_phrase,
-    phrase_tokens,
+    phrase_maps,
     pointing_hit,
 )
 
@@ -69,17 +69,12 @@ def phrase_grids(model: Any, tokenizer: Any, images: torch.Tensor, phrases: Sequ
         raise ValueError(f"{len(phrases)} phrases for {len(images)} images")
     if map not in MAPS:
         raise ValueError(f"map must be one of {', '.join(MAPS)}, got {map!r}")
-    if map != "similarity":
+    if map not in LINEAR_MAPS:
         return model_grids(net, tokenizer, images, phrases, map=map, device=device)
-    dtype = next(net.parameters()).dtype
     was_training = net.training
     net.eval()
-    try:
-        distinct = sorted(set(phrases))
-        tokens = dict(zip(distinct, phrase_tokens(net, tokenizer, distinct, device=device)))
-        with torch.no_grad():
-            patches = net.patch_embeddings(images.to(device=device, dtype=dtype)).float().cpu()  # (B, Hp, Wp, E)
-        return torch.stack([_phrase_map(tokens[ph], patches[i]) for i, ph in enumerate(phrases)])
+    try:  # one query per phrase against the patch features: the evaluation's own `phrase_maps`
+        return phrase_maps(net, tokenizer, images, phrases, map=map, device=device)
     finally:
         net.train(was_training)
 

@@ -7,9 +7,10 @@ cosine(image, negative), the image embedded by `encode_image` after the evaluati
 training recipe's preprocessing. With a calibration (`predict.calibration`) each label also gets a calibrated
 probability.
 
-**Grounding.** The map is the evaluation's phrase map (`eval.grounding.phrase_maps`, the one the pointing game
-scores, docs/model.md "Grounding maps"): the phrase tokenised alone, the mean over its tokens of their cosine
-with every patch in the local alignment's feature space. A finding is queried with the phrase the pointing game
+**Grounding.** The map is the evaluation's phrase map (`eval.grounding.phrase_maps` of `BEST_MAP`, the one the
+pointing game scores, docs/model.md "Grounding maps"): the phrase tokenised alone, the mean over its tokens of
+their cosine with every patch in the local alignment's feature space, minus the same of a neutral phrase
+(``similarity_neutral``, docs/model.md "Which map points"). A finding is queried with the phrase the pointing game
 uses for it (`eval.grounding.finding_phrase`). So that the map covers the whole film in its own aspect, not the
 model's square, the film is resized to the model's scale (shorter side ``image_size``) and cut into the fewest
 square windows that cover its long side (overlapping evenly); each window's (Hp, Wp) map is upsampled
@@ -36,7 +37,7 @@ from data_tools.shard_format import CHEXPERT_LABELS
 from mpma_ds.data import DataConfig
 from mpma_ds.data.transforms import XrayTransform
 from mpma_ds.eval.alignment import encode_texts
-from mpma_ds.eval.grounding import finding_phrase, phrase_tokens
+from mpma_ds.eval.grounding import BEST_MAP, finding_phrase, phrase_vectors
 from mpma_ds.eval.zeroshot import ensemble_embeddings, prompt_scores, prompts_for
 from mpma_ds.models import MPMA, check_tokenizer_vocab
 from mpma_ds.predict.calibration import Calibration, load_calibration, model_fingerprint
@@ -225,8 +226,10 @@ class Predictor:
     def _phrase_tokens(self, phrases: Sequence[str]) -> list[torch.Tensor]:
         todo = [p for p in dict.fromkeys(phrases) if p not in self._phrase_cache]
         if todo:
-            for p, t in zip(todo, phrase_tokens(self.model, self.tokenizer, todo, device=self.device)):
-                self._phrase_cache[p] = t  # (T, E)
+            for p, t in zip(
+                todo, phrase_vectors(self.model, self.tokenizer, todo, map=BEST_MAP, device=self.device)
+            ):
+                self._phrase_cache[p] = t  # (T, E): the map is the mean of the T queries' maps
         return [self._phrase_cache[p] for p in phrases]
 
     def windows(self, film: Film) -> tuple[torch.Tensor, list[tuple[int, int]], tuple[int, int]]:
@@ -257,7 +260,7 @@ class Predictor:
     @torch.no_grad()
     def phrase_maps(self, film: Film, phrases: Sequence[str]) -> dict[str, np.ndarray]:
         """``{phrase: (H, W) map}`` over the whole film, ``(H, W)`` = the film image's size (see the module
-        docstring); values are cosines in [-1, 1]."""
+        docstring); values are differences of cosines, in [-2, 2] (`BEST_MAP`)."""
         if not phrases:
             return {}
         tiles, where, (new_h, new_w) = self.windows(film)
