@@ -3,8 +3,9 @@ through a manifest, and the ``cls`` task fine-tuned through the Trainer at two l
 intervals, each fraction's subset checksummed — and that subset is the one the Trainer trained on (the CheXpert path,
 as before). NIH on its own 14 labels (Hernia, Emphysema ...: ``task.cls.labels: dataset``) and COVIDx's three
 classes (softmax, accuracy) through the same protocol; PadChest, which has no split, cut by a seeded patient-level
-split and tested on its test part; a fraction leaving a label without positives is refused with one line before
-anything is built, and the command exits 1. In MLflow (a sqlite store) each Trainer run is a child of the suite
+split and tested on its test part; a fraction leaving a label without positives is label-covered (the seed's first
+patient holding it added, recorded beside the checksum) or, coverage off, refused with one line before anything is
+built, and the command exits 1. In MLflow (a sqlite store) each Trainer run is a child of the suite
 entry's run, itself a child of the model's suite run, with the suite, dataset version and split checksum as its
 params."""
 
@@ -161,8 +162,11 @@ def test_padchest_without_a_split_is_cut_patient_wise_and_tested_on_its_test_par
 
 def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_build(run, tmp_path, capsys):
     root, _ = run
-    suite = tmp_path / "few.yaml"
-    suite.write_text("name: few\nentries:\n  - {dataset: nih-cxr14, protocol: finetune, fractions: [0.05, 1.0]}\n")
+    suite = tmp_path / "few.yaml"  # coverage turned off: the seeded 5 % subset alone holds no Hernia
+    suite.write_text(
+        "name: few\nentries:\n  - {dataset: nih-cxr14, protocol: finetune, fractions: [0.05, 1.0], "
+        "set: [data.label_fraction_cover=false]}\n"
+    )
     argv = ["--model", str(root / "exported"), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
             str(tmp_path / "out"), "--no-mlflow", "--bootstrap", "0", "--workers", "0"]  # fmt: skip
     assert main(argv) == 1  # the suite's other entries would be written; the command fails
@@ -174,6 +178,48 @@ def test_a_fraction_leaving_a_label_without_positives_is_one_line_before_any_bui
     assert "not scored: " + err in out
     assert stderr.strip().splitlines()[-1].endswith(f": error: not scored: nih-cxr14/finetune [exported]: {err}")
     assert not (tmp_path / "out" / "cache" / "shards").exists() and not (tmp_path / "out" / "finetune").exists()
+
+
+def test_the_same_fraction_runs_label_covered_and_says_what_was_added(run, tmp_path, capsys):
+    """The benchmark's default: the 5 % subset gets the seed's first patient holding each missing label; the
+    checksum is of that final subset, what was added sits beside it, in the Trainer's subset and MLflow params."""
+    from mlflow.tracking import MlflowClient
+
+    from data_tools.benchmarks.common import split_checksum
+    from mpma_ds.data.subsets import LabelCover, cover_labels, patient_subset
+
+    root, _ = run
+    suite = tmp_path / "covered.yaml"
+    suite.write_text(
+        "name: covered\nentries:\n  - {dataset: nih-cxr14, protocol: finetune, fractions: [0.05], "
+        "set: [train.epochs=1]}\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--model", str(root / "exported"), "--suite", str(suite), "--data-root", str(root / "data"), "--out",
+            str(tmp_path / "out"), "--tracking-uri", uri, "--bootstrap", "0", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "out" / "results.json").read_text())["entries"]["nih-cxr14"]["finetune"]["models"]
+    info = m["exported"]["info"]
+    block = info["split_checksums"]["@5%"]
+    data = read_benchmark("nih-cxr14", root / "data" / "nih-cxr14")
+    train = data.split("train")
+    subjects, positives = [r.patient for r in train], data.label_matrix(train) == 1
+    plain = patient_subset(subjects, 0.05, 0)
+    keep, added = cover_labels(subjects, plain, LabelCover(tuple(data.label_names), positives), 0)
+    assert "Hernia" in block["cover"]["labels"] and block["cover"] == added and added["patients_added"] >= 1
+    assert block["images"] == int(keep.sum()) == int(plain.sum()) + added["samples_added"]
+    assert block["checksum"] == split_checksum([r for r, k in zip(train, keep) if k])
+    assert block["checksum"] != split_checksum([r for r, k in zip(train, plain) if k])
+    trainer = info["runs"]["@5%"]["subset"]  # the Trainer kept the very same subset
+    assert trainer["samples_kept"] == block["images"] and trainer["cover"] == added
+    summary = json.loads((tmp_path / "out" / "finetune" / "exported" / "nih-cxr14-finetune" / "5pct"
+                          / "summary.json").read_text())  # fmt: skip
+    assert min(summary["train_positives"].values()) >= 1
+    assert f"data.label_fraction_cover added {added['patients_added']} patient(s)" in capsys.readouterr().out
+    params = MlflowClient(tracking_uri=uri).get_run(info["runs"]["@5%"]["mlflow_run_id"]).data.params
+    assert params["data.label_fraction_cover"] == "true"
+    assert params["subset.cover.patients_added"] == str(added["patients_added"])
+    assert json.loads(params["subset.cover.labels"]) == added["labels"]
 
 
 def test_trainer_runs_are_children_of_the_entry_run(run):

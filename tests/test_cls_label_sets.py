@@ -140,7 +140,7 @@ def test_the_chexpert_default_is_unchanged():
 
 
 class _Data:
-    label_fraction, label_fraction_seed, train_shards = 0.5, 0, "TRAIN"
+    label_fraction, label_fraction_seed, train_shards, label_fraction_cover = 0.5, 0, "TRAIN", False
 
 
 class _Recipe:
@@ -163,7 +163,8 @@ def test_a_fraction_leaving_a_label_without_positives(capsys):
         refuse.check_subset(_ctx(), metas, _Recipe)
     assert str(err.value) == (
         f"data.label_fraction=0.5 (seed {seed}) leaves no positive training sample for label(s) Hernia in TRAIN: "
-        "raise the fraction, pick another data.label_fraction_seed, or leave them out of task.cls.label_names"
+        "set data.label_fraction_cover=true, raise the fraction, pick another data.label_fraction_seed, or leave "
+        "them out of task.cls.label_names"
     )
 
 
@@ -208,20 +209,36 @@ def test_a_set_without_a_train_split_gets_a_seeded_patient_level_split():
 
 
 def test_the_protocol_refuses_a_fraction_without_positives_before_any_build():
-    from mpma_ds.benchmark.finetune import check_positives
+    from mpma_ds.benchmark.finetune import fraction_subsets
     from mpma_ds.benchmark.suite import SuiteEntry
+    from mpma_ds.data.subsets import patient_subset
 
     rows = [(f"im{i}", f"p{i}", "train", (i == 0, i % 2)) for i in range(40)]
     data = _bench("nih-cxr14", ["Hernia", "Mass"], rows)
     train = data.split("train")
-    check_positives(data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(1.0,)), "dataset")  # fine
+    plain = {"cover": False, "uncertain": "ignore"}
+    fraction_subsets(
+        data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(1.0,)), "dataset", **plain
+    )  # fine
     with pytest.raises(ValueError) as err:
-        check_positives(data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(0.1, 1.0)), "dataset")
+        fraction_subsets(
+            data, train, SuiteEntry("nih-cxr14", "finetune", fractions=(0.1, 1.0)), "dataset", **plain
+        )
     assert str(err.value).startswith(
         "nih-cxr14: label fraction 0.1 (seed 0) keeps "
-    ) and "label(s) Hernia;" in str(err.value)
+    ) and "label(s) Hernia; leave label coverage on (data.label_fraction_cover)" in str(err.value)
+    # covered (the benchmark's default): the one Hernia patient joins the subset, and the account says so
+    entry = SuiteEntry("nih-cxr14", "finetune", fractions=(0.1, 1.0))
+    covered = fraction_subsets(data, train, entry, "dataset", cover=True, uncertain="ignore")
+    keep, added = covered[0, 0.1]
+    assert keep[0] and added == {"labels": ["Hernia"], "patients_added": 1, "samples_added": 1, "uncovered": []}
+    plain_keep = patient_subset([r.patient for r in train], 0.1, 0)
+    assert not plain_keep[0] and (keep[1:] == plain_keep[1:]).all()  # the plain subset, plus the Hernia patient
+    assert covered[0, 1.0][1] is None  # nothing to cover at 100 %
     none = _bench("covidx", COVIDX, [(f"im{i}", f"p{i}", "train", (1, 0, 0)) for i in range(5)], task="multiclass")
-    with pytest.raises(
-        ValueError, match=r"covidx: its train split \(5 images\) holds no positive of class\(es\) "
-    ):
-        check_positives(none, none.split("train"), SuiteEntry("covidx", "finetune", fractions=(1.0,)), "column")
+    for cover in (False, True):  # no image of a class in the whole split: coverage cannot help
+        with pytest.raises(
+            ValueError, match=r"covidx: its train split \(5 images\) holds no positive of class\(es\) "
+        ):
+            fraction_subsets(none, none.split("train"), SuiteEntry("covidx", "finetune", fractions=(0.5, 1.0)),
+                             "column", cover=cover, uncertain="ignore")  # fmt: skip

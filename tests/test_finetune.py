@@ -345,6 +345,41 @@ def test_label_fractions_nested_patient_level_one_extraction_same_for_both_inits
     assert loader_keys == kept["pretrained", 0.1]
 
 
+def test_label_cover_keeps_the_same_patients_for_probe_features_and_shard_loader(base, tmp_path, monkeypatch):
+    """data.label_fraction_cover at 1 %: linear_probe's rule on cached features and the cls task's shard loader
+    keep the same covered subset — the plain one plus the patients coverage added — and it holds a positive of
+    every label the training split has."""
+    from mpma_ds.data.shards import load_shard_index
+    from mpma_ds.tasks.classification import ClassificationTask
+    from mpma_ds.tasks.linear_probe import LinearProbeTask
+
+    seed = fraction_seed(base)
+    train_keys = set(load_shard_index(str(ft_shards(base) / "train")).keys)
+    seen: dict[str, set[str]] = {"cls": set(), "linear_probe": set()}
+    for name, cls in (("cls", ClassificationTask), ("linear_probe", LinearProbeTask)):
+        original = cls.to_model
+
+        def recording(self, batch, _name=name, _original=original):  # training, evaluation and FLOPs batches
+            keys = batch.get("key", ())
+            seen[_name].update(k for k, ok in zip(keys, batch["valid"].tolist()) if ok and k in train_keys)
+            return _original(self, batch)
+
+        monkeypatch.setattr(cls, "to_model", recording)
+    summaries = {}
+    for task in ("cls", "linear_probe"):
+        extra = {"data.label_fraction": 0.01, "data.label_fraction_seed": seed, "data.label_fraction_cover": True,
+                 "train.max_steps": 0, "train.epochs": 1}  # fmt: skip
+        if task == "linear_probe":
+            extra["task.linear_probe.cache_dir"] = tmp_path / "cache"
+        rc, summaries[task] = _finetune(base, task, tmp_path / task, **extra)
+        assert rc == 0, task
+    cover = summaries["cls"]["subset"]["cover"]
+    assert cover["patients_added"] >= 1 and cover == summaries["linear_probe"]["subset"]["cover"]
+    assert seen["cls"] == seen["linear_probe"] and len(seen["cls"]) == summaries["cls"]["subset"]["samples_kept"]
+    present = set(summaries["cls"]["train_positives"]) - set(cover["uncovered"])
+    assert all(summaries["cls"]["train_positives"][n] >= 1 for n in present)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -299,17 +299,29 @@ def seeded_split_note(fractions: Sequence[float], seed: int) -> str:
     return f"seeded {'/'.join(f'{f:g}' for f in fractions)} split (seed {seed})"
 
 
-def fraction_subset(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], str]:
-    """``(indices, checksum)`` of a seeded ``fraction`` of ``keys`` (the MRM/MaCo 1 % / 10 % / 100 % training
-    subsets): a permutation of the sorted keys by ``seed``, its first ceil(fraction * N); the checksum is the
-    sha256 of the chosen keys, written into the results so a split can be compared across runs and machines."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction {fraction} is not in (0, 1]")
+def fraction_order(keys: Sequence[str], seed: int) -> np.ndarray:
+    """(N,) int64: each key's place in ``seed``'s permutation of the sorted keys — the order `fraction_subset`
+    draws from (a fraction keeps the keys placed below ceil(fraction * N)), and the one label coverage follows."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     perm = np.random.default_rng(seed).permutation(len(order))
-    take = sorted(order[j] for j in perm[: max(1, math.ceil(fraction * len(order)))])
-    digest = hashlib.sha256("\n".join(keys[i] for i in take).encode()).hexdigest()[:16]
-    return take, digest
+    place = np.empty(len(order), dtype=np.int64)
+    place[np.asarray(order, dtype=np.int64)[perm]] = np.arange(len(order))
+    return place
+
+
+def fraction_subset(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], str]:
+    """``(indices, checksum)`` of a seeded ``fraction`` of ``keys`` (the MRM/MaCo 1 % / 10 % / 100 % training
+    subsets): a permutation of the sorted keys by ``seed`` (`fraction_order`), its first ceil(fraction * N); the
+    checksum (`subset_checksum`) is written into the results so a split can be compared across runs and machines."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} is not in (0, 1]")
+    take = np.flatnonzero(fraction_order(keys, seed) < max(1, math.ceil(fraction * len(keys)))).tolist()
+    return take, subset_checksum(keys, take)
+
+
+def subset_checksum(keys: Sequence[str], take: Sequence[int]) -> str:
+    """sha256 (16 hex) of ``keys[i]`` for the ascending indices ``take``: which training images a fraction kept."""
+    return hashlib.sha256("\n".join(keys[i] for i in take).encode()).hexdigest()[:16]
 
 
 def split_checksum(records: Sequence[BenchRecord]) -> str:

@@ -9,8 +9,12 @@
   keys of the records it keeps — in the results) and seed; test AUROC per label and mean (``auroc_mean@<f>%``),
   or on a single-label set accuracy (``accuracy@<f>%``, softmax cross-entropy; per-class F1 / AUROC beside it).
   A set without a train split (PadChest; NIH without its lists) is cut by a seeded patient-level split
-  (`SEEDED_SPLIT`, each part's checksum in the results). A fraction that leaves a label / class without a
-  positive training image is refused with one line before anything is built or trained.
+  (`SEEDED_SPLIT`, each part's checksum in the results). Each fraction's subset is label-covered
+  (``data.label_fraction_cover``, on unless the entry's ``set`` turns it off): a label / class the seeded subset
+  leaves without a positive training image gets the seed's first patient holding one, and what was added
+  (``cover``: labels, patients, images) is recorded beside the checksum, which covers the final subset. A label /
+  class with no positive in the whole train split (or, coverage off, in the subset) is refused with one line
+  before anything is built or trained.
 - **vqa** (VQA-RAD, SLAKE): the dataset folder is built into VQA shards once (``build_shards --format
   vqa-rad|slake``, cached under ``CACHE/shards/``: a finished build is reused), then the ``vqa`` task fine-tunes
   the model on the ``train`` split (best checkpoint by validation accuracy where the set has a validation file)
@@ -45,7 +49,7 @@ from mpma_ds.benchmark.protocols import PROMPT_ALIASES, EntryResult
 from mpma_ds.benchmark.suite import SuiteEntry
 from mpma_ds.config import apply_overrides, build_with_overrides, load_yaml
 from mpma_ds.data.shards import load_shard_index
-from mpma_ds.data.subsets import patient_subset
+from mpma_ds.data.subsets import LabelCover, cover_labels, patient_subset
 from mpma_ds.data.transforms import eval_resize_size
 from mpma_ds.distributed import broadcast_object
 from mpma_ds.eval.classification import multiclass_metrics, multilabel_auroc
@@ -108,27 +112,40 @@ def split_records(data: BenchmarkData, split: str) -> tuple[list[BenchRecord], d
     return records, info
 
 
-def check_positives(data: BenchmarkData, train: list[BenchRecord], entry: SuiteEntry, mode: str) -> None:
-    """Refuse (one line) a label fraction / seed whose patient subset — the one the Trainer will keep — holds no
-    positive training image of some label or class, before any shard is built or model trained."""
+def fraction_subsets(
+    data: BenchmarkData, train: list[BenchRecord], entry: SuiteEntry, mode: str, *, cover: bool, uncertain: str
+) -> dict[tuple[int, float], tuple[np.ndarray, dict[str, Any] | None]]:
+    """The patient subset the Trainer will keep at each (seed, fraction) of the entry — covered where ``cover``
+    (``data.label_fraction_cover``; a positive is a 1, and a -1 under ``uncertain: ones``) — with what coverage
+    added (None: not covered). Refused (one line) before any shard is built or model trained where a subset holds
+    no positive training image of some label or class: under coverage only when the whole train split holds none.
+    """
     labels = data.label_matrix(train) if train else np.zeros((0, len(data.label_names)))  # (N, C)
+    positives = (labels == 1) | ((labels == -1) & (uncertain == "ones"))
+    covering = LabelCover(tuple(data.label_names), positives) if cover else None
+    subjects = [r.patient for r in train]
+    what = "class(es)" if mode == "column" else "label(s)"
+    if absent := [n for n, count in zip(data.label_names, positives.sum(axis=0).tolist()) if count == 0]:
+        raise ValueError(
+            f"{data.dataset}: its train split ({len(train)} images) holds no positive of {what} "
+            f"{', '.join(absent)}, so fine-tuning cannot learn them; check the download's label table"
+        )
+    out = {}
     for seed in entry.seeds:
         for frac in entry.fractions:
-            kept = patient_subset([r.patient for r in train], frac, seed)
-            positives = (labels[kept] == 1).sum(axis=0)  # (C,)
-            empty = [n for n, count in zip(data.label_names, positives.tolist()) if count == 0]
-            what = "class(es)" if mode == "column" else "label(s)"
-            if empty and frac == 1.0:
-                raise ValueError(
-                    f"{data.dataset}: its train split ({len(train)} images) holds no positive of {what} "
-                    f"{', '.join(empty)}, so fine-tuning cannot learn them; check the download's label table"
-                )
-            if empty:
+            kept = patient_subset(subjects, frac, seed)
+            added = None
+            if covering is not None and frac < 1.0:
+                kept, added = cover_labels(subjects, kept, covering, seed)
+            empty = [n for n, count in zip(data.label_names, positives[kept].sum(axis=0).tolist()) if count == 0]
+            if empty:  # coverage off (with it, only a label absent from the whole split, refused above)
                 raise ValueError(
                     f"{data.dataset}: label fraction {frac:g} (seed {seed}) keeps {int(kept.sum())} of {len(train)} "
-                    f"training images and no positive of {what} {', '.join(empty)}; drop {frac:g} from the "
-                    "entry's fractions, or choose other seeds"
+                    f"training images and no positive of {what} {', '.join(empty)}; leave label coverage on "
+                    f"(data.label_fraction_cover), drop {frac:g} from the entry's fractions, or choose other seeds"
                 )
+            out[seed, frac] = kept, added
+    return out
 
 
 def cls_shards(
@@ -275,9 +292,27 @@ def finetune_cls(
     """Test AUROC (accuracy on a single-label set) of ``model`` fine-tuned (cls task) at each of the entry's label
     fractions and seeds (None on another rank than 0)."""
     records, seeded = split_records(data, entry.split)
-    mode, _ = label_mode(data)
+    mode, names = label_mode(data)
     train = [r for r in records if r.split == "train"]
-    check_positives(data, train, entry, mode)
+
+    def extra(frac: float, seed: int, shards: Path) -> dict[str, dict[str, Any]]:
+        """The protocol's settings of one run, under the entry's ``set``: label coverage on by default."""
+        options = {"labels": mode, "require_positives": True}
+        options.update({"label_column": CLASS_FIELD, "classes": list(names)} if mode == "column" else
+                       {"label_names": list(names)})  # fmt: skip
+        out = {"data": {"label_fraction": frac, "label_fraction_seed": seed, "label_fraction_cover": True},
+               "task.cls": options}  # fmt: skip
+        if mode == "column" and (shards / "validate").is_dir():  # the best checkpoint by what is reported
+            out["train"] = {"best_metric": "accuracy"}
+        return out
+
+    # the entry's recipe as the Trainer will read it (the shards are not built yet): is coverage on, and what
+    # counts as a positive — so the checksummed subset is the one the Trainer keeps
+    planned = finetune_recipe(model, entry, task="cls", shards=cache_dir / "shards" / "unbuilt", out_dir=out_dir,
+                              n_resamples=n_resamples, workers=workers, tracking=tracking,
+                              extra=extra(min(entry.fractions), entry.seeds[0], cache_dir / "unbuilt"))  # fmt: skip
+    subsets = fraction_subsets(data, train, entry, mode, cover=planned.data.label_fraction_cover,
+                               uncertain=planned.task.cls.uncertain)  # fmt: skip
     shards, mode, names = built_by_rank0(
         lambda: cls_shards(
             data, records, cache_dir, split=entry.split, image_size=eval_resize_size(model.data_cfg)
@@ -290,22 +325,19 @@ def finetune_cls(
     for seed in entry.seeds:
         for frac in entry.fractions:
             tag = f"@{frac * 100:g}%" + (f"/seed{seed}" if len(entry.seeds) > 1 else "")
-            kept = [r for r, k in zip(train, patient_subset([r.patient for r in train], frac, seed)) if k]
+            keep, added = subsets[seed, frac]
+            kept = [r for r, k in zip(train, keep.tolist()) if k]
             checksums[tag] = {
-                "checksum": split_checksum(kept),
+                "checksum": split_checksum(kept),  # of the final subset, coverage included
                 "images": len(kept),
                 "fraction": frac,
                 "seed": seed,
+                **({"cover": added} if added is not None else {}),
             }
-            options = {"labels": mode, "require_positives": True}
-            options.update({"label_column": CLASS_FIELD, "classes": list(names)} if mode == "column" else
-                           {"label_names": list(names)})  # fmt: skip
-            extra = {"data": {"label_fraction": frac, "label_fraction_seed": seed}, "task.cls": options}
-            if mode == "column" and (shards / "validate").is_dir():  # the best checkpoint by what is reported
-                extra["train"] = {"best_metric": "accuracy"}
             recipe = finetune_recipe(model, entry, task="cls", shards=shards, out_dir=out_dir / tag.strip("@").replace(
                 "%", "pct").replace("/", "-"), n_resamples=n_resamples, workers=workers,
-                tracking={**tracking, "run_name": f"{tracking.get('run_name', '')} {tag}"}, extra=extra)  # fmt: skip
+                tracking={**tracking, "run_name": f"{tracking.get('run_name', '')} {tag}"},
+                extra=extra(frac, seed, shards))  # fmt: skip
             summary, out = run_finetune(recipe, rank)
             if out is None:
                 continue

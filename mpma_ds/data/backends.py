@@ -3,8 +3,9 @@ defined (``@BACKENDS.register("wds")``), a plugin's through the ``mpma_ds.backen
 
 A backend's stream class is built as ``cls(cfg, shards, *, split, rank, world_size, batch_size, tokenizer, seed,
 train, label_fraction, label_fraction_seed)`` (``shards``: the split's shard spec, "" where the backend makes its
-own samples) and is an ``EpochStream`` (``mpma_ds.data.plan``): ``num_samples``, ``steps_per_epoch``, ``subset``,
-exact ``state_dict`` / ``load_state_dict`` positions, ``stats()`` and ``close()``.
+own samples; ``cover=``, the train split's positives, is added only under ``data.label_fraction_cover``) and is
+an ``EpochStream`` (``mpma_ds.data.plan``): ``num_samples``, ``steps_per_epoch``, ``subset``, exact
+``state_dict`` / ``load_state_dict`` positions, ``stats()`` and ``close()``.
 """
 
 from __future__ import annotations

@@ -200,6 +200,14 @@ class DataConfig(ConfigSection):
     label_fraction_seed: int = 0
     """Picks which patients a ``label_fraction`` below 1 keeps; the same seed keeps nested subsets."""
 
+    label_fraction_cover: bool = False
+    """With a ``label_fraction`` below 1, make every label / class that has a positive in the whole train split
+    have one in the subset: the subset above first, unchanged; then, per label left without a positive, the
+    first patient of the seed's ordering holding one is added, whole (``mpma_ds.data.subsets.cover_labels``).
+    The patients / images added and the labels they cover are in the run's ``subset`` summary, its MLflow params
+    (``subset.cover.*``) and one console line. Needs a task that reads labels (``cls``, ``linear_probe``). Off
+    by default: the plain subset is the literature's sampling; the benchmark's fraction entries turn it on."""
+
     max_skipped_fraction: float = 0.01
     """Most samples a run may skip as unreadable (a truncated shard, a damaged JPEG), as a fraction in [0, 1]:
     of the samples the shards' indexes list (checked when the loader is built, naming each shard) and of the

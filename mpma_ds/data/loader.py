@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from mpma_ds.data.backends import BACKENDS
 from mpma_ds.data.batch import Batch
 from mpma_ds.data.config import DataConfig
+from mpma_ds.data.subsets import LabelCover
 from mpma_ds.tokenizer import load_tokenizer
 
 
@@ -92,6 +93,7 @@ def build_loader(
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
     train: bool = True,
+    cover: LabelCover | None = None,
 ) -> LoaderInfo:
     """Build the batch stream of ``split`` for process ``rank`` of ``world_size``.
 
@@ -107,6 +109,8 @@ def build_loader(
         train: True: endless over epochs, shuffled, augmented. False: one deterministic pass in shard and
             file order, no augmentation, masking with a fixed seed (so validation MLM losses are comparable)
             — also over the train split, e.g. to extract features of every training sample once.
+        cover: the train split's positives (in its index order), from the task that reads labels: required
+            by ``data.label_fraction_cover`` with a fraction below 1 (`subsets.cover_labels`), else unused.
 
     Raises:
         ValueError: a bad rank / batch size, an unknown split, or a label fraction that keeps no sample.
@@ -122,6 +126,12 @@ def build_loader(
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     fraction, fraction_seed = label_fraction_of(cfg, split)
+    covering = cfg.label_fraction_cover and fraction < 1.0
+    if covering and cover is None:
+        raise ValueError(
+            "data.label_fraction_cover needs the labels of the train split: a task that reads them (cls, "
+            "linear_probe) gives them; set it false for this task"
+        )
     common = dict(
         rank=rank,
         world_size=world_size,
@@ -134,7 +144,14 @@ def build_loader(
         label_fraction_seed=fraction_seed,
     )
     stream_cls = BACKENDS[cfg.backend]  # DataConfig validated the name
-    shards = "" if getattr(stream_cls, "makes_own_samples", False) else split_shards(cfg, split)
+    own_samples = getattr(stream_cls, "makes_own_samples", False)
+    if covering:  # only then: a backend that predates coverage is built as before
+        if own_samples:
+            raise ValueError(
+                f"data.label_fraction_cover needs shards; the {cfg.backend} backend makes its own samples"
+            )
+        common["cover"] = cover
+    shards = "" if own_samples else split_shards(cfg, split)
     stream: Any = stream_cls(cfg, shards, **common)
     return LoaderInfo(
         loader=stream, num_samples=stream.num_samples, steps_per_epoch=stream.steps_per_epoch, subset=stream.subset

@@ -32,7 +32,7 @@ from mpma_ds.data.plan import SAMPLES_PREFIX, EpochStream, steps_per_epoch
 from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
 from mpma_ds.data.shard_cache import ShardCache
 from mpma_ds.data.shards import ShardIndex, load_shard_index
-from mpma_ds.data.subsets import label_fraction_index
+from mpma_ds.data.subsets import LabelCover, label_fraction_index
 from mpma_ds.data.transforms import XrayTransform
 
 EVAL_MASK_SALT = 0xE7A1
@@ -147,6 +147,7 @@ class ShardStream(EpochStream):
         split: str = "train",
         label_fraction: float = 1.0,
         label_fraction_seed: int = 0,
+        cover: LabelCover | None = None,
     ) -> None:
         self.cfg = cfg
         self.mixture: Mixture | None = None
@@ -154,7 +155,9 @@ class ShardStream(EpochStream):
             index, self.mixture = load_mixture(cfg)
         else:
             index = load_shard_index(shards)
-        self.index, subset = label_fraction_index(index, label_fraction, label_fraction_seed, split=split)
+        self.index, subset = label_fraction_index(
+            index, label_fraction, label_fraction_seed, split=split, cover=cover
+        )
         self.batch_size = batch_size
         if self.mixture is not None:
             self.resample_to = cfg.epoch_length or self.index.num_samples

@@ -263,7 +263,10 @@ class Trainer:
             return build_logger(self.recipe.tracking, rank=ctx.rank, run_dir=self.out, run_id=self.run_id)
         save_recipe(self.recipe, self.out / RECIPE_FILE)
         atomic_write_text(self.out / DS_CONFIG_FILE, json.dumps(ctx.ds_config, indent=2))
+        # what data.label_fraction_cover added to the subset: subset.cover.patients_added, .samples_added, .labels
+        cover = (ctx.subset or {}).get("cover")
         logger.log_params({**flatten_params(to_dict(self.recipe)), **flatten_params(ctx.ds_config, "ds"),
+                           **(flatten_params(cover, "subset.cover") if cover else {}),
                            **self.recipe.tracking.params})  # fmt: skip
         logger.log_artifact(self.out / RECIPE_FILE)
         logger.log_artifact(self.out / DS_CONFIG_FILE)

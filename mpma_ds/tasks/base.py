@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from mpma_ds.data.loader import LoaderInfo
+    from mpma_ds.data.subsets import LabelCover
     from mpma_ds.models import MPMAConfig
     from mpma_ds.training.recipe import Recipe
 
@@ -99,6 +100,9 @@ class Task:
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self.label_cover: LabelCover | None = None
+        """The train split's positives, for ``data.label_fraction_cover``: set in ``resolve`` by a task that
+        reads labels (``cls``), handed to the training streams."""
 
     # ---------------------------------------------------------------------------------------------- setup
     def resolve(self, ctx: RunContext) -> None:
@@ -137,6 +141,7 @@ class Task:
                         tokenizer=ctx.tokenizer,
                         seed=cfg.seed,
                         train=True,
+                        cover=self.label_cover,
                     )  # fmt: skip
                 )
             val = self.eval_loader(ctx, "validate") if self.wants_validation() else None

@@ -23,7 +23,8 @@ from torch import nn
 from data_tools.shard_format import CHEXPERT_LABELS, DATASET_LABELS_FIELD, LABEL_VALUES
 from mpma_ds.config import ConfigSection
 from mpma_ds.data.batch import labels_vector, sample_batch
-from mpma_ds.data.subsets import meta_subject, patient_subset
+from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.subsets import LabelCover, meta_subject, split_subset
 from mpma_ds.eval import apply_uncertain_policy, multiclass_metrics, multilabel_auroc, with_intervals
 from mpma_ds.eval.zeroshot import truth_targets
 from mpma_ds.tasks.base import RunContext
@@ -79,6 +80,8 @@ class Labels:
             self.names = list(classes or options.classes)
         self.train_positives: dict[str, int] = {}
         """Positive training samples of each label / class in the label-fraction subset (``check_subset``)."""
+        self.train_cover: LabelCover | None = None
+        """The training split's positives under ``data.label_fraction_cover`` (``check_subset``), else None."""
 
     @property
     def num_outputs(self) -> int:
@@ -135,31 +138,62 @@ class Labels:
             return with_intervals(fn, *arrays, n_resamples=n_resamples, seed=0, **kwargs)
         return fn(*arrays, **kwargs)
 
-    def check_subset(self, ctx: RunContext, metas: Sequence[dict[str, Any]], recipe: FinetuneRecipe) -> dict:
-        """Label counts of the training subset (``data.label_fraction``); a label without positives is named in
-        a warning (its AUROC cannot improve from training)."""
-        data = recipe.data
-        subjects = [meta_subject(m, str(i)) for i, m in enumerate(metas)]
-        keep = patient_subset(subjects, data.label_fraction, data.label_fraction_seed)
-        targets = self.targets_from_metas([m for m, k in zip(metas, keep.tolist()) if k])
+    def positives(self, targets: np.ndarray) -> np.ndarray:
+        """(N, C) bool of ``targets`` (`targets_from_metas`): a label's positives (target 1), or a class's
+        samples (single-label)."""
         if self.multilabel:
-            positives = {n: int((targets[:, c] == 1).sum()) for c, n in enumerate(self.names)}
-        else:
-            positives = {n: int((targets == c).sum()) for c, n in enumerate(self.names)}
+            return targets == 1
+        return targets[:, None] == np.arange(len(self.names))[None, :]
+
+    def cover(self, targets: np.ndarray) -> LabelCover:
+        """What ``data.label_fraction_cover`` needs of the training split (`subsets.cover_labels`)."""
+        return LabelCover(tuple(self.names), self.positives(np.asarray(targets)))
+
+    def check_subset(
+        self,
+        ctx: RunContext,
+        metas: Sequence[dict[str, Any]],
+        recipe: FinetuneRecipe,
+        keys: Sequence[str] | None = None,
+    ) -> dict:
+        """Label counts of the training subset (``data.label_fraction``, covered under
+        ``data.label_fraction_cover``: one line says what was added); a label without positives is named in a
+        warning (its AUROC cannot improve from training), or refused with ``require_positives``. ``keys``: the
+        samples' keys, the patient of a JSON without ``subject_id`` as the loader reads it (default: the row)."""
+        data = recipe.data
+        keys = [str(i) for i in range(len(metas))] if keys is None else keys
+        subjects = [meta_subject(m, k) for m, k in zip(metas, keys)]
+        targets = self.targets_from_metas(metas)
+        self.train_cover = self.cover(targets) if data.label_fraction_cover else None
+        keep, subset = split_subset(
+            subjects, data.label_fraction, data.label_fraction_seed, split="train", cover=self.train_cover
+        )
+        counts = self.positives(targets[keep]).sum(axis=0)  # (C,)
+        positives = {n: int(c) for n, c in zip(self.names, counts.tolist())}
         empty = [n for n, count in positives.items() if count == 0]
+        where = f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed})"
+        added = (subset or {}).get("cover") or {}
+        if added.get("patients_added") and ctx.rank == 0:
+            print(
+                f"{where}: data.label_fraction_cover added {added['patients_added']} patient(s), "
+                f"{added['samples_added']} sample(s) so that {', '.join(added['labels'])} have a positive "
+                "training sample",
+                flush=True,
+            )
+        what = "label(s)" if self.multilabel else "class(es)"
         if empty and self.options.require_positives:
-            what = "label(s)" if self.multilabel else "class(es)"
+            if data.label_fraction_cover or data.label_fraction >= 1.0:
+                raise ValueError(
+                    f"the train split {data.train_shards} holds no positive training sample for {what} "
+                    f"{', '.join(empty)}: leave them out of task.cls.label_names, or check its labels"
+                )
             raise ValueError(
-                f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed}) leaves no positive "
-                f"training sample for {what} {', '.join(empty)} in {data.train_shards}: raise the fraction, pick "
-                "another data.label_fraction_seed, or leave them out of task.cls.label_names"
+                f"{where} leaves no positive training sample for {what} {', '.join(empty)} in {data.train_shards}: "
+                "set data.label_fraction_cover=true, raise the fraction, pick another data.label_fraction_seed, "
+                "or leave them out of task.cls.label_names"
             )
         if empty:
-            warn_rank0(
-                ctx,
-                f"data.label_fraction={data.label_fraction} (seed {data.label_fraction_seed}) leaves no positive "
-                f"training sample for {', '.join(empty)}",
-            )
+            warn_rank0(ctx, f"{where} leaves no positive training sample for {', '.join(empty)}")
         return positives
 
 
@@ -167,7 +201,8 @@ def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
     """The label rules of ``task``'s recipe, classes discovered from the training split when not listed, and the
     label counts of the training subset checked."""
     options = task.recipe.task.cls
-    metas = read_split_metas(task.recipe.data.train_shards)
+    index = load_shard_index(task.recipe.data.train_shards)  # once: its keys name each sample's patient below
+    metas = read_split_metas(index)
     classes = None
     if options.labels == "column":
         values = [m.get(options.label_column) for m in metas]
@@ -199,7 +234,8 @@ def resolve_labels(task: FinetuneTask, ctx: RunContext) -> Labels:
             "blank): cls and linear_probe need labelled shards, e.g. MIMIC-CXR built with its "
             "mimic-cxr-2.0.0-chexpert.csv, or task.cls.labels=column with a label_column"
         )
-    labels.train_positives = labels.check_subset(ctx, metas, task.recipe)
+    labels.train_positives = labels.check_subset(ctx, metas, task.recipe, index.keys)
+    task.label_cover = labels.train_cover  # the training streams keep the subset checked here
     return labels
 
 
@@ -292,7 +328,8 @@ class ClsOptions(ConfigSection):
 
     require_positives: bool = False
     """Refuse (one line, before the model is built) a ``data.label_fraction`` subset that leaves a label / class
-    without a positive training sample; False: warn and train (its AUROC cannot improve from training)."""
+    without a positive training sample; False: warn and train (its AUROC cannot improve from training). Under
+    ``data.label_fraction_cover`` that happens only where the whole train split has no positive of it."""
 
     min_label_count: int = 1
     """Multi-label: a label enters the macro AUROC of a split only when that split holds at least this many

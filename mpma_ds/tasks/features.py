@@ -28,7 +28,7 @@ from torch import nn
 from mpma_ds.data import build_loader
 from mpma_ds.data.loader import LoaderInfo
 from mpma_ds.data.plan import EpochStream, MadeBatch, epoch_batches, steps_per_epoch
-from mpma_ds.data.subsets import meta_subject, split_subset
+from mpma_ds.data.subsets import LabelCover, meta_subject, split_subset
 from mpma_ds.distributed import barrier, broadcast_object, gather_to_rank0
 
 if TYPE_CHECKING:
@@ -329,10 +329,12 @@ def frozen_splits(
     dim: int,
     cache_dir: Path,
     targets: Callable[[list[dict[str, Any]]], torch.Tensor],
+    cover: Callable[[np.ndarray], LabelCover] | None = None,
 ) -> FrozenSplits:
     """What a head on a frozen backbone trains from: features of every split the recipe names (validation only
     when the run evaluates), ``targets(metas)`` beside them, the training split cut to ``data.label_fraction``
-    (patient level, recorded in ``ctx.subset``), one loader per accumulation step."""
+    (patient level, recorded in ``ctx.subset``; ``cover(train targets)`` gives the positives
+    ``data.label_fraction_cover`` covers), one loader per accumulation step."""
     data, cfg = task.recipe.data, task.recipe.train
     encoder = FrozenEncoder(task, ctx)
     cached: dict[str, dict[str, Any]] = {}
@@ -351,7 +353,14 @@ def frozen_splits(
             )
             cached[split] = dict(found, targets=targets(found["metas"]))
     train = cached["train"]
-    keep, subset = split_subset(train["subjects"], data.label_fraction, data.label_fraction_seed, split="train")
+    positives = None
+    if data.label_fraction_cover and data.label_fraction < 1.0:
+        if cover is None:
+            raise ValueError(f"data.label_fraction_cover: task {task.name} reads no labels to cover")
+        positives = cover(train["targets"].numpy())
+    keep, subset = split_subset(
+        train["subjects"], data.label_fraction, data.label_fraction_seed, split="train", cover=positives
+    )
     rows = subset_rows(keep)
     ctx.subset = subset
     mean, std = standardiser(train["features"][rows])

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import nn
 
 from mpma_ds.data.samples import SampleError, SampleReader, decode_meta
-from mpma_ds.data.shards import load_shard_index
+from mpma_ds.data.shards import ShardIndex, load_shard_index
 from mpma_ds.models import check_tokenizer_vocab
 from mpma_ds.tasks.base import RunContext, Task
 from mpma_ds.tokenizer import load_tokenizer
@@ -137,11 +137,11 @@ class FinetuneTask(Task):
         return loaders, val
 
 
-def read_split_metas(spec: str) -> list[dict[str, Any]]:
-    """The sample JSON of every readable sample of a shard set, in index order (small reads at the ``.idx``
-    offsets; the images are not touched). A JSON that does not parse is ``{}`` (the loader skips and counts
-    that sample)."""
-    index = load_shard_index(spec)
+def read_split_metas(spec: str | ShardIndex) -> list[dict[str, Any]]:
+    """The sample JSON of every readable sample of a shard set (a spec, or its index already loaded), in index
+    order (small reads at the ``.idx`` offsets; the images are not touched). A JSON that does not parse is ``{}``
+    (the loader skips and counts that sample)."""
+    index = load_shard_index(spec) if isinstance(spec, str) else spec
     at = index.member("json")  # (N, 2): offset, size
     reader = SampleReader(index)
     out = []

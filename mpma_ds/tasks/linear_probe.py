@@ -71,7 +71,7 @@ class LinearProbeTask(FinetuneTask):
         frozen = frozen_splits(
             self, ctx, kind="image", featurize=lambda net, batch: net.image_features(batch["image"]),
             dim=ctx.model_config.vision_width, cache_dir=self.cache_dir(ctx),
-            targets=lambda metas: torch.from_numpy(self.labels.targets_from_metas(metas)),
+            targets=lambda metas: torch.from_numpy(self.labels.targets_from_metas(metas)), cover=self.labels.cover,
         )  # fmt: skip
         self.cached, self.mean, self.std = frozen.cached, frozen.mean, frozen.std
         return frozen.loaders, frozen.val
