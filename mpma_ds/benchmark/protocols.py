@@ -10,13 +10,15 @@ so that two models evaluated on the same entry are compared by a *paired* bootst
   ``min_count`` positives and negatives, and their mean.
 - **zero_shot_accuracy** (5x200): the arg-max of the 5 prompt scores; accuracy (`classification.multiclass_metrics`).
 - **linear_probe**: logistic regression (scikit-learn, L-BFGS, C=1) on the frozen L2-normalised image embeddings
-  of the ``train`` split, one per label, at each label fraction (a seeded subset, its checksum reported); test
-  AUROC per label and mean — or, on a single-label dataset (COVIDx), one multinomial regression and accuracy. (The standard frozen-feature protocol of CLIP-style papers; the Trainer's
-  ``linear_probe`` task fine-tunes from shards instead.)
+  of the ``train`` split, one per label, at each label fraction (a seeded image-level subset, label-covered unless
+  the entry says ``label_fraction_cover: false``, its checksum reported); test AUROC per label and mean — or, on a
+  single-label dataset (COVIDx), one multinomial regression and accuracy. (The standard frozen-feature protocol of
+  CLIP-style papers; the Trainer's ``linear_probe`` task fine-tunes from shards instead.)
 - **retrieval**: image <-> report R@1/5/10 both ways over the records' texts (MIMIC 5x200), identical reports one
   candidate (`eval.retrieval`).
-- **grounding** (BioViL's three): per (image, finding, phrase) the phrase's similarity map (`eval.grounding`; MS-CXR's
-  own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
+- **grounding** (BioViL's three): per (image, finding, phrase) the phrase's map (the entry's ``map``, default
+  `eval.grounding.BEST_MAP`: the similarity minus a neutral phrase's; ``similarity`` the raw local similarity;
+  MS-CXR's own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
   inside the boxes), CNR = |mean_in - mean_out| / sqrt(var_in +
   var_out) of the map upsampled to the input, and the IoU of the min-max-normalised map thresholded at 0.5 with
   the union of the boxes; means over pairs, and the box-area chance level of the pointing game.
@@ -33,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.benchmarks.common import BenchRecord, fraction_subset
+from data_tools.benchmarks.common import BenchRecord, fraction_order, fraction_subset, subset_checksum
+from mpma_ds.data.subsets import LabelCover, cover_labels
 from mpma_ds.eval.alignment import encode_texts
 from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.classification import multiclass_metrics, multilabel_auroc
-from mpma_ds.eval.grounding import _phrase_map, eval_box, finding_phrase, phrase_tokens
+from mpma_ds.eval.grounding import BEST_MAP, _phrase_map, eval_box, finding_phrase, phrase_vectors
 from mpma_ds.eval.retrieval import retrieval_metrics
 from mpma_ds.eval.zeroshot import ensemble_embeddings, prompt_scores, prompts_for, zero_shot_auroc
 
@@ -141,24 +144,66 @@ def _fit_predict_multiclass(
     return out
 
 
+def probe_cover(
+    keys: Sequence[str], take: Sequence[int], cover: LabelCover, seed: int
+) -> tuple[list[int], dict[str, Any]]:
+    """``take`` (a `fraction_subset`) label-covered by `cover_labels` — the finetune protocol's rule — with the
+    image as the unit: for each label / class holding a positive in the training images but none in ``take``, the
+    first image of the seed's permutation (`fraction_order`) holding one is added.
+
+    Why the image and not the record's patient: the linear probe's subset is drawn per image (the frozen-feature
+    protocols of the literature sample images, not patients), and coverage must follow the order that drew it.
+    Then a subset holding a positive of a label holds that label's first holder too, so covered subsets stay
+    nested across fractions and a subset that misses nothing keeps its checksum; adding the holder's whole patient
+    would mix in images the permutation never reached and break both. The probe fits on the ``train`` split only,
+    so no patient comes to straddle train and test by it. ``patients_added`` therefore counts images here, as
+    ``samples_added`` does.
+
+    Returns:
+        The covered indices (ascending) and what was added (`cover_labels`: labels, patients_added, samples_added,
+        uncovered).
+    """
+    units = [str(i) for i in range(len(keys))]  # each image its own unit (keys may repeat; indices do not)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[list(take)] = True
+    covered, added = cover_labels(units, keep, cover, seed, scores=fraction_order(keys, seed))
+    return np.flatnonzero(covered).tolist(), added
+
+
 def linear_probe(
     train_emb: np.ndarray, train_targets: np.ndarray, train_keys: Sequence[str], test_emb: np.ndarray,
     test_targets: np.ndarray, label_names: Sequence[str], *, rows, fractions, seeds, min_count, n_resamples,
-    multiclass: bool = False,
+    multiclass: bool = False, cover: bool = True,
 ) -> EntryResult:  # fmt: skip
     """Multi-label datasets: AUROC per label and mean (``auroc_mean@<f>%``); single-label ones (``multiclass``,
-    e.g. COVIDx): accuracy (``accuracy@<f>%``) of a multinomial regression."""
+    e.g. COVIDx): accuracy (``accuracy@<f>%``) of a multinomial regression.
+
+    Each fraction below 1 is label-covered where ``cover`` (`probe_cover`): a label / class the seeded subset
+    leaves without a positive (a 1 in ``train_targets``) gets the seed's first image holding one, recorded as the
+    fraction's ``cover`` beside its checksum, which is of the final subset. A label without any positive in the
+    training images stays out of the mean, with its note. ``cover`` off: the plain seeded subset and its checksum.
+    """
     metrics: dict[str, Any] = {}
     checksums, notes = {}, []
     multi = []
+    keys = list(train_keys)
     test_t = np.where(test_targets == -1, np.nan, test_targets)
     train_t = np.where(train_targets == -1, np.nan, train_targets)
+    covering = LabelCover(tuple(label_names), np.asarray(train_targets) == 1) if cover else None
     head = "accuracy" if multiclass else "auroc_mean"
     for seed in seeds:
         for frac in fractions:
             tag = f"@{frac * 100:g}%" + (f"/seed{seed}" if len(seeds) > 1 else "")
-            take, digest = fraction_subset(list(train_keys), frac, seed)
-            checksums[tag] = {"checksum": digest, "images": len(take), "fraction": frac, "seed": seed}
+            take, digest = fraction_subset(keys, frac, seed)
+            added = None
+            if covering is not None and frac < 1.0:
+                take, added = probe_cover(keys, take, covering, seed)
+                digest = subset_checksum(keys, take)  # of the final subset, coverage included
+                if added["labels"]:
+                    notes.append(f"{tag}: label coverage added {added['samples_added']} image(s) so that "
+                                 f"{', '.join(added['labels'])} have a positive")  # fmt: skip
+            checksums[tag] = {"checksum": digest, "images": len(take), "fraction": frac, "seed": seed,
+                              **({"cover": added} if added is not None else {})}  # fmt: skip
             if multiclass:
                 gold = np.argmax(test_targets, axis=1).astype(np.int64)
                 probs = _fit_predict_multiclass(train_emb[take], np.argmax(train_targets[take], axis=1),
@@ -230,8 +275,11 @@ def _pair_scores(grid: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, 
 
 
 @torch.no_grad()
-def grounding_pairs(model, batches, records: Sequence[BenchRecord], *, device) -> dict[str, list]:
-    """The per-(image, finding, phrase) scores of ``batches`` (`features.stream` of the boxed records):
+def grounding_pairs(
+    model, batches, records: Sequence[BenchRecord], *, device, map: str = BEST_MAP
+) -> dict[str, list]:
+    """The per-(image, finding, phrase) scores of ``batches`` (`features.stream` of the boxed records) by ``map``
+    (one of `eval.grounding.LINEAR_MAPS`):
     ``{"pairs": [(position, hit, chance, cnr, iou, finding, row key)], "problems": [(position, line)]}`` in the
     order the batches hold them (one rank's share; `grounding` scores the merged shares)."""
     net = model.net.to(device)
@@ -260,7 +308,7 @@ def grounding_pairs(model, batches, records: Sequence[BenchRecord], *, device) -
             for (label, text), boxes in by_label.items():
                 phrase = text or finding_phrase(_readable(label))
                 if phrase not in tokens:
-                    tokens[phrase] = phrase_tokens(net, model.tokenizer, [phrase], device=device)[0]
+                    tokens[phrase] = phrase_vectors(net, model.tokenizer, [phrase], map=map, device=device)[0]
                 mask = torch.zeros(size, size, dtype=torch.bool)
                 for x0, y0, x1, y1 in boxes:
                     mask[int(y0) : max(int(y0) + 1, math.ceil(y1)), int(x0) : max(int(x0) + 1, math.ceil(x1))] = (

@@ -102,7 +102,7 @@ def _run_entry(
             rejected: dict[int, str] = {}
             batches = stream(records, model.data_cfg, batch_size=batch_size, workers=workers, rejected=rejected,
                              rank=rank, world_size=world_size)  # fmt: skip
-            return {**grounding_pairs(model, batches, records, device=device), "rejected": rejected}
+            return {**grounding_pairs(model, batches, records, device=device, map=entry.map), "rejected": rejected}
 
         found, _ = extract_once(None, extract, _merge_pairs, rank=rank)
         if found is None:
@@ -111,7 +111,7 @@ def _run_entry(
         result = grounding(found["pairs"], n_resamples=n_resamples)
         timing.update(seconds=time.perf_counter() - start, images=len(records) - len(rejected), cached=False)
         result.info.update(
-            images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=len(problems),
+            map=entry.map, images_rejected=len(rejected), rejected=_first(rejected, records), box_problems=len(problems),
             box_problem_examples=problems[:20],
         )  # fmt: skip
         return result
@@ -147,7 +147,7 @@ def _run_entry(
         result = linear_probe(
             tf.emb, _targets(data, train, tf.index), [train[i].key for i in tf.index.tolist()], feats.emb, targets,
             data.label_names, rows=rows, fractions=entry.fractions, seeds=entry.seeds, min_count=min_count,
-            n_resamples=n_resamples, multiclass=data.task == "multiclass",
+            n_resamples=n_resamples, multiclass=data.task == "multiclass", cover=entry.label_fraction_cover,
         )  # fmt: skip
         result.info["train_images_rejected"] = len(tf.rejected)
         if seeded:

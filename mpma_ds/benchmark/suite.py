@@ -11,7 +11,10 @@ Entry fields: ``dataset`` (a ``data_tools.benchmarks`` id), ``protocol`` (`PROTO
 ``path`` (the dataset's folder when not ``DATA_ROOT/<dataset>``), ``options`` (the reader's options),
 ``fractions`` / ``seeds`` (linear probe, finetune: label fractions and the seeds of their subsets), ``max_images``
 (evaluate the first N records of the split; 0 = all), ``recipe`` / ``set`` (the protocols that fine-tune through
-the Trainer, ``vqa`` and ``finetune``: the fine-tuning recipe and its ``key=value`` overrides, e.g. ``[train.epochs=2]``).
+the Trainer, ``vqa`` and ``finetune``: the fine-tuning recipe and its ``key=value`` overrides, e.g. ``[train.epochs=2]``),
+``map`` (``grounding``: which map of `eval.grounding.LINEAR_MAPS` is scored; default `eval.grounding.BEST_MAP`),
+``label_fraction_cover`` (linear probe: ``false`` keeps the plain seeded subsets, without label coverage; a
+``finetune`` entry says the same as ``set: [data.label_fraction_cover=false]``, the recipe's own key).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 from data_tools.benchmarks import BENCHMARKS
+from mpma_ds.eval.grounding import BEST_MAP, LINEAR_MAPS
 
 PROTOCOLS: dict[str, str] = {
     "zero_shot": "zero-shot classification from prompt ensembles: AUROC per label and mean",
@@ -36,7 +40,9 @@ PROTOCOLS: dict[str, str] = {
 }
 """The protocols an entry may name, with what each reports."""
 
-_ENTRY_FIELDS = set("dataset protocol split path options fractions seeds max_images recipe set".split())
+_ENTRY_FIELDS = set(
+    "dataset protocol split path options fractions seeds max_images recipe set map label_fraction_cover".split()
+)
 _TRAINING_PROTOCOLS = {"vqa", "finetune"}
 """Protocols that fine-tune through the Trainer: they read ``recipe`` and ``set``."""
 
@@ -59,6 +65,10 @@ class SuiteEntry:
     """Fine-tuning protocols: the recipe (a shipped name or a path; default ``finetune.DEFAULT_RECIPES``)."""
     set: tuple[str, ...] = ()
     """Fine-tuning protocols: ``key=value`` overrides of that recipe (``train.epochs=2``), as ``--set``."""
+    map: str = BEST_MAP
+    """``grounding``: the map scored (one of `eval.grounding.LINEAR_MAPS`: linear in the cached patch features)."""
+    label_fraction_cover: bool = True
+    """Linear probe: label-cover each fraction's subset (`protocols.probe_cover`), as ``finetune`` does by default."""
 
     @property
     def name(self) -> str:
@@ -107,13 +117,26 @@ def _entry(raw: Any, where: str, tasks: dict[str, str]) -> SuiteEntry:
         raise SuiteError(f"{where}: set is a list of key=value strings (train.epochs=2), got {overrides!r}")
     if (overrides or raw.get("recipe")) and raw["protocol"] not in _TRAINING_PROTOCOLS:
         raise SuiteError(f"{where}: recipe / set apply only to {', '.join(sorted(_TRAINING_PROTOCOLS))}")
+    grounding_map = str(raw.get("map", BEST_MAP))
+    if "map" in raw and raw["protocol"] != "grounding":
+        raise SuiteError(f"{where}: map applies only to grounding")
+    if grounding_map not in LINEAR_MAPS:
+        raise SuiteError(f"{where}: map must be one of {', '.join(LINEAR_MAPS)}, got {grounding_map!r}")
+    cover = raw.get("label_fraction_cover", True)
+    if "label_fraction_cover" in raw and raw["protocol"] != "linear_probe":
+        hint = (
+            " (a finetune entry: set: [data.label_fraction_cover=false])" if raw["protocol"] == "finetune" else ""
+        )
+        raise SuiteError(f"{where}: label_fraction_cover applies only to linear_probe{hint}")
+    if not isinstance(cover, bool):
+        raise SuiteError(f"{where}: label_fraction_cover is true or false, got {cover!r}")
     fractions = tuple(float(f) for f in raw.get("fractions", (0.01, 0.1, 1.0)))
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise SuiteError(f"{where}: fractions {list(fractions)} must each be in (0, 1]")
     return SuiteEntry(
         raw["dataset"], raw["protocol"], str(raw.get("split", "test")), raw.get("path"), dict(raw.get("options") or {}),
         fractions, tuple(int(s) for s in raw.get("seeds", (0,))), int(raw.get("max_images", 0)),
-        str(raw["recipe"]) if raw.get("recipe") else None, tuple(overrides),
+        str(raw["recipe"]) if raw.get("recipe") else None, tuple(overrides), grounding_map, cover,
     )  # fmt: skip
 
 
