@@ -7,9 +7,11 @@ Chromium."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import torch
 from finetune_testdata import pretrained
 from test_benchmark_readers import TABLES
-from train_testdata import ROOT, tiny_tokenizer
+from train_testdata import ROOT, VOCAB, tiny_tokenizer
 
 import mpma_ds
 from data_tools.synth.bench_layout import layout_all
@@ -108,6 +110,11 @@ def test_linear_probe_fractions_have_checksums_and_references_sit_apart(first):
     assert info["@1%"]["checksum"] == lp["models"]["random-exported"]["info"]["split_checksums"]["@1%"]["checksum"]
     refs = first["references"]["rsna-pneumonia"]["linear_probe"]
     assert refs and all(r["label"] == "published, not reproduced here" and r["source"] for r in refs)
+    # each says whether its value was read in a named source (references.yaml: checked_against / unverified_because)
+    assert all(
+        r["status"].startswith(("published, checked against ", "published, unchecked transcription ("))
+        for r in refs
+    )
     # never in our own metrics
     assert not any(r["model"] in json.dumps(lp["models"]) for r in refs)
 
@@ -356,3 +363,47 @@ def test_run_folder_loads_the_same_weights_as_its_export(tmp_path_factory):
     x = torch.randn(2, from_run.data_cfg.in_chans, from_run.data_cfg.image_size, from_run.data_cfg.image_size)
     with torch.no_grad():
         assert torch.allclose(from_run.net.encode_image(x), from_export.net.encode_image(x), atol=1e-5)
+
+
+_ZERO_SHOT_IN_A_PROCESS = """
+import json, shutil, sys
+from pathlib import Path
+import torch
+import mpma_ds
+from data_tools.train_tokenizer import train_tokenizer
+from mpma_ds.cli.benchmark import main
+shards, data, suite, out, vocab = sys.argv[1:]
+out = Path(out)
+train_tokenizer(shards, out / "tokenizer", int(vocab), min_frequency=1)
+torch.manual_seed(1)
+mpma_ds.create_model("mpma_tiny", image_size=64).save_pretrained(out / "exported")
+shutil.copytree(out / "tokenizer", out / "exported" / "text_encoder", dirs_exist_ok=True)
+rc = main(["--model", str(out / "exported"), "--model", f"random:{out / 'exported'}", "--suite", suite,
+           "--data-root", data, "--out", str(out / "results"), "--no-mlflow", "--bootstrap", "0",
+           "--workers", "0", "--min-label-count", "3", "--batch-size", "32"])
+models = json.loads((out / "results" / "results.json").read_text())["entries"]["nih-cxr14"]["zero_shot"]["models"]
+print(json.dumps({name: m["metrics"] for name, m in models.items()}, sort_keys=True))
+sys.exit(rc)
+"""
+
+
+def test_zero_shot_is_the_same_in_every_process(bench, tmp_path):
+    """Issue 23: NIH zero-shot AUROC of the same seeded model on the same films differed between two pytest sessions
+    (0.378 vs 0.601; the linear probe, image features only, did not): each process trained another tokenizer.
+    Two processes with different hash seeds, each training the tokenizer and exporting the seed-1 model, now score
+    the same, for the model and its random twin."""
+    root, _, _ = bench
+    suite = tmp_path / "nih.yaml"
+    suite.write_text("name: nih\nentries:\n  - {dataset: nih-cxr14, protocol: zero_shot, split: test}\n")
+    shards = tiny_tokenizer(str(root.parent)).parent / "shards"  # the bench fixture built them
+    scores = []
+    for seed in ("0", "1"):
+        argv = [str(shards), str(root / "data"), str(suite), str(tmp_path / seed), str(VOCAB)]
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run([sys.executable, "-c", _ZERO_SHOT_IN_A_PROCESS, *argv], capture_output=True,
+                                text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert set(scores[0]) == {"exported", "random-exported"}
+    assert np.isfinite(scores[0]["exported"]["zeroshot_auroc_mean"])
+    assert scores[0] == scores[1]

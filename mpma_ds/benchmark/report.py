@@ -1,7 +1,8 @@
 """The benchmark page (``OUT/benchmark.html``) and the console table: one row per (dataset, protocol, metric), one
 column per model with its 95 % interval, the paired differences (B - A, paired bootstrap interval; bold when it
 excludes 0), and the published reference numbers in a column of their own, labelled "published, not reproduced
-here". Self-contained HTML: no script, no network."""
+here", each saying whether its value was checked against a named source or is an unchecked transcription
+(`references.status`). Self-contained HTML: no script, no network."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpma_ds.benchmark.references import LABEL
+from mpma_ds.benchmark.references import LABEL, UNCHECKED
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 24px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:13px}th{background:#f2f2f2}
@@ -59,6 +60,7 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     wanted = ["accuracy_overall", "accuracy_closed", "accuracy_open"]
                 keys += [k for k in wanted if k not in keys]
             refs = results.get("references", {}).get(dataset, {}).get(protocol, [])
+            maps = {m.get("info", {}).get("map") for m in models.values() if "metrics" in m} - {None}
             for key in keys:
                 diffs = {}
                 for pair, d in block.get("paired", {}).items():
@@ -67,8 +69,9 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                         and key.replace("auroc_mean", "auroc") + "_macro" in d
                     ):
                         diffs[pair] = d.get(key) or d[key.replace("auroc_mean", "auroc") + "_macro"]
+                shown = f"{key} ({', '.join(sorted(maps))})" if maps and key != "pointing_game_chance" else key
                 rows.append({
-                    "dataset": dataset, "protocol": protocol, "metric": key, "split": block["split"],
+                    "dataset": dataset, "protocol": protocol, "metric": shown, "split": block["split"],
                     "images": block["images"],
                     "cells": {n: cell(m.get("metrics", {}), key) if "metrics" in m else f"error: {m['error']}"
                               for n, m in models.items()},
@@ -76,6 +79,12 @@ def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "references": [r for r in refs if r["metric"] == key],
                 })  # fmt: skip
     return rows
+
+
+def ref_status(ref: Mapping[str, Any]) -> str:
+    """A reference's checked / unchecked line (``references.status``; results written before it carried one
+    get the short form)."""
+    return ref.get("status") or ("published, checked" if ref.get("checked") else UNCHECKED)
 
 
 def _diff_text(diff: tuple[float, list[float]]) -> tuple[str, bool]:
@@ -93,13 +102,15 @@ def format_console(results: Mapping[str, Any]) -> str:
     head = ["dataset/protocol", "metric", *models, *pairs, f"reference ({LABEL})"]
     body = []
     for r in rows:
-        refs = "; ".join(f"{x['model']} {x['value']:g}" for x in r["references"])
+        refs = "; ".join(f"{x['model']} {x['value']:g}{'' if x.get('checked') else '*'}" for x in r["references"])
         body.append([f"{r['dataset']}/{r['protocol']}", r["metric"], *(r["cells"].get(m, "") for m in models),
                      *(_diff_text(r["paired"][p])[0] if p in r["paired"] else "" for p in pairs), refs])  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     lines.append("-" * len(lines[0]))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in body]
+    if any(not x.get("checked") for r in rows for x in r["references"]):
+        lines.append(f"* reference: {UNCHECKED} (not found in a reachable source; see references.yaml)")
     lines += [f"skipped: {why}" for why in results.get("skipped", {}).values()]
     return "\n".join(lines)
 
@@ -115,7 +126,8 @@ def write_page(results: Mapping[str, Any], path: str | Path) -> Path:
            f"<h1>Benchmark suite {esc(results['suite'])}</h1>",
            "<p class='note'>Each value with its 95 % bootstrap interval; a difference is paired per sample (the same "
            "resampled images for both models), bold when its interval excludes 0. Reference numbers are "
-           f"<i>{LABEL}</i>: other models, other code, taken from the papers cited.</p>",
+           f"<i>{LABEL}</i>: other models, other code, taken from the papers cited; each says whether its value "
+           "was checked against a named source or is an unchecked transcription.</p>",
            "<h2>Results</h2><table id='results'><tr><th>dataset / protocol</th><th>split (images)</th><th>metric</th>"
            + "".join(f"<th>{esc(m)}</th>" for m in models) + "".join(f"<th>{esc(p)}</th>" for p in pairs)
            + f"<th>reference ({esc(LABEL)})</th></tr>"]  # fmt: skip
@@ -124,8 +136,8 @@ def write_page(results: Mapping[str, Any], path: str | Path) -> Path:
         for p in pairs:
             text, sig = _diff_text(r["paired"][p]) if p in r["paired"] else ("", False)
             diffs.append(f"<td class='{'sig' if sig else ''}'>{esc(text)}</td>")
-        refs = "<br>".join(f"{esc(x['model'])}: {x['value']:g} <span class='note'>({esc(x['source'])}"
-                           f"{'' if x['checked'] else '; unchecked transcription'})</span>" for x in r["references"])  # fmt: skip
+        refs = "<br>".join(f"{esc(x['model'])}: {x['value']:g} <span class='note'>({esc(x['source'])}; "
+                           f"{esc(ref_status(x))})</span>" for x in r["references"])  # fmt: skip
         out.append(f"<tr><td class='l'>{esc(r['dataset'])} / {esc(r['protocol'])}</td><td>{esc(r['split'])} "
                    f"({r['images']})</td><td class='l'>{esc(r['metric'])}</td>"
                    + "".join(f"<td>{esc(r['cells'].get(m, ''))}</td>" for m in models) + "".join(diffs)
