@@ -308,9 +308,10 @@ def finetune_cls(
 
     # the entry's recipe as the Trainer will read it (the shards are not built yet): is coverage on, and what
     # counts as a positive — so the checksummed subset is the one the Trainer keeps
-    planned = finetune_recipe(model, entry, task="cls", shards=cache_dir / "shards" / "unbuilt", out_dir=out_dir,
-                              n_resamples=n_resamples, workers=workers, tracking=tracking,
-                              extra=extra(min(entry.fractions), entry.seeds[0], cache_dir / "unbuilt"))  # fmt: skip
+    unbuilt = cache_dir / "shards" / "unbuilt"
+    planned = finetune_recipe(model, entry, task="cls", shards=unbuilt, out_dir=out_dir, n_resamples=n_resamples,
+                              workers=workers, tracking=tracking,
+                              extra=extra(min(entry.fractions), entry.seeds[0], unbuilt))  # fmt: skip
     subsets = fraction_subsets(data, train, entry, mode, cover=planned.data.label_fraction_cover,
                                uncertain=planned.task.cls.uncertain)  # fmt: skip
     shards, mode, names = built_by_rank0(

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from mpma_ds.eval.attribution import GROUNDING_MAPS
+from mpma_ds.eval.attribution import GROUNDING_MAPS, _tokenise
 
 NEUTRAL_PHRASE = "no acute cardiopulmonary process"
 """The neutral phrase of ``similarity_neutral``: what every normal synthetic report says (the impression of each
@@ -159,14 +159,9 @@ def similarity_zscore_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, m
 
 def neutral_vector(net: Any, tokenizer: Any, phrase: str = NEUTRAL_PHRASE, *, device: Any = "cpu") -> torch.Tensor:
     """(E,) float32 CPU: the mean of the neutral phrase's L2-normalised token features ([CLS]/[SEP] left out)."""
-    enc = tokenizer([phrase], return_tensors="pt")
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=ids.device)
-    own = (mask.bool() & ~torch.isin(ids, special))[0]
-    if not own.any():
-        raise ValueError(f"neutral phrase {phrase!r} has no token besides the special ones")
+    ids, mask, own = _tokenise(tokenizer, [phrase], device)
     with torch.no_grad():
-        return net.token_embeddings(ids, mask)[0][own].float().mean(0).cpu()
+        return net.token_embeddings(ids, mask)[0][own[0]].float().mean(0).cpu()
 
 
 @GROUNDING_MAPS.register("similarity_neutral", tokenizer=True)

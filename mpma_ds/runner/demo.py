@@ -226,9 +226,6 @@ class Demo:
     def pretrain_overrides(self) -> list[str]:
         steps = self.args.steps
         every = max(1, min(200, steps))
-        # one validation pass, at the end: every rank runs all of it (16 s at 547 images, about 23 steps' worth),
-        # and stage 7 evaluates the exported model on the same split anyway; four passes on the way cost a minute
-        evaluate = max(1, steps)
         return [
             f"data.train_shards={self.out / 'shards' / 'train'}",
             f"data.val_shards={self.out / 'shards' / 'validate'}",
@@ -237,7 +234,9 @@ class Demo:
             f"train.max_steps={steps}",
             f"train.warmup_steps={max(1, min(30, steps // 10))}",
             f"train.save_every={every}",
-            f"train.eval_every={evaluate}",
+            # one validation pass, at the end: every rank runs all of it (16 s at 547 images, about 23 steps'
+            # worth), and stage 7 evaluates the exported model on the same split anyway
+            f"train.eval_every={steps}",
             f"tracking.uri={self.tracking_uri}",
             f"tracking.experiment={EXPERIMENT}",
             "tracking.run_name=demo-pretrain",
