@@ -61,7 +61,7 @@ def model(tmp_path_factory):
 
 def test_each_map_is_scored_on_the_map_evaluate_plays(model):
     """Each pair's hit is the pointing game of `phrase_maps` of the same map: the protocol plays that map, and
-    the two maps (raw, neutral phrase taken off) give different maps on the same films."""
+    the maps (raw, neutral phrase or finding phrases taken off) give different maps on the same films."""
     torch.manual_seed(0)
     images = torch.rand(3, model.net.config.in_chans, SIZE, SIZE)
     boxes = [(0, 0, 32, 32), (32, 32, 64, 64), (0, 32, 32, 64)]
@@ -82,3 +82,4 @@ def test_each_map_is_scored_on_the_map_evaluate_plays(model):
             inside = [x0 <= (c % hp + 0.5) * cell < x1 and y0 <= (c // hp + 0.5) * cell < y1 for c in best]
             assert hit == float(all(inside)), (name, i)
     assert not np.allclose(grids["similarity"].numpy(), grids["similarity_neutral"].numpy())
+    assert not np.allclose(grids["similarity_findings"].numpy(), grids["similarity_neutral"].numpy())

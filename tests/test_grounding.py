@@ -301,6 +301,23 @@ def test_phrase_maps_average_the_phrase_tokens_maps(shards):
 
     registered = phrase_grids(model, tokenizer, images, ["left pleural effusion"] * 2, map="similarity_neutral")
     torch.testing.assert_close(neutral, registered, atol=1e-5, rtol=1e-5)
+    # BEST_MAP, the finding phrases' mean map taken off: each phrase's map through MPMA.grounding, averaged
+    from mpma_ds.eval.prior_maps import FINDING_PHRASES
+
+    findings = phrase_maps(model, tokenizer, images, "left pleural effusion", map="similarity_findings")
+    reference = []
+    for phrase in FINDING_PHRASES.values():
+        enc = tokenizer([phrase], return_tensors="pt")
+        own = ~torch.isin(enc["input_ids"][0], torch.tensor(tokenizer.all_special_ids))
+        if not own.any():  # a word this small tokenizer never saw: [UNK] only, left out of the mean
+            continue
+        with torch.no_grad():
+            full = model.grounding(images, enc["input_ids"].expand(2, -1), enc["attention_mask"].expand(2, -1))
+        reference.append(full[:, own].mean(1))
+    assert 0 < len(reference) < len(FINDING_PHRASES)  # this tokenizer cannot spell some: the mean skips them
+    torch.testing.assert_close(findings, maps - torch.stack(reference).mean(0), atol=1e-5, rtol=1e-5)
+    registered = phrase_grids(model, tokenizer, images, ["left pleural effusion"] * 2, map="similarity_findings")
+    torch.testing.assert_close(findings, registered, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ evaluate.py --grounding

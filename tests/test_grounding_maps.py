@@ -90,7 +90,8 @@ def test_every_map_has_the_patch_grid_and_touches_no_parameter_gradient(base, me
     )
     tok = load_tokenizer(tiny_tokenizer(base))
     assert available_maps(net) == (
-        "similarity", "cross_attention", "attention_rollout", "gradcam_itc", "gradcam_itm", "similarity_neutral"
+        "similarity", "cross_attention", "attention_rollout", "gradcam_itc", "gradcam_itm", "similarity_neutral",
+        "similarity_findings",
     )  # fmt: skip
     images = torch.randn(3, 1, 64, 64)
     phrases = ["left pleural effusion", "cardiomegaly", "nodule"]
@@ -182,7 +183,10 @@ class _Tokenizer:
     """Words to ids, [PAD]=0 [CLS]=1 [SEP]=2: enough of a tokenizer for the phrase maps."""
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[CLS]", "[SEP]", "left", "pleural", "effusion", "no", "acute",
-                                         "cardiopulmonary", "process"])}  # fmt: skip
+                                         "cardiopulmonary", "process", "atelectasis", "cardiomegaly", "consolidation",
+                                         "pulmonary", "edema", "widened", "mediastinum", "rib", "fracture", "nodule",
+                                         "opacity", "apical", "thickening", "pneumonia", "pneumothorax",
+                                         "tube"])}  # fmt: skip
     all_special_ids = [0, 1, 2]
 
     def __call__(self, texts, padding=True, return_tensors="pt"):  # noqa: ARG002
@@ -205,7 +209,8 @@ class _PriorNet(torch.nn.Module):
         self.prior[0, 0] = 2.0
         table = torch.zeros(len(_Tokenizer.vocab), 3)
         table[3:6] = torch.tensor([1.0, 1.0, 1.0])  # left pleural effusion
-        table[6:] = torch.tensor([1.0, 1.0, 0.0])  # no acute cardiopulmonary process (the neutral phrase)
+        table[6:10] = torch.tensor([1.0, 1.0, 0.0])  # no acute cardiopulmonary process (the neutral phrase)
+        table[10:] = torch.tensor([1.0, 1.0, 0.0])  # the other findings' words: not this film's finding texture
         self.table = table
 
     def grounding(self):  # noqa: ANN201 - marks it as a model (attribution._module)
@@ -234,7 +239,7 @@ def _film(finding: tuple[int, int] | None, bright: tuple[int, int] | None = None
 def test_prior_removed_maps_point_at_the_finding_where_the_raw_similarity_points_at_the_prior():
     from mpma_ds.eval.attribution import MAPS
     from mpma_ds.eval.grounding import pointing_hit
-    from mpma_ds.eval.prior_maps import GroundingPrior, attach_prior, fit_prior
+    from mpma_ds.eval.prior_maps import FINDING_PHRASES, GroundingPrior, attach_prior, findings_vector, fit_prior
 
     net, tok = _PriorNet(), _Tokenizer()
     assert {"similarity_contrast", "similarity_zscore", "similarity_neutral"} <= set(MAPS)
@@ -249,6 +254,14 @@ def test_prior_removed_maps_point_at_the_finding_where_the_raw_similarity_points
     neutral = phrase_grids(net, tok, films, phrases, map="similarity_neutral")
     assert all(pointing_hit(g, b, SIZE) for g, b in zip(neutral, boxes))
     torch.testing.assert_close(neutral, films[:, 1, ::16, ::16])  # (1,1,1) - (1,1,0): the finding's texture only
+    # the finding phrases' mean: "pleural effusion" (both words texture) and "apical pleural thickening" (1 of 3)
+    # read texture, the other 11 do not; what every phrase shares (prior, brightness) cancels as above
+    assert "similarity_findings" in available_maps(net)
+    share = (1.0 + 1 / 3) / len(FINDING_PHRASES)
+    torch.testing.assert_close(findings_vector(net, tok), torch.tensor([1.0, 1.0, share]))
+    findings = phrase_grids(net, tok, films, phrases, map="similarity_findings")
+    assert all(pointing_hit(g, b, SIZE) for g, b in zip(findings, boxes))
+    torch.testing.assert_close(findings, (1 - share) * films[:, 1, ::16, ::16])
     reference = torch.stack([_film(None, noise=0.2, seed=s) for s in range(16)])  # normal films, same prior
     prior = fit_prior(net, [reference[:8], reference[8:]])
     assert prior.films == 16 and prior.mean.shape == (4, 4, 3) and prior.cov.shape == (4, 4, 3, 3)

@@ -30,7 +30,7 @@ GROUNDING_MAPS: Registry[Callable[..., torch.Tensor]] = Registry(
 """Maps read off the model (every map but ``similarity``, which `grounding_maps` computes from the local
 alignment's features): name -> ``fn(net, images, ids, mask, own) -> (B, Hp, Wp)``. `eval.prior_maps` adds the
 similarity with the location prior taken out (``similarity_contrast``, ``similarity_zscore``,
-``similarity_neutral``)."""
+``similarity_neutral``, ``similarity_findings``)."""
 
 
 def _has_itm(net: Any) -> bool:
@@ -50,14 +50,15 @@ def available_maps(model: Any) -> tuple[str, ...]:
 
 
 def _tokenise(
-    tokenizer: Any, phrases: Sequence[str], device: Any
+    tokenizer: Any, phrases: Sequence[str], device: Any, *, allow_empty: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, L) ids, attention mask and the bool mask of the phrase's own tokens (no [CLS]/[SEP]/padding)."""
+    """(P, L) ids, attention mask and the bool mask of the phrase's own tokens (no [CLS]/[SEP]/padding, no
+    [UNK]: special). A phrase with none is refused unless ``allow_empty`` (its row of the mask is then empty)."""
     enc = tokenizer(list(phrases), padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     own = mask.bool() & ~torch.isin(ids, special)  # (P, L)
-    if not own.any(dim=1).all():
+    if not allow_empty and not own.any(dim=1).all():
         raise ValueError(f"a phrase of {list(phrases)} has no token besides the special ones")
     return ids.to(device), mask.to(device), own.to(device)
 

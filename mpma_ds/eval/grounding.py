@@ -50,37 +50,22 @@ from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.transforms import eval_geometry
 from mpma_ds.eval.attribution import MAPS, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
-from mpma_ds.eval.prior_maps import neutral_vector
+from mpma_ds.eval.prior_maps import FINDING_PHRASES, findings_vector, neutral_vector
 
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
 #: where they use it. Lung Lesion is a "nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum,
 #: Pleural Other an apical pleural thickening / cap, Support Devices tubes, lines and catheters.
-BEST_MAP = "similarity_neutral"
+BEST_MAP = "similarity_findings"
 """The grounding map every default plays — `evaluate_grounding`, `phrase_maps`, ``mpma-evaluate --grounding``,
 ``mpma-predict``, the demo and the comparison report's gallery — the best measured (docs/model.md, "Which map
-points"): the local alignment's similarity of the phrase minus that of a neutral phrase on the same film
-(`prior_maps.similarity_neutral_grids`), the only map of the 900-step demo model above its random twin outside
-both intervals."""
+points"): the local alignment's similarity of the phrase minus the mean similarity of all finding phrases on the
+same film (`prior_maps.similarity_findings_grids`). On three 900-step demo models it points above
+``similarity_neutral`` and above its random twin outside both intervals on every split measured."""
 
-LINEAR_MAPS = ("similarity", "similarity_neutral")
+LINEAR_MAPS = ("similarity", "similarity_neutral", "similarity_findings")
 """The maps that are one query vector (or the mean of several) against the patch features (`phrase_vectors`):
 what `phrase_maps` and the predictor's windowed maps can give."""
 
-FINDING_PHRASES: dict[str, str] = {
-    "Atelectasis": "atelectasis",
-    "Cardiomegaly": "cardiomegaly",
-    "Consolidation": "consolidation",
-    "Edema": "pulmonary edema",
-    "Enlarged Cardiomediastinum": "widened mediastinum",
-    "Fracture": "rib fracture",
-    "Lung Lesion": "nodule",
-    "Lung Opacity": "opacity",
-    "Pleural Effusion": "pleural effusion",
-    "Pleural Other": "apical pleural thickening",
-    "Pneumonia": "pneumonia",
-    "Pneumothorax": "pneumothorax",
-    "Support Devices": "tube",
-}
 
 
 class GroundTruthError(ValueError):
@@ -228,13 +213,16 @@ def phrase_vectors(
 ) -> list[torch.Tensor]:
     """Each phrase's query against the patch features for a map of `LINEAR_MAPS`: its (T, E) token features for
     ``similarity`` (the map is the mean of their maps), the (1, E) mean of them minus the neutral phrase's mean
-    token (`prior_maps.NEUTRAL_PHRASE`) for ``similarity_neutral``. Float32 on the CPU."""
+    token (`prior_maps.NEUTRAL_PHRASE`) for ``similarity_neutral``, minus the mean of the finding phrases'
+    (`prior_maps.findings_vector`) for ``similarity_findings``. Float32 on the CPU."""
     tokens = phrase_tokens(model, tokenizer, phrases, device=device)
     if map == "similarity":
         return tokens
-    if map == "similarity_neutral":
-        neutral = neutral_vector(_module(model), tokenizer, device=device)  # (E,)
-        return [t.mean(0, keepdim=True) - neutral for t in tokens]
+    if map in ("similarity_neutral", "similarity_findings"):
+        reference = (neutral_vector if map == "similarity_neutral" else findings_vector)(
+            _module(model), tokenizer, device=device
+        )  # (E,)
+        return [t.mean(0, keepdim=True) - reference for t in tokens]
     raise ValueError(f"map must be one of {', '.join(LINEAR_MAPS)} (linear in the patch features), got {map!r}")
 
 
@@ -250,7 +238,8 @@ def phrase_maps(
 ) -> torch.Tensor:
     """One (Hp, Wp) map per image of ``map`` (one of `LINEAR_MAPS`): for ``similarity`` the mean over the
     phrase's tokens of their token x patch cosine maps (`MPMA.grounding` of the phrase alone), for
-    ``similarity_neutral`` that minus the neutral phrase's. ``phrase``: one for every image, or one per image.
+    ``similarity_neutral`` that minus the neutral phrase's, for ``similarity_findings`` minus the finding
+    phrases' mean. ``phrase``: one for every image, or one per image.
 
     Returns:
         (B, Hp, Wp) float32 on the CPU, values in [-1, 1] (``similarity``) or [-2, 2].
@@ -350,8 +339,8 @@ def evaluate_grounding(
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
     (`attribution.MAPS`: "similarity", the local alignment's; "cross_attention", "attention_rollout",
-    "gloria_attention", "gradcam_itc", "gradcam_itm", and the prior-removed "similarity_neutral",
-    "similarity_contrast", "similarity_zscore" of `prior_maps`, the last two with a prior attached to the model;
+    "gloria_attention", "gradcam_itc", "gradcam_itm", and the prior-removed "similarity_findings",
+    "similarity_neutral", "similarity_contrast", "similarity_zscore" of `prior_maps`, the last two with a prior attached to the model;
     default `BEST_MAP`); it is named in the metrics as ``grounding_map``.
 
     Returns:

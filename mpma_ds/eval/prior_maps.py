@@ -20,6 +20,9 @@ Hp x Wp x E x E floats), not one map per phrase:
 - ``similarity_neutral``: ``(t - n) . p_hw(x)``, the phrase's map minus the map of a neutral phrase
   (`NEUTRAL_PHRASE`, what a normal report says) on the same film: what is left when the film's own structure,
   which every phrase follows alike, is subtracted. Linear too: one vector ``t - n`` against the patches.
+- ``similarity_findings``: ``(t - f) . p_hw(x)`` with f the mean of every finding phrase's vector
+  (`FINDING_PHRASES`): where this finding reads above findings in general on this film. What every finding phrase
+  follows alike (the film's structure, the prior) cancels as in the neutral map, with no neutral phrase to choose.
 
 Fit the prior on films the maps are not scored on (the training split: `benchmarks/bench_grounding_maps.py`
 ``--prior-split``); at predict time fit it once on any set of the user's films and keep it with the model.
@@ -27,7 +30,7 @@ Fit the prior on films the maps are not scored on (the training split: `benchmar
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +42,24 @@ NEUTRAL_PHRASE = "no acute cardiopulmonary process"
 """The neutral phrase of ``similarity_neutral``: what every normal synthetic report says (the impression of each
 "No Finding" study, `data_tools.synth.reports`). The choice matters: docs/model.md, "Which map points" measures
 two others ("the lungs are clear", "normal chest")."""
+
+FINDING_PHRASES: dict[str, str] = {
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation",
+    "Edema": "pulmonary edema",
+    "Enlarged Cardiomediastinum": "widened mediastinum",
+    "Fracture": "rib fracture",
+    "Lung Lesion": "nodule",
+    "Lung Opacity": "opacity",
+    "Pleural Effusion": "pleural effusion",
+    "Pleural Other": "apical pleural thickening",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Support Devices": "tube",
+}
+"""The query phrase of each finding (`eval.grounding.finding_phrase` prefixes the side): the CheXpert name in lower
+case, or how the synthetic reports word it. Together they are the reference of ``similarity_findings``."""
 
 ZSCORE_FLOOR = 1e-6
 """Floor of the z-score's per-cell standard deviation: a cell whose map never varies scores 0, not inf."""
@@ -157,11 +178,34 @@ def similarity_zscore_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, m
     return contrast / var.clamp_min(0).sqrt().clamp_min(ZSCORE_FLOOR)
 
 
+def mean_phrase_vector(net: Any, tokenizer: Any, phrases: Sequence[str], *, device: Any = "cpu",
+                       skip_unknown: bool = False) -> torch.Tensor:  # fmt: skip
+    """(E,) float32 CPU: the mean over ``phrases`` of each phrase's mean L2-normalised token feature ([CLS]/[SEP]
+    left out): every phrase weighs the same, whatever its length. ``skip_unknown``: a phrase the tokenizer only
+    spells as special tokens ([UNK]) is left out of the mean instead of refused.
+
+    Raises:
+        ValueError: a phrase without a token of its own (without ``skip_unknown``: any; with it: every one).
+    """
+    ids, mask, own = _tokenise(tokenizer, list(phrases), device, allow_empty=skip_unknown)
+    kept = own.any(dim=1)
+    if not kept.any():
+        raise ValueError(f"none of the phrases {list(phrases)} has a token besides the special ones")
+    with torch.no_grad():
+        tokens = net.token_embeddings(ids[kept], mask[kept]).float().cpu()  # (P, L, E)
+    weights = own[kept].float().cpu().unsqueeze(-1)  # (P, L, 1)
+    return ((tokens * weights).sum(1) / weights.sum(1)).mean(0)
+
+
 def neutral_vector(net: Any, tokenizer: Any, phrase: str = NEUTRAL_PHRASE, *, device: Any = "cpu") -> torch.Tensor:
     """(E,) float32 CPU: the mean of the neutral phrase's L2-normalised token features ([CLS]/[SEP] left out)."""
-    ids, mask, own = _tokenise(tokenizer, [phrase], device)
-    with torch.no_grad():
-        return net.token_embeddings(ids, mask)[0][own[0]].float().mean(0).cpu()
+    return mean_phrase_vector(net, tokenizer, [phrase], device=device)
+
+
+def findings_vector(net: Any, tokenizer: Any, *, device: Any = "cpu") -> torch.Tensor:
+    """(E,) float32 CPU: the mean over the finding phrases (`FINDING_PHRASES`, no side) of their mean tokens; a
+    phrase the tokenizer cannot spell (only [UNK]) is left out."""
+    return mean_phrase_vector(net, tokenizer, list(FINDING_PHRASES.values()), device=device, skip_unknown=True)
 
 
 @GROUNDING_MAPS.register("similarity_neutral", tokenizer=True)
@@ -172,3 +216,13 @@ def similarity_neutral_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, 
     Needs no prior: every model can give it."""
     t, p = _phrase_and_patches(net, images, ids, mask, own)
     return torch.einsum("be,bhwe->bhw", t - neutral_vector(net, tokenizer, device=ids.device), p)
+
+
+@GROUNDING_MAPS.register("similarity_findings", tokenizer=True)
+@torch.no_grad()
+def similarity_findings_grids(net: Any, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                              own: torch.Tensor, *, tokenizer: Any) -> torch.Tensor:  # fmt: skip
+    """(B, Hp, Wp) the phrase's similarity map minus the mean map of all finding phrases (`FINDING_PHRASES`) on
+    the same film: where this finding reads above findings in general. Needs no prior and no chosen phrase."""
+    t, p = _phrase_and_patches(net, images, ids, mask, own)
+    return torch.einsum("be,bhwe->bhw", t - findings_vector(net, tokenizer, device=ids.device), p)
