@@ -143,7 +143,7 @@ def _tiny_model(**overrides):
     from mpma_ds import create_model
 
     torch.manual_seed(0)
-    return create_model("mpma_tiny", image_size=64, vocab_size=512, max_text_len=24, **overrides).eval()
+    return create_model("mpma_tiny", image_size=64, vocab_size=512, max_text_len=32, **overrides).eval()
 
 
 def test_grounding_shape_and_equal_to_the_local_alignment_similarities():
@@ -291,12 +291,22 @@ def test_phrase_maps_average_the_phrase_tokens_maps(shards):
     torch.testing.assert_close(maps, full[:, 1:-1].mean(1), atol=1e-5, rtol=1e-5)  # [CLS] and [SEP] left out
     # BEST_MAP, the neutral phrase's map taken off: the same as the registered map through model_grids
     neutral = phrase_maps(model, tokenizer, images, "left pleural effusion", map="similarity_neutral")
-    from mpma_ds.eval.prior_maps import NEUTRAL_PHRASE
+    from mpma_ds.eval.prior_maps import NEUTRAL_PHRASES
 
-    enc = tokenizer([NEUTRAL_PHRASE], return_tensors="pt")
-    with torch.no_grad():
-        normal = model.grounding(images, enc["input_ids"].expand(2, -1), enc["attention_mask"].expand(2, -1))
-    torch.testing.assert_close(neutral, maps - normal[:, 1:-1].mean(1), atol=1e-5, rtol=1e-5)
+    def mean_map(phrases):  # each phrase's map as MPMA.grounding gives it, averaged ([UNK]-only phrases left out)
+        found = []
+        for phrase in phrases:
+            enc = tokenizer([phrase], return_tensors="pt")
+            own = ~torch.isin(enc["input_ids"][0], torch.tensor(tokenizer.all_special_ids))
+            if own.any():
+                with torch.no_grad():
+                    ids, mask = enc["input_ids"].expand(2, -1), enc["attention_mask"].expand(2, -1)
+                    found.append(model.grounding(images, ids, mask)[:, own].mean(1))
+        return torch.stack(found).mean(0), len(found)
+
+    normal, spelled = mean_map(NEUTRAL_PHRASES)
+    assert spelled == len(NEUTRAL_PHRASES)  # this tokenizer spells every neutral phrase: all seven in the mean
+    torch.testing.assert_close(neutral, maps - normal, atol=1e-5, rtol=1e-5)
     from mpma_ds.eval.grounding_maps import phrase_grids
 
     registered = phrase_grids(model, tokenizer, images, ["left pleural effusion"] * 2, map="similarity_neutral")
@@ -305,17 +315,9 @@ def test_phrase_maps_average_the_phrase_tokens_maps(shards):
     from mpma_ds.eval.prior_maps import FINDING_PHRASES
 
     findings = phrase_maps(model, tokenizer, images, "left pleural effusion", map="similarity_findings")
-    reference = []
-    for phrase in FINDING_PHRASES.values():
-        enc = tokenizer([phrase], return_tensors="pt")
-        own = ~torch.isin(enc["input_ids"][0], torch.tensor(tokenizer.all_special_ids))
-        if not own.any():  # a word this small tokenizer never saw: [UNK] only, left out of the mean
-            continue
-        with torch.no_grad():
-            full = model.grounding(images, enc["input_ids"].expand(2, -1), enc["attention_mask"].expand(2, -1))
-        reference.append(full[:, own].mean(1))
-    assert 0 < len(reference) < len(FINDING_PHRASES)  # this tokenizer cannot spell some: the mean skips them
-    torch.testing.assert_close(findings, maps - torch.stack(reference).mean(0), atol=1e-5, rtol=1e-5)
+    reference, spelled = mean_map(FINDING_PHRASES.values())
+    assert 0 < spelled < len(FINDING_PHRASES)  # this small tokenizer cannot spell some: the mean skips them
+    torch.testing.assert_close(findings, maps - reference, atol=1e-5, rtol=1e-5)
     registered = phrase_grids(model, tokenizer, images, ["left pleural effusion"] * 2, map="similarity_findings")
     torch.testing.assert_close(findings, registered, atol=1e-5, rtol=1e-5)
 

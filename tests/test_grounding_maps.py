@@ -186,7 +186,8 @@ class _Tokenizer:
                                          "cardiopulmonary", "process", "atelectasis", "cardiomegaly", "consolidation",
                                          "pulmonary", "edema", "widened", "mediastinum", "rib", "fracture", "nodule",
                                          "opacity", "apical", "thickening", "pneumonia", "pneumothorax",
-                                         "tube"])}  # fmt: skip
+                                         "tube", "the", "lungs", "are", "clear", "normal", "chest", "heart",
+                                         "size", "is", "mediastinal", "contours", "or", "focal"])}  # fmt: skip
     all_special_ids = [0, 1, 2]
 
     def __call__(self, texts, padding=True, return_tensors="pt"):  # noqa: ARG002
@@ -210,7 +211,7 @@ class _PriorNet(torch.nn.Module):
         table = torch.zeros(len(_Tokenizer.vocab), 3)
         table[3:6] = torch.tensor([1.0, 1.0, 1.0])  # left pleural effusion
         table[6:10] = torch.tensor([1.0, 1.0, 0.0])  # no acute cardiopulmonary process (the neutral phrase)
-        table[10:] = torch.tensor([1.0, 1.0, 0.0])  # the other findings' words: not this film's finding texture
+        table[10:] = torch.tensor([1.0, 1.0, 0.0])  # the other findings' and the neutral phrases' words
         self.table = table
 
     def grounding(self):  # noqa: ANN201 - marks it as a model (attribution._module)
@@ -239,7 +240,15 @@ def _film(finding: tuple[int, int] | None, bright: tuple[int, int] | None = None
 def test_prior_removed_maps_point_at_the_finding_where_the_raw_similarity_points_at_the_prior():
     from mpma_ds.eval.attribution import MAPS
     from mpma_ds.eval.grounding import pointing_hit
-    from mpma_ds.eval.prior_maps import FINDING_PHRASES, GroundingPrior, attach_prior, findings_vector, fit_prior
+    from mpma_ds.eval.prior_maps import (
+        FINDING_PHRASES,
+        NEUTRAL_PHRASES,
+        GroundingPrior,
+        attach_prior,
+        findings_vector,
+        fit_prior,
+        neutral_vector,
+    )
 
     net, tok = _PriorNet(), _Tokenizer()
     assert {"similarity_contrast", "similarity_zscore", "similarity_neutral"} <= set(MAPS)
@@ -253,7 +262,11 @@ def test_prior_removed_maps_point_at_the_finding_where_the_raw_similarity_points
     assert not any(pointing_hit(g, b, SIZE) for g, b in zip(raw, boxes))  # the prior's cell (0, 0) wins
     neutral = phrase_grids(net, tok, films, phrases, map="similarity_neutral")
     assert all(pointing_hit(g, b, SIZE) for g, b in zip(neutral, boxes))
-    torch.testing.assert_close(neutral, films[:, 1, ::16, ::16])  # (1,1,1) - (1,1,0): the finding's texture only
+    # the neutral phrases read prior and brightness as the finding's words do; of the texture only "pleural
+    # effusion" in "no pleural effusion or pneumothorax" (2 of its 5 words), 1 of the 7 phrases
+    n = neutral_vector(net, tok)
+    torch.testing.assert_close(n, torch.tensor([1.0, 1.0, 2 / 5 / len(NEUTRAL_PHRASES)]))
+    torch.testing.assert_close(neutral, (1 - n[2]) * films[:, 1, ::16, ::16])  # the finding's texture only
     # the finding phrases' mean: "pleural effusion" (both words texture) and "apical pleural thickening" (1 of 3)
     # read texture, the other 11 do not; what every phrase shares (prior, brightness) cancels as above
     assert "similarity_findings" in available_maps(net)

@@ -17,7 +17,7 @@ so that two models evaluated on the same entry are compared by a *paired* bootst
 - **retrieval**: image <-> report R@1/5/10 both ways over the records' texts (MIMIC 5x200), identical reports one
   candidate (`eval.retrieval`).
 - **grounding** (BioViL's three): per (image, finding, phrase) the phrase's map (the entry's ``map``, default
-  `eval.grounding.BEST_MAP`: the similarity minus the finding phrases' mean; ``similarity`` the raw one;
+  `eval.grounding.BEST_MAP`: the similarity minus the neutral phrases'; ``similarity`` the raw one;
   MS-CXR's own report phrase when the box carries one, else the finding's name), the pointing game (the map's maximum
   inside the boxes), CNR = |mean_in - mean_out| / sqrt(var_in +
   var_out) of the map upsampled to the input, and the IoU of the min-max-normalised map thresholded at 0.5 with

@@ -55,17 +55,16 @@ from mpma_ds.eval.prior_maps import FINDING_PHRASES, findings_vector, neutral_ve
 #: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
 #: where they use it. Lung Lesion is a "nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum,
 #: Pleural Other an apical pleural thickening / cap, Support Devices tubes, lines and catheters.
-BEST_MAP = "similarity_findings"
+BEST_MAP = "similarity_neutral"
 """The grounding map every default plays — `evaluate_grounding`, `phrase_maps`, ``mpma-evaluate --grounding``,
 ``mpma-predict``, the demo and the comparison report's gallery — the best measured (docs/model.md, "Which map
-points"): the local alignment's similarity of the phrase minus the mean similarity of all finding phrases on the
-same film (`prior_maps.similarity_findings_grids`). On three 900-step demo models it points above
-``similarity_neutral`` and above its random twin outside both intervals on every split measured."""
+points" and "No phrase to choose"): the local alignment's similarity of the phrase minus that of the neutral
+phrases, ensembled, on the same film (`prior_maps.similarity_neutral_grids`, `prior_maps.NEUTRAL_PHRASES`). Of the
+maps measured on four 900-step models it is the one above its random twin outside both intervals on every split."""
 
 LINEAR_MAPS = ("similarity", "similarity_neutral", "similarity_findings")
 """The maps that are one query vector (or the mean of several) against the patch features (`phrase_vectors`):
 what `phrase_maps` and the predictor's windowed maps can give."""
-
 
 
 class GroundTruthError(ValueError):
@@ -213,7 +212,7 @@ def phrase_vectors(
 ) -> list[torch.Tensor]:
     """Each phrase's query against the patch features for a map of `LINEAR_MAPS`: its (T, E) token features for
     ``similarity`` (the map is the mean of their maps), the (1, E) mean of them minus the neutral phrase's mean
-    token (`prior_maps.NEUTRAL_PHRASE`) for ``similarity_neutral``, minus the mean of the finding phrases'
+    token (`prior_maps.neutral_vector`: the neutral phrases, ensembled) for ``similarity_neutral``, minus the mean of the finding phrases'
     (`prior_maps.findings_vector`) for ``similarity_findings``. Float32 on the CPU."""
     tokens = phrase_tokens(model, tokenizer, phrases, device=device)
     if map == "similarity":
@@ -238,7 +237,7 @@ def phrase_maps(
 ) -> torch.Tensor:
     """One (Hp, Wp) map per image of ``map`` (one of `LINEAR_MAPS`): for ``similarity`` the mean over the
     phrase's tokens of their token x patch cosine maps (`MPMA.grounding` of the phrase alone), for
-    ``similarity_neutral`` that minus the neutral phrase's, for ``similarity_findings`` minus the finding
+    ``similarity_neutral`` that minus the neutral phrases' mean, for ``similarity_findings`` minus the finding
     phrases' mean. ``phrase``: one for every image, or one per image.
 
     Returns:

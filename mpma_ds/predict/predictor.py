@@ -9,8 +9,8 @@ probability.
 
 **Grounding.** The map is the evaluation's phrase map (`eval.grounding.phrase_maps` of `BEST_MAP`, the one the
 pointing game scores, docs/model.md "Grounding maps"): the phrase tokenised alone, the mean over its tokens of
-their cosine with every patch in the local alignment's feature space, minus the mean of the same over every
-finding phrase (``similarity_findings``, docs/model.md "Which map points"). A finding is queried with the phrase the pointing game
+their cosine with every patch in the local alignment's feature space, minus the same of the neutral phrases,
+ensembled (``similarity_neutral``, docs/model.md "Which map points"). A finding is queried with the phrase the pointing game
 uses for it (`eval.grounding.finding_phrase`). So that the map covers the whole film in its own aspect, not the
 model's square, the film is resized to the model's scale (shorter side ``image_size``) and cut into the fewest
 square windows that cover its long side (overlapping evenly); each window's (Hp, Wp) map is upsampled

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from mpma_ds.distributed import free_port
 from mpma_ds.eval.grounding import BEST_MAP, pointing_game_summary, shards_have_truth, write_overlays
+from mpma_ds.eval.prior_maps import NEUTRAL_PHRASES
 from mpma_ds.fileio import atomic_write_text
 from mpma_ds.recipes import find_recipe
 from mpma_ds.runner.evaluate import TABLE_ROWS, run_evaluation
@@ -576,6 +577,7 @@ class Demo:
                 "zero_shot_min_count": a.zero_shot_min_count,
                 "grounding": GROUNDING_OVERLAYS,
                 "map": BEST_MAP,
+                "neutral": list(NEUTRAL_PHRASES),  # what similarity_neutral takes off: another set re-scores
             },  # fmt: skip
             self.evaluate,
             ("eval",),
