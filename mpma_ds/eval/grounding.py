@@ -60,7 +60,8 @@ BEST_MAP = "similarity_neutral"
 ``mpma-predict``, the demo and the comparison report's gallery — the best measured (docs/model.md, "Which map
 points" and "No phrase to choose"): the local alignment's similarity of the phrase minus that of the neutral
 phrases, ensembled, on the same film (`prior_maps.similarity_neutral_grids`, `prior_maps.NEUTRAL_PHRASES`). Of the
-maps measured on four 900-step models it is the one above its random twin outside both intervals on every split."""
+references measured on four 900-step models it is the one above a fixed random twin outside both intervals on
+every split."""
 
 LINEAR_MAPS = ("similarity", "similarity_neutral", "similarity_findings")
 """The maps that are one query vector (or the mean of several) against the patch features (`phrase_vectors`):
@@ -211,9 +212,9 @@ def phrase_vectors(
     model: Any, tokenizer: Any, phrases: Sequence[str], *, map: str = BEST_MAP, device: Any = "cpu"
 ) -> list[torch.Tensor]:
     """Each phrase's query against the patch features for a map of `LINEAR_MAPS`: its (T, E) token features for
-    ``similarity`` (the map is the mean of their maps), the (1, E) mean of them minus the neutral phrase's mean
-    token (`prior_maps.neutral_vector`: the neutral phrases, ensembled) for ``similarity_neutral``, minus the mean of the finding phrases'
-    (`prior_maps.findings_vector`) for ``similarity_findings``. Float32 on the CPU."""
+    ``similarity`` (the map is the mean of their maps); for ``similarity_neutral`` the (1, E) mean of them minus
+    the neutral phrases' (`prior_maps.neutral_vector`), for ``similarity_findings`` minus the finding phrases'
+    (`prior_maps.findings_vector`). Float32 on the CPU."""
     tokens = phrase_tokens(model, tokenizer, phrases, device=device)
     if map == "similarity":
         return tokens
@@ -338,9 +339,9 @@ def evaluate_grounding(
     ``truth`` (see the module docstring), and the first ``n_examples`` pairs for overlays. ``sizes``: the
     stored JPEGs' ``(width, height)`` by sample key (`stored_sizes`). ``map``: which map points
     (`attribution.MAPS`: "similarity", the local alignment's; "cross_attention", "attention_rollout",
-    "gloria_attention", "gradcam_itc", "gradcam_itm", and the prior-removed "similarity_findings",
-    "similarity_neutral", "similarity_contrast", "similarity_zscore" of `prior_maps`, the last two with a prior attached to the model;
-    default `BEST_MAP`); it is named in the metrics as ``grounding_map``.
+    "gloria_attention", "gradcam_itc", "gradcam_itm", and the prior-removed "similarity_neutral",
+    "similarity_findings", "similarity_contrast", "similarity_zscore" of `prior_maps`, the last two with a prior
+    attached to the model; default `BEST_MAP`); it is named in the metrics as ``grounding_map``.
 
     Returns:
         `pointing_game_with_intervals`'s metrics (its ``bootstrap_*`` entries as ``pointing_game_bootstrap_*``)

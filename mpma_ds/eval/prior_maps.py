@@ -19,7 +19,8 @@ Hp x Wp x E x E floats), not one map per phrase:
   films, ``sqrt(t' S_hw t)``: how unusual this film's cell is for this phrase.
 - ``similarity_neutral``: ``(t - n) . p_hw(x)``, the phrase's map minus the map of neutral phrases
   (`NEUTRAL_PHRASES`, what normal reports say; n the mean of their vectors) on the same film: what is left when
-  the film's own structure, which every phrase follows alike, is subtracted. Linear too: one vector ``t - n`` against the patches.
+  the film's own structure, which every phrase follows alike, is subtracted. Linear too: one vector ``t - n``
+  against the patches.
 - ``similarity_findings``: ``(t - f) . p_hw(x)`` with f the mean of every finding phrase's vector
   (`FINDING_PHRASES`): where this finding reads above findings in general on this film. What every finding phrase
   follows alike (the film's structure, the prior) cancels as in the neutral map, with no neutral phrase to choose.
