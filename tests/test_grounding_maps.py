@@ -210,8 +210,7 @@ class _PriorNet(torch.nn.Module):
         self.prior[0, 0] = 2.0
         table = torch.zeros(len(_Tokenizer.vocab), 3)
         table[3:6] = torch.tensor([1.0, 1.0, 1.0])  # left pleural effusion
-        table[6:10] = torch.tensor([1.0, 1.0, 0.0])  # no acute cardiopulmonary process (the neutral phrase)
-        table[10:] = torch.tensor([1.0, 1.0, 0.0])  # the other findings' and the neutral phrases' words
+        table[6:] = torch.tensor([1.0, 1.0, 0.0])  # every other word: the neutral phrases', the other findings'
         self.table = table
 
     def grounding(self):  # noqa: ANN201 - marks it as a model (attribution._module)

@@ -52,9 +52,6 @@ from mpma_ds.eval.attribution import MAPS, model_grids
 from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.prior_maps import FINDING_PHRASES, findings_vector, neutral_vector
 
-#: How the synthetic reports (``data_tools/synth/reports.py``) word each finding; the CheXpert name in lower case
-#: where they use it. Lung Lesion is a "nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum,
-#: Pleural Other an apical pleural thickening / cap, Support Devices tubes, lines and catheters.
 BEST_MAP = "similarity_neutral"
 """The grounding map every default plays — `evaluate_grounding`, `phrase_maps`, ``mpma-evaluate --grounding``,
 ``mpma-predict``, the demo and the comparison report's gallery — the best measured (docs/model.md, "Which map

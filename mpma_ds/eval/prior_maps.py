@@ -68,8 +68,10 @@ FINDING_PHRASES: dict[str, str] = {
     "Pneumothorax": "pneumothorax",
     "Support Devices": "tube",
 }
-"""The query phrase of each finding (`eval.grounding.finding_phrase` prefixes the side): the CheXpert name in lower
-case, or how the synthetic reports word it. Together they are the reference of ``similarity_findings``."""
+"""The query phrase of each finding (`eval.grounding.finding_phrase` prefixes the side): how the synthetic reports
+(``data_tools/synth/reports.py``) word it, the CheXpert name in lower case where they use it (Lung Lesion is a
+"nodule" or "mass", Enlarged Cardiomediastinum a widened mediastinum, Pleural Other an apical pleural thickening /
+cap, Support Devices tubes, lines and catheters). Together they are the reference of ``similarity_findings``."""
 
 ZSCORE_FLOOR = 1e-6
 """Floor of the z-score's per-cell standard deviation: a cell whose map never varies scores 0, not inf."""
