@@ -180,6 +180,18 @@ def test_nothing_scored_exits_non_zero(films, model_dir, tmp_path):
     assert rc == 2 and "matches no file" in stderr
 
 
+def test_a_phrase_the_model_cannot_read_is_refused_before_any_film(films, model_dir, tmp_path):
+    """Longer than the model's max_text_len (BERT's position table would crash mid-run), or nothing but special
+    tokens: one line naming the phrase and the limit, exit 2, no film scored and nothing written."""
+    limit = mpma_ds.Predictor(model_dir, device="cpu", calibration=None).model.config.max_text_len
+    long = " ".join(["left pleural effusion"] * limit)
+    out = tmp_path / "o"
+    for phrase, why in ((long, f"this model reads at most {limit} (its max_text_len)"), ("[UNK]", "no token")):
+        rc, stdout, stderr = run_cli("--model", str(model_dir), str(films), "--phrase", phrase, "--out", str(out))
+        assert rc == 2 and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert "scored" not in stdout and not out.exists()
+
+
 def test_inputs_files_folders_globs_each_once(films):
     files, problems = expand_inputs([str(films), str(films / "*.jpg"), str(films / "ct_slice.dcm")])
     assert len(files) == 7 and len({f.resolve() for f in files}) == 7 and problems == []

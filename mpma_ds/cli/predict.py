@@ -133,6 +133,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
     calibration = None if args.no_calibration else (args.calibration or "auto")
     predictor = Predictor(model_dir, tokenizer=args.tokenizer, device=args.device, labels=labels, prompts=prompts,
                           calibration=calibration if not args.calibrate else None)  # fmt: skip
+    predictor.phrase_queries(list(dict.fromkeys(args.phrase)))  # a phrase it cannot read: refused before any film
     if args.calibrate:
         cal = fit_calibration(predictor, args.calibrate, split=args.calibration_split,
                               method=args.calibration_method, min_count=args.calibration_min_count,

@@ -49,17 +49,32 @@ def available_maps(model: Any) -> tuple[str, ...]:
     )
 
 
+def text_limit(net: Any) -> int | None:
+    """The longest text (tokens, [CLS]/[SEP] included) ``net`` reads: its config's ``max_text_len``; None for a
+    model that declares none (a hand-made model in a test)."""
+    return getattr(getattr(net, "config", None), "max_text_len", None)
+
+
 def _tokenise(
-    tokenizer: Any, phrases: Sequence[str], device: Any, *, allow_empty: bool = False
+    tokenizer: Any, phrases: Sequence[str], device: Any, *, max_len: int | None = None, allow_empty: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, L) ids, attention mask and the bool mask of the phrase's own tokens (no [CLS]/[SEP]/padding, no
-    [UNK]: special). A phrase with none is refused unless ``allow_empty`` (its row of the mask is then empty)."""
+    [UNK]: special). A phrase with none is refused unless ``allow_empty`` (its row of the mask is then empty);
+    one longer than ``max_len`` tokens ([CLS]/[SEP] included: the model's ``max_text_len``) is refused."""
     enc = tokenizer(list(phrases), padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    if max_len is not None:
+        lengths = mask.sum(dim=1).tolist()
+        for phrase, n in zip(phrases, lengths):
+            if n > max_len:
+                short = phrase if len(phrase) <= 60 else phrase[:57] + "..."
+                raise ValueError(f"phrase {short!r} is {n} tokens long with [CLS]/[SEP]; this model reads at most "
+                                 f"{max_len} (its max_text_len): shorten the phrase")  # fmt: skip
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     own = mask.bool() & ~torch.isin(ids, special)  # (P, L)
     if not allow_empty and not own.any(dim=1).all():
-        raise ValueError(f"a phrase of {list(phrases)} has no token besides the special ones")
+        empty = phrases[int((~own.any(dim=1)).nonzero()[0])]
+        raise ValueError(f"phrase {empty!r} has no token besides the special ones ([CLS], [SEP], [UNK])")
     return ids.to(device), mask.to(device), own.to(device)
 
 
@@ -266,7 +281,7 @@ def model_grids(model: Any, tokenizer: Any, images: torch.Tensor, phrases: Seque
     was_training = net.training
     net.eval()
     try:
-        ids, mask, own = _tokenise(tokenizer, phrases, device)
+        ids, mask, own = _tokenise(tokenizer, phrases, device, max_len=text_limit(net))
         entry = GROUNDING_MAPS.get(map)
         extra = {"tokenizer": tokenizer} if entry.meta.get("tokenizer") else {}  # a map that tokenises more text
         return entry.obj(net, images, ids, mask, own, **extra).float().cpu()

@@ -48,7 +48,7 @@ from PIL import Image
 from mpma_ds.data.samples import SampleReader, decode_meta
 from mpma_ds.data.shards import load_shard_index
 from mpma_ds.data.transforms import eval_geometry
-from mpma_ds.eval.attribution import MAPS, model_grids
+from mpma_ds.eval.attribution import MAPS, _tokenise, model_grids, text_limit
 from mpma_ds.eval.bootstrap import with_intervals
 from mpma_ds.eval.prior_maps import FINDING_PHRASES, findings_vector, neutral_vector
 
@@ -191,17 +191,10 @@ def phrase_tokens(
     """Each phrase alone through the text side of the local alignment: a (T_i, E) float32 CPU tensor of its
     L2-normalised token features, [CLS]/[SEP]/padding left out."""
     net = _module(model)
-    enc = tokenizer(list(phrases), padding=True, return_tensors="pt")
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, mask, own = _tokenise(tokenizer, list(phrases), device, max_len=text_limit(net))
     tokens = net.token_embeddings(ids, mask).float().cpu()  # (P, L, E)
-    special = set(tokenizer.all_special_ids)
-    out = []
-    for i in range(len(phrases)):
-        keep = mask[i].bool().cpu() & torch.tensor([t not in special for t in ids[i].tolist()])
-        if not keep.any():
-            raise ValueError(f"phrase {phrases[i]!r} has no token besides the special ones")
-        out.append(tokens[i][keep])  # (T, E)
-    return out
+    own = own.cpu()
+    return [tokens[i][own[i]] for i in range(len(phrases))]  # (T_i, E) each
 
 
 @torch.no_grad()

@@ -223,7 +223,9 @@ class Predictor:
         return None if self.calibration is None else self.calibration.apply(scores.numpy())
 
     # ------------------------------------------------------------------------------------------ grounding
-    def _phrase_tokens(self, phrases: Sequence[str]) -> list[torch.Tensor]:
+    def phrase_queries(self, phrases: Sequence[str]) -> list[torch.Tensor]:
+        """Each phrase's query of `BEST_MAP` (cached); a phrase the model cannot read (longer than its
+        ``max_text_len``, or only special tokens) raises ValueError naming it, so check them before a long run."""
         todo = [p for p in dict.fromkeys(phrases) if p not in self._phrase_cache]
         if todo:
             for p, t in zip(
@@ -266,7 +268,7 @@ class Predictor:
         tiles, where, (new_h, new_w) = self.windows(film)
         size = self.data_cfg.image_size
         patches = self.model.patch_embeddings(tiles.to(self.device, self.dtype)).float()  # (K, Hp, Wp, E)
-        tokens = self._phrase_tokens(phrases)
+        tokens = self.phrase_queries(phrases)
         # overlapping windows blend with a tent weight along the long side (no seam where one window ends)
         centre = (torch.arange(size, device=patches.device) + 0.5) / size
         ramp = 1.0 - (2.0 * centre - 1.0).abs() + 1e-3  # (S,)
