@@ -199,9 +199,7 @@ def mean_phrase_vector(net: Any, tokenizer: Any, phrases: Sequence[str], *, devi
     Raises:
         ValueError: a phrase without a token of its own (without ``skip_unknown``: any; with it: every one).
     """
-    ids, mask, own = _tokenise(
-        tokenizer, list(phrases), device, max_len=text_limit(net), allow_empty=skip_unknown
-    )
+    ids, mask, own = _tokenise(tokenizer, list(phrases), device, max_len=text_limit(net), allow_empty=skip_unknown)
     kept = own.any(dim=1)
     if not kept.any():
         raise ValueError(f"none of the phrases {list(phrases)} has a token besides the special ones")
