@@ -185,3 +185,24 @@ def test_fresh_never_deletes_a_folder_that_is_not_a_demos(tmp_path):
     assert "not a demo's work folder" in errors[0]
     assert (mine / "notes.txt").read_text() == "mine" and (mine / "run" / "checkpoints").is_dir()
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "run"]
+
+
+def test_an_edited_recipe_pretrains_again(tmp_path, monkeypatch):
+    """The pretraining stage's settings hold the resolved recipe, not only the demo's --set overrides: editing
+    `pretrain_tiny` (or a default it leaves alone) must not reuse a model trained by the old one."""
+    import shutil
+
+    import mpma_ds.runner.demo as demo_mod
+    from mpma_ds.cli.demo import parse_args
+    from mpma_ds.recipes import find_recipe
+
+    demo = demo_mod.Demo(parse_args(["--out", str(tmp_path / "demo")]))
+    shipped = demo.pretrain_recipe()
+    assert json.loads(json.dumps(shipped)) == shipped  # compares equal to its marker's JSON copy (a rerun reuses)
+    assert shipped["train"]["max_steps"] == demo.args.steps  # the overrides are in it
+    edited = tmp_path / "pretrain_tiny.yaml"
+    shutil.copy(find_recipe("pretrain_tiny"), edited)
+    edited.write_text(edited.read_text().replace("w_mlm: 4.0", "w_mlm: 2.0"))
+    monkeypatch.setattr(demo_mod, "find_recipe", lambda name: edited)
+    changed = demo.pretrain_recipe()
+    assert changed != shipped and changed["model"]["overrides"]["w_mlm"] == 2.0

@@ -68,6 +68,13 @@ def test_the_cache_key_follows_contents_encoder_and_budget_not_paths(tmp_path, m
                        check_files=False)  # fmt: skip
     others = {sb.bound_key(sb.bound_inputs(a, r, m)) for r, m in ((longer, 20), (conv, 20), (recipe, 10))}
     assert key not in others and len(others) == 3
+    # settings of the pretraining loss alone (masking, aligned pass, weights) build no layer: the same bound
+    loss_only = ["model.overrides.image_mask_ratio=0.6", "model.overrides.align_on=full", "model.overrides.w_mlm=2",
+                 "data.mlm_finding_probability=0.5"]  # fmt: skip
+    same = load_recipe(TINY_RECIPE, ["train.max_steps=7", *loss_only], cls=Recipe, check_files=False)
+    assert sb.bound_key(sb.bound_inputs(a, same, 20)) == key
+    itm = load_recipe(TINY_RECIPE, ["train.max_steps=7", "model.overrides.w_itm=1"], cls=Recipe, check_files=False)
+    assert sb.bound_key(sb.bound_inputs(a, itm, 20)) != key  # an ITM head: another initialisation
     assert (
         sb.Budget.of(recipe).steps == 7
         and sb.Budget.of(recipe).global_batch_size == recipe.train.global_batch_size

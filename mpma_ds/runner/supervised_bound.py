@@ -12,8 +12,9 @@ taught the labels is an upper bound of what report supervision buys in the same 
 
 The bound depends only on the corpus, the encoder and the budget, so it is measured once and cached under
 `default_cache_dir` (``$MPMA_CACHE_DIR`` or ``~/.cache/mpma-ds``) by `bound_key`: the digest of the shard
-manifest's contents (`corpus_digest`: each shard's name and sha256, not where it lies), the whole model config and
-the budget. A rerun of ``make demo`` on the same corpus, ``--fresh`` included, reads it back in milliseconds.
+manifest's contents (`corpus_digest`: each shard's name and sha256, not where it lies), the model config but for
+the pretraining-only settings (`PRETRAINING_ONLY`: loss weights and masking, which build no layer) and the budget.
+A rerun of ``make demo`` on the same corpus, ``--fresh`` included, reads it back in milliseconds.
 ``benchmarks/bench_supervised_bound.py`` runs the same measurement over other stems and budgets.
 """
 
@@ -38,8 +39,17 @@ from mpma_ds.training.recipe import FinetuneRecipe, Recipe, load_recipe
 BOUND_RECIPE = "finetune_cls_tiny"
 """The fine-tuning recipe the bound runs (``cls``: image encoder + linear head, trained end to end)."""
 CACHE_ENV = "MPMA_CACHE_DIR"
-CACHE_VERSION = 1
-"""Part of every key: a change to how the bound is measured must not read an older measurement."""
+CACHE_VERSION = 2
+"""Part of every key: a change to how the bound is measured must not read an older measurement (2: the
+`PRETRAINING_ONLY` settings left the key)."""
+PRETRAINING_ONLY = (
+    "image_mask_ratio", "align_on", "w_mlm", "w_mim", "w_global", "w_local", "local_exclude_masked_tokens",
+    "mlm_masked_only", "mim_masked_only", "norm_pix_loss",
+)  # fmt: skip
+"""Model settings the bound does not depend on: they shape only the pretraining loss (what is masked, which
+pass is aligned, how the terms weigh) and build no layer, and the bound's classifier reads the whole film
+(`MPMA.image_features`). A recipe that changes only these reads the same cached bound. (``w_itm`` stays in the
+key: above 0 it builds the ITM head, which moves the random initialisation of the layers built after it.)"""
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,9 @@ def bound_inputs(shards: str | Path, recipe: Recipe, min_count: int) -> dict[str
         "version": CACHE_VERSION,
         "corpus": corpus_digest(shards),
         "model": recipe.model.name,
-        "model_config": json_safe(dataclasses.asdict(recipe.model.config)),
+        "model_config": json_safe(
+            {k: v for k, v in dataclasses.asdict(recipe.model.config).items() if k not in PRETRAINING_ONLY}
+        ),
         "budget": dataclasses.asdict(Budget.of(recipe)),
         "min_count": min_count,
     }
