@@ -81,7 +81,12 @@ def test_set_overrides_are_typed_and_the_saved_recipe_round_trips(tmp_path):
     )  # fmt: skip
     assert recipe.train.lr == pytest.approx(3e-4) and isinstance(recipe.train.lr, float)
     assert recipe.train.max_steps == 7 and recipe.data.backend == "synthetic"
-    assert recipe.model.overrides == {"align_on": "full", "memory_slots": 0}  # merged into the recipe's own
+    assert recipe.model.overrides == {  # merged into the recipe's own
+        "align_on": "masked",
+        "image_mask_ratio": 0.25,
+        "w_mlm": 4.0,
+        "memory_slots": 0,
+    }
     assert recipe.train.betas == (0.8, 0.9) and recipe.tracking.run_name == "abc"
     assert Path(recipe.deepspeed_config).name == "cpu_zero2.json"
     path = save_recipe(recipe, tmp_path / "recipe.yaml")

@@ -39,11 +39,28 @@ def test_flatten_overrides_nested_and_dotted_keys():
 
 def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
     cfg = load_sweep("ablation_tiny")
-    assert set(cfg.arms) == {"full", "clip", "global_local", "m3ae", "no_memory", "conv_stem", "gloria"}
+    assert set(cfg.arms) == {
+        "full",
+        "no_levers",
+        "clip",
+        "global_local",
+        "m3ae",
+        "no_memory",
+        "conv_stem",
+        "gloria",
+    }
     assert cfg.reference == "full" and len(cfg.seeds) == 2
-    models = {arm: arm_recipe(cfg, arm, 0).model.config for arm in cfg.arms}
-    full = models["full"]
-    assert full.align_on == "full" and full.memory_slots == 32  # the base recipe's own override survives
+    recipes = {arm: arm_recipe(cfg, arm, 0) for arm in cfg.arms}
+    models = {arm: recipe.model.config for arm, recipe in recipes.items()}
+    full = models["full"]  # the base recipe's own overrides survive
+    assert (full.align_on, full.image_mask_ratio, full.w_mlm, full.memory_slots) == ("masked", 0.25, 4.0, 32)
+    assert recipes["full"].data.mlm_finding_probability == 0.9
+    for arm in ("no_levers", "m3ae"):  # the recipe before the levers; M3AE's own masking
+        assert (models[arm].image_mask_ratio, models[arm].w_mlm) == (0.75, 1.0), arm
+        assert (recipes[arm].data.mlm_finding_probability, recipes[arm].data.mlm_finding_classes) == (None, []), (
+            arm
+        )
+    assert models["no_levers"].align_on == "full" and models["no_levers"].memory_slots == 32
     assert (models["clip"].w_mlm, models["clip"].w_mim, models["clip"].w_local, models["clip"].w_global) == (
         0,
         0,
@@ -51,7 +68,7 @@ def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
         1,
     )
     assert models["m3ae"].memory_slots == 0 and models["m3ae"].w_itm == 1.0 and models["m3ae"].w_global == 0
-    assert models["no_memory"].memory_slots == 0 and models["no_memory"].w_mlm == 1.0
+    assert models["no_memory"].memory_slots == 0 and models["no_memory"].w_mlm == 4.0
     assert models["conv_stem"].patch_stem == "conv"
     assert models["gloria"].local_loss == "gloria" and full.local_loss == "late_interaction"
     assert cfg.evaluation.linear_probe_fraction == 0.01
