@@ -69,8 +69,8 @@ def test_the_cache_key_follows_contents_encoder_and_budget_not_paths(tmp_path, m
     others = {sb.bound_key(sb.bound_inputs(a, r, m)) for r, m in ((longer, 20), (conv, 20), (recipe, 10))}
     assert key not in others and len(others) == 3
     # settings of the pretraining loss alone (masking, aligned pass, weights) build no layer: the same bound
-    loss_only = ["model.overrides.image_mask_ratio=0.6", "model.overrides.align_on=full", "model.overrides.w_mlm=2",
-                 "data.mlm_finding_probability=0.5"]  # fmt: skip
+    loss_only = ["model.overrides.image_mask_ratio=0.6", "model.overrides.align_on=full",
+                 "model.overrides.w_mlm=2", "data.mlm_finding_probability=0.5"]  # fmt: skip
     same = load_recipe(TINY_RECIPE, ["train.max_steps=7", *loss_only], cls=Recipe, check_files=False)
     assert sb.bound_key(sb.bound_inputs(a, same, 20)) == key
     itm = load_recipe(TINY_RECIPE, ["train.max_steps=7", "model.overrides.w_itm=1"], cls=Recipe, check_files=False)

@@ -514,7 +514,7 @@ class Demo:
     def supervised_bound(self) -> dict[str, Any]:
         """The zero-shot AUROC's supervised bound (`runner.supervised_bound`): read from its cache, else — with
         ``--measure-bound`` — measured in this process (output in ``logs/supervised_bound.log``) and cached, or left
-        unknown (measuring it adds about 100 s on 2 CPU cores, which would take the demo to the edge of its 15 minutes)."""
+        unknown (measuring it adds about 100 s on 2 CPU cores: the demo would end at the edge of 15 minutes)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / "supervised_bound.log"
         tracking = [f"tracking.uri={self.tracking_uri}", f"tracking.experiment={EXPERIMENT}",
