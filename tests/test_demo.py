@@ -197,12 +197,12 @@ def test_an_edited_recipe_pretrains_again(tmp_path, monkeypatch):
     from mpma_ds.recipes import find_recipe
 
     demo = demo_mod.Demo(parse_args(["--out", str(tmp_path / "demo")]))
-    shipped = demo.pretrain_recipe()
+    shipped = demo.pretrain_settings({"seed": 0})
     assert json.loads(json.dumps(shipped)) == shipped  # compares equal to its marker's JSON copy (a rerun reuses)
-    assert shipped["train"]["max_steps"] == demo.args.steps  # the overrides are in it
+    assert shipped["recipe"]["train"]["max_steps"] == demo.args.steps  # the overrides are in it
     edited = tmp_path / "pretrain_tiny.yaml"
     shutil.copy(find_recipe("pretrain_tiny"), edited)
     edited.write_text(edited.read_text().replace("w_mlm: 4.0", "w_mlm: 2.0"))
     monkeypatch.setattr(demo_mod, "find_recipe", lambda name: edited)
-    changed = demo.pretrain_recipe()
-    assert changed != shipped and changed["model"]["overrides"]["w_mlm"] == 2.0
+    changed = demo.pretrain_settings({"seed": 0})
+    assert changed != shipped and changed["recipe"]["model"]["overrides"]["w_mlm"] == 2.0

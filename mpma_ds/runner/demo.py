@@ -243,11 +243,14 @@ class Demo:
             "tracking.run_name=demo-pretrain",
         ]
 
-    def pretrain_recipe(self) -> dict[str, Any]:
-        """The recipe the pretraining stage runs, resolved (``pretrain_tiny`` + the overrides, every default
-        filled in) as JSON reads it back: an edited recipe or a changed default pretrains again."""
-        recipe = load_recipe(find_recipe("pretrain_tiny"), self.pretrain_overrides(), check_files=False)
-        return json.loads(json.dumps(recipe_to_dict(recipe), default=str))
+    def pretrain_settings(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The pretraining stage's settings: the corpus's ``data``, the ranks, the overrides and the recipe it runs,
+        resolved (``pretrain_tiny`` + the overrides, every default filled in) as JSON reads it back, so an edited
+        recipe or a changed default pretrains again."""
+        overrides = self.pretrain_overrides()
+        recipe = load_recipe(find_recipe("pretrain_tiny"), overrides, check_files=False)
+        resolved = json.loads(json.dumps(recipe_to_dict(recipe), default=str))
+        return {"overrides": overrides, "recipe": resolved, "ranks": self.args.num_gpus, **data}
 
     def launch(
         self,
@@ -570,12 +573,7 @@ class Demo:
         pre = self.stage(
             "pretrain",
             f"pretraining mpma_tiny, {a.steps} steps on {a.num_gpus} ranks (ZeRO-3)",
-            {
-                "overrides": self.pretrain_overrides(),
-                "recipe": self.pretrain_recipe(),
-                "ranks": a.num_gpus,
-                **data,
-            },
+            self.pretrain_settings(data),
             self.pretrain,
             ("pretrain",),
         )
