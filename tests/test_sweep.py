@@ -182,11 +182,19 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     out = tmp_path / "out"
     table = (out / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| arm | zero-shot AUROC") and "pointing game (similarity)" in rows[0]
+    assert rows[0].startswith("| arm | training GFLOPs / sample | zero-shot AUROC")
+    assert "pointing game (similarity)" in rows[0]
     assert rows[1].startswith("| full |") and "(reference)" in rows[1]
     assert "linear probe AUROC (50 % labels)" in rows[0]
     assert rows[2].startswith("| clip |") and rows[2].count("[") == 8  # a paired interval in every column
     results = json.loads((out / "sweep_results.json").read_text())
+    flops = results["training_flops_per_sample"]  # what each arm's pretraining counted, in its summary.json
+    for arm in ("full", "clip"):
+        summary = json.loads((out / arm / "seed0" / "pretrain" / "summary.json").read_text())
+        assert flops[arm] == summary["flops_per_sample"] > 0
+    assert table_cells(table)["clip"]["training GFLOPs / sample"] == (
+        f"{flops['clip'] / 1e9:.3f} (x{flops['clip'] / flops['full']:.2f})"
+    )
     diff = results["differences"]["clip"]["i2t_R@10"]
     assert diff["difference"] == pytest.approx(diff["a"] - diff["b"])
     assert diff["difference_ci95"][0] <= diff["difference"] <= diff["difference_ci95"][1]
@@ -326,10 +334,16 @@ def test_paired_table_of_synthetic_arms_and_its_markdown():
     with pytest.raises(ValueError, match="same rows"):
         paired_table([RowOutputs({}, {**bad.rows, "texts": texts[::-1]})], [good])
     cfg = SweepConfig(arms={"full": {}, "weak": {}}, evaluation={"maps": ["similarity"], "bootstrap": 200})
-    table = sweep_table(cfg, {"full": [good], "weak": [bad]}, {"weak": diff})
-    weak = next(line for line in table.splitlines() if line.startswith("| weak |"))
+    table = sweep_table(cfg, {"full": [good], "weak": [bad]}, {"weak": diff}, {"full": 2.0e9, "weak": 2.5e9})
+    cells = table_cells(table)
+    assert cells["full"]["training GFLOPs / sample"] == "2.000"
+    assert cells["weak"]["training GFLOPs / sample"] == "2.500 (x1.25)"  # the compute beside the reference's
     d = diff["mlm_acc_findings"]
-    assert f"(-0.500 [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}])" in weak
+    assert cells["weak"]["masked finding words"].endswith(
+        f"(-0.500 [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}])"
+    )
+    no_flops = table_cells(sweep_table(cfg, {"full": [good], "weak": [bad]}, {"weak": diff}))
+    assert no_flops["weak"]["training GFLOPs / sample"] == "n/a"  # runs that counted none
 
 
 def test_paired_table_pairs_the_linear_probe_and_frozen_vqa_rows():

@@ -227,19 +227,35 @@ def _fmt(x: float, signed: bool = False) -> str:
     return "n/a" if x is None or math.isnan(x) else (f"{x:+.3f}" if signed else f"{x:.3f}")
 
 
-def sweep_table(cfg: SweepConfig, results: Mapping[str, Sequence[Any]], differences: Mapping[str, Mapping]) -> str:
-    """The markdown table: one row per arm, per metric the arm's value (mean over seeds) and its paired
-    difference from the reference with the 95 % interval; the per-seed differences under it."""
+def training_flops(cfg: SweepConfig, arm: str, seed: int) -> float:
+    """The forward + backward FLOPs per sample the arm x seed's pretraining counted (its ``summary.json``); NaN
+    when that run wrote none."""
+    summary = Path(cfg.output_dir) / arm / f"seed{seed}" / "pretrain" / "summary.json"
+    if not summary.is_file():
+        return math.nan
+    return float(json.loads(summary.read_text()).get("flops_per_sample") or math.nan)
+
+
+def sweep_table(cfg: SweepConfig, results: Mapping[str, Sequence[Any]], differences: Mapping[str, Mapping],
+                flops: Mapping[str, float] | None = None) -> str:  # fmt: skip
+    """The markdown table: one row per arm, its training GFLOPs per sample (``flops``: arm -> FLOPs, the same
+    steps and batch for every arm) beside the reference's, then per metric the arm's value (mean over seeds) and
+    its paired difference from the reference with the 95 % interval; the per-seed differences under it."""
     ref = cfg.reference
+    flops = flops or {}
     maps = [f"pointing_game[{m}]" for m in cfg.evaluation.maps if any(
         m in (r.metrics.get("grounding_maps") or {}) for r in results[ref])]  # fmt: skip
     fraction = f"{100 * cfg.evaluation.linear_probe_fraction:g} %"
     downstream = [(k, t.format(fraction=fraction)) for k, t in DOWNSTREAM_METRICS
                   if any(r.metrics.get(k) is not None for r in results[ref])]  # fmt: skip
     columns = [*TABLE_METRICS, *downstream] + [(k, f"pointing game ({k[14:-1]})") for k in maps]
-    lines = ["| arm | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| arm | training GFLOPs / sample | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
+    ref_flops = flops.get(ref, math.nan)
     for arm, found in results.items():
-        cells = []
+        arm_flops = flops.get(arm, math.nan)
+        ratio = "" if arm == ref or math.isnan(arm_flops / ref_flops) else f" (x{arm_flops / ref_flops:.2f})"
+        cells = [f"{_fmt(arm_flops / 1e9)}{ratio}"]
         for key, _ in columns:
             mean = sum(_value(r.metrics, key) for r in found) / len(found)
             if arm == ref:
@@ -343,12 +359,13 @@ def run_sweep(cfg: SweepConfig, *, arms: Sequence[str] | None = None, tracking_u
                               n_resamples=ev.bootstrap)
             for arm in chosen if arm != cfg.reference
         }  # fmt: skip
-        table = sweep_table(cfg, results, differences)
+        flops = {arm: sum(training_flops(cfg, arm, s) for s in cfg.seeds) / len(cfg.seeds) for arm in chosen}
+        table = sweep_table(cfg, results, differences, flops)
         out = Path(cfg.output_dir)
         (out / TABLE_FILE).write_text(table)
         summary = {"sweep": cfg.name, "reference": cfg.reference, "seeds": list(cfg.seeds),
                    "results": {a: [r.metrics for r in rs] for a, rs in results.items()},
-                   "differences": differences}  # fmt: skip
+                   "differences": differences, "training_flops_per_sample": flops}  # fmt: skip
         (out / RESULTS_FILE).write_text(json.dumps(json_safe(summary), indent=1) + "\n")
         diffs = {f"{arm}/{key}/difference": d["difference"] for arm, per in differences.items()
                  for key, d in per.items()}  # fmt: skip
