@@ -80,6 +80,42 @@ def test_shipped_ablation_arms_build_and_differ_only_where_they_say():
     assert recipes["clip"].tracking.tags["mpma.arm"] == "clip"
 
 
+def test_an_arm_is_evaluated_with_the_reference_data_and_not_retrained_for_a_new_protocol(tmp_path):
+    """Every arm's evaluation reads the reference arm's data settings (M3AE's 15 %-of-every-word masking would
+    otherwise score its masked finding words on other masks than the full model's), which enter the
+    fingerprint only where they differ from the arm's own, so a finished sweep's other arms stay current; and a
+    finished pretraining by the same recipe is not rerun when only the evaluation changes."""
+    import os
+
+    from mpma_ds.sweep.runner import _fingerprint, _trained
+    from mpma_ds.training.recipe import save_recipe
+
+    cfg = load_sweep("ablation_tiny", [f"output_dir={tmp_path / 'out'}"])
+    full, m3ae = arm_recipe(cfg, "full", 0), arm_recipe(cfg, "m3ae", 0)
+    ref_data = arm_recipe(cfg, cfg.reference, 0).data
+    assert m3ae.data.mlm_finding_probability is None and ref_data.mlm_finding_probability == 0.9
+    assert _fingerprint(full, cfg, ref_data) == _fingerprint(full, cfg, full.data)  # its own: named nowhere
+    assert _fingerprint(m3ae, cfg, ref_data) != _fingerprint(m3ae, cfg, m3ae.data)
+
+    run = tmp_path / "out" / "m3ae" / "seed0"
+    assert not _trained(m3ae, run)  # nothing there
+    save_recipe(m3ae, run / "pretrain" / "recipe.yaml")
+    (run / "pretrain" / "summary.json").write_text("{}")
+    model = run / "exported" / "model.safetensors"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    assert _trained(m3ae, run)
+    assert not _trained(arm_recipe(cfg, "m3ae", 1), run)  # another seed: another recipe
+    assert not _trained(full, run)
+    stamp = model.stat().st_mtime
+    later = (stamp + 10, stamp + 10)
+    os.utime(run / "pretrain" / "summary.json", later)  # a pretraining that finished after the export
+    assert not _trained(m3ae, run)
+    os.utime(run / "pretrain" / "summary.json", (stamp, stamp))
+    (run / "pretrain" / "summary.json").unlink()  # a fresh start removes it: killed before its end
+    assert not _trained(m3ae, run)
+
+
 def test_bad_sweep_is_one_line_naming_the_key(tmp_path, capsys):
     bad = tmp_path / "s.yaml"
     bad.write_text(yaml.safe_dump({"base": "pretrain_tiny", "arms": {"a": {}}, "reference": "b"}))
@@ -176,6 +212,7 @@ def table_cells(table: str) -> dict[str, dict[str, str]]:
 def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = two_arm_sweep(base, tmp_path, {"linear_probe_fraction": 0.5, "linear_probe_min_label_count": 1})
+    sweep["arms"]["clip"]["data"] = {"mlm_probability": 0.5}  # trained with other masking, evaluated with full's
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(sweep))
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
@@ -199,6 +236,8 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     assert diff["difference"] == pytest.approx(diff["a"] - diff["b"])
     assert diff["difference_ci95"][0] <= diff["difference"] <= diff["difference_ci95"][1]
     assert results["results"]["full"][0]["eval_samples"] > 0
+    same = ("mlm_tokens", "mlm_tokens_findings")  # the same masks for both arms: the reference's masking
+    assert [results["results"]["clip"][0][k] for k in same] == [results["results"]["full"][0][k] for k in same]
 
     client = MlflowClient(tracking_uri=db)
     exp = client.get_experiment_by_name("sweep-test")
@@ -228,6 +267,18 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db]) == 0
     assert capsys.readouterr().out.count("evaluation is current") == 2
     assert Path(out / "table.md").read_text() == table
+
+    # a new protocol evaluates every arm again on the models it has: no pretraining is rerun
+    def exported() -> dict[str, int]:
+        return {a: (out / a / "seed0" / "exported" / "model.safetensors").stat().st_mtime_ns for a in pretrain}
+
+    models = exported()
+    new_protocol = ["--set", "evaluation.bootstrap=60"]
+    assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db, *new_protocol]) == 0
+    said = capsys.readouterr().out
+    assert said.count("pretraining is current") == 2 and "pretraining 3 steps" not in said
+    assert said.count(": evaluating") == 2
+    assert exported() == models
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ above ``train.micro_batch_size`` is reached by gradient accumulation).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -73,14 +74,40 @@ def arm_recipe(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | Non
     return recipe
 
 
-def _fingerprint(recipe, cfg: SweepConfig) -> str:
-    """What an arm x seed's evaluation depends on: its recipe (less tracking) and the evaluation protocol."""
+def _recipe_tree(recipe) -> dict[str, Any]:
     from mpma_ds.config import to_dict
 
     tree = to_dict(recipe)
     tree.pop("tracking", None)
-    blob = json.dumps({"recipe": tree, "evaluation": to_dict(cfg.evaluation)}, sort_keys=True, default=str)
+    return tree
+
+
+def _fingerprint(recipe, cfg: SweepConfig, eval_data) -> str:
+    """What an arm x seed's evaluation depends on: its recipe (less tracking), the evaluation protocol and the
+    data settings it is evaluated with (named only where they are not the arm's own)."""
+    from mpma_ds.config import to_dict
+
+    tree = {"recipe": _recipe_tree(recipe), "evaluation": to_dict(cfg.evaluation)}
+    if to_dict(eval_data) != tree["recipe"]["data"]:
+        tree["eval_data"] = to_dict(eval_data)
+    blob = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _trained(recipe, run_dir: Path) -> bool:
+    """The arm x seed's export is of a finished pretraining by ``recipe``: its run folder's saved recipe (less
+    tracking) is this one, its ``summary.json`` was written (at the end of training; a fresh start removes it)
+    and the export is not older than it. Then only the evaluation is redone."""
+    from mpma_ds.training import load_recipe
+    from mpma_ds.training.recipe import RECIPE_FILE
+
+    pretrain, model = run_dir / "pretrain", run_dir / "exported" / "model.safetensors"
+    summary, saved = pretrain / "summary.json", pretrain / RECIPE_FILE
+    if not (summary.is_file() and saved.is_file() and model.is_file()):
+        return False
+    if model.stat().st_mtime < summary.stat().st_mtime:
+        return False
+    return _recipe_tree(load_recipe(saved)) == _recipe_tree(recipe)
 
 
 def _eval_split(recipe, split: str) -> Path:
@@ -103,9 +130,12 @@ def run_arm(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | None =
     from mpma_ds.sweep.arm_eval import RowOutputs
 
     recipe = arm_recipe(cfg, arm, seed, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    # every arm is evaluated with the reference's data settings: the same shards, preprocessing and MLM masking
+    # (an arm that trains with other masking, e.g. M3AE's 15 % of every word, is still scored on the same masks)
+    eval_data = arm_recipe(cfg, cfg.reference, seed).data
     run_dir = Path(cfg.output_dir) / arm / f"seed{seed}"
     eval_dir = run_dir / "eval"
-    stamp = _fingerprint(recipe, cfg)
+    stamp = _fingerprint(recipe, cfg, eval_data)
     done = eval_dir / ROWS_FILE
     if done.is_file():
         saved = torch.load(done, weights_only=False)
@@ -115,22 +145,26 @@ def run_arm(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | None =
     from mpma_ds.runner.export import ExportError, export_checkpoint
     from mpma_ds.runner.trainer import train
 
-    log(f"{arm} seed {seed}: pretraining {recipe.train.max_steps} steps -> {run_dir / 'pretrain'}")
-    try:
-        train(recipe, overwrite=True)
-        export_checkpoint(run_dir / "pretrain", run_dir / "exported", overwrite=True)
-    except (ValueError, RuntimeError, ExportError) as err:
-        raise SweepError(f"arm {arm} seed {seed}: {' '.join(str(err).split())}") from err
+    if _trained(recipe, run_dir):
+        log(f"{arm} seed {seed}: pretraining is current ({run_dir / 'exported'}), not rerun")
+    else:
+        log(f"{arm} seed {seed}: pretraining {recipe.train.max_steps} steps -> {run_dir / 'pretrain'}")
+        try:
+            train(recipe, overwrite=True)
+            export_checkpoint(run_dir / "pretrain", run_dir / "exported", overwrite=True)
+        except (ValueError, RuntimeError, ExportError) as err:
+            raise SweepError(f"arm {arm} seed {seed}: {' '.join(str(err).split())}") from err
     log(f"{arm} seed {seed}: evaluating")
-    found = evaluate_exported(run_dir / "exported", recipe, cfg, eval_dir)
+    found = evaluate_exported(run_dir / "exported", recipe, cfg, eval_dir, eval_data=eval_data)
     found = _with_downstream(found, run_dir, recipe, cfg, arm, seed, log)
     torch.save({"fingerprint": stamp, "metrics": found.metrics, "rows": found.rows}, done)
     _log_eval_run(found.metrics, run_dir, eval_dir, recipe, cfg, arm, seed)
     return found
 
 
-def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path):
-    """`arm_eval.evaluate_rows` of an exported model on the sweep's split; writes ``out_dir/metrics.json``."""
+def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path, *, eval_data=None):
+    """`arm_eval.evaluate_rows` of an exported model on the sweep's split, read with ``eval_data`` (a
+    ``DataConfig``; default: the recipe's own); writes ``out_dir/metrics.json``."""
     from mpma_ds.eval.grounding import shards_have_truth, stored_sizes
     from mpma_ds.eval.grounding_maps import available_maps
     from mpma_ds.models import MPMA
@@ -145,6 +179,8 @@ def evaluate_exported(model_dir: Path, recipe, cfg: SweepConfig, out_dir: Path):
     tok_dir = tok_dir or recipe.data.tokenizer
     tok = load_tokenizer(tok_dir)
     shard_dir = _eval_split(recipe, ev.split)
+    if eval_data is not None:
+        recipe = dataclasses.replace(recipe, data=eval_data)
     data_cfg = data_config_for(net.config, recipe=recipe, shards=shard_dir, tokenizer=tok_dir, backend=None)
     maps = [m for m in ev.maps if m in available_maps(net)] if ev.maps and shards_have_truth(shard_dir) else []
     device = ("cuda" if torch.cuda.is_available() else "cpu") if ev.device == "auto" else ev.device
