@@ -280,6 +280,11 @@ def test_two_arm_sweep_writes_the_table_and_groups_runs_in_mlflow(base, tmp_path
     assert said.count(": evaluating") == 2
     assert exported() == models
 
+    # a finished sweep given another seed: its folder is no run folder, so the new arms x seed export
+    assert sweep_cli.main(["--config", str(cfg_file), "--tracking-uri", db, *new_protocol, "seeds=[0,1]"]) == 0
+    assert all((out / arm / "seed1" / "exported" / "model.safetensors").is_file() for arm in pretrain)
+    assert (out / "sweep_log" / "metrics.jsonl").is_file() and not (out / "metrics.jsonl").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.e2e

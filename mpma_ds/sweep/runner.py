@@ -25,6 +25,8 @@ import torch
 from mpma_ds.sweep.config import SweepConfig
 
 STATE_FILE = "sweep_state.json"
+LOG_DIR = "sweep_log"  # the sweep's own metrics.jsonl / params.json: in the output folder they would make it
+# read as a run folder, inside which an arm's export is refused
 TABLE_FILE = "table.md"
 RESULTS_FILE = "sweep_results.json"
 ROWS_FILE = "rows.pt"
@@ -339,7 +341,7 @@ def _open_parent(cfg: SweepConfig, tracking_uri: str | None):
     t = base.tracking
     tracking = TrackingConfig(enabled=t.enabled, backends=list(t.backends), uri=t.uri, experiment=t.experiment,
                               run_name=f"sweep-{cfg.name}", system_metrics=False)  # fmt: skip
-    logger = build_logger(tracking, rank=0, run_dir=out, run_id=state.get("run_id"), resume=False,
+    logger = build_logger(tracking, rank=0, run_dir=out / LOG_DIR, run_id=state.get("run_id"), resume=False,
                           tags={"mpma.kind": "sweep", "mpma.sweep": cfg.name})  # fmt: skip
     if logger.run_id:
         state_file.write_text(json.dumps({"run_id": logger.run_id}) + "\n")
