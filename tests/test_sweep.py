@@ -112,6 +112,12 @@ def test_an_arm_is_evaluated_with_the_reference_data_and_not_retrained_for_a_new
     os.utime(run / "pretrain" / "summary.json", later)  # a pretraining that finished after the export
     assert not _trained(m3ae, run)
     os.utime(run / "pretrain" / "summary.json", (stamp, stamp))
+    saved = run / "pretrain" / "recipe.yaml"
+    good = saved.read_text()
+    saved.write_text("model: [not, a, section]\n")  # a saved recipe this version cannot read: train again
+    assert not _trained(m3ae, run)
+    saved.write_text(good)
+    assert _trained(m3ae, run)
     (run / "pretrain" / "summary.json").unlink()  # a fresh start removes it: killed before its end
     assert not _trained(m3ae, run)
 

@@ -4,9 +4,11 @@ reference with paired intervals (the library side of ``mpma-sweep``).
 Every run is grouped in MLflow: the sweep's own run (tag ``mpma.kind=sweep``) is the parent of each arm's
 pretraining run (tags ``mpma.sweep``, ``mpma.arm``, ``mpma.seed``), which is the parent of that run's evaluation
 run. Each arm x seed writes ``<output_dir>/<arm>/seed<k>/`` (``pretrain/``, ``exported/``, ``eval/``); a rerun
-skips every arm x seed whose evaluation was written for the same resolved recipe and protocol, so an
-interrupted sweep continues where it stopped. The pretraining runs in this process (one rank; a global batch
-above ``train.micro_batch_size`` is reached by gradient accumulation).
+skips every arm x seed whose evaluation was written for the same resolved recipe and protocol, so an interrupted
+sweep continues where it stopped, and keeps a finished pretraining of the same recipe when only the protocol
+changed. Every arm is evaluated with the reference arm's data settings (the same masks for all). The pretraining
+runs in this process (one rank; a global batch above ``train.micro_batch_size`` is reached by gradient
+accumulation).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def _trained(recipe, run_dir: Path) -> bool:
     """The arm x seed's export is of a finished pretraining by ``recipe``: its run folder's saved recipe (less
     tracking) is this one, its ``summary.json`` was written (at the end of training; a fresh start removes it)
     and the export is not older than it. Then only the evaluation is redone."""
+    from mpma_ds.config import ConfigError
     from mpma_ds.training import load_recipe
     from mpma_ds.training.recipe import RECIPE_FILE
 
@@ -109,7 +112,11 @@ def _trained(recipe, run_dir: Path) -> bool:
         return False
     if model.stat().st_mtime < summary.stat().st_mtime:
         return False
-    return _recipe_tree(load_recipe(saved)) == _recipe_tree(recipe)
+    try:
+        before = load_recipe(saved)
+    except ConfigError:  # a saved recipe this version no longer reads is not this recipe
+        return False
+    return _recipe_tree(before) == _recipe_tree(recipe)
 
 
 def _eval_split(recipe, split: str) -> Path:
