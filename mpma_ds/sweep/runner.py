@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
+from mpma_ds.config import ConfigError, to_dict
 from mpma_ds.sweep.config import SweepConfig
+from mpma_ds.training import load_recipe
+from mpma_ds.training.recipe import RECIPE_FILE
 
 STATE_FILE = "sweep_state.json"
 LOG_DIR = "sweep_log"  # the sweep's own metrics.jsonl / params.json: in the output folder they would make it
@@ -58,7 +61,6 @@ def arm_recipe(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | Non
                parent_run_id: str | None = None):  # fmt: skip
     """The resolved pretraining recipe of ``arm`` at ``seed`` (paths, run name, tags of the sweep set)."""
     from mpma_ds.recipes import find_recipe
-    from mpma_ds.training import load_recipe
 
     run_dir = Path(cfg.output_dir) / arm / f"seed{seed}"
     overrides = cfg.arm_overrides(arm) + [
@@ -79,8 +81,6 @@ def arm_recipe(cfg: SweepConfig, arm: str, seed: int, *, tracking_uri: str | Non
 
 
 def _recipe_tree(recipe) -> dict[str, Any]:
-    from mpma_ds.config import to_dict
-
     tree = to_dict(recipe)
     tree.pop("tracking", None)
     return tree
@@ -89,8 +89,6 @@ def _recipe_tree(recipe) -> dict[str, Any]:
 def _fingerprint(recipe, cfg: SweepConfig, eval_data) -> str:
     """What an arm x seed's evaluation depends on: its recipe (less tracking), the evaluation protocol and the
     data settings it is evaluated with (named only where they are not the arm's own)."""
-    from mpma_ds.config import to_dict
-
     tree = {"recipe": _recipe_tree(recipe), "evaluation": to_dict(cfg.evaluation)}
     if to_dict(eval_data) != tree["recipe"]["data"]:
         tree["eval_data"] = to_dict(eval_data)
@@ -102,10 +100,6 @@ def _trained(recipe, run_dir: Path) -> bool:
     """The arm x seed's export is of a finished pretraining by ``recipe``: its run folder's saved recipe (less
     tracking) is this one, its ``summary.json`` was written (at the end of training; a fresh start removes it)
     and the export is not older than it. Then only the evaluation is redone."""
-    from mpma_ds.config import ConfigError
-    from mpma_ds.training import load_recipe
-    from mpma_ds.training.recipe import RECIPE_FILE
-
     pretrain, model = run_dir / "pretrain", run_dir / "exported" / "model.safetensors"
     summary, saved = pretrain / "summary.json", pretrain / RECIPE_FILE
     if not (summary.is_file() and saved.is_file() and model.is_file()):
@@ -337,7 +331,6 @@ def sweep_table(cfg: SweepConfig, results: Mapping[str, Sequence[Any]], differen
 # ------------------------------------------------------------------------------------------------ sweep
 def _open_parent(cfg: SweepConfig, tracking_uri: str | None):
     """The sweep's own MLflow run (continued when ``sweep_state.json`` names one) and its logger."""
-    from mpma_ds.config import to_dict
     from mpma_ds.tracking import TrackingConfig, build_logger, flatten_params
 
     base = arm_recipe(cfg, cfg.reference, cfg.seeds[0], tracking_uri=tracking_uri)
